@@ -1,0 +1,191 @@
+//! Service configuration from environment variables, with local defaults that
+//! match `scripts/up.sh` so a service started by hand finds the stack.
+
+use std::{net::SocketAddr, time::Duration};
+
+/// Everything a service needs to reach its infrastructure.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `order`, `payment`, `inventory` or `shipping`: names the consumer,
+    /// the Redis idempotency namespace and the dead-letter subject.
+    pub service: String,
+    /// `DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/saga_<service>`.
+    pub database_url: String,
+    /// `REDIS_URL`, default `redis://127.0.0.1:6379`.
+    pub redis_url: String,
+    /// `NATS_URL`, default `nats://127.0.0.1:4222`.
+    pub nats_url: String,
+    /// `HTTP_ADDR`, default `127.0.0.1:808N` (order 1, payment 2, inventory 3, shipping 4).
+    pub http_addr: SocketAddr,
+    /// `SUBJECT_PREFIX`, default `saga`: first subject token and stream-name prefix.
+    pub subject_prefix: String,
+    /// `REDIS_KEY_PREFIX`, default the subject prefix.
+    pub redis_key_prefix: String,
+    /// `LOG_FORMAT`: `pretty` (default) or `json`.
+    pub log_format: LogFormat,
+    /// `CONSUMER_CONCURRENCY`, default 64: events applied at once.
+    pub consumer_concurrency: usize,
+    /// `OUTBOX_POLL_MS`, default 1000: fallback poll when no commit woke the relay.
+    pub outbox_poll: Duration,
+    /// `OUTBOX_RELAY`: `on` (default) or `off`. Off keeps committed events in
+    /// the outbox unpublished, for maintenance and for crash tests.
+    pub outbox_relay_enabled: bool,
+    /// `DATABASE_MAX_CONNECTIONS`, default 16.
+    pub database_max_connections: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+fn default_port(service: &str) -> u16 {
+    match service {
+        "order" => 8081,
+        "payment" => 8082,
+        "inventory" => 8083,
+        "shipping" => 8084,
+        _ => 8080,
+    }
+}
+
+impl Config {
+    /// Defaults for `service`, with no environment applied.
+    pub fn local(service: &str) -> Config {
+        Config {
+            service: service.to_string(),
+            database_url: format!("postgres://postgres@127.0.0.1:5432/saga_{service}"),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            nats_url: "nats://127.0.0.1:4222".into(),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], default_port(service))),
+            subject_prefix: "saga".into(),
+            redis_key_prefix: "saga".into(),
+            log_format: LogFormat::Pretty,
+            consumer_concurrency: 64,
+            outbox_poll: Duration::from_millis(1000),
+            outbox_relay_enabled: true,
+            database_max_connections: 16,
+        }
+    }
+
+    /// Defaults overridden by the process environment.
+    pub fn from_env(service: &str) -> Result<Config, ConfigError> {
+        Self::from_lookup(service, |k| std::env::var(k).ok())
+    }
+
+    /// Defaults overridden by `lookup`; testable without touching the environment.
+    pub fn from_lookup(
+        service: &str,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut c = Config::local(service);
+        if let Some(v) = lookup("DATABASE_URL") {
+            c.database_url = v;
+        }
+        if let Some(v) = lookup("REDIS_URL") {
+            c.redis_url = v;
+        }
+        if let Some(v) = lookup("NATS_URL") {
+            c.nats_url = v;
+        }
+        if let Some(v) = lookup("HTTP_ADDR") {
+            c.http_addr = v
+                .parse()
+                .map_err(|e| ConfigError(format!("HTTP_ADDR '{v}': {e}")))?;
+        }
+        if let Some(v) = lookup("SUBJECT_PREFIX") {
+            c.redis_key_prefix = v.clone();
+            c.subject_prefix = v;
+        }
+        if let Some(v) = lookup("REDIS_KEY_PREFIX") {
+            c.redis_key_prefix = v;
+        }
+        if let Some(v) = lookup("LOG_FORMAT") {
+            c.log_format = match v.as_str() {
+                "json" => LogFormat::Json,
+                "pretty" | "text" => LogFormat::Pretty,
+                other => {
+                    return Err(ConfigError(format!(
+                        "LOG_FORMAT '{other}': expected json or pretty"
+                    )));
+                }
+            };
+        }
+        if let Some(v) = lookup("CONSUMER_CONCURRENCY") {
+            c.consumer_concurrency = parse_num("CONSUMER_CONCURRENCY", &v)?.max(1);
+        }
+        if let Some(v) = lookup("OUTBOX_POLL_MS") {
+            c.outbox_poll = Duration::from_millis(parse_num("OUTBOX_POLL_MS", &v)? as u64);
+        }
+        if let Some(v) = lookup("OUTBOX_RELAY") {
+            c.outbox_relay_enabled = match v.as_str() {
+                "on" | "1" | "true" => true,
+                "off" | "0" | "false" => false,
+                other => {
+                    return Err(ConfigError(format!(
+                        "OUTBOX_RELAY '{other}': expected on or off"
+                    )));
+                }
+            };
+        }
+        if let Some(v) = lookup("DATABASE_MAX_CONNECTIONS") {
+            c.database_max_connections = parse_num("DATABASE_MAX_CONNECTIONS", &v)?.max(1) as u32;
+        }
+        let valid_prefix = |p: &str| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
+        };
+        if !valid_prefix(&c.subject_prefix) {
+            return Err(ConfigError(format!(
+                "SUBJECT_PREFIX '{}': use letters, digits, '_' or '-' only",
+                c.subject_prefix
+            )));
+        }
+        Ok(c)
+    }
+}
+
+fn parse_num(name: &str, v: &str) -> Result<usize, ConfigError> {
+    v.parse()
+        .map_err(|e| ConfigError(format!("{name} '{v}': {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_point_at_the_local_stack() {
+        let c = Config::from_lookup("payment", |_| None).unwrap();
+        assert_eq!(
+            c.database_url,
+            "postgres://postgres@127.0.0.1:5432/saga_payment"
+        );
+        assert_eq!(c.http_addr.port(), 8082);
+        assert_eq!(c.subject_prefix, "saga");
+    }
+
+    #[test]
+    fn the_subject_prefix_also_namespaces_redis_unless_overridden() {
+        let c = Config::from_lookup("order", |k| {
+            (k == "SUBJECT_PREFIX").then(|| "t1".to_string())
+        })
+        .unwrap();
+        assert_eq!(c.redis_key_prefix, "t1");
+    }
+
+    #[test]
+    fn a_prefix_with_a_dot_is_refused() {
+        let err = Config::from_lookup("order", |k| {
+            (k == "SUBJECT_PREFIX").then(|| "a.b".to_string())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("SUBJECT_PREFIX"));
+    }
+}

@@ -1,0 +1,456 @@
+//! The JetStream consumer runtime every service uses: pull, deduplicate, apply
+//! in one Postgres transaction with the outbox, then ack; nak with backoff on
+//! transient failures; dead-letter what can never be applied.
+//!
+//! A service only supplies a [`Handler`]: given the open transaction and a
+//! decoded event, say what happened ([`Outcome`]).
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use async_nats::{
+    HeaderMap,
+    jetstream::{self, AckKind, consumer::pull},
+};
+use futures::StreamExt;
+use sqlx::{PgConnection, PgPool};
+use tokio::{sync::Semaphore, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{
+    event::{Envelope, Event},
+    idempotency::{self, Claim, IdempotencyStore},
+    outbox::{self, OutboxSignal},
+    subjects::Subjects,
+};
+
+/// What applying one event came to.
+#[derive(Debug)]
+pub enum Outcome {
+    /// State changed; these events are committed to the outbox with it.
+    Applied(Vec<Envelope>),
+    /// Nothing to change (the state already reflects the event). Recorded as
+    /// consumed so it is never looked at again.
+    Skipped(String),
+    /// The event depends on one this service has not applied yet (it arrived
+    /// early or the other is late). Retried with backoff, then dead-lettered.
+    NotYet(String),
+    /// Well-formed but can never be applied here: dead-lettered.
+    Rejected(String),
+}
+
+/// Failures that are worth retrying: the same event may well succeed later.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// Optimistic concurrency lost against a concurrent writer.
+    #[error("concurrent update of {0}; retrying")]
+    Conflict(String),
+}
+
+/// A service's reaction to the events its consumer receives.
+pub trait Handler: Send + Sync + 'static {
+    /// Applies `event` within `tx`. Must not commit, and must do no I/O
+    /// outside `tx`: the runtime commits the guard, the effect and the
+    /// emitted events together, or none of them.
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        envelope: &'a Envelope,
+        event: Event,
+    ) -> impl Future<Output = Result<Outcome, HandlerError>> + Send + 'a;
+}
+
+/// Deliveries an early event is retried for before it is dead-lettered.
+pub const MAX_NOT_YET_DELIVERIES: i64 = 12;
+
+/// Backoff for the `delivered`-th attempt: 50 ms doubling, capped at `cap`.
+pub fn backoff(delivered: i64, cap: Duration) -> Duration {
+    let exp = delivered.clamp(1, 16) as u32 - 1;
+    Duration::from_millis(50u64.saturating_mul(1 << exp)).min(cap)
+}
+
+/// Names the dead-letter headers; the body is the original bytes, unchanged.
+pub mod dlq_headers {
+    pub const REASON: &str = "Saga-Dlq-Reason";
+    pub const CONSUMER: &str = "Saga-Dlq-Consumer";
+    pub const SUBJECT: &str = "Saga-Dlq-Subject";
+    pub const STREAM_SEQUENCE: &str = "Saga-Dlq-Stream-Sequence";
+    pub const DELIVERIES: &str = "Saga-Dlq-Deliveries";
+    pub const MSG_ID: &str = "Saga-Dlq-Msg-Id";
+}
+
+/// Runs one durable consumer with a [`Handler`].
+pub struct ConsumerRuntime<H> {
+    inner: Arc<Inner<H>>,
+    concurrency: usize,
+}
+
+struct Inner<H> {
+    name: String,
+    handler: H,
+    pool: PgPool,
+    js: jetstream::Context,
+    idempotency: IdempotencyStore,
+    subjects: Subjects,
+    outbox: OutboxSignal,
+}
+
+/// What became of one delivery (logged; returned for tests of one step).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    Applied,
+    Skipped,
+    Duplicate,
+    Retry(String),
+    DeadLettered(String),
+}
+
+#[allow(clippy::too_many_arguments)]
+impl<H: Handler> ConsumerRuntime<H> {
+    pub fn new(
+        name: &str,
+        handler: H,
+        pool: PgPool,
+        js: jetstream::Context,
+        idempotency: IdempotencyStore,
+        subjects: Subjects,
+        outbox: OutboxSignal,
+        concurrency: usize,
+    ) -> Self {
+        ConsumerRuntime {
+            inner: Arc::new(Inner {
+                name: name.to_string(),
+                handler,
+                pool,
+                js,
+                idempotency,
+                subjects,
+                outbox,
+            }),
+            concurrency: concurrency.max(1),
+        }
+    }
+
+    /// Pulls and applies until `shutdown`, then waits for in-flight events.
+    pub async fn run(
+        self,
+        consumer: jetstream::consumer::Consumer<pull::Config>,
+        shutdown: CancellationToken,
+    ) {
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        let mut tasks = JoinSet::new();
+        'outer: while !shutdown.is_cancelled() {
+            let mut messages = match consumer
+                .stream()
+                .max_messages_per_batch(self.concurrency.max(16))
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(consumer = %self.inner.name, error = %e, "cannot pull; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            };
+            loop {
+                while tasks.try_join_next().is_some() {}
+                let permit = tokio::select! {
+                    _ = shutdown.cancelled() => break 'outer,
+                    p = permits.clone().acquire_owned() => p.expect("semaphore never closes"),
+                };
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => break 'outer,
+                    n = messages.next() => n,
+                };
+                match next {
+                    Some(Ok(msg)) => {
+                        let inner = self.inner.clone();
+                        tasks.spawn(async move {
+                            inner.process(msg).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(consumer = %self.inner.name, error = %e, "pull interrupted");
+                    }
+                    None => break,
+                }
+            }
+        }
+        // Graceful drain: every event already taken is applied and acked.
+        while tasks.join_next().await.is_some() {}
+        tracing::info!(consumer = %self.inner.name, "consumer drained");
+    }
+}
+
+impl<H: Handler> Inner<H> {
+    async fn process(&self, msg: jetstream::Message) -> Disposition {
+        let (delivered, stream_seq) = msg
+            .info()
+            .map(|i| (i.delivered, i.stream_sequence))
+            .unwrap_or((1, 0));
+        let (envelope, event) = match Envelope::decode(&msg.payload) {
+            Ok(v) => v,
+            Err(e) => {
+                return self
+                    .dead_letter(&msg, delivered, stream_seq, e.to_string())
+                    .await;
+            }
+        };
+        let expected = self.subjects.event(event.kind());
+        if msg.subject.as_str() != expected {
+            let reason = crate::event::DecodeError::WrongSubject {
+                event_type: envelope.event_type.clone(),
+                subject: msg.subject.to_string(),
+                expected,
+            }
+            .to_string();
+            return self.dead_letter(&msg, delivered, stream_seq, reason).await;
+        }
+        let span = tracing::info_span!(
+            "event",
+            consumer = %self.name,
+            event_type = %envelope.event_type,
+            event_id = %envelope.event_id,
+            correlation_id = %envelope.metadata.correlation_id,
+            delivered,
+        );
+        async {
+            let disposition = self
+                .apply(&msg, &envelope, event, delivered, stream_seq)
+                .await;
+            match &disposition {
+                Disposition::Applied => tracing::info!("applied"),
+                Disposition::Skipped | Disposition::Duplicate => tracing::debug!(?disposition),
+                Disposition::Retry(reason) => tracing::warn!(%reason, "will retry"),
+                Disposition::DeadLettered(reason) => tracing::error!(%reason, "dead-lettered"),
+            }
+            disposition
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn apply(
+        &self,
+        msg: &jetstream::Message,
+        envelope: &Envelope,
+        event: Event,
+        delivered: i64,
+        stream_seq: u64,
+    ) -> Disposition {
+        let id = envelope.event_id;
+        match self.idempotency.claim(id).await {
+            Ok(Claim::Claimed) => {}
+            Ok(Claim::Done) => {
+                ack(msg, AckKind::Ack).await;
+                return Disposition::Duplicate;
+            }
+            Ok(Claim::InProgress) => {
+                let reason = "another delivery of this event is being applied".to_string();
+                ack(msg, AckKind::Nak(Some(idempotency::STARTED_TTL / 10))).await;
+                return Disposition::Retry(reason);
+            }
+            Err(e) => {
+                let reason = format!("redis unavailable: {e}");
+                ack(
+                    msg,
+                    AckKind::Nak(Some(backoff(delivered, Duration::from_secs(5)))),
+                )
+                .await;
+                return Disposition::Retry(reason);
+            }
+        }
+
+        match self.transact(envelope, event).await {
+            Ok(Committed::Applied) => {
+                self.finish(msg, id).await;
+                // Handlers may also write the outbox themselves (the order
+                // service appends to its event store and outbox together).
+                self.outbox.notify();
+                Disposition::Applied
+            }
+            Ok(Committed::Skipped(reason)) => {
+                tracing::debug!(%reason, "skipped");
+                self.finish(msg, id).await;
+                Disposition::Skipped
+            }
+            Ok(Committed::AlreadyConsumed) => {
+                self.finish(msg, id).await;
+                Disposition::Duplicate
+            }
+            Ok(Committed::Nothing(Outcome::NotYet(reason))) => {
+                self.release(id).await;
+                if delivered >= MAX_NOT_YET_DELIVERIES {
+                    let reason = format!("gave up after {delivered} deliveries: {reason}");
+                    return self.dead_letter(msg, delivered, stream_seq, reason).await;
+                }
+                ack(
+                    msg,
+                    AckKind::Nak(Some(backoff(delivered, Duration::from_secs(5)))),
+                )
+                .await;
+                Disposition::Retry(reason)
+            }
+            Ok(Committed::Nothing(Outcome::Rejected(reason))) => {
+                self.release(id).await;
+                self.dead_letter(msg, delivered, stream_seq, reason).await
+            }
+            Ok(Committed::Nothing(other)) => unreachable!("transact commits {other:?}"),
+            Err(e) => {
+                self.release(id).await;
+                let delay = match e {
+                    HandlerError::Conflict(_) => Duration::from_millis(10),
+                    HandlerError::Db(_) => backoff(delivered, Duration::from_secs(10)),
+                };
+                ack(msg, AckKind::Nak(Some(delay))).await;
+                Disposition::Retry(e.to_string())
+            }
+        }
+    }
+
+    /// Guard + effect + outbox in one transaction.
+    async fn transact(&self, envelope: &Envelope, event: Event) -> Result<Committed, HandlerError> {
+        let mut tx = self.pool.begin().await?;
+        if !idempotency::guard(&mut tx, &self.name, envelope.event_id, &envelope.event_type).await?
+        {
+            return Ok(Committed::AlreadyConsumed);
+        }
+        match self.handler.handle(&mut tx, envelope, event).await? {
+            Outcome::Applied(events) => {
+                outbox::enqueue(&mut tx, &self.subjects, &events).await?;
+                tx.commit().await?;
+                Ok(Committed::Applied)
+            }
+            Outcome::Skipped(reason) => {
+                tx.commit().await?;
+                Ok(Committed::Skipped(reason))
+            }
+            other => Ok(Committed::Nothing(other)),
+        }
+    }
+
+    async fn finish(&self, msg: &jetstream::Message, id: uuid::Uuid) {
+        if let Err(e) = self.idempotency.mark_done(id).await {
+            // Postgres already holds the guarantee; a redelivery will find the guard row.
+            tracing::warn!(error = %e, "could not mark event done in redis");
+        }
+        ack(msg, AckKind::Ack).await;
+    }
+
+    async fn release(&self, id: uuid::Uuid) {
+        if let Err(e) = self.idempotency.release(id).await {
+            tracing::warn!(error = %e, "could not release redis claim; it expires by itself");
+        }
+    }
+
+    /// Publishes the original bytes with the reason to the dead-letter stream,
+    /// then terminates the delivery. If the dead-letter publish fails the
+    /// event is nak'ed instead: it is never dropped.
+    async fn dead_letter(
+        &self,
+        msg: &jetstream::Message,
+        delivered: i64,
+        stream_seq: u64,
+        reason: String,
+    ) -> Disposition {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("{}-{stream_seq}", self.name).as_str(),
+        );
+        headers.insert(dlq_headers::REASON, header_safe(&reason).as_str());
+        headers.insert(dlq_headers::CONSUMER, self.name.as_str());
+        headers.insert(dlq_headers::SUBJECT, msg.subject.as_str());
+        headers.insert(
+            dlq_headers::STREAM_SEQUENCE,
+            stream_seq.to_string().as_str(),
+        );
+        headers.insert(dlq_headers::DELIVERIES, delivered.to_string().as_str());
+        if let Some(id) = msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
+            headers.insert(dlq_headers::MSG_ID, id.as_str());
+        }
+        let published = match self
+            .js
+            .publish_with_headers(
+                self.subjects.dead_letter(&self.name),
+                headers,
+                msg.payload.clone(),
+            )
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match published {
+            Ok(()) => {
+                tracing::error!(consumer = %self.name, subject = %msg.subject, stream_seq, %reason, "event dead-lettered");
+                ack(msg, AckKind::Term).await;
+                Disposition::DeadLettered(reason)
+            }
+            Err(e) => {
+                ack(
+                    msg,
+                    AckKind::Nak(Some(backoff(delivered, Duration::from_secs(10)))),
+                )
+                .await;
+                Disposition::Retry(format!("dead-letter publish failed ({e}) for: {reason}"))
+            }
+        }
+    }
+}
+
+enum Committed {
+    Applied,
+    Skipped(String),
+    AlreadyConsumed,
+    Nothing(Outcome),
+}
+
+async fn ack(msg: &jetstream::Message, kind: AckKind) {
+    if let Err(e) = msg.ack_with(kind).await {
+        // The broker redelivers after ack_wait; idempotency makes that harmless.
+        tracing::warn!(error = %e, "ack not sent");
+    }
+}
+
+/// Header values are one line of visible ASCII.
+fn header_safe(s: &str) -> String {
+    let cleaned: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect();
+    cleaned.chars().take(1024).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_fifty_milliseconds_up_to_the_cap() {
+        let cap = Duration::from_secs(5);
+        assert_eq!(backoff(1, cap), Duration::from_millis(50));
+        assert_eq!(backoff(2, cap), Duration::from_millis(100));
+        assert_eq!(backoff(4, cap), Duration::from_millis(400));
+        assert_eq!(backoff(30, cap), cap);
+    }
+
+    #[test]
+    fn header_values_lose_newlines_but_keep_the_words() {
+        assert_eq!(header_safe("bad\r\nthing"), "bad  thing");
+    }
+}

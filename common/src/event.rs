@@ -1,0 +1,521 @@
+//! The event envelope every service publishes and consumes, and the catalog of
+//! event types with their stable names, schema versions and subjects.
+//!
+//! Type names are explicit strings, never derived from Rust type names, so a
+//! rename in code can never change what is on the wire.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use uuid::Uuid;
+
+/// Wire envelope. Field names follow the design documents
+/// (`eventId`, `eventType`, `aggregateId`, `version`, `timestamp`,
+/// `metadata.correlationId` / `metadata.causationId`, `payload`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub schema_version: u32,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub version: i64,
+    pub timestamp: DateTime<Utc>,
+    pub metadata: Metadata,
+    pub payload: serde_json::Value,
+}
+
+/// Tracing ids that tie every event of one saga together.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Metadata {
+    /// The saga: always the order id.
+    pub correlation_id: Uuid,
+    /// The event (or command) that caused this event.
+    pub causation_id: Uuid,
+}
+
+/// Why bytes from the wire are not a usable event. Carried to the dead-letter
+/// stream verbatim, so it must say what is wrong in words an operator can act on.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    #[error("not a valid event envelope: {0}")]
+    Envelope(String),
+    #[error("unknown event type '{0}'")]
+    UnknownType(String),
+    #[error("unsupported schema version {version} for {event_type} (supported: {supported})")]
+    UnsupportedVersion {
+        event_type: String,
+        version: u32,
+        supported: u32,
+    },
+    #[error("invalid {event_type} payload: {reason}")]
+    Payload { event_type: String, reason: String },
+    #[error("event {event_type} published on subject '{subject}', expected '{expected}'")]
+    WrongSubject {
+        event_type: String,
+        subject: String,
+        expected: String,
+    },
+}
+
+impl Envelope {
+    /// Parses wire bytes into an envelope and a typed event.
+    pub fn decode(bytes: &[u8]) -> Result<(Envelope, Event), DecodeError> {
+        let envelope: Envelope =
+            serde_json::from_slice(bytes).map_err(|e| DecodeError::Envelope(e.to_string()))?;
+        let event = Event::from_envelope(&envelope)?;
+        Ok((envelope, event))
+    }
+
+    /// Builds the envelope of `event`, caused by `cause` (an event id or command id).
+    pub fn new(
+        event: &Event,
+        aggregate_id: impl Into<String>,
+        version: i64,
+        correlation_id: Uuid,
+        causation_id: Uuid,
+    ) -> Envelope {
+        let kind = event.kind();
+        Envelope {
+            event_id: Uuid::now_v7(),
+            event_type: kind.name().to_string(),
+            schema_version: kind.schema_version(),
+            aggregate_type: kind.aggregate_type().to_string(),
+            aggregate_id: aggregate_id.into(),
+            version,
+            timestamp: Utc::now(),
+            metadata: Metadata {
+                correlation_id,
+                causation_id,
+            },
+            payload: event.payload_json(),
+        }
+    }
+
+    /// Envelope for an event caused by `cause`, in the same saga.
+    pub fn caused_by(
+        cause: &Envelope,
+        event: &Event,
+        aggregate_id: impl Into<String>,
+        version: i64,
+    ) -> Envelope {
+        Envelope::new(
+            event,
+            aggregate_id,
+            version,
+            cause.metadata.correlation_id,
+            cause.event_id,
+        )
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an envelope always serializes")
+    }
+
+    pub fn kind(&self) -> Option<EventKind> {
+        EventKind::from_name(&self.event_type)
+    }
+}
+
+macro_rules! catalog {
+    ($( $variant:ident => $payload:ident, $aggregate:literal, $token:literal, $schema:literal; )*) => {
+        /// The closed set of event types. One line per type: stable name,
+        /// schema version, owning aggregate and subject token.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum EventKind { $($variant),* }
+
+        impl EventKind {
+            pub const ALL: &'static [EventKind] = &[$(EventKind::$variant),*];
+
+            /// Stable type name on the wire (`eventType`).
+            pub fn name(self) -> &'static str {
+                match self { $(EventKind::$variant => stringify!($variant)),* }
+            }
+            pub fn schema_version(self) -> u32 {
+                match self { $(EventKind::$variant => $schema),* }
+            }
+            pub fn aggregate_type(self) -> &'static str {
+                match self { $(EventKind::$variant => $aggregate),* }
+            }
+            /// Subject suffix after the prefix, e.g. `order.placed`.
+            pub fn subject_token(self) -> &'static str {
+                match self { $(EventKind::$variant => concat!($aggregate, ".", $token)),* }
+            }
+            pub fn from_name(name: &str) -> Option<EventKind> {
+                match name { $(stringify!($variant) => Some(EventKind::$variant),)* _ => None }
+            }
+        }
+
+        /// A decoded event with its typed payload.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum Event { $($variant($payload)),* }
+
+        impl Event {
+            pub fn kind(&self) -> EventKind {
+                match self { $(Event::$variant(_) => EventKind::$variant),* }
+            }
+            fn payload_json(&self) -> serde_json::Value {
+                match self {
+                    $(Event::$variant(p) => serde_json::to_value(p).expect("payloads always serialize")),*
+                }
+            }
+            fn from_envelope(env: &Envelope) -> Result<Event, DecodeError> {
+                let kind = EventKind::from_name(&env.event_type)
+                    .ok_or_else(|| DecodeError::UnknownType(env.event_type.clone()))?;
+                if env.schema_version != kind.schema_version() {
+                    return Err(DecodeError::UnsupportedVersion {
+                        event_type: env.event_type.clone(),
+                        version: env.schema_version,
+                        supported: kind.schema_version(),
+                    });
+                }
+                match kind {
+                    $(EventKind::$variant => decode_payload::<$payload>(env).map(Event::$variant)),*
+                }
+            }
+        }
+    };
+}
+
+catalog! {
+    OrderPlaced => OrderPlaced, "order", "placed", 1;
+    OrderConfirmed => OrderConfirmed, "order", "confirmed", 1;
+    OrderCancelled => OrderCancelled, "order", "cancelled", 1;
+    OrderRequiresIntervention => OrderRequiresIntervention, "order", "requires_intervention", 1;
+    PaymentProcessed => PaymentProcessed, "payment", "processed", 1;
+    PaymentFailed => PaymentFailed, "payment", "failed", 1;
+    PaymentRefunded => PaymentRefunded, "payment", "refunded", 1;
+    InventoryReserved => InventoryReserved, "inventory", "reserved", 1;
+    InventoryReservationFailed => InventoryReservationFailed, "inventory", "reservation_failed", 1;
+    InventoryReleased => InventoryReleased, "inventory", "released", 1;
+    ShipmentCreated => ShipmentCreated, "shipping", "created", 1;
+    ShipmentFailed => ShipmentFailed, "shipping", "failed", 1;
+}
+
+fn decode_payload<T: DeserializeOwned + Validate>(env: &Envelope) -> Result<T, DecodeError> {
+    let payload_error = |reason: String| DecodeError::Payload {
+        event_type: env.event_type.clone(),
+        reason,
+    };
+    let payload: T =
+        serde_json::from_value(env.payload.clone()).map_err(|e| payload_error(e.to_string()))?;
+    payload.validate().map_err(payload_error)?;
+    Ok(payload)
+}
+
+/// Structural checks a payload must pass before any service acts on it.
+pub trait Validate {
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Amounts are integer minor units (cents); never floats.
+pub type Money = i64;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderLine {
+    pub product_id: String,
+    pub quantity: i64,
+    /// Minor units.
+    pub unit_price: Money,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Address {
+    pub name: String,
+    pub street: String,
+    pub city: String,
+    pub postal_code: String,
+    pub country: String,
+}
+
+/// Checks shared by every payload that carries order lines.
+pub fn validate_lines(lines: &[OrderLine]) -> Result<(), String> {
+    if lines.is_empty() {
+        return Err("lines must not be empty".into());
+    }
+    for (i, line) in lines.iter().enumerate() {
+        if line.product_id.trim().is_empty() {
+            return Err(format!("lines[{i}].productId must not be empty"));
+        }
+        if line.quantity <= 0 {
+            return Err(format!(
+                "lines[{i}].quantity must be positive, got {}",
+                line.quantity
+            ));
+        }
+        if line.unit_price < 0 {
+            return Err(format!(
+                "lines[{i}].unitPrice must not be negative, got {}",
+                line.unit_price
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Order total in minor units; `None` on overflow.
+pub fn lines_total(lines: &[OrderLine]) -> Option<Money> {
+    lines.iter().try_fold(0i64, |acc, l| {
+        l.quantity
+            .checked_mul(l.unit_price)
+            .and_then(|v| acc.checked_add(v))
+    })
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderPlaced {
+    pub order_id: Uuid,
+    pub customer_id: String,
+    pub lines: Vec<OrderLine>,
+    pub total: Money,
+    pub shipping_address: Address,
+}
+impl Validate for OrderPlaced {
+    fn validate(&self) -> Result<(), String> {
+        if self.customer_id.trim().is_empty() {
+            return Err("customerId must not be empty".into());
+        }
+        validate_lines(&self.lines)?;
+        match lines_total(&self.lines) {
+            Some(t) if t == self.total => Ok(()),
+            Some(t) => Err(format!(
+                "total {} does not match the lines ({t})",
+                self.total
+            )),
+            None => Err("total overflows".into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderConfirmed {
+    pub order_id: Uuid,
+    pub shipment_id: Uuid,
+}
+impl Validate for OrderConfirmed {}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderCancelled {
+    pub order_id: Uuid,
+    pub reason: String,
+}
+impl Validate for OrderCancelled {}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderRequiresIntervention {
+    pub order_id: Uuid,
+    pub reason: String,
+}
+impl Validate for OrderRequiresIntervention {}
+
+/// Carries the order context forward so the next step needs no lookup.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentProcessed {
+    pub order_id: Uuid,
+    pub payment_id: Uuid,
+    pub customer_id: String,
+    pub amount: Money,
+    pub lines: Vec<OrderLine>,
+    pub shipping_address: Address,
+}
+impl Validate for PaymentProcessed {
+    fn validate(&self) -> Result<(), String> {
+        validate_lines(&self.lines)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentFailed {
+    pub order_id: Uuid,
+    pub customer_id: String,
+    pub amount: Money,
+    pub reason: String,
+}
+impl Validate for PaymentFailed {}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentRefunded {
+    pub order_id: Uuid,
+    pub payment_id: Uuid,
+    pub customer_id: String,
+    pub amount: Money,
+    /// The failure that started the compensation.
+    pub reason: String,
+}
+impl Validate for PaymentRefunded {}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct InventoryReserved {
+    pub order_id: Uuid,
+    pub lines: Vec<OrderLine>,
+    pub shipping_address: Address,
+}
+impl Validate for InventoryReserved {
+    fn validate(&self) -> Result<(), String> {
+        validate_lines(&self.lines)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct InventoryReservationFailed {
+    pub order_id: Uuid,
+    pub reason: String,
+}
+impl Validate for InventoryReservationFailed {}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct InventoryReleased {
+    pub order_id: Uuid,
+    pub lines: Vec<OrderLine>,
+    /// The failure that started the compensation.
+    pub reason: String,
+}
+impl Validate for InventoryReleased {}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ShipmentCreated {
+    pub order_id: Uuid,
+    pub shipment_id: Uuid,
+    pub tracking_number: String,
+}
+impl Validate for ShipmentCreated {}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ShipmentFailed {
+    pub order_id: Uuid,
+    pub reason: String,
+}
+impl Validate for ShipmentFailed {}
+
+impl Event {
+    /// The order (saga) this event belongs to.
+    pub fn order_id(&self) -> Uuid {
+        match self {
+            Event::OrderPlaced(p) => p.order_id,
+            Event::OrderConfirmed(p) => p.order_id,
+            Event::OrderCancelled(p) => p.order_id,
+            Event::OrderRequiresIntervention(p) => p.order_id,
+            Event::PaymentProcessed(p) => p.order_id,
+            Event::PaymentFailed(p) => p.order_id,
+            Event::PaymentRefunded(p) => p.order_id,
+            Event::InventoryReserved(p) => p.order_id,
+            Event::InventoryReservationFailed(p) => p.order_id,
+            Event::InventoryReleased(p) => p.order_id,
+            Event::ShipmentCreated(p) => p.order_id,
+            Event::ShipmentFailed(p) => p.order_id,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn placed() -> Event {
+        Event::OrderPlaced(OrderPlaced {
+            order_id: Uuid::nil(),
+            customer_id: "c1".into(),
+            lines: vec![OrderLine {
+                product_id: "p1".into(),
+                quantity: 2,
+                unit_price: 150,
+            }],
+            total: 300,
+            shipping_address: Address {
+                name: "A".into(),
+                street: "1 Main St".into(),
+                city: "X".into(),
+                postal_code: "12345".into(),
+                country: "US".into(),
+            },
+        })
+    }
+
+    #[test]
+    fn an_envelope_round_trips_through_its_wire_bytes() {
+        let env = Envelope::new(&placed(), "o1", 1, Uuid::nil(), Uuid::nil());
+        let (back, event) = Envelope::decode(&env.to_bytes()).unwrap();
+        assert_eq!(back, env);
+        assert_eq!(event, placed());
+        assert_eq!(back.event_type, "OrderPlaced");
+    }
+
+    #[test]
+    fn an_unknown_event_type_is_named_in_the_error() {
+        let mut env = Envelope::new(&placed(), "o1", 1, Uuid::nil(), Uuid::nil());
+        env.event_type = "OrderTeleported".into();
+        let err = Envelope::decode(&env.to_bytes()).unwrap_err();
+        assert_eq!(err.to_string(), "unknown event type 'OrderTeleported'");
+    }
+
+    #[test]
+    fn a_payload_whose_total_disagrees_with_its_lines_is_rejected() {
+        let mut env = Envelope::new(&placed(), "o1", 1, Uuid::nil(), Uuid::nil());
+        env.payload["total"] = 1.into();
+        let err = Envelope::decode(&env.to_bytes()).unwrap_err();
+        assert!(
+            err.to_string().contains("does not match the lines"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_missing_payload_field_is_named_in_the_error() {
+        let mut env = Envelope::new(&placed(), "o1", 1, Uuid::nil(), Uuid::nil());
+        env.payload.as_object_mut().unwrap().remove("customerId");
+        let err = Envelope::decode(&env.to_bytes()).unwrap_err();
+        assert!(err.to_string().contains("customerId"), "{err}");
+    }
+
+    #[test]
+    fn garbage_bytes_are_not_an_envelope() {
+        assert!(matches!(
+            Envelope::decode(b"{not json"),
+            Err(DecodeError::Envelope(_))
+        ));
+    }
+
+    #[test]
+    fn a_newer_schema_version_is_refused_rather_than_misread() {
+        let mut env = Envelope::new(&placed(), "o1", 1, Uuid::nil(), Uuid::nil());
+        env.schema_version = 2;
+        assert!(matches!(
+            Envelope::decode(&env.to_bytes()),
+            Err(DecodeError::UnsupportedVersion { .. })
+        ));
+    }
+
+    #[test]
+    fn every_kind_has_a_distinct_name_and_subject() {
+        let mut names: Vec<_> = EventKind::ALL.iter().map(|k| k.name()).collect();
+        let mut subjects: Vec<_> = EventKind::ALL.iter().map(|k| k.subject_token()).collect();
+        names.sort();
+        names.dedup();
+        subjects.sort();
+        subjects.dedup();
+        assert_eq!(names.len(), EventKind::ALL.len());
+        assert_eq!(subjects.len(), EventKind::ALL.len());
+        assert!(
+            EventKind::ALL
+                .iter()
+                .all(|k| EventKind::from_name(k.name()) == Some(*k))
+        );
+    }
+}

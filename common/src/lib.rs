@@ -1,0 +1,20 @@
+//! What every saga service shares: the event envelope and catalog, subject
+//! names and JetStream topology, the transactional outbox and its relay, the
+//! idempotent consumer runtime, configuration, telemetry and the HTTP shell.
+
+pub mod config;
+pub mod consumer;
+pub mod event;
+pub mod http;
+pub mod idempotency;
+pub mod outbox;
+pub mod service;
+pub mod subjects;
+pub mod telemetry;
+pub mod topology;
+
+pub use config::Config;
+pub use consumer::{Handler, HandlerError, Outcome};
+pub use event::{Envelope, Event, EventKind};
+pub use service::{Infra, Service, StartError};
+pub use subjects::Subjects;

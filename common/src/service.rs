@@ -1,0 +1,264 @@
+//! The shell around a service's domain: connect to the infrastructure, apply
+//! migrations and the JetStream topology, then run the HTTP server, the
+//! consumer and the outbox relay until shutdown, draining in-flight work.
+
+use std::{borrow::Cow, future::Future, net::SocketAddr, pin::Pin, time::Duration};
+
+use async_nats::jetstream;
+use axum::Router;
+use redis::aio::ConnectionManager;
+use sqlx::{PgPool, migrate::Migrator, postgres::PgPoolOptions};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::Config,
+    consumer::{ConsumerRuntime, Handler},
+    http::{HealthState, health_router},
+    idempotency::IdempotencyStore,
+    outbox::{OutboxSignal, Relay},
+    subjects::Subjects,
+    topology,
+};
+
+/// Tables every service has: outbox and consumed-event guard.
+pub static COMMON_MIGRATIONS: Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("nats: {0}")]
+    Nats(String),
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
+    #[error("http listener on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+}
+
+/// Connections to Postgres, Redis and NATS.
+#[derive(Clone)]
+pub struct Infra {
+    pub config: Config,
+    pub pool: PgPool,
+    pub redis: ConnectionManager,
+    pub nats: async_nats::Client,
+    pub js: jetstream::Context,
+    pub subjects: Subjects,
+    pub outbox: OutboxSignal,
+}
+
+/// How long start-up waits for infrastructure that is still coming up.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(60);
+
+async fn with_retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> Result<T, E> {
+    let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() + delay < deadline => {
+                tracing::warn!(error = %e, "{what} not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl Infra {
+    /// Connects (waiting up to a minute for each piece), runs the common and
+    /// the service's migrations, and applies the streams.
+    pub async fn connect(config: Config, migrations: &Migrator) -> Result<Infra, StartError> {
+        let pool = with_retry("postgres", || {
+            PgPoolOptions::new()
+                .max_connections(config.database_max_connections)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(&config.database_url)
+        })
+        .await?;
+        combined(migrations).run(&pool).await?;
+
+        let client = redis::Client::open(config.redis_url.as_str())?;
+        let redis = with_retry("redis", || ConnectionManager::new(client.clone())).await?;
+
+        let nats = with_retry("nats", || {
+            async_nats::ConnectOptions::new()
+                .name(format!("{}-service", config.service))
+                .retry_on_initial_connect()
+                .connection_timeout(Duration::from_secs(5))
+                .connect(config.nats_url.as_str())
+        })
+        .await
+        .map_err(|e| StartError::Nats(e.to_string()))?;
+        let js = jetstream::new(nats.clone());
+        let subjects = Subjects::new(config.subject_prefix.clone());
+        topology::apply_streams(&js, &subjects).await?;
+
+        Ok(Infra {
+            config,
+            pool,
+            redis,
+            nats,
+            js,
+            subjects,
+            outbox: OutboxSignal::default(),
+        })
+    }
+
+    pub fn health(&self) -> HealthState {
+        HealthState {
+            pool: self.pool.clone(),
+            redis: self.redis.clone(),
+            nats: self.nats.clone(),
+        }
+    }
+}
+
+/// Common migrations first, then the service's, as one migrator.
+fn combined(service: &Migrator) -> Migrator {
+    let migrations: Vec<_> = COMMON_MIGRATIONS
+        .iter()
+        .chain(service.iter())
+        .cloned()
+        .collect();
+    Migrator {
+        migrations: Cow::Owned(migrations),
+        ..Migrator::DEFAULT
+    }
+}
+
+type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A built service: listener bound, consumer created, ready to [`run`](Service::run).
+pub struct Service {
+    name: String,
+    listener: TcpListener,
+    router: Router,
+    tasks: Vec<Task>,
+    shutdown: CancellationToken,
+}
+
+impl Service {
+    /// Binds `config.http_addr` (port 0 picks one), creates the service's
+    /// durable consumer and prepares the relay.
+    pub async fn build<H: Handler>(
+        infra: &Infra,
+        handler: H,
+        routes: Router,
+        shutdown: CancellationToken,
+    ) -> Result<Service, StartError> {
+        let config = &infra.config;
+        let listener = TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|e| StartError::Bind(config.http_addr, e))?;
+        let consumer =
+            topology::apply_consumer(&infra.js, &infra.subjects, &config.service).await?;
+        let runtime = ConsumerRuntime::new(
+            &config.service,
+            handler,
+            infra.pool.clone(),
+            infra.js.clone(),
+            IdempotencyStore::new(
+                infra.redis.clone(),
+                &config.redis_key_prefix,
+                &config.service,
+            ),
+            infra.subjects.clone(),
+            infra.outbox.clone(),
+            config.consumer_concurrency,
+        );
+        let mut tasks: Vec<Task> = vec![Box::pin(runtime.run(consumer, shutdown.clone()))];
+        if config.outbox_relay_enabled {
+            let relay = Relay::new(
+                infra.pool.clone(),
+                infra.js.clone(),
+                infra.outbox.clone(),
+                config.outbox_poll,
+            );
+            tasks.push(Box::pin(relay.run(shutdown.clone())));
+        } else {
+            tracing::warn!("OUTBOX_RELAY=off: committed events stay in the outbox");
+        }
+        Ok(Service {
+            name: config.service.clone(),
+            listener,
+            router: routes.merge(health_router(infra.health())),
+            tasks,
+            shutdown,
+        })
+    }
+
+    /// Adds a background task that runs with the service and stops on shutdown.
+    pub fn spawn_with(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.push(Box::pin(task));
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    /// Serves until the shutdown token is cancelled, then drains: HTTP
+    /// requests in flight finish, the consumer finishes the events it took,
+    /// the relay flushes the outbox.
+    pub async fn run(self) -> std::io::Result<()> {
+        tracing::info!(service = %self.name, addr = %self.local_addr(), "service started");
+        let shutdown = self.shutdown.clone();
+        let server = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await });
+        let (served, _) = tokio::join!(server.into_future(), futures::future::join_all(self.tasks));
+        tracing::info!(service = %self.name, "service stopped");
+        served
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// What a service's `main` does: config from the environment, logs, build,
+/// run until a signal.
+pub async fn main_with<F, Fut>(service: &str, build: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Config, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<Service, StartError>>,
+{
+    let config = Config::from_env(service)?;
+    crate::telemetry::init(config.log_format);
+    let shutdown = CancellationToken::new();
+    let service = build(config, shutdown.clone()).await?;
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested; draining");
+        shutdown.cancel();
+    });
+    service.run().await?;
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! Subject and stream names, all derived from one prefix so that several
+//! systems (or tests) can share a broker without seeing each other.
+
+use crate::event::EventKind;
+
+/// Names for one subject prefix (default `saga`).
+#[derive(Debug, Clone)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Subjects {
+    pub fn new(prefix: impl Into<String>) -> Subjects {
+        Subjects {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `saga.order.placed` and so on.
+    pub fn event(&self, kind: EventKind) -> String {
+        format!("{}.{}", self.prefix, kind.subject_token())
+    }
+
+    /// Everything: `saga.>` (events, dead letters and commands).
+    pub fn all(&self) -> String {
+        format!("{}.>", self.prefix)
+    }
+
+    /// Dead letters of one consumer: `saga.dlq.payment`.
+    pub fn dead_letter(&self, consumer: &str) -> String {
+        format!("{}.dlq.{consumer}", self.prefix)
+    }
+
+    /// Request-reply command to place an order: `saga.cmd.order.place`.
+    pub fn place_order_command(&self) -> String {
+        format!("{}.cmd.order.place", self.prefix)
+    }
+
+    /// `SAGA_EVENTS` for prefix `saga`.
+    pub fn events_stream(&self) -> String {
+        self.stream_name("SAGA_EVENTS")
+    }
+
+    /// `SAGA_DLQ` for prefix `saga`.
+    pub fn dead_letter_stream(&self) -> String {
+        self.stream_name("SAGA_DLQ")
+    }
+
+    /// Rewrites a name written for the default prefix (`saga.x`, `SAGA_X`)
+    /// to this prefix. The topology files in `nats/` are written for `saga`.
+    pub fn rewrite_subject(&self, subject: &str) -> String {
+        match subject.strip_prefix("saga.") {
+            Some(rest) => format!("{}.{rest}", self.prefix),
+            None => subject.to_string(),
+        }
+    }
+
+    pub fn stream_name(&self, default_name: &str) -> String {
+        match default_name.strip_prefix("SAGA_") {
+            Some(rest) => format!("{}_{rest}", self.prefix.to_uppercase().replace('-', "_")),
+            None => default_name.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_prefix() {
+        let s = Subjects::new("t-9");
+        assert_eq!(
+            s.event(EventKind::InventoryReservationFailed),
+            "t-9.inventory.reservation_failed"
+        );
+        assert_eq!(s.events_stream(), "T_9_EVENTS");
+        assert_eq!(s.rewrite_subject("saga.order.>"), "t-9.order.>");
+        assert_eq!(s.dead_letter("payment"), "t-9.dlq.payment");
+    }
+}

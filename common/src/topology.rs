@@ -1,0 +1,146 @@
+//! JetStream streams and consumers, read from the declarative files in `nats/`
+//! (the same files a `nats` CLI user applies with `--config`) and applied
+//! idempotently by every service at start-up.
+
+use async_nats::jetstream::{self, consumer::pull, stream};
+
+use crate::subjects::Subjects;
+
+const EVENTS_STREAM: &str = include_str!("../../nats/streams/events.json");
+const DLQ_STREAM: &str = include_str!("../../nats/streams/dlq.json");
+
+/// Consumer definition file of each service, by durable name.
+pub fn consumer_file(service: &str) -> Option<&'static str> {
+    match service {
+        "order" => Some(include_str!("../../nats/consumers/order.json")),
+        "payment" => Some(include_str!("../../nats/consumers/payment.json")),
+        "inventory" => Some(include_str!("../../nats/consumers/inventory.json")),
+        "shipping" => Some(include_str!("../../nats/consumers/shipping.json")),
+        _ => None,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("topology file for {0} does not parse: {1}")]
+    Parse(String, serde_json::Error),
+    #[error("no consumer is defined for service '{0}'")]
+    NoConsumer(String),
+    #[error("applying stream {0}: {1}")]
+    Stream(String, String),
+    #[error("applying consumer {0}: {1}")]
+    Consumer(String, String),
+}
+
+/// Both streams, rewritten for the prefix.
+pub fn stream_configs(subjects: &Subjects) -> Result<Vec<stream::Config>, TopologyError> {
+    [("events", EVENTS_STREAM), ("dlq", DLQ_STREAM)]
+        .into_iter()
+        .map(|(name, text)| {
+            let mut config: stream::Config =
+                serde_json::from_str(text).map_err(|e| TopologyError::Parse(name.into(), e))?;
+            config.name = subjects.stream_name(&config.name);
+            config.subjects = config
+                .subjects
+                .iter()
+                .map(|s| subjects.rewrite_subject(s))
+                .collect();
+            Ok(config)
+        })
+        .collect()
+}
+
+/// The service's durable pull consumer, rewritten for the prefix.
+pub fn consumer_config(subjects: &Subjects, service: &str) -> Result<pull::Config, TopologyError> {
+    let text = consumer_file(service).ok_or_else(|| TopologyError::NoConsumer(service.into()))?;
+    let mut config: pull::Config =
+        serde_json::from_str(text).map_err(|e| TopologyError::Parse(service.into(), e))?;
+    config.filter_subjects = config
+        .filter_subjects
+        .iter()
+        .map(|s| subjects.rewrite_subject(s))
+        .collect();
+    config.filter_subject = subjects.rewrite_subject(&config.filter_subject);
+    Ok(config)
+}
+
+/// Creates or updates both streams; safe to run from every service at once.
+pub async fn apply_streams(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+) -> Result<(), TopologyError> {
+    for config in stream_configs(subjects)? {
+        let name = config.name.clone();
+        js.create_or_update_stream(config)
+            .await
+            .map_err(|e| TopologyError::Stream(name, e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Creates (or updates) the service's consumer and returns it.
+pub async fn apply_consumer(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    service: &str,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, TopologyError> {
+    let config = consumer_config(subjects, service)?;
+    let stream = subjects.events_stream();
+    let err = |e: &dyn std::fmt::Display| TopologyError::Consumer(service.into(), e.to_string());
+    let stream = js.get_stream(&stream).await.map_err(|e| err(&e))?;
+    // Create is idempotent for an identical config; update covers a changed file.
+    match stream.create_consumer(config.clone()).await {
+        Ok(c) => Ok(c),
+        Err(_) => stream.update_consumer(config).await.map_err(|e| err(&e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_service_has_a_consumer_that_parses() {
+        let s = Subjects::new("saga");
+        for svc in ["order", "payment", "inventory", "shipping"] {
+            let c = consumer_config(&s, svc).unwrap();
+            assert_eq!(c.durable_name.as_deref(), Some(svc));
+            assert!(!c.filter_subjects.is_empty());
+            assert_eq!(c.ack_policy, jetstream::consumer::AckPolicy::Explicit);
+        }
+    }
+
+    #[test]
+    fn consumers_only_filter_on_subjects_their_stream_holds() {
+        let s = Subjects::new("x");
+        let streams = stream_configs(&s).unwrap();
+        let events = &streams[0];
+        assert_eq!(events.name, "X_EVENTS");
+        for svc in ["order", "payment", "inventory", "shipping"] {
+            for f in consumer_config(&s, svc).unwrap().filter_subjects {
+                let aggregate = f.split('.').nth(1).unwrap();
+                assert!(events.subjects.contains(&format!("x.{aggregate}.>")), "{f}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_event_a_consumer_filters_on_exists_in_the_catalog() {
+        let s = Subjects::new("saga");
+        let all: Vec<String> = crate::event::EventKind::ALL
+            .iter()
+            .map(|k| s.event(*k))
+            .collect();
+        for svc in ["order", "payment", "inventory", "shipping"] {
+            for f in consumer_config(&s, svc).unwrap().filter_subjects {
+                assert!(all.contains(&f), "{svc} filters on unknown subject {f}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_server_config_syncs_every_write() {
+        let conf = include_str!("../../nats/nats-server.conf");
+        assert!(conf.contains("sync_interval: always"));
+    }
+}

@@ -1,0 +1,149 @@
+//! Reservation decisions: pure functions, no I/O.
+
+use std::collections::{BTreeMap, HashMap};
+
+use common::event::OrderLine;
+
+/// Quantity per product, summed over lines, in product order (the order rows
+/// are locked in, so concurrent reservations never deadlock).
+pub fn demand(lines: &[OrderLine]) -> BTreeMap<String, i64> {
+    let mut demand = BTreeMap::new();
+    for line in lines {
+        *demand.entry(line.product_id.clone()).or_insert(0) += line.quantity;
+    }
+    demand
+}
+
+/// Reserves every product of `demand` or none: `Ok` with the quantities to
+/// move from available to reserved, or `Err` with why not.
+pub fn decide_reservation(
+    demand: &BTreeMap<String, i64>,
+    available: &HashMap<String, i64>,
+) -> Result<(), String> {
+    let mut short = Vec::new();
+    for (product, &wanted) in demand {
+        match available.get(product) {
+            None => short.push(format!("unknown product '{product}'")),
+            Some(&have) if have < wanted => {
+                short.push(format!("'{product}' requested {wanted}, available {have}"))
+            }
+            Some(_) => {}
+        }
+    }
+    if short.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("out of stock: {}", short.join("; ")))
+    }
+}
+
+/// State of an order's reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReservationStatus {
+    Reserved,
+    Failed,
+    Released,
+}
+
+impl ReservationStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReservationStatus::Reserved => "reserved",
+            ReservationStatus::Failed => "failed",
+            ReservationStatus::Released => "released",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "reserved" => Some(ReservationStatus::Reserved),
+            "failed" => Some(ReservationStatus::Failed),
+            "released" => Some(ReservationStatus::Released),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReleaseDecision {
+    Release,
+    AlreadyReleased,
+    NothingReserved,
+}
+
+pub fn decide_release(status: ReservationStatus) -> ReleaseDecision {
+    match status {
+        ReservationStatus::Reserved => ReleaseDecision::Release,
+        ReservationStatus::Released => ReleaseDecision::AlreadyReleased,
+        ReservationStatus::Failed => ReleaseDecision::NothingReserved,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(p: &str, q: i64) -> OrderLine {
+        OrderLine {
+            product_id: p.into(),
+            quantity: q,
+            unit_price: 1,
+        }
+    }
+
+    fn stock(items: &[(&str, i64)]) -> HashMap<String, i64> {
+        items.iter().map(|(p, q)| (p.to_string(), *q)).collect()
+    }
+
+    #[test]
+    fn lines_for_the_same_product_are_summed() {
+        let d = demand(&[line("a", 2), line("b", 1), line("a", 3)]);
+        assert_eq!(d.get("a"), Some(&5));
+        assert_eq!(d.len(), 2);
+    }
+
+    #[test]
+    fn a_reservation_within_stock_is_granted() {
+        let d = demand(&[line("a", 2), line("b", 1)]);
+        assert_eq!(
+            decide_reservation(&d, &stock(&[("a", 2), ("b", 5)])),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn one_short_line_refuses_the_whole_reservation() {
+        // given plenty of a and one b, when two b are wanted with a
+        let d = demand(&[line("a", 1), line("b", 2)]);
+        let err = decide_reservation(&d, &stock(&[("a", 100), ("b", 1)])).unwrap_err();
+        // then nothing is reserved and the reason names b
+        assert_eq!(err, "out of stock: 'b' requested 2, available 1");
+    }
+
+    #[test]
+    fn split_lines_that_together_exceed_stock_are_refused() {
+        let d = demand(&[line("a", 2), line("a", 2)]);
+        assert!(decide_reservation(&d, &stock(&[("a", 3)])).is_err());
+    }
+
+    #[test]
+    fn an_unknown_product_is_named() {
+        let err = decide_reservation(&demand(&[line("zz", 1)]), &stock(&[])).unwrap_err();
+        assert!(err.contains("unknown product 'zz'"), "{err}");
+    }
+
+    #[test]
+    fn only_a_held_reservation_is_released_and_only_once() {
+        assert_eq!(
+            decide_release(ReservationStatus::Reserved),
+            ReleaseDecision::Release
+        );
+        assert_eq!(
+            decide_release(ReservationStatus::Released),
+            ReleaseDecision::AlreadyReleased
+        );
+        assert_eq!(
+            decide_release(ReservationStatus::Failed),
+            ReleaseDecision::NothingReserved
+        );
+    }
+}

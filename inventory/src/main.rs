@@ -1,0 +1,4 @@
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    common::service::main_with("inventory", inventory::build).await
+}

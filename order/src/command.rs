@@ -1,0 +1,83 @@
+//! Placing an order as a NATS request-reply command, so `nats req` can start
+//! a saga without HTTP. Subject `<prefix>.cmd.order.place`, queue group
+//! `order`; the body is the `POST /orders` body; `Nats-Msg-Id` or
+//! `Idempotency-Key` headers make a retried request safe. The reply is the
+//! order as JSON, or `{"error": "..."}` with a `Saga-Error` header.
+
+use async_nats::{HeaderMap, Message};
+use futures::StreamExt;
+use serde_json::json;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    api::OrderView,
+    place::{PlaceError, PlaceOrder, Placer},
+};
+
+/// Subscribes now (so no request is missed once the service reports started)
+/// and answers until shutdown, then finishes the requests in flight.
+pub async fn responder(
+    nats: async_nats::Client,
+    placer: Placer,
+    shutdown: CancellationToken,
+) -> Result<impl std::future::Future<Output = ()>, async_nats::SubscribeError> {
+    let subject = placer.subjects.place_order_command();
+    let mut requests = nats.queue_subscribe(subject, "order".into()).await?;
+    Ok(async move {
+        let mut tasks = JoinSet::new();
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                m = requests.next() => match m { Some(m) => m, None => break },
+            };
+            let (nats, placer) = (nats.clone(), placer.clone());
+            tasks.spawn(async move { answer(&nats, &placer, msg).await });
+            while tasks.try_join_next().is_some() {}
+        }
+        let _ = requests.unsubscribe().await;
+        while tasks.join_next().await.is_some() {}
+    })
+}
+
+async fn answer(nats: &async_nats::Client, placer: &Placer, msg: Message) {
+    let Some(reply) = msg.reply.clone() else {
+        tracing::warn!(
+            "place-order command without a reply subject ignored; use request-reply (nats req)"
+        );
+        return;
+    };
+    let key = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Idempotency-Key").or_else(|| h.get("Nats-Msg-Id")))
+        .map(|v| v.as_str().to_string());
+    let result = match serde_json::from_slice::<PlaceOrder>(&msg.payload) {
+        Err(e) => Err(PlaceError::Invalid(format!(
+            "invalid place-order request: {e}"
+        ))),
+        Ok(request) => placer.place(request, key.as_deref()).await,
+    };
+    let (headers, body) = match result {
+        Ok((order, _)) => (
+            HeaderMap::new(),
+            serde_json::to_vec(&OrderView::from(order)),
+        ),
+        Err(e) => {
+            let (kind, message) = match &e {
+                PlaceError::Invalid(m) => ("invalid", m.clone()),
+                PlaceError::Internal(cause) => {
+                    tracing::error!(error = ?cause, "place-order command failed");
+                    ("internal", "internal error".to_string())
+                }
+            };
+            let mut h = HeaderMap::new();
+            h.insert("Saga-Error", kind);
+            (h, serde_json::to_vec(&json!({ "error": message })))
+        }
+    };
+    let body = body.expect("replies serialize");
+    if let Err(e) = nats.publish_with_headers(reply, headers, body.into()).await {
+        tracing::warn!(error = %e, "could not reply to place-order command");
+    }
+}

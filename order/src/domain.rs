@@ -1,0 +1,410 @@
+//! The Order aggregate, event-sourced: `decide` turns a command and the
+//! current state into events (or a rejection), `evolve` folds an event into
+//! the state. Both are pure.
+
+use chrono::{DateTime, Utc};
+use common::event::{
+    self, Address, Event, Money, OrderCancelled, OrderConfirmed, OrderLine, OrderPlaced,
+    OrderRequiresIntervention,
+};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OrderStatus {
+    /// Placed; the saga is under way.
+    Pending,
+    Confirmed,
+    Cancelled,
+    /// The saga reached a contradiction only a person can resolve.
+    RequiresIntervention,
+}
+
+impl OrderStatus {
+    pub const ALL: [OrderStatus; 4] = [
+        OrderStatus::Pending,
+        OrderStatus::Confirmed,
+        OrderStatus::Cancelled,
+        OrderStatus::RequiresIntervention,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::Pending => "PENDING",
+            OrderStatus::Confirmed => "CONFIRMED",
+            OrderStatus::Cancelled => "CANCELLED",
+            OrderStatus::RequiresIntervention => "REQUIRES_INTERVENTION",
+        }
+    }
+    pub fn parse(s: &str) -> Option<OrderStatus> {
+        OrderStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// Current state of one order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Order {
+    pub id: Uuid,
+    pub customer_id: String,
+    pub lines: Vec<OrderLine>,
+    pub total: Money,
+    pub shipping_address: Address,
+    pub status: OrderStatus,
+    pub failure_reason: Option<String>,
+    pub shipment_id: Option<Uuid>,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Place {
+        order_id: Uuid,
+        customer_id: String,
+        lines: Vec<OrderLine>,
+        shipping_address: Address,
+    },
+    /// Shipping created the shipment: the saga succeeded.
+    Confirm { shipment_id: Uuid },
+    /// Payment failed or was refunded: the saga failed for `reason`.
+    Cancel { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DomainError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("order already exists")]
+    AlreadyExists,
+    #[error("order does not exist")]
+    NotFound,
+}
+
+/// Decides what `command` does to an order in `state` (`None`: not placed).
+pub fn decide(state: Option<&Order>, command: Command) -> Result<Vec<Event>, DomainError> {
+    match (state, command) {
+        (
+            None,
+            Command::Place {
+                order_id,
+                customer_id,
+                lines,
+                shipping_address,
+            },
+        ) => {
+            let customer_id = customer_id.trim().to_string();
+            if customer_id.is_empty() {
+                return Err(DomainError::Invalid("customerId must not be empty".into()));
+            }
+            event::validate_lines(&lines).map_err(DomainError::Invalid)?;
+            validate_address_shape(&shipping_address)?;
+            let total = event::lines_total(&lines)
+                .ok_or_else(|| DomainError::Invalid("order total overflows".into()))?;
+            Ok(vec![Event::OrderPlaced(OrderPlaced {
+                order_id,
+                customer_id,
+                lines,
+                total,
+                shipping_address,
+            })])
+        }
+        (Some(_), Command::Place { .. }) => Err(DomainError::AlreadyExists),
+        (None, _) => Err(DomainError::NotFound),
+        (Some(order), Command::Confirm { shipment_id }) => Ok(match order.status {
+            OrderStatus::Pending => vec![Event::OrderConfirmed(OrderConfirmed {
+                order_id: order.id,
+                shipment_id,
+            })],
+            OrderStatus::Confirmed | OrderStatus::RequiresIntervention => vec![],
+            OrderStatus::Cancelled => intervention(
+                order,
+                format!(
+                    "shipment {shipment_id} was created for an order already cancelled ({})",
+                    order.failure_reason.as_deref().unwrap_or("no reason")
+                ),
+            ),
+        }),
+        (Some(order), Command::Cancel { reason }) => Ok(match order.status {
+            OrderStatus::Pending => vec![Event::OrderCancelled(OrderCancelled {
+                order_id: order.id,
+                reason,
+            })],
+            OrderStatus::Cancelled | OrderStatus::RequiresIntervention => vec![],
+            OrderStatus::Confirmed => {
+                intervention(order, format!("confirmed order was compensated: {reason}"))
+            }
+        }),
+    }
+}
+
+fn intervention(order: &Order, reason: String) -> Vec<Event> {
+    vec![Event::OrderRequiresIntervention(
+        OrderRequiresIntervention {
+            order_id: order.id,
+            reason,
+        },
+    )]
+}
+
+/// Address fields must be present; whether it can be delivered to is shipping's call.
+fn validate_address_shape(a: &Address) -> Result<(), DomainError> {
+    for (field, value) in [
+        ("name", &a.name),
+        ("street", &a.street),
+        ("city", &a.city),
+        ("postalCode", &a.postal_code),
+        ("country", &a.country),
+    ] {
+        if value.trim().is_empty() {
+            return Err(DomainError::Invalid(format!(
+                "shippingAddress.{field} must not be empty"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Folds one event, recorded at `at`, into the state.
+pub fn evolve(state: Option<Order>, event: &Event, at: DateTime<Utc>) -> Option<Order> {
+    match (state, event) {
+        (None, Event::OrderPlaced(p)) => Some(Order {
+            id: p.order_id,
+            customer_id: p.customer_id.clone(),
+            lines: p.lines.clone(),
+            total: p.total,
+            shipping_address: p.shipping_address.clone(),
+            status: OrderStatus::Pending,
+            failure_reason: None,
+            shipment_id: None,
+            version: 1,
+            created_at: at,
+            updated_at: at,
+        }),
+        (Some(mut order), event) => {
+            match event {
+                Event::OrderConfirmed(e) => {
+                    order.status = OrderStatus::Confirmed;
+                    order.shipment_id = Some(e.shipment_id);
+                }
+                Event::OrderCancelled(e) => {
+                    order.status = OrderStatus::Cancelled;
+                    order.failure_reason = Some(e.reason.clone());
+                }
+                Event::OrderRequiresIntervention(e) => {
+                    order.status = OrderStatus::RequiresIntervention;
+                    order.failure_reason = Some(e.reason.clone());
+                }
+                _ => return Some(order),
+            }
+            order.version += 1;
+            order.updated_at = at;
+            Some(order)
+        }
+        (None, _) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn address() -> Address {
+        Address {
+            name: "Ada".into(),
+            street: "1 Main St".into(),
+            city: "Springfield".into(),
+            postal_code: "12345".into(),
+            country: "US".into(),
+        }
+    }
+
+    fn place() -> Command {
+        Command::Place {
+            order_id: Uuid::nil(),
+            customer_id: "c1".into(),
+            lines: vec![
+                OrderLine {
+                    product_id: "p1".into(),
+                    quantity: 2,
+                    unit_price: 250,
+                },
+                OrderLine {
+                    product_id: "p2".into(),
+                    quantity: 1,
+                    unit_price: 100,
+                },
+            ],
+            shipping_address: address(),
+        }
+    }
+
+    /// given `history`, when `command`: the events decided.
+    fn given_when(history: &[Event], command: Command) -> Result<Vec<Event>, DomainError> {
+        let state = history.iter().fold(None, |s, e| evolve(s, e, Utc::now()));
+        decide(state.as_ref(), command)
+    }
+
+    fn placed() -> Event {
+        given_when(&[], place()).unwrap().remove(0)
+    }
+
+    fn cancelled(reason: &str) -> Event {
+        Event::OrderCancelled(OrderCancelled {
+            order_id: Uuid::nil(),
+            reason: reason.into(),
+        })
+    }
+
+    #[test]
+    fn placing_an_order_computes_its_total() {
+        let Event::OrderPlaced(p) = placed() else {
+            panic!()
+        };
+        assert_eq!(p.total, 600);
+    }
+
+    #[test]
+    fn an_order_without_lines_is_refused() {
+        let Command::Place {
+            order_id,
+            customer_id,
+            shipping_address,
+            ..
+        } = place()
+        else {
+            panic!()
+        };
+        let err = given_when(
+            &[],
+            Command::Place {
+                order_id,
+                customer_id,
+                lines: vec![],
+                shipping_address,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err, DomainError::Invalid("lines must not be empty".into()));
+    }
+
+    #[test]
+    fn a_blank_address_field_is_refused_by_name() {
+        let Command::Place {
+            order_id,
+            customer_id,
+            lines,
+            mut shipping_address,
+        } = place()
+        else {
+            panic!()
+        };
+        shipping_address.city = "".into();
+        let err = given_when(
+            &[],
+            Command::Place {
+                order_id,
+                customer_id,
+                lines,
+                shipping_address,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            DomainError::Invalid("shippingAddress.city must not be empty".into())
+        );
+    }
+
+    #[test]
+    fn an_order_cannot_be_placed_twice() {
+        assert_eq!(
+            given_when(&[placed()], place()),
+            Err(DomainError::AlreadyExists)
+        );
+    }
+
+    #[test]
+    fn a_created_shipment_confirms_a_pending_order() {
+        let events = given_when(
+            &[placed()],
+            Command::Confirm {
+                shipment_id: Uuid::nil(),
+            },
+        )
+        .unwrap();
+        assert!(matches!(events[..], [Event::OrderConfirmed(_)]));
+    }
+
+    #[test]
+    fn a_failed_payment_cancels_with_its_reason() {
+        let events = given_when(
+            &[placed()],
+            Command::Cancel {
+                reason: "insufficient funds".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(events, vec![cancelled("insufficient funds")]);
+        let state = [placed(), cancelled("insufficient funds")]
+            .iter()
+            .fold(None, |s, e| evolve(s, e, Utc::now()))
+            .unwrap();
+        assert_eq!(state.status, OrderStatus::Cancelled);
+        assert_eq!(state.failure_reason.as_deref(), Some("insufficient funds"));
+        assert_eq!(state.version, 2);
+    }
+
+    #[test]
+    fn a_second_cancellation_changes_nothing() {
+        let events = given_when(
+            &[placed(), cancelled("x")],
+            Command::Cancel { reason: "y".into() },
+        )
+        .unwrap();
+        assert!(events.is_empty());
+    }
+
+    #[test]
+    fn a_shipment_for_a_cancelled_order_requires_intervention() {
+        let events = given_when(
+            &[placed(), cancelled("x")],
+            Command::Confirm {
+                shipment_id: Uuid::nil(),
+            },
+        )
+        .unwrap();
+        assert!(matches!(events[..], [Event::OrderRequiresIntervention(_)]));
+    }
+
+    #[test]
+    fn a_refund_of_a_confirmed_order_requires_intervention() {
+        let confirmed = Event::OrderConfirmed(OrderConfirmed {
+            order_id: Uuid::nil(),
+            shipment_id: Uuid::nil(),
+        });
+        let events = given_when(
+            &[placed(), confirmed],
+            Command::Cancel {
+                reason: "refund".into(),
+            },
+        )
+        .unwrap();
+        assert!(matches!(events[..], [Event::OrderRequiresIntervention(_)]));
+    }
+
+    #[test]
+    fn events_for_an_unknown_order_are_not_found() {
+        assert_eq!(
+            given_when(&[], Command::Cancel { reason: "x".into() }),
+            Err(DomainError::NotFound)
+        );
+    }
+
+    #[test]
+    fn statuses_round_trip_through_their_names() {
+        for s in OrderStatus::ALL {
+            assert_eq!(OrderStatus::parse(s.as_str()), Some(s));
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! Order service: the event-sourced Order aggregate with a CQRS read model.
+//! It starts sagas (`POST /orders` or the NATS command) and ends them:
+//! ShipmentCreated confirms, PaymentFailed or PaymentRefunded cancels.
+
+pub mod api;
+mod command;
+pub mod domain;
+mod events;
+pub mod place;
+pub mod store;
+
+use common::{Config, Infra, Service, StartError};
+use sqlx::migrate::Migrator;
+use tokio_util::sync::CancellationToken;
+
+pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations");
+
+/// Connects, migrates and builds the service, ready to run.
+pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Service, StartError> {
+    let infra = Infra::connect(config, &MIGRATIONS).await?;
+    let placer = place::Placer {
+        pool: infra.pool.clone(),
+        subjects: infra.subjects.clone(),
+        outbox: infra.outbox.clone(),
+    };
+    let handler = events::OrderHandler {
+        subjects: infra.subjects.clone(),
+    };
+    let responder = command::responder(infra.nats.clone(), placer.clone(), shutdown.clone())
+        .await
+        .map_err(|e| StartError::Nats(e.to_string()))?;
+    let mut service = Service::build(&infra, handler, api::router(placer), shutdown).await?;
+    service.spawn_with(responder);
+    Ok(service)
+}

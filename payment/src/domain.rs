@@ -1,0 +1,126 @@
+//! Payment decisions: pure functions, no I/O.
+
+use common::event::Money;
+
+/// What to do with a charge request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChargeDecision {
+    /// Take `amount`; the account is left with `new_balance`.
+    Charge { new_balance: Money },
+    /// Decline with a reason the order will carry.
+    Decline { reason: String },
+}
+
+/// Charges `amount` to an account holding `balance` (`None`: no such account).
+pub fn decide_charge(customer_id: &str, balance: Option<Money>, amount: Money) -> ChargeDecision {
+    match balance {
+        None => ChargeDecision::Decline {
+            reason: format!("payment declined: unknown account '{customer_id}'"),
+        },
+        Some(balance) if balance < amount => ChargeDecision::Decline {
+            reason: format!(
+                "payment declined: insufficient funds (balance {balance}, amount {amount})"
+            ),
+        },
+        Some(balance) => ChargeDecision::Charge {
+            new_balance: balance - amount,
+        },
+    }
+}
+
+/// State of the payment of one order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaymentStatus {
+    Charged,
+    Failed,
+    Refunded,
+}
+
+impl PaymentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaymentStatus::Charged => "charged",
+            PaymentStatus::Failed => "failed",
+            PaymentStatus::Refunded => "refunded",
+        }
+    }
+    pub fn parse(s: &str) -> Option<PaymentStatus> {
+        match s {
+            "charged" => Some(PaymentStatus::Charged),
+            "failed" => Some(PaymentStatus::Failed),
+            "refunded" => Some(PaymentStatus::Refunded),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundDecision {
+    Refund,
+    /// Compensation already done: the refund happened once and only once.
+    AlreadyRefunded,
+    /// The charge was declined, so there is nothing to give back.
+    NothingCharged,
+}
+
+/// A compensation request against the order's payment.
+pub fn decide_refund(status: PaymentStatus) -> RefundDecision {
+    match status {
+        PaymentStatus::Charged => RefundDecision::Refund,
+        PaymentStatus::Refunded => RefundDecision::AlreadyRefunded,
+        PaymentStatus::Failed => RefundDecision::NothingCharged,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_charge_within_the_balance_is_taken() {
+        // given an account with 1000, when 400 is charged
+        let decision = decide_charge("c1", Some(1000), 400);
+        // then 600 is left
+        assert_eq!(decision, ChargeDecision::Charge { new_balance: 600 });
+    }
+
+    #[test]
+    fn a_charge_of_exactly_the_balance_empties_the_account() {
+        assert_eq!(
+            decide_charge("c1", Some(400), 400),
+            ChargeDecision::Charge { new_balance: 0 }
+        );
+    }
+
+    #[test]
+    fn a_charge_above_the_balance_is_declined_for_insufficient_funds() {
+        let ChargeDecision::Decline { reason } = decide_charge("c1", Some(399), 400) else {
+            panic!("expected a decline");
+        };
+        assert!(reason.contains("insufficient funds"), "{reason}");
+    }
+
+    #[test]
+    fn a_charge_to_an_unknown_account_is_declined_naming_it() {
+        let ChargeDecision::Decline { reason } = decide_charge("ghost", None, 1) else {
+            panic!("expected a decline");
+        };
+        assert!(reason.contains("unknown account 'ghost'"), "{reason}");
+    }
+
+    #[test]
+    fn only_a_charged_payment_is_refunded_and_only_once() {
+        assert_eq!(
+            decide_refund(PaymentStatus::Charged),
+            RefundDecision::Refund
+        );
+        assert_eq!(
+            decide_refund(PaymentStatus::Refunded),
+            RefundDecision::AlreadyRefunded
+        );
+        assert_eq!(
+            decide_refund(PaymentStatus::Failed),
+            RefundDecision::NothingCharged
+        );
+    }
+}

@@ -1,0 +1,24 @@
+//! Payment service: customer accounts; charges on OrderPlaced, refunds as a
+//! compensation when inventory cannot reserve or releases a reservation.
+
+mod api;
+pub mod domain;
+mod events;
+
+use common::{Config, Infra, Service, StartError};
+use sqlx::migrate::Migrator;
+use tokio_util::sync::CancellationToken;
+
+pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations");
+
+/// Connects, migrates and builds the service, ready to run.
+pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Service, StartError> {
+    let infra = Infra::connect(config, &MIGRATIONS).await?;
+    Service::build(
+        &infra,
+        events::PaymentHandler,
+        api::router(infra.pool.clone()),
+        shutdown,
+    )
+    .await
+}

@@ -1,0 +1,100 @@
+//! Shipment decisions: pure functions, no I/O.
+
+use common::event::Address;
+use uuid::Uuid;
+
+/// Destinations the carrier delivers to (ISO 3166-1 alpha-2).
+pub const SUPPORTED_COUNTRIES: &[&str] = &[
+    "AT", "AU", "BE", "CA", "CH", "DE", "DK", "ES", "FI", "FR", "GB", "IE", "IT", "JP", "NL", "NO",
+    "NZ", "PL", "PT", "SE", "US",
+];
+
+/// Whether the carrier can deliver to `address`; `Err` says why not.
+pub fn validate_address(address: &Address) -> Result<(), String> {
+    let blank = |s: &str| s.trim().is_empty();
+    for (field, value) in [
+        ("name", &address.name),
+        ("street", &address.street),
+        ("city", &address.city),
+        ("postalCode", &address.postal_code),
+        ("country", &address.country),
+    ] {
+        if blank(value) {
+            return Err(format!("address rejected: {field} is empty"));
+        }
+    }
+    if !SUPPORTED_COUNTRIES.contains(&address.country.as_str()) {
+        return Err(format!(
+            "address rejected: no delivery to country '{}'",
+            address.country
+        ));
+    }
+    let postal = address.postal_code.trim();
+    let well_formed = (3..=10).contains(&postal.len())
+        && postal
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == ' ' || c == '-')
+        && postal.chars().any(|c| c.is_ascii_digit());
+    if !well_formed {
+        return Err(format!(
+            "address rejected: postal code '{}' is not valid",
+            address.postal_code
+        ));
+    }
+    Ok(())
+}
+
+/// Carrier tracking number derived from the shipment id (stable on retry).
+pub fn tracking_number(shipment_id: Uuid) -> String {
+    let simple = shipment_id.simple().to_string().to_uppercase();
+    format!("TRK{}", &simple[simple.len() - 12..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn address(country: &str, postal: &str) -> Address {
+        Address {
+            name: "Ada".into(),
+            street: "1 Main St".into(),
+            city: "Springfield".into(),
+            postal_code: postal.into(),
+            country: country.into(),
+        }
+    }
+
+    #[test]
+    fn a_complete_address_in_a_served_country_is_accepted() {
+        assert_eq!(validate_address(&address("US", "12345")), Ok(()));
+        assert_eq!(validate_address(&address("GB", "SW1A 1AA")), Ok(()));
+    }
+
+    #[test]
+    fn an_unserved_country_is_rejected_by_name() {
+        let err = validate_address(&address("ZZ", "12345")).unwrap_err();
+        assert_eq!(err, "address rejected: no delivery to country 'ZZ'");
+    }
+
+    #[test]
+    fn a_postal_code_without_digits_is_rejected() {
+        assert!(validate_address(&address("US", "ABCDE")).is_err());
+    }
+
+    #[test]
+    fn an_empty_field_is_named() {
+        let mut a = address("US", "12345");
+        a.street = "  ".into();
+        assert_eq!(
+            validate_address(&a).unwrap_err(),
+            "address rejected: street is empty"
+        );
+    }
+
+    #[test]
+    fn the_tracking_number_is_stable_for_a_shipment() {
+        let id = Uuid::now_v7();
+        assert_eq!(tracking_number(id), tracking_number(id));
+        assert_eq!(tracking_number(id).len(), 15);
+    }
+}

@@ -1,0 +1,24 @@
+//! Shipping service: one shipment per order, created on InventoryReserved; an
+//! address that cannot be delivered to fails the shipment and starts compensation.
+
+mod api;
+pub mod domain;
+mod events;
+
+use common::{Config, Infra, Service, StartError};
+use sqlx::migrate::Migrator;
+use tokio_util::sync::CancellationToken;
+
+pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations");
+
+/// Connects, migrates and builds the service, ready to run.
+pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Service, StartError> {
+    let infra = Infra::connect(config, &MIGRATIONS).await?;
+    Service::build(
+        &infra,
+        events::ShippingHandler,
+        api::router(infra.pool.clone()),
+        shutdown,
+    )
+    .await
+}
