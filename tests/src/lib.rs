@@ -1,1 +1,499 @@
-pub fn x() {}
+//! Test harness: starts the real thing for one test, in its own namespace.
+//!
+//! Each [`Stack`] owns a private `nats-server` (2.15.1 from the project venv,
+//! random port, temporary store dir), a private `redis-server` (unix socket),
+//! four fresh Postgres databases on the local server, and a random subject and
+//! Redis key prefix. Services run in-process on port 0, or as real processes
+//! when a test needs to kill one. Everything is torn down on drop, so tests
+//! run in parallel and twice in a row.
+
+pub mod infra;
+pub mod raw_nats;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use async_nats::jetstream;
+use common::{Config, Envelope, Subjects};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use infra::{NatsServer, RedisServer, TestDatabases};
+
+pub const SERVICES: [&str; 4] = ["order", "payment", "inventory", "shipping"];
+
+/// Default deadline for a saga to reach its end in tests.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls `check` until it returns `Some`, or fails after `deadline` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let start = Instant::now();
+    let mut last_err = None;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if start.elapsed() > deadline {
+            match last_err {
+                Some(e) => bail!("timed out after {deadline:?} waiting for {what}; last error: {e:#}"),
+                None => bail!("timed out after {deadline:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A service running inside the test process.
+struct InProcess {
+    shutdown: CancellationToken,
+    handle: JoinHandle<std::io::Result<()>>,
+    base_url: String,
+}
+
+/// A service running as its own OS process (the `saga-service` binary).
+pub struct ChildService {
+    child: tokio::process::Child,
+}
+
+impl ChildService {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// SIGKILL: no shutdown hook runs, nothing is flushed.
+    pub async fn kill(mut self) -> Result<()> {
+        self.child.kill().await.context("SIGKILL service process")?;
+        Ok(())
+    }
+}
+
+/// One test's complete system.
+pub struct Stack {
+    pub nats: NatsServer,
+    pub redis: RedisServer,
+    pub dbs: TestDatabases,
+    pub prefix: String,
+    pub subjects: Subjects,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub http: reqwest::Client,
+    services: HashMap<&'static str, InProcess>,
+}
+
+/// Location of a workspace binary built next to the test executable.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target profile dir");
+    dir.join(name)
+}
+
+impl Stack {
+    /// Broker, Redis, databases and all four services.
+    pub async fn start() -> Result<Stack> {
+        Self::start_with(&SERVICES).await
+    }
+
+    /// Broker, Redis, databases and only `services` (others can be started later).
+    pub async fn start_with(services: &[&'static str]) -> Result<Stack> {
+        common::telemetry::init_for_tests();
+        let (nats, redis, dbs) = tokio::try_join!(NatsServer::start(), RedisServer::start(), TestDatabases::create(&SERVICES))?;
+        let prefix = format!("t{}", &Uuid::new_v4().simple().to_string()[..10]);
+        let client = async_nats::connect(nats.url()).await.context("connect test client")?;
+        let js = jetstream::new(client.clone());
+        let mut stack = Stack {
+            subjects: Subjects::new(prefix.clone()),
+            nats,
+            redis,
+            dbs,
+            prefix,
+            client,
+            js,
+            http: reqwest::Client::new(),
+            services: HashMap::new(),
+        };
+        for s in services {
+            stack.start_service(s).await?;
+        }
+        Ok(stack)
+    }
+
+    /// Configuration a service of this stack gets.
+    pub fn config(&self, service: &str) -> Config {
+        let mut c = Config::local(service);
+        c.database_url = self.dbs.url(service);
+        c.redis_url = self.redis.url();
+        c.nats_url = self.nats.url();
+        c.http_addr = "127.0.0.1:0".parse().unwrap();
+        c.subject_prefix = self.prefix.clone();
+        c.redis_key_prefix = self.prefix.clone();
+        c.consumer_concurrency = 32;
+        c.database_max_connections = 8;
+        c
+    }
+
+    /// Environment for running `service` as a process with [`Self::config`].
+    pub fn env(&self, service: &str) -> Vec<(String, String)> {
+        let c = self.config(service);
+        vec![
+            ("DATABASE_URL".into(), c.database_url),
+            ("REDIS_URL".into(), c.redis_url),
+            ("NATS_URL".into(), c.nats_url),
+            ("HTTP_ADDR".into(), c.http_addr.to_string()),
+            ("SUBJECT_PREFIX".into(), c.subject_prefix),
+            ("CONSUMER_CONCURRENCY".into(), c.consumer_concurrency.to_string()),
+            ("DATABASE_MAX_CONNECTIONS".into(), c.database_max_connections.to_string()),
+        ]
+    }
+
+    pub async fn start_service(&mut self, name: &'static str) -> Result<()> {
+        let config = self.config(name);
+        let shutdown = CancellationToken::new();
+        let service = match name {
+            "order" => order::build(config, shutdown.clone()).await,
+            "payment" => payment::build(config, shutdown.clone()).await,
+            "inventory" => inventory::build(config, shutdown.clone()).await,
+            "shipping" => shipping::build(config, shutdown.clone()).await,
+            other => bail!("no service named {other}"),
+        }
+        .with_context(|| format!("start {name}"))?;
+        let base_url = format!("http://{}", service.local_addr());
+        let handle = tokio::spawn(service.run());
+        self.services.insert(
+            name,
+            InProcess {
+                shutdown,
+                handle,
+                base_url,
+            },
+        );
+        Ok(())
+    }
+
+    /// Graceful stop: drains in-flight work, like SIGTERM.
+    pub async fn stop_service(&mut self, name: &str) -> Result<()> {
+        let svc = self.services.remove(name).with_context(|| format!("{name} is not running"))?;
+        svc.shutdown.cancel();
+        svc.handle.await??;
+        Ok(())
+    }
+
+    /// Runs `service` as a separate process with extra environment.
+    pub fn spawn_process(&self, service: &str, extra_env: &[(&str, &str)]) -> Result<ChildService> {
+        let bin = workspace_binary("saga-service");
+        let mut cmd = tokio::process::Command::new(&bin);
+        cmd.arg(service).envs(self.env(service)).kill_on_drop(true).stdin(Stdio::null());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        if std::env::var_os("TEST_LOG").is_none() {
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        let child = cmd.spawn().with_context(|| format!("spawn {}", bin.display()))?;
+        Ok(ChildService { child })
+    }
+
+    pub fn url(&self, service: &str, path: &str) -> String {
+        let base = &self
+            .services
+            .get(service)
+            .unwrap_or_else(|| panic!("{service} is not running in-process"))
+            .base_url;
+        format!("{base}{path}")
+    }
+
+    pub async fn pool(&self, service: &str) -> Result<PgPool> {
+        self.dbs.pool(service).await
+    }
+
+    // ---- arranging ----
+
+    pub async fn set_balance(&self, customer: &str, balance: i64) -> Result<()> {
+        let r = self
+            .http
+            .put(self.url("payment", &format!("/accounts/{customer}")))
+            .json(&json!({ "balance": balance }))
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "set balance: {} {}", r.status(), r.text().await?);
+        Ok(())
+    }
+
+    pub async fn set_stock(&self, product: &str, available: i64) -> Result<()> {
+        let r = self
+            .http
+            .put(self.url("inventory", &format!("/stock/{product}")))
+            .json(&json!({ "available": available }))
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "set stock: {} {}", r.status(), r.text().await?);
+        Ok(())
+    }
+
+    /// Places an order over HTTP; returns its id.
+    pub async fn place_order(&self, body: &Value) -> Result<Uuid> {
+        let r = self.http.post(self.url("order", "/orders")).json(body).send().await?;
+        let status = r.status();
+        let text = r.text().await?;
+        anyhow::ensure!(status.as_u16() == 201, "place order: {status} {text}");
+        let v: Value = serde_json::from_str(&text)?;
+        Ok(v["orderId"].as_str().context("orderId")?.parse()?)
+    }
+
+    // ---- observing ----
+
+    pub async fn get_json(&self, service: &str, path: &str) -> Result<(u16, Value)> {
+        let r = self.http.get(self.url(service, path)).send().await?;
+        let status = r.status().as_u16();
+        let v = r.json::<Value>().await.unwrap_or(Value::Null);
+        Ok((status, v))
+    }
+
+    pub async fn order(&self, id: Uuid) -> Result<Value> {
+        let (status, v) = self.get_json("order", &format!("/orders/{id}")).await?;
+        anyhow::ensure!(status == 200, "get order {id}: {status} {v}");
+        Ok(v)
+    }
+
+    /// Waits until the order leaves PENDING; returns it.
+    pub async fn wait_for_outcome(&self, id: Uuid) -> Result<Value> {
+        eventually(&format!("order {id} to finish"), DEADLINE, || async {
+            let o = self.order(id).await?;
+            Ok((o["status"] != "PENDING").then_some(o))
+        })
+        .await
+    }
+
+    pub async fn balance(&self, customer: &str) -> Result<i64> {
+        let pool = self.pool("payment").await?;
+        Ok(sqlx::query_scalar("SELECT balance FROM accounts WHERE customer_id = $1")
+            .bind(customer)
+            .fetch_one(&pool)
+            .await?)
+    }
+
+    /// (available, reserved) of a product.
+    pub async fn stock(&self, product: &str) -> Result<(i64, i64)> {
+        let pool = self.pool("inventory").await?;
+        Ok(sqlx::query_as("SELECT available, reserved FROM stock WHERE product_id = $1")
+            .bind(product)
+            .fetch_one(&pool)
+            .await?)
+    }
+
+    pub async fn count(&self, service: &str, sql: &str) -> Result<i64> {
+        let pool = self.pool(service).await?;
+        Ok(sqlx::query_scalar(sql).fetch_one(&pool).await?)
+    }
+
+    /// Every message in the events stream, in order.
+    pub async fn stream_events(&self) -> Result<Vec<(String, Envelope)>> {
+        let stream = self.js.get_stream(self.subjects.events_stream()).await?;
+        let last = stream.get_info().await?.state.last_sequence;
+        let mut out = Vec::new();
+        for seq in 1..=last {
+            match stream.get_raw_message(seq).await {
+                Ok(m) => {
+                    if let Ok(env) = serde_json::from_slice::<Envelope>(&m.payload) {
+                        out.push((m.subject.to_string(), env));
+                    }
+                }
+                Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Event types of one saga in the stream, in order.
+    pub async fn saga_event_types(&self, order_id: Uuid) -> Result<Vec<String>> {
+        Ok(self
+            .stream_events()
+            .await?
+            .into_iter()
+            .filter(|(_, e)| e.metadata.correlation_id == order_id)
+            .map(|(_, e)| e.event_type)
+            .collect())
+    }
+
+    /// Dead letters: (reason header, consumer header, body) per message.
+    pub async fn dead_letters(&self) -> Result<Vec<(String, String, Vec<u8>)>> {
+        let stream = self.js.get_stream(self.subjects.dead_letter_stream()).await?;
+        let last = stream.get_info().await?.state.last_sequence;
+        let mut out = Vec::new();
+        for seq in 1..=last {
+            let m = stream.get_raw_message(seq).await?;
+            let h = |name: &str| {
+                m.headers
+                    .get(name)
+                    .map(|v| v.as_str().to_string())
+                    .unwrap_or_default()
+            };
+            out.push((
+                h(common::consumer::dlq_headers::REASON),
+                h(common::consumer::dlq_headers::CONSUMER),
+                m.payload.to_vec(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// True when nothing can happen any more without new input: every
+    /// outbox is empty and every consumer has nothing pending or unacked.
+    pub async fn is_settled(&self) -> Result<bool> {
+        for s in SERVICES {
+            if self.count(s, "SELECT count(*) FROM outbox").await? != 0 {
+                return Ok(false);
+            }
+        }
+        let stream = self.js.get_stream(self.subjects.events_stream()).await?;
+        for s in SERVICES {
+            let mut consumer: jetstream::consumer::PullConsumer = match stream.get_consumer(s).await {
+                Ok(c) => c,
+                Err(_) => continue, // service never started in this test
+            };
+            let info = consumer.info().await?;
+            if info.num_pending != 0 || info.num_ack_pending != 0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Waits until [`Self::is_settled`] holds twice in a row.
+    pub async fn settle(&self) -> Result<()> {
+        let start = Instant::now();
+        let mut streak = 0;
+        while streak < 2 {
+            if start.elapsed() > DEADLINE {
+                bail!("the system did not settle within {DEADLINE:?}");
+            }
+            streak = if self.is_settled().await? { streak + 1 } else { 0 };
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Ok(())
+    }
+
+    /// Publishes every message of the events stream again, as a new message
+    /// (different `Nats-Msg-Id`, same bytes): each consumer sees each event twice.
+    pub async fn redeliver_every_event(&self) -> Result<usize> {
+        let events = self.stream_events().await?;
+        for (subject, env) in &events {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("dup-{}", env.event_id).as_str());
+            self.js
+                .publish_with_headers(subject.clone(), headers, env.to_bytes().into())
+                .await?
+                .await?;
+        }
+        Ok(events.len())
+    }
+
+    /// The invariants that must hold whenever the system is settled, for the
+    /// given initial balances and stock.
+    pub async fn assert_invariants(&self, initial_balances: &[(&str, i64)], initial_stock: &[(&str, i64)]) -> Result<()> {
+        let order_pool = self.pool("order").await?;
+        let rows: Vec<(String, i64, sqlx::types::Json<Vec<common::event::OrderLine>>, String)> =
+            sqlx::query_as("SELECT status, total, lines, customer_id FROM orders")
+                .fetch_all(&order_pool)
+                .await?;
+        let mut confirmed_total: HashMap<String, i64> = HashMap::new();
+        let mut confirmed_qty: HashMap<String, i64> = HashMap::new();
+        for (status, total, lines, customer) in &rows {
+            anyhow::ensure!(
+                ["CONFIRMED", "CANCELLED", "REQUIRES_INTERVENTION"].contains(&status.as_str()),
+                "an order is stuck in {status}"
+            );
+            if status == "CONFIRMED" {
+                *confirmed_total.entry(customer.clone()).or_default() += total;
+                for l in lines.iter() {
+                    *confirmed_qty.entry(l.product_id.clone()).or_default() += l.quantity;
+                }
+            }
+        }
+        for (customer, initial) in initial_balances {
+            let spent = initial - self.balance(customer).await?;
+            let expected = confirmed_total.get(*customer).copied().unwrap_or(0);
+            anyhow::ensure!(
+                spent == expected,
+                "{customer}: charged minus refunded is {spent}, confirmed orders total {expected}"
+            );
+        }
+        for (product, initial) in initial_stock {
+            let (available, reserved) = self.stock(product).await?;
+            let taken = initial - available;
+            let expected = confirmed_qty.get(*product).copied().unwrap_or(0);
+            anyhow::ensure!(
+                taken == expected && reserved == expected,
+                "{product}: taken {taken} (reserved {reserved}), confirmed quantity {expected}"
+            );
+        }
+        Ok(())
+    }
+
+    /// Subscribes to every event of this stack (for tests that watch a saga).
+    pub async fn watch(&self) -> Result<async_nats::Subscriber> {
+        Ok(self.client.subscribe(self.subjects.all()).await?)
+    }
+
+    /// Stops every in-process service gracefully.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let names: Vec<&'static str> = self.services.keys().copied().collect();
+        for n in names {
+            self.stop_service(n).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for svc in self.services.values() {
+            svc.shutdown.cancel();
+            svc.handle.abort();
+        }
+    }
+}
+
+/// A valid order body.
+pub fn order_body(customer: &str, lines: &[(&str, i64, i64)], country: &str) -> Value {
+    json!({
+        "customerId": customer,
+        "lines": lines.iter().map(|(p, q, price)| json!({"productId": p, "quantity": q, "unitPrice": price})).collect::<Vec<_>>(),
+        "shippingAddress": {
+            "name": "Ada Lovelace",
+            "street": "12 Analytical Row",
+            "city": "London",
+            "postalCode": "12345",
+            "country": country,
+        }
+    })
+}
+
+/// Reads one message from a subscription with a deadline.
+pub async fn next_message(sub: &mut async_nats::Subscriber, deadline: Duration) -> Result<async_nats::Message> {
+    tokio::time::timeout(deadline, sub.next())
+        .await
+        .context("no message before the deadline")?
+        .context("subscription closed")
+}
+
+#[derive(Deserialize)]
+pub struct Ports {
+    pub nats: Vec<String>,
+}
