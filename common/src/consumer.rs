@@ -62,8 +62,12 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Outcome, HandlerError>> + Send + 'a;
 }
 
-/// Deliveries an early event is retried for before it is dead-lettered.
+/// Deliveries an early event is retried for before it is dead-lettered
+/// (about 13 s in all). Within the saga every compensation is caused by an
+/// event the same service committed first, so only events published by hand
+/// or by a foreign system can be early; they should not wait long to be seen.
 pub const MAX_NOT_YET_DELIVERIES: i64 = 12;
+const NOT_YET_BACKOFF_CAP: Duration = Duration::from_secs(2);
 
 /// Backoff for the `delivered`-th attempt: 50 ms doubling, capped at `cap`.
 pub fn backoff(delivered: i64, cap: Duration) -> Duration {
@@ -134,6 +138,11 @@ impl<H: Handler> ConsumerRuntime<H> {
     }
 
     /// Pulls and applies until `shutdown`, then waits for in-flight events.
+    ///
+    /// Pulls are bounded batches (at most `concurrency` events, expiring after
+    /// a second) rather than an endless prefetch: every event the broker hands
+    /// over belongs to a batch that ends soon, and is applied and acked even
+    /// during shutdown. Nothing is left in a dead inbox to wait out the ack wait.
     pub async fn run(
         self,
         consumer: jetstream::consumer::Consumer<pull::Config>,
@@ -141,46 +150,45 @@ impl<H: Handler> ConsumerRuntime<H> {
     ) {
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let mut tasks = JoinSet::new();
-        'outer: while !shutdown.is_cancelled() {
-            let mut messages = match consumer
-                .stream()
-                .max_messages_per_batch(self.concurrency.max(16))
-                .heartbeat(Duration::from_secs(5))
-                .expires(Duration::from_secs(30))
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            let batch = consumer
+                .batch()
+                .max_messages(self.concurrency)
+                .expires(PULL_EXPIRY)
                 .messages()
-                .await
-            {
-                Ok(m) => m,
+                .await;
+            let mut batch = match batch {
+                Ok(b) => b,
                 Err(e) => {
+                    failures += 1;
                     tracing::warn!(consumer = %self.inner.name, error = %e, "cannot pull; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                        _ = tokio::time::sleep(backoff(failures as i64, Duration::from_secs(2))) => continue,
                     }
                 }
             };
-            loop {
+            while let Some(next) = batch.next().await {
                 while tasks.try_join_next().is_some() {}
-                let permit = tokio::select! {
-                    _ = shutdown.cancelled() => break 'outer,
-                    p = permits.clone().acquire_owned() => p.expect("semaphore never closes"),
-                };
-                let next = tokio::select! {
-                    _ = shutdown.cancelled() => break 'outer,
-                    n = messages.next() => n,
-                };
                 match next {
-                    Some(Ok(msg)) => {
+                    Ok(msg) => {
+                        failures = 0;
+                        let permit = permits
+                            .clone()
+                            .acquire_owned()
+                            .await
+                            .expect("semaphore never closes");
                         let inner = self.inner.clone();
                         tasks.spawn(async move {
                             inner.process(msg).await;
                             drop(permit);
                         });
                     }
-                    Some(Err(e)) => {
+                    Err(e) => {
                         tracing::warn!(consumer = %self.inner.name, error = %e, "pull interrupted");
+                        break;
                     }
-                    None => break,
                 }
             }
         }
@@ -189,6 +197,9 @@ impl<H: Handler> ConsumerRuntime<H> {
         tracing::info!(consumer = %self.inner.name, "consumer drained");
     }
 }
+
+/// How long one pull waits for events before the next is issued.
+const PULL_EXPIRY: Duration = Duration::from_secs(1);
 
 impl<H: Handler> Inner<H> {
     async fn process(&self, msg: jetstream::Message) -> Disposition {
@@ -294,7 +305,7 @@ impl<H: Handler> Inner<H> {
                 }
                 ack(
                     msg,
-                    AckKind::Nak(Some(backoff(delivered, Duration::from_secs(5)))),
+                    AckKind::Nak(Some(backoff(delivered, NOT_YET_BACKOFF_CAP))),
                 )
                 .await;
                 Disposition::Retry(reason)

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 /// How long a claim protects an event being applied; longer than any
 /// transaction should take, shorter than the consumer's ack wait.
-pub const STARTED_TTL: Duration = Duration::from_secs(30);
+pub const STARTED_TTL: Duration = Duration::from_secs(10);
 /// How long an applied event is remembered in Redis (the broker keeps events 7 days).
 pub const DONE_TTL: Duration = Duration::from_secs(8 * 24 * 3600);
 

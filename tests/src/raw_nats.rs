@@ -12,17 +12,21 @@ use tokio::{
 pub struct RawNats {
     reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
     writer: tokio::net::tcp::OwnedWriteHalf,
+    next_sid: u64,
 }
 
 impl RawNats {
     /// Connects and performs the handshake (INFO, CONNECT with headers, PING/PONG).
     pub async fn connect(url: &str) -> Result<RawNats> {
         let addr = url.trim_start_matches("nats://");
-        let stream = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect {addr}"))?;
         let (r, w) = stream.into_split();
         let mut c = RawNats {
             reader: BufReader::new(r),
             writer: w,
+            next_sid: 1,
         };
         let info = c.line().await?;
         anyhow::ensure!(info.starts_with("INFO "), "expected INFO, got {info}");
@@ -40,7 +44,8 @@ impl RawNats {
 
     async fn line(&mut self) -> Result<String> {
         let mut line = String::new();
-        let n = tokio::time::timeout(Duration::from_secs(10), self.reader.read_line(&mut line)).await??;
+        let n = tokio::time::timeout(Duration::from_secs(10), self.reader.read_line(&mut line))
+            .await??;
         if n == 0 {
             bail!("connection closed");
         }
@@ -69,13 +74,23 @@ impl RawNats {
     }
 
     /// `nats pub -H 'K:V' SUBJECT BODY`: `HPUB <subject> <hdr len> <total len>\r\nNATS/1.0\r\nK: V\r\n\r\n<body>\r\n`.
-    pub async fn publish_with_headers(&mut self, subject: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<()> {
+    pub async fn publish_with_headers(
+        &mut self,
+        subject: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<()> {
         let mut hdr = String::from("NATS/1.0\r\n");
         for (k, v) in headers {
             hdr.push_str(&format!("{k}: {v}\r\n"));
         }
         hdr.push_str("\r\n");
-        let mut frame = format!("HPUB {subject} {} {}\r\n", hdr.len(), hdr.len() + body.len()).into_bytes();
+        let mut frame = format!(
+            "HPUB {subject} {} {}\r\n",
+            hdr.len(),
+            hdr.len() + body.len()
+        )
+        .into_bytes();
         frame.extend_from_slice(hdr.as_bytes());
         frame.extend_from_slice(body);
         frame.extend_from_slice(b"\r\nPING\r\n");
@@ -85,9 +100,21 @@ impl RawNats {
 
     /// `nats req SUBJECT BODY`: subscribe to an inbox, publish with it as the
     /// reply subject, read one MSG/HMSG back. Returns (headers block, body).
-    pub async fn request(&mut self, subject: &str, body: &[u8], timeout: Duration) -> Result<(String, Vec<u8>)> {
+    pub async fn request(
+        &mut self,
+        subject: &str,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<(String, Vec<u8>)> {
         let inbox = format!("_INBOX.{}", uuid::Uuid::new_v4().simple());
-        let mut frame = format!("SUB {inbox} 1\r\nPUB {subject} {inbox} {}\r\n", body.len()).into_bytes();
+        let sid = self.next_sid;
+        self.next_sid += 1;
+        // One reply wanted: auto-unsubscribe after it, as the CLI does.
+        let mut frame = format!(
+            "SUB {inbox} {sid}\r\nUNSUB {sid} 1\r\nPUB {subject} {inbox} {}\r\n",
+            body.len()
+        )
+        .into_bytes();
         frame.extend_from_slice(body);
         frame.extend_from_slice(b"\r\n");
         self.send(&frame).await?;

@@ -17,7 +17,9 @@ async fn stack_with(balance: i64, stock: i64) -> Result<Stack> {
 async fn a_paid_reserved_and_shippable_order_is_confirmed_with_one_effect_each() -> Result<()> {
     let stack = stack_with(10_000, 5).await?;
 
-    let id = stack.place_order(&order_body("alice", &[("widget", 2, PRICE)], "US")).await?;
+    let id = stack
+        .place_order(&order_body("alice", &[("widget", 2, PRICE)], "US"))
+        .await?;
     let order = stack.wait_for_outcome(id).await?;
     stack.settle().await?;
 
@@ -27,39 +29,88 @@ async fn a_paid_reserved_and_shippable_order_is_confirmed_with_one_effect_each()
     assert!(order["shipmentId"].is_string());
     assert_eq!(stack.balance("alice").await?, 10_000 - 2 * PRICE);
     assert_eq!(stack.stock("widget").await?, (3, 2));
-    assert_eq!(stack.count("payment", "SELECT count(*) FROM payments").await?, 1);
-    assert_eq!(stack.count("shipping", "SELECT count(*) FROM shipments WHERE status = 'created'").await?, 1);
-    let (status, shipment) = stack.get_json("shipping", &format!("/shipments/{id}")).await?;
+    assert_eq!(
+        stack
+            .count("payment", "SELECT count(*) FROM payments")
+            .await?,
+        1
+    );
+    assert_eq!(
+        stack
+            .count(
+                "shipping",
+                "SELECT count(*) FROM shipments WHERE status = 'created'"
+            )
+            .await?,
+        1
+    );
+    let (status, shipment) = stack
+        .get_json("shipping", &format!("/shipments/{id}"))
+        .await?;
     assert_eq!(status, 200);
     assert_eq!(shipment["shipmentId"], order["shipmentId"]);
     assert_eq!(
         stack.saga_event_types(id).await?,
-        ["OrderPlaced", "PaymentProcessed", "InventoryReserved", "ShipmentCreated", "OrderConfirmed"]
+        [
+            "OrderPlaced",
+            "PaymentProcessed",
+            "InventoryReserved",
+            "ShipmentCreated",
+            "OrderConfirmed"
+        ]
     );
-    stack.assert_invariants(&[("alice", 10_000)], &[("widget", 5)]).await?;
+    stack
+        .assert_invariants(&[("alice", 10_000)], &[("widget", 5)])
+        .await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_declined_payment_cancels_the_order_with_the_reason_and_touches_nothing_else() -> Result<()> {
+async fn a_declined_payment_cancels_the_order_with_the_reason_and_touches_nothing_else()
+-> Result<()> {
     let stack = stack_with(1_000, 5).await?;
 
-    let id = stack.place_order(&order_body("alice", &[("widget", 1, PRICE)], "US")).await?;
+    let id = stack
+        .place_order(&order_body("alice", &[("widget", 1, PRICE)], "US"))
+        .await?;
     let order = stack.wait_for_outcome(id).await?;
-    let unknown = stack.place_order(&order_body("nobody", &[("widget", 1, PRICE)], "US")).await?;
+    let unknown = stack
+        .place_order(&order_body("nobody", &[("widget", 1, PRICE)], "US"))
+        .await?;
     let unknown = stack.wait_for_outcome(unknown).await?;
     stack.settle().await?;
 
     assert_eq!(order["status"], "CANCELLED");
     let reason = order["failureReason"].as_str().unwrap();
     assert!(reason.contains("insufficient funds"), "{reason}");
-    assert!(unknown["failureReason"].as_str().unwrap().contains("unknown account 'nobody'"), "{unknown}");
+    assert!(
+        unknown["failureReason"]
+            .as_str()
+            .unwrap()
+            .contains("unknown account 'nobody'"),
+        "{unknown}"
+    );
     assert_eq!(stack.balance("alice").await?, 1_000);
     assert_eq!(stack.stock("widget").await?, (5, 0));
-    assert_eq!(stack.count("inventory", "SELECT count(*) FROM reservations").await?, 0);
-    assert_eq!(stack.count("shipping", "SELECT count(*) FROM shipments").await?, 0);
-    assert_eq!(stack.saga_event_types(id).await?, ["OrderPlaced", "PaymentFailed", "OrderCancelled"]);
-    stack.assert_invariants(&[("alice", 1_000)], &[("widget", 5)]).await?;
+    assert_eq!(
+        stack
+            .count("inventory", "SELECT count(*) FROM reservations")
+            .await?,
+        0
+    );
+    assert_eq!(
+        stack
+            .count("shipping", "SELECT count(*) FROM shipments")
+            .await?,
+        0
+    );
+    assert_eq!(
+        stack.saga_event_types(id).await?,
+        ["OrderPlaced", "PaymentFailed", "OrderCancelled"]
+    );
+    stack
+        .assert_invariants(&[("alice", 1_000)], &[("widget", 5)])
+        .await?;
     Ok(())
 }
 
@@ -70,39 +121,73 @@ async fn running_out_of_stock_refunds_the_payment_and_cancels_the_order() -> Res
 
     // One line can be served, the other cannot: nothing is reserved.
     let id = stack
-        .place_order(&order_body("alice", &[("gadget", 1, 100), ("widget", 2, PRICE)], "US"))
+        .place_order(&order_body(
+            "alice",
+            &[("gadget", 1, 100), ("widget", 2, PRICE)],
+            "US",
+        ))
         .await?;
     let order = stack.wait_for_outcome(id).await?;
     stack.settle().await?;
 
     assert_eq!(order["status"], "CANCELLED");
     let reason = order["failureReason"].as_str().unwrap();
-    assert!(reason.contains("out of stock") && reason.contains("'widget' requested 2, available 1"), "{reason}");
+    assert!(
+        reason.contains("out of stock") && reason.contains("'widget' requested 2, available 1"),
+        "{reason}"
+    );
     assert_eq!(stack.balance("alice").await?, 10_000);
     assert_eq!(stack.stock("widget").await?, (1, 0));
     assert_eq!(stack.stock("gadget").await?, (10, 0));
-    assert_eq!(stack.count("shipping", "SELECT count(*) FROM shipments").await?, 0);
+    assert_eq!(
+        stack
+            .count("shipping", "SELECT count(*) FROM shipments")
+            .await?,
+        0
+    );
     assert_eq!(
         stack.saga_event_types(id).await?,
-        ["OrderPlaced", "PaymentProcessed", "InventoryReservationFailed", "PaymentRefunded", "OrderCancelled"]
+        [
+            "OrderPlaced",
+            "PaymentProcessed",
+            "InventoryReservationFailed",
+            "PaymentRefunded",
+            "OrderCancelled"
+        ]
     );
-    stack.assert_invariants(&[("alice", 10_000)], &[("widget", 1), ("gadget", 10)]).await?;
+    stack
+        .assert_invariants(&[("alice", 10_000)], &[("widget", 1), ("gadget", 10)])
+        .await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_undeliverable_address_releases_stock_refunds_and_cancels_in_reverse_order() -> Result<()> {
+async fn an_undeliverable_address_releases_stock_refunds_and_cancels_in_reverse_order() -> Result<()>
+{
     let stack = stack_with(10_000, 5).await?;
 
-    let id = stack.place_order(&order_body("alice", &[("widget", 3, PRICE)], "ZZ")).await?;
+    let id = stack
+        .place_order(&order_body("alice", &[("widget", 3, PRICE)], "ZZ"))
+        .await?;
     let order = stack.wait_for_outcome(id).await?;
     stack.settle().await?;
 
     assert_eq!(order["status"], "CANCELLED");
-    assert_eq!(order["failureReason"], "address rejected: no delivery to country 'ZZ'");
+    assert_eq!(
+        order["failureReason"],
+        "address rejected: no delivery to country 'ZZ'"
+    );
     assert_eq!(stack.balance("alice").await?, 10_000);
     assert_eq!(stack.stock("widget").await?, (5, 0));
-    assert_eq!(stack.count("shipping", "SELECT count(*) FROM shipments WHERE status = 'failed'").await?, 1);
+    assert_eq!(
+        stack
+            .count(
+                "shipping",
+                "SELECT count(*) FROM shipments WHERE status = 'failed'"
+            )
+            .await?,
+        1
+    );
     assert_eq!(
         stack.saga_event_types(id).await?,
         [
@@ -124,9 +209,15 @@ async fn an_undeliverable_address_releases_stock_refunds_and_cancels_in_reverse_
         .filter(|e| e.metadata.correlation_id == id)
         .collect();
     for pair in events.windows(2) {
-        assert_eq!(pair[1].metadata.causation_id, pair[0].event_id, "{} <- {}", pair[1].event_type, pair[0].event_type);
+        assert_eq!(
+            pair[1].metadata.causation_id, pair[0].event_id,
+            "{} <- {}",
+            pair[1].event_type, pair[0].event_type
+        );
     }
-    stack.assert_invariants(&[("alice", 10_000)], &[("widget", 5)]).await?;
+    stack
+        .assert_invariants(&[("alice", 10_000)], &[("widget", 5)])
+        .await?;
     Ok(())
 }
 
@@ -144,7 +235,13 @@ async fn concurrent_orders_for_the_last_units_never_oversell() -> Result<()> {
         let o = stack.wait_for_outcome(*id).await?;
         match o["status"].as_str() {
             Some("CONFIRMED") => confirmed += 1,
-            Some("CANCELLED") => assert!(o["failureReason"].as_str().unwrap().contains("out of stock"), "{o}"),
+            Some("CANCELLED") => assert!(
+                o["failureReason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("out of stock"),
+                "{o}"
+            ),
             other => panic!("unexpected status {other:?}"),
         }
     }
@@ -154,9 +251,16 @@ async fn concurrent_orders_for_the_last_units_never_oversell() -> Result<()> {
     assert_eq!(stack.stock("widget").await?, (0, UNITS));
     assert_eq!(stack.balance("alice").await?, 1_000_000 - UNITS * PRICE);
     assert_eq!(
-        stack.count("payment", "SELECT count(*) FROM payments WHERE status = 'refunded'").await?,
+        stack
+            .count(
+                "payment",
+                "SELECT count(*) FROM payments WHERE status = 'refunded'"
+            )
+            .await?,
         ORDERS as i64 - UNITS
     );
-    stack.assert_invariants(&[("alice", 1_000_000)], &[("widget", UNITS)]).await?;
+    stack
+        .assert_invariants(&[("alice", 1_000_000)], &[("widget", UNITS)])
+        .await?;
     Ok(())
 }

@@ -1,0 +1,272 @@
+//! The HTTP APIs: bad input gets a 4xx with a message, reads and paging work.
+
+use anyhow::Result;
+use saga_tests::{Stack, order_body};
+use serde_json::{Value, json};
+
+async fn post(stack: &Stack, body: &str) -> Result<(u16, Value)> {
+    let r = stack
+        .http
+        .post(stack.url("order", "/orders"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await?;
+    Ok((r.status().as_u16(), r.json().await.unwrap_or(Value::Null)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_orders_are_refused_with_a_message_and_start_no_saga() -> Result<()> {
+    let stack = Stack::start().await?;
+    let valid = order_body("alice", &[("widget", 1, 100)], "US");
+
+    let cases: Vec<(String, u16, &str)> = vec![
+        (
+            "{not json".into(),
+            400,
+            "Failed to parse the request body as JSON",
+        ),
+        (
+            json!({"customerId": "alice"}).to_string(),
+            422,
+            "missing field `lines`",
+        ),
+        (
+            {
+                let mut b = valid.clone();
+                b["lines"] = json!([]);
+                b.to_string()
+            },
+            422,
+            "lines must not be empty",
+        ),
+        (
+            {
+                let mut b = valid.clone();
+                b["lines"][0]["quantity"] = json!(0);
+                b.to_string()
+            },
+            422,
+            "lines[0].quantity must be positive",
+        ),
+        (
+            {
+                let mut b = valid.clone();
+                b["lines"][0]["unitPrice"] = json!(9.99);
+                b.to_string()
+            },
+            422,
+            "unitPrice",
+        ),
+        (
+            {
+                let mut b = valid.clone();
+                b["customerId"] = json!("  ");
+                b.to_string()
+            },
+            422,
+            "customerId must not be empty",
+        ),
+        (
+            {
+                let mut b = valid.clone();
+                b["shippingAddress"]["street"] = json!("");
+                b.to_string()
+            },
+            422,
+            "shippingAddress.street must not be empty",
+        ),
+        (
+            {
+                let mut b = valid.clone();
+                b["lines"][0]["quantity"] = json!(i64::MAX);
+                b["lines"][0]["unitPrice"] = json!(2);
+                b.to_string()
+            },
+            422,
+            "overflows",
+        ),
+        (
+            {
+                let mut b = valid.clone();
+                b["discount"] = json!(5);
+                b.to_string()
+            },
+            422,
+            "unknown field `discount`",
+        ),
+    ];
+    for (body, status, message) in cases {
+        let (got, v) = post(&stack, &body).await?;
+        assert_eq!(got, status, "{body} -> {v}");
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(message),
+            "{body}: expected '{message}' in '{error}'"
+        );
+    }
+    assert_eq!(
+        stack
+            .count("order", "SELECT count(*) FROM order_events")
+            .await?,
+        0
+    );
+    assert_eq!(
+        stack.count("order", "SELECT count(*) FROM outbox").await?,
+        0
+    );
+
+    let (status, v) = stack.get_json("order", "/orders/not-a-uuid").await?;
+    assert_eq!(
+        (status, v["error"].as_str().unwrap()),
+        (400, "'not-a-uuid' is not an order id (a UUID)")
+    );
+    let (status, _) = stack
+        .get_json("order", &format!("/orders/{}", uuid::Uuid::now_v7()))
+        .await?;
+    assert_eq!(status, 404);
+    let (status, v) = stack.get_json("order", "/orders?status=LOST").await?;
+    assert_eq!(status, 400);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("REQUIRES_INTERVENTION")
+    );
+    let (status, _) = stack.get_json("order", "/orders?limit=0").await?;
+    assert_eq!(status, 400);
+
+    let r = stack
+        .http
+        .put(stack.url("payment", "/accounts/alice"))
+        .json(&json!({"balance": -1}))
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 422);
+    let r = stack
+        .http
+        .put(stack.url("inventory", "/stock/widget"))
+        .json(&json!({"available": "many"}))
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 422);
+    let (status, _) = stack.get_json("payment", "/accounts/nobody").await?;
+    assert_eq!(status, 404);
+    let (status, _) = stack.get_json("inventory", "/stock/nothing").await?;
+    assert_eq!(status, 404);
+    let (status, _) = stack
+        .get_json("shipping", &format!("/shipments/{}", uuid::Uuid::now_v7()))
+        .await?;
+    assert_eq!(status, 404);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_are_listed_by_customer_and_status_in_pages() -> Result<()> {
+    let stack = Stack::start().await?;
+    stack.set_balance("alice", 10_000).await?;
+    stack.set_stock("widget", 100).await?;
+    let mut confirmed = Vec::new();
+    for _ in 0..3 {
+        confirmed.push(
+            stack
+                .place_order(&order_body("alice", &[("widget", 1, 100)], "US"))
+                .await?,
+        );
+    }
+    let cancelled = stack
+        .place_order(&order_body("alice", &[("widget", 1, 100)], "ZZ"))
+        .await?;
+    let other = stack
+        .place_order(&order_body("bob", &[("widget", 1, 100)], "US"))
+        .await?;
+    for id in confirmed.iter().chain([&cancelled, &other]) {
+        stack.wait_for_outcome(*id).await?;
+    }
+
+    let (_, page) = stack
+        .get_json("order", "/orders?customerId=alice&status=CONFIRMED&limit=2")
+        .await?;
+    assert_eq!(page["orders"].as_array().unwrap().len(), 2);
+    assert_eq!(page["nextOffset"], 2);
+    let (_, rest) = stack
+        .get_json(
+            "order",
+            "/orders?customerId=alice&status=CONFIRMED&limit=2&offset=2",
+        )
+        .await?;
+    assert_eq!(rest["orders"].as_array().unwrap().len(), 1);
+    assert!(rest["nextOffset"].is_null());
+    let (_, c) = stack
+        .get_json("order", "/orders?customerId=alice&status=CANCELLED")
+        .await?;
+    assert_eq!(c["orders"][0]["orderId"], cancelled.to_string());
+    let (_, all) = stack.get_json("order", "/orders").await?;
+    assert_eq!(all["orders"].as_array().unwrap().len(), 5);
+
+    // The account shows its payments; the order shows its own history.
+    let (_, account) = stack.get_json("payment", "/accounts/alice").await?;
+    assert_eq!(account["payments"].as_array().unwrap().len(), 4);
+    let (_, events) = stack
+        .get_json("order", &format!("/orders/{cancelled}/events"))
+        .await?;
+    let types: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["eventType"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["OrderPlaced", "OrderCancelled"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_placement_with_the_same_idempotency_key_places_one_order() -> Result<()> {
+    let stack = Stack::start().await?;
+    stack.set_balance("alice", 10_000).await?;
+    stack.set_stock("widget", 10).await?;
+    let body = order_body("alice", &[("widget", 1, 100)], "US");
+    let send = || {
+        stack
+            .http
+            .post(stack.url("order", "/orders"))
+            .header("Idempotency-Key", "checkout-42")
+            .json(&body)
+            .send()
+    };
+
+    let first = send().await?;
+    assert_eq!(first.status().as_u16(), 201);
+    let first: Value = first.json().await?;
+    let second = send().await?;
+    assert_eq!(second.status().as_u16(), 200);
+    let second: Value = second.json().await?;
+    assert_eq!(first["orderId"], second["orderId"]);
+
+    stack
+        .wait_for_outcome(first["orderId"].as_str().unwrap().parse()?)
+        .await?;
+    stack.settle().await?;
+    assert_eq!(
+        stack.count("order", "SELECT count(*) FROM orders").await?,
+        1
+    );
+    assert_eq!(stack.balance("alice").await?, 10_000 - 100);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_reports_each_dependency() -> Result<()> {
+    let stack = Stack::start().await?;
+    for s in saga_tests::SERVICES {
+        let (status, v) = stack.get_json(s, "/health/ready").await?;
+        assert_eq!(status, 200, "{s}: {v}");
+        assert_eq!(
+            v["checks"],
+            json!({"postgres": "ok", "redis": "ok", "nats": "ok"})
+        );
+        let (status, _) = stack.get_json(s, "/health/live").await?;
+        assert_eq!(status, 200);
+    }
+    Ok(())
+}
