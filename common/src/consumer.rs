@@ -52,8 +52,10 @@ pub enum HandlerError {
 /// A service's reaction to the events its consumer receives.
 pub trait Handler: Send + Sync + 'static {
     /// Applies `event` within `tx`. Must not commit, and must do no I/O
-    /// outside `tx`: the runtime commits the guard, the effect and the
-    /// emitted events together, or none of them.
+    /// outside `tx`: the runtime commits the effect, the guard and the
+    /// emitted events together, or none of them. A handler may be run for a
+    /// duplicate whose transaction is then rolled back, so it must not act
+    /// outside the transaction.
     fn handle<'a>(
         &'a self,
         tx: &'a mut PgConnection,
@@ -282,10 +284,11 @@ impl<H: Handler> Inner<H> {
 
         match self.transact(envelope, event).await {
             Ok(Committed::Applied) => {
-                self.finish(msg, id).await;
-                // Handlers may also write the outbox themselves (the order
-                // service appends to its event store and outbox together).
+                // Wake the relay first: the next hop of the saga waits on it,
+                // not on our bookkeeping. (Handlers may also write the outbox
+                // themselves, as the order service does with its event store.)
                 self.outbox.notify();
+                self.finish(msg, id).await;
                 Disposition::Applied
             }
             Ok(Committed::Skipped(reason)) => {
@@ -327,25 +330,43 @@ impl<H: Handler> Inner<H> {
         }
     }
 
-    /// Guard + effect + outbox in one transaction.
+    /// Effect, guard and outbox in one transaction. The guard is written last,
+    /// together with the emitted events: a duplicate that got this far (Redis
+    /// forgot it) does its reads, finds the guard taken and rolls back.
     async fn transact(&self, envelope: &Envelope, event: Event) -> Result<Committed, HandlerError> {
         let mut tx = self.pool.begin().await?;
-        if !idempotency::guard(&mut tx, &self.name, envelope.event_id, &envelope.event_type).await?
-        {
+        let result = self.apply_in(&mut tx, envelope, event).await;
+        match result {
+            Ok(Committed::Applied | Committed::Skipped(_)) => tx.commit().await?,
+            // Roll back now, not when the connection is next used: until then
+            // the transaction would keep its row locks.
+            _ => {
+                if let Err(e) = tx.rollback().await {
+                    tracing::warn!(error = %e, "rollback failed; the connection is discarded");
+                }
+            }
+        }
+        result
+    }
+
+    async fn apply_in(
+        &self,
+        tx: &mut PgConnection,
+        envelope: &Envelope,
+        event: Event,
+    ) -> Result<Committed, HandlerError> {
+        let (events, skipped) = match self.handler.handle(tx, envelope, event).await? {
+            Outcome::Applied(events) => (events, None),
+            Outcome::Skipped(reason) => (vec![], Some(reason)),
+            other => return Ok(Committed::Nothing(other)),
+        };
+        if !outbox::enqueue_once(tx, &self.subjects, &self.name, envelope, &events).await? {
             return Ok(Committed::AlreadyConsumed);
         }
-        match self.handler.handle(&mut tx, envelope, event).await? {
-            Outcome::Applied(events) => {
-                outbox::enqueue(&mut tx, &self.subjects, &events).await?;
-                tx.commit().await?;
-                Ok(Committed::Applied)
-            }
-            Outcome::Skipped(reason) => {
-                tx.commit().await?;
-                Ok(Committed::Skipped(reason))
-            }
-            other => Ok(Committed::Nothing(other)),
-        }
+        Ok(match skipped {
+            None => Committed::Applied,
+            Some(reason) => Committed::Skipped(reason),
+        })
     }
 
     async fn finish(&self, msg: &jetstream::Message, id: uuid::Uuid) {

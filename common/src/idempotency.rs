@@ -4,13 +4,13 @@
 //!    deliveries racing each other do not both do the work, and a long "done"
 //!    marker so a redelivery is acknowledged without touching Postgres.
 //! 2. Postgres, the guarantee: a `consumed_events` row inserted in the same
-//!    transaction as the effect. If Redis forgets (flush, restart, eviction),
-//!    the insert conflicts and the effect is not applied again.
+//!    transaction as the effect (see [`crate::outbox::enqueue_once`]). If
+//!    Redis forgets (flush, restart, eviction), the insert conflicts and the
+//!    transaction, effect included, is rolled back.
 
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use sqlx::PgConnection;
 use uuid::Uuid;
 
 /// How long a claim protects an event being applied; longer than any
@@ -88,25 +88,4 @@ impl IdempotencyStore {
             .query_async::<()>(&mut conn)
             .await
     }
-}
-
-/// Records the event as consumed inside the effect's transaction. `false`
-/// means it was already applied: the caller must roll back and apply nothing.
-pub async fn guard(
-    conn: &mut PgConnection,
-    consumer: &str,
-    event_id: Uuid,
-    event_type: &str,
-) -> Result<bool, sqlx::Error> {
-    let inserted = sqlx::query(
-        "INSERT INTO consumed_events (consumer, event_id, event_type) VALUES ($1, $2, $3)
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(consumer)
-    .bind(event_id)
-    .bind(event_type)
-    .execute(conn)
-    .await?
-    .rows_affected();
-    Ok(inserted == 1)
 }

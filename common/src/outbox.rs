@@ -10,18 +10,43 @@
 use std::{sync::Arc, time::Duration};
 
 use async_nats::{HeaderMap, jetstream};
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{event::Envelope, subjects::Subjects};
 
-/// Rows published per round trip to the database.
+/// Rows looked at per round trip to the database.
 const BATCH: i64 = 512;
-/// Serializes relays of several replicas of one service, which keeps
+/// Makes one relay of a service's replicas the leader, which keeps
 /// per-aggregate order across replicas.
 const RELAY_LOCK: i64 = 0x5a6a_0007_0075_7462;
+
+/// Columns of `events` as arrays, for one multi-row insert.
+struct Columns {
+    ids: Vec<Uuid>,
+    subjects: Vec<String>,
+    aggregates: Vec<String>,
+    bodies: Vec<Vec<u8>>,
+}
+
+fn columns(subjects: &Subjects, events: &[Envelope]) -> Columns {
+    let mut c = Columns {
+        ids: Vec::with_capacity(events.len()),
+        subjects: Vec::with_capacity(events.len()),
+        aggregates: Vec::with_capacity(events.len()),
+        bodies: Vec::with_capacity(events.len()),
+    };
+    for e in events {
+        let kind = e.kind().expect("services only emit catalogued events");
+        c.ids.push(e.event_id);
+        c.subjects.push(subjects.event(kind));
+        c.aggregates.push(e.aggregate_id.clone());
+        c.bodies.push(e.to_bytes());
+    }
+    c
+}
 
 /// Appends `events` to the outbox inside the caller's transaction.
 pub async fn enqueue(
@@ -32,28 +57,53 @@ pub async fn enqueue(
     if events.is_empty() {
         return Ok(());
     }
-    let mut ids = Vec::with_capacity(events.len());
-    let mut subs = Vec::with_capacity(events.len());
-    let mut aggs = Vec::with_capacity(events.len());
-    let mut bodies = Vec::with_capacity(events.len());
-    for e in events {
-        let kind = e.kind().expect("services only emit catalogued events");
-        ids.push(e.event_id);
-        subs.push(subjects.event(kind));
-        aggs.push(e.aggregate_id.clone());
-        bodies.push(e.to_bytes());
-    }
+    let c = columns(subjects, events);
     sqlx::query(
         "INSERT INTO outbox (event_id, subject, aggregate_id, body)
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bytea[])",
     )
-    .bind(&ids)
-    .bind(&subs)
-    .bind(&aggs)
-    .bind(&bodies)
+    .bind(&c.ids)
+    .bind(&c.subjects)
+    .bind(&c.aggregates)
+    .bind(&c.bodies)
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Records `consumed` as applied by `consumer` (the Postgres idempotency
+/// guard) and appends the events it caused, in one statement of the caller's
+/// transaction. `false`: the event was already applied; the caller must roll
+/// back, and nothing was appended.
+pub async fn enqueue_once(
+    conn: &mut PgConnection,
+    subjects: &Subjects,
+    consumer: &str,
+    consumed: &Envelope,
+    events: &[Envelope],
+) -> Result<bool, sqlx::Error> {
+    let c = columns(subjects, events);
+    let fresh: i64 = sqlx::query_scalar(
+        "WITH guard AS (
+             INSERT INTO consumed_events (consumer, event_id, event_type) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING RETURNING 1
+         ), emitted AS (
+             INSERT INTO outbox (event_id, subject, aggregate_id, body)
+             SELECT * FROM UNNEST($4::uuid[], $5::text[], $6::text[], $7::bytea[])
+             WHERE EXISTS (SELECT 1 FROM guard)
+         )
+         SELECT count(*) FROM guard",
+    )
+    .bind(consumer)
+    .bind(consumed.event_id)
+    .bind(&consumed.event_type)
+    .bind(&c.ids)
+    .bind(&c.subjects)
+    .bind(&c.aggregates)
+    .bind(&c.bodies)
+    .fetch_one(conn)
+    .await?;
+    Ok(fresh == 1)
 }
 
 /// Wakes the relay after a commit. Cheap to clone; a wake-up with the relay
@@ -77,9 +127,16 @@ pub enum RelayError {
 }
 
 /// Publishes outbox rows to JetStream.
+///
+/// One relay per service database leads at a time: it holds a session
+/// advisory lock on its own connection, so replicas never publish one
+/// aggregate's events out of order, and a standby takes over as soon as the
+/// leader's connection closes. The connection commits asynchronously: losing
+/// a relay commit in a crash only means events are published again, and the
+/// broker (`Nats-Msg-Id`) and the consumers (idempotency) drop the copies.
 #[derive(Clone)]
 pub struct Relay {
-    pool: PgPool,
+    options: PgConnectOptions,
     js: jetstream::Context,
     signal: OutboxSignal,
     poll: Duration,
@@ -89,19 +146,19 @@ struct Row {
     id: i64,
     event_id: Uuid,
     subject: String,
-    aggregate_id: String,
     body: Vec<u8>,
 }
 
 impl Relay {
+    /// `options`: how to reach the service's database.
     pub fn new(
-        pool: PgPool,
+        options: PgConnectOptions,
         js: jetstream::Context,
         signal: OutboxSignal,
         poll: Duration,
     ) -> Relay {
         Relay {
-            pool,
+            options: options.options([("synchronous_commit", "off")]),
             js,
             signal,
             poll,
@@ -111,11 +168,13 @@ impl Relay {
     /// Runs until `shutdown`, then flushes what is already committed.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failures = 0u32;
+        let mut leader: Option<PgConnection> = None;
         loop {
-            match self.publish_pending().await {
+            match self.lead(&mut leader).await {
                 Ok(_) => failures = 0,
                 Err(e) => {
                     failures += 1;
+                    leader = None; // closing the connection releases the lock
                     tracing::warn!(error = %e, failures, "outbox relay failed; retrying");
                 }
             }
@@ -130,60 +189,65 @@ impl Relay {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
-        if let Err(e) = self.publish_pending().await {
+        if let Err(e) = self.lead(&mut leader).await {
             tracing::warn!(error = %e, "outbox not flushed at shutdown; it is published on next start");
         }
     }
 
-    /// Publishes until the outbox is empty (or another replica holds the
-    /// relay lock). Returns how many events were published.
-    pub async fn publish_pending(&self) -> Result<usize, RelayError> {
+    /// Becomes leader if no one is, then publishes everything pending.
+    async fn lead(&self, leader: &mut Option<PgConnection>) -> Result<usize, RelayError> {
+        if leader.is_none() {
+            let mut conn = PgConnection::connect_with(&self.options).await?;
+            let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(RELAY_LOCK)
+                .fetch_one(&mut conn)
+                .await?;
+            if !held {
+                // Another replica leads; try again at the next wake-up.
+                return Ok(0);
+            }
+            *leader = Some(conn);
+        }
+        let conn = leader.as_mut().expect("leader connection");
         let mut total = 0;
         loop {
-            let (published, more) = self.publish_batch().await?;
+            let published = self.publish_batch(conn).await?;
             total += published;
-            if !more {
+            if published == 0 {
                 return Ok(total);
             }
         }
     }
 
-    /// One batch: returns (published, whether more rows may be waiting).
-    async fn publish_batch(&self) -> Result<(usize, bool), RelayError> {
-        let mut tx = self.pool.begin().await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(RELAY_LOCK)
-            .fetch_one(&mut *tx)
-            .await?;
-        if !locked {
-            return Ok((0, false));
-        }
-        let rows: Vec<(i64, Uuid, String, String, Vec<u8>)> = sqlx::query_as(
-            "SELECT id, event_id, subject, aggregate_id, body FROM outbox ORDER BY id LIMIT $1",
+    /// Publishes the earliest pending event of each aggregate among the
+    /// oldest rows, pipelined, then deletes the acknowledged ones. With at
+    /// most one event per aggregate in flight, a partial failure can never
+    /// reorder an aggregate's events: what was not acknowledged stays first.
+    async fn publish_batch(&self, conn: &mut PgConnection) -> Result<usize, RelayError> {
+        let rows: Vec<Row> = sqlx::query_as::<_, (i64, Uuid, String, Vec<u8>)>(
+            "SELECT id, event_id, subject, body FROM (
+                 SELECT o.*, row_number() OVER (PARTITION BY aggregate_id ORDER BY id) AS nth
+                 FROM (SELECT * FROM outbox ORDER BY id LIMIT $1) o
+             ) ranked
+             WHERE nth = 1 ORDER BY id",
         )
         .bind(BATCH)
-        .fetch_all(&mut *tx)
-        .await?;
-        let full = rows.len() as i64 == BATCH;
-        let rows = one_per_aggregate(rows.into_iter().map(
-            |(id, event_id, subject, aggregate_id, body)| Row {
-                id,
-                event_id,
-                subject,
-                aggregate_id,
-                body,
-            },
-        ));
-        let cut = rows.len() as i64 != BATCH && full;
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|(id, event_id, subject, body)| Row {
+            id,
+            event_id,
+            subject,
+            body,
+        })
+        .collect();
         if rows.is_empty() {
-            return Ok((0, false));
+            return Ok(0);
         }
 
-        // Pipelined: send everything, then collect the PubAcks. A batch holds at
-        // most one event per aggregate, so a partial failure cannot reorder an
-        // aggregate's events: the unacknowledged ones stay and go out first next time.
         let mut pending = Vec::with_capacity(rows.len());
-        let mut send_error = None;
+        let mut failure = None;
         for row in &rows {
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", row.event_id.to_string().as_str());
@@ -194,7 +258,7 @@ impl Relay {
             {
                 Ok(ack) => pending.push((row.id, ack)),
                 Err(e) => {
-                    send_error = Some(e.to_string());
+                    failure = Some(e.to_string());
                     break;
                 }
             }
@@ -204,53 +268,20 @@ impl Relay {
             match ack.await {
                 Ok(_) => acked.push(id),
                 Err(e) => {
-                    send_error.get_or_insert(e.to_string());
+                    failure.get_or_insert(e.to_string());
                 }
             }
         }
         if !acked.is_empty() {
             sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
                 .bind(&acked)
-                .execute(&mut *tx)
+                .execute(&mut *conn)
                 .await?;
         }
-        tx.commit().await?;
-        if let Some(e) = send_error {
+        if let Some(e) = failure {
             tracing::warn!(error = %e, published = acked.len(), "publish failed; unacknowledged events stay in the outbox");
-            return Ok((acked.len(), false));
+            return Ok(0);
         }
-        Ok((acked.len(), full || cut))
-    }
-}
-
-/// Takes rows in order up to (not including) the second event of any aggregate.
-fn one_per_aggregate(rows: impl Iterator<Item = Row>) -> Vec<Row> {
-    let mut seen = std::collections::HashSet::new();
-    rows.take_while(|r| seen.insert(r.aggregate_id.clone()))
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn row(id: i64, agg: &str) -> Row {
-        Row {
-            id,
-            event_id: Uuid::nil(),
-            subject: String::new(),
-            aggregate_id: agg.into(),
-            body: vec![],
-        }
-    }
-
-    #[test]
-    fn a_batch_stops_before_an_aggregates_second_event() {
-        let rows = vec![row(1, "a"), row(2, "b"), row(3, "a"), row(4, "c")];
-        let ids: Vec<i64> = one_per_aggregate(rows.into_iter())
-            .iter()
-            .map(|r| r.id)
-            .collect();
-        assert_eq!(ids, vec![1, 2]);
+        Ok(acked.len())
     }
 }

@@ -7,7 +7,12 @@ use std::{borrow::Cow, future::Future, net::SocketAddr, pin::Pin, time::Duration
 use async_nats::jetstream;
 use axum::Router;
 use redis::aio::ConnectionManager;
-use sqlx::{PgPool, migrate::Migrator, postgres::PgPoolOptions};
+use sqlx::{
+    PgPool,
+    migrate::Migrator,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+use std::str::FromStr;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -86,7 +91,6 @@ impl Infra {
         })
         .await?;
         combined(migrations).run(&pool).await?;
-
         let client = redis::Client::open(config.redis_url.as_str())?;
         let redis = with_retry("redis", || ConnectionManager::new(client.clone())).await?;
 
@@ -179,7 +183,7 @@ impl Service {
         let mut tasks: Vec<Task> = vec![Box::pin(runtime.run(consumer, shutdown.clone()))];
         if config.outbox_relay_enabled {
             let relay = Relay::new(
-                infra.pool.clone(),
+                PgConnectOptions::from_str(&config.database_url)?,
                 infra.js.clone(),
                 infra.outbox.clone(),
                 config.outbox_poll,

@@ -40,21 +40,10 @@ async fn reserve(
     paid: PaymentProcessed,
 ) -> Result<Outcome, HandlerError> {
     let order_id = paid.order_id;
-    let claimed = sqlx::query(
-        "INSERT INTO reservations (order_id, lines, status) VALUES ($1, $2, 'failed')
-         ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(order_id)
-    .bind(Json(&paid.lines))
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if claimed == 0 {
-        return Ok(Outcome::Skipped("order already has a reservation".into()));
-    }
     let demand = domain::demand(&paid.lines);
     let products: Vec<&String> = demand.keys().collect();
-    // Rows locked in product order: concurrent reservations queue, never deadlock.
+    // Rows locked in product order: concurrent reservations queue, never
+    // deadlock, and each sees what the previous one left.
     let available: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
         "SELECT product_id, available FROM stock WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE",
     )
@@ -63,11 +52,29 @@ async fn reserve(
     .await?
     .into_iter()
     .collect();
-
-    let event = match domain::decide_reservation(&demand, &available) {
+    let decision = domain::decide_reservation(&demand, &available);
+    let (status, reason) = match &decision {
+        Ok(()) => (ReservationStatus::Reserved, None),
+        Err(reason) => (ReservationStatus::Failed, Some(reason.as_str())),
+    };
+    // One reservation per order (primary key): a second one finds it taken.
+    let recorded = sqlx::query(
+        "INSERT INTO reservations (order_id, lines, status, reason) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(order_id)
+    .bind(Json(&paid.lines))
+    .bind(status.as_str())
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if recorded == 0 {
+        return Ok(Outcome::Skipped("order already has a reservation".into()));
+    }
+    let event = match decision {
         Ok(()) => {
             move_stock(tx, &demand, 1).await?;
-            set_status(tx, order_id, ReservationStatus::Reserved, None).await?;
             Event::InventoryReserved(InventoryReserved {
                 order_id,
                 lines: paid.lines,
@@ -75,7 +82,6 @@ async fn reserve(
             })
         }
         Err(reason) => {
-            set_status(tx, order_id, ReservationStatus::Failed, Some(&reason)).await?;
             Event::InventoryReservationFailed(InventoryReservationFailed { order_id, reason })
         }
     };
@@ -118,7 +124,11 @@ async fn release(
             .execute(&mut *tx)
             .await?;
             move_stock(tx, &demand, -1).await?;
-            set_status(tx, order_id, ReservationStatus::Released, Some(&reason)).await?;
+            sqlx::query("UPDATE reservations SET status = 'released', reason = $2, updated_at = now() WHERE order_id = $1")
+                .bind(order_id)
+                .bind(&reason)
+                .execute(&mut *tx)
+                .await?;
             let event = Event::InventoryReleased(InventoryReleased {
                 order_id,
                 lines,
@@ -150,20 +160,5 @@ async fn move_stock(
     .bind(&quantities)
     .execute(tx)
     .await?;
-    Ok(())
-}
-
-async fn set_status(
-    tx: &mut PgConnection,
-    order_id: Uuid,
-    status: ReservationStatus,
-    reason: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE reservations SET status = $2, reason = COALESCE($3, reason), updated_at = now() WHERE order_id = $1")
-        .bind(order_id)
-        .bind(status.as_str())
-        .bind(reason)
-        .execute(tx)
-        .await?;
     Ok(())
 }

@@ -73,11 +73,12 @@ impl Placer {
             .fetch_optional(&mut *tx)
             .await?;
             if let Some(existing) = existing {
-                let order = store::load(&mut tx, existing)
-                    .await?
-                    .ok_or(PlaceError::Internal(ExecError::Domain(
-                        DomainError::NotFound,
-                    )))?;
+                let order = store::load(&mut tx, existing).await;
+                // Explicitly: a dropped transaction ends only when its connection is reused.
+                tx.rollback().await?;
+                let order = order?.ok_or(PlaceError::Internal(ExecError::Domain(
+                    DomainError::NotFound,
+                )))?;
                 return Ok((order, false));
             }
         }
@@ -99,10 +100,13 @@ impl Placer {
         .await
         {
             Ok(v) => v,
-            Err(ExecError::Domain(DomainError::Invalid(msg))) => {
-                return Err(PlaceError::Invalid(msg));
+            Err(e) => {
+                tx.rollback().await?;
+                return Err(match e {
+                    ExecError::Domain(DomainError::Invalid(msg)) => PlaceError::Invalid(msg),
+                    e => e.into(),
+                });
             }
-            Err(e) => return Err(e.into()),
         };
         tx.commit().await?;
         self.outbox.notify();

@@ -1,10 +1,11 @@
 //! Event store and read-model projection of the Order aggregate.
 //!
-//! `execute` is the one write path: load the events, decide, append with the
-//! next versions, project, and put the events in the outbox, all in the
-//! caller's transaction.
+//! `execute` is the one write path: load the events, decide, then append with
+//! the next versions, put them in the outbox and project the read model, all
+//! in the caller's transaction. Replaying `order_events` through `evolve`
+//! gives the same state the read model holds, so it can be rebuilt.
 
-use common::{Envelope, Event, Subjects, outbox};
+use common::{Envelope, Event, Subjects};
 use sqlx::{PgConnection, types::Json};
 use uuid::Uuid;
 
@@ -61,7 +62,12 @@ pub async fn execute(
     correlation_id: Uuid,
     causation_id: Uuid,
 ) -> Result<(Option<Order>, Vec<Envelope>), ExecError> {
-    let state = load(conn, order_id).await?;
+    // A placement always gets a fresh id: there is no history to read (and
+    // the primary key would refuse a second version 1 anyway).
+    let state = match command {
+        Command::Place { .. } => None,
+        _ => load(conn, order_id).await?,
+    };
     let events = domain::decide(state.as_ref(), command)?;
     if events.is_empty() {
         return Ok((state, vec![]));
@@ -81,51 +87,43 @@ pub async fn execute(
         state = domain::evolve(state, event, env.timestamp);
         envelopes.push(env);
     }
-    append(conn, order_id, &envelopes).await?;
-    if let Some(order) = &state {
-        project(conn, order).await?;
-    }
-    outbox::enqueue(conn, subjects, &envelopes).await?;
+    let order = state.as_ref().expect("an order with events has state");
+    write(conn, subjects, order, &envelopes).await?;
     Ok((state, envelopes))
 }
 
-async fn append(
+/// Appends the events, puts them in the outbox and projects the new state,
+/// in one statement. A concurrent writer that appended the same version first
+/// makes the primary key refuse it: [`ExecError::Conflict`].
+async fn write(
     conn: &mut PgConnection,
-    order_id: Uuid,
+    subjects: &Subjects,
+    order: &Order,
     envelopes: &[Envelope],
 ) -> Result<(), ExecError> {
-    for env in envelopes {
-        let result = sqlx::query(
-            "INSERT INTO order_events (order_id, version, event_id, event_type, schema_version, envelope, recorded_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(order_id)
-        .bind(env.version)
-        .bind(env.event_id)
-        .bind(&env.event_type)
-        .bind(env.schema_version as i32)
-        .bind(Json(env))
-        .bind(env.timestamp)
-        .execute(&mut *conn)
-        .await;
-        match result {
-            Ok(_) => {}
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                return Err(ExecError::Conflict(order_id));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
-/// Upserts the read model from the state. Replaying `order_events` through
-/// `evolve` and this function rebuilds the read model from scratch.
-pub async fn project(conn: &mut PgConnection, order: &Order) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO orders (order_id, customer_id, status, lines, total, shipping_address,
+    let versions: Vec<i64> = envelopes.iter().map(|e| e.version).collect();
+    let ids: Vec<Uuid> = envelopes.iter().map(|e| e.event_id).collect();
+    let types: Vec<&str> = envelopes.iter().map(|e| e.event_type.as_str()).collect();
+    let schemas: Vec<i32> = envelopes.iter().map(|e| e.schema_version as i32).collect();
+    let times: Vec<_> = envelopes.iter().map(|e| e.timestamp).collect();
+    let bodies: Vec<Vec<u8>> = envelopes.iter().map(Envelope::to_bytes).collect();
+    let subject_names: Vec<String> = envelopes
+        .iter()
+        .map(|e| subjects.event(e.kind().expect("order events are catalogued")))
+        .collect();
+    let result = sqlx::query(
+        "WITH appended AS (
+             INSERT INTO order_events (order_id, version, event_id, event_type, schema_version, envelope, recorded_at)
+             SELECT $1, e.version, e.id, e.type, e.schema, convert_from(e.body, 'UTF8')::jsonb, e.at
+             FROM UNNEST($2::bigint[], $3::uuid[], $4::text[], $5::int[], $6::bytea[], $7::timestamptz[])
+                  AS e(version, id, type, schema, body, at)
+         ), queued AS (
+             INSERT INTO outbox (event_id, subject, aggregate_id, body)
+             SELECT e.id, e.subject, $1::text, e.body FROM UNNEST($3::uuid[], $8::text[], $6::bytea[]) AS e(id, subject, body)
+         )
+         INSERT INTO orders (order_id, customer_id, status, lines, total, shipping_address,
                              failure_reason, shipment_id, version, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+         VALUES ($1, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
          ON CONFLICT (order_id) DO UPDATE SET
              status = EXCLUDED.status, failure_reason = EXCLUDED.failure_reason,
              shipment_id = EXCLUDED.shipment_id, version = EXCLUDED.version,
@@ -133,6 +131,13 @@ pub async fn project(conn: &mut PgConnection, order: &Order) -> Result<(), sqlx:
          WHERE orders.version < EXCLUDED.version",
     )
     .bind(order.id)
+    .bind(&versions)
+    .bind(&ids)
+    .bind(&types)
+    .bind(&schemas)
+    .bind(&bodies)
+    .bind(&times)
+    .bind(&subject_names)
     .bind(&order.customer_id)
     .bind(order.status.as_str())
     .bind(Json(&order.lines))
@@ -144,6 +149,12 @@ pub async fn project(conn: &mut PgConnection, order: &Order) -> Result<(), sqlx:
     .bind(order.created_at)
     .bind(order.updated_at)
     .execute(conn)
-    .await?;
-    Ok(())
+    .await;
+    match result {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            Err(ExecError::Conflict(order.id))
+        }
+        Err(e) => Err(e.into()),
+    }
 }

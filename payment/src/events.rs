@@ -36,29 +36,37 @@ async fn charge(
     env: &Envelope,
     order: OrderPlaced,
 ) -> Result<Outcome, HandlerError> {
-    let payment_id = Uuid::now_v7();
-    // Claim the order's single payment row first: a concurrent charge of the
-    // same order waits here and then finds it taken.
-    let claimed = sqlx::query(
-        "INSERT INTO payments (order_id, payment_id, customer_id, amount, status)
-         VALUES ($1, $2, $3, $4, 'failed') ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(order.order_id)
-    .bind(payment_id)
-    .bind(&order.customer_id)
-    .bind(order.total)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if claimed == 0 {
-        return Ok(Outcome::Skipped("order already has a payment".into()));
-    }
+    // Lock the account first: charges to one account queue here, and each
+    // sees the balance the previous one left.
     let balance: Option<i64> =
         sqlx::query_scalar("SELECT balance FROM accounts WHERE customer_id = $1 FOR UPDATE")
             .bind(&order.customer_id)
             .fetch_optional(&mut *tx)
             .await?;
-    let event = match domain::decide_charge(&order.customer_id, balance, order.total) {
+    let payment_id = Uuid::now_v7();
+    let decision = domain::decide_charge(&order.customer_id, balance, order.total);
+    let (status, reason) = match &decision {
+        ChargeDecision::Charge { .. } => (PaymentStatus::Charged, None),
+        ChargeDecision::Decline { reason } => (PaymentStatus::Failed, Some(reason.as_str())),
+    };
+    // One payment per order (primary key): a second charge finds it taken.
+    let recorded = sqlx::query(
+        "INSERT INTO payments (order_id, payment_id, customer_id, amount, status, reason)
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(order.order_id)
+    .bind(payment_id)
+    .bind(&order.customer_id)
+    .bind(order.total)
+    .bind(status.as_str())
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if recorded == 0 {
+        return Ok(Outcome::Skipped("order already has a payment".into()));
+    }
+    let event = match decision {
         ChargeDecision::Charge { new_balance } => {
             sqlx::query(
                 "UPDATE accounts SET balance = $2, updated_at = now() WHERE customer_id = $1",
@@ -67,7 +75,6 @@ async fn charge(
             .bind(new_balance)
             .execute(&mut *tx)
             .await?;
-            set_status(tx, order.order_id, PaymentStatus::Charged, None).await?;
             Event::PaymentProcessed(PaymentProcessed {
                 order_id: order.order_id,
                 payment_id,
@@ -77,15 +84,12 @@ async fn charge(
                 shipping_address: order.shipping_address,
             })
         }
-        ChargeDecision::Decline { reason } => {
-            set_status(tx, order.order_id, PaymentStatus::Failed, Some(&reason)).await?;
-            Event::PaymentFailed(PaymentFailed {
-                order_id: order.order_id,
-                customer_id: order.customer_id,
-                amount: order.total,
-                reason,
-            })
-        }
+        ChargeDecision::Decline { reason } => Event::PaymentFailed(PaymentFailed {
+            order_id: order.order_id,
+            customer_id: order.customer_id,
+            amount: order.total,
+            reason,
+        }),
     };
     Ok(Outcome::Applied(vec![Envelope::caused_by(
         env,
@@ -125,7 +129,11 @@ async fn refund(
                 .bind(amount)
                 .execute(&mut *tx)
                 .await?;
-            set_status(tx, order_id, PaymentStatus::Refunded, Some(&reason)).await?;
+            sqlx::query("UPDATE payments SET status = 'refunded', reason = $2, updated_at = now() WHERE order_id = $1")
+                .bind(order_id)
+                .bind(&reason)
+                .execute(&mut *tx)
+                .await?;
             let event = Event::PaymentRefunded(PaymentRefunded {
                 order_id,
                 payment_id,
@@ -141,19 +149,4 @@ async fn refund(
             )]))
         }
     }
-}
-
-async fn set_status(
-    tx: &mut PgConnection,
-    order_id: Uuid,
-    status: PaymentStatus,
-    reason: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE payments SET status = $2, reason = COALESCE($3, reason), updated_at = now() WHERE order_id = $1")
-        .bind(order_id)
-        .bind(status.as_str())
-        .bind(reason)
-        .execute(tx)
-        .await?;
-    Ok(())
 }

@@ -34,6 +34,7 @@ struct Args {
     /// Share of orders meant to fail (declined, out of stock, bad address in turn).
     fail_ratio: f64,
     stack: bool,
+    progress: bool,
     order_url: String,
     payment_url: String,
     inventory_url: String,
@@ -44,7 +45,7 @@ struct Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: loadgen [--orders N] [--rate PER_SEC|0] [--concurrency C] [--fail-ratio 0.25]
+        "usage: loadgen [--orders N] [--rate PER_SEC|0] [--concurrency C] [--fail-ratio 0.25] [--progress]
                [--stack [--order-url URL] [--payment-url URL] [--inventory-url URL] [--nats-url URL] [--prefix saga]]
                [--timeout-secs 60]"
     );
@@ -58,6 +59,7 @@ fn parse_args() -> Args {
         concurrency: 128,
         fail_ratio: 0.25,
         stack: false,
+        progress: false,
         order_url: "http://127.0.0.1:8081".into(),
         payment_url: "http://127.0.0.1:8082".into(),
         inventory_url: "http://127.0.0.1:8083".into(),
@@ -76,6 +78,7 @@ fn parse_args() -> Args {
             }
             "--fail-ratio" => a.fail_ratio = value().parse().unwrap_or_else(|_| usage()),
             "--stack" => a.stack = true,
+            "--progress" => a.progress = true,
             "--order-url" => a.order_url = value(),
             "--payment-url" => a.payment_url = value(),
             "--inventory-url" => a.inventory_url = value(),
@@ -114,9 +117,12 @@ impl Plan {
         }
     }
 
-    fn body(self, run: &str) -> Value {
-        let rich = format!("{run}-rich");
-        let plenty = format!("{run}-plenty");
+    /// The body of order `i`: orders are spread over [`CUSTOMERS`] paying
+    /// customers and [`PRODUCTS`] products, as real traffic is. (Orders on one
+    /// account serialize on its row lock, as they must.)
+    fn body(self, run: &str, i: usize) -> Value {
+        let rich = format!("{run}-rich-{}", i % CUSTOMERS);
+        let plenty = format!("{run}-plenty-{}", i % PRODUCTS);
         match self {
             Plan::Succeed => order_body(&rich, &[(&plenty, 1, 500)], "US"),
             Plan::Declined => order_body(&format!("{run}-broke"), &[(&plenty, 1, 500)], "US"),
@@ -132,6 +138,11 @@ impl Plan {
         }
     }
 }
+
+const CUSTOMERS: usize = 64;
+const PRODUCTS: usize = 64;
+const RICH_BALANCE: i64 = 1_000_000_000_000;
+const PLENTY_STOCK: i64 = 1_000_000_000;
 
 type Waiters = Arc<Mutex<HashMap<Uuid, oneshot::Sender<(String, Instant)>>>>;
 
@@ -193,19 +204,23 @@ async fn run(args: Args) -> Result<()> {
             Ok::<_, anyhow::Error>(())
         }
     };
-    put(
-        format!("{}/accounts/{run_id}-rich", endpoints.payment),
-        json!({"balance": 1_000_000_000_000i64}),
-    )
-    .await?;
+    for i in 0..CUSTOMERS {
+        put(
+            format!("{}/accounts/{run_id}-rich-{i}", endpoints.payment),
+            json!({"balance": RICH_BALANCE}),
+        )
+        .await?;
+    }
+    for i in 0..PRODUCTS {
+        put(
+            format!("{}/stock/{run_id}-plenty-{i}", endpoints.inventory),
+            json!({"available": PLENTY_STOCK}),
+        )
+        .await?;
+    }
     put(
         format!("{}/accounts/{run_id}-broke", endpoints.payment),
         json!({"balance": 0}),
-    )
-    .await?;
-    put(
-        format!("{}/stock/{run_id}-plenty", endpoints.inventory),
-        json!({"available": 1_000_000_000i64}),
     )
     .await?;
     put(
@@ -252,6 +267,9 @@ async fn run(args: Args) -> Result<()> {
             "running"
         },
     );
+    if args.progress {
+        tokio::spawn(report_backlog(nats.clone(), endpoints.subjects.clone()));
+    }
     let permits = Arc::new(Semaphore::new(args.concurrency));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -262,7 +280,7 @@ async fn run(args: Args) -> Result<()> {
         }
         let permit = permits.clone().acquire_owned().await?;
         let plan = Plan::for_index(i, args.fail_ratio);
-        let body = plan.body(&run_id);
+        let body = plan.body(&run_id, i);
         let (http, waiters, url, timeout) = (
             http.clone(),
             waiters.clone(),
@@ -282,20 +300,24 @@ async fn run(args: Args) -> Result<()> {
             let outcome = tokio::time::timeout(timeout, rx).await;
             waiters.lock().unwrap().remove(&id);
             match outcome {
-                Ok(Ok((event, at))) => Ok((plan, Some((event, at - t0)), at)),
-                _ => Ok((plan, None, Instant::now())),
+                Ok(Ok((event, at))) => Ok((plan, Some((event, at - t0)), at, id)),
+                _ => Ok((plan, None, Instant::now(), id)),
             }
         });
     }
 
     let mut latencies = Vec::with_capacity(args.orders);
+    let mut slowest: Option<(Duration, Uuid)> = None;
     let (mut confirmed, mut cancelled, mut unfinished, mut wrong) = (0, 0, 0, 0);
     let mut last = started;
     while let Some(joined) = tasks.join_next().await {
-        let (plan, outcome, at) = joined??;
+        let (plan, outcome, at, id) = joined??;
         last = last.max(at);
         match outcome {
             Some((event, latency)) => {
+                if slowest.is_none_or(|(l, _)| latency > l) {
+                    slowest = Some((latency, id));
+                }
                 latencies.push(latency);
                 if event == "OrderConfirmed" {
                     confirmed += 1
@@ -336,25 +358,110 @@ async fn run(args: Args) -> Result<()> {
         pct(1.0)
     );
 
+    if let Some((latency, id)) = slowest {
+        print_timeline(&nats, &endpoints.subjects, id, latency).await?;
+    }
     if let Some(stack) = &private {
         // Rows belong to this run only in a private stack: check the invariants.
         stack.settle().await?;
-        stack
-            .assert_invariants(
-                &[
-                    (&format!("{run_id}-rich"), 1_000_000_000_000),
-                    (&format!("{run_id}-broke"), 0),
-                ],
-                &[
-                    (&format!("{run_id}-plenty"), 1_000_000_000),
-                    (&format!("{run_id}-scarce"), 0),
-                ],
-            )
-            .await?;
+        let mut balances: Vec<(String, i64)> = (0..CUSTOMERS)
+            .map(|i| (format!("{run_id}-rich-{i}"), RICH_BALANCE))
+            .collect();
+        balances.push((format!("{run_id}-broke"), 0));
+        let mut stock: Vec<(String, i64)> = (0..PRODUCTS)
+            .map(|i| (format!("{run_id}-plenty-{i}"), PLENTY_STOCK))
+            .collect();
+        stock.push((format!("{run_id}-scarce"), 0));
+        let balances: Vec<(&str, i64)> = balances.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+        let stock: Vec<(&str, i64)> = stock.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+        stack.assert_invariants(&balances, &stock).await?;
         println!("invariants: hold (money, stock, every saga finished)");
     }
     if unfinished > 0 || wrong > 0 {
         bail!("{unfinished} sagas unfinished, {wrong} ended otherwise than planned");
     }
+    Ok(())
+}
+
+/// Prints, every second, what each consumer has waiting (pending) and in
+/// hand (unacknowledged): where a saga spends its time under load.
+async fn report_backlog(nats: async_nats::Client, subjects: Subjects) {
+    let js = async_nats::jetstream::new(nats);
+    let Ok(stream) = js.get_stream(subjects.events_stream()).await else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut line = String::from("backlog");
+        for name in ["payment", "inventory", "shipping", "order"] {
+            let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
+                stream.get_consumer(name).await;
+            if let Ok(mut c) = consumer
+                && let Ok(info) = c.info().await
+            {
+                line.push_str(&format!(
+                    "  {name} {}+{}",
+                    info.num_pending, info.num_ack_pending
+                ));
+            }
+        }
+        eprintln!("{line}");
+    }
+}
+
+/// The slowest saga's events as the stream holds them, with the time each
+/// step took since the one before: where the latency went.
+async fn print_timeline(
+    nats: &async_nats::Client,
+    subjects: &Subjects,
+    id: Uuid,
+    latency: Duration,
+) -> Result<()> {
+    let js = async_nats::jetstream::new(nats.clone());
+    let stream = js.get_stream(subjects.events_stream()).await?;
+    let last = stream.get_info().await?.state.last_sequence;
+    let mut steps = Vec::new();
+    // Newest first: the slowest saga is usually among the last ones.
+    for seq in (1..=last).rev().take(200_000) {
+        let Ok(m) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        if let Ok(env) = serde_json::from_slice::<common::Envelope>(&m.payload)
+            && env.metadata.correlation_id == id
+        {
+            let stored = chrono::DateTime::<chrono::Utc>::from_timestamp_nanos(
+                m.time.unix_timestamp_nanos() as i64,
+            );
+            steps.push((env, stored));
+            if steps.len() >= 12 {
+                break;
+            }
+        }
+        if steps
+            .last()
+            .is_some_and(|(e, _)| e.event_type == "OrderPlaced")
+        {
+            break;
+        }
+    }
+    steps.reverse();
+    let mut line = format!(
+        "slowest saga {id} ({:.1} ms):",
+        latency.as_secs_f64() * 1000.0
+    );
+    let mut prev = None;
+    let ms = |d: chrono::TimeDelta| d.num_microseconds().unwrap_or(0) as f64 / 1000.0;
+    for (e, stored) in &steps {
+        // Time since the previous event was stored (delivery and processing),
+        // then from this event's commit to its storage in the stream (outbox relay).
+        let gap = prev.map_or(0.0, |p| ms(e.timestamp - p));
+        line.push_str(&format!(
+            " {} +{gap:.1}ms (relayed in {:.1}ms)",
+            e.event_type,
+            ms(*stored - e.timestamp)
+        ));
+        prev = Some(*stored);
+    }
+    println!("{line}");
     Ok(())
 }
