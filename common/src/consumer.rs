@@ -39,6 +39,17 @@ pub enum Outcome {
     Rejected(String),
 }
 
+impl Outcome {
+    /// An event on the consumer's subjects that its handler has no use for
+    /// (published by hand, or a filter that grew): dead-lettered, named.
+    pub fn not_handled(consumer: &str, event: &Event) -> Outcome {
+        Outcome::Rejected(format!(
+            "{consumer} does not handle {}",
+            event.kind().name()
+        ))
+    }
+}
+
 /// Failures that are worth retrying: the same event may well succeed later.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {

@@ -13,8 +13,9 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use uuid::Uuid;
 
-/// How long a claim protects an event being applied; longer than any
-/// transaction should take, shorter than the consumer's ack wait.
+/// How long a claim protects an event being applied: longer than any
+/// transaction should take, and no longer than the consumer's ack wait
+/// (10 s), so the redelivery of an event whose process died can claim it.
 pub const STARTED_TTL: Duration = Duration::from_secs(10);
 /// How long an applied event is remembered in Redis (the broker keeps events 7 days).
 pub const DONE_TTL: Duration = Duration::from_secs(8 * 24 * 3600);

@@ -19,8 +19,8 @@ use crate::{event::Envelope, subjects::Subjects};
 
 /// Rows looked at per round trip to the database.
 const BATCH: i64 = 512;
-/// Makes one relay of a service's replicas the leader, which keeps
-/// per-aggregate order across replicas.
+/// Makes one relay of a service's replicas the leader, so they do not all
+/// publish the same events.
 const RELAY_LOCK: i64 = 0x5a6a_0007_0075_7462;
 
 /// Columns of `events` as arrays, for one multi-row insert.
@@ -128,12 +128,17 @@ pub enum RelayError {
 
 /// Publishes outbox rows to JetStream.
 ///
-/// One relay per service database leads at a time: it holds a session
-/// advisory lock on its own connection, so replicas never publish one
-/// aggregate's events out of order, and a standby takes over as soon as the
-/// leader's connection closes. The connection commits asynchronously: losing
-/// a relay commit in a crash only means events are published again, and the
-/// broker (`Nats-Msg-Id`) and the consumers (idempotency) drop the copies.
+/// Per-aggregate order comes from what is picked: only an aggregate's
+/// earliest pending event, deleted only once the broker has stored it, so
+/// the next event of that aggregate cannot be picked (by this relay or any
+/// other) before the previous one is in the stream.
+///
+/// One relay per service database leads at a time (a session advisory lock
+/// on its own connection), so replicas do not publish the same events twice
+/// over; a standby takes over as soon as the leader's connection closes. The
+/// connection commits asynchronously: losing a relay's delete in a crash only
+/// means events are published again, and the broker (`Nats-Msg-Id`) and the
+/// consumers (idempotency) drop the copies.
 #[derive(Clone)]
 pub struct Relay {
     options: PgConnectOptions,

@@ -26,10 +26,7 @@ impl Handler for InventoryHandler {
         match event {
             Event::PaymentProcessed(p) => reserve(tx, env, p).await,
             Event::ShipmentFailed(e) => release(tx, env, e.order_id, e.reason).await,
-            other => Ok(Outcome::Rejected(format!(
-                "inventory does not handle {}",
-                other.kind().name()
-            ))),
+            other => Ok(Outcome::not_handled("inventory", &other)),
         }
     }
 }

@@ -27,12 +27,7 @@ impl Handler for OrderHandler {
             },
             Event::PaymentFailed(e) => Command::Cancel { reason: e.reason },
             Event::PaymentRefunded(e) => Command::Cancel { reason: e.reason },
-            other => {
-                return Ok(Outcome::Rejected(format!(
-                    "order does not handle {}",
-                    other.kind().name()
-                )));
-            }
+            other => return Ok(Outcome::not_handled("order", &other)),
         };
         // Envelopes are already in the outbox: execute writes them with the events.
         match store::execute(

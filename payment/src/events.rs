@@ -23,10 +23,7 @@ impl Handler for PaymentHandler {
             Event::OrderPlaced(order) => charge(tx, env, order).await,
             Event::InventoryReservationFailed(e) => refund(tx, env, e.order_id, e.reason).await,
             Event::InventoryReleased(e) => refund(tx, env, e.order_id, e.reason).await,
-            other => Ok(Outcome::Rejected(format!(
-                "payment does not handle {}",
-                other.kind().name()
-            ))),
+            other => Ok(Outcome::not_handled("payment", &other)),
         }
     }
 }

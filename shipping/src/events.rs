@@ -21,10 +21,7 @@ impl Handler for ShippingHandler {
     ) -> Result<Outcome, HandlerError> {
         match event {
             Event::InventoryReserved(reserved) => ship(tx, env, reserved).await,
-            other => Ok(Outcome::Rejected(format!(
-                "shipping does not handle {}",
-                other.kind().name()
-            ))),
+            other => Ok(Outcome::not_handled("shipping", &other)),
         }
     }
 }
