@@ -39,15 +39,17 @@ pub async fn load_events(
     conn: &mut PgConnection,
     order_id: Uuid,
 ) -> Result<Vec<(Envelope, Event)>, ExecError> {
-    let rows: Vec<(Json<serde_json::Value>,)> =
-        sqlx::query_as("SELECT envelope FROM order_events WHERE order_id = $1 ORDER BY version")
-            .bind(order_id)
-            .fetch_all(&mut *conn)
-            .await?;
-    rows.into_iter()
-        .map(|(Json(v),)| {
-            let bytes = serde_json::to_vec(&v).expect("json value serializes");
-            Envelope::decode(&bytes).map_err(|e| ExecError::Corrupt(order_id, e.to_string()))
+    // As text: decoded once, straight into the typed event.
+    let rows: Vec<String> = sqlx::query_scalar(
+        "SELECT envelope::text FROM order_events WHERE order_id = $1 ORDER BY version",
+    )
+    .bind(order_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|text| {
+            Envelope::decode(text.as_bytes())
+                .map_err(|e| ExecError::Corrupt(order_id, e.to_string()))
         })
         .collect()
 }
