@@ -25,6 +25,11 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `CONSUMER_CONCURRENCY`, default 64: events applied at once.
     pub consumer_concurrency: usize,
+    /// `CONSUMER_MAX_DELIVERIES`, default 100: deliveries an event that keeps
+    /// failing transiently (database unreachable, timeouts) gets before it is
+    /// dead-lettered; with the backoff capped at 30 s that is about 45 minutes.
+    /// Permanent failures are dead-lettered after 3.
+    pub consumer_max_deliveries: i64,
     /// `OUTBOX_POLL_MS`, default 1000: fallback poll when no commit woke the relay.
     pub outbox_poll: Duration,
     /// `OUTBOX_RELAY`: `on` (default) or `off`. Off keeps committed events in
@@ -67,6 +72,7 @@ impl Config {
             redis_key_prefix: "saga".into(),
             log_format: LogFormat::Pretty,
             consumer_concurrency: 64,
+            consumer_max_deliveries: 100,
             outbox_poll: Duration::from_millis(1000),
             outbox_relay_enabled: true,
             database_max_connections: 16,
@@ -118,6 +124,9 @@ impl Config {
         }
         if let Some(v) = lookup("CONSUMER_CONCURRENCY") {
             c.consumer_concurrency = parse_num("CONSUMER_CONCURRENCY", &v)?.max(1);
+        }
+        if let Some(v) = lookup("CONSUMER_MAX_DELIVERIES") {
+            c.consumer_max_deliveries = parse_num("CONSUMER_MAX_DELIVERIES", &v)?.max(1) as i64;
         }
         if let Some(v) = lookup("OUTBOX_POLL_MS") {
             c.outbox_poll = Duration::from_millis(parse_num("OUTBOX_POLL_MS", &v)? as u64);

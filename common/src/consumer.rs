@@ -5,23 +5,26 @@
 //! A service only supplies a [`Handler`]: given the open transaction and a
 //! decoded event, say what happened ([`Outcome`]).
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
 use async_nats::{
-    HeaderMap,
+    HeaderMap, header,
     jetstream::{self, AckKind, consumer::pull},
 };
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use sqlx::{PgConnection, PgPool};
 use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
+    backoff::backoff,
     event::{Envelope, Event},
+    health::{Condition, Health},
     idempotency::{self, Claim, IdempotencyStore},
     outbox::{self, OutboxSignal},
     subjects::Subjects,
+    topology,
 };
 
 /// What applying one event came to.
@@ -50,7 +53,7 @@ impl Outcome {
     }
 }
 
-/// Failures that are worth retrying: the same event may well succeed later.
+/// Why applying an event failed, short of a domain answer ([`Outcome`]).
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
     #[error("database error: {0}")]
@@ -58,6 +61,51 @@ pub enum HandlerError {
     /// Optimistic concurrency lost against a concurrent writer.
     #[error("concurrent update of {0}; retrying")]
     Conflict(String),
+    /// The event can never be applied here, whatever is retried.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl HandlerError {
+    /// Whether trying again can only fail the same way: a value Postgres
+    /// refuses (a NUL in a text, a number out of range), a violated CHECK, a
+    /// row that does not decode. Connection losses, timeouts, deadlocks,
+    /// serialization failures and lost races are transient.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            HandlerError::Permanent(_) => true,
+            HandlerError::Conflict(_) => false,
+            HandlerError::Db(e) => db_error_is_permanent(e),
+        }
+    }
+}
+
+/// Classifies a database error by its kind and SQLSTATE class.
+pub fn db_error_is_permanent(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            match code.get(..2).unwrap_or_default() {
+                // data exception (22003 out of range, 22021 bad encoding, 22P05 NUL),
+                // integrity constraint (CHECK, NOT NULL, foreign key) but not a
+                // unique violation, which is a race another attempt resolves
+                "22" => true,
+                "23" => code != "23505",
+                // syntax or access rule, program limit (an index row too large),
+                // feature not supported, invalid transaction initiation
+                "42" | "54" | "0A" | "2B" => true,
+                _ => false,
+            }
+        }
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::Encode(_)
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::RowNotFound => true,
+        _ => false,
+    }
 }
 
 /// A service's reaction to the events its consumer receives.
@@ -66,7 +114,8 @@ pub trait Handler: Send + Sync + 'static {
     /// outside `tx`: the runtime commits the effect, the guard and the
     /// emitted events together, or none of them. A handler may be run for a
     /// duplicate whose transaction is then rolled back, so it must not act
-    /// outside the transaction.
+    /// outside the transaction. A panic is caught: the transaction is rolled
+    /// back and the event dead-lettered with the panic's message.
     fn handle<'a>(
         &'a self,
         tx: &'a mut PgConnection,
@@ -81,22 +130,35 @@ pub trait Handler: Send + Sync + 'static {
 /// or by a foreign system can be early; they should not wait long to be seen.
 pub const MAX_NOT_YET_DELIVERIES: i64 = 12;
 const NOT_YET_BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// Deliveries a permanent failure gets (a second and third look, in case
+/// what looked deterministic was a fluke) before it is dead-lettered.
+pub const PERMANENT_FAILURE_DELIVERIES: i64 = 3;
+const PERMANENT_BACKOFF_CAP: Duration = Duration::from_secs(1);
+/// Longest wait between two deliveries of an event failing transiently.
+pub const TRANSIENT_BACKOFF_CAP: Duration = Duration::from_secs(30);
 
-/// Backoff for the `delivered`-th attempt: 50 ms doubling, capped at `cap`.
-pub fn backoff(delivered: i64, cap: Duration) -> Duration {
-    let exp = delivered.clamp(1, 16) as u32 - 1;
-    Duration::from_millis(50u64.saturating_mul(1 << exp)).min(cap)
-}
-
-/// Names the dead-letter headers; the body is the original bytes, unchanged.
+/// Names the dead-letter headers; the body is the original bytes, unchanged
+/// (unless they no longer fit with the headers: see [`BODY_OMITTED`](dlq_headers::BODY_OMITTED)).
 pub mod dlq_headers {
     pub const REASON: &str = "Saga-Dlq-Reason";
     pub const CONSUMER: &str = "Saga-Dlq-Consumer";
     pub const SUBJECT: &str = "Saga-Dlq-Subject";
     pub const STREAM_SEQUENCE: &str = "Saga-Dlq-Stream-Sequence";
     pub const DELIVERIES: &str = "Saga-Dlq-Deliveries";
+    /// The `Nats-Msg-Id` the original was published with.
     pub const MSG_ID: &str = "Saga-Dlq-Msg-Id";
+    /// Set when the body decoded: the event's id, type and saga.
+    pub const EVENT_ID: &str = "Saga-Dlq-Event-Id";
+    pub const EVENT_TYPE: &str = "Saga-Dlq-Event-Type";
+    pub const CORRELATION_ID: &str = "Saga-Dlq-Correlation-Id";
+    /// Set when the original with these headers would exceed the broker's
+    /// `max_payload`: the body is left out and this says where it is.
+    pub const BODY_OMITTED: &str = "Saga-Dlq-Body-Omitted";
 }
+
+/// Names of this runtime's parts in the health board.
+pub const HEALTH_CONSUMER: &str = "consumer";
+pub const HEALTH_DEAD_LETTERS: &str = "deadLetters";
 
 /// Runs one durable consumer with a [`Handler`].
 pub struct ConsumerRuntime<H> {
@@ -104,14 +166,34 @@ pub struct ConsumerRuntime<H> {
     concurrency: usize,
 }
 
+/// Everything the runtime needs besides the handler.
+#[derive(Clone)]
+pub struct RuntimeParts {
+    pub name: String,
+    pub pool: PgPool,
+    pub js: jetstream::Context,
+    pub idempotency: IdempotencyStore,
+    pub subjects: Subjects,
+    pub outbox: OutboxSignal,
+    pub health: Health,
+    pub concurrency: usize,
+    /// Deliveries a transiently failing event gets before it is dead-lettered.
+    pub max_deliveries: i64,
+    /// The broker's `max_payload` ([`max_payload`]): no event larger is
+    /// written, no dead letter larger is published.
+    pub max_payload: usize,
+}
+
 struct Inner<H> {
-    name: String,
     handler: H,
-    pool: PgPool,
-    js: jetstream::Context,
-    idempotency: IdempotencyStore,
-    subjects: Subjects,
-    outbox: OutboxSignal,
+    parts: RuntimeParts,
+}
+
+impl<H> std::ops::Deref for Inner<H> {
+    type Target = RuntimeParts;
+    fn deref(&self) -> &RuntimeParts {
+        &self.parts
+    }
 }
 
 /// What became of one delivery (logged; returned for tests of one step).
@@ -124,29 +206,12 @@ pub enum Disposition {
     DeadLettered(String),
 }
 
-#[allow(clippy::too_many_arguments)]
 impl<H: Handler> ConsumerRuntime<H> {
-    pub fn new(
-        name: &str,
-        handler: H,
-        pool: PgPool,
-        js: jetstream::Context,
-        idempotency: IdempotencyStore,
-        subjects: Subjects,
-        outbox: OutboxSignal,
-        concurrency: usize,
-    ) -> Self {
+    pub fn new(handler: H, parts: RuntimeParts) -> Self {
+        let concurrency = parts.concurrency.max(1);
         ConsumerRuntime {
-            inner: Arc::new(Inner {
-                name: name.to_string(),
-                handler,
-                pool,
-                js,
-                idempotency,
-                subjects,
-                outbox,
-            }),
-            concurrency: concurrency.max(1),
+            inner: Arc::new(Inner { handler, parts }),
+            concurrency,
         }
     }
 
@@ -156,58 +221,99 @@ impl<H: Handler> ConsumerRuntime<H> {
     /// a second) rather than an endless prefetch: every event the broker hands
     /// over belongs to a batch that ends soon, and is applied and acked even
     /// during shutdown. Nothing is left in a dead inbox to wait out the ack wait.
+    ///
+    /// A consumer that keeps failing to pull is re-applied from the topology,
+    /// which re-creates it if someone deleted it; meanwhile the service
+    /// reports itself unready.
     pub async fn run(
         self,
-        consumer: jetstream::consumer::Consumer<pull::Config>,
+        mut consumer: jetstream::consumer::Consumer<pull::Config>,
         shutdown: CancellationToken,
     ) {
+        let name = self.inner.name.clone();
+        let health = self.inner.health.clone();
+        health.ok(HEALTH_CONSUMER);
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let mut tasks = JoinSet::new();
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
-            let batch = consumer
+            let pulled = match consumer
                 .batch()
                 .max_messages(self.concurrency)
                 .expires(PULL_EXPIRY)
                 .messages()
-                .await;
-            let mut batch = match batch {
-                Ok(b) => b,
+                .await
+            {
+                Ok(mut batch) => {
+                    let mut error = None;
+                    while let Some(next) = batch.next().await {
+                        while tasks.try_join_next().is_some() {}
+                        match next {
+                            Ok(msg) => {
+                                if failures > 0 {
+                                    failures = 0;
+                                    if health.ok(HEALTH_CONSUMER) {
+                                        tracing::info!(consumer = %name, "pulling again");
+                                    }
+                                }
+                                let permit = permits
+                                    .clone()
+                                    .acquire_owned()
+                                    .await
+                                    .expect("semaphore never closes");
+                                let inner = self.inner.clone();
+                                tasks.spawn(async move {
+                                    inner.process(msg).await;
+                                    drop(permit);
+                                });
+                            }
+                            Err(e) => {
+                                error = Some(e.to_string());
+                                break;
+                            }
+                        }
+                    }
+                    error.map_or(Ok(()), Err)
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match pulled {
+                Ok(()) => {
+                    if failures > 0 && health.ok(HEALTH_CONSUMER) {
+                        tracing::info!(consumer = %name, "pulling again");
+                    }
+                    failures = 0;
+                }
                 Err(e) => {
                     failures += 1;
-                    tracing::warn!(consumer = %self.inner.name, error = %e, "cannot pull; retrying");
+                    tracing::warn!(consumer = %name, error = %e, failures, "cannot pull; retrying");
+                    if failures >= 2 {
+                        health.report(
+                            HEALTH_CONSUMER,
+                            Condition::Failing(format!("cannot pull from consumer '{name}': {e}")),
+                        );
+                        match topology::apply_consumer(&self.inner.js, &self.inner.subjects, &name)
+                            .await
+                        {
+                            Ok(c) => {
+                                consumer = c;
+                                tracing::warn!(consumer = %name, "consumer re-applied from the topology (re-created if it was deleted)");
+                            }
+                            Err(e) => {
+                                tracing::warn!(consumer = %name, error = %e, "cannot re-apply the consumer");
+                            }
+                        }
+                    }
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff(failures as i64, Duration::from_secs(2))) => continue,
-                    }
-                }
-            };
-            while let Some(next) = batch.next().await {
-                while tasks.try_join_next().is_some() {}
-                match next {
-                    Ok(msg) => {
-                        failures = 0;
-                        let permit = permits
-                            .clone()
-                            .acquire_owned()
-                            .await
-                            .expect("semaphore never closes");
-                        let inner = self.inner.clone();
-                        tasks.spawn(async move {
-                            inner.process(msg).await;
-                            drop(permit);
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(consumer = %self.inner.name, error = %e, "pull interrupted");
-                        break;
+                        _ = tokio::time::sleep(backoff(failures as i64, Duration::from_secs(2))) => {}
                     }
                 }
             }
         }
         // Graceful drain: every event already taken is applied and acked.
         while tasks.join_next().await.is_some() {}
-        tracing::info!(consumer = %self.inner.name, "consumer drained");
+        tracing::info!(consumer = %name, "consumer drained");
     }
 }
 
@@ -224,7 +330,7 @@ impl<H: Handler> Inner<H> {
             Ok(v) => v,
             Err(e) => {
                 return self
-                    .dead_letter(&msg, delivered, stream_seq, e.to_string())
+                    .dead_letter(&msg, None, delivered, stream_seq, e.to_string())
                     .await;
             }
         };
@@ -236,7 +342,9 @@ impl<H: Handler> Inner<H> {
                 expected,
             }
             .to_string();
-            return self.dead_letter(&msg, delivered, stream_seq, reason).await;
+            return self
+                .dead_letter(&msg, Some(&envelope), delivered, stream_seq, reason)
+                .await;
         }
         let span = tracing::info_span!(
             "event",
@@ -271,33 +379,33 @@ impl<H: Handler> Inner<H> {
         stream_seq: u64,
     ) -> Disposition {
         let id = envelope.event_id;
-        match self.idempotency.claim(id).await {
-            Ok(Claim::Claimed) => {}
-            Ok(Claim::Done) => {
+        // Without Redis the Postgres guard alone decides (`Unavailable`).
+        let claimed = match self.idempotency.claim(id).await {
+            Claim::Claimed => true,
+            Claim::Unavailable => false,
+            Claim::Done => {
                 ack(msg, AckKind::Ack).await;
                 return Disposition::Duplicate;
             }
-            Ok(Claim::InProgress) => {
+            Claim::InProgress => {
                 let reason = "another delivery of this event is being applied".to_string();
                 ack(msg, AckKind::Nak(Some(idempotency::STARTED_TTL / 10))).await;
                 return Disposition::Retry(reason);
             }
-            Err(e) => {
-                let reason = format!("redis unavailable: {e}");
-                ack(
-                    msg,
-                    AckKind::Nak(Some(backoff(delivered, Duration::from_secs(5)))),
-                )
-                .await;
-                return Disposition::Retry(reason);
-            }
-        }
+        };
 
-        match self.transact(envelope, event).await {
+        let result = self.transact(envelope, event).await;
+        if !matches!(
+            result,
+            Ok(Committed::Applied | Committed::Skipped(_) | Committed::AlreadyConsumed)
+        ) && claimed
+        {
+            self.release(id).await;
+        }
+        match result {
             Ok(Committed::Applied) => {
                 // Wake the relay first: the next hop of the saga waits on it,
-                // not on our bookkeeping. (Handlers may also write the outbox
-                // themselves, as the order service does with its event store.)
+                // not on our bookkeeping.
                 self.outbox.notify();
                 self.finish(msg, id).await;
                 Disposition::Applied
@@ -312,10 +420,11 @@ impl<H: Handler> Inner<H> {
                 Disposition::Duplicate
             }
             Ok(Committed::Nothing(Outcome::NotYet(reason))) => {
-                self.release(id).await;
                 if delivered >= MAX_NOT_YET_DELIVERIES {
                     let reason = format!("gave up after {delivered} deliveries: {reason}");
-                    return self.dead_letter(msg, delivered, stream_seq, reason).await;
+                    return self
+                        .dead_letter(msg, Some(envelope), delivered, stream_seq, reason)
+                        .await;
                 }
                 ack(
                     msg,
@@ -325,15 +434,28 @@ impl<H: Handler> Inner<H> {
                 Disposition::Retry(reason)
             }
             Ok(Committed::Nothing(Outcome::Rejected(reason))) => {
-                self.release(id).await;
-                self.dead_letter(msg, delivered, stream_seq, reason).await
+                self.dead_letter(msg, Some(envelope), delivered, stream_seq, reason)
+                    .await
             }
             Ok(Committed::Nothing(other)) => unreachable!("transact commits {other:?}"),
             Err(e) => {
-                self.release(id).await;
+                let permanent = e.is_permanent();
+                let (budget, cap) = if permanent {
+                    (PERMANENT_FAILURE_DELIVERIES, PERMANENT_BACKOFF_CAP)
+                } else {
+                    (self.max_deliveries, TRANSIENT_BACKOFF_CAP)
+                };
+                if delivered >= budget {
+                    let kind = if permanent { "permanent" } else { "transient" };
+                    let reason =
+                        format!("gave up after {delivered} deliveries ({kind} failure): {e}");
+                    return self
+                        .dead_letter(msg, Some(envelope), delivered, stream_seq, reason)
+                        .await;
+                }
                 let delay = match e {
                     HandlerError::Conflict(_) => Duration::from_millis(10),
-                    HandlerError::Db(_) => backoff(delivered, Duration::from_secs(10)),
+                    _ => backoff(delivered, cap),
                 };
                 ack(msg, AckKind::Nak(Some(delay))).await;
                 Disposition::Retry(e.to_string())
@@ -343,10 +465,18 @@ impl<H: Handler> Inner<H> {
 
     /// Effect, guard and outbox in one transaction. The guard is written last,
     /// together with the emitted events: a duplicate that got this far (Redis
-    /// forgot it) does its reads, finds the guard taken and rolls back.
+    /// forgot it, or is down) does its reads, finds the guard taken and rolls back.
     async fn transact(&self, envelope: &Envelope, event: Event) -> Result<Committed, HandlerError> {
         let mut tx = self.pool.begin().await?;
-        let result = self.apply_in(&mut tx, envelope, event).await;
+        let result = AssertUnwindSafe(self.apply_in(&mut tx, envelope, event))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                Ok(Committed::Nothing(Outcome::Rejected(format!(
+                    "handler panicked: {}",
+                    panic_message(&*panic)
+                ))))
+            });
         match result {
             Ok(Committed::Applied | Committed::Skipped(_)) => tx.commit().await?,
             // Roll back now, not when the connection is next used: until then
@@ -371,8 +501,21 @@ impl<H: Handler> Inner<H> {
             Outcome::Skipped(reason) => (vec![], Some(reason)),
             other => return Ok(Committed::Nothing(other)),
         };
-        if !outbox::enqueue_once(tx, &self.subjects, &self.name, envelope, &events).await? {
-            return Ok(Committed::AlreadyConsumed);
+        match outbox::enqueue_once(
+            tx,
+            &self.subjects,
+            &self.name,
+            envelope,
+            &events,
+            self.max_payload,
+        )
+        .await?
+        {
+            outbox::Enqueued::Done => {}
+            outbox::Enqueued::AlreadyConsumed => return Ok(Committed::AlreadyConsumed),
+            outbox::Enqueued::TooLarge(reason) => {
+                return Ok(Committed::Nothing(Outcome::Rejected(reason)));
+            }
         }
         Ok(match skipped {
             None => Committed::Applied,
@@ -381,17 +524,15 @@ impl<H: Handler> Inner<H> {
     }
 
     async fn finish(&self, msg: &jetstream::Message, id: uuid::Uuid) {
-        if let Err(e) = self.idempotency.mark_done(id).await {
-            // Postgres already holds the guarantee; a redelivery will find the guard row.
-            tracing::warn!(error = %e, "could not mark event done in redis");
-        }
+        // A failure is fine: Postgres holds the guarantee, and a redelivery
+        // finds the guard row. The Redis layer logs and reports it.
+        let _ = self.idempotency.mark_done(id).await;
         ack(msg, AckKind::Ack).await;
     }
 
     async fn release(&self, id: uuid::Uuid) {
-        if let Err(e) = self.idempotency.release(id).await {
-            tracing::warn!(error = %e, "could not release redis claim; it expires by itself");
-        }
+        // If this fails the claim expires by itself (STARTED_TTL).
+        let _ = self.idempotency.release(id).await;
     }
 
     /// Publishes the original bytes with the reason to the dead-letter stream,
@@ -400,45 +541,33 @@ impl<H: Handler> Inner<H> {
     async fn dead_letter(
         &self,
         msg: &jetstream::Message,
+        envelope: Option<&Envelope>,
         delivered: i64,
         stream_seq: u64,
         reason: String,
     ) -> Disposition {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            "Nats-Msg-Id",
-            format!("{}-{stream_seq}", self.name).as_str(),
-        );
-        headers.insert(dlq_headers::REASON, header_safe(&reason).as_str());
-        headers.insert(dlq_headers::CONSUMER, self.name.as_str());
-        headers.insert(dlq_headers::SUBJECT, msg.subject.as_str());
-        headers.insert(
-            dlq_headers::STREAM_SEQUENCE,
-            stream_seq.to_string().as_str(),
-        );
-        headers.insert(dlq_headers::DELIVERIES, delivered.to_string().as_str());
-        if let Some(id) = msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
-            headers.insert(dlq_headers::MSG_ID, id.as_str());
-        }
-        let published = match self
-            .js
-            .publish_with_headers(
-                self.subjects.dead_letter(&self.name),
-                headers,
-                msg.payload.clone(),
-            )
-            .await
-        {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+        let published = self
+            .publish_dead_letter(msg, envelope, delivered, stream_seq, &reason)
+            .await;
         match published {
             Ok(()) => {
+                if self.health.ok(HEALTH_DEAD_LETTERS) {
+                    tracing::info!(consumer = %self.name, "dead letters are accepted again");
+                }
                 tracing::error!(consumer = %self.name, subject = %msg.subject, stream_seq, %reason, "event dead-lettered");
                 ack(msg, AckKind::Term).await;
                 Disposition::DeadLettered(reason)
             }
             Err(e) => {
+                let detail = format!(
+                    "the dead-letter stream refuses messages ({e}); events that cannot be applied are retried meanwhile"
+                );
+                if self
+                    .health
+                    .report(HEALTH_DEAD_LETTERS, Condition::Failing(detail))
+                {
+                    tracing::error!(consumer = %self.name, error = %e, "cannot dead-letter");
+                }
                 ack(
                     msg,
                     AckKind::Nak(Some(backoff(delivered, Duration::from_secs(10)))),
@@ -448,6 +577,124 @@ impl<H: Handler> Inner<H> {
             }
         }
     }
+
+    async fn publish_dead_letter(
+        &self,
+        msg: &jetstream::Message,
+        envelope: Option<&Envelope>,
+        delivered: i64,
+        stream_seq: u64,
+        reason: &str,
+    ) -> Result<(), String> {
+        // Unique to the delivered event and this consumer: a retried dead
+        // letter of the same event is dropped by the broker, two different
+        // ones never share an id. Undecodable bytes have no event id.
+        let mut id = match envelope {
+            Some(env) => format!("{}.{}", self.name, env.event_id),
+            None => format!("{}.{}", self.name, uuid::Uuid::now_v7()),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(dlq_headers::REASON, header_safe(reason).as_str());
+        headers.insert(dlq_headers::CONSUMER, self.name.as_str());
+        headers.insert(dlq_headers::SUBJECT, msg.subject.as_str());
+        headers.insert(
+            dlq_headers::STREAM_SEQUENCE,
+            stream_seq.to_string().as_str(),
+        );
+        headers.insert(dlq_headers::DELIVERIES, delivered.to_string().as_str());
+        if let Some(original) = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(header::NATS_MESSAGE_ID))
+        {
+            headers.insert(dlq_headers::MSG_ID, header_safe(original.as_str()).as_str());
+        }
+        if let Some(env) = envelope {
+            headers.insert(dlq_headers::EVENT_ID, env.event_id.to_string().as_str());
+            headers.insert(
+                dlq_headers::EVENT_TYPE,
+                header_safe(&env.event_type).as_str(),
+            );
+            headers.insert(
+                dlq_headers::CORRELATION_ID,
+                env.metadata.correlation_id.to_string().as_str(),
+            );
+        }
+        let mut body = msg.payload.clone();
+        // Room for the id header too; 64 bytes covers its name and framing.
+        let size = headers_len(&headers) + id.len() + 64 + body.len();
+        if size > self.max_payload {
+            headers.insert(
+                dlq_headers::BODY_OMITTED,
+                format!(
+                    "{} bytes would exceed the broker's max_payload with these headers; the original is sequence {stream_seq} of stream {}",
+                    body.len(),
+                    self.subjects.events_stream()
+                )
+                .as_str(),
+            );
+            body = bytes::Bytes::new();
+        }
+        let subject = self.subjects.dead_letter(&self.name);
+        for attempt in 0..2 {
+            let mut h = headers.clone();
+            h.insert(header::NATS_MESSAGE_ID, id.as_str());
+            let ack = self
+                .js
+                .publish_with_headers(subject.clone(), h, body.clone())
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            if !ack.duplicate {
+                return Ok(());
+            }
+            // The broker already holds a dead letter under this id: fine if
+            // it is this one (a retried dead-lettering), not if another body
+            // got there first. Then this one goes under an id of its own.
+            let stored = self
+                .js
+                .get_stream(self.subjects.dead_letter_stream())
+                .await
+                .map_err(|e| e.to_string())?
+                .get_raw_message(ack.sequence)
+                .await
+                .map_err(|e| e.to_string())?;
+            if stored.payload == body {
+                return Ok(());
+            }
+            tracing::warn!(consumer = %self.name, %id, attempt, "a different dead letter holds this id; publishing under a fresh one");
+            id = format!("{id}.{}", uuid::Uuid::now_v7());
+        }
+        Err("dead letter kept colliding with other ids".into())
+    }
+}
+
+/// The broker's `max_payload` as it announced it (1 MiB if it did not).
+pub fn max_payload(js: &jetstream::Context) -> usize {
+    match js.client().server_info().max_payload {
+        0 => 1024 * 1024,
+        n => n,
+    }
+}
+
+/// Bytes the headers take on the wire (`NATS/1.0`, one `K: V` line each, blank line).
+fn headers_len(h: &HeaderMap) -> usize {
+    let mut n = "NATS/1.0\r\n\r\n".len();
+    for (k, values) in h.iter() {
+        for v in values {
+            n += k.to_string().len() + 2 + v.as_str().len() + 2;
+        }
+    }
+    n
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 enum Committed {
@@ -484,12 +731,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_doubles_from_fifty_milliseconds_up_to_the_cap() {
-        let cap = Duration::from_secs(5);
-        assert_eq!(backoff(1, cap), Duration::from_millis(50));
-        assert_eq!(backoff(2, cap), Duration::from_millis(100));
-        assert_eq!(backoff(4, cap), Duration::from_millis(400));
-        assert_eq!(backoff(30, cap), cap);
+    fn lost_connections_are_transient_and_undecodable_rows_permanent() {
+        assert!(!HandlerError::Db(sqlx::Error::PoolTimedOut).is_permanent());
+        assert!(!HandlerError::Conflict("o1".into()).is_permanent());
+        assert!(HandlerError::Db(sqlx::Error::RowNotFound).is_permanent());
+        assert!(HandlerError::Permanent("bad".into()).is_permanent());
     }
 
     #[test]

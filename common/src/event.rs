@@ -8,11 +8,13 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use uuid::Uuid;
 
+use crate::limits;
+
 /// Wire envelope. Field names follow the design documents
 /// (`eventId`, `eventType`, `aggregateId`, `version`, `timestamp`,
 /// `metadata.correlationId` / `metadata.causationId`, `payload`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Envelope {
     pub event_id: Uuid,
     pub event_type: String,
@@ -27,7 +29,7 @@ pub struct Envelope {
 
 /// Tracing ids that tie every event of one saga together.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Metadata {
     /// The saga: always the order id.
     pub correlation_id: Uuid,
@@ -65,7 +67,41 @@ impl Envelope {
         let envelope: Envelope =
             serde_json::from_slice(bytes).map_err(|e| DecodeError::Envelope(e.to_string()))?;
         let event = Event::from_envelope(&envelope)?;
+        envelope.check_consistent(&event)?;
         Ok((envelope, event))
+    }
+
+    /// What the envelope says must agree with its payload: the owning
+    /// aggregate type, a positive version, a bounded aggregate id, and the
+    /// saga it belongs to (`correlationId` is always the order id).
+    fn check_consistent(&self, event: &Event) -> Result<(), DecodeError> {
+        let invalid = |reason: String| DecodeError::Payload {
+            event_type: self.event_type.clone(),
+            reason,
+        };
+        let kind = event.kind();
+        if self.aggregate_type != kind.aggregate_type() {
+            return Err(invalid(format!(
+                "aggregateType '{}' is not '{}'",
+                self.aggregate_type,
+                kind.aggregate_type()
+            )));
+        }
+        limits::check_id("aggregateId", &self.aggregate_id).map_err(invalid)?;
+        if self.version < 1 {
+            return Err(invalid(format!(
+                "version must be positive, got {}",
+                self.version
+            )));
+        }
+        if self.metadata.correlation_id != event.order_id() {
+            return Err(invalid(format!(
+                "metadata.correlationId {} is not the payload's orderId {}",
+                self.metadata.correlation_id,
+                event.order_id()
+            )));
+        }
+        Ok(())
     }
 
     /// Builds the envelope of `event`, caused by `cause` (an event id or command id).
@@ -215,7 +251,7 @@ pub trait Validate {
 pub type Money = i64;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OrderLine {
     pub product_id: String,
     pub quantity: i64,
@@ -224,7 +260,7 @@ pub struct OrderLine {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Address {
     pub name: String,
     pub street: String,
@@ -233,27 +269,53 @@ pub struct Address {
     pub country: String,
 }
 
-/// Checks shared by every payload that carries order lines.
+/// Checks shared by every payload that carries order lines: a bounded
+/// number of lines, each with a valid product id, a quantity and a unit price
+/// within [`limits`], so that no sum over them can overflow.
 pub fn validate_lines(lines: &[OrderLine]) -> Result<(), String> {
     if lines.is_empty() {
         return Err("lines must not be empty".into());
     }
+    if lines.len() > limits::MAX_LINES {
+        return Err(format!(
+            "lines must hold at most {} lines, got {}",
+            limits::MAX_LINES,
+            lines.len()
+        ));
+    }
     for (i, line) in lines.iter().enumerate() {
-        if line.product_id.trim().is_empty() {
-            return Err(format!("lines[{i}].productId must not be empty"));
-        }
-        if line.quantity <= 0 {
-            return Err(format!(
-                "lines[{i}].quantity must be positive, got {}",
-                line.quantity
-            ));
-        }
-        if line.unit_price < 0 {
-            return Err(format!(
-                "lines[{i}].unitPrice must not be negative, got {}",
-                line.unit_price
-            ));
-        }
+        limits::check_id(&format!("lines[{i}].productId"), &line.product_id)?;
+        limits::check_range(
+            &format!("lines[{i}].quantity"),
+            line.quantity,
+            1,
+            limits::MAX_QUANTITY,
+        )?;
+        limits::check_range(
+            &format!("lines[{i}].unitPrice"),
+            line.unit_price,
+            1,
+            limits::MAX_UNIT_PRICE,
+        )?;
+    }
+    Ok(())
+}
+
+/// Every field of an address present, bounded and free of control characters.
+/// Whether it can be delivered to is shipping's call.
+pub fn validate_address(field: &str, a: &Address) -> Result<(), String> {
+    for (name, value) in [
+        ("name", &a.name),
+        ("street", &a.street),
+        ("city", &a.city),
+        ("postalCode", &a.postal_code),
+        ("country", &a.country),
+    ] {
+        limits::check_text(
+            &format!("{field}.{name}"),
+            value,
+            limits::MAX_ADDRESS_FIELD_CHARS,
+        )?;
     }
     Ok(())
 }
@@ -267,8 +329,23 @@ pub fn lines_total(lines: &[OrderLine]) -> Option<Money> {
     })
 }
 
+/// `amount` is what `lines` add up to.
+fn validate_amount_of_lines(field: &str, amount: Money, lines: &[OrderLine]) -> Result<(), String> {
+    validate_lines(lines)?;
+    match lines_total(lines) {
+        Some(t) if t == amount => Ok(()),
+        Some(t) => Err(format!("{field} {amount} does not match the lines ({t})")),
+        None => Err(format!("{field} overflows")),
+    }
+}
+
+/// A positive amount no larger than any order can be.
+fn validate_amount(field: &str, amount: Money) -> Result<(), String> {
+    limits::check_range(field, amount, 1, limits::MAX_TOTAL)
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OrderPlaced {
     pub order_id: Uuid,
     pub customer_id: String,
@@ -278,48 +355,52 @@ pub struct OrderPlaced {
 }
 impl Validate for OrderPlaced {
     fn validate(&self) -> Result<(), String> {
-        if self.customer_id.trim().is_empty() {
-            return Err("customerId must not be empty".into());
-        }
-        validate_lines(&self.lines)?;
-        match lines_total(&self.lines) {
-            Some(t) if t == self.total => Ok(()),
-            Some(t) => Err(format!(
-                "total {} does not match the lines ({t})",
-                self.total
-            )),
-            None => Err("total overflows".into()),
-        }
+        limits::check_id("customerId", &self.customer_id)?;
+        validate_amount_of_lines("total", self.total, &self.lines)?;
+        validate_address("shippingAddress", &self.shipping_address)
     }
 }
 
+/// Payloads that carry only the saga and why it failed or halted.
+macro_rules! reason_payloads {
+    ($( $(#[$doc:meta])* $name:ident; )*) => {$(
+        $(#[$doc])*
+        #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+        #[serde(rename_all = "camelCase", deny_unknown_fields)]
+        pub struct $name {
+            pub order_id: Uuid,
+            pub reason: String,
+        }
+        impl Validate for $name {
+            fn validate(&self) -> Result<(), String> {
+                limits::check_reason("reason", &self.reason)
+            }
+        }
+    )*};
+}
+
+reason_payloads! {
+    /// The saga failed: the order is cancelled for `reason`.
+    OrderCancelled;
+    /// The saga reached a contradiction only a person can resolve.
+    OrderRequiresIntervention;
+    /// Not every line could be reserved.
+    InventoryReservationFailed;
+    /// The carrier refused the shipment (the address, usually).
+    ShipmentFailed;
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OrderConfirmed {
     pub order_id: Uuid,
     pub shipment_id: Uuid,
 }
 impl Validate for OrderConfirmed {}
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct OrderCancelled {
-    pub order_id: Uuid,
-    pub reason: String,
-}
-impl Validate for OrderCancelled {}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct OrderRequiresIntervention {
-    pub order_id: Uuid,
-    pub reason: String,
-}
-impl Validate for OrderRequiresIntervention {}
-
 /// Carries the order context forward so the next step needs no lookup.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PaymentProcessed {
     pub order_id: Uuid,
     pub payment_id: Uuid,
@@ -330,22 +411,30 @@ pub struct PaymentProcessed {
 }
 impl Validate for PaymentProcessed {
     fn validate(&self) -> Result<(), String> {
-        validate_lines(&self.lines)
+        limits::check_id("customerId", &self.customer_id)?;
+        validate_amount_of_lines("amount", self.amount, &self.lines)?;
+        validate_address("shippingAddress", &self.shipping_address)
     }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PaymentFailed {
     pub order_id: Uuid,
     pub customer_id: String,
     pub amount: Money,
     pub reason: String,
 }
-impl Validate for PaymentFailed {}
+impl Validate for PaymentFailed {
+    fn validate(&self) -> Result<(), String> {
+        limits::check_id("customerId", &self.customer_id)?;
+        validate_amount("amount", self.amount)?;
+        limits::check_reason("reason", &self.reason)
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PaymentRefunded {
     pub order_id: Uuid,
     pub payment_id: Uuid,
@@ -354,10 +443,16 @@ pub struct PaymentRefunded {
     /// The failure that started the compensation.
     pub reason: String,
 }
-impl Validate for PaymentRefunded {}
+impl Validate for PaymentRefunded {
+    fn validate(&self) -> Result<(), String> {
+        limits::check_id("customerId", &self.customer_id)?;
+        validate_amount("amount", self.amount)?;
+        limits::check_reason("reason", &self.reason)
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InventoryReserved {
     pub order_id: Uuid,
     pub lines: Vec<OrderLine>,
@@ -365,44 +460,38 @@ pub struct InventoryReserved {
 }
 impl Validate for InventoryReserved {
     fn validate(&self) -> Result<(), String> {
-        validate_lines(&self.lines)
+        validate_lines(&self.lines)?;
+        validate_address("shippingAddress", &self.shipping_address)
     }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct InventoryReservationFailed {
-    pub order_id: Uuid,
-    pub reason: String,
-}
-impl Validate for InventoryReservationFailed {}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InventoryReleased {
     pub order_id: Uuid,
     pub lines: Vec<OrderLine>,
     /// The failure that started the compensation.
     pub reason: String,
 }
-impl Validate for InventoryReleased {}
+impl Validate for InventoryReleased {
+    fn validate(&self) -> Result<(), String> {
+        validate_lines(&self.lines)?;
+        limits::check_reason("reason", &self.reason)
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ShipmentCreated {
     pub order_id: Uuid,
     pub shipment_id: Uuid,
     pub tracking_number: String,
 }
-impl Validate for ShipmentCreated {}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct ShipmentFailed {
-    pub order_id: Uuid,
-    pub reason: String,
+impl Validate for ShipmentCreated {
+    fn validate(&self) -> Result<(), String> {
+        limits::check_id("trackingNumber", &self.tracking_number)
+    }
 }
-impl Validate for ShipmentFailed {}
 
 impl Event {
     /// The order (saga) this event belongs to.

@@ -1,18 +1,25 @@
 //! HTTP pieces every service shares: the error type that maps to status codes,
-//! a JSON extractor whose rejections are 400s with a readable message, and the
-//! liveness/readiness router.
+//! a JSON extractor whose rejections are 4xx with a readable message, the
+//! request limits, and the liveness/readiness router.
+
+use std::{future::Future, time::Duration};
 
 use axum::{
     Json, Router,
-    extract::{FromRequest, Request, State, rejection::JsonRejection},
-    http::StatusCode,
+    extract::{DefaultBodyLimit, FromRequest, Request, State, rejection::JsonRejection},
+    http::{HeaderMap, StatusCode, header::IF_MATCH},
     response::{IntoResponse, Response},
     routing::get,
 };
-use redis::aio::ConnectionManager;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use sqlx::PgPool;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::{
+    health::{Condition, Health},
+    idempotency::Redis,
+};
 
 /// Error of an HTTP handler. 4xx messages go to the caller; the cause of a
 /// 500 is logged and never sent.
@@ -26,6 +33,12 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    PreconditionFailed(String),
+    #[error("{0}")]
+    PreconditionRequired(String),
+    #[error("{0}")]
+    TooLarge(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -43,6 +56,9 @@ impl IntoResponse for ApiError {
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
+            ApiError::PreconditionRequired(_) => StatusCode::PRECONDITION_REQUIRED,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Internal(e) => {
                 tracing::error!(error = ?e, "request failed");
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -63,7 +79,53 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ValidJson<T> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ValidJson(v)),
             Err(JsonRejection::JsonDataError(e)) => Err(ApiError::Unprocessable(e.body_text())),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::TooLarge(format!(
+                    "request body larger than {} bytes",
+                    crate::limits::MAX_BODY_BYTES
+                )))
+            }
             Err(e) => Err(ApiError::BadRequest(e.body_text())),
+        }
+    }
+}
+
+/// An `If-Match` precondition on a versioned resource, whose `ETag` is
+/// its version in quotes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// `If-Match: *`: whatever version is there.
+    Any,
+    Exactly(i64),
+}
+
+impl Version {
+    /// The request's `If-Match`, if any; 400 if it is not one we issued.
+    pub fn if_match(headers: &HeaderMap) -> Result<Option<Version>, ApiError> {
+        let Some(value) = headers.get(IF_MATCH) else {
+            return Ok(None);
+        };
+        let text = value.to_str().unwrap_or_default().trim();
+        if text == "*" {
+            return Ok(Some(Version::Any));
+        }
+        let tag = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
+        tag.parse::<i64>()
+            .ok()
+            .filter(|v| *v > 0)
+            .map(|v| Some(Version::Exactly(v)))
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "If-Match must be * or the ETag of a GET (a quoted version such as \"3\"), got {text:?}"
+                ))
+            })
+    }
+
+    /// The `ETag` value for a version.
+    pub fn etag(self) -> String {
+        match self {
+            Version::Any => "*".into(),
+            Version::Exactly(v) => format!("\"{v}\""),
         }
     }
 }
@@ -72,12 +134,16 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ValidJson<T> {
 #[derive(Clone)]
 pub struct HealthState {
     pub pool: PgPool,
-    pub redis: ConnectionManager,
+    pub redis: Redis,
     pub nats: async_nats::Client,
+    pub board: Health,
 }
 
-/// `GET /health/live` (the process answers) and `GET /health/ready`
-/// (Postgres, Redis and NATS all reachable; 503 naming what is not).
+/// Deadline of each readiness check: a hung dependency makes the answer
+/// "unavailable", never a hung probe.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `GET /health/live` (the process answers) and `GET /health/ready`.
 pub fn health_router(state: HealthState) -> Router {
     Router::new()
         .route(
@@ -88,35 +154,91 @@ pub fn health_router(state: HealthState) -> Router {
         .with_state(state)
 }
 
+/// The shell every service's routes get: bounded request bodies and a
+/// deadline per request (408), so no client can make a handler hold a
+/// connection or memory indefinitely.
+pub fn limit(router: Router) -> Router {
+    router
+        .layer(DefaultBodyLimit::max(crate::limits::MAX_BODY_BYTES))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+}
+
+/// Longest a request may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn within<F: Future<Output = Result<(), String>>>(check: F) -> Result<(), String> {
+    tokio::time::timeout(CHECK_TIMEOUT, check)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {CHECK_TIMEOUT:?}")))
+}
+
+/// 200 when Postgres and NATS answer and no part of the service is failing
+/// (`status` "ready", or "degraded" when Redis is down or a part works with
+/// less than it should), 503 naming what is wrong otherwise. `parts` shows
+/// what each background part last reported, `alerts` what needs a person.
 async fn ready(State(s): State<HealthState>) -> Response {
-    let pg = sqlx::query_scalar::<_, i32>("SELECT 1")
-        .fetch_one(&s.pool)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string());
-    let mut conn = s.redis.clone();
-    let redis = redis::cmd("PING")
-        .query_async::<String>(&mut conn)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string());
+    let (pg, redis) = tokio::join!(
+        within(async {
+            sqlx::query_scalar::<_, i32>("SELECT 1")
+                .fetch_one(&s.pool)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }),
+        within(async { s.redis.ping().await.map_err(|e| e.to_string()) }),
+    );
     let nats = match s.nats.connection_state() {
         async_nats::connection::State::Connected => Ok(()),
         other => Err(format!("{other:?}").to_lowercase()),
     };
+    let parts = s.board.snapshot();
+    // "part: detail" for every part whose condition `pick` selects.
+    let listed = |pick: fn(&Condition) -> Option<&String>| -> Vec<String> {
+        parts
+            .iter()
+            .filter_map(|(name, r)| pick(&r.condition).map(|d| format!("{name}: {d}")))
+            .collect()
+    };
+    let failing = listed(|c| match c {
+        Condition::Failing(d) => Some(d),
+        _ => None,
+    });
+    let alerts = listed(|c| match c {
+        Condition::Alert(d) => Some(d),
+        _ => None,
+    });
+    let degraded = redis.is_err()
+        || parts
+            .values()
+            .any(|r| matches!(r.condition, Condition::Degraded(_)));
     let show = |r: &Result<(), String>| match r {
         Ok(()) => "ok".to_string(),
         Err(e) => e.clone(),
     };
-    let ok = pg.is_ok() && redis.is_ok() && nats.is_ok();
+    let redis_shown = match &redis {
+        Ok(()) => "ok".to_string(),
+        Err(e) => format!("degraded: consuming on the Postgres guard alone ({e})"),
+    };
+    let ok = pg.is_ok() && nats.is_ok() && failing.is_empty();
+    let status = match (ok, degraded) {
+        (false, _) => "unavailable",
+        (true, true) => "degraded",
+        (true, false) => "ready",
+    };
     let body = json!({
-        "status": if ok { "ready" } else { "unavailable" },
-        "checks": { "postgres": show(&pg), "redis": show(&redis), "nats": show(&nats) },
+        "status": status,
+        "checks": { "postgres": show(&pg), "redis": redis_shown, "nats": show(&nats) },
+        "failing": failing,
+        "alerts": alerts,
+        "parts": parts,
     });
-    let status = if ok {
+    let code = if ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(body)).into_response()
+    (code, Json(body)).into_response()
 }

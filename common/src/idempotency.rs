@@ -7,11 +7,26 @@
 //!    transaction as the effect (see [`crate::outbox::enqueue_once`]). If
 //!    Redis forgets (flush, restart, eviction), the insert conflicts and the
 //!    transaction, effect included, is rolled back.
+//!
+//! Redis is therefore an optimisation, never a dependency: every call has a
+//! deadline, and when Redis is down, hung or not yet reachable the consumers
+//! go on with the Postgres guard alone ([`Claim::Unavailable`]). A short
+//! circuit breaker keeps a dead Redis from costing a timeout per event; the
+//! service reports itself degraded meanwhile and reconnects by itself.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::OnceCell;
 use uuid::Uuid;
+
+use crate::{
+    backoff::backoff,
+    health::{Condition, Health},
+};
 
 /// How long a claim protects an event being applied: longer than any
 /// transaction should take, and no longer than the consumer's ack wait
@@ -19,6 +34,12 @@ use uuid::Uuid;
 pub const STARTED_TTL: Duration = Duration::from_secs(10);
 /// How long an applied event is remembered in Redis (the broker keeps events 7 days).
 pub const DONE_TTL: Duration = Duration::from_secs(8 * 24 * 3600);
+/// Deadline of one Redis command.
+pub const CALL_TIMEOUT: Duration = Duration::from_millis(500);
+/// After a failed call, Redis is not asked again for this long.
+pub const BREAKER_OPEN_FOR: Duration = Duration::from_secs(2);
+/// Name of Redis in the health board.
+pub const HEALTH_PART: &str = "redis";
 
 /// What the Redis layer says about an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,16 +50,132 @@ pub enum Claim {
     InProgress,
     /// Already applied.
     Done,
+    /// Redis cannot say: apply it, the Postgres guard decides.
+    Unavailable,
+}
+
+/// Why Redis did not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+/// A Redis connection that may not exist yet, with deadlines and a breaker.
+#[derive(Clone)]
+pub struct Redis {
+    conn: Arc<OnceCell<ConnectionManager>>,
+    open_until: Arc<Mutex<Option<Instant>>>,
+    health: Health,
+}
+
+impl Redis {
+    /// Connects in the background, retrying until Redis answers; until then
+    /// every call is [`Unavailable`]. `health` hears of every change.
+    pub fn connect(url: &str, health: Health) -> Result<Redis, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let redis = Redis {
+            conn: Arc::new(OnceCell::new()),
+            open_until: Arc::new(Mutex::new(None)),
+            health,
+        };
+        redis
+            .health
+            .report(HEALTH_PART, Condition::Degraded("not connected yet".into()));
+        let cell = redis.conn.clone();
+        let health = redis.health.clone();
+        tokio::spawn(async move {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Duration::from_secs(1))
+                .set_response_timeout(CALL_TIMEOUT)
+                .set_number_of_retries(2)
+                .set_max_delay(1_000);
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+                    Ok(conn) => {
+                        let _ = cell.set(conn);
+                        if health.ok(HEALTH_PART) {
+                            tracing::info!("connected to redis");
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        let detail =
+                            format!("unreachable, consuming on the Postgres guard alone: {e}");
+                        if health.report(HEALTH_PART, Condition::Degraded(detail)) {
+                            tracing::warn!(error = %e, "redis unreachable; consuming on the postgres guard alone");
+                        }
+                        tokio::time::sleep(backoff(attempt, Duration::from_secs(5))).await;
+                    }
+                }
+            }
+        });
+        Ok(redis)
+    }
+
+    /// Runs `cmd` within [`CALL_TIMEOUT`], unless Redis is known to be down.
+    pub async fn call<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, Unavailable> {
+        let Some(conn) = self.conn.get() else {
+            return Err(Unavailable("redis not connected".into()));
+        };
+        if let Some(until) = *self.open_until.lock().expect("breaker lock")
+            && Instant::now() < until
+        {
+            return Err(Unavailable("redis recently failed; not asked".into()));
+        }
+        let mut conn = conn.clone();
+        let result = match tokio::time::timeout(CALL_TIMEOUT, cmd.query_async(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {CALL_TIMEOUT:?}")),
+        };
+        match result {
+            Ok(v) => {
+                *self.open_until.lock().expect("breaker lock") = None;
+                if self.health.ok(HEALTH_PART) {
+                    tracing::info!("redis answers again");
+                }
+                Ok(v)
+            }
+            Err(e) => {
+                *self.open_until.lock().expect("breaker lock") =
+                    Some(Instant::now() + BREAKER_OPEN_FOR);
+                let detail = format!("consuming on the Postgres guard alone: {e}");
+                if self.health.report(HEALTH_PART, Condition::Degraded(detail)) {
+                    tracing::warn!(error = %e, "redis unavailable; consuming on the postgres guard alone");
+                }
+                Err(Unavailable(e))
+            }
+        }
+    }
+
+    /// PING with the same deadline, ignoring the breaker (for readiness).
+    pub async fn ping(&self) -> Result<(), Unavailable> {
+        let Some(conn) = self.conn.get() else {
+            return Err(Unavailable("not connected".into()));
+        };
+        let mut conn = conn.clone();
+        match tokio::time::timeout(
+            CALL_TIMEOUT,
+            redis::cmd("PING").query_async::<String>(&mut conn),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(Unavailable(e.to_string())),
+            Err(_) => Err(Unavailable(format!("no answer within {CALL_TIMEOUT:?}"))),
+        }
+    }
 }
 
 #[derive(Clone)]
 pub struct IdempotencyStore {
-    redis: ConnectionManager,
+    redis: Redis,
     prefix: String,
 }
 
 impl IdempotencyStore {
-    pub fn new(redis: ConnectionManager, key_prefix: &str, consumer: &str) -> IdempotencyStore {
+    pub fn new(redis: Redis, key_prefix: &str, consumer: &str) -> IdempotencyStore {
         IdempotencyStore {
             redis,
             prefix: format!("{key_prefix}:idem:{consumer}:"),
@@ -49,44 +186,39 @@ impl IdempotencyStore {
         format!("{}{event_id}", self.prefix)
     }
 
-    /// Claims the event, or says who has it.
-    pub async fn claim(&self, event_id: Uuid) -> redis::RedisResult<Claim> {
-        let mut conn = self.redis.clone();
+    /// Claims the event, or says who has it; [`Claim::Unavailable`] when
+    /// Redis cannot answer in time.
+    pub async fn claim(&self, event_id: Uuid) -> Claim {
         // SET NX returns the previous value with GET (Redis >= 7): one round trip.
-        let previous: Option<String> = redis::cmd("SET")
-            .arg(self.key(event_id))
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.key(event_id))
             .arg("started")
             .arg("NX")
             .arg("GET")
             .arg("PX")
-            .arg(STARTED_TTL.as_millis() as u64)
-            .query_async(&mut conn)
-            .await?;
-        Ok(match previous.as_deref() {
-            None => Claim::Claimed,
-            Some("done") => Claim::Done,
-            Some(_) => Claim::InProgress,
-        })
+            .arg(STARTED_TTL.as_millis() as u64);
+        match self.redis.call::<Option<String>>(&cmd).await {
+            Ok(None) => Claim::Claimed,
+            Ok(Some(v)) if v == "done" => Claim::Done,
+            Ok(Some(_)) => Claim::InProgress,
+            Err(_) => Claim::Unavailable,
+        }
     }
 
     /// Marks the event applied (after the Postgres commit).
-    pub async fn mark_done(&self, event_id: Uuid) -> redis::RedisResult<()> {
-        let mut conn = self.redis.clone();
-        redis::cmd("SET")
-            .arg(self.key(event_id))
+    pub async fn mark_done(&self, event_id: Uuid) -> Result<(), Unavailable> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.key(event_id))
             .arg("done")
             .arg("PX")
-            .arg(DONE_TTL.as_millis() as u64)
-            .query_async::<()>(&mut conn)
-            .await
+            .arg(DONE_TTL.as_millis() as u64);
+        self.redis.call::<()>(&cmd).await
     }
 
     /// Drops our claim after a rollback, so a redelivery can retry at once.
-    pub async fn release(&self, event_id: Uuid) -> redis::RedisResult<()> {
-        let mut conn = self.redis.clone();
-        redis::cmd("DEL")
-            .arg(self.key(event_id))
-            .query_async::<()>(&mut conn)
-            .await
+    pub async fn release(&self, event_id: Uuid) -> Result<(), Unavailable> {
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(self.key(event_id));
+        self.redis.call::<()>(&cmd).await
     }
 }

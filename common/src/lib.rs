@@ -2,11 +2,14 @@
 //! names and JetStream topology, the transactional outbox and its relay, the
 //! idempotent consumer runtime, configuration, telemetry and the HTTP shell.
 
+pub mod backoff;
 pub mod config;
 pub mod consumer;
 pub mod event;
+pub mod health;
 pub mod http;
 pub mod idempotency;
+pub mod limits;
 pub mod outbox;
 pub mod service;
 pub mod subjects;

@@ -9,14 +9,48 @@
 
 use std::{sync::Arc, time::Duration};
 
-use async_nats::{HeaderMap, jetstream};
+use async_nats::{HeaderMap, header, jetstream};
 use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{event::Envelope, subjects::Subjects};
+use crate::{
+    backoff::backoff,
+    consumer::max_payload,
+    event::Envelope,
+    health::{Condition, Health},
+    subjects::Subjects,
+};
 
+/// Bytes the relay adds to an event on the wire besides its body: the
+/// `Nats-Msg-Id` header (a UUID) and the header framing, with room to spare.
+pub const PUBLISH_OVERHEAD: usize = 256;
+
+/// Whether `event` can ever be published to a broker whose `max_payload`
+/// is `max_payload`; checked before an event is written to the outbox, so
+/// what is committed can always be relayed. `Err` says why not.
+pub fn check_fits(event: &Envelope, max_payload: usize) -> Result<(), String> {
+    fits(event, event.to_bytes().len(), max_payload)
+}
+
+fn fits(event: &Envelope, body_len: usize, max_payload: usize) -> Result<(), String> {
+    let size = body_len + PUBLISH_OVERHEAD;
+    if size > max_payload {
+        return Err(format!(
+            "{} {} would be {size} bytes on the wire, over the broker's max_payload of {max_payload}",
+            event.event_type, event.event_id
+        ));
+    }
+    Ok(())
+}
+
+/// Names of the relay in the health board.
+pub const HEALTH_RELAY: &str = "relay";
+pub const HEALTH_PARKED: &str = "outboxParked";
+
+/// Longest wait between two attempts of a relay that keeps failing.
+const RELAY_BACKOFF_CAP: Duration = Duration::from_millis(6_400);
 /// Rows looked at per round trip to the database.
 const BATCH: i64 = 512;
 /// Makes one relay of a service's replicas the leader, so they do not all
@@ -31,7 +65,13 @@ struct Columns {
     bodies: Vec<Vec<u8>>,
 }
 
-fn columns(subjects: &Subjects, events: &[Envelope]) -> Columns {
+/// The rows of `events`, each serialized once and checked against
+/// `max_payload`; `Err` names the first that can never be published.
+fn columns(
+    subjects: &Subjects,
+    events: &[Envelope],
+    max_payload: usize,
+) -> Result<Columns, String> {
     let mut c = Columns {
         ids: Vec::with_capacity(events.len()),
         subjects: Vec::with_capacity(events.len()),
@@ -40,24 +80,32 @@ fn columns(subjects: &Subjects, events: &[Envelope]) -> Columns {
     };
     for e in events {
         let kind = e.kind().expect("services only emit catalogued events");
+        let body = e.to_bytes();
+        fits(e, body.len(), max_payload)?;
         c.ids.push(e.event_id);
         c.subjects.push(subjects.event(kind));
         c.aggregates.push(e.aggregate_id.clone());
-        c.bodies.push(e.to_bytes());
+        c.bodies.push(body);
     }
-    c
+    Ok(c)
 }
 
-/// Appends `events` to the outbox inside the caller's transaction.
+/// Appends `events` to the outbox inside the caller's transaction, after
+/// checking each fits `max_payload` ([`check_fits`]; `Err` names the first
+/// that does not, and nothing is written).
 pub async fn enqueue(
     conn: &mut PgConnection,
     subjects: &Subjects,
     events: &[Envelope],
-) -> Result<(), sqlx::Error> {
+    max_payload: usize,
+) -> Result<Result<(), String>, sqlx::Error> {
     if events.is_empty() {
-        return Ok(());
+        return Ok(Ok(()));
     }
-    let c = columns(subjects, events);
+    let c = match columns(subjects, events, max_payload) {
+        Ok(c) => c,
+        Err(reason) => return Ok(Err(reason)),
+    };
     sqlx::query(
         "INSERT INTO outbox (event_id, subject, aggregate_id, body)
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bytea[])",
@@ -68,21 +116,35 @@ pub async fn enqueue(
     .bind(&c.bodies)
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(Ok(()))
+}
+
+/// What [`enqueue_once`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Guard recorded and events appended.
+    Done,
+    /// The event was already applied: nothing appended; roll back.
+    AlreadyConsumed,
+    /// An event would never fit the broker's `max_payload`: nothing written.
+    TooLarge(String),
 }
 
 /// Records `consumed` as applied by `consumer` (the Postgres idempotency
-/// guard) and appends the events it caused, in one statement of the caller's
-/// transaction. `false`: the event was already applied; the caller must roll
-/// back, and nothing was appended.
+/// guard) and appends the events it caused, each checked against
+/// `max_payload`, in one statement of the caller's transaction.
 pub async fn enqueue_once(
     conn: &mut PgConnection,
     subjects: &Subjects,
     consumer: &str,
     consumed: &Envelope,
     events: &[Envelope],
-) -> Result<bool, sqlx::Error> {
-    let c = columns(subjects, events);
+    max_payload: usize,
+) -> Result<Enqueued, sqlx::Error> {
+    let c = match columns(subjects, events, max_payload) {
+        Ok(c) => c,
+        Err(reason) => return Ok(Enqueued::TooLarge(reason)),
+    };
     let fresh: i64 = sqlx::query_scalar(
         "WITH guard AS (
              INSERT INTO consumed_events (consumer, event_id, event_type) VALUES ($1, $2, $3)
@@ -103,7 +165,11 @@ pub async fn enqueue_once(
     .bind(&c.bodies)
     .fetch_one(conn)
     .await?;
-    Ok(fresh == 1)
+    Ok(if fresh == 1 {
+        Enqueued::Done
+    } else {
+        Enqueued::AlreadyConsumed
+    })
 }
 
 /// Wakes the relay after a commit. Cheap to clone; a wake-up with the relay
@@ -145,6 +211,7 @@ pub struct Relay {
     js: jetstream::Context,
     signal: OutboxSignal,
     poll: Duration,
+    health: Health,
 }
 
 struct Row {
@@ -161,32 +228,41 @@ impl Relay {
         js: jetstream::Context,
         signal: OutboxSignal,
         poll: Duration,
+        health: Health,
     ) -> Relay {
         Relay {
             options: options.options([("synchronous_commit", "off")]),
             js,
             signal,
             poll,
+            health,
         }
     }
 
-    /// Runs until `shutdown`, then flushes what is already committed.
+    /// Runs until `shutdown`, then flushes what is already committed. The
+    /// service cancels `shutdown` only once its consumers and request
+    /// handlers have drained, so the flush includes their last commits.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failures = 0u32;
         let mut leader: Option<PgConnection> = None;
+        self.health.ok(HEALTH_RELAY);
         loop {
             match self.lead(&mut leader).await {
                 Ok(_) => failures = 0,
                 Err(e) => {
                     failures += 1;
                     leader = None; // closing the connection releases the lock
+                    self.health.report(
+                        HEALTH_RELAY,
+                        Condition::Failing(format!("cannot read the outbox: {e}")),
+                    );
                     tracing::warn!(error = %e, failures, "outbox relay failed; retrying");
                 }
             }
             let wait = if failures == 0 {
                 self.poll
             } else {
-                Duration::from_millis(50u64 << failures.min(7))
+                backoff(failures as i64, RELAY_BACKOFF_CAP)
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -211,6 +287,7 @@ impl Relay {
                 // Another replica leads; try again at the next wake-up.
                 return Ok(0);
             }
+            self.report_parked(&mut conn).await?;
             *leader = Some(conn);
         }
         let conn = leader.as_mut().expect("leader connection");
@@ -251,11 +328,23 @@ impl Relay {
             return Ok(0);
         }
 
+        let max = max_payload(&self.js);
         let mut pending = Vec::with_capacity(rows.len());
+        let mut parked = Vec::new();
         let mut failure = None;
         for row in &rows {
+            // Never hand the client a message the server must refuse: it
+            // would close the whole connection, consumers and all.
+            let size = row.body.len() + PUBLISH_OVERHEAD;
+            if size > max {
+                parked.push((
+                    row.id,
+                    format!("{size} bytes on the wire, over the broker's max_payload of {max}"),
+                ));
+                continue;
+            }
             let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", row.event_id.to_string().as_str());
+            headers.insert(header::NATS_MESSAGE_ID, row.event_id.to_string().as_str());
             match self
                 .js
                 .publish_with_headers(row.subject.clone(), headers, row.body.clone().into())
@@ -283,10 +372,115 @@ impl Relay {
                 .execute(&mut *conn)
                 .await?;
         }
+        for (id, reason) in &parked {
+            self.park(conn, *id, reason).await?;
+        }
+        if !parked.is_empty() {
+            self.report_parked(conn).await?;
+        }
         if let Some(e) = failure {
-            tracing::warn!(error = %e, published = acked.len(), "publish failed; unacknowledged events stay in the outbox");
+            let (waiting, oldest): (i64, Option<f64>) = sqlx::query_as(
+                "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 FROM outbox",
+            )
+            .fetch_one(&mut *conn)
+            .await?;
+            let detail = format!(
+                "the broker refuses events ({e}); {waiting} waiting in the outbox, the oldest for {:.0}s",
+                oldest.unwrap_or(0.0)
+            );
+            if self
+                .health
+                .report(HEALTH_RELAY, Condition::Failing(detail.clone()))
+            {
+                tracing::error!(error = %e, waiting, "cannot publish; events stay in the outbox");
+            } else {
+                tracing::warn!(error = %e, published = acked.len(), "publish failed; unacknowledged events stay in the outbox");
+            }
             return Ok(0);
         }
-        Ok(acked.len())
+        if self.health.ok(HEALTH_RELAY) {
+            tracing::info!("the broker accepts events again");
+        }
+        Ok(acked.len() + parked.len())
+    }
+
+    /// Moves a row that can never be published out of the way, with why.
+    async fn park(&self, conn: &mut PgConnection, id: i64, reason: &str) -> Result<(), RelayError> {
+        let parked: Option<(Uuid, String)> = sqlx::query_as(
+            "WITH moved AS (DELETE FROM outbox WHERE id = $1 RETURNING *)
+             INSERT INTO outbox_parked (id, event_id, subject, aggregate_id, body, created_at, reason)
+             SELECT id, event_id, subject, aggregate_id, body, created_at, $2 FROM moved
+             RETURNING event_id, subject",
+        )
+        .bind(id)
+        .bind(reason)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some((event_id, subject)) = parked {
+            tracing::error!(%event_id, %subject, %reason, "event can never be published; parked in outbox_parked");
+        }
+        Ok(())
+    }
+
+    /// Raises (or clears) the alert for parked rows.
+    async fn report_parked(&self, conn: &mut PgConnection) -> Result<(), RelayError> {
+        let (count, last): (i64, Option<String>) = sqlx::query_as(
+            "SELECT count(*), (SELECT reason FROM outbox_parked ORDER BY parked_at DESC LIMIT 1)
+             FROM outbox_parked",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        let condition = if count == 0 {
+            Condition::Ok
+        } else {
+            Condition::Alert(format!(
+                "{count} event(s) could never be published and were parked in outbox_parked; last: {}",
+                last.unwrap_or_default()
+            ))
+        };
+        self.health.report(HEALTH_PARKED, condition);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Event, ShipmentFailed};
+
+    fn event(reason_len: usize) -> Envelope {
+        let id = Uuid::nil();
+        Envelope::new(
+            &Event::ShipmentFailed(ShipmentFailed {
+                order_id: id,
+                reason: "r".repeat(reason_len),
+            }),
+            id.to_string(),
+            1,
+            id,
+            id,
+        )
+    }
+
+    #[test]
+    fn an_event_that_fits_with_its_headers_passes() {
+        assert_eq!(check_fits(&event(10), 1024 * 1024), Ok(()));
+    }
+
+    #[test]
+    fn an_event_too_large_for_the_broker_is_named_with_its_size() {
+        let err = check_fits(&event(2_000), 1_000).unwrap_err();
+        assert!(err.starts_with("ShipmentFailed "), "{err}");
+        assert!(
+            err.contains("over the broker's max_payload of 1000"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_rows_of_a_batch_with_one_oversized_event_are_refused_whole() {
+        let s = Subjects::new("saga");
+        assert!(columns(&s, &[event(10), event(5_000)], 4_000).is_err());
+        assert_eq!(columns(&s, &[event(10)], 4_000).unwrap().bodies.len(), 1);
     }
 }

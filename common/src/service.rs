@@ -6,7 +6,6 @@ use std::{borrow::Cow, future::Future, net::SocketAddr, pin::Pin, time::Duration
 
 use async_nats::jetstream;
 use axum::Router;
-use redis::aio::ConnectionManager;
 use sqlx::{
     PgPool,
     migrate::Migrator,
@@ -18,9 +17,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Config,
-    consumer::{ConsumerRuntime, Handler},
+    consumer::{ConsumerRuntime, Handler, RuntimeParts},
+    health::Health,
     http::{HealthState, health_router},
-    idempotency::IdempotencyStore,
+    idempotency::{IdempotencyStore, Redis},
     outbox::{OutboxSignal, Relay},
     subjects::Subjects,
     topology,
@@ -45,16 +45,17 @@ pub enum StartError {
     Bind(SocketAddr, std::io::Error),
 }
 
-/// Connections to Postgres, Redis and NATS.
+/// Connections to Postgres, Redis and NATS, and the service's health board.
 #[derive(Clone)]
 pub struct Infra {
     pub config: Config,
     pub pool: PgPool,
-    pub redis: ConnectionManager,
+    pub redis: Redis,
     pub nats: async_nats::Client,
     pub js: jetstream::Context,
     pub subjects: Subjects,
     pub outbox: OutboxSignal,
+    pub health: Health,
 }
 
 /// How long start-up waits for infrastructure that is still coming up.
@@ -65,14 +66,15 @@ async fn with_retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
     mut f: impl FnMut() -> F,
 ) -> Result<T, E> {
     let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE;
-    let mut delay = Duration::from_millis(100);
+    let mut attempt = 0;
     loop {
+        attempt += 1;
+        let delay = crate::backoff::backoff(attempt, Duration::from_secs(2));
         match f().await {
             Ok(v) => return Ok(v),
             Err(e) if tokio::time::Instant::now() + delay < deadline => {
                 tracing::warn!(error = %e, "{what} not reachable yet; retrying");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
             }
             Err(e) => return Err(e),
         }
@@ -80,9 +82,12 @@ async fn with_retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
 }
 
 impl Infra {
-    /// Connects (waiting up to a minute for each piece), runs the common and
-    /// the service's migrations, and applies the streams.
+    /// Connects (waiting up to a minute for Postgres and NATS), runs the
+    /// common and the service's migrations, and applies the streams. Redis
+    /// is connected in the background: the service runs without it, on the
+    /// Postgres guard alone, until it answers.
     pub async fn connect(config: Config, migrations: &Migrator) -> Result<Infra, StartError> {
+        let health = Health::default();
         let pool = with_retry("postgres", || {
             PgPoolOptions::new()
                 .max_connections(config.database_max_connections)
@@ -91,8 +96,7 @@ impl Infra {
         })
         .await?;
         combined(migrations).run(&pool).await?;
-        let client = redis::Client::open(config.redis_url.as_str())?;
-        let redis = with_retry("redis", || ConnectionManager::new(client.clone())).await?;
+        let redis = Redis::connect(&config.redis_url, health.clone())?;
 
         let nats = with_retry("nats", || {
             async_nats::ConnectOptions::new()
@@ -115,6 +119,7 @@ impl Infra {
             js,
             subjects,
             outbox: OutboxSignal::default(),
+            health,
         })
     }
 
@@ -123,7 +128,13 @@ impl Infra {
             pool: self.pool.clone(),
             redis: self.redis.clone(),
             nats: self.nats.clone(),
+            board: self.health.clone(),
         }
+    }
+
+    /// The broker's `max_payload` (see [`crate::consumer::max_payload`]).
+    pub fn max_payload(&self) -> usize {
+        crate::consumer::max_payload(&self.js)
     }
 }
 
@@ -148,6 +159,8 @@ pub struct Service {
     listener: TcpListener,
     router: Router,
     tasks: Vec<Task>,
+    relay: Option<Task>,
+    relay_stop: CancellationToken,
     shutdown: CancellationToken,
 }
 
@@ -167,36 +180,47 @@ impl Service {
         let consumer =
             topology::apply_consumer(&infra.js, &infra.subjects, &config.service).await?;
         let runtime = ConsumerRuntime::new(
-            &config.service,
             handler,
-            infra.pool.clone(),
-            infra.js.clone(),
-            IdempotencyStore::new(
-                infra.redis.clone(),
-                &config.redis_key_prefix,
-                &config.service,
-            ),
-            infra.subjects.clone(),
-            infra.outbox.clone(),
-            config.consumer_concurrency,
+            RuntimeParts {
+                name: config.service.clone(),
+                pool: infra.pool.clone(),
+                js: infra.js.clone(),
+                idempotency: IdempotencyStore::new(
+                    infra.redis.clone(),
+                    &config.redis_key_prefix,
+                    &config.service,
+                ),
+                subjects: infra.subjects.clone(),
+                outbox: infra.outbox.clone(),
+                health: infra.health.clone(),
+                concurrency: config.consumer_concurrency,
+                max_deliveries: config.consumer_max_deliveries,
+                max_payload: infra.max_payload(),
+            },
         );
-        let mut tasks: Vec<Task> = vec![Box::pin(runtime.run(consumer, shutdown.clone()))];
-        if config.outbox_relay_enabled {
+        let tasks: Vec<Task> = vec![Box::pin(runtime.run(consumer, shutdown.clone()))];
+        // The relay stops after everything else has drained (see `run`).
+        let relay_stop = CancellationToken::new();
+        let relay: Option<Task> = if config.outbox_relay_enabled {
             let relay = Relay::new(
                 PgConnectOptions::from_str(&config.database_url)?,
                 infra.js.clone(),
                 infra.outbox.clone(),
                 config.outbox_poll,
+                infra.health.clone(),
             );
-            tasks.push(Box::pin(relay.run(shutdown.clone())));
+            Some(Box::pin(relay.run(relay_stop.clone())))
         } else {
             tracing::warn!("OUTBOX_RELAY=off: committed events stay in the outbox");
-        }
+            None
+        };
         Ok(Service {
             name: config.service.clone(),
             listener,
-            router: routes.merge(health_router(infra.health())),
+            router: crate::http::limit(routes.merge(health_router(infra.health()))),
             tasks,
+            relay,
+            relay_stop,
             shutdown,
         })
     }
@@ -216,15 +240,31 @@ impl Service {
         self.local_addr().port()
     }
 
-    /// Serves until the shutdown token is cancelled, then drains: HTTP
-    /// requests in flight finish, the consumer finishes the events it took,
-    /// the relay flushes the outbox.
+    /// Serves until the shutdown token is cancelled, then drains in order:
+    /// stop taking work (no new pulls, requests or commands), finish what was
+    /// taken (HTTP requests, events, commands in flight, each committing its
+    /// events to the outbox), then flush the outbox, then close. The relay
+    /// runs throughout and is stopped last, so it publishes every commit the
+    /// drain made.
     pub async fn run(self) -> std::io::Result<()> {
         tracing::info!(service = %self.name, addr = %self.local_addr(), "service started");
         let shutdown = self.shutdown.clone();
         let server = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(async move { shutdown.cancelled().await });
-        let (served, _) = tokio::join!(server.into_future(), futures::future::join_all(self.tasks));
+        let relay_stop = self.relay_stop.clone();
+        let relay = async move {
+            if let Some(relay) = self.relay {
+                relay.await;
+            }
+        };
+        let drained = async move {
+            let (served, _) =
+                tokio::join!(server.into_future(), futures::future::join_all(self.tasks));
+            // Everything that commits events has finished: flush and stop.
+            relay_stop.cancel();
+            served
+        };
+        let (served, ()) = tokio::join!(drained, relay);
         tracing::info!(service = %self.name, "service stopped");
         served
     }

@@ -20,6 +20,9 @@ pub fn consumer_file(service: &str) -> Option<&'static str> {
     }
 }
 
+/// The order service's watch on the dead-letter stream.
+const DEAD_LETTER_WATCH: &str = include_str!("../../nats/consumers/order-dead-letters.json");
+
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
     #[error("topology file for {0} does not parse: {1}")]
@@ -95,6 +98,33 @@ pub async fn apply_consumer(
     }
 }
 
+/// The durable consumer on the dead-letter stream that the order service
+/// watches with, rewritten for the prefix.
+pub fn dead_letter_watch_config(subjects: &Subjects) -> Result<pull::Config, TopologyError> {
+    let mut config: pull::Config = serde_json::from_str(DEAD_LETTER_WATCH)
+        .map_err(|e| TopologyError::Parse("order-dead-letters".into(), e))?;
+    config.filter_subject = subjects.rewrite_subject(&config.filter_subject);
+    Ok(config)
+}
+
+/// Creates (or updates) the dead-letter watch and returns it.
+pub async fn apply_dead_letter_watch(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, TopologyError> {
+    let config = dead_letter_watch_config(subjects)?;
+    let name = "order-dead-letters".to_string();
+    let err = |e: &dyn std::fmt::Display| TopologyError::Consumer(name.clone(), e.to_string());
+    let stream = js
+        .get_stream(subjects.dead_letter_stream())
+        .await
+        .map_err(|e| err(&e))?;
+    match stream.create_consumer(config.clone()).await {
+        Ok(c) => Ok(c),
+        Err(_) => stream.update_consumer(config).await.map_err(|e| err(&e)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +166,29 @@ mod tests {
                 assert!(all.contains(&f), "{svc} filters on unknown subject {f}");
             }
         }
+    }
+
+    /// Streams reserve their max_bytes: the shipped server must hold both,
+    /// and the dead-letter stream refuses rather than drops when full.
+    #[test]
+    fn the_streams_fit_the_shipped_store_and_dead_letters_are_never_dropped() {
+        let conf = include_str!("../../nats/nats-server.conf");
+        let store = conf
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("max_file_store:"))
+            .map(|v| v.trim())
+            .expect("max_file_store in nats-server.conf");
+        let gib: u64 = store
+            .strip_suffix("GB")
+            .expect("max_file_store in GB")
+            .parse()
+            .unwrap();
+        let streams = stream_configs(&Subjects::new("saga")).unwrap();
+        let reserved: i64 = streams.iter().map(|s| s.max_bytes).sum();
+        assert!(streams.iter().all(|s| s.max_bytes > 0));
+        assert!(reserved as u64 <= gib << 30, "{reserved} > {store}");
+        let dlq = streams.iter().find(|s| s.name == "SAGA_DLQ").unwrap();
+        assert_eq!(dlq.discard, stream::DiscardPolicy::New);
     }
 
     #[test]
