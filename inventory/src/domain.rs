@@ -2,16 +2,27 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use common::event::OrderLine;
+use common::{event::OrderLine, limits};
 
 /// Quantity per product, summed over lines, in product order (the order rows
-/// are locked in, so concurrent reservations never deadlock).
-pub fn demand(lines: &[OrderLine]) -> BTreeMap<String, i64> {
+/// are locked in, so concurrent reservations never deadlock). Sums are
+/// checked: lines that do not fit an `i64` are refused, never wrapped into a
+/// negative demand that would add stock.
+pub fn demand(lines: &[OrderLine]) -> Result<BTreeMap<String, i64>, String> {
     let mut demand = BTreeMap::new();
     for line in lines {
-        *demand.entry(line.product_id.clone()).or_insert(0) += line.quantity;
+        if line.quantity <= 0 {
+            return Err(format!(
+                "quantity of '{}' must be positive, got {}",
+                line.product_id, line.quantity
+            ));
+        }
+        let total: &mut i64 = demand.entry(line.product_id.clone()).or_insert(0);
+        *total = total
+            .checked_add(line.quantity)
+            .ok_or_else(|| format!("total quantity of '{}' overflows", line.product_id))?;
     }
-    demand
+    Ok(demand)
 }
 
 /// Reserves every product of `demand` or none: `Ok` with the quantities to
@@ -33,7 +44,10 @@ pub fn decide_reservation(
     if short.is_empty() {
         Ok(())
     } else {
-        Err(format!("out of stock: {}", short.join("; ")))
+        Err(limits::reason(format!(
+            "out of stock: {}",
+            short.join("; ")
+        )))
     }
 }
 
@@ -92,6 +106,32 @@ mod tests {
 
     fn stock(items: &[(&str, i64)]) -> HashMap<String, i64> {
         items.iter().map(|(p, q)| (p.to_string(), *q)).collect()
+    }
+
+    fn demand(lines: &[OrderLine]) -> BTreeMap<String, i64> {
+        super::demand(lines).unwrap()
+    }
+
+    #[test]
+    fn lines_whose_quantities_overflow_are_refused_not_wrapped() {
+        // given two lines of i64::MAX (the sum would wrap to -2 and add stock)
+        let err = super::demand(&[line("a", i64::MAX), line("a", i64::MAX)]).unwrap_err();
+        // then the demand is refused, naming the product
+        assert_eq!(err, "total quantity of 'a' overflows");
+    }
+
+    #[test]
+    fn a_negative_quantity_is_never_demand() {
+        assert!(super::demand(&[line("a", -5)]).is_err());
+    }
+
+    #[test]
+    fn a_shortage_over_many_products_stays_within_a_reason() {
+        let lines: Vec<_> = (0..100)
+            .map(|i| line(&format!("{}{i}", "p".repeat(120)), 2))
+            .collect();
+        let err = decide_reservation(&demand(&lines), &stock(&[])).unwrap_err();
+        assert!(limits::check_reason("reason", &err).is_ok());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 mod api;
 pub mod domain;
-mod events;
+mod handlers;
 
 use common::{Config, Infra, Service, StartError};
 use sqlx::migrate::Migrator;
@@ -16,7 +16,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
     let infra = Infra::connect(config, &MIGRATIONS).await?;
     Service::build(
         &infra,
-        events::InventoryHandler,
+        handlers::InventoryHandler,
         api::router(infra.pool.clone()),
         shutdown,
     )

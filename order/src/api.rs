@@ -13,6 +13,7 @@ use common::{
     Envelope,
     event::{Address, OrderLine},
     http::{ApiError, ValidJson},
+    limits,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::types::Json as SqlJson;
@@ -71,6 +72,7 @@ impl From<PlaceError> for ApiError {
     fn from(e: PlaceError) -> Self {
         match e {
             PlaceError::Invalid(msg) => ApiError::Unprocessable(msg),
+            PlaceError::KeyReused(msg) => ApiError::Unprocessable(msg),
             PlaceError::Internal(e) => ApiError::Internal(e.into()),
         }
     }
@@ -169,10 +171,9 @@ async fn list_orders(
         )));
     }
     let offset = q.offset.unwrap_or(0);
-    if offset < 0 {
-        return Err(ApiError::BadRequest(format!(
-            "offset must not be negative, got {offset}"
-        )));
+    limits::check_range("offset", offset, 0, limits::MAX_OFFSET).map_err(ApiError::BadRequest)?;
+    if let Some(customer) = &q.customer_id {
+        limits::check_id("customerId", customer).map_err(ApiError::BadRequest)?;
     }
     let status = match q.status.as_deref() {
         None => None,
@@ -202,6 +203,6 @@ async fn list_orders(
         orders,
         limit,
         offset,
-        next_offset: more.then_some(offset + limit),
+        next_offset: more.then(|| offset + limit),
     }))
 }

@@ -3,9 +3,12 @@
 //! the state. Both are pure.
 
 use chrono::{DateTime, Utc};
-use common::event::{
-    self, Address, Event, Money, OrderCancelled, OrderConfirmed, OrderLine, OrderPlaced,
-    OrderRequiresIntervention,
+use common::{
+    event::{
+        self, Address, Event, Money, OrderCancelled, OrderConfirmed, OrderLine, OrderPlaced,
+        OrderRequiresIntervention,
+    },
+    limits,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -68,7 +71,23 @@ pub enum Command {
     /// Shipping created the shipment: the saga succeeded.
     Confirm { shipment_id: Uuid },
     /// Payment failed or was refunded: the saga failed for `reason`.
-    Cancel { reason: String },
+    /// `payment` is what the payment event says it was about; it must be
+    /// this order's customer and total, or the event is refused.
+    Cancel {
+        reason: String,
+        payment: Option<PaymentClaim>,
+    },
+    /// An event of this saga was dead-lettered: the saga cannot go on by
+    /// itself. A pending order says so; a finished one is left as it is.
+    RequireIntervention { reason: String },
+}
+
+/// The customer and amount a payment event names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentClaim {
+    pub event_type: &'static str,
+    pub customer_id: String,
+    pub amount: Money,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -93,12 +112,10 @@ pub fn decide(state: Option<&Order>, command: Command) -> Result<Vec<Event>, Dom
                 shipping_address,
             },
         ) => {
-            let customer_id = customer_id.trim().to_string();
-            if customer_id.is_empty() {
-                return Err(DomainError::Invalid("customerId must not be empty".into()));
-            }
+            limits::check_id("customerId", &customer_id).map_err(DomainError::Invalid)?;
             event::validate_lines(&lines).map_err(DomainError::Invalid)?;
-            validate_address_shape(&shipping_address)?;
+            event::validate_address("shippingAddress", &shipping_address)
+                .map_err(DomainError::Invalid)?;
             let total = event::lines_total(&lines)
                 .ok_or_else(|| DomainError::Invalid("order total overflows".into()))?;
             Ok(vec![Event::OrderPlaced(OrderPlaced {
@@ -125,16 +142,30 @@ pub fn decide(state: Option<&Order>, command: Command) -> Result<Vec<Event>, Dom
                 ),
             ),
         }),
-        (Some(order), Command::Cancel { reason }) => Ok(match order.status {
-            OrderStatus::Pending => vec![Event::OrderCancelled(OrderCancelled {
-                order_id: order.id,
-                reason,
-            })],
-            OrderStatus::Cancelled | OrderStatus::RequiresIntervention => vec![],
-            OrderStatus::Confirmed => {
-                intervention(order, format!("confirmed order was compensated: {reason}"))
-            }
+        (Some(order), Command::RequireIntervention { reason }) => Ok(match order.status {
+            OrderStatus::Pending => intervention(order, reason),
+            _ => vec![],
         }),
+        (Some(order), Command::Cancel { reason, payment }) => {
+            if let Some(p) = payment
+                && (p.customer_id != order.customer_id || p.amount != order.total)
+            {
+                return Err(DomainError::Invalid(limits::reason(format!(
+                    "{} for customer '{}' and amount {} does not match order {} (customer '{}', total {})",
+                    p.event_type, p.customer_id, p.amount, order.id, order.customer_id, order.total
+                ))));
+            }
+            Ok(match order.status {
+                OrderStatus::Pending => vec![Event::OrderCancelled(OrderCancelled {
+                    order_id: order.id,
+                    reason,
+                })],
+                OrderStatus::Cancelled | OrderStatus::RequiresIntervention => vec![],
+                OrderStatus::Confirmed => {
+                    intervention(order, format!("confirmed order was compensated: {reason}"))
+                }
+            })
+        }
     }
 }
 
@@ -142,27 +173,9 @@ fn intervention(order: &Order, reason: String) -> Vec<Event> {
     vec![Event::OrderRequiresIntervention(
         OrderRequiresIntervention {
             order_id: order.id,
-            reason,
+            reason: limits::reason(reason),
         },
     )]
-}
-
-/// Address fields must be present; whether it can be delivered to is shipping's call.
-fn validate_address_shape(a: &Address) -> Result<(), DomainError> {
-    for (field, value) in [
-        ("name", &a.name),
-        ("street", &a.street),
-        ("city", &a.city),
-        ("postalCode", &a.postal_code),
-        ("country", &a.country),
-    ] {
-        if value.trim().is_empty() {
-            return Err(DomainError::Invalid(format!(
-                "shippingAddress.{field} must not be empty"
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// Folds one event, recorded at `at`, into the state.
@@ -342,6 +355,7 @@ mod tests {
             &[placed()],
             Command::Cancel {
                 reason: "insufficient funds".into(),
+                payment: None,
             },
         )
         .unwrap();
@@ -359,7 +373,10 @@ mod tests {
     fn a_second_cancellation_changes_nothing() {
         let events = given_when(
             &[placed(), cancelled("x")],
-            Command::Cancel { reason: "y".into() },
+            Command::Cancel {
+                reason: "y".into(),
+                payment: None,
+            },
         )
         .unwrap();
         assert!(events.is_empty());
@@ -387,6 +404,7 @@ mod tests {
             &[placed(), confirmed],
             Command::Cancel {
                 reason: "refund".into(),
+                payment: None,
             },
         )
         .unwrap();
@@ -394,9 +412,68 @@ mod tests {
     }
 
     #[test]
+    fn a_refund_naming_another_amount_is_refused() {
+        let err = given_when(
+            &[placed()],
+            Command::Cancel {
+                reason: "refund".into(),
+                payment: Some(PaymentClaim {
+                    event_type: "PaymentRefunded",
+                    customer_id: "c1".into(),
+                    amount: 1,
+                }),
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, DomainError::Invalid(m) if m.contains("does not match order")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_refund_naming_this_order_cancels_it() {
+        let events = given_when(
+            &[placed()],
+            Command::Cancel {
+                reason: "refund".into(),
+                payment: Some(PaymentClaim {
+                    event_type: "PaymentRefunded",
+                    customer_id: "c1".into(),
+                    amount: 600,
+                }),
+            },
+        )
+        .unwrap();
+        assert_eq!(events, vec![cancelled("refund")]);
+    }
+
+    #[test]
+    fn a_dead_lettered_event_halts_a_pending_saga_only() {
+        let halt = || Command::RequireIntervention {
+            reason: "dead-lettered".into(),
+        };
+        assert!(matches!(
+            given_when(&[placed()], halt()).unwrap()[..],
+            [Event::OrderRequiresIntervention(_)]
+        ));
+        assert!(
+            given_when(&[placed(), cancelled("x")], halt())
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
     fn events_for_an_unknown_order_are_not_found() {
         assert_eq!(
-            given_when(&[], Command::Cancel { reason: "x".into() }),
+            given_when(
+                &[],
+                Command::Cancel {
+                    reason: "x".into(),
+                    payment: None
+                }
+            ),
             Err(DomainError::NotFound)
         );
     }

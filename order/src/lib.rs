@@ -3,10 +3,11 @@
 //! ShipmentCreated confirms, PaymentFailed or PaymentRefunded cancels.
 
 pub mod api;
-mod command;
+mod dead_letters;
 pub mod domain;
-mod events;
+mod handlers;
 pub mod place;
+mod responder;
 pub mod store;
 
 use common::{Config, Infra, Service, StartError};
@@ -22,14 +23,29 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
         pool: infra.pool.clone(),
         subjects: infra.subjects.clone(),
         outbox: infra.outbox.clone(),
+        max_payload: infra.max_payload(),
     };
-    let handler = events::OrderHandler {
+    let handler = handlers::OrderHandler;
+    let responder = responder::responder(
+        infra.nats.clone(),
+        placer.clone(),
+        infra.health.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|e| StartError::Nats(e.to_string()))?;
+    let watch = dead_letters::Watch {
+        pool: infra.pool.clone(),
+        js: infra.js.clone(),
         subjects: infra.subjects.clone(),
-    };
-    let responder = command::responder(infra.nats.clone(), placer.clone(), shutdown.clone())
-        .await
-        .map_err(|e| StartError::Nats(e.to_string()))?;
+        health: infra.health.clone(),
+        max_payload: infra.max_payload(),
+        outbox: infra.outbox.clone(),
+    }
+    .start(shutdown.clone())
+    .await?;
     let mut service = Service::build(&infra, handler, api::router(placer), shutdown).await?;
     service.spawn_with(responder);
+    service.spawn_with(watch);
     Ok(service)
 }

@@ -3,9 +3,10 @@
 use common::{
     Subjects,
     event::{Address, OrderLine},
-    outbox::OutboxSignal,
+    limits,
+    outbox::{self, OutboxSignal},
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -15,7 +16,9 @@ use crate::{
 };
 
 /// Request body: `{"customerId", "lines": [{"productId","quantity","unitPrice"}], "shippingAddress": {...}}`.
-#[derive(Debug, Clone, Deserialize)]
+/// Unknown fields are refused at every level (the line and address types
+/// refuse them too); the bounds are in [`common::limits`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PlaceOrder {
     pub customer_id: String,
@@ -27,6 +30,9 @@ pub struct PlaceOrder {
 pub enum PlaceError {
     #[error("{0}")]
     Invalid(String),
+    /// The idempotency key was first used with a different request.
+    #[error("{0}")]
+    KeyReused(String),
     #[error(transparent)]
     Internal(#[from] ExecError),
 }
@@ -43,36 +49,55 @@ pub struct Placer {
     pub pool: PgPool,
     pub subjects: Subjects,
     pub outbox: OutboxSignal,
+    /// The broker's `max_payload`: no event larger is ever written.
+    pub max_payload: usize,
 }
 
 impl Placer {
     /// Places the order and starts the saga. With an idempotency key, a
-    /// repeated request returns the order the first one created
-    /// (`created` = false) instead of placing another.
+    /// repeated request of the same customer returns the order the first one
+    /// created (`created` = false) instead of placing another, also while
+    /// the first is still being placed: the second waits for it.
     pub async fn place(
         &self,
         request: PlaceOrder,
         idempotency_key: Option<&str>,
     ) -> Result<(Order, bool), PlaceError> {
-        if idempotency_key.is_some_and(|k| k.is_empty() || k.len() > 200) {
-            return Err(PlaceError::Invalid(
-                "idempotency key must be 1 to 200 characters".into(),
-            ));
+        if let Some(key) = idempotency_key {
+            limits::check_text("Idempotency-Key", key, limits::MAX_IDEMPOTENCY_KEY_CHARS)
+                .map_err(PlaceError::Invalid)?;
         }
+        // Before the key is stored under it: a customer id must fit an index.
+        limits::check_id("customerId", &request.customer_id).map_err(PlaceError::Invalid)?;
         let order_id = Uuid::now_v7();
         let mut tx = self.pool.begin().await?;
         if let Some(key) = idempotency_key {
-            let existing: Option<Uuid> = sqlx::query_scalar(
-                "WITH ins AS (
-                     INSERT INTO place_requests (idempotency_key, order_id) VALUES ($1, $2)
-                     ON CONFLICT DO NOTHING RETURNING order_id)
-                 SELECT order_id FROM place_requests WHERE idempotency_key = $1 AND NOT EXISTS (SELECT 1 FROM ins)",
+            // A concurrent request with the same key blocks on the row until
+            // the first commits (or rolls back), then this statement sees the
+            // committed row and returns it: never two orders for one key. A
+            // plain SELECT here would read a snapshot from before that commit.
+            let canonical =
+                serde_json::to_vec(&request).map_err(|e| PlaceError::Invalid(e.to_string()))?;
+            let (existing, same_request): (Uuid, bool) = sqlx::query_as(
+                "INSERT INTO place_requests (customer_id, idempotency_key, order_id, request_hash)
+                 VALUES ($1, $2, $3, sha256($4))
+                 ON CONFLICT (customer_id, idempotency_key)
+                     DO UPDATE SET customer_id = place_requests.customer_id
+                 RETURNING order_id, request_hash IS NULL OR request_hash = sha256($4)",
             )
+            .bind(&request.customer_id)
             .bind(key)
             .bind(order_id)
-            .fetch_optional(&mut *tx)
+            .bind(&canonical)
+            .fetch_one(&mut *tx)
             .await?;
-            if let Some(existing) = existing {
+            if existing != order_id {
+                if !same_request {
+                    tx.rollback().await?;
+                    return Err(PlaceError::KeyReused(format!(
+                        "Idempotency-Key '{key}' was already used by this customer for a different request (order {existing})"
+                    )));
+                }
                 let order = store::load(&mut tx, existing).await;
                 // Explicitly: a dropped transaction ends only when its connection is reused.
                 tx.rollback().await?;
@@ -89,25 +114,23 @@ impl Placer {
             shipping_address: request.shipping_address,
         };
         // The placement request is the cause of OrderPlaced.
-        let (state, _) = match store::execute(
-            &mut tx,
-            &self.subjects,
-            order_id,
-            command,
-            order_id,
-            order_id,
-        )
-        .await
+        let (state, emitted) =
+            match store::execute(&mut tx, order_id, command, order_id, order_id).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tx.rollback().await?;
+                    return Err(match e {
+                        ExecError::Domain(DomainError::Invalid(msg)) => PlaceError::Invalid(msg),
+                        e => e.into(),
+                    });
+                }
+            };
+        if let Err(too_large) =
+            outbox::enqueue(&mut tx, &self.subjects, &emitted, self.max_payload).await?
         {
-            Ok(v) => v,
-            Err(e) => {
-                tx.rollback().await?;
-                return Err(match e {
-                    ExecError::Domain(DomainError::Invalid(msg)) => PlaceError::Invalid(msg),
-                    e => e.into(),
-                });
-            }
-        };
+            tx.rollback().await?;
+            return Err(PlaceError::Invalid(too_large));
+        }
         tx.commit().await?;
         self.outbox.notify();
         let order = state.expect("a placed order has state");

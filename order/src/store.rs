@@ -5,7 +5,7 @@
 //! in the caller's transaction. Replaying `order_events` through `evolve`
 //! gives the same state the read model holds, so it can be rebuilt.
 
-use common::{Envelope, Event, Subjects};
+use common::{Envelope, Event};
 use sqlx::{PgConnection, types::Json};
 use uuid::Uuid;
 
@@ -55,10 +55,12 @@ pub async fn load_events(
 }
 
 /// Runs `command` against the order: returns the new state and the emitted
-/// envelopes (already appended, projected and in the outbox).
+/// envelopes, appended and projected. Publishing them is the caller's part,
+/// as for every service: the consumer runtime puts what a handler returns in
+/// the outbox, placement and the dead-letter watch call
+/// [`common::outbox::enqueue`].
 pub async fn execute(
     conn: &mut PgConnection,
-    subjects: &Subjects,
     order_id: Uuid,
     command: Command,
     correlation_id: Uuid,
@@ -90,16 +92,15 @@ pub async fn execute(
         envelopes.push(env);
     }
     let order = state.as_ref().expect("an order with events has state");
-    write(conn, subjects, order, &envelopes).await?;
+    write(conn, order, &envelopes).await?;
     Ok((state, envelopes))
 }
 
-/// Appends the events, puts them in the outbox and projects the new state,
-/// in one statement. A concurrent writer that appended the same version first
-/// makes the primary key refuse it: [`ExecError::Conflict`].
+/// Appends the events and projects the new state, in one statement. A
+/// concurrent writer that appended the same version first makes the primary
+/// key refuse it: [`ExecError::Conflict`].
 async fn write(
     conn: &mut PgConnection,
-    subjects: &Subjects,
     order: &Order,
     envelopes: &[Envelope],
 ) -> Result<(), ExecError> {
@@ -109,23 +110,16 @@ async fn write(
     let schemas: Vec<i32> = envelopes.iter().map(|e| e.schema_version as i32).collect();
     let times: Vec<_> = envelopes.iter().map(|e| e.timestamp).collect();
     let bodies: Vec<Vec<u8>> = envelopes.iter().map(Envelope::to_bytes).collect();
-    let subject_names: Vec<String> = envelopes
-        .iter()
-        .map(|e| subjects.event(e.kind().expect("order events are catalogued")))
-        .collect();
     let result = sqlx::query(
         "WITH appended AS (
              INSERT INTO order_events (order_id, version, event_id, event_type, schema_version, envelope, recorded_at)
              SELECT $1, e.version, e.id, e.type, e.schema, convert_from(e.body, 'UTF8')::jsonb, e.at
              FROM UNNEST($2::bigint[], $3::uuid[], $4::text[], $5::int[], $6::bytea[], $7::timestamptz[])
                   AS e(version, id, type, schema, body, at)
-         ), queued AS (
-             INSERT INTO outbox (event_id, subject, aggregate_id, body)
-             SELECT e.id, e.subject, $1::text, e.body FROM UNNEST($3::uuid[], $8::text[], $6::bytea[]) AS e(id, subject, body)
          )
          INSERT INTO orders (order_id, customer_id, status, lines, total, shipping_address,
                              failure_reason, shipment_id, version, created_at, updated_at)
-         VALUES ($1, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
+         VALUES ($1, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
          ON CONFLICT (order_id) DO UPDATE SET
              status = EXCLUDED.status, failure_reason = EXCLUDED.failure_reason,
              shipment_id = EXCLUDED.shipment_id, version = EXCLUDED.version,
@@ -139,7 +133,6 @@ async fn write(
     .bind(&schemas)
     .bind(&bodies)
     .bind(&times)
-    .bind(&subject_names)
     .bind(&order.customer_id)
     .bind(order.status.as_str())
     .bind(Json(&order.lines))

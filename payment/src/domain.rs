@@ -1,6 +1,6 @@
 //! Payment decisions: pure functions, no I/O.
 
-use common::event::Money;
+use common::{event::Money, limits};
 
 /// What to do with a charge request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,15 +15,20 @@ pub enum ChargeDecision {
 pub fn decide_charge(customer_id: &str, balance: Option<Money>, amount: Money) -> ChargeDecision {
     match balance {
         None => ChargeDecision::Decline {
-            reason: format!("payment declined: unknown account '{customer_id}'"),
+            reason: limits::reason(format!("payment declined: unknown account '{customer_id}'")),
         },
-        Some(balance) if balance < amount => ChargeDecision::Decline {
-            reason: format!(
-                "payment declined: insufficient funds (balance {balance}, amount {amount})"
-            ),
-        },
-        Some(balance) => ChargeDecision::Charge {
-            new_balance: balance - amount,
+        Some(balance) => match balance.checked_sub(amount) {
+            Some(new_balance) if amount > 0 && new_balance >= 0 => {
+                ChargeDecision::Charge { new_balance }
+            }
+            _ if amount <= 0 => ChargeDecision::Decline {
+                reason: format!("payment declined: amount must be positive, got {amount}"),
+            },
+            _ => ChargeDecision::Decline {
+                reason: format!(
+                    "payment declined: insufficient funds (balance {balance}, amount {amount})"
+                ),
+            },
         },
     }
 }
@@ -106,6 +111,18 @@ mod tests {
             panic!("expected a decline");
         };
         assert!(reason.contains("unknown account 'ghost'"), "{reason}");
+    }
+
+    #[test]
+    fn a_charge_that_is_not_positive_never_adds_money() {
+        assert!(matches!(
+            decide_charge("c1", Some(100), -5),
+            ChargeDecision::Decline { .. }
+        ));
+        assert!(matches!(
+            decide_charge("c1", Some(100), 0),
+            ChargeDecision::Decline { .. }
+        ));
     }
 
     #[test]

@@ -66,7 +66,8 @@ async fn charge(
     let event = match decision {
         ChargeDecision::Charge { new_balance } => {
             sqlx::query(
-                "UPDATE accounts SET balance = $2, updated_at = now() WHERE customer_id = $1",
+                "UPDATE accounts SET balance = $2, version = version + 1, updated_at = now()
+                 WHERE customer_id = $1",
             )
             .bind(&order.customer_id)
             .bind(new_balance)
@@ -114,14 +115,14 @@ async fn refund(
         )));
     };
     let status = PaymentStatus::parse(&status)
-        .ok_or_else(|| HandlerError::Conflict(format!("payment status '{status}'")))?;
+        .ok_or_else(|| HandlerError::Permanent(format!("unknown payment status '{status}'")))?;
     match domain::decide_refund(status) {
         RefundDecision::AlreadyRefunded => Ok(Outcome::Skipped("already refunded".into())),
         RefundDecision::NothingCharged => Ok(Outcome::Skipped(
             "payment was declined; nothing to refund".into(),
         )),
         RefundDecision::Refund => {
-            sqlx::query("UPDATE accounts SET balance = balance + $2, updated_at = now() WHERE customer_id = $1")
+            sqlx::query("UPDATE accounts SET balance = balance + $2, version = version + 1, updated_at = now() WHERE customer_id = $1")
                 .bind(&customer_id)
                 .bind(amount)
                 .execute(&mut *tx)

@@ -4,7 +4,13 @@
 //! `Idempotency-Key` headers make a retried request safe. The reply is the
 //! order as JSON, or `{"error": "..."}` with a `Saga-Error` header.
 
-use async_nats::{HeaderMap, Message};
+use std::time::Duration;
+
+use async_nats::{HeaderMap, Message, header};
+use common::{
+    backoff::backoff,
+    health::{Condition, Health},
+};
 use futures::StreamExt;
 use serde_json::json;
 use tokio::task::JoinSet;
@@ -15,21 +21,56 @@ use crate::{
     place::{PlaceError, PlaceOrder, Placer},
 };
 
+/// Name of the responder in the health board.
+pub const HEALTH_RESPONDER: &str = "commandResponder";
+
 /// Subscribes now (so no request is missed once the service reports started)
-/// and answers until shutdown, then finishes the requests in flight.
+/// and answers until shutdown, then finishes the requests in flight. If the
+/// subscription ends while the service runs (the client lost it for good),
+/// the responder says so in readiness and subscribes again.
 pub async fn responder(
     nats: async_nats::Client,
     placer: Placer,
+    health: Health,
     shutdown: CancellationToken,
 ) -> Result<impl std::future::Future<Output = ()>, async_nats::SubscribeError> {
     let subject = placer.subjects.place_order_command();
-    let mut requests = nats.queue_subscribe(subject, "order".into()).await?;
+    let mut requests = nats
+        .queue_subscribe(subject.clone(), "order".into())
+        .await?;
+    health.ok(HEALTH_RESPONDER);
     Ok(async move {
         let mut tasks = JoinSet::new();
-        loop {
+        'serve: loop {
             let msg = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                m = requests.next() => match m { Some(m) => m, None => break },
+                m = requests.next() => m,
+            };
+            let Some(msg) = msg else {
+                health.report(
+                    HEALTH_RESPONDER,
+                    Condition::Failing(format!("subscription to {subject} ended; resubscribing")),
+                );
+                tracing::error!(%subject, "place-order subscription ended; resubscribing");
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'serve,
+                        _ = tokio::time::sleep(backoff(attempt, Duration::from_secs(5))) => {}
+                    }
+                    match nats.queue_subscribe(subject.clone(), "order".into()).await {
+                        Ok(s) => {
+                            requests = s;
+                            health.ok(HEALTH_RESPONDER);
+                            tracing::info!(%subject, "answering place-order commands again");
+                            continue 'serve;
+                        }
+                        Err(e) => {
+                            tracing::warn!(%subject, error = %e, "cannot resubscribe");
+                        }
+                    }
+                }
             };
             let (nats, placer) = (nats.clone(), placer.clone());
             tasks.spawn(async move { answer(&nats, &placer, msg).await });
@@ -47,10 +88,15 @@ async fn answer(nats: &async_nats::Client, placer: &Placer, msg: Message) {
         );
         return;
     };
+    // The library files a received Nats-Msg-Id under its own header name:
+    // only its constant finds it.
     let key = msg
         .headers
         .as_ref()
-        .and_then(|h| h.get("Idempotency-Key").or_else(|| h.get("Nats-Msg-Id")))
+        .and_then(|h| {
+            h.get("Idempotency-Key")
+                .or_else(|| h.get(header::NATS_MESSAGE_ID))
+        })
         .map(|v| v.as_str().to_string());
     let result = match serde_json::from_slice::<PlaceOrder>(&msg.payload) {
         Err(e) => Err(PlaceError::Invalid(format!(
@@ -66,6 +112,7 @@ async fn answer(nats: &async_nats::Client, placer: &Placer, msg: Message) {
         Err(e) => {
             let (kind, message) = match &e {
                 PlaceError::Invalid(m) => ("invalid", m.clone()),
+                PlaceError::KeyReused(m) => ("conflict", m.clone()),
                 PlaceError::Internal(cause) => {
                     tracing::error!(error = ?cause, "place-order command failed");
                     ("internal", "internal error".to_string())

@@ -37,7 +37,10 @@ async fn reserve(
     paid: PaymentProcessed,
 ) -> Result<Outcome, HandlerError> {
     let order_id = paid.order_id;
-    let demand = domain::demand(&paid.lines);
+    let demand = match domain::demand(&paid.lines) {
+        Ok(d) => d,
+        Err(reason) => return Ok(Outcome::Rejected(reason)),
+    };
     let products: Vec<&String> = demand.keys().collect();
     // Rows locked in product order: concurrent reservations queue, never
     // deadlock, and each sees what the previous one left.
@@ -107,12 +110,12 @@ async fn release(
         )));
     };
     let status = ReservationStatus::parse(&status)
-        .ok_or_else(|| HandlerError::Conflict(format!("reservation status '{status}'")))?;
+        .ok_or_else(|| HandlerError::Permanent(format!("unknown reservation status '{status}'")))?;
     match domain::decide_release(status) {
         ReleaseDecision::AlreadyReleased => Ok(Outcome::Skipped("already released".into())),
         ReleaseDecision::NothingReserved => Ok(Outcome::Skipped("nothing was reserved".into())),
         ReleaseDecision::Release => {
-            let demand = domain::demand(&lines);
+            let demand = domain::demand(&lines).map_err(HandlerError::Permanent)?;
             let products: Vec<&String> = demand.keys().collect();
             sqlx::query(
                 "SELECT 1 FROM stock WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE",
@@ -148,9 +151,11 @@ async fn move_stock(
     sign: i64,
 ) -> Result<(), sqlx::Error> {
     let products: Vec<&String> = demand.keys().collect();
+    // Demand is positive and bounded (validated lines, checked sums): no overflow.
     let quantities: Vec<i64> = demand.values().map(|q| q * sign).collect();
     sqlx::query(
-        "UPDATE stock SET available = available - d.q, reserved = reserved + d.q, updated_at = now()
+        "UPDATE stock SET available = available - d.q, reserved = reserved + d.q,
+                          version = version + 1, updated_at = now()
          FROM UNNEST($1::text[], $2::bigint[]) AS d(p, q) WHERE stock.product_id = d.p",
     )
     .bind(&products)

@@ -1,17 +1,15 @@
 //! Reactions to the saga's outcome: ShipmentCreated confirms the order;
 //! PaymentFailed or PaymentRefunded cancels it with the reason that started it.
 
-use common::{Envelope, Event, Handler, HandlerError, Outcome, Subjects};
+use common::{Envelope, Event, Handler, HandlerError, Outcome};
 use sqlx::PgConnection;
 
 use crate::{
-    domain::{Command, DomainError},
+    domain::{Command, DomainError, PaymentClaim},
     store::{self, ExecError},
 };
 
-pub struct OrderHandler {
-    pub subjects: Subjects,
-}
+pub struct OrderHandler;
 
 impl Handler for OrderHandler {
     async fn handle(
@@ -25,14 +23,26 @@ impl Handler for OrderHandler {
             Event::ShipmentCreated(e) => Command::Confirm {
                 shipment_id: e.shipment_id,
             },
-            Event::PaymentFailed(e) => Command::Cancel { reason: e.reason },
-            Event::PaymentRefunded(e) => Command::Cancel { reason: e.reason },
+            Event::PaymentFailed(e) => Command::Cancel {
+                reason: e.reason,
+                payment: Some(PaymentClaim {
+                    event_type: "PaymentFailed",
+                    customer_id: e.customer_id,
+                    amount: e.amount,
+                }),
+            },
+            Event::PaymentRefunded(e) => Command::Cancel {
+                reason: e.reason,
+                payment: Some(PaymentClaim {
+                    event_type: "PaymentRefunded",
+                    customer_id: e.customer_id,
+                    amount: e.amount,
+                }),
+            },
             other => return Ok(Outcome::not_handled("order", &other)),
         };
-        // Envelopes are already in the outbox: execute writes them with the events.
         match store::execute(
             tx,
-            &self.subjects,
             order_id,
             command,
             env.metadata.correlation_id,
@@ -43,7 +53,7 @@ impl Handler for OrderHandler {
             Ok((_, emitted)) if emitted.is_empty() => {
                 Ok(Outcome::Skipped("order already reflects this event".into()))
             }
-            Ok(_) => Ok(Outcome::Applied(vec![])),
+            Ok((_, emitted)) => Ok(Outcome::Applied(emitted)),
             Err(ExecError::Domain(DomainError::NotFound)) => {
                 Ok(Outcome::NotYet(format!("order {order_id} not placed yet")))
             }
