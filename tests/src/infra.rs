@@ -43,6 +43,12 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub async fn start() -> Result<NatsServer> {
+        Self::start_with_store("4GB").await
+    }
+
+    /// A broker whose JetStream file store holds at most `max_file_store`
+    /// (nats-server syntax: `4GB`, `64MB`).
+    pub async fn start_with_store(max_file_store: &str) -> Result<NatsServer> {
         let bin = nats_server_bin();
         if !bin.exists() {
             bail!(
@@ -51,11 +57,21 @@ impl NatsServer {
             );
         }
         let dir = scratch_dir("nats")?;
+        // The limits of nats/nats-server.conf (streams reserve their
+        // max_bytes against max_file_store), without its fsync per write.
+        let conf = dir.join("nats-server.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "jetstream {{\n  store_dir: \"{}\"\n  max_memory_store: 256MB\n  max_file_store: {max_file_store}\n}}\nmax_payload: 1MB\n",
+                dir.join("store").display()
+            ),
+        )?;
         let child = Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", "-1", "-js", "--ports_file_dir"])
+            .args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
             .arg(&dir)
-            .arg("-sd")
-            .arg(dir.join("store"))
+            .arg("-c")
+            .arg(&conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -156,6 +172,11 @@ impl RedisServer {
         format!("redis+unix://{}", self.dir.join("redis.sock").display())
     }
 
+    /// The redis-server's process id (to stop or freeze it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub async fn connection(&self) -> Result<redis::aio::MultiplexedConnection> {
         Ok(redis::Client::open(self.url())?
             .get_multiplexed_async_connection()
@@ -218,7 +239,7 @@ impl TestDatabases {
         };
         for s in services {
             let pool = PgPoolOptions::new()
-                .max_connections(2)
+                .max_connections(1)
                 .connect_lazy(&dbs.url(s))?;
             dbs.pools.insert(s.to_string(), pool);
         }

@@ -7,6 +7,7 @@
 //! when a test needs to kill one. Everything is torn down on drop, so tests
 //! run in parallel and twice in a row.
 
+pub mod fuzz;
 pub mod infra;
 pub mod raw_nats;
 
@@ -154,7 +155,11 @@ impl Stack {
         c.subject_prefix = self.prefix.clone();
         c.redis_key_prefix = self.prefix.clone();
         c.consumer_concurrency = 32;
-        c.database_max_connections = 8;
+        // Four tests run at once, each with four services (pool plus the
+        // relay's own connection) and the assertion pools: about 20
+        // connections a stack keeps the suite under PostgreSQL's default
+        // max_connections of 100.
+        c.database_max_connections = 3;
         c
     }
 
@@ -304,6 +309,50 @@ impl Stack {
         Ok((status, v))
     }
 
+    /// `GET /health/ready` of a service: (status, body).
+    pub async fn ready(&self, service: &str) -> Result<(u16, Value)> {
+        self.get_json(service, "/health/ready").await
+    }
+
+    /// Publishes `body` to `subject` through JetStream and waits for the PubAck.
+    pub async fn publish(&self, subject: &str, body: Vec<u8>) -> Result<()> {
+        self.js
+            .publish(subject.to_string(), body.into())
+            .await?
+            .await?;
+        Ok(())
+    }
+
+    /// Dead letters with all their headers: (headers, body) per message.
+    pub async fn dead_letter_messages(&self) -> Result<Vec<(async_nats::HeaderMap, Vec<u8>)>> {
+        let stream = self
+            .js
+            .get_stream(self.subjects.dead_letter_stream())
+            .await?;
+        let last = stream.get_info().await?.state.last_sequence;
+        let mut out = Vec::new();
+        for seq in 1..=last {
+            match stream.get_raw_message(seq).await {
+                Ok(m) => out.push((m.headers, m.payload.to_vec())),
+                Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits until the dead-letter stream holds at least `n` messages; returns them.
+    pub async fn wait_for_dead_letters(
+        &self,
+        n: usize,
+    ) -> Result<Vec<(async_nats::HeaderMap, Vec<u8>)>> {
+        eventually(&format!("{n} dead letter(s)"), DEADLINE, || async {
+            let all = self.dead_letter_messages().await?;
+            Ok((all.len() >= n).then_some(all))
+        })
+        .await
+    }
+
     pub async fn order(&self, id: Uuid) -> Result<Value> {
         let (status, v) = self.get_json("order", &format!("/orders/{id}")).await?;
         anyhow::ensure!(status == 200, "get order {id}: {status} {v}");
@@ -377,27 +426,24 @@ impl Stack {
 
     /// Dead letters: (reason header, consumer header, body) per message.
     pub async fn dead_letters(&self) -> Result<Vec<(String, String, Vec<u8>)>> {
-        let stream = self
-            .js
-            .get_stream(self.subjects.dead_letter_stream())
-            .await?;
-        let last = stream.get_info().await?.state.last_sequence;
-        let mut out = Vec::new();
-        for seq in 1..=last {
-            let m = stream.get_raw_message(seq).await?;
-            let h = |name: &str| {
-                m.headers
-                    .get(name)
-                    .map(|v| v.as_str().to_string())
-                    .unwrap_or_default()
-            };
-            out.push((
-                h(common::consumer::dlq_headers::REASON),
-                h(common::consumer::dlq_headers::CONSUMER),
-                m.payload.to_vec(),
-            ));
-        }
-        Ok(out)
+        Ok(self
+            .dead_letter_messages()
+            .await?
+            .into_iter()
+            .map(|(headers, body)| {
+                let h = |name: &str| {
+                    headers
+                        .get(name)
+                        .map(|v| v.as_str().to_string())
+                        .unwrap_or_default()
+                };
+                (
+                    h(common::consumer::dlq_headers::REASON),
+                    h(common::consumer::dlq_headers::CONSUMER),
+                    body,
+                )
+            })
+            .collect())
     }
 
     /// True when nothing can happen any more without new input: every

@@ -106,15 +106,40 @@ impl RawNats {
         body: &[u8],
         timeout: Duration,
     ) -> Result<(String, Vec<u8>)> {
+        self.request_with_headers(subject, &[], body, timeout).await
+    }
+
+    /// `nats req -H 'K:V' SUBJECT BODY`: as [`Self::request`], with the
+    /// request sent as `HPUB <subject> <inbox> <hdr len> <total len>`.
+    pub async fn request_with_headers(
+        &mut self,
+        subject: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<(String, Vec<u8>)> {
         let inbox = format!("_INBOX.{}", uuid::Uuid::new_v4().simple());
         let sid = self.next_sid;
         self.next_sid += 1;
         // One reply wanted: auto-unsubscribe after it, as the CLI does.
-        let mut frame = format!(
-            "SUB {inbox} {sid}\r\nUNSUB {sid} 1\r\nPUB {subject} {inbox} {}\r\n",
-            body.len()
-        )
-        .into_bytes();
+        let mut frame = format!("SUB {inbox} {sid}\r\nUNSUB {sid} 1\r\n").into_bytes();
+        if headers.is_empty() {
+            frame.extend_from_slice(format!("PUB {subject} {inbox} {}\r\n", body.len()).as_bytes());
+        } else {
+            let mut hdr = String::from("NATS/1.0\r\n");
+            for (k, v) in headers {
+                hdr.push_str(&format!("{k}: {v}\r\n"));
+            }
+            hdr.push_str("\r\n");
+            frame.extend_from_slice(
+                format!(
+                    "HPUB {subject} {inbox} {} {}\r\n{hdr}",
+                    hdr.len(),
+                    hdr.len() + body.len()
+                )
+                .as_bytes(),
+            );
+        }
         frame.extend_from_slice(body);
         frame.extend_from_slice(b"\r\n");
         self.send(&frame).await?;

@@ -84,7 +84,7 @@ async fn invalid_orders_are_refused_with_a_message_and_start_no_saga() -> Result
                 b.to_string()
             },
             422,
-            "overflows",
+            "lines[0].quantity must be at most 1000000",
         ),
         (
             {

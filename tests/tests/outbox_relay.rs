@@ -34,7 +34,9 @@ async fn two_relays_on_one_database_publish_each_event_once_in_per_aggregate_ord
         });
         let version = (i / AGGREGATES + 1) as i64;
         let env = Envelope::new(&event, aggregate, version, Uuid::nil(), Uuid::nil());
-        outbox::enqueue(&mut conn, &stack.subjects, &[env]).await?;
+        outbox::enqueue(&mut conn, &stack.subjects, &[env], 1 << 20)
+            .await?
+            .map_err(anyhow::Error::msg)?;
     }
     drop(conn);
 
@@ -47,6 +49,7 @@ async fn two_relays_on_one_database_publish_each_event_once_in_per_aggregate_ord
             stack.js.clone(),
             OutboxSignal::default(),
             Duration::from_millis(20),
+            Default::default(),
         );
         relays.push(tokio::spawn(relay.run(shutdown.clone())));
     }
@@ -94,7 +97,14 @@ async fn events_committed_while_no_relay_ran_are_published_when_one_starts() -> 
         reason: "left behind by a crash".into(),
     });
     let env = Envelope::new(&event, "agg", 1, Uuid::nil(), Uuid::nil());
-    outbox::enqueue(&mut conn, &stack.subjects, std::slice::from_ref(&env)).await?;
+    outbox::enqueue(
+        &mut conn,
+        &stack.subjects,
+        std::slice::from_ref(&env),
+        1 << 20,
+    )
+    .await?
+    .map_err(anyhow::Error::msg)?;
     drop(conn);
 
     // No wake-up signal: only the start-up pass (and the poll) can find it.
@@ -104,6 +114,7 @@ async fn events_committed_while_no_relay_ran_are_published_when_one_starts() -> 
         stack.js.clone(),
         OutboxSignal::default(),
         Duration::from_secs(3600),
+        Default::default(),
     );
     let handle = tokio::spawn(relay.run(shutdown.clone()));
     let published = eventually("the leftover event", DEADLINE, || async {

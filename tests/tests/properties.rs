@@ -1,0 +1,227 @@
+//! Property tests with 10,000 generated hostile inputs each: the envelope
+//! decoder never panics and accepts only what the catalog allows; the HTTP
+//! placement answers every body with a 2xx or a 4xx carrying a message, never
+//! a 5xx; every generated event on the broker is applied or dead-lettered
+//! with a reason; and the invariants hold afterwards.
+
+use std::{collections::HashSet, time::Duration};
+
+use anyhow::{Context, Result};
+use common::{Envelope, Event, consumer::dlq_headers, event, limits};
+use futures::{StreamExt, stream};
+use proptest::test_runner::TestCaseError;
+use saga_tests::{Stack, eventually, fuzz};
+use serde_json::Value;
+
+const CASES: usize = 10_000;
+
+#[test]
+fn the_envelope_decoder_never_panics_and_accepts_only_bounded_consistent_events() {
+    let mut runner = fuzz::runner();
+    let mut config = runner.config().clone();
+    config.cases = CASES as u32;
+    config.failure_persistence = None;
+    let mut runner = proptest::test_runner::TestRunner::new_with_rng(config, runner.new_rng());
+    let subjects = common::Subjects::new("saga");
+    runner
+        .run(&fuzz::envelope(subjects), |(_, bytes)| {
+            match Envelope::decode(&bytes) {
+                Err(e) => {
+                    prop_assert_message(!e.to_string().is_empty())?;
+                }
+                Ok((env, ev)) => {
+                    prop_assert_message(env.metadata.correlation_id == ev.order_id())?;
+                    if let Some(lines) = lines_of(&ev) {
+                        prop_assert_message(lines.len() <= limits::MAX_LINES)?;
+                        prop_assert_message(event::lines_total(lines).is_some())?;
+                        for l in lines {
+                            prop_assert_message(
+                                (1..=limits::MAX_QUANTITY).contains(&l.quantity)
+                                    && (1..=limits::MAX_UNIT_PRICE).contains(&l.unit_price),
+                            )?;
+                        }
+                    }
+                    // What was accepted survives its own round trip.
+                    let (again, _) = Envelope::decode(&env.to_bytes())
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert_message(again == env)?;
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+fn prop_assert_message(ok: bool) -> Result<(), TestCaseError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(TestCaseError::fail("property violated"))
+    }
+}
+
+fn lines_of(ev: &Event) -> Option<&[event::OrderLine]> {
+    match ev {
+        Event::OrderPlaced(p) => Some(&p.lines),
+        Event::PaymentProcessed(p) => Some(&p.lines),
+        Event::InventoryReserved(p) => Some(&p.lines),
+        Event::InventoryReleased(p) => Some(&p.lines),
+        _ => None,
+    }
+}
+
+const BALANCE: i64 = 1_000_000_000_000;
+const STOCK: i64 = 1_000_000_000;
+
+async fn stocked_stack() -> Result<Stack> {
+    let stack = Stack::start().await?;
+    for c in fuzz::CUSTOMERS {
+        stack.set_balance(c, BALANCE).await?;
+    }
+    for p in fuzz::PRODUCTS {
+        stack.set_stock(p, STOCK).await?;
+    }
+    Ok(stack)
+}
+
+async fn check_invariants(stack: &Stack) -> Result<()> {
+    let balances: Vec<(&str, i64)> = fuzz::CUSTOMERS.iter().map(|c| (*c, BALANCE)).collect();
+    let stock: Vec<(&str, i64)> = fuzz::PRODUCTS.iter().map(|p| (*p, STOCK)).collect();
+    stack.assert_invariants(&balances, &stock).await
+}
+
+/// Waits for quiescence with room for early events' retries (about 13 s each hop).
+async fn settle_long(stack: &Stack) -> Result<()> {
+    eventually("the system to settle", Duration::from_secs(240), || async {
+        Ok((stack.is_settled().await? && stack.is_settled().await?).then_some(()))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_generated_placements_get_a_2xx_or_a_4xx_with_a_message_never_a_5xx()
+-> Result<()> {
+    let stack = stocked_stack().await?;
+    let bodies = fuzz::sample(&mut fuzz::runner(), fuzz::order_bytes(), CASES);
+    let url = stack.url("order", "/orders");
+    let results: Vec<Result<(u16, Value, Vec<u8>)>> = stream::iter(bodies)
+        .map(|body| {
+            let (http, url) = (stack.http.clone(), url.clone());
+            async move {
+                let r = http
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await?;
+                let status = r.status().as_u16();
+                Ok((status, r.json::<Value>().await.unwrap_or(Value::Null), body))
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let mut placed = 0;
+    for result in results {
+        let (status, reply, body) = result?;
+        let shown = String::from_utf8_lossy(&body[..body.len().min(300)]).to_string();
+        match status {
+            201 => {
+                placed += 1;
+                assert_eq!(reply["status"], "PENDING", "{shown} -> {reply}");
+            }
+            400..=499 => assert!(
+                reply["error"].as_str().is_some_and(|e| !e.is_empty()),
+                "{status} without a message for {shown}: {reply}"
+            ),
+            other => panic!("{other} for {shown}: {reply}"),
+        }
+    }
+    assert!(
+        placed > CASES / 50,
+        "the generator should place some orders, placed {placed}"
+    );
+    settle_long(&stack).await?;
+    check_invariants(&stack).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_generated_events_are_each_applied_or_dead_lettered_with_a_reason()
+-> Result<()> {
+    let stack = stocked_stack().await?;
+    let events = fuzz::sample(
+        &mut fuzz::runner(),
+        fuzz::envelope(stack.subjects.clone()),
+        CASES,
+    );
+    // Raw publishes, pipelined; then one flush.
+    let mut refused_locally = 0;
+    for (subject, bytes) in &events {
+        if Envelope::decode(bytes).is_err() {
+            refused_locally += 1;
+        }
+        stack
+            .client
+            .publish(subject.clone(), bytes.clone().into())
+            .await?;
+    }
+    stack.client.flush().await?;
+    let stream = stack.js.get_stream(stack.subjects.events_stream()).await?;
+    // (Consumers react to the valid ones meanwhile: more than CASES in all.)
+    eventually(
+        "every event to be stored",
+        Duration::from_secs(60),
+        || async {
+            let n = stream.get_info().await?.state.messages;
+            Ok((n >= CASES as u64).then_some(n))
+        },
+    )
+    .await?;
+
+    // A real saga goes through meanwhile.
+    let id = stack
+        .place_order(&saga_tests::order_body(
+            "alice",
+            &[("widget", 1, 100)],
+            "US",
+        ))
+        .await?;
+    assert_eq!(
+        stack.wait_for_outcome(id).await?["status"],
+        "CONFIRMED",
+        "a real saga among the garbage"
+    );
+
+    settle_long(&stack).await?;
+    let letters = stack.dead_letter_messages().await?;
+    let mut sequences = HashSet::new();
+    for (headers, _) in &letters {
+        let reason = headers
+            .get(dlq_headers::REASON)
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default();
+        assert!(!reason.trim().is_empty(), "a dead letter without a reason");
+        sequences.insert(
+            headers
+                .get(dlq_headers::STREAM_SEQUENCE)
+                .context("stream sequence header")?
+                .as_str()
+                .to_string(),
+        );
+    }
+    // Everything that does not decode was dead-lettered, once.
+    assert!(
+        sequences.len() >= refused_locally,
+        "{} dead letters for {refused_locally} undecodable events",
+        sequences.len()
+    );
+    for (status, body) in [
+        stack.ready("order").await?,
+        stack.ready("payment").await?,
+        stack.ready("inventory").await?,
+        stack.ready("shipping").await?,
+    ] {
+        assert_eq!(status, 200, "{body}");
+    }
+    check_invariants(&stack).await
+}
