@@ -9,7 +9,8 @@
 # services: started if nothing answers, never stopped.
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
-RUN_DIR="$ROOT/.run"
+# Pid files, logs and the JetStream store of the stack up.sh starts.
+RUN_DIR="${RUN_DIR:-$ROOT/.run}"
 VENV="$ROOT/.venv"
 REQUIREMENTS="$ROOT/scripts/requirements-dev.txt"
 
@@ -102,14 +103,18 @@ print("" if v is None else v)' "$1"
     fi
 }
 
-# http_json METHOD URL [BODY]: sends a JSON request to one of the services and
-# prints the response body; fails (with the status and body) unless it is 2xx.
+# http_json METHOD URL [BODY [HEADER]]: sends a JSON request to one of the
+# services and prints the response body; fails (with the status and body)
+# unless it is 2xx.
 http_json() {
     local method="$1" url="$2" out code body
     out="$(mktemp)"
     local args=(-sS -o "$out" -w '%{http_code}' -X "$method" --max-time 10)
     if [ $# -ge 3 ]; then
         args+=(-H 'Content-Type: application/json' --data "$3")
+    fi
+    if [ $# -ge 4 ]; then
+        args+=(-H "$4")
     fi
     if ! code="$(curl "${args[@]}" "$url")"; then
         rm -f "$out"
@@ -300,7 +305,10 @@ create_databases() {
     for db in $DATABASES; do
         if [ "$(psql_admin -d postgres -tAc "select 1 from pg_database where datname = '$db'")" != 1 ]; then
             log "creating database $db"
-            psql_admin -d postgres -c "CREATE DATABASE \"$db\""
+            # Another up.sh may create it at the same moment: fine if it exists now.
+            psql_admin -d postgres -c "CREATE DATABASE \"$db\"" 2>/dev/null ||
+                [ "$(psql_admin -d postgres -tAc "select 1 from pg_database where datname = '$db'")" = 1 ] ||
+                die "cannot create database $db"
         fi
     done
 }
@@ -346,7 +354,36 @@ $(tail -n 20 "$RUN_DIR/nats.log")"
 
 stop_nats() { stop_pid nats "$NATS_BIN" 20; }
 
-service_bin() { printf '%s/target/release/%s\n' "$ROOT" "$1"; }
+# cargo_target_dir: where cargo puts this workspace's build output, asked of
+# cargo itself, so CARGO_TARGET_DIR and a build.target-dir setting are honoured.
+cargo_target_dir() {
+    if [ -z "${SAGA_TARGET_DIR:-}" ]; then
+        if ! have cargo && [ -x "$HOME/.cargo/bin/cargo" ]; then
+            PATH="$HOME/.cargo/bin:$PATH"
+        fi
+        have cargo || die "cargo not found: install Rust (rustup) first"
+        SAGA_TARGET_DIR="$(cd "$ROOT" && cargo metadata --no-deps --format-version 1 |
+            python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')" ||
+            die "cannot ask cargo where it builds (cargo metadata failed)"
+    fi
+    printf '%s\n' "$SAGA_TARGET_DIR"
+}
+
+# built_bin NAME: where cargo builds the release binary of service NAME.
+built_bin() { printf '%s/release/%s\n' "$(cargo_target_dir)" "$1"; }
+
+# service_bin NAME: the binary the running NAME was started from (recorded in
+# $RUN_DIR/NAME.exe by start_service), else where cargo builds it. Pid files
+# are checked against it, so a stop finds exactly what a start started, even
+# if CARGO_TARGET_DIR changed in between.
+service_bin() {
+    local recorded="$RUN_DIR/$1.exe"
+    if [ -s "$recorded" ]; then
+        cat "$recorded"
+    else
+        built_bin "$1"
+    fi
+}
 
 # service_port NAME: the HTTP port of a service ($ORDER_PORT etc., default 8081-8084).
 service_port() {
@@ -361,11 +398,14 @@ service_port() {
 
 service_url() { printf 'http://127.0.0.1:%s\n' "$(service_port "$1")"; }
 
-# start_service NAME NATS_URL: starts target/release/NAME in the background
-# (log $RUN_DIR/NAME.log, pid $RUN_DIR/NAME.pid); does not wait for it.
+# start_service NAME NATS_URL: starts cargo's release build of NAME in the
+# background (log $RUN_DIR/NAME.log, pid $RUN_DIR/NAME.pid, binary recorded in
+# $RUN_DIR/NAME.exe); does not wait for it.
 start_service() {
-    local name="$1" nats_url="$2" port
+    local name="$1" nats_url="$2" port exe
     port="$(service_port "$name")"
+    exe="$(built_bin "$name")"
+    [ -x "$exe" ] || die "$exe not found: build it with cargo build --release -p $name"
     if port_in_use "$port"; then
         die "port $port (for $name) is already in use by another process; set ${name^^}_PORT to use another"
     fi
@@ -376,8 +416,9 @@ start_service() {
         SUBJECT_PREFIX="${SUBJECT_PREFIX:-saga}" \
         LOG_FORMAT=json \
         RUST_LOG="${RUST_LOG:-info}" \
-        nohup "$(service_bin "$name")" >>"$RUN_DIR/$name.log" 2>&1 </dev/null &
+        nohup "$exe" >>"$RUN_DIR/$name.log" 2>&1 </dev/null &
     echo "$!" >"$(pid_file "$name")"
+    printf '%s\n' "$exe" >"$RUN_DIR/$name.exe"
 }
 
 # wait_service_ready NAME [TIMEOUT]: waits for NAME's /health/ready.
@@ -385,11 +426,14 @@ wait_service_ready() {
     local name="$1" timeout="${2:-90}" pid
     pid="$(cat "$(pid_file "$name")")"
     local deadline=$((SECONDS + timeout))
-    until curl -fsS -o /dev/null "$(service_url "$name")/health/ready" 2>/dev/null; do
+    while true; do
+        # Liveness first: a ready answer on the port counts only while our
+        # process is the one that could have given it.
         if ! kill -0 "$pid" 2>/dev/null; then
             die "$name exited during start-up; last lines of $RUN_DIR/$name.log:
 $(tail -n 20 "$RUN_DIR/$name.log")"
         fi
+        curl -fsS -o /dev/null "$(service_url "$name")/health/ready" 2>/dev/null && break
         if ((SECONDS >= deadline)); then
             die "$name (pid $pid) not ready after ${timeout}s; see $RUN_DIR/$name.log"
         fi
@@ -397,7 +441,10 @@ $(tail -n 20 "$RUN_DIR/$name.log")"
     done
 }
 
-stop_service() { stop_pid "$1" "$(service_bin "$1")" 30; }
+stop_service() {
+    stop_pid "$1" "$(service_bin "$1")" 30
+    rm -f "$RUN_DIR/$1.exe"
+}
 
 # stop_services: stops whichever of the four services we started, in parallel.
 stop_services() {
@@ -406,4 +453,7 @@ stop_services() {
         specs+=("$s=$(service_bin "$s")")
     done
     stop_pids 30 "${specs[@]}"
+    for s in $SERVICES; do
+        rm -f "$RUN_DIR/$s.exe"
+    done
 }

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Starts the whole saga stack natively and runs a demo:
 #
-#   scripts/up.sh
+#   scripts/up.sh              build (cargo build --release) and start
+#   scripts/up.sh --no-build   start what is already built
 #
 # Installs what is missing (Debian packages, .venv with nats-server), makes sure
 # Postgres and Redis answer on localhost, creates the databases, starts our own
 # nats-server (JetStream store in .run/jetstream), builds and starts the four
 # services, then places one order that is confirmed and one that is cancelled
 # and compensated. Safe to run again: running services are restarted.
+#
+# The binaries are started from wherever cargo builds them (CARGO_TARGET_DIR
+# and build.target-dir are honoured: cargo metadata says where). If start-up
+# fails, whatever this run started is stopped again and the log to read is
+# named; nothing is left half-started.
 #
 # Environment:
 #   NATS_PORT, NATS_MONITOR_PORT   nats-server ports (default 4222/8222, or
@@ -16,6 +22,7 @@
 #                                  HTTP ports (default 8081-8084)
 #   RUST_LOG                       service log filter (default info)
 #   DEMO_TIMEOUT                   seconds an order may take to settle (default 30)
+#   RUN_DIR                        pid files, logs and JetStream store (default .run)
 #
 # Stop with scripts/down.sh.
 set -euo pipefail
@@ -82,25 +89,57 @@ ensure_nats() {
     fi
     choose_nats_ports
     log "starting nats-server v$NATS_VERSION on 127.0.0.1:$NATS_PORT (monitor $NATS_MONITOR_PORT, store $RUN_DIR/jetstream)"
+    STARTED+=(nats)
     start_nats "$NATS_PORT" "$NATS_MONITOR_PORT"
 }
 
 build_services() {
-    if ! have cargo && [ -x "$HOME/.cargo/bin/cargo" ]; then
-        PATH="$HOME/.cargo/bin:$PATH"
-    fi
-    have cargo || die "cargo not found: install Rust (rustup) first"
-    log "building the services (cargo build --release)"
+    log "building the services (cargo build --release, into $SAGA_TARGET_DIR)"
     local args=() s
     for s in $SERVICES; do
         args+=(-p "$s")
     done
-    cargo build --release "${args[@]}"
+    (cd "$ROOT" && cargo build --release "${args[@]}")
+}
+
+# check_binaries: every service binary is where it will be started from.
+check_binaries() {
+    local s exe missing=()
+    for s in $SERVICES; do
+        exe="$(built_bin "$s")"
+        [ -x "$exe" ] || missing+=("$exe")
+    done
+    [ ${#missing[@]} -eq 0 ] ||
+        die "not built: ${missing[*]} (run without --no-build, or cargo build --release)"
+}
+
+# What this run started, in order; stopped again if start-up fails.
+STARTED=()
+UP_OK=0
+
+# undo_failed_start: the EXIT trap. After a failed start-up it stops what this
+# run started (services, then the broker) and says which log to read.
+undo_failed_start() {
+    local rc=$? i name
+    [ "$UP_OK" = 1 ] && return "$rc"
+    [ ${#STARTED[@]} -eq 0 ] && return "$rc"
+    warn "start-up failed; stopping what this run started: ${STARTED[*]}"
+    for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do
+        name="${STARTED[$i]}"
+        if [ "$name" = nats ]; then
+            stop_nats || true
+        else
+            stop_service "$name" || true
+        fi
+    done
+    warn "nothing of this run is left running; the logs are in $RUN_DIR/"
+    return "$rc"
 }
 
 start_services() {
     local s
     for s in $SERVICES; do
+        STARTED+=("$s")
         start_service "$s" "nats://127.0.0.1:$NATS_PORT"
     done
     for s in $SERVICES; do
@@ -151,8 +190,9 @@ demo() {
     local ok=0 id json status total reason balance deadline
     echo
     log "demo: customer demo-alice gets a balance of 10000, product demo-widget a stock of 100"
-    http_json PUT "$(service_url payment)/accounts/demo-alice" '{"balance": 10000}' >/dev/null || return 1
-    http_json PUT "$(service_url inventory)/stock/demo-widget" '{"available": 100}' >/dev/null || return 1
+    # If-Match: * resets them on every run (an existing one is overwritten only on purpose).
+    http_json PUT "$(service_url payment)/accounts/demo-alice" '{"balance": 10000}' 'If-Match: *' >/dev/null || return 1
+    http_json PUT "$(service_url inventory)/stock/demo-widget" '{"available": 100}' 'If-Match: *' >/dev/null || return 1
 
     log "demo: order 2 x demo-widget at 1250, shipped to the US"
     id="$(place_demo_order US)"
@@ -215,7 +255,7 @@ EOF
 For the nats CLI:
   export NATS_URL=nats://127.0.0.1:$NATS_PORT
   nats sub 'saga.>'
-(all of the above: source .run/stack.env)
+(all of the above: source $RUN_DIR/stack.env)
 
 Logs: $RUN_DIR/{nats,order,payment,inventory,shipping}.log
 Stop: scripts/down.sh   (--purge also removes .run and drops the databases)
@@ -223,18 +263,35 @@ EOF
 }
 
 main() {
-    local started=$SECONDS
+    local started=$SECONDS build=1 arg
+    for arg in "$@"; do
+        case "$arg" in
+        --no-build) build=0 ;;
+        -h | --help)
+            sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
+            exit 0
+            ;;
+        *) die "unknown argument: $arg (expected --no-build)" ;;
+        esac
+    done
     ensure_packages
+    SAGA_TARGET_DIR="$(cargo_target_dir)"
+    export SAGA_TARGET_DIR
+    if [ "$build" = 1 ]; then
+        build_services
+    fi
+    check_binaries
     ensure_venv
     ensure_postgres
     ensure_redis
     create_databases
     mkdir -p "$RUN_DIR"
-    build_services
+    trap undo_failed_start EXIT
     # Restart: the old services go before their nats-server might.
     stop_services
     ensure_nats
     start_services
+    UP_OK=1
     log "stack up in $((SECONDS - started))s"
 
     if ! demo; then
