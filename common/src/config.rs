@@ -6,8 +6,8 @@ use std::{net::SocketAddr, time::Duration};
 /// Everything a service needs to reach its infrastructure.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `order`, `payment`, `inventory` or `shipping`: names the consumer,
-    /// the Redis idempotency namespace and the dead-letter subject.
+    /// A name from [`crate::roster`]: names the consumer, the Redis
+    /// idempotency namespace and the dead-letter subject.
     pub service: String,
     /// `DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/saga_<service>`.
     pub database_url: String,
@@ -15,7 +15,7 @@ pub struct Config {
     pub redis_url: String,
     /// `NATS_URL`, default `nats://127.0.0.1:4222`.
     pub nats_url: String,
-    /// `HTTP_ADDR`, default `127.0.0.1:808N` (order 1, payment 2, inventory 3, shipping 4).
+    /// `HTTP_ADDR`, default `127.0.0.1:<the roster's default port>`.
     pub http_addr: SocketAddr,
     /// `SUBJECT_PREFIX`, default `saga`: first subject token and stream-name prefix.
     pub subject_prefix: String,
@@ -50,13 +50,7 @@ pub enum LogFormat {
 pub struct ConfigError(pub String);
 
 fn default_port(service: &str) -> u16 {
-    match service {
-        "order" => 8081,
-        "payment" => 8082,
-        "inventory" => 8083,
-        "shipping" => 8084,
-        _ => 8080,
-    }
+    crate::roster::find(service).map_or(8080, |s| s.default_port)
 }
 
 impl Config {

@@ -11,6 +11,7 @@ pub mod http;
 pub mod idempotency;
 pub mod limits;
 pub mod outbox;
+pub mod roster;
 pub mod service;
 pub mod subjects;
 pub mod telemetry;

@@ -9,15 +9,9 @@ use crate::subjects::Subjects;
 const EVENTS_STREAM: &str = include_str!("../../nats/streams/events.json");
 const DLQ_STREAM: &str = include_str!("../../nats/streams/dlq.json");
 
-/// Consumer definition file of each service, by durable name.
+/// Consumer definition file of each service of the roster, by durable name.
 pub fn consumer_file(service: &str) -> Option<&'static str> {
-    match service {
-        "order" => Some(include_str!("../../nats/consumers/order.json")),
-        "payment" => Some(include_str!("../../nats/consumers/payment.json")),
-        "inventory" => Some(include_str!("../../nats/consumers/inventory.json")),
-        "shipping" => Some(include_str!("../../nats/consumers/shipping.json")),
-        _ => None,
-    }
+    crate::roster::find(service).map(|s| s.consumer)
 }
 
 /// The order service's watch on the dead-letter stream.
@@ -132,7 +126,7 @@ mod tests {
     #[test]
     fn every_service_has_a_consumer_that_parses() {
         let s = Subjects::new("saga");
-        for svc in ["order", "payment", "inventory", "shipping"] {
+        for svc in crate::roster::names() {
             let c = consumer_config(&s, svc).unwrap();
             assert_eq!(c.durable_name.as_deref(), Some(svc));
             assert!(!c.filter_subjects.is_empty());
@@ -146,7 +140,7 @@ mod tests {
         let streams = stream_configs(&s).unwrap();
         let events = &streams[0];
         assert_eq!(events.name, "X_EVENTS");
-        for svc in ["order", "payment", "inventory", "shipping"] {
+        for svc in crate::roster::names() {
             for f in consumer_config(&s, svc).unwrap().filter_subjects {
                 let aggregate = f.split('.').nth(1).unwrap();
                 assert!(events.subjects.contains(&format!("x.{aggregate}.>")), "{f}");
@@ -161,7 +155,7 @@ mod tests {
             .iter()
             .map(|k| s.event(*k))
             .collect();
-        for svc in ["order", "payment", "inventory", "shipping"] {
+        for svc in crate::roster::names() {
             for f in consumer_config(&s, svc).unwrap().filter_subjects {
                 assert!(all.contains(&f), "{svc} filters on unknown subject {f}");
             }
