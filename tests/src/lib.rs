@@ -8,7 +8,6 @@
 //! run in parallel and twice in a row.
 
 pub mod fuzz;
-pub mod infra;
 pub mod raw_nats;
 
 use std::{
@@ -22,45 +21,30 @@ use anyhow::{Context, Result, bail};
 use async_nats::jetstream;
 use common::{Config, Envelope, Subjects};
 use futures::StreamExt;
-use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub use infra::{NatsServer, RedisServer, TestDatabases};
+pub use stack::{
+    eventually,
+    infra::{NatsServer, RedisServer, TestDatabases},
+};
 
-pub const SERVICES: [&str; 4] = ["order", "payment", "inventory", "shipping"];
+/// The names of the roster's services.
+pub const SERVICES: [&str; common::roster::SERVICES.len()] = {
+    let mut names = [""; common::roster::SERVICES.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = common::roster::SERVICES[i].name;
+        i += 1;
+    }
+    names
+};
 
 /// Default deadline for a saga to reach its end in tests.
 pub const DEADLINE: Duration = Duration::from_secs(30);
-
-/// Polls `check` until it returns `Some`, or fails after `deadline` with `what`.
-pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let start = Instant::now();
-    let mut last_err = None;
-    loop {
-        match check().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last_err = Some(e),
-        }
-        if start.elapsed() > deadline {
-            match last_err {
-                Some(e) => {
-                    bail!("timed out after {deadline:?} waiting for {what}; last error: {e:#}")
-                }
-                None => bail!("timed out after {deadline:?} waiting for {what}"),
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// A service running inside the test process.
 struct InProcess {
@@ -186,14 +170,10 @@ impl Stack {
     pub async fn start_service(&mut self, name: &'static str) -> Result<()> {
         let config = self.config(name);
         let shutdown = CancellationToken::new();
-        let service = match name {
-            "order" => order::build(config, shutdown.clone()).await,
-            "payment" => payment::build(config, shutdown.clone()).await,
-            "inventory" => inventory::build(config, shutdown.clone()).await,
-            "shipping" => shipping::build(config, shutdown.clone()).await,
-            other => bail!("no service named {other}"),
-        }
-        .with_context(|| format!("start {name}"))?;
+        let Some(building) = stack::services::build(name, config, shutdown.clone()) else {
+            bail!("no service named {name}");
+        };
+        let service = building.await.with_context(|| format!("start {name}"))?;
         let base_url = format!("http://{}", service.local_addr());
         let handle = tokio::spawn(service.run());
         self.services.insert(
@@ -605,9 +585,4 @@ pub async fn next_message(
         .await
         .context("no message before the deadline")?
         .context("subscription closed")
-}
-
-#[derive(Deserialize)]
-pub struct Ports {
-    pub nats: Vec<String>,
 }

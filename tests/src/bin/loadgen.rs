@@ -393,7 +393,7 @@ async fn report_backlog(nats: async_nats::Client, subjects: Subjects) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let mut line = String::from("backlog");
-        for name in ["payment", "inventory", "shipping", "order"] {
+        for name in common::roster::names() {
             let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
                 stream.get_consumer(name).await;
             if let Ok(mut c) = consumer

