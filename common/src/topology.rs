@@ -4,7 +4,13 @@
 
 use async_nats::jetstream::{self, consumer::pull, stream};
 
-use crate::subjects::Subjects;
+use std::time::Duration;
+
+use crate::{backoff::backoff, subjects::Subjects};
+
+/// Tries to create or update a stream gets before start-up fails (about
+/// 4 s in all).
+const STREAM_ATTEMPTS: i64 = 8;
 
 const EVENTS_STREAM: &str = include_str!("../../nats/streams/events.json");
 const DLQ_STREAM: &str = include_str!("../../nats/streams/dlq.json");
@@ -68,9 +74,22 @@ pub async fn apply_streams(
 ) -> Result<(), TopologyError> {
     for config in stream_configs(subjects)? {
         let name = config.name.clone();
-        js.create_or_update_stream(config)
-            .await
-            .map_err(|e| TopologyError::Stream(name, e.to_string()))?;
+        let mut failures = 0;
+        loop {
+            match js.create_or_update_stream(config.clone()).await {
+                Ok(_) => break,
+                // Services starting together on a fresh broker race to create
+                // the same stream, and the server may count a create still in
+                // flight against the store of the others ("insufficient
+                // storage resources"). Once the first create is done, the
+                // others' updates succeed: retry, briefly.
+                Err(_) if failures < STREAM_ATTEMPTS => {
+                    failures += 1;
+                    tokio::time::sleep(backoff(failures, Duration::from_secs(1))).await;
+                }
+                Err(e) => return Err(TopologyError::Stream(name, e.to_string())),
+            }
+        }
     }
     Ok(())
 }
