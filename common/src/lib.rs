@@ -1,24 +1,23 @@
-//! What every saga service shares: the event envelope and catalog, subject
-//! names and JetStream topology, the transactional outbox and its relay, the
-//! idempotent consumer runtime, configuration, telemetry and the HTTP shell.
+//! The runtime every saga service shares: JetStream topology, the
+//! transactional outbox and its relay, the idempotent consumer runtime,
+//! configuration, telemetry, health and the HTTP shell, and the roster of
+//! services. What crosses the wire (envelope, catalog, limits, subjects) is
+//! the `contracts` crate in `common/contracts/`, re-exported here so a
+//! service depends on one crate.
 
 pub mod backoff;
 pub mod config;
 pub mod consumer;
-pub mod event;
 pub mod health;
 pub mod http;
 pub mod idempotency;
-pub mod limits;
 pub mod outbox;
 pub mod roster;
 pub mod service;
-pub mod subjects;
 pub mod telemetry;
 pub mod topology;
 
 pub use config::Config;
 pub use consumer::{Handler, HandlerError, Outcome};
-pub use event::{Envelope, Event, EventKind};
+pub use contracts::{Envelope, Event, EventKind, Subjects, event, limits, subjects};
 pub use service::{Infra, Service, StartError};
-pub use subjects::Subjects;

@@ -113,7 +113,7 @@ mod tests {
             .filter(|m| !m.is_empty())
             .collect();
         let mut expected: BTreeSet<&str> = names().collect();
-        expected.extend(["common", "stack", "tests"]);
+        expected.extend(["common", "common/contracts", "stack", "tests"]);
         assert_eq!(members, expected);
     }
 }
