@@ -130,6 +130,66 @@ impl Version {
     }
 }
 
+/// A resource created by `PUT` and overwritten by `PUT` only under
+/// `If-Match` (accounts, stock): the one flow both follow. Without
+/// `If-Match`, or with `*`, a missing resource is created (201); an existing
+/// one is overwritten only with `If-Match` (428 without it), and only at the
+/// version named (412 if it moved on; `*` takes any version).
+pub struct VersionedPut<'a> {
+    /// How messages name it: `account 'alice'`, `stock of 'widget'`.
+    pub what: &'a str,
+    /// Appended to the 428 message: how else to change it.
+    pub hint: &'a str,
+}
+
+impl VersionedPut<'_> {
+    /// Runs the flow. `create` inserts if absent and returns the new
+    /// resource (`None`: it exists); `overwrite(expected)` updates it if at
+    /// `expected` (`None`: any version) and returns it; `version` reads the
+    /// current version to explain a 412.
+    pub async fn run<T, C, O, V>(
+        &self,
+        headers: &HeaderMap,
+        create: impl FnOnce() -> C,
+        overwrite: impl FnOnce(Option<i64>) -> O,
+        version: impl FnOnce() -> V,
+    ) -> Result<(StatusCode, T), ApiError>
+    where
+        C: Future<Output = Result<Option<T>, sqlx::Error>>,
+        O: Future<Output = Result<Option<T>, sqlx::Error>>,
+        V: Future<Output = Result<Option<i64>, sqlx::Error>>,
+    {
+        let what = self.what;
+        let precondition = Version::if_match(headers)?;
+        // With a version named, only an overwrite of that version will do.
+        if !matches!(precondition, Some(Version::Exactly(_)))
+            && let Some(created) = create().await?
+        {
+            return Ok((StatusCode::CREATED, created));
+        }
+        let expected = match precondition {
+            None => {
+                return Err(ApiError::PreconditionRequired(format!(
+                    "{what} exists: to overwrite it send If-Match with the ETag of a GET (or If-Match: *); {}",
+                    self.hint
+                )));
+            }
+            Some(Version::Any) => None,
+            Some(Version::Exactly(v)) => Some(v),
+        };
+        if let Some(updated) = overwrite(expected).await? {
+            return Ok((StatusCode::OK, updated));
+        }
+        Err(ApiError::PreconditionFailed(match version().await? {
+            None => format!("{what} does not exist; create it without If-Match"),
+            Some(v) => format!(
+                "{what} is at version {v}, not {}: it changed since it was read; read it again",
+                expected.unwrap_or_default()
+            ),
+        }))
+    }
+}
+
 /// What readiness checks.
 #[derive(Clone)]
 pub struct HealthState {

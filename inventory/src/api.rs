@@ -17,11 +17,13 @@ use axum::{
     routing::{get, post},
 };
 use common::{
-    http::{ApiError, ValidJson, Version},
+    http::{ApiError, ValidJson, Version, VersionedPut},
     limits,
 };
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sqlx::PgPool;
+
+use crate::store::{self, Stock};
 
 pub fn router(pool: PgPool) -> Router {
     Router::new()
@@ -43,15 +45,6 @@ struct Adjustment {
     delta: i64,
 }
 
-#[derive(Serialize, sqlx::FromRow)]
-#[serde(rename_all = "camelCase")]
-struct StockView {
-    product_id: String,
-    available: i64,
-    reserved: i64,
-    version: i64,
-}
-
 fn product(product_id: &str) -> Result<(), ApiError> {
     limits::check_id("productId", product_id).map_err(ApiError::BadRequest)
 }
@@ -65,58 +58,19 @@ async fn put_stock(
     product(&product_id)?;
     limits::check_range("available", body.available, 0, limits::MAX_AMOUNT)
         .map_err(ApiError::Unprocessable)?;
-    let precondition = Version::if_match(&headers)?;
-    // With a version named, only an overwrite of that version will do; without
-    // one (or with `*`), a new one is created.
-    let create = !matches!(precondition, Some(Version::Exactly(_)));
-    let created: Option<StockView> = sqlx::query_as(
-        "INSERT INTO stock (product_id, available) SELECT $1, $2 WHERE $3
-         ON CONFLICT (product_id) DO NOTHING
-         RETURNING product_id, available, reserved, version",
-    )
-    .bind(&product_id)
-    .bind(body.available)
-    .bind(create)
-    .fetch_optional(&pool)
-    .await?;
-    if let Some(view) = created {
-        return Ok(respond(view, StatusCode::CREATED));
-    }
-    let expected = match precondition {
-        None => {
-            return Err(ApiError::PreconditionRequired(format!(
-                "stock of '{product_id}' exists: to overwrite it send If-Match with the ETag of GET /stock/{product_id} (or If-Match: *); to add or remove units, POST /stock/{product_id}/adjustments"
-            )));
-        }
-        Some(Version::Any) => None,
-        Some(Version::Exactly(v)) => Some(v),
+    let put = VersionedPut {
+        what: &format!("stock of '{product_id}'"),
+        hint: &format!("to add or remove units, POST /stock/{product_id}/adjustments"),
     };
-    let updated: Option<StockView> = sqlx::query_as(
-        "UPDATE stock SET available = $2, version = version + 1, updated_at = now()
-         WHERE product_id = $1 AND ($3::bigint IS NULL OR version = $3)
-         RETURNING product_id, available, reserved, version",
-    )
-    .bind(&product_id)
-    .bind(body.available)
-    .bind(expected)
-    .fetch_optional(&pool)
-    .await?;
-    match updated {
-        Some(view) => Ok(respond(view, StatusCode::OK)),
-        None => {
-            let current = find(&pool, &product_id).await?;
-            Err(ApiError::PreconditionFailed(match current {
-                None => {
-                    format!("stock of '{product_id}' does not exist; create it without If-Match")
-                }
-                Some(s) => format!(
-                    "stock of '{product_id}' is at version {}, not {}: it changed since it was read; read it again",
-                    s.version,
-                    expected.unwrap_or_default()
-                ),
-            }))
-        }
-    }
+    let (status, stock) = put
+        .run(
+            &headers,
+            || store::create_stock(&pool, &product_id, body.available),
+            |expected| store::overwrite_stock(&pool, &product_id, body.available, expected),
+            || async { Ok(store::stock(&pool, &product_id).await?.map(|s| s.version)) },
+        )
+        .await?;
+    Ok(respond(stock, status))
 }
 
 async fn adjust(
@@ -130,22 +84,10 @@ async fn adjust(
     }
     limits::check_range("delta", body.delta, -limits::MAX_AMOUNT, limits::MAX_AMOUNT)
         .map_err(ApiError::Unprocessable)?;
-    // One statement: the row lock orders it with reservations and releases,
-    // and the bounds are checked on the value it actually changes.
-    let adjusted: Option<StockView> = sqlx::query_as(
-        "UPDATE stock SET available = available + $2, version = version + 1, updated_at = now()
-         WHERE product_id = $1 AND available + $2 >= 0 AND available + $2 <= $3
-         RETURNING product_id, available, reserved, version",
-    )
-    .bind(&product_id)
-    .bind(body.delta)
-    .bind(limits::MAX_AMOUNT)
-    .fetch_optional(&pool)
-    .await?;
-    if let Some(view) = adjusted {
-        return Ok(respond(view, StatusCode::OK));
+    if let Some(stock) = store::adjust(&pool, &product_id, body.delta, limits::MAX_AMOUNT).await? {
+        return Ok(respond(stock, StatusCode::OK));
     }
-    Err(match find(&pool, &product_id).await? {
+    Err(match store::stock(&pool, &product_id).await? {
         None => ApiError::NotFound(format!(
             "no stock record for product '{product_id}'; create it with PUT /stock/{product_id}"
         )),
@@ -167,27 +109,18 @@ async fn get_stock(
     Path(product_id): Path<String>,
 ) -> Result<Response, ApiError> {
     product(&product_id)?;
-    find(&pool, &product_id)
+    store::stock(&pool, &product_id)
         .await?
-        .map(|view| respond(view, StatusCode::OK))
+        .map(|stock| respond(stock, StatusCode::OK))
         .ok_or_else(|| ApiError::NotFound(format!("no stock record for product '{product_id}'")))
 }
 
-async fn find(pool: &PgPool, product_id: &str) -> Result<Option<StockView>, ApiError> {
-    Ok(sqlx::query_as(
-        "SELECT product_id, available, reserved, version FROM stock WHERE product_id = $1",
-    )
-    .bind(product_id)
-    .fetch_optional(pool)
-    .await?)
-}
-
 /// The stock as JSON, with its version as the `ETag`.
-fn respond(view: StockView, status: StatusCode) -> Response {
+fn respond(stock: Stock, status: StatusCode) -> Response {
     (
         status,
-        [(header::ETAG, Version::Exactly(view.version).etag())],
-        Json(view),
+        [(header::ETAG, Version::Exactly(stock.version).etag())],
+        Json(stock),
     )
         .into_response()
 }

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use common::{event::OrderLine, limits};
+use common::{compensation::StepState, event::OrderLine, limits};
 
 /// Quantity per product, summed over lines, in product order (the order rows
 /// are locked in, so concurrent reservations never deadlock). Sums are
@@ -51,8 +51,9 @@ pub fn decide_reservation(
     }
 }
 
-/// State of an order's reservation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// State of an order's reservation, stored as its lowercase name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
 pub enum ReservationStatus {
     Reserved,
     Failed,
@@ -60,35 +61,13 @@ pub enum ReservationStatus {
 }
 
 impl ReservationStatus {
-    pub fn as_str(self) -> &'static str {
+    /// Where the reservation stands for a release: only reserved units go back.
+    pub fn step_state(self) -> StepState {
         match self {
-            ReservationStatus::Reserved => "reserved",
-            ReservationStatus::Failed => "failed",
-            ReservationStatus::Released => "released",
+            ReservationStatus::Reserved => StepState::Done,
+            ReservationStatus::Failed => StepState::Refused,
+            ReservationStatus::Released => StepState::Compensated,
         }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "reserved" => Some(ReservationStatus::Reserved),
-            "failed" => Some(ReservationStatus::Failed),
-            "released" => Some(ReservationStatus::Released),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub enum ReleaseDecision {
-    Release,
-    AlreadyReleased,
-    NothingReserved,
-}
-
-pub fn decide_release(status: ReservationStatus) -> ReleaseDecision {
-    match status {
-        ReservationStatus::Reserved => ReleaseDecision::Release,
-        ReservationStatus::Released => ReleaseDecision::AlreadyReleased,
-        ReservationStatus::Failed => ReleaseDecision::NothingReserved,
     }
 }
 
@@ -173,17 +152,14 @@ mod tests {
 
     #[test]
     fn only_a_held_reservation_is_released_and_only_once() {
-        assert_eq!(
-            decide_release(ReservationStatus::Reserved),
-            ReleaseDecision::Release
-        );
-        assert_eq!(
-            decide_release(ReservationStatus::Released),
-            ReleaseDecision::AlreadyReleased
-        );
-        assert_eq!(
-            decide_release(ReservationStatus::Failed),
-            ReleaseDecision::NothingReserved
-        );
+        use ReservationStatus::*;
+        use common::compensation::{Compensation::*, decide};
+        for (status, then) in [
+            (Reserved, Undo),
+            (Released, AlreadyUndone),
+            (Failed, NothingToUndo),
+        ] {
+            assert_eq!(decide(status.step_state()), then, "{status:?}");
+        }
     }
 }

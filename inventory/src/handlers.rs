@@ -1,18 +1,18 @@
-//! Reactions to saga events: reserve on PaymentProcessed, release on ShipmentFailed.
-
-use std::collections::HashMap;
+//! Reactions to saga events: reserve on PaymentProcessed; release (the
+//! shared compensation) on ShipmentFailed.
 
 use common::{
     Envelope, Event, Handler, HandlerError, Outcome,
-    event::{
-        InventoryReleased, InventoryReservationFailed, InventoryReserved, OrderLine,
-        PaymentProcessed,
-    },
+    compensation::{self, STEP_VERSION, StepState},
+    event::{InventoryReleased, InventoryReservationFailed, InventoryReserved, PaymentProcessed},
 };
-use sqlx::{PgConnection, types::Json};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::{self, ReleaseDecision, ReservationStatus};
+use crate::{
+    domain::{self, ReservationStatus},
+    store::{self, Reservation},
+};
 
 pub struct InventoryHandler;
 
@@ -25,7 +25,9 @@ impl Handler for InventoryHandler {
     ) -> Result<Outcome, HandlerError> {
         match event {
             Event::PaymentProcessed(p) => reserve(tx, env, p).await,
-            Event::ShipmentFailed(e) => release(tx, env, e.order_id, e.reason).await,
+            Event::ShipmentFailed(e) => {
+                compensation::compensate::<Release>(tx, env, e.order_id, e.reason).await
+            }
             other => Ok(Outcome::not_handled("inventory", &other)),
         }
     }
@@ -41,43 +43,31 @@ async fn reserve(
         Ok(d) => d,
         Err(reason) => return Ok(Outcome::Rejected(reason)),
     };
-    let products: Vec<&String> = demand.keys().collect();
-    // Rows locked in product order: concurrent reservations queue, never
-    // deadlock, and each sees what the previous one left.
-    let available: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
-        "SELECT product_id, available FROM stock WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE",
-    )
-    .bind(&products)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .collect();
+    let available = store::lock_available(tx, &demand.keys().collect::<Vec<_>>()).await?;
     let decision = domain::decide_reservation(&demand, &available);
-    let (status, reason) = match &decision {
-        Ok(()) => (ReservationStatus::Reserved, None),
-        Err(reason) => (ReservationStatus::Failed, Some(reason.as_str())),
+    let reservation = Reservation {
+        order_id,
+        lines: paid.lines,
+        status: match decision {
+            Ok(()) => ReservationStatus::Reserved,
+            Err(_) => ReservationStatus::Failed,
+        },
     };
-    // One reservation per order (primary key): a second one finds it taken.
-    let recorded = sqlx::query(
-        "INSERT INTO reservations (order_id, lines, status, reason) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (order_id) DO NOTHING",
+    if !store::record_reservation(
+        tx,
+        &reservation,
+        decision.as_ref().err().map(String::as_str),
     )
-    .bind(order_id)
-    .bind(Json(&paid.lines))
-    .bind(status.as_str())
-    .bind(reason)
-    .execute(&mut *tx)
     .await?
-    .rows_affected();
-    if recorded == 0 {
+    {
         return Ok(Outcome::Skipped("order already has a reservation".into()));
     }
     let event = match decision {
         Ok(()) => {
-            move_stock(tx, &demand, 1).await?;
+            store::move_stock(tx, &demand, 1).await?;
             Event::InventoryReserved(InventoryReserved {
                 order_id,
-                lines: paid.lines,
+                lines: reservation.lines,
                 shipping_address: paid.shipping_address,
             })
         }
@@ -89,78 +79,37 @@ async fn reserve(
         env,
         &event,
         order_id.to_string(),
-        1,
+        STEP_VERSION,
     )]))
 }
 
-async fn release(
-    tx: &mut PgConnection,
-    env: &Envelope,
-    order_id: Uuid,
-    reason: String,
-) -> Result<Outcome, HandlerError> {
-    let row: Option<(Json<Vec<OrderLine>>, String)> =
-        sqlx::query_as("SELECT lines, status FROM reservations WHERE order_id = $1 FOR UPDATE")
-            .bind(order_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-    let Some((Json(lines), status)) = row else {
-        return Ok(Outcome::NotYet(format!(
-            "no reservation for order {order_id} yet"
-        )));
-    };
-    let status = ReservationStatus::parse(&status)
-        .ok_or_else(|| HandlerError::Permanent(format!("unknown reservation status '{status}'")))?;
-    match domain::decide_release(status) {
-        ReleaseDecision::AlreadyReleased => Ok(Outcome::Skipped("already released".into())),
-        ReleaseDecision::NothingReserved => Ok(Outcome::Skipped("nothing was reserved".into())),
-        ReleaseDecision::Release => {
-            let demand = domain::demand(&lines).map_err(HandlerError::Permanent)?;
-            let products: Vec<&String> = demand.keys().collect();
-            sqlx::query(
-                "SELECT 1 FROM stock WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE",
-            )
-            .bind(&products)
-            .execute(&mut *tx)
-            .await?;
-            move_stock(tx, &demand, -1).await?;
-            sqlx::query("UPDATE reservations SET status = 'released', reason = $2, updated_at = now() WHERE order_id = $1")
-                .bind(order_id)
-                .bind(&reason)
-                .execute(&mut *tx)
-                .await?;
-            let event = Event::InventoryReleased(InventoryReleased {
-                order_id,
-                lines,
-                reason,
-            });
-            Ok(Outcome::Applied(vec![Envelope::caused_by(
-                env,
-                &event,
-                order_id.to_string(),
-                2,
-            )]))
-        }
-    }
-}
+/// The release: inventory's compensation, under the order's id.
+struct Release;
 
-/// Moves quantities from available to reserved (`sign` 1) or back (`sign` -1).
-async fn move_stock(
-    tx: &mut PgConnection,
-    demand: &std::collections::BTreeMap<String, i64>,
-    sign: i64,
-) -> Result<(), sqlx::Error> {
-    let products: Vec<&String> = demand.keys().collect();
-    // Demand is positive and bounded (validated lines, checked sums): no overflow.
-    let quantities: Vec<i64> = demand.values().map(|q| q * sign).collect();
-    sqlx::query(
-        "UPDATE stock SET available = available - d.q, reserved = reserved + d.q,
-                          version = version + 1, updated_at = now()
-         FROM UNNEST($1::text[], $2::bigint[]) AS d(p, q) WHERE stock.product_id = d.p",
-    )
-    .bind(&products)
-    .bind(&quantities)
-    .execute(tx)
-    .await?;
-    Ok(())
+impl compensation::Step for Release {
+    type Record = Reservation;
+    const NAME: &'static str = "reservation";
+
+    async fn lock(tx: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Option<Reservation>> {
+        store::lock_reservation(tx, order_id).await
+    }
+
+    fn state(reservation: &Reservation) -> StepState {
+        reservation.status.step_state()
+    }
+
+    async fn undo(
+        tx: &mut PgConnection,
+        reservation: Reservation,
+        reason: String,
+    ) -> Result<(Event, String), HandlerError> {
+        let demand = domain::demand(&reservation.lines).map_err(HandlerError::Permanent)?;
+        store::release(tx, reservation.order_id, &demand, &reason).await?;
+        let event = Event::InventoryReleased(InventoryReleased {
+            order_id: reservation.order_id,
+            lines: reservation.lines,
+            reason,
+        });
+        Ok((event, reservation.order_id.to_string()))
+    }
 }

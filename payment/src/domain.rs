@@ -1,6 +1,6 @@
 //! Payment decisions: pure functions, no I/O.
 
-use common::{event::Money, limits};
+use common::{compensation::StepState, event::Money, limits};
 
 /// What to do with a charge request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,8 +33,10 @@ pub fn decide_charge(customer_id: &str, balance: Option<Money>, amount: Money) -
     }
 }
 
-/// State of the payment of one order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// State of the payment of one order, stored as its lowercase name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, sqlx::Type)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
 pub enum PaymentStatus {
     Charged,
     Failed,
@@ -42,38 +44,13 @@ pub enum PaymentStatus {
 }
 
 impl PaymentStatus {
-    pub fn as_str(self) -> &'static str {
+    /// Where the charge stands for a refund: only a taken charge is given back.
+    pub fn step_state(self) -> StepState {
         match self {
-            PaymentStatus::Charged => "charged",
-            PaymentStatus::Failed => "failed",
-            PaymentStatus::Refunded => "refunded",
+            PaymentStatus::Charged => StepState::Done,
+            PaymentStatus::Failed => StepState::Refused,
+            PaymentStatus::Refunded => StepState::Compensated,
         }
-    }
-    pub fn parse(s: &str) -> Option<PaymentStatus> {
-        match s {
-            "charged" => Some(PaymentStatus::Charged),
-            "failed" => Some(PaymentStatus::Failed),
-            "refunded" => Some(PaymentStatus::Refunded),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RefundDecision {
-    Refund,
-    /// Compensation already done: the refund happened once and only once.
-    AlreadyRefunded,
-    /// The charge was declined, so there is nothing to give back.
-    NothingCharged,
-}
-
-/// A compensation request against the order's payment.
-pub fn decide_refund(status: PaymentStatus) -> RefundDecision {
-    match status {
-        PaymentStatus::Charged => RefundDecision::Refund,
-        PaymentStatus::Refunded => RefundDecision::AlreadyRefunded,
-        PaymentStatus::Failed => RefundDecision::NothingCharged,
     }
 }
 
@@ -127,17 +104,14 @@ mod tests {
 
     #[test]
     fn only_a_charged_payment_is_refunded_and_only_once() {
-        assert_eq!(
-            decide_refund(PaymentStatus::Charged),
-            RefundDecision::Refund
-        );
-        assert_eq!(
-            decide_refund(PaymentStatus::Refunded),
-            RefundDecision::AlreadyRefunded
-        );
-        assert_eq!(
-            decide_refund(PaymentStatus::Failed),
-            RefundDecision::NothingCharged
-        );
+        use PaymentStatus::*;
+        use common::compensation::{Compensation::*, decide};
+        for (status, then) in [
+            (Charged, Undo),
+            (Refunded, AlreadyUndone),
+            (Failed, NothingToUndo),
+        ] {
+            assert_eq!(decide(status.step_state()), then, "{status:?}");
+        }
     }
 }

@@ -5,11 +5,11 @@ use axum::{
     extract::{Path, State},
     routing::get,
 };
-use chrono::{DateTime, Utc};
 use common::http::ApiError;
-use serde::Serialize;
-use sqlx::{PgPool, types::Json as SqlJson};
+use sqlx::PgPool;
 use uuid::Uuid;
+
+use crate::store::{self, Shipment};
 
 pub fn router(pool: PgPool) -> Router {
     Router::new()
@@ -17,32 +17,15 @@ pub fn router(pool: PgPool) -> Router {
         .with_state(pool)
 }
 
-#[derive(Serialize, sqlx::FromRow)]
-#[serde(rename_all = "camelCase")]
-struct ShipmentView {
-    order_id: Uuid,
-    shipment_id: Uuid,
-    status: String,
-    tracking_number: Option<String>,
-    address: SqlJson<serde_json::Value>,
-    reason: Option<String>,
-    created_at: DateTime<Utc>,
-}
-
 async fn get_shipment(
     State(pool): State<PgPool>,
     Path(order_id): Path<String>,
-) -> Result<Json<ShipmentView>, ApiError> {
+) -> Result<Json<Shipment>, ApiError> {
     let order_id: Uuid = order_id
         .parse()
         .map_err(|_| ApiError::BadRequest(format!("'{order_id}' is not an order id (a UUID)")))?;
-    sqlx::query_as::<_, ShipmentView>(
-        "SELECT order_id, shipment_id, status, tracking_number, address, reason, created_at
-         FROM shipments WHERE order_id = $1",
-    )
-    .bind(order_id)
-    .fetch_optional(&pool)
-    .await?
-    .map(Json)
-    .ok_or_else(|| ApiError::NotFound(format!("no shipment for order {order_id}")))
+    store::shipment(&pool, order_id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no shipment for order {order_id}")))
 }

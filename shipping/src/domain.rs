@@ -9,6 +9,15 @@ pub const SUPPORTED_COUNTRIES: &[&str] = &[
     "NZ", "PL", "PT", "SE", "US",
 ];
 
+/// State of an order's shipment, stored as its lowercase name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, sqlx::Type)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+pub enum ShipmentStatus {
+    Created,
+    Failed,
+}
+
 /// Whether the carrier can deliver to `address`; `Err` says why not. Every
 /// field is present and bounded already: the event carrying it was checked
 /// with [`common::event::validate_address`] before any handler saw it.

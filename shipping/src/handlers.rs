@@ -3,12 +3,16 @@
 
 use common::{
     Envelope, Event, Handler, HandlerError, Outcome,
+    compensation::STEP_VERSION,
     event::{InventoryReserved, ShipmentCreated, ShipmentFailed},
 };
 use sqlx::{PgConnection, types::Json};
 use uuid::Uuid;
 
-use crate::domain;
+use crate::{
+    domain::{self, ShipmentStatus},
+    store::{self, Shipment},
+};
 
 pub struct ShippingHandler;
 
@@ -31,47 +35,41 @@ async fn ship(
     env: &Envelope,
     reserved: InventoryReserved,
 ) -> Result<Outcome, HandlerError> {
-    let shipment_id = Uuid::now_v7();
     let order_id = reserved.order_id;
-    let (event, status, tracking, reason) =
-        match domain::validate_address(&reserved.shipping_address) {
-            Ok(()) => {
-                let tracking_number = domain::tracking_number(shipment_id);
-                let event = Event::ShipmentCreated(ShipmentCreated {
-                    order_id,
-                    shipment_id,
-                    tracking_number: tracking_number.clone(),
-                });
-                (event, "created", Some(tracking_number), None)
-            }
-            Err(reason) => {
-                let event = Event::ShipmentFailed(ShipmentFailed {
-                    order_id,
-                    reason: reason.clone(),
-                });
-                (event, "failed", None, Some(reason))
-            }
-        };
-    let inserted = sqlx::query(
-        "INSERT INTO shipments (order_id, shipment_id, status, tracking_number, address, reason)
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(order_id)
-    .bind(shipment_id)
-    .bind(status)
-    .bind(tracking)
-    .bind(Json(&reserved.shipping_address))
-    .bind(reason)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if inserted == 0 {
+    let shipment_id = Uuid::now_v7();
+    let refusal = domain::validate_address(&reserved.shipping_address).err();
+    let shipment = Shipment {
+        order_id,
+        shipment_id,
+        status: match refusal {
+            None => ShipmentStatus::Created,
+            Some(_) => ShipmentStatus::Failed,
+        },
+        tracking_number: refusal
+            .is_none()
+            .then(|| domain::tracking_number(shipment_id)),
+        address: Json(reserved.shipping_address),
+        reason: refusal,
+        created_at: None,
+    };
+    if !store::record_shipment(tx, &shipment).await? {
         return Ok(Outcome::Skipped("order already has a shipment".into()));
     }
+    let event = match (shipment.tracking_number, shipment.reason) {
+        (Some(tracking_number), _) => Event::ShipmentCreated(ShipmentCreated {
+            order_id,
+            shipment_id,
+            tracking_number,
+        }),
+        (None, reason) => Event::ShipmentFailed(ShipmentFailed {
+            order_id,
+            reason: reason.unwrap_or_default(),
+        }),
+    };
     Ok(Outcome::Applied(vec![Envelope::caused_by(
         env,
         &event,
         shipment_id.to_string(),
-        1,
+        STEP_VERSION,
     )]))
 }

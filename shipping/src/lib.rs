@@ -4,6 +4,7 @@
 mod api;
 pub mod domain;
 mod handlers;
+mod store;
 
 use common::{Config, Infra, Service, StartError};
 use sqlx::migrate::Migrator;

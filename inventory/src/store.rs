@@ -1,0 +1,193 @@
+//! Every SQL statement of the inventory service: stock per product and the
+//! reservation of each order.
+
+use std::collections::{BTreeMap, HashMap};
+
+use common::event::OrderLine;
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool, types::Json};
+use uuid::Uuid;
+
+use crate::domain::ReservationStatus;
+
+/// A reservation as stored, locked for a release.
+pub struct Reservation {
+    pub order_id: Uuid,
+    pub lines: Vec<OrderLine>,
+    pub status: ReservationStatus,
+}
+
+/// A product's stock, as the API shows it.
+#[derive(Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct Stock {
+    pub product_id: String,
+    pub available: i64,
+    pub reserved: i64,
+    pub version: i64,
+}
+
+const STOCK_COLUMNS: &str = "product_id, available, reserved, version";
+
+/// Available units of `products`, their rows locked in product order:
+/// concurrent reservations queue, never deadlock, and each sees what the
+/// previous one left.
+pub async fn lock_available(
+    tx: &mut PgConnection,
+    products: &[&String],
+) -> sqlx::Result<HashMap<String, i64>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT product_id, available FROM stock WHERE product_id = ANY($1)
+         ORDER BY product_id FOR UPDATE",
+    )
+    .bind(products)
+    .fetch_all(tx)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Records the order's reservation; `false` if it already has one (one per
+/// order: the primary key).
+pub async fn record_reservation(
+    tx: &mut PgConnection,
+    reservation: &Reservation,
+    reason: Option<&str>,
+) -> sqlx::Result<bool> {
+    let inserted = sqlx::query(
+        "INSERT INTO reservations (order_id, lines, status, reason) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(reservation.order_id)
+    .bind(Json(&reservation.lines))
+    .bind(reservation.status)
+    .bind(reason)
+    .execute(tx)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+/// Moves quantities from available to reserved (`sign` 1) or back (`sign`
+/// -1). Demand is positive and bounded (validated lines, checked sums): no
+/// overflow.
+pub async fn move_stock(
+    tx: &mut PgConnection,
+    demand: &BTreeMap<String, i64>,
+    sign: i64,
+) -> sqlx::Result<()> {
+    let products: Vec<&String> = demand.keys().collect();
+    let quantities: Vec<i64> = demand.values().map(|q| q * sign).collect();
+    sqlx::query(
+        "UPDATE stock SET available = available - d.q, reserved = reserved + d.q,
+                          version = version + 1, updated_at = now()
+         FROM UNNEST($1::text[], $2::bigint[]) AS d(p, q) WHERE stock.product_id = d.p",
+    )
+    .bind(&products)
+    .bind(&quantities)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// The order's reservation, locked for its release.
+pub async fn lock_reservation(
+    tx: &mut PgConnection,
+    order_id: Uuid,
+) -> sqlx::Result<Option<Reservation>> {
+    let row: Option<(Json<Vec<OrderLine>>, ReservationStatus)> =
+        sqlx::query_as("SELECT lines, status FROM reservations WHERE order_id = $1 FOR UPDATE")
+            .bind(order_id)
+            .fetch_optional(tx)
+            .await?;
+    Ok(row.map(|(Json(lines), status)| Reservation {
+        order_id,
+        lines,
+        status,
+    }))
+}
+
+/// Puts the reserved units back (stock rows locked in product order, as a
+/// reservation locks them) and marks the reservation released.
+pub async fn release(
+    tx: &mut PgConnection,
+    order_id: Uuid,
+    demand: &BTreeMap<String, i64>,
+    reason: &str,
+) -> sqlx::Result<()> {
+    let products: Vec<&String> = demand.keys().collect();
+    lock_available(tx, &products).await?;
+    move_stock(tx, demand, -1).await?;
+    sqlx::query(
+        "UPDATE reservations SET status = $2, reason = $3, updated_at = now() WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .bind(ReservationStatus::Released)
+    .bind(reason)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Creates the product's stock if there is none; `None` if it exists.
+pub async fn create_stock(
+    pool: &PgPool,
+    product_id: &str,
+    available: i64,
+) -> sqlx::Result<Option<Stock>> {
+    sqlx::query_as(&format!(
+        "INSERT INTO stock (product_id, available) VALUES ($1, $2)
+         ON CONFLICT (product_id) DO NOTHING RETURNING {STOCK_COLUMNS}"
+    ))
+    .bind(product_id)
+    .bind(available)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Overwrites available units if the stock is at `expected` (`None`: any version).
+pub async fn overwrite_stock(
+    pool: &PgPool,
+    product_id: &str,
+    available: i64,
+    expected: Option<i64>,
+) -> sqlx::Result<Option<Stock>> {
+    sqlx::query_as(&format!(
+        "UPDATE stock SET available = $2, version = version + 1, updated_at = now()
+         WHERE product_id = $1 AND ($3::bigint IS NULL OR version = $3)
+         RETURNING {STOCK_COLUMNS}"
+    ))
+    .bind(product_id)
+    .bind(available)
+    .bind(expected)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Adds `delta` (negative: removes) unless available would leave 0..=`max`.
+/// One statement: the row lock orders it with reservations and releases, and
+/// the bounds are checked on the value it actually changes.
+pub async fn adjust(
+    pool: &PgPool,
+    product_id: &str,
+    delta: i64,
+    max: i64,
+) -> sqlx::Result<Option<Stock>> {
+    sqlx::query_as(&format!(
+        "UPDATE stock SET available = available + $2, version = version + 1, updated_at = now()
+         WHERE product_id = $1 AND available + $2 >= 0 AND available + $2 <= $3
+         RETURNING {STOCK_COLUMNS}"
+    ))
+    .bind(product_id)
+    .bind(delta)
+    .bind(max)
+    .fetch_optional(pool)
+    .await
+}
+
+pub async fn stock(pool: &PgPool, product_id: &str) -> sqlx::Result<Option<Stock>> {
+    sqlx::query_as(&format!(
+        "SELECT {STOCK_COLUMNS} FROM stock WHERE product_id = $1"
+    ))
+    .bind(product_id)
+    .fetch_optional(pool)
+    .await
+}

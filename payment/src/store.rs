@@ -1,0 +1,193 @@
+//! Every SQL statement of the payment service: accounts and the payment of
+//! each order.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::domain::PaymentStatus;
+
+/// A payment as stored, locked for a refund.
+pub struct Payment {
+    pub order_id: Uuid,
+    pub payment_id: Uuid,
+    pub customer_id: String,
+    pub amount: i64,
+    pub status: PaymentStatus,
+}
+
+/// A payment as an account shows it.
+#[derive(Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentView {
+    pub order_id: Uuid,
+    pub payment_id: Uuid,
+    pub amount: i64,
+    pub status: PaymentStatus,
+    pub reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The account's balance, its row locked: charges to one account queue here,
+/// and each sees the balance the previous one left.
+pub async fn lock_balance(tx: &mut PgConnection, customer_id: &str) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar("SELECT balance FROM accounts WHERE customer_id = $1 FOR UPDATE")
+        .bind(customer_id)
+        .fetch_optional(tx)
+        .await
+}
+
+/// Records the order's payment; `false` if the order already has one (one
+/// payment per order: the primary key).
+pub async fn record_payment(
+    tx: &mut PgConnection,
+    payment: &Payment,
+    reason: Option<&str>,
+) -> sqlx::Result<bool> {
+    let inserted = sqlx::query(
+        "INSERT INTO payments (order_id, payment_id, customer_id, amount, status, reason)
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(payment.order_id)
+    .bind(payment.payment_id)
+    .bind(&payment.customer_id)
+    .bind(payment.amount)
+    .bind(payment.status)
+    .bind(reason)
+    .execute(tx)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+pub async fn set_balance(
+    tx: &mut PgConnection,
+    customer_id: &str,
+    balance: i64,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE accounts SET balance = $2, version = version + 1, updated_at = now()
+         WHERE customer_id = $1",
+    )
+    .bind(customer_id)
+    .bind(balance)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// The order's payment, locked for its refund.
+pub async fn lock_payment(tx: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Option<Payment>> {
+    let row: Option<(Uuid, String, i64, PaymentStatus)> = sqlx::query_as(
+        "SELECT payment_id, customer_id, amount, status FROM payments WHERE order_id = $1 FOR UPDATE",
+    )
+    .bind(order_id)
+    .fetch_optional(tx)
+    .await?;
+    Ok(
+        row.map(|(payment_id, customer_id, amount, status)| Payment {
+            order_id,
+            payment_id,
+            customer_id,
+            amount,
+            status,
+        }),
+    )
+}
+
+/// Gives the payment's amount back to the account and marks it refunded.
+pub async fn refund(tx: &mut PgConnection, payment: &Payment, reason: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE accounts SET balance = balance + $2, version = version + 1, updated_at = now()
+         WHERE customer_id = $1",
+    )
+    .bind(&payment.customer_id)
+    .bind(payment.amount)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE payments SET status = $2, reason = $3, updated_at = now() WHERE order_id = $1",
+    )
+    .bind(payment.order_id)
+    .bind(PaymentStatus::Refunded)
+    .bind(reason)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Creates the account if there is none; its version, or `None` if it exists.
+pub async fn create_account(
+    pool: &PgPool,
+    customer_id: &str,
+    balance: i64,
+) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar(
+        "INSERT INTO accounts (customer_id, balance) VALUES ($1, $2)
+         ON CONFLICT (customer_id) DO NOTHING RETURNING version",
+    )
+    .bind(customer_id)
+    .bind(balance)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Overwrites the balance if the account is at `expected` (`None`: any
+/// version); the new version, or `None` if it was not.
+pub async fn overwrite_balance(
+    pool: &PgPool,
+    customer_id: &str,
+    balance: i64,
+    expected: Option<i64>,
+) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar(
+        "UPDATE accounts SET balance = $2, version = version + 1, updated_at = now()
+         WHERE customer_id = $1 AND ($3::bigint IS NULL OR version = $3)
+         RETURNING version",
+    )
+    .bind(customer_id)
+    .bind(balance)
+    .bind(expected)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Adds `amount` unless that would take the balance over `max`; the new
+/// balance, or `None` (no account, or over the bound). One statement: the
+/// row lock orders it with charges and refunds.
+pub async fn deposit(
+    pool: &PgPool,
+    customer_id: &str,
+    amount: i64,
+    max: i64,
+) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar(
+        "UPDATE accounts SET balance = balance + $2, version = version + 1, updated_at = now()
+         WHERE customer_id = $1 AND balance <= $3 - $2
+         RETURNING balance",
+    )
+    .bind(customer_id)
+    .bind(amount)
+    .bind(max)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Balance and version.
+pub async fn account(pool: &PgPool, customer_id: &str) -> sqlx::Result<Option<(i64, i64)>> {
+    sqlx::query_as("SELECT balance, version FROM accounts WHERE customer_id = $1")
+        .bind(customer_id)
+        .fetch_optional(pool)
+        .await
+}
+
+pub async fn payments_of(pool: &PgPool, customer_id: &str) -> sqlx::Result<Vec<PaymentView>> {
+    sqlx::query_as(
+        "SELECT order_id, payment_id, amount, status, reason, created_at, updated_at
+         FROM payments WHERE customer_id = $1 ORDER BY created_at",
+    )
+    .bind(customer_id)
+    .fetch_all(pool)
+    .await
+}
