@@ -397,29 +397,29 @@ impl<H: Handler> Inner<H> {
         let result = self.transact(envelope, event).await;
         if !matches!(
             result,
-            Ok(Committed::Applied | Committed::Skipped(_) | Committed::AlreadyConsumed)
+            Ok(None | Some(Outcome::Applied(_) | Outcome::Skipped(_)))
         ) && claimed
         {
             self.release(id).await;
         }
         match result {
-            Ok(Committed::Applied) => {
+            Ok(Some(Outcome::Applied(_))) => {
                 // Wake the relay first: the next hop of the saga waits on it,
                 // not on our bookkeeping.
                 self.outbox.notify();
                 self.finish(msg, id).await;
                 Disposition::Applied
             }
-            Ok(Committed::Skipped(reason)) => {
+            Ok(Some(Outcome::Skipped(reason))) => {
                 tracing::debug!(%reason, "skipped");
                 self.finish(msg, id).await;
                 Disposition::Skipped
             }
-            Ok(Committed::AlreadyConsumed) => {
+            Ok(None) => {
                 self.finish(msg, id).await;
                 Disposition::Duplicate
             }
-            Ok(Committed::Nothing(Outcome::NotYet(reason))) => {
+            Ok(Some(Outcome::NotYet(reason))) => {
                 if delivered >= MAX_NOT_YET_DELIVERIES {
                     let reason = format!("gave up after {delivered} deliveries: {reason}");
                     return self
@@ -433,11 +433,10 @@ impl<H: Handler> Inner<H> {
                 .await;
                 Disposition::Retry(reason)
             }
-            Ok(Committed::Nothing(Outcome::Rejected(reason))) => {
+            Ok(Some(Outcome::Rejected(reason))) => {
                 self.dead_letter(msg, Some(envelope), delivered, stream_seq, reason)
                     .await
             }
-            Ok(Committed::Nothing(other)) => unreachable!("transact commits {other:?}"),
             Err(e) => {
                 let permanent = e.is_permanent();
                 let (budget, cap) = if permanent {
@@ -463,22 +462,28 @@ impl<H: Handler> Inner<H> {
         }
     }
 
-    /// Effect, guard and outbox in one transaction. The guard is written last,
-    /// together with the emitted events: a duplicate that got this far (Redis
-    /// forgot it, or is down) does its reads, finds the guard taken and rolls back.
-    async fn transact(&self, envelope: &Envelope, event: Event) -> Result<Committed, HandlerError> {
+    /// Effect, guard and outbox in one transaction, committed when the
+    /// outcome is Applied or Skipped. The guard is written last, together with
+    /// the emitted events: a duplicate that got this far (Redis forgot it, or
+    /// is down) does its reads, finds the guard taken, rolls back and is
+    /// `Ok(None)`.
+    async fn transact(
+        &self,
+        envelope: &Envelope,
+        event: Event,
+    ) -> Result<Option<Outcome>, HandlerError> {
         let mut tx = self.pool.begin().await?;
         let result = AssertUnwindSafe(self.apply_in(&mut tx, envelope, event))
             .catch_unwind()
             .await
             .unwrap_or_else(|panic| {
-                Ok(Committed::Nothing(Outcome::Rejected(format!(
+                Ok(Some(Outcome::Rejected(format!(
                     "handler panicked: {}",
                     panic_message(&*panic)
                 ))))
             });
         match result {
-            Ok(Committed::Applied | Committed::Skipped(_)) => tx.commit().await?,
+            Ok(Some(Outcome::Applied(_) | Outcome::Skipped(_))) => tx.commit().await?,
             // Roll back now, not when the connection is next used: until then
             // the transaction would keep its row locks.
             _ => {
@@ -495,32 +500,27 @@ impl<H: Handler> Inner<H> {
         tx: &mut PgConnection,
         envelope: &Envelope,
         event: Event,
-    ) -> Result<Committed, HandlerError> {
-        let (events, skipped) = match self.handler.handle(tx, envelope, event).await? {
-            Outcome::Applied(events) => (events, None),
-            Outcome::Skipped(reason) => (vec![], Some(reason)),
-            other => return Ok(Committed::Nothing(other)),
+    ) -> Result<Option<Outcome>, HandlerError> {
+        let outcome = self.handler.handle(tx, envelope, event).await?;
+        let events = match &outcome {
+            Outcome::Applied(events) => events.as_slice(),
+            Outcome::Skipped(_) => &[],
+            Outcome::NotYet(_) | Outcome::Rejected(_) => return Ok(Some(outcome)),
         };
         match outbox::enqueue_once(
             tx,
             &self.subjects,
             &self.name,
             envelope,
-            &events,
+            events,
             self.max_payload,
         )
         .await?
         {
-            outbox::Enqueued::Done => {}
-            outbox::Enqueued::AlreadyConsumed => return Ok(Committed::AlreadyConsumed),
-            outbox::Enqueued::TooLarge(reason) => {
-                return Ok(Committed::Nothing(Outcome::Rejected(reason)));
-            }
+            outbox::Enqueued::Done => Ok(Some(outcome)),
+            outbox::Enqueued::AlreadyConsumed => Ok(None),
+            outbox::Enqueued::TooLarge(reason) => Ok(Some(Outcome::Rejected(reason))),
         }
-        Ok(match skipped {
-            None => Committed::Applied,
-            Some(reason) => Committed::Skipped(reason),
-        })
     }
 
     async fn finish(&self, msg: &jetstream::Message, id: uuid::Uuid) {
@@ -695,13 +695,6 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(no message)".into())
-}
-
-enum Committed {
-    Applied,
-    Skipped(String),
-    AlreadyConsumed,
-    Nothing(Outcome),
 }
 
 async fn ack(msg: &jetstream::Message, kind: AckKind) {

@@ -8,21 +8,18 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
-use chrono::{DateTime, Utc};
 use common::{
     Envelope,
-    event::{Address, OrderLine},
     http::{ApiError, ValidJson},
     limits,
 };
 use serde::{Deserialize, Serialize};
-use sqlx::types::Json as SqlJson;
 use uuid::Uuid;
 
 use crate::{
-    domain::{Order, OrderStatus},
+    domain::OrderStatus,
     place::{PlaceError, PlaceOrder, Placer},
-    store,
+    store::{self, OrderView},
 };
 
 pub fn router(placer: Placer) -> Router {
@@ -31,41 +28,6 @@ pub fn router(placer: Placer) -> Router {
         .route("/orders/{id}", get(get_order))
         .route("/orders/{id}/events", get(get_events))
         .with_state(placer)
-}
-
-/// An order as the API shows it.
-#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
-#[serde(rename_all = "camelCase")]
-pub struct OrderView {
-    pub order_id: Uuid,
-    pub customer_id: String,
-    pub status: String,
-    pub lines: SqlJson<Vec<OrderLine>>,
-    pub total: i64,
-    pub shipping_address: SqlJson<Address>,
-    pub failure_reason: Option<String>,
-    pub shipment_id: Option<Uuid>,
-    pub version: i64,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
-impl From<Order> for OrderView {
-    fn from(o: Order) -> Self {
-        OrderView {
-            order_id: o.id,
-            customer_id: o.customer_id,
-            status: o.status.as_str().to_string(),
-            lines: SqlJson(o.lines),
-            total: o.total,
-            shipping_address: SqlJson(o.shipping_address),
-            failure_reason: o.failure_reason,
-            shipment_id: o.shipment_id,
-            version: o.version,
-            created_at: o.created_at,
-            updated_at: o.updated_at,
-        }
-    }
 }
 
 impl From<PlaceError> for ApiError {
@@ -77,8 +39,6 @@ impl From<PlaceError> for ApiError {
         }
     }
 }
-
-const COLUMNS: &str = "order_id, customer_id, status, lines, total, shipping_address, failure_reason, shipment_id, version, created_at, updated_at";
 
 async fn place_order(
     State(placer): State<Placer>,
@@ -116,9 +76,7 @@ async fn get_order(
     Path(id): Path<String>,
 ) -> Result<Json<OrderView>, ApiError> {
     let id = parse_id(&id)?;
-    sqlx::query_as::<_, OrderView>(&format!("SELECT {COLUMNS} FROM orders WHERE order_id = $1"))
-        .bind(id)
-        .fetch_optional(&placer.pool)
+    store::order_view(&placer.pool, id)
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("order {id} not found")))
@@ -178,24 +136,26 @@ async fn list_orders(
     let status = match q.status.as_deref() {
         None => None,
         Some(s) => Some(
-            OrderStatus::parse(s)
-                .ok_or_else(|| {
-                    let all: Vec<_> = OrderStatus::ALL.iter().map(|s| s.as_str()).collect();
-                    ApiError::BadRequest(format!("status '{s}' is not one of {}", all.join(", ")))
-                })?
-                .as_str(),
+            serde_json::from_value::<OrderStatus>(serde_json::Value::from(s)).map_err(|_| {
+                let all: Vec<String> = OrderStatus::ALL
+                    .iter()
+                    .map(|s| {
+                        serde_json::to_value(s)
+                            .map(|v| v.to_string())
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                ApiError::BadRequest(format!("status '{s}' is not one of {}", all.join(", ")))
+            })?,
         ),
     };
-    let mut orders = sqlx::query_as::<_, OrderView>(&format!(
-        "SELECT {COLUMNS} FROM orders
-         WHERE ($1::text IS NULL OR customer_id = $1) AND ($2::text IS NULL OR status = $2)
-         ORDER BY created_at DESC, order_id DESC LIMIT $3 OFFSET $4"
-    ))
-    .bind(q.customer_id)
-    .bind(status)
-    .bind(limit + 1)
-    .bind(offset)
-    .fetch_all(&placer.pool)
+    let mut orders = store::list_orders(
+        &placer.pool,
+        q.customer_id.as_deref(),
+        status,
+        limit + 1,
+        offset,
+    )
     .await?;
     let more = orders.len() as i64 > limit;
     orders.truncate(limit as usize);

@@ -72,24 +72,15 @@ impl Placer {
         let order_id = Uuid::now_v7();
         let mut tx = self.pool.begin().await?;
         if let Some(key) = idempotency_key {
-            // A concurrent request with the same key blocks on the row until
-            // the first commits (or rolls back), then this statement sees the
-            // committed row and returns it: never two orders for one key. A
-            // plain SELECT here would read a snapshot from before that commit.
             let canonical =
                 serde_json::to_vec(&request).map_err(|e| PlaceError::Invalid(e.to_string()))?;
-            let (existing, same_request): (Uuid, bool) = sqlx::query_as(
-                "INSERT INTO place_requests (customer_id, idempotency_key, order_id, request_hash)
-                 VALUES ($1, $2, $3, sha256($4))
-                 ON CONFLICT (customer_id, idempotency_key)
-                     DO UPDATE SET customer_id = place_requests.customer_id
-                 RETURNING order_id, request_hash IS NULL OR request_hash = sha256($4)",
+            let (existing, same_request) = store::claim_placement_key(
+                &mut tx,
+                &request.customer_id,
+                key,
+                order_id,
+                &canonical,
             )
-            .bind(&request.customer_id)
-            .bind(key)
-            .bind(order_id)
-            .bind(&canonical)
-            .fetch_one(&mut *tx)
             .await?;
             if existing != order_id {
                 if !same_request {

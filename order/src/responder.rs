@@ -17,8 +17,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    api::OrderView,
     place::{PlaceError, PlaceOrder, Placer},
+    store::OrderView,
 };
 
 /// Name of the responder in the health board.

@@ -5,11 +5,110 @@
 //! in the caller's transaction. Replaying `order_events` through `evolve`
 //! gives the same state the read model holds, so it can be rebuilt.
 
-use common::{Envelope, Event};
-use sqlx::{PgConnection, types::Json};
+use chrono::{DateTime, Utc};
+use common::{
+    Envelope, Event,
+    event::{Address, OrderLine},
+};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool, types::Json};
 use uuid::Uuid;
 
-use crate::domain::{self, Command, DomainError, Order};
+use crate::domain::{self, Command, DomainError, Order, OrderEvent, OrderStatus};
+
+/// An order as the read model holds it and the API shows it.
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderView {
+    pub order_id: Uuid,
+    pub customer_id: String,
+    pub status: OrderStatus,
+    pub lines: Json<Vec<OrderLine>>,
+    pub total: i64,
+    pub shipping_address: Json<Address>,
+    pub failure_reason: Option<String>,
+    pub shipment_id: Option<Uuid>,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<Order> for OrderView {
+    fn from(o: Order) -> Self {
+        OrderView {
+            order_id: o.id,
+            customer_id: o.customer_id,
+            status: o.status,
+            lines: Json(o.lines),
+            total: o.total,
+            shipping_address: Json(o.shipping_address),
+            failure_reason: o.failure_reason,
+            shipment_id: o.shipment_id,
+            version: o.version,
+            created_at: o.created_at,
+            updated_at: o.updated_at,
+        }
+    }
+}
+
+const COLUMNS: &str = "order_id, customer_id, status, lines, total, shipping_address, failure_reason, shipment_id, version, created_at, updated_at";
+
+/// One order from the read model.
+pub async fn order_view(pool: &PgPool, order_id: Uuid) -> sqlx::Result<Option<OrderView>> {
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE order_id = $1"))
+        .bind(order_id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// A page of the read model, newest first, optionally of one customer or status.
+pub async fn list_orders(
+    pool: &PgPool,
+    customer_id: Option<&str>,
+    status: Option<OrderStatus>,
+    limit: i64,
+    offset: i64,
+) -> sqlx::Result<Vec<OrderView>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM orders
+         WHERE ($1::text IS NULL OR customer_id = $1) AND ($2::text IS NULL OR status = $2)
+         ORDER BY created_at DESC, order_id DESC LIMIT $3 OFFSET $4"
+    ))
+    .bind(customer_id)
+    .bind(status)
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(pool)
+    .await
+}
+
+/// Stores `order_id` under the customer's idempotency key, or returns the
+/// order already stored under it, with whether `request` is the one it was
+/// first used for. A concurrent request with the same key blocks on the row
+/// until the first commits (or rolls back), then sees the committed row: never
+/// two orders for one key. A plain SELECT would read a snapshot from before
+/// that commit.
+pub async fn claim_placement_key(
+    tx: &mut PgConnection,
+    customer_id: &str,
+    key: &str,
+    order_id: Uuid,
+    request: &[u8],
+) -> sqlx::Result<(Uuid, bool)> {
+    sqlx::query_as(
+        "INSERT INTO place_requests (customer_id, idempotency_key, order_id, request_hash)
+         VALUES ($1, $2, $3, sha256($4))
+         ON CONFLICT (customer_id, idempotency_key)
+             DO UPDATE SET customer_id = place_requests.customer_id
+         RETURNING order_id, request_hash IS NULL OR request_hash = sha256($4)",
+    )
+    .bind(customer_id)
+    .bind(key)
+    .bind(order_id)
+    .bind(request)
+    .fetch_one(tx)
+    .await
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -38,7 +137,7 @@ pub async fn load(conn: &mut PgConnection, order_id: Uuid) -> Result<Option<Orde
 pub async fn load_events(
     conn: &mut PgConnection,
     order_id: Uuid,
-) -> Result<Vec<(Envelope, Event)>, ExecError> {
+) -> Result<Vec<(Envelope, OrderEvent)>, ExecError> {
     // As text: decoded once, straight into the typed event.
     let rows: Vec<String> = sqlx::query_scalar(
         "SELECT envelope::text FROM order_events WHERE order_id = $1 ORDER BY version",
@@ -48,8 +147,15 @@ pub async fn load_events(
     .await?;
     rows.iter()
         .map(|text| {
-            Envelope::decode(text.as_bytes())
-                .map_err(|e| ExecError::Corrupt(order_id, e.to_string()))
+            let (env, event) = Envelope::decode(text.as_bytes())
+                .map_err(|e| ExecError::Corrupt(order_id, e.to_string()))?;
+            let event = OrderEvent::try_from(event).map_err(|_| {
+                ExecError::Corrupt(
+                    order_id,
+                    format!("{} is not an order event", env.event_type),
+                )
+            })?;
+            Ok((env, event))
         })
         .collect()
 }
@@ -79,16 +185,16 @@ pub async fn execute(
     let mut version = state.as_ref().map_or(0, |o| o.version);
     let mut state = state;
     let mut envelopes = Vec::with_capacity(events.len());
-    for event in &events {
+    for event in events {
         version += 1;
         let env = Envelope::new(
-            event,
+            &Event::from(event.clone()),
             order_id.to_string(),
             version,
             correlation_id,
             causation_id,
         );
-        state = domain::evolve(state, event, env.timestamp);
+        state = domain::evolve(state, &event, env.timestamp);
         envelopes.push(env);
     }
     let order = state.as_ref().expect("an order with events has state");
@@ -134,7 +240,7 @@ async fn write(
     .bind(&bodies)
     .bind(&times)
     .bind(&order.customer_id)
-    .bind(order.status.as_str())
+    .bind(order.status)
     .bind(Json(&order.lines))
     .bind(order.total)
     .bind(Json(&order.shipping_address))
