@@ -165,6 +165,20 @@ pub struct Service {
 }
 
 impl Service {
+    /// Connects, migrates and builds a service whose HTTP routes need only
+    /// its database: what payment, inventory and shipping are.
+    pub async fn start<H: Handler>(
+        config: Config,
+        migrations: &'static Migrator,
+        handler: H,
+        routes: impl FnOnce(PgPool) -> Router,
+        shutdown: CancellationToken,
+    ) -> Result<Service, StartError> {
+        let infra = Infra::connect(config, migrations).await?;
+        let routes = routes(infra.pool.clone());
+        Service::build(&infra, handler, routes, shutdown).await
+    }
+
     /// Binds `config.http_addr` (port 0 picks one), creates the service's
     /// durable consumer and prepares the relay.
     pub async fn build<H: Handler>(

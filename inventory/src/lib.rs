@@ -6,7 +6,7 @@ pub mod domain;
 mod handlers;
 mod store;
 
-use common::{Config, Infra, Service, StartError};
+use common::{Config, Service, StartError};
 use sqlx::migrate::Migrator;
 use tokio_util::sync::CancellationToken;
 
@@ -14,11 +14,11 @@ pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations");
 
 /// Connects, migrates and builds the service, ready to run.
 pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Service, StartError> {
-    let infra = Infra::connect(config, &MIGRATIONS).await?;
-    Service::build(
-        &infra,
+    Service::start(
+        config,
+        &MIGRATIONS,
         handlers::InventoryHandler,
-        api::router(infra.pool.clone()),
+        api::router,
         shutdown,
     )
     .await
