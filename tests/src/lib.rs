@@ -43,6 +43,15 @@ pub const SERVICES: [&str; common::roster::SERVICES.len()] = {
     names
 };
 
+/// The events of a saga that succeeds, in order.
+pub const HAPPY_PATH: [&str; 5] = [
+    "OrderPlaced",
+    "PaymentProcessed",
+    "InventoryReserved",
+    "ShipmentCreated",
+    "OrderConfirmed",
+];
+
 /// Default deadline for a saga to reach its end in tests.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -126,6 +135,15 @@ impl Stack {
         for s in services {
             stack.start_service(s).await?;
         }
+        Ok(stack)
+    }
+
+    /// A whole stack in which customer `alice` has `balance` and product
+    /// `widget` has `stock`: where most sagas of the tests start.
+    pub async fn stocked(balance: i64, stock: i64) -> Result<Stack> {
+        let stack = Stack::start().await?;
+        stack.set_balance("alice", balance).await?;
+        stack.set_stock("widget", stock).await?;
         Ok(stack)
     }
 
@@ -233,36 +251,51 @@ impl Stack {
 
     // ---- arranging ----
 
-    pub async fn set_balance(&self, customer: &str, balance: i64) -> Result<()> {
-        let r = self
-            .http
-            .put(self.url("payment", &format!("/accounts/{customer}")))
-            .json(&json!({ "balance": balance }))
-            .send()
+    /// Sends `body` (if any) to `service` at `path`, with `If-Match` if
+    /// given: the status, the ETag and the JSON body (null if none).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        service: &str,
+        path: &str,
+        body: Option<Value>,
+        if_match: Option<&str>,
+    ) -> Result<(u16, Option<String>, Value)> {
+        let mut request = self.http.request(method, self.url(service, path));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        if let Some(tag) = if_match {
+            request = request.header("If-Match", tag);
+        }
+        let r = request.send().await?;
+        let status = r.status().as_u16();
+        let etag = r
+            .headers()
+            .get("etag")
+            .map(|v| v.to_str().unwrap_or_default().to_string());
+        Ok((status, etag, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// `PUT` of `body`, which must succeed (arranging, not testing).
+    async fn put_ok(&self, service: &str, path: &str, body: Value) -> Result<()> {
+        let (status, _, reply) = self
+            .call(reqwest::Method::PUT, service, path, Some(body), None)
             .await?;
-        anyhow::ensure!(
-            r.status().is_success(),
-            "set balance: {} {}",
-            r.status(),
-            r.text().await?
-        );
+        anyhow::ensure!((200..300).contains(&status), "PUT {path}: {status} {reply}");
         Ok(())
     }
 
+    pub async fn set_balance(&self, customer: &str, balance: i64) -> Result<()> {
+        let path = format!("/accounts/{customer}");
+        self.put_ok("payment", &path, json!({ "balance": balance }))
+            .await
+    }
+
     pub async fn set_stock(&self, product: &str, available: i64) -> Result<()> {
-        let r = self
-            .http
-            .put(self.url("inventory", &format!("/stock/{product}")))
-            .json(&json!({ "available": available }))
-            .send()
-            .await?;
-        anyhow::ensure!(
-            r.status().is_success(),
-            "set stock: {} {}",
-            r.status(),
-            r.text().await?
-        );
-        Ok(())
+        let path = format!("/stock/{product}");
+        self.put_ok("inventory", &path, json!({ "available": available }))
+            .await
     }
 
     /// Places an order over HTTP; returns its id.
@@ -372,6 +405,12 @@ impl Stack {
     pub async fn count(&self, service: &str, sql: &str) -> Result<i64> {
         let pool = self.pool(service).await?;
         Ok(sqlx::query_scalar(sql).fetch_one(&pool).await?)
+    }
+
+    /// Rows of `table` in `service`'s database.
+    pub async fn rows(&self, service: &str, table: &str) -> Result<i64> {
+        self.count(service, &format!("SELECT count(*) FROM {table}"))
+            .await
     }
 
     /// Every message in the events stream, in order.
@@ -585,4 +624,16 @@ pub async fn next_message(
         .await
         .context("no message before the deadline")?
         .context("subscription closed")
+}
+
+/// Asserts that a request was refused with `expected` and a JSON body whose
+/// `error` message mentions `message`.
+#[track_caller]
+pub fn assert_refused(status: u16, body: &Value, expected: u16, message: &str) {
+    assert_eq!(status, expected, "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(message),
+        "expected an error mentioning {message:?}: {body}"
+    );
 }

@@ -226,9 +226,7 @@ async fn different_dead_letters_never_share_an_id_even_after_the_stream_is_recre
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_req_retried_with_the_same_msg_id_returns_the_same_order() -> Result<()> {
-    let stack = Stack::start().await?;
-    stack.set_balance("alice", 10_000).await?;
-    stack.set_stock("widget", 5).await?;
+    let stack = Stack::stocked(10_000, 5).await?;
     let mut cli = RawNats::connect(&stack.nats.url()).await?;
     let body = serde_json::to_vec(&order_body("alice", &[("widget", 1, 700)], "US"))?;
     let subject = stack.subjects.place_order_command();
@@ -250,10 +248,7 @@ async fn a_nats_req_retried_with_the_same_msg_id_returns_the_same_order() -> Res
     assert_eq!(ids[0], ids[1]);
     let id: Uuid = ids[0].parse()?;
     assert_eq!(stack.wait_for_outcome(id).await?["status"], "CONFIRMED");
-    assert_eq!(
-        stack.count("order", "SELECT count(*) FROM orders").await?,
-        1
-    );
+    assert_eq!(stack.rows("order", "orders").await?, 1);
     assert_eq!(stack.balance("alice").await?, 10_000 - 700);
 
     // A dead letter keeps the Nats-Msg-Id the original was published with.

@@ -105,16 +105,8 @@ async fn invalid_orders_are_refused_with_a_message_and_start_no_saga() -> Result
             "{body}: expected '{message}' in '{error}'"
         );
     }
-    assert_eq!(
-        stack
-            .count("order", "SELECT count(*) FROM order_events")
-            .await?,
-        0
-    );
-    assert_eq!(
-        stack.count("order", "SELECT count(*) FROM outbox").await?,
-        0
-    );
+    assert_eq!(stack.rows("order", "order_events").await?, 0);
+    assert_eq!(stack.rows("order", "outbox").await?, 0);
 
     let (status, v) = stack.get_json("order", "/orders/not-a-uuid").await?;
     assert_eq!(
@@ -163,9 +155,7 @@ async fn invalid_orders_are_refused_with_a_message_and_start_no_saga() -> Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_are_listed_by_customer_and_status_in_pages() -> Result<()> {
-    let stack = Stack::start().await?;
-    stack.set_balance("alice", 10_000).await?;
-    stack.set_stock("widget", 100).await?;
+    let stack = Stack::stocked(10_000, 100).await?;
     let mut confirmed = Vec::new();
     for _ in 0..3 {
         confirmed.push(
@@ -222,9 +212,7 @@ async fn orders_are_listed_by_customer_and_status_in_pages() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_placement_with_the_same_idempotency_key_places_one_order() -> Result<()> {
-    let stack = Stack::start().await?;
-    stack.set_balance("alice", 10_000).await?;
-    stack.set_stock("widget", 10).await?;
+    let stack = Stack::stocked(10_000, 10).await?;
     let body = order_body("alice", &[("widget", 1, 100)], "US");
     let send = || {
         stack
@@ -247,10 +235,7 @@ async fn a_retried_placement_with_the_same_idempotency_key_places_one_order() ->
         .wait_for_outcome(first["orderId"].as_str().unwrap().parse()?)
         .await?;
     stack.settle().await?;
-    assert_eq!(
-        stack.count("order", "SELECT count(*) FROM orders").await?,
-        1
-    );
+    assert_eq!(stack.rows("order", "orders").await?, 1);
     assert_eq!(stack.balance("alice").await?, 10_000 - 100);
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! retries race each other, and a key never leaks another customer's order.
 
 use anyhow::{Context, Result};
-use saga_tests::{Stack, order_body};
+use saga_tests::{Stack, assert_refused, order_body};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -19,9 +19,7 @@ async fn place_with_key(stack: &Stack, body: &Value, key: &str) -> Result<(u16, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_concurrent_retries_with_one_key_place_one_order_and_charge_once() -> Result<()> {
-    let stack = Stack::start().await?;
-    stack.set_balance("alice", 100_000).await?;
-    stack.set_stock("widget", 100).await?;
+    let stack = Stack::stocked(100_000, 100).await?;
     let body = order_body("alice", &[("widget", 2, 1_000)], "US");
 
     let attempts = (0..16).map(|_| place_with_key(&stack, &body, "checkout-42"));
@@ -39,16 +37,8 @@ async fn sixteen_concurrent_retries_with_one_key_place_one_order_and_charge_once
     let id: Uuid = ids[0].parse().context("order id")?;
     assert_eq!(stack.wait_for_outcome(id).await?["status"], "CONFIRMED");
     stack.settle().await?;
-    assert_eq!(
-        stack.count("order", "SELECT count(*) FROM orders").await?,
-        1
-    );
-    assert_eq!(
-        stack
-            .count("payment", "SELECT count(*) FROM payments")
-            .await?,
-        1
-    );
+    assert_eq!(stack.rows("order", "orders").await?, 1);
+    assert_eq!(stack.rows("payment", "payments").await?, 1);
     assert_eq!(stack.balance("alice").await?, 100_000 - 2_000);
     stack
         .assert_invariants(&[("alice", 100_000)], &[("widget", 100)])
@@ -77,22 +67,17 @@ async fn a_key_belongs_to_its_customer_and_to_the_request_it_was_first_used_with
     // Alice reuses her key for something else: refused, naming the key.
     let other = order_body("alice", &[("widget", 5, 1_000)], "US");
     let (status, v) = place_with_key(&stack, &other, "k-1").await?;
-    assert_eq!(status, 422, "{v}");
-    assert!(
-        v["error"]
-            .as_str()
-            .unwrap()
-            .contains("already used by this customer for a different request"),
-        "{v}"
+    assert_refused(
+        status,
+        &v,
+        422,
+        "already used by this customer for a different request",
     );
 
     // The same request again is the same order.
     let (status, again) = place_with_key(&stack, &alice, "k-1").await?;
     assert_eq!(status, 200);
     assert_eq!(again["orderId"], first["orderId"]);
-    assert_eq!(
-        stack.count("order", "SELECT count(*) FROM orders").await?,
-        2
-    );
+    assert_eq!(stack.rows("order", "orders").await?, 2);
     Ok(())
 }

@@ -11,9 +11,7 @@ use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_req_places_an_order_that_runs_to_confirmation() -> Result<()> {
-    let stack = Stack::start().await?;
-    stack.set_balance("alice", 10_000).await?;
-    stack.set_stock("widget", 5).await?;
+    let stack = Stack::stocked(10_000, 5).await?;
     let mut cli = RawNats::connect(&stack.nats.url()).await?;
 
     // nats req saga.cmd.order.place '{"customerId":...}'
@@ -113,9 +111,7 @@ async fn a_hand_published_shipment_failure_compensates_once_however_often_it_is_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_events_land_in_the_dead_letter_stream_with_a_reason_and_the_service_keeps_going()
 -> Result<()> {
-    let stack = Stack::start().await?;
-    stack.set_balance("alice", 10_000).await?;
-    stack.set_stock("widget", 5).await?;
+    let stack = Stack::stocked(10_000, 5).await?;
     let mut cli = RawNats::connect(&stack.nats.url()).await?;
     let placed = stack.subjects.event(EventKind::OrderPlaced);
 

@@ -19,9 +19,7 @@ fn signal(pid: u32, sig: &str) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_redis_slows_nothing_down_for_long_and_sagas_complete_on_the_postgres_guard()
 -> Result<()> {
-    let mut stack = Stack::start().await?;
-    stack.set_balance("alice", 10_000).await?;
-    stack.set_stock("widget", 5).await?;
+    let mut stack = Stack::stocked(10_000, 5).await?;
 
     // Redis stops answering but keeps its connections open.
     signal(stack.redis.pid(), "-STOP")?;
@@ -49,12 +47,7 @@ async fn a_hung_redis_slows_nothing_down_for_long_and_sagas_complete_on_the_post
     stack
         .assert_invariants(&[("alice", 10_000)], &[("widget", 5)])
         .await?;
-    assert_eq!(
-        stack
-            .count("payment", "SELECT count(*) FROM payments")
-            .await?,
-        1
-    );
+    assert_eq!(stack.rows("payment", "payments").await?, 1);
 
     // A graceful stop does not wait on the hung Redis.
     tokio::time::timeout(Duration::from_secs(15), stack.stop_service("payment"))
@@ -99,9 +92,7 @@ async fn a_broker_store_too_small_for_the_streams_is_a_clear_start_up_error() ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_stream_makes_the_service_unready_naming_it_and_nothing_is_lost() -> Result<()> {
-    let stack = Stack::start().await?;
-    stack.set_balance("alice", 10_000).await?;
-    stack.set_stock("widget", 5).await?;
+    let stack = Stack::stocked(10_000, 5).await?;
 
     // The events stream is full and refuses new messages.
     let mut events = stack.js.get_stream(stack.subjects.events_stream()).await?;
@@ -124,10 +115,7 @@ async fn a_full_stream_makes_the_service_unready_naming_it_and_nothing_is_lost()
         failing.contains("relay") && failing.contains("refuses events"),
         "{ready}"
     );
-    assert_eq!(
-        stack.count("order", "SELECT count(*) FROM outbox").await?,
-        1
-    );
+    assert_eq!(stack.rows("order", "outbox").await?, 1);
 
     // Room again: the saga goes on from the outbox.
     stack.js.update_stream(&original).await?;
@@ -176,9 +164,7 @@ async fn a_full_stream_makes_the_service_unready_naming_it_and_nothing_is_lost()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_consumer_is_recreated_and_a_missing_stream_makes_the_service_unready()
 -> Result<()> {
-    let stack = Stack::start().await?;
-    stack.set_balance("alice", 10_000).await?;
-    stack.set_stock("widget", 5).await?;
+    let stack = Stack::stocked(10_000, 5).await?;
     let events = stack.js.get_stream(stack.subjects.events_stream()).await?;
     events.delete_consumer("payment").await?;
 
@@ -220,9 +206,7 @@ async fn a_deleted_consumer_is_recreated_and_a_missing_stream_makes_the_service_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_stop_publishes_what_its_drain_commits() -> Result<()> {
-    let mut stack = Stack::start().await?;
-    stack.set_balance("alice", 10_000_000).await?;
-    stack.set_stock("widget", 1_000).await?;
+    let mut stack = Stack::stocked(10_000_000, 1_000).await?;
     stack.stop_service("payment").await?;
     // A backlog for payment while it is stopped.
     for _ in 0..150 {
@@ -232,18 +216,12 @@ async fn a_graceful_stop_publishes_what_its_drain_commits() -> Result<()> {
     }
     stack.start_service("payment").await?;
     eventually("payment to be busy", DEADLINE, || async {
-        Ok((stack
-            .count("payment", "SELECT count(*) FROM payments")
-            .await?
-            > 0)
-        .then_some(()))
+        Ok((stack.rows("payment", "payments").await? > 0).then_some(()))
     })
     .await?;
     stack.stop_service("payment").await?;
     assert_eq!(
-        stack
-            .count("payment", "SELECT count(*) FROM outbox")
-            .await?,
+        stack.rows("payment", "outbox").await?,
         0,
         "events committed during the drain were left in the outbox"
     );
