@@ -11,6 +11,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use sqlx::PgPool;
@@ -69,22 +70,43 @@ impl IntoResponse for ApiError {
 }
 
 /// `Json<T>` whose rejections are `ApiError::BadRequest` with serde's message
-/// (which names the field and position).
+/// (which names the field and position), and a 413 for a body over
+/// [`crate::limits::MAX_BODY_BYTES`].
 pub struct ValidJson<T>(pub T);
+
+/// How much of an oversized body is read and thrown away so the client,
+/// still uploading, can read its 413. Past this the connection is closed
+/// mid-upload (which the client may see as a reset).
+const OVERSIZED_BODY_DRAINED: usize = 16 << 20;
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ValidJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let (parts, body) = req.into_parts();
+        let mut chunks = body.into_data_stream();
+        let mut kept = Vec::new();
+        let mut seen = 0usize;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk
+                .map_err(|e| ApiError::BadRequest(format!("reading the request body: {e}")))?;
+            seen = seen.saturating_add(chunk.len());
+            if seen <= crate::limits::MAX_BODY_BYTES {
+                kept.extend_from_slice(&chunk);
+            } else if seen > OVERSIZED_BODY_DRAINED {
+                break;
+            }
+        }
+        if seen > crate::limits::MAX_BODY_BYTES {
+            return Err(ApiError::TooLarge(format!(
+                "request body larger than {} bytes",
+                crate::limits::MAX_BODY_BYTES
+            )));
+        }
+        let req = Request::from_parts(parts, axum::body::Body::from(kept));
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ValidJson(v)),
             Err(JsonRejection::JsonDataError(e)) => Err(ApiError::Unprocessable(e.body_text())),
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(ApiError::TooLarge(format!(
-                    "request body larger than {} bytes",
-                    crate::limits::MAX_BODY_BYTES
-                )))
-            }
             Err(e) => Err(ApiError::BadRequest(e.body_text())),
         }
     }
