@@ -28,27 +28,35 @@ impl ServiceSpec {
 
 /// The saga's services, in the order a saga reaches them.
 pub const SERVICES: [ServiceSpec; 4] = [
-    ServiceSpec {
-        name: "order",
-        default_port: 8081,
-        consumer: include_str!("../../nats/consumers/order.json"),
-    },
-    ServiceSpec {
-        name: "payment",
-        default_port: 8082,
-        consumer: include_str!("../../nats/consumers/payment.json"),
-    },
-    ServiceSpec {
-        name: "inventory",
-        default_port: 8083,
-        consumer: include_str!("../../nats/consumers/inventory.json"),
-    },
-    ServiceSpec {
-        name: "shipping",
-        default_port: 8084,
-        consumer: include_str!("../../nats/consumers/shipping.json"),
-    },
+    spec(
+        "order",
+        8081,
+        include_str!("../../nats/consumers/order.json"),
+    ),
+    spec(
+        "payment",
+        8082,
+        include_str!("../../nats/consumers/payment.json"),
+    ),
+    spec(
+        "inventory",
+        8083,
+        include_str!("../../nats/consumers/inventory.json"),
+    ),
+    spec(
+        "shipping",
+        8084,
+        include_str!("../../nats/consumers/shipping.json"),
+    ),
 ];
+
+const fn spec(name: &'static str, default_port: u16, consumer: &'static str) -> ServiceSpec {
+    ServiceSpec {
+        name,
+        default_port,
+        consumer,
+    }
+}
 
 /// The service called `name`.
 pub fn find(name: &str) -> Option<&'static ServiceSpec> {

@@ -294,6 +294,20 @@ mod tests {
         decide(state.as_ref(), command)
     }
 
+    fn confirm() -> Command {
+        Command::Confirm {
+            shipment_id: Uuid::nil(),
+        }
+    }
+
+    /// A cancellation without a payment to check (payment failed before one).
+    fn cancel(reason: &str) -> Command {
+        Command::Cancel {
+            reason: reason.into(),
+            payment: None,
+        }
+    }
+
     fn placed() -> OrderEvent {
         given_when(&[], place()).unwrap().remove(0)
     }
@@ -375,26 +389,13 @@ mod tests {
 
     #[test]
     fn a_created_shipment_confirms_a_pending_order() {
-        let events = given_when(
-            &[placed()],
-            Command::Confirm {
-                shipment_id: Uuid::nil(),
-            },
-        )
-        .unwrap();
+        let events = given_when(&[placed()], confirm()).unwrap();
         assert!(matches!(events[..], [OrderEvent::Confirmed(_)]));
     }
 
     #[test]
     fn a_failed_payment_cancels_with_its_reason() {
-        let events = given_when(
-            &[placed()],
-            Command::Cancel {
-                reason: "insufficient funds".into(),
-                payment: None,
-            },
-        )
-        .unwrap();
+        let events = given_when(&[placed()], cancel("insufficient funds")).unwrap();
         assert_eq!(events, vec![cancelled("insufficient funds")]);
         let state = [placed(), cancelled("insufficient funds")]
             .iter()
@@ -407,26 +408,13 @@ mod tests {
 
     #[test]
     fn a_second_cancellation_changes_nothing() {
-        let events = given_when(
-            &[placed(), cancelled("x")],
-            Command::Cancel {
-                reason: "y".into(),
-                payment: None,
-            },
-        )
-        .unwrap();
+        let events = given_when(&[placed(), cancelled("x")], cancel("y")).unwrap();
         assert!(events.is_empty());
     }
 
     #[test]
     fn a_shipment_for_a_cancelled_order_requires_intervention() {
-        let events = given_when(
-            &[placed(), cancelled("x")],
-            Command::Confirm {
-                shipment_id: Uuid::nil(),
-            },
-        )
-        .unwrap();
+        let events = given_when(&[placed(), cancelled("x")], confirm()).unwrap();
         assert!(matches!(events[..], [OrderEvent::RequiresIntervention(_)]));
     }
 
@@ -436,14 +424,7 @@ mod tests {
             order_id: Uuid::nil(),
             shipment_id: Uuid::nil(),
         });
-        let events = given_when(
-            &[placed(), confirmed],
-            Command::Cancel {
-                reason: "refund".into(),
-                payment: None,
-            },
-        )
-        .unwrap();
+        let events = given_when(&[placed(), confirmed], cancel("refund")).unwrap();
         assert!(matches!(events[..], [OrderEvent::RequiresIntervention(_)]));
     }
 
@@ -502,16 +483,7 @@ mod tests {
 
     #[test]
     fn events_for_an_unknown_order_are_not_found() {
-        assert_eq!(
-            given_when(
-                &[],
-                Command::Cancel {
-                    reason: "x".into(),
-                    payment: None
-                }
-            ),
-            Err(DomainError::NotFound)
-        );
+        assert_eq!(given_when(&[], cancel("x")), Err(DomainError::NotFound));
     }
 
     #[test]

@@ -427,9 +427,7 @@ pub struct PaymentFailed {
 }
 impl Validate for PaymentFailed {
     fn validate(&self) -> Result<(), String> {
-        limits::check_id("customerId", &self.customer_id)?;
-        validate_amount("amount", self.amount)?;
-        limits::check_reason("reason", &self.reason)
+        validate_payment_outcome(&self.customer_id, self.amount, &self.reason)
     }
 }
 
@@ -445,10 +443,15 @@ pub struct PaymentRefunded {
 }
 impl Validate for PaymentRefunded {
     fn validate(&self) -> Result<(), String> {
-        limits::check_id("customerId", &self.customer_id)?;
-        validate_amount("amount", self.amount)?;
-        limits::check_reason("reason", &self.reason)
+        validate_payment_outcome(&self.customer_id, self.amount, &self.reason)
     }
+}
+
+/// A declined or refunded payment: whose, how much, and why.
+fn validate_payment_outcome(customer_id: &str, amount: Money, reason: &str) -> Result<(), String> {
+    limits::check_id("customerId", customer_id)?;
+    validate_amount("amount", amount)?;
+    limits::check_reason("reason", reason)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
