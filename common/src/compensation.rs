@@ -7,10 +7,14 @@
 //! aggregate id: the step's outcome ([`STEP_VERSION`]) and its
 //! compensation ([`COMPENSATION_VERSION`]).
 
-use sqlx::PgConnection;
+use sqlx::{
+    FromRow, PgConnection, Postgres,
+    postgres::{PgArguments, PgRow},
+    query::Query,
+};
 use uuid::Uuid;
 
-use crate::{Envelope, Event, HandlerError, Outcome};
+use crate::{Applying, Envelope, Event, HandlerError, Outcome};
 
 /// Version of the event that records a step's outcome.
 pub const STEP_VERSION: i64 = 1;
@@ -45,46 +49,54 @@ pub fn decide(state: StepState) -> Compensation {
     }
 }
 
-/// A step some service records per order and can undo.
-pub trait Step {
-    /// The record, as loaded under a row lock.
-    type Record: Send;
-    /// `payment`, `reservation`: how messages name it.
+/// What undoing a step comes to: the event that says so, and the aggregate
+/// id it is emitted under.
+pub type Undone = Result<(Event, String), HandlerError>;
+
+/// The record of a step that some service keeps per order and can undo.
+/// It is stored in a table named for the step in the plural (`payments`,
+/// `reservations`), one row per `order_id`, and loaded from it by name.
+pub trait Step: for<'r> FromRow<'r, PgRow> + Send + Unpin {
+    /// `payment`, `reservation`: how messages and the table name it.
     const NAME: &'static str;
 
-    /// The order's record, locked for this transaction; `None` if the step
-    /// has not happened here (yet).
-    fn lock(
-        tx: &mut PgConnection,
-        order_id: Uuid,
-    ) -> impl Future<Output = Result<Option<Self::Record>, sqlx::Error>> + Send;
+    fn state(&self) -> StepState;
 
-    fn state(record: &Self::Record) -> StepState;
-
-    /// Undoes the step (stores the compensation) and returns the event that
-    /// says so, with the aggregate id it is emitted under.
-    fn undo(
-        tx: &mut PgConnection,
-        record: Self::Record,
-        reason: String,
-    ) -> impl Future<Output = Result<(Event, String), HandlerError>> + Send;
+    /// Undoes the step (stores the compensation) and says so.
+    fn undo(self, tx: &mut PgConnection, reason: String) -> impl Future<Output = Undone> + Send;
 }
 
-/// Handles a request to compensate `S` for `order_id`, caused by `cause`.
-pub async fn compensate<S: Step>(
+/// Writes a step's record with `insert`, an `INSERT … ON CONFLICT
+/// (order_id) DO NOTHING` into the step's table: `false` if the order
+/// already had one (a redelivery, or a race lost), which then changes nothing.
+pub async fn record_once(
     tx: &mut PgConnection,
-    cause: &Envelope,
+    insert: Query<'_, Postgres, PgArguments>,
+) -> sqlx::Result<bool> {
+    Ok(insert.execute(tx).await?.rows_affected() == 1)
+}
+
+/// The order's record of step `S`, locked for this transaction; `None` if
+/// the step has not happened here (yet).
+async fn lock<S: Step>(tx: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Option<S>> {
+    let sql = format!("SELECT * FROM {}s WHERE order_id = $1 FOR UPDATE", S::NAME);
+    sqlx::query_as(&sql).bind(order_id).fetch_optional(tx).await
+}
+
+/// Handles a request to compensate `S` for `order_id`.
+pub async fn compensate<S: Step>(
+    cx: Applying<'_>,
     order_id: Uuid,
     reason: String,
 ) -> Result<Outcome, HandlerError> {
-    let Some(record) = S::lock(tx, order_id).await? else {
+    let Some(record) = lock::<S>(cx.tx, order_id).await? else {
         // The request overtook the step it undoes: retried until it is here.
         return Ok(Outcome::NotYet(format!(
             "no {} for order {order_id} yet",
             S::NAME
         )));
     };
-    match decide(S::state(&record)) {
+    match decide(record.state()) {
         Compensation::AlreadyUndone => {
             Ok(Outcome::Skipped(format!("{} already compensated", S::NAME)))
         }
@@ -93,9 +105,9 @@ pub async fn compensate<S: Step>(
             S::NAME
         ))),
         Compensation::Undo => {
-            let (event, aggregate_id) = S::undo(tx, record, reason).await?;
+            let (event, aggregate_id) = record.undo(cx.tx, reason).await?;
             Ok(Outcome::Applied(vec![Envelope::caused_by(
-                cause,
+                cx.cause,
                 &event,
                 aggregate_id,
                 COMPENSATION_VERSION,

@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use crate::{
     backoff::backoff,
+    compensation::STEP_VERSION,
     event::{Envelope, Event},
     health::{Condition, Health},
     idempotency::{self, Claim, IdempotencyStore},
@@ -40,16 +41,25 @@ pub enum Outcome {
     NotYet(String),
     /// Well-formed but can never be applied here: dead-lettered.
     Rejected(String),
+    /// An event on the consumer's subjects that its handler has no use for
+    /// (published by hand, or a filter that grew): dead-lettered, naming the
+    /// consumer and the event's type.
+    Unhandled,
 }
 
-impl Outcome {
-    /// An event on the consumer's subjects that its handler has no use for
-    /// (published by hand, or a filter that grew): dead-lettered, named.
-    pub fn not_handled(consumer: &str, event: &Event) -> Outcome {
-        Outcome::Rejected(format!(
-            "{consumer} does not handle {}",
-            event.kind().name()
-        ))
+/// One event being applied: the open transaction, and the envelope the
+/// event came in (the cause of whatever the handler emits).
+pub struct Applying<'a> {
+    pub tx: &'a mut PgConnection,
+    pub cause: &'a Envelope,
+}
+
+impl Applying<'_> {
+    /// The step's outcome: `event`, emitted under `aggregate_id` as the
+    /// first event of that aggregate ([`STEP_VERSION`]), caused by this one.
+    pub fn emit(&self, event: &Event, aggregate_id: String) -> Outcome {
+        let envelope = Envelope::caused_by(self.cause, event, aggregate_id, STEP_VERSION);
+        Outcome::Applied(vec![envelope])
     }
 }
 
@@ -118,8 +128,7 @@ pub trait Handler: Send + Sync + 'static {
     /// back and the event dead-lettered with the panic's message.
     fn handle<'a>(
         &'a self,
-        tx: &'a mut PgConnection,
-        envelope: &'a Envelope,
+        cx: Applying<'a>,
         event: Event,
     ) -> impl Future<Output = Result<Outcome, HandlerError>> + Send + 'a;
 }
@@ -433,6 +442,11 @@ impl<H: Handler> Inner<H> {
                 .await;
                 Disposition::Retry(reason)
             }
+            Ok(Some(Outcome::Unhandled)) => {
+                let reason = format!("{} does not handle {}", self.name, envelope.event_type);
+                self.dead_letter(msg, Some(envelope), delivered, stream_seq, reason)
+                    .await
+            }
             Ok(Some(Outcome::Rejected(reason))) => {
                 self.dead_letter(msg, Some(envelope), delivered, stream_seq, reason)
                     .await
@@ -501,11 +515,17 @@ impl<H: Handler> Inner<H> {
         envelope: &Envelope,
         event: Event,
     ) -> Result<Option<Outcome>, HandlerError> {
-        let outcome = self.handler.handle(tx, envelope, event).await?;
+        let cx = Applying {
+            tx: &mut *tx,
+            cause: envelope,
+        };
+        let outcome = self.handler.handle(cx, event).await?;
         let events = match &outcome {
             Outcome::Applied(events) => events.as_slice(),
             Outcome::Skipped(_) => &[],
-            Outcome::NotYet(_) | Outcome::Rejected(_) => return Ok(Some(outcome)),
+            Outcome::NotYet(_) | Outcome::Rejected(_) | Outcome::Unhandled => {
+                return Ok(Some(outcome));
+            }
         };
         match outbox::enqueue_once(
             tx,

@@ -2,42 +2,32 @@
 //! shared compensation) on ShipmentFailed.
 
 use common::{
-    Envelope, Event, Handler, HandlerError, Outcome,
-    compensation::{self, STEP_VERSION, StepState},
+    Applying, Event, Handler, HandlerError, Outcome,
+    compensation::{self, Step, StepState, Undone},
     event::{InventoryReleased, InventoryReservationFailed, InventoryReserved, PaymentProcessed},
 };
 use sqlx::PgConnection;
-use uuid::Uuid;
 
-use crate::{
-    domain::{self, ReservationStatus},
-    store::{self, Reservation},
-};
+use crate::domain::{self, ReservationStatus};
+use crate::store::{self, Reservation};
 
 pub struct InventoryHandler;
 
 impl Handler for InventoryHandler {
-    async fn handle(
-        &self,
-        tx: &mut PgConnection,
-        env: &Envelope,
-        event: Event,
-    ) -> Result<Outcome, HandlerError> {
+    async fn handle(&self, cx: Applying<'_>, event: Event) -> Result<Outcome, HandlerError> {
         match event {
-            Event::PaymentProcessed(p) => reserve(tx, env, p).await,
-            Event::ShipmentFailed(e) => {
-                compensation::compensate::<Release>(tx, env, e.order_id, e.reason).await
+            Event::PaymentProcessed(paid) => reserve(cx, paid).await,
+            Event::ShipmentFailed(failed) => {
+                let (order_id, reason) = (failed.order_id, failed.reason);
+                compensation::compensate::<Reservation>(cx, order_id, reason).await
             }
-            other => Ok(Outcome::not_handled("inventory", &other)),
+            _ => Ok(Outcome::Unhandled),
         }
     }
 }
 
-async fn reserve(
-    tx: &mut PgConnection,
-    env: &Envelope,
-    paid: PaymentProcessed,
-) -> Result<Outcome, HandlerError> {
+async fn reserve(cx: Applying<'_>, paid: PaymentProcessed) -> Result<Outcome, HandlerError> {
+    let tx = &mut *cx.tx;
     let order_id = paid.order_id;
     let demand = match domain::demand(&paid.lines) {
         Ok(d) => d,
@@ -75,41 +65,25 @@ async fn reserve(
             Event::InventoryReservationFailed(InventoryReservationFailed { order_id, reason })
         }
     };
-    Ok(Outcome::Applied(vec![Envelope::caused_by(
-        env,
-        &event,
-        order_id.to_string(),
-        STEP_VERSION,
-    )]))
+    Ok(cx.emit(&event, order_id.to_string()))
 }
 
 /// The release: inventory's compensation, under the order's id.
-struct Release;
-
-impl compensation::Step for Release {
-    type Record = Reservation;
+impl Step for Reservation {
     const NAME: &'static str = "reservation";
 
-    async fn lock(tx: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Option<Reservation>> {
-        store::lock_reservation(tx, order_id).await
+    fn state(&self) -> StepState {
+        self.status.step_state()
     }
 
-    fn state(reservation: &Reservation) -> StepState {
-        reservation.status.step_state()
-    }
-
-    async fn undo(
-        tx: &mut PgConnection,
-        reservation: Reservation,
-        reason: String,
-    ) -> Result<(Event, String), HandlerError> {
-        let demand = domain::demand(&reservation.lines).map_err(HandlerError::Permanent)?;
-        store::release(tx, reservation.order_id, &demand, &reason).await?;
+    async fn undo(self, tx: &mut PgConnection, reason: String) -> Undone {
+        let demand = domain::demand(&self.lines).map_err(HandlerError::Permanent)?;
+        store::release(tx, self.order_id, &demand, &reason).await?;
         let event = Event::InventoryReleased(InventoryReleased {
-            order_id: reservation.order_id,
-            lines: reservation.lines,
+            order_id: self.order_id,
+            lines: self.lines,
             reason,
         });
-        Ok((event, reservation.order_id.to_string()))
+        Ok((event, self.order_id.to_string()))
     }
 }

@@ -10,9 +10,11 @@ use uuid::Uuid;
 
 use crate::domain::ReservationStatus;
 
-/// A reservation as stored, locked for a release.
+/// A reservation as stored (a row of `reservations`), locked for a release.
+#[derive(sqlx::FromRow)]
 pub struct Reservation {
     pub order_id: Uuid,
+    #[sqlx(json)]
     pub lines: Vec<OrderLine>,
     pub status: ReservationStatus,
 }
@@ -53,17 +55,15 @@ pub async fn record_reservation(
     reservation: &Reservation,
     reason: Option<&str>,
 ) -> sqlx::Result<bool> {
-    let inserted = sqlx::query(
+    let insert = sqlx::query(
         "INSERT INTO reservations (order_id, lines, status, reason) VALUES ($1, $2, $3, $4)
          ON CONFLICT (order_id) DO NOTHING",
     )
     .bind(reservation.order_id)
     .bind(Json(&reservation.lines))
     .bind(reservation.status)
-    .bind(reason)
-    .execute(tx)
-    .await?;
-    Ok(inserted.rows_affected() == 1)
+    .bind(reason);
+    common::compensation::record_once(tx, insert).await
 }
 
 /// Moves quantities from available to reserved (`sign` 1) or back (`sign`
@@ -86,23 +86,6 @@ pub async fn move_stock(
     .execute(tx)
     .await?;
     Ok(())
-}
-
-/// The order's reservation, locked for its release.
-pub async fn lock_reservation(
-    tx: &mut PgConnection,
-    order_id: Uuid,
-) -> sqlx::Result<Option<Reservation>> {
-    let row: Option<(Json<Vec<OrderLine>>, ReservationStatus)> =
-        sqlx::query_as("SELECT lines, status FROM reservations WHERE order_id = $1 FOR UPDATE")
-            .bind(order_id)
-            .fetch_optional(tx)
-            .await?;
-    Ok(row.map(|(Json(lines), status)| Reservation {
-        order_id,
-        lines,
-        status,
-    }))
 }
 
 /// Puts the reserved units back (stock rows locked in product order, as a

@@ -308,6 +308,18 @@ mod tests {
         }
     }
 
+    /// A cancel caused by c1's refund of `amount`.
+    fn refunded(amount: Money) -> Command {
+        Command::Cancel {
+            reason: "refund".into(),
+            payment: Some(PaymentClaim {
+                event_type: "PaymentRefunded",
+                customer_id: "c1".into(),
+                amount,
+            }),
+        }
+    }
+
     fn placed() -> OrderEvent {
         given_when(&[], place()).unwrap().remove(0)
     }
@@ -430,18 +442,7 @@ mod tests {
 
     #[test]
     fn a_refund_naming_another_amount_is_refused() {
-        let err = given_when(
-            &[placed()],
-            Command::Cancel {
-                reason: "refund".into(),
-                payment: Some(PaymentClaim {
-                    event_type: "PaymentRefunded",
-                    customer_id: "c1".into(),
-                    amount: 1,
-                }),
-            },
-        )
-        .unwrap_err();
+        let err = given_when(&[placed()], refunded(1)).unwrap_err();
         assert!(
             matches!(&err, DomainError::Invalid(m) if m.contains("does not match order")),
             "{err}"
@@ -450,18 +451,7 @@ mod tests {
 
     #[test]
     fn a_refund_naming_this_order_cancels_it() {
-        let events = given_when(
-            &[placed()],
-            Command::Cancel {
-                reason: "refund".into(),
-                payment: Some(PaymentClaim {
-                    event_type: "PaymentRefunded",
-                    customer_id: "c1".into(),
-                    amount: 600,
-                }),
-            },
-        )
-        .unwrap();
+        let events = given_when(&[placed()], refunded(600)).unwrap();
         assert_eq!(events, vec![cancelled("refund")]);
     }
 

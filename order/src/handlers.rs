@@ -1,8 +1,7 @@
 //! Reactions to the saga's outcome: ShipmentCreated confirms the order;
 //! PaymentFailed or PaymentRefunded cancels it with the reason that started it.
 
-use common::{Envelope, Event, Handler, HandlerError, Outcome};
-use sqlx::PgConnection;
+use common::{Applying, Event, Handler, HandlerError, Outcome};
 
 use crate::{
     domain::{Command, DomainError, PaymentClaim},
@@ -12,12 +11,7 @@ use crate::{
 pub struct OrderHandler;
 
 impl Handler for OrderHandler {
-    async fn handle(
-        &self,
-        tx: &mut PgConnection,
-        env: &Envelope,
-        event: Event,
-    ) -> Result<Outcome, HandlerError> {
+    async fn handle(&self, cx: Applying<'_>, event: Event) -> Result<Outcome, HandlerError> {
         let order_id = event.order_id();
         let command = match event {
             Event::ShipmentCreated(e) => Command::Confirm {
@@ -39,17 +33,11 @@ impl Handler for OrderHandler {
                     amount: e.amount,
                 }),
             },
-            other => return Ok(Outcome::not_handled("order", &other)),
+            _ => return Ok(Outcome::Unhandled),
         };
-        match store::execute(
-            tx,
-            order_id,
-            command,
-            env.metadata.correlation_id,
-            env.event_id,
-        )
-        .await
-        {
+        let cause = cx.cause;
+        let (correlation_id, causation_id) = (cause.metadata.correlation_id, cause.event_id);
+        match store::execute(cx.tx, order_id, command, correlation_id, causation_id).await {
             Ok((_, emitted)) if emitted.is_empty() => {
                 Ok(Outcome::Skipped("order already reflects this event".into()))
             }

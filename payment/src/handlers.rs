@@ -2,45 +2,36 @@
 //! compensation) on InventoryReservationFailed or InventoryReleased.
 
 use common::{
-    Envelope, Event, Handler, HandlerError, Outcome,
-    compensation::{self, STEP_VERSION, StepState},
-    event::{OrderPlaced, PaymentFailed, PaymentProcessed, PaymentRefunded},
+    Applying, Event, Handler, HandlerError, Outcome,
+    compensation::{self, Step, StepState, Undone},
+    event::{
+        InventoryReleased, InventoryReservationFailed, OrderPlaced, PaymentFailed,
+        PaymentProcessed, PaymentRefunded,
+    },
 };
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{
-    domain::{self, ChargeDecision, PaymentStatus},
-    store::{self, Payment},
-};
+use crate::domain::{self, ChargeDecision, PaymentStatus};
+use crate::store::{self, Payment};
 
 pub struct PaymentHandler;
 
 impl Handler for PaymentHandler {
-    async fn handle(
-        &self,
-        tx: &mut PgConnection,
-        env: &Envelope,
-        event: Event,
-    ) -> Result<Outcome, HandlerError> {
+    async fn handle(&self, cx: Applying<'_>, event: Event) -> Result<Outcome, HandlerError> {
         match event {
-            Event::OrderPlaced(order) => charge(tx, env, order).await,
-            Event::InventoryReservationFailed(e) => {
-                compensation::compensate::<Refund>(tx, env, e.order_id, e.reason).await
-            }
-            Event::InventoryReleased(e) => {
-                compensation::compensate::<Refund>(tx, env, e.order_id, e.reason).await
-            }
-            other => Ok(Outcome::not_handled("payment", &other)),
+            Event::OrderPlaced(order) => charge(cx, order).await,
+            Event::InventoryReservationFailed(InventoryReservationFailed { order_id, reason })
+            | Event::InventoryReleased(InventoryReleased {
+                order_id, reason, ..
+            }) => compensation::compensate::<Payment>(cx, order_id, reason).await,
+            _ => Ok(Outcome::Unhandled),
         }
     }
 }
 
-async fn charge(
-    tx: &mut PgConnection,
-    env: &Envelope,
-    order: OrderPlaced,
-) -> Result<Outcome, HandlerError> {
+async fn charge(cx: Applying<'_>, order: OrderPlaced) -> Result<Outcome, HandlerError> {
+    let tx = &mut *cx.tx;
     let balance = store::lock_balance(tx, &order.customer_id).await?;
     let decision = domain::decide_charge(&order.customer_id, balance, order.total);
     let payment = Payment {
@@ -79,42 +70,26 @@ async fn charge(
             reason,
         }),
     };
-    Ok(Outcome::Applied(vec![Envelope::caused_by(
-        env,
-        &event,
-        payment.payment_id.to_string(),
-        STEP_VERSION,
-    )]))
+    Ok(cx.emit(&event, payment.payment_id.to_string()))
 }
 
 /// The refund: payment's compensation, under the payment's aggregate id.
-struct Refund;
-
-impl compensation::Step for Refund {
-    type Record = Payment;
+impl Step for Payment {
     const NAME: &'static str = "payment";
 
-    async fn lock(tx: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Option<Payment>> {
-        store::lock_payment(tx, order_id).await
+    fn state(&self) -> StepState {
+        self.status.step_state()
     }
 
-    fn state(payment: &Payment) -> StepState {
-        payment.status.step_state()
-    }
-
-    async fn undo(
-        tx: &mut PgConnection,
-        payment: Payment,
-        reason: String,
-    ) -> Result<(Event, String), HandlerError> {
-        store::refund(tx, &payment, &reason).await?;
+    async fn undo(self, tx: &mut PgConnection, reason: String) -> Undone {
+        store::refund(tx, &self, &reason).await?;
         let event = Event::PaymentRefunded(PaymentRefunded {
-            order_id: payment.order_id,
-            payment_id: payment.payment_id,
-            customer_id: payment.customer_id,
-            amount: payment.amount,
+            order_id: self.order_id,
+            payment_id: self.payment_id,
+            customer_id: self.customer_id,
+            amount: self.amount,
             reason,
         });
-        Ok((event, payment.payment_id.to_string()))
+        Ok((event, self.payment_id.to_string()))
     }
 }

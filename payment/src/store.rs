@@ -8,7 +8,8 @@ use uuid::Uuid;
 
 use crate::domain::PaymentStatus;
 
-/// A payment as stored, locked for a refund.
+/// A payment as stored (a row of `payments`), locked for a refund.
+#[derive(sqlx::FromRow)]
 pub struct Payment {
     pub order_id: Uuid,
     pub payment_id: Uuid,
@@ -46,7 +47,7 @@ pub async fn record_payment(
     payment: &Payment,
     reason: Option<&str>,
 ) -> sqlx::Result<bool> {
-    let inserted = sqlx::query(
+    let insert = sqlx::query(
         "INSERT INTO payments (order_id, payment_id, customer_id, amount, status, reason)
          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id) DO NOTHING",
     )
@@ -55,10 +56,8 @@ pub async fn record_payment(
     .bind(&payment.customer_id)
     .bind(payment.amount)
     .bind(payment.status)
-    .bind(reason)
-    .execute(tx)
-    .await?;
-    Ok(inserted.rows_affected() == 1)
+    .bind(reason);
+    common::compensation::record_once(tx, insert).await
 }
 
 pub async fn set_balance(
@@ -75,25 +74,6 @@ pub async fn set_balance(
     .execute(tx)
     .await?;
     Ok(())
-}
-
-/// The order's payment, locked for its refund.
-pub async fn lock_payment(tx: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Option<Payment>> {
-    let row: Option<(Uuid, String, i64, PaymentStatus)> = sqlx::query_as(
-        "SELECT payment_id, customer_id, amount, status FROM payments WHERE order_id = $1 FOR UPDATE",
-    )
-    .bind(order_id)
-    .fetch_optional(tx)
-    .await?;
-    Ok(
-        row.map(|(payment_id, customer_id, amount, status)| Payment {
-            order_id,
-            payment_id,
-            customer_id,
-            amount,
-            status,
-        }),
-    )
 }
 
 /// Gives the payment's amount back to the account and marks it refunded.

@@ -2,11 +2,10 @@
 //! address cannot be delivered to (which starts the compensation).
 
 use common::{
-    Envelope, Event, Handler, HandlerError, Outcome,
-    compensation::STEP_VERSION,
+    Applying, Event, Handler, HandlerError, Outcome,
     event::{InventoryReserved, ShipmentCreated, ShipmentFailed},
 };
-use sqlx::{PgConnection, types::Json};
+use sqlx::types::Json;
 use uuid::Uuid;
 
 use crate::{
@@ -17,24 +16,15 @@ use crate::{
 pub struct ShippingHandler;
 
 impl Handler for ShippingHandler {
-    async fn handle(
-        &self,
-        tx: &mut PgConnection,
-        env: &Envelope,
-        event: Event,
-    ) -> Result<Outcome, HandlerError> {
-        match event {
-            Event::InventoryReserved(reserved) => ship(tx, env, reserved).await,
-            other => Ok(Outcome::not_handled("shipping", &other)),
-        }
+    async fn handle(&self, cx: Applying<'_>, event: Event) -> Result<Outcome, HandlerError> {
+        let Event::InventoryReserved(reserved) = event else {
+            return Ok(Outcome::Unhandled);
+        };
+        ship(cx, reserved).await
     }
 }
 
-async fn ship(
-    tx: &mut PgConnection,
-    env: &Envelope,
-    reserved: InventoryReserved,
-) -> Result<Outcome, HandlerError> {
+async fn ship(cx: Applying<'_>, reserved: InventoryReserved) -> Result<Outcome, HandlerError> {
     let order_id = reserved.order_id;
     let shipment_id = Uuid::now_v7();
     let refusal = domain::validate_address(&reserved.shipping_address).err();
@@ -52,7 +42,7 @@ async fn ship(
         reason: refusal,
         created_at: None,
     };
-    if !store::record_shipment(tx, &shipment).await? {
+    if !store::record_shipment(cx.tx, &shipment).await? {
         return Ok(Outcome::Skipped("order already has a shipment".into()));
     }
     let event = match (shipment.tracking_number, shipment.reason) {
@@ -66,10 +56,5 @@ async fn ship(
             reason: reason.unwrap_or_default(),
         }),
     };
-    Ok(Outcome::Applied(vec![Envelope::caused_by(
-        env,
-        &event,
-        shipment_id.to_string(),
-        STEP_VERSION,
-    )]))
+    Ok(cx.emit(&event, shipment_id.to_string()))
 }

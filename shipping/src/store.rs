@@ -25,7 +25,7 @@ pub struct Shipment {
 /// Records the order's shipment; `false` if it already has one (one per
 /// order: the primary key).
 pub async fn record_shipment(tx: &mut PgConnection, shipment: &Shipment) -> sqlx::Result<bool> {
-    let inserted = sqlx::query(
+    let insert = sqlx::query(
         "INSERT INTO shipments (order_id, shipment_id, status, tracking_number, address, reason)
          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id) DO NOTHING",
     )
@@ -34,10 +34,8 @@ pub async fn record_shipment(tx: &mut PgConnection, shipment: &Shipment) -> sqlx
     .bind(shipment.status)
     .bind(&shipment.tracking_number)
     .bind(&shipment.address)
-    .bind(&shipment.reason)
-    .execute(tx)
-    .await?;
-    Ok(inserted.rows_affected() == 1)
+    .bind(&shipment.reason);
+    common::compensation::record_once(tx, insert).await
 }
 
 pub async fn shipment(pool: &PgPool, order_id: Uuid) -> sqlx::Result<Option<Shipment>> {

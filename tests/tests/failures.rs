@@ -8,13 +8,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use common::{
-    Config, Envelope, Event, EventKind, Handler, HandlerError, Infra, Outcome, Service,
+    Applying, Config, Envelope, Event, EventKind, Handler, HandlerError, Infra, Outcome, Service,
     consumer::dlq_headers,
     event::{OrderPlaced, PaymentRefunded},
 };
 use saga_tests::{DEADLINE, Stack, eventually, order_body, raw_nats::RawNats};
 use serde_json::Value;
-use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -28,12 +27,7 @@ fn header(h: &async_nats::HeaderMap, name: &str) -> String {
 struct Panics;
 
 impl Handler for Panics {
-    async fn handle(
-        &self,
-        _tx: &mut PgConnection,
-        _env: &Envelope,
-        _event: Event,
-    ) -> Result<Outcome, HandlerError> {
+    async fn handle(&self, _cx: Applying<'_>, _event: Event) -> Result<Outcome, HandlerError> {
         panic!("carrier API returned nonsense")
     }
 }
