@@ -174,21 +174,20 @@ mod tests {
         assert_eq!(c.subject_prefix, "saga");
     }
 
+    fn with_prefix(prefix: &str) -> Result<Config, ConfigError> {
+        Config::from_lookup("order", |k| {
+            (k == "SUBJECT_PREFIX").then(|| prefix.to_string())
+        })
+    }
+
     #[test]
     fn the_subject_prefix_also_namespaces_redis_unless_overridden() {
-        let c = Config::from_lookup("order", |k| {
-            (k == "SUBJECT_PREFIX").then(|| "t1".to_string())
-        })
-        .unwrap();
-        assert_eq!(c.redis_key_prefix, "t1");
+        assert_eq!(with_prefix("t1").unwrap().redis_key_prefix, "t1");
     }
 
     #[test]
     fn a_prefix_with_a_dot_is_refused() {
-        let err = Config::from_lookup("order", |k| {
-            (k == "SUBJECT_PREFIX").then(|| "a.b".to_string())
-        })
-        .unwrap_err();
+        let err = with_prefix("a.b").unwrap_err();
         assert!(err.to_string().contains("SUBJECT_PREFIX"));
     }
 }

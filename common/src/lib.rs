@@ -19,6 +19,13 @@ pub mod telemetry;
 pub mod topology;
 
 pub use config::Config;
-pub use consumer::{Handler, HandlerError, Outcome};
+pub use consumer::{Applying, Handler, HandlerError, Outcome};
 pub use contracts::{Envelope, Event, EventKind, Subjects, event, limits, subjects};
 pub use service::{Infra, Service, StartError};
+
+/// The value after `key` on the first line of `text` that starts with it
+/// (leading blanks ignored): how tests read one setting of a shipped file.
+#[cfg(test)]
+pub(crate) fn setting<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| l.trim().strip_prefix(key))
+}

@@ -110,10 +110,8 @@ mod tests {
     #[test]
     fn the_workspace_members_are_the_roster_and_the_shared_crates() {
         let manifest = include_str!("../../Cargo.toml");
-        let members = manifest
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("members = "))
-            .expect("workspace members on one line");
+        let members =
+            crate::setting(manifest, "members = ").expect("workspace members on one line");
         let members: BTreeSet<&str> = members
             .trim_matches(|c| c == '[' || c == ']')
             .split(',')

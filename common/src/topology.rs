@@ -186,9 +186,7 @@ mod tests {
     #[test]
     fn the_streams_fit_the_shipped_store_and_dead_letters_are_never_dropped() {
         let conf = include_str!("../../nats/nats-server.conf");
-        let store = conf
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("max_file_store:"))
+        let store = crate::setting(conf, "max_file_store:")
             .map(|v| v.trim())
             .expect("max_file_store in nats-server.conf");
         let gib: u64 = store

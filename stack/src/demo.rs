@@ -43,12 +43,7 @@ pub async fn run(local: &Local, timeout: Duration) -> Result<bool> {
     println!("==> demo: order {QUANTITY} x {PRODUCT} at {UNIT_PRICE}, shipped to the US");
     let order = place_and_settle(local, &http, "US", timeout).await?;
     println!("{}", serde_json::to_string_pretty(&order)?);
-    println!(
-        "demo order {}: {} (total {})",
-        order["orderId"].as_str().unwrap_or("?"),
-        order["status"],
-        order["total"]
-    );
+    summarize(&order, "total");
     if order["status"] != "CONFIRMED" {
         eprintln!(
             "warning: expected CONFIRMED, got {} ({})",
@@ -59,12 +54,7 @@ pub async fn run(local: &Local, timeout: Duration) -> Result<bool> {
 
     println!("==> demo: the same order shipped to country ZZ, where no carrier delivers");
     let order = place_and_settle(local, &http, "ZZ", timeout).await?;
-    println!(
-        "demo order {}: {} (failureReason: {})",
-        order["orderId"].as_str().unwrap_or("?"),
-        order["status"],
-        order["failureReason"]
-    );
+    summarize(&order, "failureReason");
     if order["status"] != "CANCELLED" {
         eprintln!("warning: expected CANCELLED, got {}", order["status"]);
         return Ok(false);
@@ -127,4 +117,13 @@ async fn send(request: reqwest::RequestBuilder) -> Result<Value> {
         bail!("{url}: HTTP {status} {body}");
     }
     Ok(serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// One line about a demo order: its id, status and the field that matters.
+fn summarize(order: &Value, field: &str) {
+    let id = order["orderId"].as_str().unwrap_or("?");
+    println!(
+        "demo order {id}: {} ({field} {})",
+        order["status"], order[field]
+    );
 }

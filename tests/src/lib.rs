@@ -11,7 +11,7 @@ pub mod fuzz;
 pub mod raw_nats;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     path::PathBuf,
     process::Stdio,
     time::{Duration, Instant},
@@ -90,6 +90,9 @@ pub struct Stack {
     pub js: jetstream::Context,
     pub http: reqwest::Client,
     services: HashMap<&'static str, InProcess>,
+    /// Balances and stock as [`Stack::set_balance`] and [`Stack::set_stock`]
+    /// last arranged them: what [`Stack::assert_invariants`] starts from.
+    arranged: std::sync::Mutex<BTreeMap<(&'static str, String), i64>>,
 }
 
 /// Location of a workspace binary built next to the test executable.
@@ -131,6 +134,7 @@ impl Stack {
             js,
             http: reqwest::Client::new(),
             services: HashMap::new(),
+            arranged: Default::default(),
         };
         for s in services {
             stack.start_service(s).await?;
@@ -277,6 +281,14 @@ impl Stack {
         Ok((status, etag, r.json().await.unwrap_or(Value::Null)))
     }
 
+    /// `PUT` of `body`: status and the reply (JSON, or null).
+    pub async fn put(&self, service: &str, path: &str, body: Value) -> Result<(u16, Value)> {
+        let (status, _, reply) = self
+            .call(reqwest::Method::PUT, service, path, Some(body), None)
+            .await?;
+        Ok((status, reply))
+    }
+
     /// `PUT` of `body`, which must succeed (arranging, not testing).
     async fn put_ok(&self, service: &str, path: &str, body: Value) -> Result<()> {
         let (status, _, reply) = self
@@ -287,18 +299,42 @@ impl Stack {
     }
 
     pub async fn set_balance(&self, customer: &str, balance: i64) -> Result<()> {
-        let path = format!("/accounts/{customer}");
-        self.put_ok("payment", &path, json!({ "balance": balance }))
-            .await
+        self.arrange("payment", customer, balance).await
     }
 
     pub async fn set_stock(&self, product: &str, available: i64) -> Result<()> {
-        let path = format!("/stock/{product}");
-        self.put_ok("inventory", &path, json!({ "available": available }))
-            .await
+        self.arrange("inventory", product, available).await
     }
 
-    /// Places an order over HTTP; returns its id.
+    /// Sets a customer's balance (`payment`) or a product's stock
+    /// (`inventory`) and remembers it for [`Stack::assert_invariants`].
+    async fn arrange(&self, service: &'static str, key: &str, value: i64) -> Result<()> {
+        let (path, body) = match service {
+            "payment" => (format!("/accounts/{key}"), json!({ "balance": value })),
+            _ => (format!("/stock/{key}"), json!({ "available": value })),
+        };
+        self.put_ok(service, &path, body).await?;
+        let mut arranged = self.arranged.lock().expect("arranged");
+        arranged.insert((service, key.to_string()), value);
+        Ok(())
+    }
+
+    /// Places `customer`'s order of `lines` to `country`, waits for its
+    /// outcome and for the system to settle: the order as it ended.
+    pub async fn run_saga(
+        &self,
+        customer: &str,
+        lines: &[(&str, i64, i64)],
+        country: &str,
+    ) -> Result<(Uuid, Value)> {
+        let id = self
+            .place_order(&order_body(customer, lines, country))
+            .await?;
+        let order = self.wait_for_outcome(id).await?;
+        self.settle().await?;
+        Ok((id, order))
+    }
+
     pub async fn place_order(&self, body: &Value) -> Result<Uuid> {
         let r = self
             .http
@@ -382,24 +418,19 @@ impl Stack {
     }
 
     pub async fn balance(&self, customer: &str) -> Result<i64> {
+        let sql = "SELECT balance FROM accounts WHERE customer_id = $1";
         let pool = self.pool("payment").await?;
-        Ok(
-            sqlx::query_scalar("SELECT balance FROM accounts WHERE customer_id = $1")
-                .bind(customer)
-                .fetch_one(&pool)
-                .await?,
-        )
+        Ok(sqlx::query_scalar(sql)
+            .bind(customer)
+            .fetch_one(&pool)
+            .await?)
     }
 
     /// (available, reserved) of a product.
     pub async fn stock(&self, product: &str) -> Result<(i64, i64)> {
+        let sql = "SELECT available, reserved FROM stock WHERE product_id = $1";
         let pool = self.pool("inventory").await?;
-        Ok(
-            sqlx::query_as("SELECT available, reserved FROM stock WHERE product_id = $1")
-                .bind(product)
-                .fetch_one(&pool)
-                .await?,
-        )
+        Ok(sqlx::query_as(sql).bind(product).fetch_one(&pool).await?)
     }
 
     pub async fn count(&self, service: &str, sql: &str) -> Result<i64> {
@@ -526,9 +557,21 @@ impl Stack {
         Ok(events.len())
     }
 
-    /// The invariants that must hold whenever the system is settled, for the
-    /// given initial balances and stock.
-    pub async fn assert_invariants(
+    /// The invariants that must hold whenever the system is settled, from
+    /// the balances and stock this stack arranged.
+    pub async fn assert_invariants(&self) -> Result<()> {
+        let arranged = self.arranged.lock().expect("arranged").clone();
+        let of = |service: &str| -> Vec<(&str, i64)> {
+            let keys = arranged.iter().filter(|((s, _), _)| *s == service);
+            keys.map(|((_, k), v)| (k.as_str(), *v)).collect()
+        };
+        self.assert_invariants_from(&of("payment"), &of("inventory"))
+            .await
+    }
+
+    /// The invariants, for the given initial balances and stock (when they
+    /// were arranged some other way than through this stack).
+    pub async fn assert_invariants_from(
         &self,
         initial_balances: &[(&str, i64)],
         initial_stock: &[(&str, i64)],

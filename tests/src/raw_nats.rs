@@ -66,7 +66,13 @@ impl RawNats {
 
     /// `nats pub SUBJECT BODY`: `PUB <subject> <len>\r\n<body>\r\n`.
     pub async fn publish(&mut self, subject: &str, body: &[u8]) -> Result<()> {
-        let mut frame = format!("PUB {subject} {}\r\n", body.len()).into_bytes();
+        let frame = format!("PUB {subject} {}\r\n", body.len()).into_bytes();
+        self.send_acknowledged(frame, body).await
+    }
+
+    /// Sends `frame` + `body` + CRLF, then a PING, and waits for the PONG:
+    /// the server has processed the message by then (or said why not).
+    async fn send_acknowledged(&mut self, mut frame: Vec<u8>, body: &[u8]) -> Result<()> {
         frame.extend_from_slice(body);
         frame.extend_from_slice(b"\r\nPING\r\n");
         self.send(&frame).await?;
@@ -92,10 +98,7 @@ impl RawNats {
         )
         .into_bytes();
         frame.extend_from_slice(hdr.as_bytes());
-        frame.extend_from_slice(body);
-        frame.extend_from_slice(b"\r\nPING\r\n");
-        self.send(&frame).await?;
-        self.expect_pong().await
+        self.send_acknowledged(frame, body).await
     }
 
     /// `nats req SUBJECT BODY`: subscribe to an inbox, publish with it as the

@@ -128,20 +128,14 @@ async fn invalid_orders_are_refused_with_a_message_and_start_no_saga() -> Result
     let (status, _) = stack.get_json("order", "/orders?limit=0").await?;
     assert_eq!(status, 400);
 
-    let r = stack
-        .http
-        .put(stack.url("payment", "/accounts/alice"))
-        .json(&json!({"balance": -1}))
-        .send()
+    let (status, _) = stack
+        .put("payment", "/accounts/alice", json!({"balance": -1}))
         .await?;
-    assert_eq!(r.status().as_u16(), 422);
-    let r = stack
-        .http
-        .put(stack.url("inventory", "/stock/widget"))
-        .json(&json!({"available": "many"}))
-        .send()
+    assert_eq!(status, 422);
+    let (status, _) = stack
+        .put("inventory", "/stock/widget", json!({"available": "many"}))
         .await?;
-    assert_eq!(r.status().as_u16(), 422);
+    assert_eq!(status, 422);
     let (status, _) = stack.get_json("payment", "/accounts/nobody").await?;
     assert_eq!(status, 404);
     let (status, _) = stack.get_json("inventory", "/stock/nothing").await?;

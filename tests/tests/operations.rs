@@ -44,9 +44,7 @@ async fn a_hung_redis_slows_nothing_down_for_long_and_sagas_complete_on_the_post
     // Redelivered events are still applied once, by the guard alone.
     stack.redeliver_every_event().await?;
     stack.settle().await?;
-    stack
-        .assert_invariants(&[("alice", 10_000)], &[("widget", 5)])
-        .await?;
+    stack.assert_invariants().await?;
     assert_eq!(stack.rows("payment", "payments").await?, 1);
 
     // A graceful stop does not wait on the hung Redis.

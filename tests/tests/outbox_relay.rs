@@ -16,13 +16,18 @@ use uuid::Uuid;
 const AGGREGATES: usize = 5;
 const PER_AGGREGATE: usize = 40;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_relays_on_one_database_publish_each_event_once_in_per_aggregate_order() -> Result<()> {
-    // A broker and a database with the outbox, no services.
+/// A broker with the streams and a database with the outbox: no services.
+async fn outbox_only() -> Result<(Stack, sqlx::PgPool)> {
     let stack = Stack::start_with(&[]).await?;
     let pool = stack.pool("payment").await?;
     common::service::COMMON_MIGRATIONS.run(&pool).await?;
     common::topology::apply_streams(&stack.js, &stack.subjects).await?;
+    Ok((stack, pool))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_on_one_database_publish_each_event_once_in_per_aggregate_order() -> Result<()> {
+    let (stack, pool) = outbox_only().await?;
 
     // Interleaved events of several aggregates, committed one by one.
     let mut conn = pool.acquire().await?;
@@ -87,10 +92,7 @@ async fn two_relays_on_one_database_publish_each_event_once_in_per_aggregate_ord
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_committed_while_no_relay_ran_are_published_when_one_starts() -> Result<()> {
-    let stack = Stack::start_with(&[]).await?;
-    let pool = stack.pool("inventory").await?;
-    common::service::COMMON_MIGRATIONS.run(&pool).await?;
-    common::topology::apply_streams(&stack.js, &stack.subjects).await?;
+    let (stack, pool) = outbox_only().await?;
     let mut conn = pool.acquire().await?;
     let event = Event::OrderCancelled(OrderCancelled {
         order_id: Uuid::nil(),
@@ -110,7 +112,7 @@ async fn events_committed_while_no_relay_ran_are_published_when_one_starts() -> 
     // No wake-up signal: only the start-up pass (and the poll) can find it.
     let shutdown = CancellationToken::new();
     let relay = Relay::new(
-        PgConnectOptions::from_str(&stack.dbs.url("inventory"))?,
+        PgConnectOptions::from_str(&stack.dbs.url("payment"))?,
         stack.js.clone(),
         OutboxSignal::default(),
         Duration::from_secs(3600),

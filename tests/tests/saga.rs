@@ -10,11 +10,9 @@ const PRICE: i64 = 1_250;
 async fn a_paid_reserved_and_shippable_order_is_confirmed_with_one_effect_each() -> Result<()> {
     let stack = Stack::stocked(10_000, 5).await?;
 
-    let id = stack
-        .place_order(&order_body("alice", &[("widget", 2, PRICE)], "US"))
+    let (id, order) = stack
+        .run_saga("alice", &[("widget", 2, PRICE)], "US")
         .await?;
-    let order = stack.wait_for_outcome(id).await?;
-    stack.settle().await?;
 
     assert_eq!(order["status"], "CONFIRMED", "{order}");
     assert_eq!(order["total"], 2 * PRICE);
@@ -38,10 +36,7 @@ async fn a_paid_reserved_and_shippable_order_is_confirmed_with_one_effect_each()
     assert_eq!(status, 200);
     assert_eq!(shipment["shipmentId"], order["shipmentId"]);
     assert_eq!(stack.saga_event_types(id).await?, HAPPY_PATH);
-    stack
-        .assert_invariants(&[("alice", 10_000)], &[("widget", 5)])
-        .await?;
-    Ok(())
+    stack.assert_invariants().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,10 +72,7 @@ async fn a_declined_payment_cancels_the_order_with_the_reason_and_touches_nothin
         stack.saga_event_types(id).await?,
         ["OrderPlaced", "PaymentFailed", "OrderCancelled"]
     );
-    stack
-        .assert_invariants(&[("alice", 1_000)], &[("widget", 5)])
-        .await?;
-    Ok(())
+    stack.assert_invariants().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,15 +81,8 @@ async fn running_out_of_stock_refunds_the_payment_and_cancels_the_order() -> Res
     stack.set_stock("gadget", 10).await?;
 
     // One line can be served, the other cannot: nothing is reserved.
-    let id = stack
-        .place_order(&order_body(
-            "alice",
-            &[("gadget", 1, 100), ("widget", 2, PRICE)],
-            "US",
-        ))
-        .await?;
-    let order = stack.wait_for_outcome(id).await?;
-    stack.settle().await?;
+    let lines = [("gadget", 1, 100), ("widget", 2, PRICE)];
+    let (id, order) = stack.run_saga("alice", &lines, "US").await?;
 
     assert_eq!(order["status"], "CANCELLED");
     let reason = order["failureReason"].as_str().unwrap();
@@ -119,10 +104,7 @@ async fn running_out_of_stock_refunds_the_payment_and_cancels_the_order() -> Res
             "OrderCancelled"
         ]
     );
-    stack
-        .assert_invariants(&[("alice", 10_000)], &[("widget", 1), ("gadget", 10)])
-        .await?;
-    Ok(())
+    stack.assert_invariants().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,11 +112,9 @@ async fn an_undeliverable_address_releases_stock_refunds_and_cancels_in_reverse_
 {
     let stack = Stack::stocked(10_000, 5).await?;
 
-    let id = stack
-        .place_order(&order_body("alice", &[("widget", 3, PRICE)], "ZZ"))
+    let (id, order) = stack
+        .run_saga("alice", &[("widget", 3, PRICE)], "ZZ")
         .await?;
-    let order = stack.wait_for_outcome(id).await?;
-    stack.settle().await?;
 
     assert_eq!(order["status"], "CANCELLED");
     assert_eq!(
@@ -179,10 +159,7 @@ async fn an_undeliverable_address_releases_stock_refunds_and_cancels_in_reverse_
             pair[1].event_type, pair[0].event_type
         );
     }
-    stack
-        .assert_invariants(&[("alice", 10_000)], &[("widget", 5)])
-        .await?;
-    Ok(())
+    stack.assert_invariants().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,8 +200,5 @@ async fn concurrent_orders_for_the_last_units_never_oversell() -> Result<()> {
             .await?,
         ORDERS as i64 - UNITS
     );
-    stack
-        .assert_invariants(&[("alice", 1_000_000)], &[("widget", UNITS)])
-        .await?;
-    Ok(())
+    stack.assert_invariants().await
 }
