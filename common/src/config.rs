@@ -37,6 +37,9 @@ pub struct Config {
     pub outbox_relay_enabled: bool,
     /// `DATABASE_MAX_CONNECTIONS`, default 16.
     pub database_max_connections: u32,
+    /// `SAGA_STALL_AFTER_MS`, default 30 s: how long a saga may wait at one
+    /// step before the order service's observer reports it stalled.
+    pub stall_after: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +73,7 @@ impl Config {
             outbox_poll: Duration::from_millis(1000),
             outbox_relay_enabled: true,
             database_max_connections: 16,
+            stall_after: Duration::from_secs(30),
         }
     }
 
@@ -138,6 +142,10 @@ impl Config {
         }
         if let Some(v) = lookup("DATABASE_MAX_CONNECTIONS") {
             c.database_max_connections = parse_num("DATABASE_MAX_CONNECTIONS", &v)?.max(1) as u32;
+        }
+        if let Some(v) = lookup("SAGA_STALL_AFTER_MS") {
+            let ms = parse_num("SAGA_STALL_AFTER_MS", &v)?.clamp(100, 86_400_000);
+            c.stall_after = Duration::from_millis(ms as u64);
         }
         let valid_prefix = |p: &str| {
             !p.is_empty()

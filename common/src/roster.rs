@@ -92,7 +92,7 @@ mod tests {
 
     /// A consumer file without a service (or a service whose file was not
     /// added) fails here: the folder holds the roster plus the order
-    /// service's dead-letter watch.
+    /// service's watches (dead letters, timeline).
     #[test]
     fn the_consumer_folder_holds_exactly_the_roster() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../nats/consumers");
@@ -101,7 +101,7 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         let mut expected: BTreeSet<String> = names().map(|n| format!("{n}.json")).collect();
-        expected.insert("order-dead-letters.json".into());
+        expected.extend(crate::topology::WATCHES.map(|w| format!("{}.json", w.name)));
         assert_eq!(found, expected);
     }
 

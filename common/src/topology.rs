@@ -20,8 +20,37 @@ pub fn consumer_file(service: &str) -> Option<&'static str> {
     crate::roster::find(service).map(|s| s.consumer)
 }
 
-/// The order service's watch on the dead-letter stream.
-const DEAD_LETTER_WATCH: &str = include_str!("../../nats/consumers/order-dead-letters.json");
+/// A durable consumer that watches a whole stream rather than a service's
+/// inputs: the order service's dead-letter watch and its timeline observer.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchSpec {
+    /// The durable name, also the file's name in `nats/consumers/`.
+    pub name: &'static str,
+    /// On the dead-letter stream, or else on the events stream.
+    pub dead_letters: bool,
+    definition: &'static str,
+}
+
+/// Halts a pending saga whose event was dead-lettered.
+pub const DEAD_LETTER_WATCH: WatchSpec = WatchSpec {
+    name: "order-dead-letters",
+    dead_letters: true,
+    definition: include_str!("../../nats/consumers/order-dead-letters.json"),
+};
+/// Records every event of every saga in its timeline.
+pub const TIMELINE_EVENTS: WatchSpec = WatchSpec {
+    name: "order-timeline",
+    dead_letters: false,
+    definition: include_str!("../../nats/consumers/order-timeline.json"),
+};
+/// Records every dead letter of every saga in its timeline.
+pub const TIMELINE_DEAD_LETTERS: WatchSpec = WatchSpec {
+    name: "order-timeline-dead-letters",
+    dead_letters: true,
+    definition: include_str!("../../nats/consumers/order-timeline-dead-letters.json"),
+};
+/// Every watch, for tests and tools.
+pub const WATCHES: [WatchSpec; 3] = [DEAD_LETTER_WATCH, TIMELINE_EVENTS, TIMELINE_DEAD_LETTERS];
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
@@ -99,43 +128,50 @@ pub async fn apply_consumer(
     js: &jetstream::Context,
     subjects: &Subjects,
     service: &str,
-) -> Result<jetstream::consumer::Consumer<pull::Config>, TopologyError> {
+) -> Result<PullConsumer, TopologyError> {
     let config = consumer_config(subjects, service)?;
-    let stream = subjects.events_stream();
-    let err = |e: &dyn std::fmt::Display| TopologyError::Consumer(service.into(), e.to_string());
+    create_or_update(js, subjects.events_stream(), config, service).await
+}
+
+type PullConsumer = jetstream::consumer::Consumer<pull::Config>;
+
+/// Create is idempotent for an identical config; update covers a changed file.
+async fn create_or_update(
+    js: &jetstream::Context,
+    stream: String,
+    config: pull::Config,
+    name: &str,
+) -> Result<PullConsumer, TopologyError> {
+    let err = |e: &dyn std::fmt::Display| TopologyError::Consumer(name.into(), e.to_string());
     let stream = js.get_stream(&stream).await.map_err(|e| err(&e))?;
-    // Create is idempotent for an identical config; update covers a changed file.
     match stream.create_consumer(config.clone()).await {
         Ok(c) => Ok(c),
         Err(_) => stream.update_consumer(config).await.map_err(|e| err(&e)),
     }
 }
 
-/// The durable consumer on the dead-letter stream that the order service
-/// watches with, rewritten for the prefix.
-pub fn dead_letter_watch_config(subjects: &Subjects) -> Result<pull::Config, TopologyError> {
-    let mut config: pull::Config = serde_json::from_str(DEAD_LETTER_WATCH)
-        .map_err(|e| TopologyError::Parse("order-dead-letters".into(), e))?;
-    config.filter_subject = subjects.rewrite_subject(&config.filter_subject);
+/// A watch's durable consumer, rewritten for the prefix.
+pub fn watch_config(subjects: &Subjects, watch: &WatchSpec) -> Result<pull::Config, TopologyError> {
+    let mut config: pull::Config = serde_json::from_str(watch.definition)
+        .map_err(|e| TopologyError::Parse(watch.name.into(), e))?;
+    if !config.filter_subject.is_empty() {
+        config.filter_subject = subjects.rewrite_subject(&config.filter_subject);
+    }
     Ok(config)
 }
 
-/// Creates (or updates) the dead-letter watch and returns it.
-pub async fn apply_dead_letter_watch(
+/// Creates (or updates) a watch's consumer and returns it.
+pub async fn apply_watch(
     js: &jetstream::Context,
     subjects: &Subjects,
-) -> Result<jetstream::consumer::Consumer<pull::Config>, TopologyError> {
-    let config = dead_letter_watch_config(subjects)?;
-    let name = "order-dead-letters".to_string();
-    let err = |e: &dyn std::fmt::Display| TopologyError::Consumer(name.clone(), e.to_string());
-    let stream = js
-        .get_stream(subjects.dead_letter_stream())
-        .await
-        .map_err(|e| err(&e))?;
-    match stream.create_consumer(config.clone()).await {
-        Ok(c) => Ok(c),
-        Err(_) => stream.update_consumer(config).await.map_err(|e| err(&e)),
-    }
+    watch: &WatchSpec,
+) -> Result<PullConsumer, TopologyError> {
+    let config = watch_config(subjects, watch)?;
+    let stream = match watch.dead_letters {
+        true => subjects.dead_letter_stream(),
+        false => subjects.events_stream(),
+    };
+    create_or_update(js, stream, config, watch.name).await
 }
 
 #[cfg(test)]
@@ -178,6 +214,20 @@ mod tests {
             for f in consumer_config(&s, svc).unwrap().filter_subjects {
                 assert!(all.contains(&f), "{svc} filters on unknown subject {f}");
             }
+        }
+    }
+
+    /// A watch sees its whole stream: the dead-letter ones filter on the
+    /// dead-letter subjects, the timeline on none (every event).
+    #[test]
+    fn every_watch_parses_and_sees_its_whole_stream() {
+        let s = Subjects::new("x");
+        for w in WATCHES {
+            let c = watch_config(&s, &w).unwrap();
+            assert_eq!(c.durable_name.as_deref(), Some(w.name));
+            assert!(c.filter_subjects.is_empty(), "{}", w.name);
+            let expected = if w.dead_letters { "x.dlq.>" } else { "" };
+            assert_eq!(c.filter_subject, expected, "{}", w.name);
         }
     }
 

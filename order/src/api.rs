@@ -1,5 +1,10 @@
 //! HTTP: `POST /orders`, `GET /orders/{id}`, `GET /orders/{id}/events`,
 //! `GET /orders?customerId=&status=&limit=&offset=`. Reads come from the read model.
+//!
+//! Sagas, as the observer recorded them: `GET /sagas/{orderId}` (the
+//! timeline, where the saga stands and who owes the next event) and
+//! `GET /sagas?status=&stalled=true&since=&before=&limit=` (newest activity
+//! first; `before` is the next page's cursor).
 
 use axum::{
     Json, Router,
@@ -8,26 +13,40 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
+use chrono::{DateTime, Utc};
 use common::{
-    Envelope,
+    Envelope, EventKind,
     http::{ApiError, ValidJson},
     limits,
 };
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 use uuid::Uuid;
 
 use crate::{
     domain::OrderStatus,
+    observer,
     place::{PlaceError, PlaceOrder, Placer},
-    store::{self, OrderView},
+    store::{self, EntryKind, EntryRow, OrderView, SagaRow},
+    timeline,
 };
 
-pub fn router(placer: Placer) -> Router {
+pub fn router(placer: Placer, stall_after: Duration) -> Router {
+    let sagas = Sagas {
+        pool: placer.pool.clone(),
+        stall_after,
+    };
     Router::new()
         .route("/orders", get(list_orders).post(place_order))
         .route("/orders/{id}", get(get_order))
         .route("/orders/{id}/events", get(get_events))
         .with_state(placer)
+        .merge(
+            Router::new()
+                .route("/sagas", get(list_sagas))
+                .route("/sagas/{id}", get(get_saga))
+                .with_state(sagas),
+        )
 }
 
 impl From<PlaceError> for ApiError {
@@ -122,33 +141,13 @@ async fn list_orders(
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<OrderPage>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::BadRequest(format!(
-            "limit must be between 1 and 500, got {limit}"
-        )));
-    }
+    let limit = page_limit(q.limit)?;
     let offset = q.offset.unwrap_or(0);
     limits::check_range("offset", offset, 0, limits::MAX_OFFSET).map_err(ApiError::BadRequest)?;
     if let Some(customer) = &q.customer_id {
         limits::check_id("customerId", customer).map_err(ApiError::BadRequest)?;
     }
-    let status = match q.status.as_deref() {
-        None => None,
-        Some(s) => Some(
-            serde_json::from_value::<OrderStatus>(serde_json::Value::from(s)).map_err(|_| {
-                let all: Vec<String> = OrderStatus::ALL
-                    .iter()
-                    .map(|s| {
-                        serde_json::to_value(s)
-                            .map(|v| v.to_string())
-                            .unwrap_or_default()
-                    })
-                    .collect();
-                ApiError::BadRequest(format!("status '{s}' is not one of {}", all.join(", ")))
-            })?,
-        ),
-    };
+    let status = q.status.as_deref().map(parse_status).transpose()?;
     let mut orders = store::list_orders(
         &placer.pool,
         q.customer_id.as_deref(),
@@ -164,5 +163,167 @@ async fn list_orders(
         limit,
         offset,
         next_offset: more.then(|| offset + limit),
+    }))
+}
+
+/// A page's size: 50 unless asked, at most 500.
+fn page_limit(asked: Option<i64>) -> Result<i64, ApiError> {
+    let limit = asked.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and 500, got {limit}"
+        )));
+    }
+    Ok(limit)
+}
+
+fn parse_status(s: &str) -> Result<OrderStatus, ApiError> {
+    serde_json::from_value::<OrderStatus>(serde_json::Value::from(s)).map_err(|_| {
+        let all: Vec<String> = OrderStatus::ALL
+            .iter()
+            .map(|s| {
+                serde_json::to_value(s)
+                    .map(|v| v.to_string())
+                    .unwrap_or_default()
+            })
+            .collect();
+        ApiError::BadRequest(format!("status '{s}' is not one of {}", all.join(", ")))
+    })
+}
+
+/// What the saga endpoints read.
+#[derive(Clone)]
+struct Sagas {
+    pool: sqlx::PgPool,
+    stall_after: Duration,
+}
+
+/// A saga as listed: where it stands, and whether it is stalled.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SagaSummary {
+    #[serde(flatten)]
+    saga: SagaRow,
+    /// `waiting for shipping to create the shipment`, absent once finished.
+    waiting: Option<String>,
+    stalled: bool,
+}
+
+impl SagaSummary {
+    fn new(saga: SagaRow, stalled_before: DateTime<Utc>) -> SagaSummary {
+        let waiting = match (&saga.waiting_for, &saga.step) {
+            (Some(service), Some(step)) => Some(format!("waiting for {service} to {step}")),
+            _ => None,
+        };
+        let stalled = saga.status == OrderStatus::Pending && saga.last_event_at < stalled_before;
+        SagaSummary {
+            saga,
+            waiting,
+            stalled,
+        }
+    }
+}
+
+/// One entry of a timeline, with the time since the one before.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TimelineEntry {
+    #[serde(flatten)]
+    entry: EntryRow,
+    since_previous_ms: Option<i64>,
+    /// Undoes an earlier step (drawn going backwards).
+    compensation: bool,
+    /// Reports a step that failed, or a dead letter.
+    failure: bool,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SagaStory {
+    #[serde(flatten)]
+    summary: SagaSummary,
+    stall_after_ms: u128,
+    timeline: Vec<TimelineEntry>,
+}
+
+async fn get_saga(
+    State(sagas): State<Sagas>,
+    Path(id): Path<String>,
+) -> Result<Json<SagaStory>, ApiError> {
+    let id = parse_id(&id)?;
+    let saga = store::saga(&sagas.pool, id).await?.ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "no saga {id} recorded (yet): no event of it was seen"
+        ))
+    })?;
+    let entries = store::timeline(&sagas.pool, id).await?;
+    let mut previous: Option<DateTime<Utc>> = None;
+    let timeline = entries
+        .into_iter()
+        .map(|entry| {
+            let seen = &entry.entry;
+            let since = previous.map(|p| (seen.occurred_at - p).num_milliseconds());
+            previous = Some(seen.occurred_at);
+            let kind = EventKind::from_name(&seen.event_type);
+            let dead = seen.kind == EntryKind::DeadLetter;
+            TimelineEntry {
+                since_previous_ms: since,
+                compensation: !dead && kind.is_some_and(timeline::is_compensation),
+                failure: dead || kind.is_some_and(timeline::is_failure),
+                entry,
+            }
+        })
+        .collect();
+    Ok(Json(SagaStory {
+        summary: SagaSummary::new(saga, observer::stalled_before(sagas.stall_after)),
+        stall_after_ms: sagas.stall_after.as_millis(),
+        timeline,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SagaQuery {
+    status: Option<String>,
+    stalled: Option<bool>,
+    since: Option<DateTime<Utc>>,
+    before: Option<DateTime<Utc>>,
+    limit: Option<i64>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SagaPage {
+    sagas: Vec<SagaSummary>,
+    limit: i64,
+    /// Pass as `before` for the next page; absent on the last one.
+    next_before: Option<DateTime<Utc>>,
+}
+
+async fn list_sagas(
+    State(sagas): State<Sagas>,
+    query: Result<Query<SagaQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<SagaPage>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let limit = page_limit(q.limit)?;
+    let stalled_before = observer::stalled_before(sagas.stall_after);
+    let filter = store::SagaFilter {
+        status: q.status.as_deref().map(parse_status).transpose()?,
+        stalled_before: q.stalled.unwrap_or(false).then_some(stalled_before),
+        since: q.since,
+        before: q.before,
+        limit: limit + 1,
+    };
+    let mut rows = store::list_sagas(&sagas.pool, &filter).await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let next_before = more.then(|| rows.last().map(|r| r.last_event_at)).flatten();
+    Ok(Json(SagaPage {
+        sagas: rows
+            .into_iter()
+            .map(|r| SagaSummary::new(r, stalled_before))
+            .collect(),
+        limit,
+        next_before,
     }))
 }

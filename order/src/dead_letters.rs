@@ -11,17 +11,10 @@
 //! Only dead letters whose body decoded carry the saga's id
 //! (`Saga-Dlq-Correlation-Id`); bytes that are not an event belong to no saga.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
-use async_nats::jetstream::{self, AckKind, consumer::pull};
-use common::{
-    Subjects,
-    backoff::backoff,
-    consumer::dlq_headers,
-    health::{Condition, Health},
-    limits, outbox, topology,
-};
-use futures::StreamExt;
+use async_nats::jetstream::{self, AckKind};
+use common::{Subjects, consumer::dlq_headers, limits, outbox, topology::DEAD_LETTER_WATCH};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -29,91 +22,35 @@ use uuid::Uuid;
 use crate::{
     domain::{Command, DomainError},
     store::{self, ExecError},
+    watch::{Source, Started, ack},
 };
 
 /// Name of the watch in the health board.
 pub const HEALTH_WATCH: &str = "deadLetterWatch";
 
-/// Everything the watch needs.
+/// Everything the watch needs besides its source.
 pub struct Watch {
     pub pool: PgPool,
-    pub js: jetstream::Context,
     pub subjects: Subjects,
-    pub health: Health,
     pub max_payload: usize,
     pub outbox: common::outbox::OutboxSignal,
 }
 
 impl Watch {
     /// Creates the durable consumer now, then returns the loop to run.
-    pub async fn start(
-        self,
-        shutdown: CancellationToken,
-    ) -> Result<impl std::future::Future<Output = ()>, topology::TopologyError> {
-        let consumer = topology::apply_dead_letter_watch(&self.js, &self.subjects).await?;
-        self.health.ok(HEALTH_WATCH);
-        Ok(self.run(consumer, shutdown))
-    }
-
-    async fn run(
-        self,
-        mut consumer: jetstream::consumer::Consumer<pull::Config>,
-        shutdown: CancellationToken,
-    ) {
-        let mut failures = 0u32;
-        while !shutdown.is_cancelled() {
-            let result = async {
-                let mut batch = consumer
-                    .batch()
-                    .max_messages(64)
-                    .expires(Duration::from_secs(1))
-                    .messages()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                while let Some(msg) = batch.next().await {
-                    let msg = msg.map_err(|e| e.to_string())?;
-                    self.process(&msg).await;
-                }
-                Ok::<_, String>(())
-            }
-            .await;
-            match result {
-                Ok(()) => {
-                    if failures > 0 {
-                        self.health.ok(HEALTH_WATCH);
-                    }
-                    failures = 0;
-                }
-                Err(e) => {
-                    failures += 1;
-                    tracing::warn!(error = %e, failures, "cannot pull dead letters; retrying");
-                    if failures >= 2 {
-                        self.health.report(
-                            HEALTH_WATCH,
-                            Condition::Failing(format!("cannot watch dead letters: {e}")),
-                        );
-                        if let Ok(c) =
-                            topology::apply_dead_letter_watch(&self.js, &self.subjects).await
-                        {
-                            consumer = c;
-                        }
-                    }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff(failures as i64, Duration::from_secs(2))) => {}
-                    }
-                }
-            }
-        }
+    pub async fn start(self, source: Source, shutdown: CancellationToken) -> Started {
+        let this = Arc::new(self);
+        source
+            .watch(DEAD_LETTER_WATCH, HEALTH_WATCH, shutdown, move |msg| {
+                let this = this.clone();
+                async move { this.process(&msg).await }
+            })
+            .await
+            .map(|run| Box::pin(run) as _)
     }
 
     async fn process(&self, msg: &jetstream::Message) {
-        let header = |name: &str| {
-            msg.headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_string())
-        };
+        let header = |name: &str| crate::watch::header(msg, name);
         let Some(order_id) =
             header(dlq_headers::CORRELATION_ID).and_then(|v| v.parse::<Uuid>().ok())
         else {
@@ -181,11 +118,5 @@ impl Watch {
                 Err(e)
             }
         }
-    }
-}
-
-async fn ack(msg: &jetstream::Message, kind: AckKind) {
-    if let Err(e) = msg.ack_with(kind).await {
-        tracing::warn!(error = %e, "dead-letter ack not sent");
     }
 }

@@ -6,9 +6,12 @@ pub mod api;
 mod dead_letters;
 pub mod domain;
 mod handlers;
+pub mod observer;
 pub mod place;
 mod responder;
 pub mod store;
+pub mod timeline;
+mod watch;
 
 use common::{Config, Infra, Service, StartError};
 use sqlx::migrate::Migrator;
@@ -34,18 +37,30 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
     )
     .await
     .map_err(|e| StartError::Nats(e.to_string()))?;
-    let watch = dead_letters::Watch {
-        pool: infra.pool.clone(),
+    let source = watch::Source {
         js: infra.js.clone(),
         subjects: infra.subjects.clone(),
         health: infra.health.clone(),
+    };
+    let watch = dead_letters::Watch {
+        pool: infra.pool.clone(),
+        subjects: infra.subjects.clone(),
         max_payload: infra.max_payload(),
         outbox: infra.outbox.clone(),
     }
-    .start(shutdown.clone())
+    .start(source.clone(), shutdown.clone())
     .await?;
-    let mut service = Service::build(&infra, handler, api::router(placer), shutdown).await?;
+    let stall_after = infra.config.stall_after;
+    let observer = observer::Observer {
+        pool: infra.pool.clone(),
+        stall_after,
+    }
+    .start(source, shutdown.clone())
+    .await?;
+    let routes = api::router(placer, stall_after);
+    let mut service = Service::build(&infra, handler, routes, shutdown).await?;
     service.spawn_with(responder);
     service.spawn_with(watch);
+    service.spawn_with(observer);
     Ok(service)
 }

@@ -259,3 +259,229 @@ async fn write(
         Err(e) => Err(e.into()),
     }
 }
+
+// ---- The saga timeline (written by the observer, read by the API) ----
+
+/// One entry of a saga's timeline: an event, or a dead letter of the saga.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct NewEntry {
+    /// The event id, or `dlq:<stream sequence>`: a redelivery records nothing.
+    #[serde(skip)]
+    #[sqlx(rename = "entry_key")]
+    pub key: String,
+    #[serde(skip)]
+    pub correlation_id: Uuid,
+    pub kind: EntryKind,
+    pub service: String,
+    pub event_type: String,
+    pub event_id: Option<Uuid>,
+    pub causation_id: Option<Uuid>,
+    pub aggregate_id: Option<String>,
+    pub version: Option<i64>,
+    pub occurred_at: DateTime<Utc>,
+    pub stream_seq: i64,
+    pub effect: String,
+    pub reason: Option<String>,
+    #[serde(skip)]
+    pub payload: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::Type)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+pub enum EntryKind {
+    Event,
+    DeadLetter,
+}
+
+/// An entry as recorded: what was seen, and when the observer saw it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct EntryRow {
+    #[serde(flatten)]
+    #[sqlx(flatten)]
+    pub entry: NewEntry,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// Where a saga stands, as the observer last folded it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct SagaRow {
+    pub correlation_id: Uuid,
+    pub status: OrderStatus,
+    pub waiting_for: Option<String>,
+    pub step: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub last_event_at: DateTime<Utc>,
+    pub last_event_type: String,
+    pub dead_letters: i32,
+}
+
+const SAGA_COLUMNS: &str = "correlation_id, status, waiting_for, step, started_at, \
+     last_event_at, last_event_type, dead_letters";
+
+/// Records `entry` and folds its saga's summary again, in one transaction
+/// serialized per saga; `false` if the entry was already recorded.
+pub async fn record_entry(pool: &PgPool, entry: &NewEntry) -> sqlx::Result<bool> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 7))")
+        .bind(entry.correlation_id)
+        .execute(&mut *tx)
+        .await?;
+    let inserted = sqlx::query(
+        "INSERT INTO saga_timeline (entry_key, correlation_id, kind, service, event_type,
+             event_id, causation_id, aggregate_id, version, occurred_at, stream_seq, effect,
+             reason, payload)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+         ON CONFLICT (entry_key) DO NOTHING",
+    )
+    .bind(&entry.key)
+    .bind(entry.correlation_id)
+    .bind(entry.kind)
+    .bind(&entry.service)
+    .bind(&entry.event_type)
+    .bind(entry.event_id)
+    .bind(entry.causation_id)
+    .bind(&entry.aggregate_id)
+    .bind(entry.version)
+    .bind(entry.occurred_at)
+    .bind(entry.stream_seq)
+    .bind(&entry.effect)
+    .bind(&entry.reason)
+    .bind(&entry.payload)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if !inserted {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    let entries = timeline_in(&mut tx, entry.correlation_id).await?;
+    let entries: Vec<NewEntry> = entries.into_iter().map(|e| e.entry).collect();
+    let kinds = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Event)
+        .filter_map(|e| common::EventKind::from_name(&e.event_type));
+    let (status, waiting) = crate::timeline::progress(kinds);
+    let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+        tx.rollback().await?;
+        return Ok(false);
+    };
+    let started_at = first.occurred_at;
+    let last_at = entries
+        .iter()
+        .map(|e| e.occurred_at)
+        .max()
+        .unwrap_or(started_at);
+    let dead_letters = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::DeadLetter)
+        .count() as i32;
+    sqlx::query(
+        "INSERT INTO sagas (correlation_id, status, waiting_for, step, started_at, last_event_at,
+             last_event_type, dead_letters)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (correlation_id) DO UPDATE SET
+             status = EXCLUDED.status, waiting_for = EXCLUDED.waiting_for, step = EXCLUDED.step,
+             started_at = EXCLUDED.started_at, last_event_at = EXCLUDED.last_event_at,
+             last_event_type = EXCLUDED.last_event_type, dead_letters = EXCLUDED.dead_letters,
+             stall_reported = sagas.stall_reported
+                 AND sagas.last_event_at = EXCLUDED.last_event_at",
+    )
+    .bind(entry.correlation_id)
+    .bind(status)
+    .bind(waiting.map(|w| w.service))
+    .bind(waiting.map(|w| w.step))
+    .bind(started_at)
+    .bind(last_at)
+    .bind(&last.event_type)
+    .bind(dead_letters)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+async fn timeline_in(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Vec<EntryRow>> {
+    sqlx::query_as(
+        "SELECT entry_key, correlation_id, kind, service, event_type, event_id, causation_id,
+                aggregate_id, version, occurred_at, recorded_at, stream_seq, effect, reason,
+                NULL::jsonb AS payload
+         FROM saga_timeline WHERE correlation_id = $1
+         ORDER BY occurred_at, kind, stream_seq",
+    )
+    .bind(id)
+    .fetch_all(conn)
+    .await
+}
+
+/// Every entry of a saga, in the order they happened.
+pub async fn timeline(pool: &PgPool, id: Uuid) -> sqlx::Result<Vec<EntryRow>> {
+    timeline_in(&mut *pool.acquire().await?, id).await
+}
+
+pub async fn saga(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<SagaRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {SAGA_COLUMNS} FROM sagas WHERE correlation_id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Which sagas to list, newest activity first.
+#[derive(Debug, Default, Clone)]
+pub struct SagaFilter {
+    pub status: Option<OrderStatus>,
+    /// Only sagas still waiting that have waited since before this.
+    pub stalled_before: Option<DateTime<Utc>>,
+    /// Only sagas active at or after this.
+    pub since: Option<DateTime<Utc>>,
+    /// Only sagas last active before this (the next page).
+    pub before: Option<DateTime<Utc>>,
+    pub limit: i64,
+}
+
+pub async fn list_sagas(pool: &PgPool, f: &SagaFilter) -> sqlx::Result<Vec<SagaRow>> {
+    sqlx::query_as(&format!(
+        "SELECT {SAGA_COLUMNS} FROM sagas
+         WHERE ($1::text IS NULL OR status = $1)
+           AND ($2::timestamptz IS NULL OR (status = 'PENDING' AND last_event_at < $2))
+           AND ($3::timestamptz IS NULL OR last_event_at >= $3)
+           AND ($4::timestamptz IS NULL OR last_event_at < $4)
+         ORDER BY last_event_at DESC, correlation_id
+         LIMIT $5"
+    ))
+    .bind(f.status)
+    .bind(f.stalled_before)
+    .bind(f.since)
+    .bind(f.before)
+    .bind(f.limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Pending sagas that have waited since before `before` and were not
+/// reported yet: marked reported and returned (each stall is reported once;
+/// a saga that moves on and stalls again is reported again).
+pub async fn report_stalls(pool: &PgPool, before: DateTime<Utc>) -> sqlx::Result<Vec<SagaRow>> {
+    sqlx::query_as(&format!(
+        "UPDATE sagas SET stall_reported = true
+         WHERE status = 'PENDING' AND last_event_at < $1 AND NOT stall_reported
+         RETURNING {SAGA_COLUMNS}"
+    ))
+    .bind(before)
+    .fetch_all(pool)
+    .await
+}
+
+/// Pending sagas waiting since before `before`.
+pub async fn count_stalled(pool: &PgPool, before: DateTime<Utc>) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM sagas WHERE status = 'PENDING' AND last_event_at < $1")
+        .bind(before)
+        .fetch_one(pool)
+        .await
+}

@@ -161,6 +161,8 @@ impl Stack {
         c.subject_prefix = self.prefix.clone();
         c.redis_key_prefix = self.prefix.clone();
         c.consumer_concurrency = 32;
+        // Short enough for a test to see a stall come and go.
+        c.stall_after = Duration::from_secs(2);
         // Four tests run at once, each with four services (pool plus the
         // relay's own connection) and the assertion pools: about 20
         // connections a stack keeps the suite under PostgreSQL's default

@@ -1,0 +1,181 @@
+//! The saga observer: a passive reader of the events stream and the
+//! dead-letter stream that records every event and dead letter of every
+//! saga by correlation id (`saga_timeline`) and keeps where each saga
+//! stands (`sagas`). It publishes nothing and decides nothing: the timeline
+//! API and the stall report read what it wrote.
+//!
+//! Recording is idempotent by the entry's key (the event id, or the dead
+//! letter's stream sequence), so redeliveries and replays are harmless and a
+//! new observer catches up from the streams' start.
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::jetstream::{self, AckKind};
+use chrono::{DateTime, Utc};
+use common::{
+    Envelope,
+    consumer::dlq_headers,
+    limits,
+    topology::{TIMELINE_DEAD_LETTERS, TIMELINE_EVENTS},
+};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    store::{self, EntryKind, NewEntry},
+    timeline,
+    watch::{Source, Started, ack, header},
+};
+
+/// Names of the observer's parts in the health board.
+pub const HEALTH_EVENTS: &str = "timelineEvents";
+pub const HEALTH_DEAD_LETTERS: &str = "timelineDeadLetters";
+
+/// Records what the watches deliver.
+pub struct Observer {
+    pub pool: PgPool,
+    /// How long a saga may wait at one step before it is reported stalled.
+    pub stall_after: Duration,
+}
+
+impl Observer {
+    /// Creates both durable consumers now, then returns the loops to run:
+    /// events, dead letters and the stall report.
+    pub async fn start(self, source: Source, shutdown: CancellationToken) -> Started {
+        let this = Arc::new(self);
+        let record = |spec, health, decode: fn(&jetstream::Message) -> Option<NewEntry>| {
+            let this = this.clone();
+            source
+                .clone()
+                .watch(spec, health, shutdown.clone(), move |msg| {
+                    let this = this.clone();
+                    async move { this.record(&msg, decode(&msg)).await }
+                })
+        };
+        let events = record(TIMELINE_EVENTS, HEALTH_EVENTS, event_entry).await?;
+        let dead_letters = record(
+            TIMELINE_DEAD_LETTERS,
+            HEALTH_DEAD_LETTERS,
+            dead_letter_entry,
+        )
+        .await?;
+        Ok(Box::pin(async move {
+            tokio::join!(events, dead_letters, this.report_stalls(shutdown));
+        }))
+    }
+
+    /// Records one entry (or nothing, for a message that belongs to no
+    /// saga) and acks; naks when the database cannot take it now.
+    async fn record(&self, msg: &jetstream::Message, entry: Option<NewEntry>) {
+        let Some(entry) = entry else {
+            return ack(msg, AckKind::Ack).await;
+        };
+        match store::record_entry(&self.pool, &entry).await {
+            Ok(_) => ack(msg, AckKind::Ack).await,
+            Err(e) => {
+                tracing::warn!(correlation_id = %entry.correlation_id, error = %e, "cannot record a timeline entry; retrying");
+                ack(msg, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            }
+        }
+    }
+
+    /// Logs each stall once, at WARN with the saga's id, the step and the
+    /// service that owes the next event.
+    async fn report_stalls(&self, shutdown: CancellationToken) {
+        let every =
+            (self.stall_after / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let before = stalled_before(self.stall_after);
+            match store::report_stalls(&self.pool, before).await {
+                Ok(stalled) => {
+                    for s in stalled {
+                        let waited = (Utc::now() - s.last_event_at).num_seconds();
+                        tracing::warn!(
+                            correlation_id = %s.correlation_id,
+                            waiting_for = s.waiting_for.as_deref().unwrap_or("?"),
+                            step = s.step.as_deref().unwrap_or("?"),
+                            last_event = %s.last_event_type,
+                            waited_seconds = waited,
+                            "saga stalled"
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot check for stalled sagas"),
+            }
+        }
+    }
+}
+
+/// The moment before which a saga still waiting counts as stalled.
+pub fn stalled_before(stall_after: Duration) -> DateTime<Utc> {
+    Utc::now() - chrono::Duration::from_std(stall_after).unwrap_or(chrono::Duration::MAX)
+}
+
+fn stream_seq(msg: &jetstream::Message) -> i64 {
+    msg.info()
+        .map(|i| i64::try_from(i.stream_sequence).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}
+
+/// The entry for an event, if it decodes (bytes that are not an event
+/// belong to no saga; the consumers dead-letter them, and the dead letter
+/// is recorded if it names a saga).
+fn event_entry(msg: &jetstream::Message) -> Option<NewEntry> {
+    let (env, event) = Envelope::decode(&msg.payload).ok()?;
+    let kind = event.kind();
+    let service = msg.subject.split('.').nth(1).unwrap_or("?").to_string();
+    Some(NewEntry {
+        key: env.event_id.to_string(),
+        correlation_id: env.metadata.correlation_id,
+        kind: EntryKind::Event,
+        service,
+        event_type: kind.name().to_string(),
+        event_id: Some(env.event_id),
+        causation_id: Some(env.metadata.causation_id),
+        aggregate_id: Some(env.aggregate_id.clone()),
+        version: Some(env.version),
+        occurred_at: env.timestamp,
+        stream_seq: stream_seq(msg),
+        effect: timeline::effect(&event),
+        reason: timeline::reason(&event).map(str::to_string),
+        payload: Some(env.payload),
+    })
+}
+
+/// The entry for a dead letter that names its saga.
+fn dead_letter_entry(msg: &jetstream::Message) -> Option<NewEntry> {
+    let correlation_id: Uuid = header(msg, dlq_headers::CORRELATION_ID)?.parse().ok()?;
+    let seq = stream_seq(msg);
+    let consumer = header(msg, dlq_headers::CONSUMER).unwrap_or_else(|| "?".into());
+    let event_type = header(msg, dlq_headers::EVENT_TYPE).unwrap_or_else(|| "?".into());
+    let occurred_at = msg
+        .info()
+        .ok()
+        .and_then(|i| {
+            DateTime::<Utc>::from_timestamp(i.published.unix_timestamp(), i.published.nanosecond())
+        })
+        .unwrap_or_else(Utc::now);
+    Some(NewEntry {
+        key: format!("dlq:{seq}"),
+        correlation_id,
+        kind: EntryKind::DeadLetter,
+        effect: format!("{consumer} dead-lettered {event_type}"),
+        service: consumer,
+        event_type,
+        event_id: header(msg, dlq_headers::EVENT_ID).and_then(|v| v.parse().ok()),
+        causation_id: None,
+        aggregate_id: None,
+        version: None,
+        occurred_at,
+        stream_seq: seq,
+        reason: header(msg, dlq_headers::REASON).map(limits::reason),
+        payload: None,
+    })
+}

@@ -1,0 +1,208 @@
+//! A saga's story as its observer tells it: what each event did, where the
+//! saga stands after it and who owes the next event. Pure: the observer
+//! (`observer.rs`) records, this module reads.
+
+use common::{Event, EventKind, event::OrderLine};
+
+use crate::domain::OrderStatus;
+
+/// Who owes the saga's next event, and what it is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Waiting {
+    /// A service of the roster, or `operator` for a saga that needs a person.
+    pub service: &'static str,
+    /// What that service is expected to do: `charge the payment`.
+    pub step: &'static str,
+}
+
+impl Waiting {
+    /// `waiting for shipping to create the shipment`.
+    pub fn describe(&self) -> String {
+        format!("waiting for {} to {}", self.service, self.step)
+    }
+}
+
+/// Where a saga stands after an event of `kind`: its status and, unless it
+/// is finished, who owes the next event.
+pub fn after(kind: EventKind) -> (OrderStatus, Option<Waiting>) {
+    use EventKind::*;
+    let waiting = |service, step| (OrderStatus::Pending, Some(Waiting { service, step }));
+    match kind {
+        OrderPlaced => waiting("payment", "charge the payment"),
+        PaymentProcessed => waiting("inventory", "reserve the stock"),
+        InventoryReserved => waiting("shipping", "create the shipment"),
+        ShipmentCreated => waiting("order", "confirm the order"),
+        PaymentFailed => waiting("order", "cancel the order"),
+        InventoryReservationFailed => waiting("payment", "refund the payment"),
+        ShipmentFailed => waiting("inventory", "release the stock"),
+        InventoryReleased => waiting("payment", "refund the payment"),
+        PaymentRefunded => waiting("order", "cancel the order"),
+        OrderConfirmed => (OrderStatus::Confirmed, None),
+        OrderCancelled => (OrderStatus::Cancelled, None),
+        OrderRequiresIntervention => (
+            OrderStatus::RequiresIntervention,
+            Some(Waiting {
+                service: "operator",
+                step: "resolve the intervention",
+            }),
+        ),
+    }
+}
+
+/// Whether the event undoes an earlier step (drawn going backwards).
+pub fn is_compensation(kind: EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::InventoryReleased | EventKind::PaymentRefunded
+    )
+}
+
+/// Whether the event reports a step that failed.
+pub fn is_failure(kind: EventKind) -> bool {
+    use EventKind::*;
+    matches!(
+        kind,
+        PaymentFailed | InventoryReservationFailed | ShipmentFailed | OrderRequiresIntervention
+    )
+}
+
+/// What the event did, in a few words: `charged 2500 to alice`.
+pub fn effect(event: &Event) -> String {
+    match event {
+        Event::OrderPlaced(e) => format!(
+            "placed {} for {} (total {})",
+            lines(&e.lines),
+            e.customer_id,
+            e.total
+        ),
+        Event::PaymentProcessed(e) => format!("charged {} to {}", e.amount, e.customer_id),
+        Event::PaymentFailed(e) => format!("declined {} for {}", e.amount, e.customer_id),
+        Event::PaymentRefunded(e) => format!("refunded {} to {}", e.amount, e.customer_id),
+        Event::InventoryReserved(e) => format!("reserved {}", lines(&e.lines)),
+        Event::InventoryReservationFailed(_) => "reserved nothing".into(),
+        Event::InventoryReleased(e) => format!("released {}", lines(&e.lines)),
+        Event::ShipmentCreated(e) => format!(
+            "shipment {} (tracking {})",
+            e.shipment_id, e.tracking_number
+        ),
+        Event::ShipmentFailed(_) => "shipped nothing".into(),
+        Event::OrderConfirmed(e) => format!("confirmed with shipment {}", e.shipment_id),
+        Event::OrderCancelled(_) => "cancelled".into(),
+        Event::OrderRequiresIntervention(_) => "halted for an operator".into(),
+    }
+}
+
+/// The reason an event carries, if it is about a failure or a compensation.
+pub fn reason(event: &Event) -> Option<&str> {
+    match event {
+        Event::PaymentFailed(e) => Some(&e.reason),
+        Event::PaymentRefunded(e) => Some(&e.reason),
+        Event::InventoryReservationFailed(e) => Some(&e.reason),
+        Event::InventoryReleased(e) => Some(&e.reason),
+        Event::ShipmentFailed(e) => Some(&e.reason),
+        Event::OrderCancelled(e) => Some(&e.reason),
+        Event::OrderRequiresIntervention(e) => Some(&e.reason),
+        Event::OrderPlaced(_)
+        | Event::PaymentProcessed(_)
+        | Event::InventoryReserved(_)
+        | Event::ShipmentCreated(_)
+        | Event::OrderConfirmed(_) => None,
+    }
+}
+
+/// `2 x widget, 1 x gadget`.
+fn lines(lines: &[OrderLine]) -> String {
+    let each: Vec<String> = lines
+        .iter()
+        .map(|l| format!("{} x {}", l.quantity, l.product_id))
+        .collect();
+    each.join(", ")
+}
+
+/// Where a saga stands after its events, in the order they happened: the
+/// last one decides, except that a finished saga stays finished (a late or
+/// redelivered event of an earlier step does not reopen it).
+pub fn progress(kinds: impl IntoIterator<Item = EventKind>) -> (OrderStatus, Option<Waiting>) {
+    let mut state = (OrderStatus::Pending, None);
+    for kind in kinds {
+        if matches!(state.0, OrderStatus::Confirmed | OrderStatus::Cancelled) {
+            break;
+        }
+        state = after(kind);
+    }
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use EventKind::*;
+
+    fn owes(kinds: &[EventKind]) -> (OrderStatus, Option<&'static str>) {
+        let (status, waiting) = progress(kinds.iter().copied());
+        (status, waiting.map(|w| w.service))
+    }
+
+    #[test]
+    fn each_step_of_the_happy_path_names_who_owes_the_next_event() {
+        let path = [
+            OrderPlaced,
+            PaymentProcessed,
+            InventoryReserved,
+            ShipmentCreated,
+        ];
+        let owed = ["payment", "inventory", "shipping", "order"];
+        for (n, service) in owed.iter().enumerate() {
+            assert_eq!(
+                owes(&path[..=n]),
+                (OrderStatus::Pending, Some(*service)),
+                "after {:?}",
+                path[n]
+            );
+        }
+        let done = [&path[..], &[OrderConfirmed]].concat();
+        assert_eq!(owes(&done), (OrderStatus::Confirmed, None));
+    }
+
+    #[test]
+    fn a_compensation_is_owed_backwards_until_the_order_is_cancelled() {
+        let mut kinds = vec![
+            OrderPlaced,
+            PaymentProcessed,
+            InventoryReserved,
+            ShipmentFailed,
+        ];
+        assert_eq!(owes(&kinds), (OrderStatus::Pending, Some("inventory")));
+        kinds.push(InventoryReleased);
+        assert_eq!(owes(&kinds), (OrderStatus::Pending, Some("payment")));
+        kinds.push(PaymentRefunded);
+        assert_eq!(owes(&kinds), (OrderStatus::Pending, Some("order")));
+        kinds.push(OrderCancelled);
+        assert_eq!(owes(&kinds), (OrderStatus::Cancelled, None));
+    }
+
+    #[test]
+    fn a_finished_saga_is_not_reopened_by_a_late_event() {
+        let kinds = [OrderPlaced, PaymentFailed, OrderCancelled, PaymentProcessed];
+        assert_eq!(owes(&kinds), (OrderStatus::Cancelled, None));
+    }
+
+    #[test]
+    fn an_intervention_waits_for_an_operator() {
+        let kinds = [OrderPlaced, OrderRequiresIntervention];
+        assert_eq!(
+            owes(&kinds),
+            (OrderStatus::RequiresIntervention, Some("operator"))
+        );
+    }
+
+    #[test]
+    fn compensations_and_failures_are_told_apart() {
+        let compensations: Vec<_> = EventKind::ALL
+            .iter()
+            .filter(|k| is_compensation(**k))
+            .collect();
+        assert_eq!(compensations, [&PaymentRefunded, &InventoryReleased]);
+        assert!(is_failure(ShipmentFailed) && !is_failure(ShipmentCreated));
+    }
+}
