@@ -477,11 +477,3 @@ pub async fn report_stalls(pool: &PgPool, before: DateTime<Utc>) -> sqlx::Result
     .fetch_all(pool)
     .await
 }
-
-/// Pending sagas waiting since before `before`.
-pub async fn count_stalled(pool: &PgPool, before: DateTime<Utc>) -> sqlx::Result<i64> {
-    sqlx::query_scalar("SELECT count(*) FROM sagas WHERE status = 'PENDING' AND last_event_at < $1")
-        .bind(before)
-        .fetch_one(pool)
-        .await
-}

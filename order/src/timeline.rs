@@ -15,13 +15,6 @@ pub struct Waiting {
     pub step: &'static str,
 }
 
-impl Waiting {
-    /// `waiting for shipping to create the shipment`.
-    pub fn describe(&self) -> String {
-        format!("waiting for {} to {}", self.service, self.step)
-    }
-}
-
 /// Where a saga stands after an event of `kind`: its status and, unless it
 /// is finished, who owes the next event.
 pub fn after(kind: EventKind) -> (OrderStatus, Option<Waiting>) {
