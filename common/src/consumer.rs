@@ -301,8 +301,12 @@ impl<H: Handler> ConsumerRuntime<H> {
                             HEALTH_CONSUMER,
                             Condition::Failing(format!("cannot pull from consumer '{name}': {e}")),
                         );
-                        match topology::apply_consumer(&self.inner.js, &self.inner.subjects, &name)
-                            .await
+                        match topology::apply_consumer(
+                            &self.inner.js,
+                            &self.inner.subjects,
+                            topology::Durable::Service(&name),
+                        )
+                        .await
                         {
                             Ok(c) => {
                                 consumer = c;

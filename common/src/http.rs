@@ -1,12 +1,16 @@
 //! HTTP pieces every service shares: the error type that maps to status codes,
-//! a JSON extractor whose rejections are 4xx with a readable message, the
+//! JSON and query extractors whose rejections are 4xx with a readable message, the
 //! request limits, and the liveness/readiness router.
 
 use std::{future::Future, time::Duration};
 
 use axum::{
     Json, Router,
-    extract::{DefaultBodyLimit, FromRequest, Request, State, rejection::JsonRejection},
+    extract::{
+        DefaultBodyLimit, FromRequest, FromRequestParts, Query, Request, State,
+        rejection::JsonRejection,
+    },
+    http::request::Parts,
     http::{HeaderMap, StatusCode, header::IF_MATCH},
     response::{IntoResponse, Response},
     routing::get,
@@ -107,6 +111,21 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ValidJson<T> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ValidJson(v)),
             Err(JsonRejection::JsonDataError(e)) => Err(ApiError::Unprocessable(e.body_text())),
+            Err(e) => Err(ApiError::BadRequest(e.body_text())),
+        }
+    }
+}
+
+/// `Query<T>` whose rejection is an `ApiError::BadRequest` naming the
+/// parameter that did not parse.
+pub struct ValidQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ValidQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(ValidQuery(v)),
             Err(e) => Err(ApiError::BadRequest(e.body_text())),
         }
     }

@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod compensation;
 pub mod config;
 pub mod consumer;
+pub mod counter;
 pub mod health;
 pub mod http;
 pub mod idempotency;

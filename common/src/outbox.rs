@@ -10,7 +10,11 @@
 use std::{sync::Arc, time::Duration};
 
 use async_nats::{HeaderMap, header, jetstream};
-use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
+use sqlx::{
+    Connection, PgConnection, Postgres, Row as _,
+    postgres::{PgArguments, PgConnectOptions},
+    query::Query,
+};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -90,6 +94,21 @@ fn columns(
     Ok(c)
 }
 
+impl Columns {
+    /// Binds the columns as the statement's last four parameters, the
+    /// arrays of `UNNEST(..uuid[], ..text[], ..text[], ..bytea[])`.
+    fn bind_to<'q>(
+        &'q self,
+        query: Query<'q, Postgres, PgArguments>,
+    ) -> Query<'q, Postgres, PgArguments> {
+        query
+            .bind(&self.ids)
+            .bind(&self.subjects)
+            .bind(&self.aggregates)
+            .bind(&self.bodies)
+    }
+}
+
 /// Appends `events` to the outbox inside the caller's transaction, after
 /// checking each fits `max_payload` ([`check_fits`]; `Err` names the first
 /// that does not, and nothing is written).
@@ -106,14 +125,10 @@ pub async fn enqueue(
         Ok(c) => c,
         Err(reason) => return Ok(Err(reason)),
     };
-    sqlx::query(
+    c.bind_to(sqlx::query(
         "INSERT INTO outbox (event_id, subject, aggregate_id, body)
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bytea[])",
-    )
-    .bind(&c.ids)
-    .bind(&c.subjects)
-    .bind(&c.aggregates)
-    .bind(&c.bodies)
+    ))
     .execute(conn)
     .await?;
     Ok(Ok(()))
@@ -145,7 +160,7 @@ pub async fn enqueue_once(
         Ok(c) => c,
         Err(reason) => return Ok(Enqueued::TooLarge(reason)),
     };
-    let fresh: i64 = sqlx::query_scalar(
+    let guarded = sqlx::query(
         "WITH guard AS (
              INSERT INTO consumed_events (consumer, event_id, event_type) VALUES ($1, $2, $3)
              ON CONFLICT DO NOTHING RETURNING 1
@@ -158,13 +173,8 @@ pub async fn enqueue_once(
     )
     .bind(consumer)
     .bind(consumed.event_id)
-    .bind(&consumed.event_type)
-    .bind(&c.ids)
-    .bind(&c.subjects)
-    .bind(&c.aggregates)
-    .bind(&c.bodies)
-    .fetch_one(conn)
-    .await?;
+    .bind(&consumed.event_type);
+    let fresh: i64 = c.bind_to(guarded).fetch_one(conn).await?.try_get(0)?;
     Ok(if fresh == 1 {
         Enqueued::Done
     } else {

@@ -191,8 +191,12 @@ impl Service {
         let listener = TcpListener::bind(config.http_addr)
             .await
             .map_err(|e| StartError::Bind(config.http_addr, e))?;
-        let consumer =
-            topology::apply_consumer(&infra.js, &infra.subjects, &config.service).await?;
+        let consumer = topology::apply_consumer(
+            &infra.js,
+            &infra.subjects,
+            topology::Durable::Service(&config.service),
+        )
+        .await?;
         let runtime = ConsumerRuntime::new(
             handler,
             RuntimeParts {

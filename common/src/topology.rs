@@ -85,14 +85,25 @@ pub fn stream_configs(subjects: &Subjects) -> Result<Vec<stream::Config>, Topolo
 /// The service's durable pull consumer, rewritten for the prefix.
 pub fn consumer_config(subjects: &Subjects, service: &str) -> Result<pull::Config, TopologyError> {
     let text = consumer_file(service).ok_or_else(|| TopologyError::NoConsumer(service.into()))?;
+    parse_consumer(subjects, service, text)
+}
+
+/// A consumer definition, its filters rewritten for the prefix.
+fn parse_consumer(
+    subjects: &Subjects,
+    name: &str,
+    text: &str,
+) -> Result<pull::Config, TopologyError> {
     let mut config: pull::Config =
-        serde_json::from_str(text).map_err(|e| TopologyError::Parse(service.into(), e))?;
+        serde_json::from_str(text).map_err(|e| TopologyError::Parse(name.into(), e))?;
     config.filter_subjects = config
         .filter_subjects
         .iter()
         .map(|s| subjects.rewrite_subject(s))
         .collect();
-    config.filter_subject = subjects.rewrite_subject(&config.filter_subject);
+    if !config.filter_subject.is_empty() {
+        config.filter_subject = subjects.rewrite_subject(&config.filter_subject);
+    }
     Ok(config)
 }
 
@@ -123,14 +134,35 @@ pub async fn apply_streams(
     Ok(())
 }
 
-/// Creates (or updates) the service's consumer and returns it.
+/// One of our durable consumers: a service's inputs, or a watch.
+#[derive(Debug, Clone, Copy)]
+pub enum Durable<'a> {
+    Service(&'a str),
+    Watch(&'a WatchSpec),
+}
+
+/// Creates (or updates) a durable consumer and returns it.
 pub async fn apply_consumer(
     js: &jetstream::Context,
     subjects: &Subjects,
-    service: &str,
+    durable: Durable<'_>,
 ) -> Result<PullConsumer, TopologyError> {
-    let config = consumer_config(subjects, service)?;
-    create_or_update(js, subjects.events_stream(), config, service).await
+    let (name, config, stream) = match durable {
+        Durable::Service(service) => (
+            service,
+            consumer_config(subjects, service)?,
+            subjects.events_stream(),
+        ),
+        Durable::Watch(watch) => (
+            watch.name,
+            watch_config(subjects, watch)?,
+            match watch.dead_letters {
+                true => subjects.dead_letter_stream(),
+                false => subjects.events_stream(),
+            },
+        ),
+    };
+    create_or_update(js, stream, config, name).await
 }
 
 type PullConsumer = jetstream::consumer::Consumer<pull::Config>;
@@ -152,26 +184,7 @@ async fn create_or_update(
 
 /// A watch's durable consumer, rewritten for the prefix.
 pub fn watch_config(subjects: &Subjects, watch: &WatchSpec) -> Result<pull::Config, TopologyError> {
-    let mut config: pull::Config = serde_json::from_str(watch.definition)
-        .map_err(|e| TopologyError::Parse(watch.name.into(), e))?;
-    if !config.filter_subject.is_empty() {
-        config.filter_subject = subjects.rewrite_subject(&config.filter_subject);
-    }
-    Ok(config)
-}
-
-/// Creates (or updates) a watch's consumer and returns it.
-pub async fn apply_watch(
-    js: &jetstream::Context,
-    subjects: &Subjects,
-    watch: &WatchSpec,
-) -> Result<PullConsumer, TopologyError> {
-    let config = watch_config(subjects, watch)?;
-    let stream = match watch.dead_letters {
-        true => subjects.dead_letter_stream(),
-        false => subjects.events_stream(),
-    };
-    create_or_update(js, stream, config, watch.name).await
+    parse_consumer(subjects, watch.name, watch.definition)
 }
 
 #[cfg(test)]

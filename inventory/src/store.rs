@@ -110,62 +110,7 @@ pub async fn release(
     Ok(())
 }
 
-/// Creates the product's stock if there is none; `None` if it exists.
-pub async fn create_stock(
-    pool: &PgPool,
-    product_id: &str,
-    available: i64,
-) -> sqlx::Result<Option<Stock>> {
-    sqlx::query_as(&format!(
-        "INSERT INTO stock (product_id, available) VALUES ($1, $2)
-         ON CONFLICT (product_id) DO NOTHING RETURNING {STOCK_COLUMNS}"
-    ))
-    .bind(product_id)
-    .bind(available)
-    .fetch_optional(pool)
-    .await
-}
-
-/// Overwrites available units if the stock is at `expected` (`None`: any version).
-pub async fn overwrite_stock(
-    pool: &PgPool,
-    product_id: &str,
-    available: i64,
-    expected: Option<i64>,
-) -> sqlx::Result<Option<Stock>> {
-    sqlx::query_as(&format!(
-        "UPDATE stock SET available = $2, version = version + 1, updated_at = now()
-         WHERE product_id = $1 AND ($3::bigint IS NULL OR version = $3)
-         RETURNING {STOCK_COLUMNS}"
-    ))
-    .bind(product_id)
-    .bind(available)
-    .bind(expected)
-    .fetch_optional(pool)
-    .await
-}
-
-/// Adds `delta` (negative: removes) unless available would leave 0..=`max`.
-/// One statement: the row lock orders it with reservations and releases, and
-/// the bounds are checked on the value it actually changes.
-pub async fn adjust(
-    pool: &PgPool,
-    product_id: &str,
-    delta: i64,
-    max: i64,
-) -> sqlx::Result<Option<Stock>> {
-    sqlx::query_as(&format!(
-        "UPDATE stock SET available = available + $2, version = version + 1, updated_at = now()
-         WHERE product_id = $1 AND available + $2 >= 0 AND available + $2 <= $3
-         RETURNING {STOCK_COLUMNS}"
-    ))
-    .bind(product_id)
-    .bind(delta)
-    .bind(max)
-    .fetch_optional(pool)
-    .await
-}
-
+/// A product's stock, if it has any.
 pub async fn stock(pool: &PgPool, product_id: &str) -> sqlx::Result<Option<Stock>> {
     sqlx::query_as(&format!(
         "SELECT {STOCK_COLUMNS} FROM stock WHERE product_id = $1"

@@ -8,7 +8,7 @@
 
 use axum::{
     Json, Router,
-    extract::{Path, Query, State},
+    extract::{Path, State},
     http::{HeaderMap, StatusCode, header},
     response::IntoResponse,
     routing::get,
@@ -16,7 +16,7 @@ use axum::{
 use chrono::{DateTime, Utc};
 use common::{
     Envelope, EventKind,
-    http::{ApiError, ValidJson},
+    http::{ApiError, ValidJson, ValidQuery},
     limits,
 };
 use serde::{Deserialize, Serialize};
@@ -138,9 +138,8 @@ struct OrderPage {
 
 async fn list_orders(
     State(placer): State<Placer>,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    ValidQuery(q): ValidQuery<ListQuery>,
 ) -> Result<Json<OrderPage>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let limit = page_limit(q.limit)?;
     let offset = q.offset.unwrap_or(0);
     limits::check_range("offset", offset, 0, limits::MAX_OFFSET).map_err(ApiError::BadRequest)?;
@@ -302,9 +301,8 @@ struct SagaPage {
 
 async fn list_sagas(
     State(sagas): State<Sagas>,
-    query: Result<Query<SagaQuery>, axum::extract::rejection::QueryRejection>,
+    ValidQuery(q): ValidQuery<SagaQuery>,
 ) -> Result<Json<SagaPage>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let limit = page_limit(q.limit)?;
     let stalled_before = observer::stalled_before(sagas.stall_after);
     let filter = store::SagaFilter {

@@ -42,7 +42,9 @@ impl Source {
         F: Fn(jetstream::Message) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let consumer = topology::apply_watch(&self.js, &self.subjects, &spec).await?;
+        let consumer =
+            topology::apply_consumer(&self.js, &self.subjects, topology::Durable::Watch(&spec))
+                .await?;
         self.health.ok(health_name);
         Ok(self.run(spec, health_name, consumer, shutdown, process))
     }
@@ -89,7 +91,12 @@ impl Source {
                             health_name,
                             Condition::Failing(format!("{} cannot pull: {e}", spec.name)),
                         );
-                        if let Ok(c) = topology::apply_watch(&self.js, &self.subjects, &spec).await
+                        if let Ok(c) = topology::apply_consumer(
+                            &self.js,
+                            &self.subjects,
+                            topology::Durable::Watch(&spec),
+                        )
+                        .await
                         {
                             consumer = c;
                         }

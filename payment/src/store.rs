@@ -97,63 +97,6 @@ pub async fn refund(tx: &mut PgConnection, payment: &Payment, reason: &str) -> s
     Ok(())
 }
 
-/// Creates the account if there is none; its version, or `None` if it exists.
-pub async fn create_account(
-    pool: &PgPool,
-    customer_id: &str,
-    balance: i64,
-) -> sqlx::Result<Option<i64>> {
-    sqlx::query_scalar(
-        "INSERT INTO accounts (customer_id, balance) VALUES ($1, $2)
-         ON CONFLICT (customer_id) DO NOTHING RETURNING version",
-    )
-    .bind(customer_id)
-    .bind(balance)
-    .fetch_optional(pool)
-    .await
-}
-
-/// Overwrites the balance if the account is at `expected` (`None`: any
-/// version); the new version, or `None` if it was not.
-pub async fn overwrite_balance(
-    pool: &PgPool,
-    customer_id: &str,
-    balance: i64,
-    expected: Option<i64>,
-) -> sqlx::Result<Option<i64>> {
-    sqlx::query_scalar(
-        "UPDATE accounts SET balance = $2, version = version + 1, updated_at = now()
-         WHERE customer_id = $1 AND ($3::bigint IS NULL OR version = $3)
-         RETURNING version",
-    )
-    .bind(customer_id)
-    .bind(balance)
-    .bind(expected)
-    .fetch_optional(pool)
-    .await
-}
-
-/// Adds `amount` unless that would take the balance over `max`; the new
-/// balance, or `None` (no account, or over the bound). One statement: the
-/// row lock orders it with charges and refunds.
-pub async fn deposit(
-    pool: &PgPool,
-    customer_id: &str,
-    amount: i64,
-    max: i64,
-) -> sqlx::Result<Option<i64>> {
-    sqlx::query_scalar(
-        "UPDATE accounts SET balance = balance + $2, version = version + 1, updated_at = now()
-         WHERE customer_id = $1 AND balance <= $3 - $2
-         RETURNING balance",
-    )
-    .bind(customer_id)
-    .bind(amount)
-    .bind(max)
-    .fetch_optional(pool)
-    .await
-}
-
 /// Balance and version.
 pub async fn account(pool: &PgPool, customer_id: &str) -> sqlx::Result<Option<(i64, i64)>> {
     sqlx::query_as("SELECT balance, version FROM accounts WHERE customer_id = $1")

@@ -25,6 +25,17 @@ async fn outbox_only() -> Result<(Stack, sqlx::PgPool)> {
     Ok((stack, pool))
 }
 
+/// A relay of the outbox database, woken by nothing but its `poll`.
+fn relay(stack: &Stack, poll: Duration) -> Result<Relay> {
+    Ok(Relay::new(
+        PgConnectOptions::from_str(&stack.dbs.url("payment"))?,
+        stack.js.clone(),
+        OutboxSignal::default(),
+        poll,
+        Default::default(),
+    ))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relays_on_one_database_publish_each_event_once_in_per_aggregate_order() -> Result<()> {
     let (stack, pool) = outbox_only().await?;
@@ -49,13 +60,7 @@ async fn two_relays_on_one_database_publish_each_event_once_in_per_aggregate_ord
     let shutdown = CancellationToken::new();
     let mut relays = Vec::new();
     for _ in 0..2 {
-        let relay = Relay::new(
-            PgConnectOptions::from_str(&stack.dbs.url("payment"))?,
-            stack.js.clone(),
-            OutboxSignal::default(),
-            Duration::from_millis(20),
-            Default::default(),
-        );
+        let relay = relay(&stack, Duration::from_millis(20))?;
         relays.push(tokio::spawn(relay.run(shutdown.clone())));
     }
     eventually("the outbox to drain", DEADLINE, || async {
@@ -111,13 +116,7 @@ async fn events_committed_while_no_relay_ran_are_published_when_one_starts() -> 
 
     // No wake-up signal: only the start-up pass (and the poll) can find it.
     let shutdown = CancellationToken::new();
-    let relay = Relay::new(
-        PgConnectOptions::from_str(&stack.dbs.url("payment"))?,
-        stack.js.clone(),
-        OutboxSignal::default(),
-        Duration::from_secs(3600),
-        Default::default(),
-    );
+    let relay = relay(&stack, Duration::from_secs(3600))?;
     let handle = tokio::spawn(relay.run(shutdown.clone()));
     let published = eventually("the leftover event", DEADLINE, || async {
         let events = stack.stream_events().await?;
