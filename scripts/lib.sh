@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
-# The bootstrap the native scripts share (up.sh, test.sh): what must be on
-# the machine before the Rust `stack` command can run. Source it; `bootstrap`
-# installs the missing Debian packages and the pinned nats-server (.venv) and
-# makes sure Postgres and Redis answer on localhost. Postgres and Redis are
-# shared system services: started if nothing answers, never stopped.
-# Everything else (databases, our nats-server, the services) is `stack`'s.
+# The bootstrap of up.sh and test.sh, sourced: `bootstrap` installs missing
+# Debian packages and the pinned tools (.venv), and starts Postgres and Redis
+# (shared system services) if nothing answers; never stops them. Everything
+# else (databases, our nats-server, the services) is the `stack` command's.
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 VENV="$ROOT/.venv"
@@ -12,6 +10,7 @@ REQUIREMENTS="$ROOT/scripts/requirements-dev.txt"
 
 NATS_VERSION="2.15.1"
 NATS_BIN="$VENV/bin/nats-server"
+PROMTOOL_BIN="$VENV/prometheus/usr/bin/promtool"
 
 PG_HOST="127.0.0.1"
 PG_PORT="${PG_PORT:-5432}"
@@ -105,6 +104,14 @@ ensure_venv() {
     fi
 }
 
+# ensure_promtool: Debian's promtool, unpacked into .venv (no daemon started).
+ensure_promtool() {
+    [ -x "$PROMTOOL_BIN" ] && return 0
+    log "unpacking promtool (Debian's prometheus package) into .venv"
+    (cd "$(mktemp -d)" && { apt-get download -qq prometheus 2>/dev/null || { as_root apt-get update -qq && apt-get download -qq prometheus; }; } &&
+        dpkg-deb -x prometheus_*.deb "$VENV/prometheus" && rm -r "$PWD") || die "cannot unpack Debian's prometheus package"
+}
+
 # pg_answers: true if a Postgres server accepts connections on $PG_HOST:$PG_PORT.
 pg_answers() { pg_isready -q -h "$PG_HOST" -p "$PG_PORT"; }
 
@@ -161,7 +168,8 @@ bootstrap() {
     have cargo || die "cargo not found: install Rust (https://rustup.rs) first"
     ensure_packages
     ensure_venv
+    ensure_promtool
     ensure_postgres
     ensure_redis
-    export NATS_SERVER_BIN="$NATS_BIN"
+    export NATS_SERVER_BIN="$NATS_BIN" PROMTOOL_BIN
 }

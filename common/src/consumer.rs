@@ -23,6 +23,7 @@ use crate::{
     event::{Envelope, Event},
     health::{Condition, Health},
     idempotency::{self, Claim, IdempotencyStore},
+    meter::{self, Meter},
     outbox::{self, OutboxSignal},
     subjects::Subjects,
     topology,
@@ -52,6 +53,7 @@ pub enum Outcome {
 pub struct Applying<'a> {
     pub tx: &'a mut PgConnection,
     pub cause: &'a Envelope,
+    pub meter: &'a Meter,
 }
 
 impl Applying<'_> {
@@ -185,6 +187,7 @@ pub struct RuntimeParts {
     pub subjects: Subjects,
     pub outbox: OutboxSignal,
     pub health: Health,
+    pub meter: Meter,
     pub concurrency: usize,
     /// Deliveries a transiently failing event gets before it is dead-lettered.
     pub max_deliveries: i64,
@@ -205,6 +208,15 @@ impl<H> std::ops::Deref for Inner<H> {
     }
 }
 
+/// One delivery of a message: how many times it has been delivered, and
+/// where it is in the stream.
+#[derive(Clone, Copy)]
+struct Delivery<'a> {
+    msg: &'a jetstream::Message,
+    delivered: i64,
+    stream_seq: u64,
+}
+
 /// What became of one delivery (logged; returned for tests of one step).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Disposition {
@@ -213,6 +225,19 @@ pub enum Disposition {
     Duplicate,
     Retry(String),
     DeadLettered(String),
+}
+
+impl Disposition {
+    /// Its name as a metrics label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Disposition::Applied => "applied",
+            Disposition::Skipped => "skipped",
+            Disposition::Duplicate => "duplicate",
+            Disposition::Retry(_) => "retry",
+            Disposition::DeadLettered(_) => "dead_lettered",
+        }
+    }
 }
 
 impl<H: Handler> ConsumerRuntime<H> {
@@ -334,19 +359,44 @@ impl<H: Handler> ConsumerRuntime<H> {
 const PULL_EXPIRY: Duration = Duration::from_secs(1);
 
 impl<H: Handler> Inner<H> {
+    /// Disposes of one delivery and records it in the metrics.
     async fn process(&self, msg: jetstream::Message) -> Disposition {
+        let started = std::time::Instant::now();
+        let published = msg.info().map(|i| i.published.unix_timestamp_nanos()).ok();
+        let (event_type, disposition) = self.dispose(msg).await;
+        let since_publish = match disposition {
+            Disposition::Applied => published.map(meter::age),
+            _ => None,
+        };
+        self.meter.delivery(
+            &self.name,
+            event_type,
+            disposition.label(),
+            started.elapsed(),
+            since_publish,
+        );
+        disposition
+    }
+
+    /// The event's type (a catalog name, bounded) and what became of it.
+    async fn dispose(&self, msg: jetstream::Message) -> (&'static str, Disposition) {
         let (delivered, stream_seq) = msg
             .info()
             .map(|i| (i.delivered, i.stream_sequence))
             .unwrap_or((1, 0));
+        let d = &Delivery {
+            msg: &msg,
+            delivered,
+            stream_seq,
+        };
         let (envelope, event) = match Envelope::decode(&msg.payload) {
             Ok(v) => v,
             Err(e) => {
-                return self
-                    .dead_letter(&msg, None, delivered, stream_seq, e.to_string())
-                    .await;
+                let disposition = self.dead_letter(d, None, e.to_string()).await;
+                return ("undecodable", disposition);
             }
         };
+        let event_type = event.kind().name();
         let expected = self.subjects.event(event.kind());
         if msg.subject.as_str() != expected {
             let reason = crate::event::DecodeError::WrongSubject {
@@ -355,9 +405,8 @@ impl<H: Handler> Inner<H> {
                 expected,
             }
             .to_string();
-            return self
-                .dead_letter(&msg, Some(&envelope), delivered, stream_seq, reason)
-                .await;
+            let disposition = self.dead_letter(d, Some(&envelope), reason).await;
+            return (event_type, disposition);
         }
         let span = tracing::info_span!(
             "event",
@@ -367,10 +416,8 @@ impl<H: Handler> Inner<H> {
             correlation_id = %envelope.metadata.correlation_id,
             delivered,
         );
-        async {
-            let disposition = self
-                .apply(&msg, &envelope, event, delivered, stream_seq)
-                .await;
+        let disposition = async {
+            let disposition = self.apply(d, &envelope, event).await;
             match &disposition {
                 Disposition::Applied => tracing::info!("applied"),
                 Disposition::Skipped | Disposition::Duplicate => tracing::debug!(?disposition),
@@ -380,17 +427,12 @@ impl<H: Handler> Inner<H> {
             disposition
         }
         .instrument(span)
-        .await
+        .await;
+        (event_type, disposition)
     }
 
-    async fn apply(
-        &self,
-        msg: &jetstream::Message,
-        envelope: &Envelope,
-        event: Event,
-        delivered: i64,
-        stream_seq: u64,
-    ) -> Disposition {
+    async fn apply(&self, d: &Delivery<'_>, envelope: &Envelope, event: Event) -> Disposition {
+        let (msg, delivered) = (d.msg, d.delivered);
         let id = envelope.event_id;
         // Without Redis the Postgres guard alone decides (`Unavailable`).
         let claimed = match self.idempotency.claim(id).await {
@@ -435,9 +477,7 @@ impl<H: Handler> Inner<H> {
             Ok(Some(Outcome::NotYet(reason))) => {
                 if delivered >= MAX_NOT_YET_DELIVERIES {
                     let reason = format!("gave up after {delivered} deliveries: {reason}");
-                    return self
-                        .dead_letter(msg, Some(envelope), delivered, stream_seq, reason)
-                        .await;
+                    return self.dead_letter(d, Some(envelope), reason).await;
                 }
                 ack(
                     msg,
@@ -448,12 +488,10 @@ impl<H: Handler> Inner<H> {
             }
             Ok(Some(Outcome::Unhandled)) => {
                 let reason = format!("{} does not handle {}", self.name, envelope.event_type);
-                self.dead_letter(msg, Some(envelope), delivered, stream_seq, reason)
-                    .await
+                self.dead_letter(d, Some(envelope), reason).await
             }
             Ok(Some(Outcome::Rejected(reason))) => {
-                self.dead_letter(msg, Some(envelope), delivered, stream_seq, reason)
-                    .await
+                self.dead_letter(d, Some(envelope), reason).await
             }
             Err(e) => {
                 let permanent = e.is_permanent();
@@ -466,9 +504,7 @@ impl<H: Handler> Inner<H> {
                     let kind = if permanent { "permanent" } else { "transient" };
                     let reason =
                         format!("gave up after {delivered} deliveries ({kind} failure): {e}");
-                    return self
-                        .dead_letter(msg, Some(envelope), delivered, stream_seq, reason)
-                        .await;
+                    return self.dead_letter(d, Some(envelope), reason).await;
                 }
                 let delay = match e {
                     HandlerError::Conflict(_) => Duration::from_millis(10),
@@ -522,6 +558,7 @@ impl<H: Handler> Inner<H> {
         let cx = Applying {
             tx: &mut *tx,
             cause: envelope,
+            meter: &self.meter,
         };
         let outcome = self.handler.handle(cx, event).await?;
         let events = match &outcome {
@@ -564,15 +601,16 @@ impl<H: Handler> Inner<H> {
     /// event is nak'ed instead: it is never dropped.
     async fn dead_letter(
         &self,
-        msg: &jetstream::Message,
+        d: &Delivery<'_>,
         envelope: Option<&Envelope>,
-        delivered: i64,
-        stream_seq: u64,
         reason: String,
     ) -> Disposition {
-        let published = self
-            .publish_dead_letter(msg, envelope, delivered, stream_seq, &reason)
-            .await;
+        let Delivery {
+            msg,
+            delivered,
+            stream_seq,
+        } = *d;
+        let published = self.publish_dead_letter(d, envelope, &reason).await;
         match published {
             Ok(()) => {
                 if self.health.ok(HEALTH_DEAD_LETTERS) {
@@ -604,12 +642,15 @@ impl<H: Handler> Inner<H> {
 
     async fn publish_dead_letter(
         &self,
-        msg: &jetstream::Message,
+        d: &Delivery<'_>,
         envelope: Option<&Envelope>,
-        delivered: i64,
-        stream_seq: u64,
         reason: &str,
     ) -> Result<(), String> {
+        let Delivery {
+            msg,
+            delivered,
+            stream_seq,
+        } = *d;
         // Unique to the delivered event and this consumer: a retried dead
         // letter of the same event is dropped by the broker, two different
         // ones never share an id. Undecodable bytes have no event id.

@@ -13,6 +13,7 @@ pub mod counter;
 pub mod health;
 pub mod http;
 pub mod idempotency;
+pub mod meter;
 pub mod outbox;
 pub mod roster;
 pub mod service;

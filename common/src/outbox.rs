@@ -24,6 +24,7 @@ use crate::{
     consumer::max_payload,
     event::Envelope,
     health::{Condition, Health},
+    meter::Meter,
     subjects::Subjects,
 };
 
@@ -217,11 +218,15 @@ pub enum RelayError {
 /// consumers (idempotency) drop the copies.
 #[derive(Clone)]
 pub struct Relay {
-    options: PgConnectOptions,
-    js: jetstream::Context,
-    signal: OutboxSignal,
-    poll: Duration,
-    health: Health,
+    /// How to reach the service's database.
+    pub options: PgConnectOptions,
+    pub js: jetstream::Context,
+    /// Commits wake it through this.
+    pub signal: OutboxSignal,
+    /// How often it looks without being woken.
+    pub poll: Duration,
+    pub health: Health,
+    pub meter: Meter,
 }
 
 struct Row {
@@ -229,26 +234,11 @@ struct Row {
     event_id: Uuid,
     subject: String,
     body: Vec<u8>,
+    /// Since its commit, when it was read.
+    age: Duration,
 }
 
 impl Relay {
-    /// `options`: how to reach the service's database.
-    pub fn new(
-        options: PgConnectOptions,
-        js: jetstream::Context,
-        signal: OutboxSignal,
-        poll: Duration,
-        health: Health,
-    ) -> Relay {
-        Relay {
-            options: options.options([("synchronous_commit", "off")]),
-            js,
-            signal,
-            poll,
-            health,
-        }
-    }
-
     /// Runs until `shutdown`, then flushes what is already committed. The
     /// service cancels `shutdown` only once its consumers and request
     /// handlers have drained, so the flush includes their last commits.
@@ -288,7 +278,11 @@ impl Relay {
     /// Becomes leader if no one is, then publishes everything pending.
     async fn lead(&self, leader: &mut Option<PgConnection>) -> Result<usize, RelayError> {
         if leader.is_none() {
-            let mut conn = PgConnection::connect_with(&self.options).await?;
+            let options = self
+                .options
+                .clone()
+                .options([("synchronous_commit", "off")]);
+            let mut conn = PgConnection::connect_with(&options).await?;
             let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
                 .bind(RELAY_LOCK)
                 .fetch_one(&mut conn)
@@ -316,8 +310,10 @@ impl Relay {
     /// most one event per aggregate in flight, a partial failure can never
     /// reorder an aggregate's events: what was not acknowledged stays first.
     async fn publish_batch(&self, conn: &mut PgConnection) -> Result<usize, RelayError> {
-        let rows: Vec<Row> = sqlx::query_as::<_, (i64, Uuid, String, Vec<u8>)>(
-            "SELECT id, event_id, subject, body FROM (
+        let read_at = std::time::Instant::now();
+        let rows: Vec<Row> = sqlx::query_as::<_, (i64, Uuid, String, Vec<u8>, f64)>(
+            "SELECT id, event_id, subject, body,
+                    extract(epoch FROM clock_timestamp() - created_at)::float8 FROM (
                  SELECT o.*, row_number() OVER (PARTITION BY aggregate_id ORDER BY id) AS nth
                  FROM (SELECT * FROM outbox ORDER BY id LIMIT $1) o
              ) ranked
@@ -327,11 +323,12 @@ impl Relay {
         .fetch_all(&mut *conn)
         .await?
         .into_iter()
-        .map(|(id, event_id, subject, body)| Row {
+        .map(|(id, event_id, subject, body, age)| Row {
             id,
             event_id,
             subject,
             body,
+            age: Duration::try_from_secs_f64(age).unwrap_or_default(),
         })
         .collect();
         if rows.is_empty() {
@@ -360,7 +357,7 @@ impl Relay {
                 .publish_with_headers(row.subject.clone(), headers, row.body.clone().into())
                 .await
             {
-                Ok(ack) => pending.push((row.id, ack)),
+                Ok(ack) => pending.push((row.id, row.age, ack)),
                 Err(e) => {
                     failure = Some(e.to_string());
                     break;
@@ -368,9 +365,12 @@ impl Relay {
             }
         }
         let mut acked = Vec::with_capacity(pending.len());
-        for (id, ack) in pending {
+        for (id, age, ack) in pending {
             match ack.await {
-                Ok(_) => acked.push(id),
+                Ok(_) => {
+                    self.meter.published(age + read_at.elapsed());
+                    acked.push(id);
+                }
                 Err(e) => {
                     failure.get_or_insert(e.to_string());
                 }

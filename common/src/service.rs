@@ -21,6 +21,7 @@ use crate::{
     health::Health,
     http::{HealthState, health_router},
     idempotency::{IdempotencyStore, Redis},
+    meter::{self, Meter, Probe, Scrape, Watched},
     outbox::{OutboxSignal, Relay},
     subjects::Subjects,
     topology,
@@ -56,6 +57,7 @@ pub struct Infra {
     pub subjects: Subjects,
     pub outbox: OutboxSignal,
     pub health: Health,
+    pub meter: Meter,
 }
 
 /// How long start-up waits for infrastructure that is still coming up.
@@ -112,6 +114,7 @@ impl Infra {
         topology::apply_streams(&js, &subjects).await?;
 
         Ok(Infra {
+            meter: Meter::new(&config.service),
             config,
             pool,
             redis,
@@ -162,6 +165,7 @@ pub struct Service {
     relay: Option<Task>,
     relay_stop: CancellationToken,
     shutdown: CancellationToken,
+    scrape: Scrape,
 }
 
 impl Service {
@@ -211,6 +215,7 @@ impl Service {
                 subjects: infra.subjects.clone(),
                 outbox: infra.outbox.clone(),
                 health: infra.health.clone(),
+                meter: infra.meter.clone(),
                 concurrency: config.consumer_concurrency,
                 max_deliveries: config.consumer_max_deliveries,
                 max_payload: infra.max_payload(),
@@ -220,13 +225,14 @@ impl Service {
         // The relay stops after everything else has drained (see `run`).
         let relay_stop = CancellationToken::new();
         let relay: Option<Task> = if config.outbox_relay_enabled {
-            let relay = Relay::new(
-                PgConnectOptions::from_str(&config.database_url)?,
-                infra.js.clone(),
-                infra.outbox.clone(),
-                config.outbox_poll,
-                infra.health.clone(),
-            );
+            let relay = Relay {
+                options: PgConnectOptions::from_str(&config.database_url)?,
+                js: infra.js.clone(),
+                signal: infra.outbox.clone(),
+                poll: config.outbox_poll,
+                health: infra.health.clone(),
+                meter: infra.meter.clone(),
+            };
             Some(Box::pin(relay.run(relay_stop.clone())))
         } else {
             tracing::warn!("OUTBOX_RELAY=off: committed events stay in the outbox");
@@ -240,12 +246,35 @@ impl Service {
             relay,
             relay_stop,
             shutdown,
+            scrape: Scrape {
+                meter: infra.meter.clone(),
+                pool: infra.pool.clone(),
+                js: infra.js.clone(),
+                subjects: infra.subjects.clone(),
+                consumer: config.service.clone(),
+                watched: vec![Watched {
+                    stream: infra.subjects.events_stream(),
+                    durable: config.service.clone(),
+                    projection: None,
+                }],
+                probes: Vec::new(),
+            },
         })
     }
 
     /// Adds a background task that runs with the service and stops on shutdown.
     pub fn spawn_with(&mut self, task: impl Future<Output = ()> + Send + 'static) {
         self.tasks.push(Box::pin(task));
+    }
+
+    /// Reports a further consumer's backlog in `/metrics`.
+    pub fn watch_metrics(&mut self, watched: Watched) {
+        self.scrape.watched.push(watched);
+    }
+
+    /// Adds a read to every `/metrics` scrape.
+    pub fn probe_metrics(&mut self, probe: Probe) {
+        self.scrape.probes.push(probe);
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -267,7 +296,10 @@ impl Service {
     pub async fn run(self) -> std::io::Result<()> {
         tracing::info!(service = %self.name, addr = %self.local_addr(), "service started");
         let shutdown = self.shutdown.clone();
-        let server = axum::serve(self.listener, self.router)
+        let router = self.router.merge(crate::http::limit(self.scrape.router()));
+        let mut tasks = self.tasks;
+        tasks.push(Box::pin(meter::upkeep(shutdown.clone())));
+        let server = axum::serve(self.listener, router)
             .with_graceful_shutdown(async move { shutdown.cancelled().await });
         let relay_stop = self.relay_stop.clone();
         let relay = async move {
@@ -276,8 +308,7 @@ impl Service {
             }
         };
         let drained = async move {
-            let (served, _) =
-                tokio::join!(server.into_future(), futures::future::join_all(self.tasks));
+            let (served, _) = tokio::join!(server.into_future(), futures::future::join_all(tasks));
             // Everything that commits events has finished: flush and stop.
             relay_stop.cancel();
             served

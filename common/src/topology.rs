@@ -31,6 +31,16 @@ pub struct WatchSpec {
     definition: &'static str,
 }
 
+impl WatchSpec {
+    /// The stream it watches.
+    pub fn stream(&self, subjects: &Subjects) -> String {
+        match self.dead_letters {
+            true => subjects.dead_letter_stream(),
+            false => subjects.events_stream(),
+        }
+    }
+}
+
 /// Halts a pending saga whose event was dead-lettered.
 pub const DEAD_LETTER_WATCH: WatchSpec = WatchSpec {
     name: "order-dead-letters",
@@ -156,10 +166,7 @@ pub async fn apply_consumer(
         Durable::Watch(watch) => (
             watch.name,
             watch_config(subjects, watch)?,
-            match watch.dead_letters {
-                true => subjects.dead_letter_stream(),
-                false => subjects.events_stream(),
-            },
+            watch.stream(subjects),
         ),
     };
     create_or_update(js, stream, config, name).await

@@ -13,7 +13,13 @@ pub mod store;
 pub mod timeline;
 mod watch;
 
-use common::{Config, Infra, Service, StartError};
+use std::sync::Arc;
+
+use common::{
+    Config, Infra, Service, StartError,
+    meter::{Watched, names},
+    roster, topology,
+};
 use sqlx::migrate::Migrator;
 use tokio_util::sync::CancellationToken;
 
@@ -53,6 +59,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
     let stall_after = infra.config.stall_after;
     let observer = observer::Observer {
         pool: infra.pool.clone(),
+        meter: infra.meter.clone(),
         stall_after,
     }
     .start(source, shutdown.clone())
@@ -62,5 +69,38 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
     service.spawn_with(responder);
     service.spawn_with(watch);
     service.spawn_with(observer);
+    report_metrics(&mut service, &infra);
     Ok(service)
+}
+
+/// What the order service, the saga's owner, adds to `/metrics`: the
+/// backlog of every service's consumer (a stopped service cannot report its
+/// own, which is when it grows), its watches' (the timeline's as a
+/// projection lag) and the stalled sagas.
+fn report_metrics(service: &mut Service, infra: &Infra) {
+    for name in roster::names().filter(|n| *n != infra.config.service) {
+        service.watch_metrics(Watched {
+            stream: infra.subjects.events_stream(),
+            durable: name.to_string(),
+            projection: None,
+        });
+    }
+    for watch in topology::WATCHES {
+        service.watch_metrics(Watched {
+            stream: watch.stream(&infra.subjects),
+            durable: watch.name.to_string(),
+            projection: (watch.name == topology::TIMELINE_EVENTS.name).then_some("timeline"),
+        });
+    }
+    let pool = infra.pool.clone();
+    let stall_after = infra.config.stall_after;
+    service.probe_metrics(Arc::new(move |meter| {
+        let pool = pool.clone();
+        Box::pin(async move {
+            let before = observer::stalled_before(stall_after);
+            let stalled = store::count_stalled(&pool, before).await?;
+            meter.gauge(names::SAGAS_STALLED, &[], stalled as f64);
+            Ok(())
+        })
+    }));
 }

@@ -13,9 +13,10 @@ use std::{sync::Arc, time::Duration};
 use async_nats::jetstream::{self, AckKind};
 use chrono::{DateTime, Utc};
 use common::{
-    Envelope,
+    Envelope, EventKind,
     consumer::dlq_headers,
     limits,
+    meter::Meter,
     topology::{TIMELINE_DEAD_LETTERS, TIMELINE_EVENTS},
 };
 use sqlx::PgPool;
@@ -35,6 +36,7 @@ pub const HEALTH_DEAD_LETTERS: &str = "timelineDeadLetters";
 /// Records what the watches deliver.
 pub struct Observer {
     pub pool: PgPool,
+    pub meter: Meter,
     /// How long a saga may wait at one step before it is reported stalled.
     pub stall_after: Duration,
 }
@@ -72,7 +74,17 @@ impl Observer {
             return ack(msg, AckKind::Ack).await;
         };
         match store::record_entry(&self.pool, &entry).await {
-            Ok(_) => ack(msg, AckKind::Ack).await,
+            Ok(fresh) => {
+                // Counted once: a redelivered or replayed event is not fresh.
+                if fresh
+                    && entry.kind == EntryKind::Event
+                    && let Some(outcome) =
+                        EventKind::from_name(&entry.event_type).and_then(timeline::ending)
+                {
+                    self.meter.saga_ended(outcome);
+                }
+                ack(msg, AckKind::Ack).await
+            }
             Err(e) => {
                 tracing::warn!(correlation_id = %entry.correlation_id, error = %e, "cannot record a timeline entry; retrying");
                 ack(msg, AckKind::Nak(Some(Duration::from_secs(1)))).await;
@@ -95,6 +107,7 @@ impl Observer {
             let before = stalled_before(self.stall_after);
             match store::report_stalls(&self.pool, before).await {
                 Ok(stalled) => {
+                    self.meter.stalls(stalled.len() as u64);
                     for s in stalled {
                         let waited = (Utc::now() - s.last_event_at).num_seconds();
                         tracing::warn!(

@@ -464,6 +464,14 @@ pub async fn list_sagas(pool: &PgPool, f: &SagaFilter) -> sqlx::Result<Vec<SagaR
     .await
 }
 
+/// How many pending sagas have waited since before `before`.
+pub async fn count_stalled(pool: &PgPool, before: DateTime<Utc>) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM sagas WHERE status = 'PENDING' AND last_event_at < $1")
+        .bind(before)
+        .fetch_one(pool)
+        .await
+}
+
 /// Pending sagas that have waited since before `before` and were not
 /// reported yet: marked reported and returned (each stall is reported once;
 /// a saga that moves on and stalls again is reported again).

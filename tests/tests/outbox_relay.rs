@@ -27,13 +27,14 @@ async fn outbox_only() -> Result<(Stack, sqlx::PgPool)> {
 
 /// A relay of the outbox database, woken by nothing but its `poll`.
 fn relay(stack: &Stack, poll: Duration) -> Result<Relay> {
-    Ok(Relay::new(
-        PgConnectOptions::from_str(&stack.dbs.url("payment"))?,
-        stack.js.clone(),
-        OutboxSignal::default(),
+    Ok(Relay {
+        options: PgConnectOptions::from_str(&stack.dbs.url("payment"))?,
+        js: stack.js.clone(),
+        signal: OutboxSignal::default(),
         poll,
-        Default::default(),
-    ))
+        health: Default::default(),
+        meter: common::meter::Meter::new("payment"),
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

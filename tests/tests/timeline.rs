@@ -2,6 +2,7 @@
 //! who did what, and where a saga is stuck.
 
 use anyhow::Result;
+use common::meter::names;
 use saga_tests::{DEADLINE, HAPPY_PATH, Stack, eventually, order_body};
 use serde_json::Value;
 use uuid::Uuid;
@@ -158,12 +159,29 @@ async fn a_saga_waiting_on_a_stopped_service_is_listed_stalled_until_it_moves_on
     );
     assert_eq!(stalled["lastEventType"], "InventoryReserved");
     assert_eq!(stalled["stalled"], true);
+    // In the metrics: the stall, counted once, and shipping's backlog, which
+    // the order service reports while shipping cannot.
+    let lagging = [("service", "order"), ("consumer", "shipping")];
+    let m = stack
+        .metrics_until("order", "the stall to be counted", |m| {
+            m.sum(names::SAGAS_STALLED, &[]) == 1.0 && m.sum(names::STALLS, &[]) >= 1.0
+        })
+        .await?;
+    assert_eq!(m.sum(names::CONSUMER_PENDING, &lagging), 1.0);
+    assert_eq!(m.sum(names::STALLS, &[]), 1.0, "reported once");
 
     stack.start_service("shipping").await?;
     assert_eq!(stack.wait_for_outcome(id).await?["status"], "CONFIRMED");
     story(&stack, id, "OrderConfirmed").await?;
     let (_, page) = stack.get_json("order", "/sagas?stalled=true").await?;
     assert_eq!(page["sagas"], serde_json::json!([]), "{page}");
+    let m = stack
+        .metrics_until("order", "the stall to clear", |m| {
+            m.sum(names::SAGAS_STALLED, &[]) == 0.0
+        })
+        .await?;
+    assert_eq!(m.sum(names::CONSUMER_PENDING, &lagging), 0.0);
+    assert_eq!(m.sum(names::STALLS, &[]), 1.0);
     stack.assert_invariants().await
 }
 

@@ -1,0 +1,81 @@
+//! The Prometheus files shipped for operators: the scrape configurations
+//! (generated from the roster) load, and every alert fires past its
+//! threshold and stays quiet at it (`prometheus/alerts.test.yml`).
+
+use std::collections::BTreeSet;
+
+use anyhow::Result;
+use common::meter::SERIES;
+use stack::{infra::promtool, repo_root};
+
+fn read(path: &str) -> Result<String> {
+    Ok(std::fs::read_to_string(repo_root().join(path))?)
+}
+
+#[tokio::test]
+async fn the_scrape_configurations_and_the_alert_rules_load() -> Result<()> {
+    let out = promtool(&["check", "config", "prometheus/prometheus.yml"], b"").await?;
+    assert!(out.contains("SUCCESS: 8 rules found"), "{out}");
+    // Its rule file is where the compose file mounts it, not here.
+    promtool(
+        &[
+            "check",
+            "config",
+            "--syntax-only",
+            "docker/prometheus/prometheus.yml",
+        ],
+        b"",
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_alert_fires_past_its_threshold_and_not_at_it() -> Result<()> {
+    promtool(&["test", "rules", "prometheus/alerts.test.yml"], b"").await?;
+    let alerts = read("prometheus/alerts.yml")?;
+    let tests = read("prometheus/alerts.test.yml")?;
+    let defined: Vec<&str> = alerts
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert_eq!(defined.len(), 8, "{defined:?}");
+    for alert in defined {
+        assert!(
+            tests.contains(&format!("alertname: {alert}\n")),
+            "{alert} has no test in prometheus/alerts.test.yml"
+        );
+    }
+    Ok(())
+}
+
+/// A rule over a series the services do not export would never fire.
+#[test]
+fn the_rules_use_only_series_the_services_export() -> Result<()> {
+    let exported: BTreeSet<&str> = SERIES.iter().map(|(name, ..)| *name).collect();
+    let alerts = read("prometheus/alerts.yml")?;
+    let used: BTreeSet<String> = alerts
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .flat_map(|l| {
+            l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("saga_"))
+                .map(|w| {
+                    ["_bucket", "_count", "_sum"]
+                        .iter()
+                        .find_map(|s| w.strip_suffix(s))
+                        .unwrap_or(w)
+                        .to_string()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(used.len() >= 8, "{used:?}");
+    for series in &used {
+        assert!(
+            exported.contains(series.as_str()),
+            "alerts.yml uses {series}, which no service exports"
+        );
+    }
+    Ok(())
+}

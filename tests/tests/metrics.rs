@@ -1,0 +1,126 @@
+//! `GET /metrics` of every service: Prometheus exposition that promtool
+//! accepts, whose series move as sagas run (values, not just names).
+
+use anyhow::Result;
+use common::{EventKind, meter::names, roster};
+use saga_tests::Stack;
+
+const PRICE: i64 = 1_250;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_design_metrics_move_as_sagas_confirm_compensate_and_dead_letter() -> Result<()> {
+    let stack = Stack::stocked(10_000, 5).await?;
+    // Before any saga: every gauge is there, at zero.
+    for service in roster::names() {
+        let m = stack.metrics(service).await?;
+        let own = [("service", service)];
+        assert_eq!(m.sum(names::OUTBOX_DEPTH, &own), 0.0, "{service}");
+        assert!(
+            m.has(names::DEAD_LETTERS, &[("consumer", service)]),
+            "{service}"
+        );
+        assert!(
+            m.has(names::CONSUMER_PENDING, &[("consumer", service)]),
+            "{service}"
+        );
+        assert_eq!(m.sum(names::EVENTS, &own), 0.0, "{service}");
+    }
+
+    let (_, confirmed) = stack
+        .run_saga("alice", &[("widget", 1, PRICE)], "US")
+        .await?;
+    assert_eq!(confirmed["status"], "CONFIRMED");
+    // More than there is: the reservation fails and the payment is refunded.
+    let (_, cancelled) = stack.run_saga("alice", &[("widget", 50, 10)], "US").await?;
+    assert_eq!(cancelled["status"], "CANCELLED");
+    // Bytes that are no event, on payment's input subject.
+    stack
+        .publish(
+            &stack.subjects.event(EventKind::OrderPlaced),
+            b"{not an event".to_vec(),
+        )
+        .await?;
+    stack.wait_for_dead_letters(1).await?;
+
+    // Saga completion, as the observer saw the sagas end.
+    let order = stack
+        .metrics_until("order", "both sagas counted as ended", |m| {
+            m.sum(names::SAGAS_ENDED, &[]) >= 2.0
+        })
+        .await?;
+    for (outcome, count) in [
+        ("confirmed", 1.0),
+        ("cancelled", 1.0),
+        ("intervention", 0.0),
+    ] {
+        let ended = order.sum(names::SAGAS_ENDED, &[("outcome", outcome)]);
+        assert_eq!(ended, count, "{outcome}");
+    }
+    // The timeline projection has caught up, and so has every consumer.
+    assert_eq!(
+        order.sum(names::PROJECTION_LAG, &[("projection", "timeline")]),
+        0.0
+    );
+    assert!(order.has(names::PROJECTION_LAG, &[("projection", "timeline")]));
+    for consumer in roster::names() {
+        let labels = [("service", "order"), ("consumer", consumer)];
+        assert!(order.has(names::CONSUMER_PENDING, &labels), "{consumer}");
+        assert_eq!(
+            order.sum(names::CONSUMER_PENDING, &labels),
+            0.0,
+            "{consumer}"
+        );
+    }
+
+    // Each service applied events, timed them from their publish, and
+    // published its own through the relay.
+    for service in roster::names() {
+        let m = stack.metrics(service).await?;
+        let own = [("service", service)];
+        let applied = [("service", service), ("disposition", "applied")];
+        assert!(m.sum(names::EVENTS, &applied) >= 1.0, "{service}");
+        let timed = format!("{}_count", names::EVENT_LATENCY);
+        assert_eq!(
+            m.sum(&timed, &own),
+            m.sum(names::EVENTS, &applied),
+            "{service}: one latency per applied event"
+        );
+        let handled = format!("{}_count", names::HANDLER_SECONDS);
+        assert_eq!(
+            m.sum(&handled, &own),
+            m.sum(names::EVENTS, &own),
+            "{service}"
+        );
+        let published = format!("{}_count", names::RELAY_PUBLISH);
+        assert!(m.sum(&published, &own) >= 1.0, "{service}");
+        assert_eq!(m.sum(names::OUTBOX_DEPTH, &own), 0.0, "{service}");
+    }
+
+    // One compensation (the refund), none failed; the reservation was
+    // refused, so there was nothing to release.
+    let payment = stack.metrics("payment").await?;
+    let refunds = [("step", "payment"), ("result", "undone")];
+    assert_eq!(payment.sum(names::COMPENSATIONS, &refunds), 1.0);
+    assert_eq!(
+        payment.sum(names::COMPENSATIONS, &[("result", "failed")]),
+        0.0
+    );
+    // The malformed event: dead-lettered, and in the dead-letter count.
+    let dead = [
+        ("event_type", "undecodable"),
+        ("disposition", "dead_lettered"),
+    ];
+    assert_eq!(payment.sum(names::EVENTS, &dead), 1.0);
+    assert_eq!(
+        payment.sum(names::DEAD_LETTERS, &[("consumer", "payment")]),
+        1.0
+    );
+    assert_eq!(
+        stack
+            .metrics("shipping")
+            .await?
+            .sum(names::DEAD_LETTERS, &[("consumer", "shipping")]),
+        0.0
+    );
+    stack.assert_invariants().await
+}
