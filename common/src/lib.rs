@@ -22,7 +22,7 @@ pub mod topology;
 
 pub use config::Config;
 pub use consumer::{Applying, Handler, HandlerError, Outcome};
-pub use contracts::{Envelope, Event, EventKind, Subjects, event, limits, subjects};
+pub use contracts::{Envelope, Event, EventKind, Subjects, event, limits, operator, subjects};
 pub use service::{Infra, Service, StartError};
 
 /// The value after `key` on the first line of `text` that starts with it

@@ -119,7 +119,7 @@ mod tests {
             .filter(|m| !m.is_empty())
             .collect();
         let mut expected: BTreeSet<&str> = names().collect();
-        expected.extend(["common", "common/contracts", "stack", "tests"]);
+        expected.extend(["common", "common/contracts", "stack", "sagactl", "tests"]);
         assert_eq!(members, expected);
     }
 }

@@ -46,9 +46,26 @@ pub struct Order {
     pub status: OrderStatus,
     pub failure_reason: Option<String>,
     pub shipment_id: Option<Uuid>,
+    /// In REQUIRES_INTERVENTION because its saga was halted while pending
+    /// (an event of it was dead-lettered), not because of a contradiction:
+    /// once an operator redrives the event, the saga may still end
+    /// normally.
+    pub halted: bool,
     pub version: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl Order {
+    /// Its saga may still end normally: pending, or halted by a dead letter
+    /// that an operator may redrive (its saga then goes on).
+    pub fn under_way(&self) -> bool {
+        match self.status {
+            OrderStatus::Pending => true,
+            OrderStatus::RequiresIntervention => self.halted,
+            OrderStatus::Confirmed | OrderStatus::Cancelled => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -157,11 +174,13 @@ pub fn decide(state: Option<&Order>, command: Command) -> Result<Vec<OrderEvent>
         (Some(_), Command::Place { .. }) => Err(DomainError::AlreadyExists),
         (None, _) => Err(DomainError::NotFound),
         (Some(order), Command::Confirm { shipment_id }) => Ok(match order.status {
-            OrderStatus::Pending => vec![OrderEvent::Confirmed(OrderConfirmed {
+            _ if order.under_way() => vec![OrderEvent::Confirmed(OrderConfirmed {
                 order_id: order.id,
                 shipment_id,
             })],
-            OrderStatus::Confirmed | OrderStatus::RequiresIntervention => vec![],
+            OrderStatus::Pending | OrderStatus::Confirmed | OrderStatus::RequiresIntervention => {
+                vec![]
+            }
             OrderStatus::Cancelled => intervention(
                 order,
                 format!(
@@ -184,11 +203,15 @@ pub fn decide(state: Option<&Order>, command: Command) -> Result<Vec<OrderEvent>
                 ))));
             }
             Ok(match order.status {
-                OrderStatus::Pending => vec![OrderEvent::Cancelled(OrderCancelled {
+                _ if order.under_way() => vec![OrderEvent::Cancelled(OrderCancelled {
                     order_id: order.id,
                     reason,
                 })],
-                OrderStatus::Cancelled | OrderStatus::RequiresIntervention => vec![],
+                OrderStatus::Pending
+                | OrderStatus::Cancelled
+                | OrderStatus::RequiresIntervention => {
+                    vec![]
+                }
                 OrderStatus::Confirmed => {
                     intervention(order, format!("confirmed order was compensated: {reason}"))
                 }
@@ -220,6 +243,7 @@ pub fn evolve(state: Option<Order>, event: &OrderEvent, at: DateTime<Utc>) -> Op
                 status: OrderStatus::Pending,
                 failure_reason: None,
                 shipment_id: None,
+                halted: false,
                 version: 1,
                 created_at: at,
                 updated_at: at,
@@ -242,6 +266,7 @@ pub fn evolve(state: Option<Order>, event: &OrderEvent, at: DateTime<Utc>) -> Op
             order.failure_reason = Some(e.reason.clone());
         }
         OrderEvent::RequiresIntervention(e) => {
+            order.halted = order.status == OrderStatus::Pending;
             order.status = OrderStatus::RequiresIntervention;
             order.failure_reason = Some(e.reason.clone());
         }
@@ -469,6 +494,47 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    fn halted(reason: &str) -> OrderEvent {
+        OrderEvent::RequiresIntervention(OrderRequiresIntervention {
+            order_id: Uuid::nil(),
+            reason: reason.into(),
+        })
+    }
+
+    #[test]
+    fn a_halted_saga_whose_dead_letter_was_redriven_ends_normally() {
+        let given = [placed(), halted("payment dead-lettered OrderPlaced")];
+        let events = given_when(&given, confirm()).unwrap();
+        assert!(matches!(events[..], [OrderEvent::Confirmed(_)]));
+        let events = given_when(&given, cancel("out of stock")).unwrap();
+        assert_eq!(events, vec![cancelled("out of stock")]);
+        // Once: a second outcome is a late event of an ended saga.
+        let ended = [&given[..], &[cancelled("out of stock")]].concat();
+        assert!(given_when(&ended, cancel("again")).unwrap().is_empty());
+        assert!(matches!(
+            given_when(&ended, confirm()).unwrap()[..],
+            [OrderEvent::RequiresIntervention(_)]
+        ));
+    }
+
+    #[test]
+    fn a_contradiction_is_not_resolved_by_a_later_event() {
+        // Cancelled, then a shipment: halted by the contradiction, not while
+        // pending; neither a confirmation nor a cancellation ends it.
+        let given = [
+            placed(),
+            cancelled("x"),
+            halted("shipment for a cancelled order"),
+        ];
+        assert!(given_when(&given, confirm()).unwrap().is_empty());
+        assert!(given_when(&given, cancel("refund")).unwrap().is_empty());
+        let state = given
+            .iter()
+            .fold(None, |s, e| evolve(s, e, Utc::now()))
+            .unwrap();
+        assert!(!state.halted);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use common::{
     consumer::dlq_headers,
     limits,
     meter::Meter,
+    operator::OperatorAction,
     topology::{TIMELINE_DEAD_LETTERS, TIMELINE_EVENTS},
 };
 use sqlx::PgPool;
@@ -141,9 +142,12 @@ fn stream_seq(msg: &jetstream::Message) -> i64 {
 /// belong to no saga; the consumers dead-letter them, and the dead letter
 /// is recorded if it names a saga).
 fn event_entry(msg: &jetstream::Message) -> Option<NewEntry> {
+    let service = msg.subject.split('.').nth(1).unwrap_or("?").to_string();
+    if service == "operator" {
+        return operator_entry(msg);
+    }
     let (env, event) = Envelope::decode(&msg.payload).ok()?;
     let kind = event.kind();
-    let service = msg.subject.split('.').nth(1).unwrap_or("?").to_string();
     Some(NewEntry {
         key: env.event_id.to_string(),
         correlation_id: env.metadata.correlation_id,
@@ -159,6 +163,28 @@ fn event_entry(msg: &jetstream::Message) -> Option<NewEntry> {
         effect: timeline::effect(&event),
         reason: timeline::reason(&event).map(str::to_string),
         payload: Some(env.payload),
+    })
+}
+
+/// The entry for an operator's audit record that names its saga.
+fn operator_entry(msg: &jetstream::Message) -> Option<NewEntry> {
+    let action: OperatorAction = serde_json::from_slice(&msg.payload).ok()?;
+    action.check().ok()?;
+    Some(NewEntry {
+        key: format!("op:{}", action.action_id),
+        correlation_id: action.correlation_id?,
+        kind: EntryKind::Operator,
+        service: "operator".into(),
+        event_type: action.action.clone(),
+        event_id: None,
+        causation_id: None,
+        aggregate_id: None,
+        version: None,
+        occurred_at: action.at,
+        stream_seq: stream_seq(msg),
+        effect: limits::reason(format!("{} (by {})", action.effect, action.operator)),
+        reason: Some(action.note.clone()),
+        payload: serde_json::to_value(&action).ok(),
     })
 }
 

@@ -293,6 +293,8 @@ pub struct NewEntry {
 pub enum EntryKind {
     Event,
     DeadLetter,
+    /// An operator's action (audit record), which changes no status.
+    Operator,
 }
 
 /// An entry as recorded: what was seen, and when the observer saw it.

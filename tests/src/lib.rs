@@ -152,6 +152,23 @@ impl Stack {
         Ok(stack)
     }
 
+    /// A stack without the shipping service, and a saga of alice's (2
+    /// widgets at 1 000) waiting for it: charged, stock reserved. Where an
+    /// operator publishes by hand what shipping would have.
+    pub async fn waiting_for_shipping() -> Result<(Stack, Uuid)> {
+        let stack = Stack::start_with(&["order", "payment", "inventory"]).await?;
+        stack.set_balance("alice", 10_000).await?;
+        stack.set_stock("widget", 5).await?;
+        let id = stack
+            .place_order(&order_body("alice", &[("widget", 2, 1_000)], "US"))
+            .await?;
+        eventually("the reservation", DEADLINE, || async {
+            Ok((stack.stock("widget").await? == (3, 2)).then_some(()))
+        })
+        .await?;
+        Ok((stack, id))
+    }
+
     /// Configuration a service of this stack gets.
     pub fn config(&self, service: &str) -> Config {
         let mut c = Config::local(service);
@@ -374,6 +391,39 @@ impl Stack {
             .await
             .with_context(|| format!("the /metrics of {service}:\n{text}"))?;
         exposition::Exposition::parse(&text)
+    }
+
+    /// Runs `sagactl <line>` against this stack, the line split into words
+    /// as a shell would (double quotes group): what it printed, or its
+    /// error, with what it printed as context.
+    pub async fn sagactl(&self, line: &str) -> Result<String> {
+        use clap::Parser;
+        let mut argv = vec![
+            "sagactl".to_string(),
+            "--nats-url".into(),
+            self.nats.url(),
+            "--subject-prefix".into(),
+            self.subjects.prefix().into(),
+            "--order-url".into(),
+            self.url("order", ""),
+        ];
+        argv.extend(
+            line.split('"')
+                .enumerate()
+                .flat_map(|(i, part)| match i % 2 {
+                    1 => vec![part.to_string()],
+                    _ => part.split_whitespace().map(str::to_string).collect(),
+                }),
+        );
+        let args = line;
+        let cli = sagactl::Cli::try_parse_from(&argv)?;
+        let mut out = Vec::new();
+        let result = sagactl::run(cli, &mut out).await;
+        let printed = String::from_utf8_lossy(&out).into_owned();
+        match result {
+            Ok(()) => Ok(printed),
+            Err(e) => Err(e.context(format!("sagactl {args} printed:\n{printed}"))),
+        }
     }
 
     /// Polls `service`'s metrics until `check` holds.

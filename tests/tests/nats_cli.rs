@@ -55,16 +55,7 @@ async fn a_hand_published_shipment_failure_compensates_once_however_often_it_is_
 {
     // Shipping is down, so the saga waits after InventoryReserved; the
     // operator publishes ShipmentFailed by hand.
-    let stack = Stack::start_with(&["order", "payment", "inventory"]).await?;
-    stack.set_balance("alice", 10_000).await?;
-    stack.set_stock("widget", 5).await?;
-    let id = stack
-        .place_order(&order_body("alice", &[("widget", 2, 1_000)], "US"))
-        .await?;
-    eventually("the reservation", DEADLINE, || async {
-        Ok((stack.stock("widget").await? == (3, 2)).then_some(()))
-    })
-    .await?;
+    let (stack, id) = Stack::waiting_for_shipping().await?;
 
     let event = Event::ShipmentFailed(ShipmentFailed {
         order_id: id,

@@ -1,11 +1,13 @@
 //! What crosses the wire between the saga's services, and nothing that runs:
 //! the event envelope and catalog ([`event`]), the bounds every input is
-//! held to ([`limits`]), and subject and stream names ([`subjects`]). An
+//! held to ([`limits`]), the operator audit record ([`operator`]), and subject
+//! and stream names ([`subjects`]). An
 //! outside producer, or a test that only speaks the protocol, depends on
 //! this crate alone; the runtime (`common`) builds on it.
 
 pub mod event;
 pub mod limits;
+pub mod operator;
 pub mod subjects;
 
 pub use event::{Envelope, Event, EventKind};

@@ -35,6 +35,18 @@ impl Subjects {
         format!("{}.dlq.{consumer}", self.prefix)
     }
 
+    /// An operator action's audit record: `saga.operator.dlq-redrive`.
+    pub fn operator(&self, action: &str) -> String {
+        format!("{}.operator.{action}", self.prefix)
+    }
+
+    /// Whether `subject` is an operator action's.
+    pub fn is_operator(&self, subject: &str) -> bool {
+        subject
+            .strip_prefix(&self.prefix)
+            .is_some_and(|rest| rest.starts_with(".operator."))
+    }
+
     /// Request-reply command to place an order: `saga.cmd.order.place`.
     pub fn place_order_command(&self) -> String {
         format!("{}.cmd.order.place", self.prefix)

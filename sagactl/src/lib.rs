@@ -1,0 +1,218 @@
+//! `sagactl`, the operator's tool. It speaks to the broker and the order
+//! service the way the services do (the same `NATS_URL` and
+//! `SUBJECT_PREFIX`), and decides nothing for the saga: it shows dead
+//! letters and a saga's timeline, and redrives a dead letter when an
+//! operator says so, leaving an audit record that the saga's timeline shows.
+
+pub mod dlq;
+pub mod saga;
+
+use std::{io::Write, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
+use common::Subjects;
+use uuid::Uuid;
+
+/// How long one call to the broker or the order service may take.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Inspect and steer the choreography saga: dead letters and timelines.
+#[derive(Debug, Parser)]
+#[command(name = "sagactl", version)]
+pub struct Cli {
+    #[command(flatten)]
+    pub connection: Connection,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the system is: the same variables the services read.
+#[derive(Debug, Clone, Args)]
+pub struct Connection {
+    /// The broker.
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
+    pub nats_url: String,
+    /// The subject prefix of the system (streams are `<PREFIX>_EVENTS`, `<PREFIX>_DLQ`).
+    #[arg(long, env = "SUBJECT_PREFIX", default_value = "saga", global = true)]
+    pub subject_prefix: String,
+    /// The order service's HTTP address (saga timelines).
+    #[arg(
+        long,
+        env = "ORDER_URL",
+        default_value = "http://127.0.0.1:8081",
+        global = true
+    )]
+    pub order_url: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Dead letters: events a service could not apply and gave up on.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// A saga's timeline, in order: every event with the service that
+    /// emitted it and its effect, dead letters, operator actions, and the
+    /// step it waits at.
+    Saga {
+        /// The order id (the saga's correlation id).
+        order_id: Uuid,
+        /// Print the order service's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which dead letters.
+#[derive(Debug, Clone, Default, Args)]
+pub struct Filter {
+    /// Only this consumer's (the service that gave up: order, payment, …).
+    #[arg(long)]
+    pub consumer: Option<String>,
+    /// Only those whose reason contains this text (case-insensitive).
+    #[arg(long)]
+    pub reason_contains: Option<String>,
+    /// Only those dead-lettered at or after this time (RFC 3339, e.g. 2026-11-26T10:00:00Z).
+    #[arg(long)]
+    pub since: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters, oldest first: sequence, when, consumer, event, saga, reason.
+    List {
+        #[command(flatten)]
+        filter: Filter,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// One dead letter in full: its headers, its reason and its body.
+    Show {
+        /// Its sequence in the dead-letter stream (first column of `list`).
+        seq: u64,
+    },
+    /// Publish dead letters again, to their event's subject, with a fresh
+    /// message id, then remove them from the dead-letter stream (only after
+    /// the broker has stored the event and the audit record).
+    ///
+    /// An event a consumer already applied is dropped by its idempotency
+    /// check: redriving it changes nothing. A dead letter whose bytes are
+    /// not an event cannot be redriven as it is: fix them and pass the
+    /// corrected event with --seq SEQ --body FILE.
+    Redrive {
+        /// These dead letters (repeatable); without it, every one the filters select.
+        #[arg(long = "seq")]
+        seqs: Vec<u64>,
+        #[command(flatten)]
+        filter: Filter,
+        /// The corrected event (a JSON envelope) to publish instead of the
+        /// dead letter's bytes; only with exactly one --seq.
+        #[arg(long, requires = "seqs")]
+        body: Option<PathBuf>,
+        /// Why: recorded in the audit trail and the saga's timeline.
+        #[arg(long, required_unless_present = "dry_run")]
+        note: Option<String>,
+        /// Who: recorded with the note.
+        #[arg(long, env = "SAGACTL_OPERATOR")]
+        operator: Option<String>,
+        /// Say what would be redriven, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Runs one command, writing what it shows to `out`.
+pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
+    let subjects = Subjects::new(cli.connection.subject_prefix.clone());
+    match cli.command {
+        Command::Saga { order_id, json } => {
+            saga::print(&cli.connection.order_url, order_id, json, out).await
+        }
+        Command::Dlq(command) => {
+            let nats = tokio::time::timeout(
+                CALL_TIMEOUT,
+                async_nats::ConnectOptions::new()
+                    .name("sagactl")
+                    .connection_timeout(CALL_TIMEOUT)
+                    .connect(cli.connection.nats_url.as_str()),
+            )
+            .await
+            .ok()
+            .with_context(|| {
+                format!(
+                    "no answer from {} within {CALL_TIMEOUT:?}",
+                    cli.connection.nats_url
+                )
+            })?
+            .with_context(|| format!("connecting to {}", cli.connection.nats_url))?;
+            let dlq = dlq::Dlq::new(async_nats::jetstream::new(nats), subjects);
+            match command {
+                DlqCommand::List { filter, limit } => dlq.list(&filter, limit, out).await,
+                DlqCommand::Show { seq } => dlq.show(seq, out).await,
+                DlqCommand::Redrive {
+                    seqs,
+                    filter,
+                    body,
+                    note,
+                    operator,
+                    dry_run,
+                } => {
+                    let body = match body {
+                        Some(path) => Some(
+                            std::fs::read(&path)
+                                .with_context(|| format!("reading {}", path.display()))?,
+                        ),
+                        None => None,
+                    };
+                    let request = dlq::Redrive {
+                        seqs,
+                        filter,
+                        body,
+                        note: note.unwrap_or_default(),
+                        operator: operator.unwrap_or_else(login),
+                        dry_run,
+                    };
+                    dlq.redrive(request, out).await
+                }
+            }
+        }
+    }
+}
+
+/// The login name, for the audit trail when --operator is not given.
+fn login() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_redrive_needs_a_note_unless_it_is_a_dry_run() {
+        let parse =
+            |args: &[&str]| Cli::try_parse_from([&["sagactl", "dlq", "redrive"], args].concat());
+        assert!(parse(&["--seq", "3"]).is_err());
+        assert!(parse(&["--seq", "3", "--dry-run"]).is_ok());
+        assert!(parse(&["--seq", "3", "--note", "fixed"]).is_ok());
+        assert!(
+            parse(&["--body", "x.json", "--note", "fixed"]).is_err(),
+            "--body needs --seq"
+        );
+    }
+}

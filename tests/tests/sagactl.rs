@@ -1,0 +1,245 @@
+//! `sagactl` against a live stack: dead letters listed with their reasons,
+//! shown, redriven (a correctable one completes its saga, an applied one
+//! changes nothing, a dry run changes nothing), each redrive audited in the
+//! saga's timeline.
+
+use anyhow::Result;
+use common::{Envelope, Event, EventKind, event::ShipmentFailed};
+use saga_tests::{DEADLINE, Stack, eventually};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// The ShipmentFailed an operator publishes by hand for order `id`.
+fn shipment_failed(id: Uuid) -> Envelope {
+    let event = Event::ShipmentFailed(ShipmentFailed {
+        order_id: id,
+        reason: "courier strike".into(),
+    });
+    Envelope::new(&event, id.to_string(), 1, id, Uuid::now_v7())
+}
+
+async fn status_becomes(stack: &Stack, id: Uuid, status: &str) -> Result<Value> {
+    eventually(&format!("order {id} to be {status}"), DEADLINE, || async {
+        let order = stack.order(id).await?;
+        Ok((order["status"] == status).then_some(order))
+    })
+    .await
+}
+
+/// `sagactl saga` once the saga's timeline shows it ended with `last`.
+async fn story(stack: &Stack, id: Uuid, last: &str) -> Result<String> {
+    eventually(&format!("{last} in the timeline"), DEADLINE, || async {
+        let story = stack.sagactl(&format!("saga {id}")).await?;
+        Ok(story.contains(last).then_some(story))
+    })
+    .await
+}
+
+/// A dry run changed nothing: the one dead letter is there, the order as it was.
+async fn nothing_changed(stack: &Stack, id: Uuid, status: &str) -> Result<()> {
+    assert_eq!(stack.dead_letter_messages().await?.len(), 1);
+    assert_eq!(stack.order(id).await?["status"], status);
+    Ok(())
+}
+
+/// alice has her money back and the widgets are on the shelf: the saga
+/// was compensated, once.
+async fn compensated_once(stack: &Stack) -> Result<()> {
+    assert_eq!(stack.balance("alice").await?, 10_000);
+    assert_eq!(stack.stock("widget").await?, (5, 0));
+    Ok(())
+}
+
+/// The sequence in the first data row of `sagactl dlq list`.
+fn first_seq(listing: &str) -> Result<String> {
+    let row = listing.lines().nth(1).unwrap_or_default();
+    let seq = row.split_whitespace().next().unwrap_or_default();
+    anyhow::ensure!(
+        seq.parse::<u64>().is_ok(),
+        "no dead letter listed:\n{listing}"
+    );
+    Ok(seq.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_event_is_listed_refused_as_it_is_and_redriven_once_corrected() -> Result<()> {
+    let (stack, id) = Stack::waiting_for_shipping().await?;
+    // The operator's hand-published ShipmentFailed lacks its reason.
+    let good = shipment_failed(id);
+    let mut broken: Value = serde_json::from_slice(&good.to_bytes())?;
+    broken["payload"]
+        .as_object_mut()
+        .expect("payload")
+        .remove("reason");
+    stack
+        .publish(
+            &stack.subjects.event(EventKind::ShipmentFailed),
+            serde_json::to_vec(&broken)?,
+        )
+        .await?;
+    stack.wait_for_dead_letters(1).await?;
+
+    let listing = stack.sagactl("dlq list").await?;
+    let seq = first_seq(&listing)?;
+    assert!(listing.contains("inventory"), "{listing}");
+    assert!(listing.contains("(not an event)"), "{listing}");
+    assert!(listing.contains("missing field `reason`"), "{listing}");
+    assert!(listing.ends_with("1 of 1 dead letter(s)\n"), "{listing}");
+    let none = stack.sagactl("dlq list --consumer payment").await?;
+    assert!(none.ends_with("0 of 0 dead letter(s)\n"), "{none}");
+    let shown = stack.sagactl(&format!("dlq show {seq}")).await?;
+    assert!(
+        shown.contains("reason: ") && shown.contains("missing field"),
+        "{shown}"
+    );
+    assert!(shown.contains("Saga-Dlq-Consumer: inventory"), "{shown}");
+    assert!(
+        shown.contains(&id.to_string()),
+        "the body, pretty-printed: {shown}"
+    );
+
+    // As it is, it cannot be redriven: the operator is told how.
+    let refused = stack
+        .sagactl(&format!("dlq redrive --seq {seq} --note retry"))
+        .await
+        .expect_err("bytes that are not an event are refused");
+    let why = format!("{refused:#}");
+    assert!(
+        why.contains("not an event") && why.contains("--body"),
+        "{why}"
+    );
+
+    // Corrected: a dry run says what it would do and does nothing...
+    let fixed = tempfile(&good.to_bytes())?;
+    let dry = stack
+        .sagactl(&format!("dlq redrive --seq {seq} --body {fixed} --dry-run"))
+        .await?;
+    assert!(
+        dry.contains(&format!("would redrive {seq}: ShipmentFailed")),
+        "{dry}"
+    );
+    nothing_changed(&stack, id, "PENDING").await?;
+
+    // ...and the redrive compensates the saga, once, and leaves an audit record.
+    let done = stack
+        .sagactl(&format!("dlq redrive --seq {seq} --body {fixed} --note \"added the missing reason\" --operator ada"))
+        .await?;
+    assert!(
+        done.contains(&format!("redrove {seq}: ShipmentFailed")),
+        "{done}"
+    );
+    let order = status_becomes(&stack, id, "CANCELLED").await?;
+    assert_eq!(order["failureReason"], "courier strike");
+    stack.settle().await?;
+    assert!(stack.dead_letter_messages().await?.is_empty());
+    compensated_once(&stack).await?;
+
+    let story = story(&stack, id, "OrderCancelled").await?;
+    assert!(
+        story.starts_with(&format!("saga {id}: CANCELLED")),
+        "{story}"
+    );
+    let audit = story
+        .lines()
+        .find(|l| l.contains("op operator"))
+        .unwrap_or_else(|| panic!("no operator entry:\n{story}"));
+    assert!(
+        audit.contains("dlq-redrive") && audit.contains("by ada"),
+        "{audit}"
+    );
+    assert!(audit.contains("(added the missing reason)"), "{audit}");
+    // The malformed bytes named no saga: their dead letter is in no timeline.
+    assert!(!story.contains("xx "), "{story}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halted_saga_completes_when_its_dead_letter_is_redriven_and_a_second_redrive_changes_nothing()
+-> Result<()> {
+    let (stack, id) = Stack::waiting_for_shipping().await?;
+    // A valid ShipmentFailed, published on the wrong subject: the order
+    // service's consumer refuses it, and the saga is halted.
+    let event = shipment_failed(id);
+    stack
+        .publish(
+            &stack.subjects.event(EventKind::ShipmentCreated),
+            event.to_bytes(),
+        )
+        .await?;
+    status_becomes(&stack, id, "REQUIRES_INTERVENTION").await?;
+    let listing = stack
+        .sagactl("dlq list --consumer order --reason-contains SUBJECT")
+        .await?;
+    assert!(
+        listing.contains("ShipmentFailed") && listing.contains(&id.to_string()),
+        "{listing}"
+    );
+    let future = stack
+        .sagactl("dlq list --since 2999-01-01T00:00:00Z")
+        .await?;
+    assert!(future.ends_with("0 of 0 dead letter(s)\n"), "{future}");
+
+    let dry = stack
+        .sagactl("dlq redrive --consumer order --dry-run")
+        .await?;
+    assert!(dry.contains("would redrive"), "{dry}");
+    nothing_changed(&stack, id, "REQUIRES_INTERVENTION").await?;
+
+    // Redriven to its own subject: released, refunded, and the halted saga ends.
+    let done = stack
+        .sagactl(
+            "dlq redrive --consumer order --note \"published on the wrong subject\" --operator ada",
+        )
+        .await?;
+    assert!(done.contains("redrove"), "{done}");
+    status_becomes(&stack, id, "CANCELLED").await?;
+    stack.settle().await?;
+    compensated_once(&stack).await?;
+    let story = story(&stack, id, "OrderCancelled").await?;
+    let marks: Vec<&str> = story
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find(|w| ["->", "<-", "!!", "xx", "op"].contains(w))
+        })
+        .collect();
+    assert_eq!(
+        marks,
+        ["->", "->", "->", "!!", "xx", "!!", "op", "<-", "<-", "->"],
+        "placed, charged, reserved, the failure on the wrong subject, its dead \
+         letter, the halt, the redrive, release, refund, cancel:\n{story}"
+    );
+
+    // The same event, dead-lettered again by another consumer after it was
+    // applied: redriving it changes nothing, and the dead letter is gone.
+    stack
+        .publish(
+            &stack.subjects.event(EventKind::PaymentProcessed),
+            event.to_bytes(),
+        )
+        .await?;
+    stack.wait_for_dead_letters(1).await?;
+    stack
+        .sagactl("dlq redrive --consumer inventory --note again --operator ada")
+        .await?;
+    stack.settle().await?;
+    assert!(stack.dead_letter_messages().await?.is_empty());
+    assert_eq!(stack.order(id).await?["status"], "CANCELLED");
+    compensated_once(&stack).await?;
+    let types = stack.saga_event_types(id).await?;
+    let count = |t: &str| types.iter().filter(|x| *x == t).count();
+    assert_eq!(
+        (count("InventoryReleased"), count("PaymentRefunded")),
+        (1, 1),
+        "{types:?}"
+    );
+    Ok(())
+}
+
+/// Writes `bytes` to a new file and returns its path.
+fn tempfile(bytes: &[u8]) -> Result<String> {
+    let path = std::env::temp_dir().join(format!("sagactl-{}.json", Uuid::now_v7()));
+    std::fs::write(&path, bytes)?;
+    Ok(path.to_string_lossy().into_owned())
+}
