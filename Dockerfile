@@ -1,9 +1,11 @@
 # syntax=docker/dockerfile:1
 #
-# One image with every service binary, built once; docker-compose.yml runs
-# each service from it by name (command: ["order"], ...):
+# One image with every service binary and the operator's sagactl, built
+# once; docker-compose.yml runs each service from it by name
+# (command: ["order"], ...):
 #   docker build -t saga-services:local .
 #   docker run --rm saga-services:local order
+#   docker compose exec order sagactl dlq list
 #
 # cargo-chef builds the dependencies in a layer of their own, so a change to
 # the project's code rebuilds only the project's crates.
@@ -19,10 +21,10 @@ RUN cargo chef prepare --recipe-path recipe.json
 FROM chef AS builder
 COPY --from=planner /app/recipe.json recipe.json
 RUN cargo chef cook --release --locked --recipe-path recipe.json \
-    -p order -p payment -p inventory -p shipping
+    -p order -p payment -p inventory -p shipping -p sagactl
 COPY . .
 RUN cargo build --release --locked --bins \
-    -p order -p payment -p inventory -p shipping
+    -p order -p payment -p inventory -p shipping -p sagactl
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \
@@ -34,6 +36,7 @@ COPY --from=builder \
     /app/target/release/payment \
     /app/target/release/inventory \
     /app/target/release/shipping \
+    /app/target/release/sagactl \
     /usr/local/bin/
 USER saga
 EXPOSE 8080
