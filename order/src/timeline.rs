@@ -122,16 +122,24 @@ fn lines(lines: &[OrderLine]) -> String {
     each.join(", ")
 }
 
-/// Where a saga stands after its events, in the order they happened: the
-/// last one decides, except that a finished saga stays finished (a late or
-/// redelivered event of an earlier step does not reopen it).
+/// Where a saga stands after its events, in the order they happened. The
+/// order's own outcomes always count (it may still move an ended saga to
+/// REQUIRES_INTERVENTION); a step's event counts only while the saga is
+/// not over: a late or redelivered event does not reopen an ended saga, or
+/// one halted by a contradiction after it ended, while a saga halted by a
+/// dead letter goes on when its event is redriven (as the order does).
 pub fn progress(kinds: impl IntoIterator<Item = EventKind>) -> (OrderStatus, Option<Waiting>) {
     let mut state = (OrderStatus::Pending, None);
+    let mut over = false;
     for kind in kinds {
-        if matches!(state.0, OrderStatus::Confirmed | OrderStatus::Cancelled) {
-            break;
+        let next = after(kind);
+        match next.0 {
+            OrderStatus::Confirmed | OrderStatus::Cancelled => over = true,
+            OrderStatus::RequiresIntervention => {}
+            OrderStatus::Pending if over => continue,
+            OrderStatus::Pending => {}
         }
-        state = after(kind);
+        state = next;
     }
     state
 }
@@ -188,6 +196,29 @@ mod tests {
     fn a_finished_saga_is_not_reopened_by_a_late_event() {
         let kinds = [OrderPlaced, PaymentFailed, OrderCancelled, PaymentProcessed];
         assert_eq!(owes(&kinds), (OrderStatus::Cancelled, None));
+    }
+
+    #[test]
+    fn an_ended_saga_can_still_need_an_operator_and_stays_halted() {
+        let mut kinds = vec![
+            OrderPlaced,
+            PaymentFailed,
+            OrderCancelled,
+            OrderRequiresIntervention,
+        ];
+        let halted = (OrderStatus::RequiresIntervention, Some("operator"));
+        assert_eq!(owes(&kinds), halted);
+        kinds.push(ShipmentCreated);
+        assert_eq!(owes(&kinds), halted, "a late step does not reopen it");
+    }
+
+    #[test]
+    fn a_saga_halted_by_a_dead_letter_goes_on_when_it_is_redriven() {
+        let mut kinds = vec![OrderPlaced, PaymentProcessed, OrderRequiresIntervention];
+        kinds.push(InventoryReserved);
+        assert_eq!(owes(&kinds), (OrderStatus::Pending, Some("shipping")));
+        kinds.extend([ShipmentCreated, OrderConfirmed]);
+        assert_eq!(owes(&kinds), (OrderStatus::Confirmed, None));
     }
 
     #[test]

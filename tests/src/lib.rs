@@ -97,6 +97,44 @@ pub struct Stack {
 }
 
 /// Location of a workspace binary built next to the test executable.
+/// Runs headless Chromium (`CHROMIUM_BIN`, default `chromium`, which
+/// `scripts/test.sh` installs) with `args` and a profile of its own; what it
+/// printed on stdout.
+pub async fn chromium(args: &[&str]) -> Result<String> {
+    let bin = std::env::var("CHROMIUM_BIN").unwrap_or_else(|_| "chromium".into());
+    let profile = std::env::temp_dir().join(format!("chromium-{}", Uuid::now_v7()));
+    let run = tokio::process::Command::new(&bin)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--virtual-time-budget=10000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run).await;
+    let _ = std::fs::remove_dir_all(&profile);
+    let out = out
+        .context("Chromium did not finish within 60 s")?
+        .with_context(|| {
+            format!(
+                "running {bin}: scripts/test.sh installs Debian's chromium, or set CHROMIUM_BIN"
+            )
+        })?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{bin} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
@@ -424,6 +462,17 @@ impl Stack {
             Ok(()) => Ok(printed),
             Err(e) => Err(e.context(format!("sagactl {args} printed:\n{printed}"))),
         }
+    }
+
+    /// The DOM of `path` on the order service once headless Chromium has run
+    /// its script to the end (the page marks `<body data-ready>`).
+    pub async fn browse(&self, path: &str) -> Result<String> {
+        let url = self.url("order", path);
+        eventually(&format!("Chromium to render {path}"), DEADLINE, || async {
+            let dom = chromium(&["--dump-dom", &url]).await?;
+            Ok(dom.contains("data-ready=\"true\"").then_some(dom))
+        })
+        .await
     }
 
     /// Polls `service`'s metrics until `check` holds.
