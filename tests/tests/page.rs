@@ -1,7 +1,7 @@
 //! The saga page in a real browser (headless Chromium): the list with its
-//! filters, and the timelines of a happy, a compensated and an
-//! intervention saga, lane by lane, compensations marked going backwards
-//! and failures in red.
+//! filters, and the timelines of a happy, a declined, an out-of-stock, an
+//! undeliverable and an intervention saga exactly as the API tells them,
+//! lane by lane, compensations marked going backwards and failures in red.
 
 use anyhow::Result;
 use common::{
@@ -45,15 +45,45 @@ fn shown_status(dom: &str) -> String {
     attr(summary, "data-status")
 }
 
+/// What the page must show of a saga, from the JSON it reads: each entry's
+/// type, lane, and whether it is drawn as a compensation or a failure.
+async fn expected(stack: &Stack, id: Uuid) -> Result<(String, Vec<(String, String, bool, bool)>)> {
+    let (_, story) = stack.get_json("order", &format!("/sagas/{id}")).await?;
+    let entries = story["timeline"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let text = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+            (
+                text("eventType"),
+                text("service"),
+                e["compensation"] == true,
+                e["failure"] == true,
+            )
+        })
+        .collect();
+    Ok((
+        story["status"].as_str().unwrap_or_default().to_string(),
+        entries,
+    ))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_page_shows_a_happy_a_compensated_and_an_intervention_saga() -> Result<()> {
+async fn the_page_shows_every_kind_of_saga_as_its_timeline_tells_it() -> Result<()> {
     let stack = Stack::stocked(10_000, 5).await?;
-    let (happy, order) = stack
+    stack.set_balance("poor", 100).await?;
+    stack.set_stock("rare", 0).await?;
+    let (happy, _) = stack
         .run_saga("alice", &[("widget", 1, 1_250)], "US")
         .await?;
-    assert_eq!(order["status"], "CONFIRMED");
-    let (compensated, order) = stack.run_saga("alice", &[("widget", 50, 10)], "US").await?;
-    assert_eq!(order["status"], "CANCELLED");
+    let (declined, _) = stack
+        .run_saga("poor", &[("widget", 1, 1_250)], "US")
+        .await?;
+    let (out_of_stock, _) = stack.run_saga("alice", &[("rare", 1, 1_250)], "US").await?;
+    let (undeliverable, _) = stack
+        .run_saga("alice", &[("widget", 1, 1_250)], "ZZ")
+        .await?;
     // Declined (bob has no account), then a shipment appears for it: a
     // contradiction only a person can resolve.
     let (contradicted, _) = stack.run_saga("bob", &[("widget", 1, 100)], "US").await?;
@@ -75,85 +105,84 @@ async fn the_page_shows_a_happy_a_compensated_and_an_intervention_saga() -> Resu
             envelope.to_bytes(),
         )
         .await?;
-    eventually("the intervention in the timeline", DEADLINE, || async {
-        let (_, story) = stack
-            .get_json("order", &format!("/sagas/{contradicted}"))
-            .await?;
-        Ok((story["lastEventType"] == "OrderRequiresIntervention").then_some(()))
-    })
-    .await?;
 
-    let dom = stack.browse(&format!("/ui?saga={happy}")).await?;
-    assert_eq!(shown_status(&dom), "CONFIRMED");
-    let happy_path = [
-        ("OrderPlaced", "order"),
-        ("PaymentProcessed", "payment"),
-        ("InventoryReserved", "inventory"),
-        ("ShipmentCreated", "shipping"),
-        ("OrderConfirmed", "order"),
+    let cases = [
+        (happy, "CONFIRMED", "OrderConfirmed"),
+        (declined, "CANCELLED", "OrderCancelled"),
+        (out_of_stock, "CANCELLED", "OrderCancelled"),
+        (undeliverable, "CANCELLED", "OrderCancelled"),
+        (
+            contradicted,
+            "REQUIRES_INTERVENTION",
+            "OrderRequiresIntervention",
+        ),
     ];
-    let seen = cards(&dom);
-    let lanes: Vec<(&str, &str)> = seen
-        .iter()
-        .map(|(t, l, _)| (t.as_str(), l.as_str()))
-        .collect();
-    assert_eq!(lanes, happy_path);
-    assert!(
-        seen.iter()
-            .all(|(_, _, c)| !c.contains("failure") && !c.contains("compensation")),
-        "{seen:?}"
-    );
+    for (id, status, last) in cases {
+        let (api_status, entries) =
+            eventually(&format!("{id} to end with {last}"), DEADLINE, || async {
+                let (status, entries) = expected(&stack, id).await?;
+                Ok((entries.last().is_some_and(|e| e.0 == last)).then_some((status, entries)))
+            })
+            .await?;
+        assert_eq!(api_status, status);
+        let dom = stack.browse(&format!("/ui?saga={id}")).await?;
+        assert_eq!(shown_status(&dom), status, "{id}");
+        let drawn: Vec<(String, String, bool, bool)> = cards(&dom)
+            .into_iter()
+            .map(|(t, lane, classes)| {
+                let class = |c: &str| classes.split(' ').any(|x| x == c);
+                (t, lane, class("compensation"), class("failure"))
+            })
+            .collect();
+        assert_eq!(
+            drawn, entries,
+            "the page shows saga {id} as its timeline tells it"
+        );
+    }
 
-    let dom = stack.browse(&format!("/ui?saga={compensated}")).await?;
-    assert_eq!(shown_status(&dom), "CANCELLED");
-    let seen = cards(&dom);
-    let types: Vec<&str> = seen.iter().map(|(t, _, _)| t.as_str()).collect();
+    // The happy path runs forward through the four lanes; the undeliverable
+    // order's compensations run back, marked; the contradiction is red.
+    let lanes = |dom: &str| {
+        cards(dom)
+            .into_iter()
+            .map(|(_, l, _)| l)
+            .collect::<Vec<_>>()
+    };
+    let dom = stack.browse(&format!("/ui?saga={happy}")).await?;
     assert_eq!(
-        types,
+        lanes(&dom),
+        ["order", "payment", "inventory", "shipping", "order"]
+    );
+    let undo = "<span class=\"dir\">← undo</span>";
+    assert!(!dom.contains(undo), "nothing goes backwards");
+    let dom = stack.browse(&format!("/ui?saga={undeliverable}")).await?;
+    assert_eq!(
+        lanes(&dom),
         [
-            "OrderPlaced",
-            "PaymentProcessed",
-            "InventoryReservationFailed",
-            "PaymentRefunded",
-            "OrderCancelled"
+            "order",
+            "payment",
+            "inventory",
+            "shipping",
+            "inventory",
+            "payment",
+            "order"
         ]
     );
-    assert!(
-        seen[2].2.contains("failure") && seen[2].1 == "inventory",
-        "{seen:?}"
-    );
-    assert!(
-        seen[3].2.contains("compensation") && seen[3].1 == "payment",
-        "{seen:?}"
-    );
-    assert!(
-        dom.contains("← undo"),
-        "the refund is drawn going backwards"
-    );
-
-    let dom = stack.browse(&format!("/ui?saga={contradicted}")).await?;
-    assert_eq!(shown_status(&dom), "REQUIRES_INTERVENTION");
-    let seen = cards(&dom);
-    let last = seen.last().expect("cards");
     assert_eq!(
-        (last.0.as_str(), last.1.as_str()),
-        ("OrderRequiresIntervention", "order")
+        dom.matches(undo).count(),
+        2,
+        "release and refund go backwards"
     );
-    assert!(last.2.contains("failure"), "{seen:?}");
-    assert!(
-        seen.iter()
-            .any(|(t, l, _)| t == "ShipmentCreated" && l == "shipping"),
-        "{seen:?}"
-    );
+    let dom = stack.browse(&format!("/ui?saga={contradicted}")).await?;
     assert!(
         dom.contains("was created for an order already cancelled"),
         "the reason is shown"
     );
 
-    // The list, newest activity first, and its filters.
+    // The list and its filters.
     let all = listed(&stack.browse("/ui").await?);
-    assert_eq!(all.len(), 3, "{all:?}");
-    for id in [happy, compensated, contradicted] {
+    assert_eq!(all.len(), cases.len(), "{all:?}");
+    for (id, ..) in cases {
         assert!(all.contains(&id.to_string()), "{id} in {all:?}");
     }
     let halted = listed(&stack.browse("/ui?status=REQUIRES_INTERVENTION").await?);
