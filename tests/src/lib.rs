@@ -53,6 +53,30 @@ pub const HAPPY_PATH: [&str; 5] = [
     "OrderConfirmed",
 ];
 
+/// The services an undeliverable order's saga passes through, in order:
+/// forward to shipping, then back through its compensations.
+pub const UNDELIVERABLE_SERVICES: [&str; 7] = [
+    "order",
+    "payment",
+    "inventory",
+    "shipping",
+    "inventory",
+    "payment",
+    "order",
+];
+
+/// One saga of each outcome, ended: [`Stack::one_saga_of_each_kind`].
+pub struct EachKind {
+    /// alice's 2 widgets: confirmed.
+    pub happy: Uuid,
+    /// poor's order, over the balance: payment declined.
+    pub declined: Uuid,
+    /// alice's order of a product with no stock: refunded.
+    pub out_of_stock: Uuid,
+    /// alice's order to a country no one delivers to: released and refunded.
+    pub undeliverable: Uuid,
+}
+
 /// Default deadline for a saga to reach its end in tests.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -188,6 +212,30 @@ impl Stack {
         stack.set_balance("alice", balance).await?;
         stack.set_stock("widget", stock).await?;
         Ok(stack)
+    }
+
+    /// A whole stack and one saga of each outcome, each `price` a unit.
+    pub async fn one_saga_of_each_kind(price: i64) -> Result<(Stack, EachKind)> {
+        let stack = Stack::stocked(10_000, 5).await?;
+        stack.set_balance("poor", 100).await?;
+        stack.set_stock("rare", 0).await?;
+        let (happy, _) = stack
+            .run_saga("alice", &[("widget", 2, price)], "US")
+            .await?;
+        let (declined, _) = stack
+            .run_saga("poor", &[("widget", 1, price)], "US")
+            .await?;
+        let (out_of_stock, _) = stack.run_saga("alice", &[("rare", 1, price)], "US").await?;
+        let (undeliverable, _) = stack
+            .run_saga("alice", &[("widget", 1, price)], "ZZ")
+            .await?;
+        let each = EachKind {
+            happy,
+            declined,
+            out_of_stock,
+            undeliverable,
+        };
+        Ok((stack, each))
     }
 
     /// A stack without the shipping service, and a saga of alice's (2

@@ -8,7 +8,7 @@ use common::{
     Envelope, Event, EventKind,
     event::{ShipmentCreated, ShipmentFailed},
 };
-use saga_tests::{DEADLINE, Stack, eventually};
+use saga_tests::{DEADLINE, EachKind, Stack, UNDELIVERABLE_SERVICES, eventually};
 use uuid::Uuid;
 
 /// The timeline cards of a rendered saga page: (event type, lane, classes).
@@ -71,19 +71,13 @@ async fn expected(stack: &Stack, id: Uuid) -> Result<(String, Vec<(String, Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_every_kind_of_saga_as_its_timeline_tells_it() -> Result<()> {
-    let stack = Stack::stocked(10_000, 5).await?;
-    stack.set_balance("poor", 100).await?;
-    stack.set_stock("rare", 0).await?;
-    let (happy, _) = stack
-        .run_saga("alice", &[("widget", 1, 1_250)], "US")
-        .await?;
-    let (declined, _) = stack
-        .run_saga("poor", &[("widget", 1, 1_250)], "US")
-        .await?;
-    let (out_of_stock, _) = stack.run_saga("alice", &[("rare", 1, 1_250)], "US").await?;
-    let (undeliverable, _) = stack
-        .run_saga("alice", &[("widget", 1, 1_250)], "ZZ")
-        .await?;
+    let (stack, each) = Stack::one_saga_of_each_kind(1_250).await?;
+    let EachKind {
+        happy,
+        declined,
+        out_of_stock,
+        undeliverable,
+    } = each;
     // Declined (bob has no account), then a shipment appears for it: a
     // contradiction only a person can resolve.
     let (contradicted, _) = stack.run_saga("bob", &[("widget", 1, 100)], "US").await?;
@@ -156,18 +150,7 @@ async fn the_page_shows_every_kind_of_saga_as_its_timeline_tells_it() -> Result<
     let undo = "<span class=\"dir\">← undo</span>";
     assert!(!dom.contains(undo), "nothing goes backwards");
     let dom = stack.browse(&format!("/ui?saga={undeliverable}")).await?;
-    assert_eq!(
-        lanes(&dom),
-        [
-            "order",
-            "payment",
-            "inventory",
-            "shipping",
-            "inventory",
-            "payment",
-            "order"
-        ]
-    );
+    assert_eq!(lanes(&dom), UNDELIVERABLE_SERVICES);
     assert_eq!(
         dom.matches(undo).count(),
         2,
