@@ -60,10 +60,20 @@ pub trait Step: for<'r> FromRow<'r, PgRow> + Send + Unpin {
     /// `payment`, `reservation`: how messages and the table name it.
     const NAME: &'static str;
 
+    /// What undoing needs besides the transaction: payment's gateway;
+    /// `()` for a step undone in the database alone.
+    type With: ?Sized + Sync;
+
     fn state(&self) -> StepState;
 
-    /// Undoes the step (stores the compensation) and says so.
-    fn undo(self, tx: &mut PgConnection, reason: String) -> impl Future<Output = Undone> + Send;
+    /// Undoes the step (stores the compensation) in the open transaction
+    /// of `cx` and says so.
+    fn undo(
+        self,
+        cx: Applying<'_>,
+        reason: String,
+        with: &Self::With,
+    ) -> impl Future<Output = Undone> + Send;
 }
 
 /// Writes a step's record with `insert`, an `INSERT … ON CONFLICT
@@ -88,6 +98,7 @@ pub async fn compensate<S: Step>(
     cx: Applying<'_>,
     order_id: Uuid,
     reason: String,
+    with: &S::With,
 ) -> Result<Outcome, HandlerError> {
     let Some(record) = lock::<S>(cx.tx, order_id).await? else {
         // The request overtook the step it undoes: retried until it is here.
@@ -105,7 +116,13 @@ pub async fn compensate<S: Step>(
             S::NAME
         ))),
         Compensation::Undo => {
-            let undone = record.undo(cx.tx, reason).await;
+            let undoing = Applying {
+                tx: &mut *cx.tx,
+                cause: cx.cause,
+                meter: cx.meter,
+                delivered: cx.delivered,
+            };
+            let undone = record.undo(undoing, reason, with).await;
             cx.meter.compensation(S::NAME, undone.is_err());
             let (event, aggregate_id) = undone?;
             Ok(Outcome::Applied(vec![Envelope::caused_by(

@@ -40,6 +40,16 @@ pub struct Config {
     /// `SAGA_STALL_AFTER_MS`, default 30 s: how long a saga may wait at one
     /// step before the order service's observer reports it stalled.
     pub stall_after: Duration,
+    /// `GATEWAY_RULES` (payment): the simulated gateway's initial rules, JSON
+    /// (`{"all":{"refunds":"fail"},"customers":{"bob":{"charges":"timeout"}}}`).
+    pub gateway_rules: Option<String>,
+    /// `GATEWAY_TIMEOUT_MS` (payment), default 2000: a gateway call that
+    /// takes longer has timed out.
+    pub gateway_timeout: Duration,
+    /// `REFUND_RETRY_MS` (payment), default `1000,2000,4000,8000,16000`: the
+    /// delays between attempts of a refund the gateway does not carry out;
+    /// after the last, the refund is dead-lettered and the saga halted.
+    pub refund_retries: Vec<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +84,9 @@ impl Config {
             outbox_relay_enabled: true,
             database_max_connections: 16,
             stall_after: Duration::from_secs(30),
+            gateway_rules: None,
+            gateway_timeout: Duration::from_secs(2),
+            refund_retries: [1, 2, 4, 8, 16].map(Duration::from_secs).to_vec(),
         }
     }
 
@@ -147,6 +160,22 @@ impl Config {
             let ms = parse_num("SAGA_STALL_AFTER_MS", &v)?.clamp(100, 86_400_000);
             c.stall_after = Duration::from_millis(ms as u64);
         }
+        c.gateway_rules = lookup("GATEWAY_RULES");
+        if let Some(v) = lookup("GATEWAY_TIMEOUT_MS") {
+            let ms = parse_num("GATEWAY_TIMEOUT_MS", &v)?.clamp(10, 600_000);
+            c.gateway_timeout = Duration::from_millis(ms as u64);
+        }
+        if let Some(v) = lookup("REFUND_RETRY_MS") {
+            c.refund_retries = v
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| parse_num("REFUND_RETRY_MS", s.trim()))
+                .map(|ms| ms.map(|ms| Duration::from_millis(ms.clamp(1, 3_600_000) as u64)))
+                .collect::<Result<_, _>>()?;
+            if c.refund_retries.len() > 50 {
+                return Err(ConfigError("REFUND_RETRY_MS: at most 50 delays".into()));
+            }
+        }
         let valid_prefix = |p: &str| {
             !p.is_empty()
                 && p.chars()
@@ -191,6 +220,21 @@ mod tests {
     #[test]
     fn the_subject_prefix_also_namespaces_redis_unless_overridden() {
         assert_eq!(with_prefix("t1").unwrap().redis_key_prefix, "t1");
+    }
+
+    #[test]
+    fn the_refund_schedule_is_read_and_bounded() {
+        let c = Config::from_lookup("payment", |_| None).unwrap();
+        assert_eq!(c.refund_retries, [1, 2, 4, 8, 16].map(Duration::from_secs));
+        let c = Config::from_lookup("payment", |k| {
+            (k == "REFUND_RETRY_MS").then(|| "100, 200,400".into())
+        })
+        .unwrap();
+        assert_eq!(c.refund_retries, [100, 200, 400].map(Duration::from_millis));
+        let bad = Config::from_lookup("payment", |k| {
+            (k == "REFUND_RETRY_MS").then(|| "1,x".into())
+        });
+        assert!(bad.unwrap_err().to_string().contains("REFUND_RETRY_MS"));
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub struct Applying<'a> {
     pub tx: &'a mut PgConnection,
     pub cause: &'a Envelope,
     pub meter: &'a Meter,
+    /// Which delivery of the cause this is (1 for the first).
+    pub delivered: i64,
 }
 
 impl Applying<'_> {
@@ -76,6 +78,17 @@ pub enum HandlerError {
     /// The event can never be applied here, whatever is retried.
     #[error("{0}")]
     Permanent(String),
+    /// A party outside the service (a payment gateway) did not do its part.
+    /// The delivery is retried after each delay of `retries` in turn, then
+    /// dead-lettered. `report`, an event saying so, is committed to the
+    /// outbox on its own (the delivery's transaction is rolled back), so
+    /// every failed attempt is on record.
+    #[error("{reason}")]
+    Unavailable {
+        reason: String,
+        retries: Vec<Duration>,
+        report: Option<Box<Envelope>>,
+    },
 }
 
 impl HandlerError {
@@ -86,7 +99,7 @@ impl HandlerError {
     pub fn is_permanent(&self) -> bool {
         match self {
             HandlerError::Permanent(_) => true,
-            HandlerError::Conflict(_) => false,
+            HandlerError::Conflict(_) | HandlerError::Unavailable { .. } => false,
             HandlerError::Db(e) => db_error_is_permanent(e),
         }
     }
@@ -449,7 +462,7 @@ impl<H: Handler> Inner<H> {
             }
         };
 
-        let result = self.transact(envelope, event).await;
+        let result = self.transact(envelope, event, delivered).await;
         if !matches!(
             result,
             Ok(None | Some(Outcome::Applied(_) | Outcome::Skipped(_)))
@@ -493,6 +506,24 @@ impl<H: Handler> Inner<H> {
             Ok(Some(Outcome::Rejected(reason))) => {
                 self.dead_letter(d, Some(envelope), reason).await
             }
+            Err(HandlerError::Unavailable {
+                reason,
+                retries,
+                report,
+            }) => {
+                if let Some(report) = report {
+                    self.report(&report).await;
+                }
+                let Some(delay) = usize::try_from(delivered - 1)
+                    .ok()
+                    .and_then(|n| retries.get(n))
+                else {
+                    let reason = format!("gave up after {delivered} attempts: {reason}");
+                    return self.dead_letter(d, Some(envelope), reason).await;
+                };
+                ack(msg, AckKind::Nak(Some(*delay))).await;
+                Disposition::Retry(reason)
+            }
             Err(e) => {
                 let permanent = e.is_permanent();
                 let (budget, cap) = if permanent {
@@ -525,9 +556,10 @@ impl<H: Handler> Inner<H> {
         &self,
         envelope: &Envelope,
         event: Event,
+        delivered: i64,
     ) -> Result<Option<Outcome>, HandlerError> {
         let mut tx = self.pool.begin().await?;
-        let result = AssertUnwindSafe(self.apply_in(&mut tx, envelope, event))
+        let result = AssertUnwindSafe(self.apply_in(&mut tx, envelope, event, delivered))
             .catch_unwind()
             .await
             .unwrap_or_else(|panic| {
@@ -554,11 +586,13 @@ impl<H: Handler> Inner<H> {
         tx: &mut PgConnection,
         envelope: &Envelope,
         event: Event,
+        delivered: i64,
     ) -> Result<Option<Outcome>, HandlerError> {
         let cx = Applying {
             tx: &mut *tx,
             cause: envelope,
             meter: &self.meter,
+            delivered,
         };
         let outcome = self.handler.handle(cx, event).await?;
         let events = match &outcome {
@@ -581,6 +615,28 @@ impl<H: Handler> Inner<H> {
             outbox::Enqueued::Done => Ok(Some(outcome)),
             outbox::Enqueued::AlreadyConsumed => Ok(None),
             outbox::Enqueued::TooLarge(reason) => Ok(Some(Outcome::Rejected(reason))),
+        }
+    }
+
+    /// Commits a failed attempt's report to the outbox in a transaction of
+    /// its own. Best effort: the attempt is retried whether or not this
+    /// lands, and a lost report is logged.
+    async fn report(&self, report: &Envelope) {
+        let written = async {
+            let mut conn = self.pool.acquire().await?;
+            outbox::enqueue(
+                &mut conn,
+                &self.subjects,
+                std::slice::from_ref(report),
+                self.max_payload,
+            )
+            .await
+        }
+        .await;
+        match written {
+            Ok(Ok(())) => self.outbox.notify(),
+            Ok(Err(e)) => tracing::warn!(error = %e, "failed attempt's report not written"),
+            Err(e) => tracing::warn!(error = %e, "failed attempt's report not written"),
         }
     }
 

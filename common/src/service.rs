@@ -32,6 +32,8 @@ pub static COMMON_MIGRATIONS: Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("configuration: {0}")]
+    Config(String),
     #[error("postgres: {0}")]
     Postgres(#[from] sqlx::Error),
     #[error("migrations: {0}")]

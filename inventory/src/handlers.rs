@@ -6,7 +6,6 @@ use common::{
     compensation::{self, Step, StepState, Undone},
     event::{InventoryReleased, InventoryReservationFailed, InventoryReserved, PaymentProcessed},
 };
-use sqlx::PgConnection;
 
 use crate::domain::{self, ReservationStatus};
 use crate::store::{self, Reservation};
@@ -19,7 +18,7 @@ impl Handler for InventoryHandler {
             Event::PaymentProcessed(paid) => reserve(cx, paid).await,
             Event::ShipmentFailed(failed) => {
                 let (order_id, reason) = (failed.order_id, failed.reason);
-                compensation::compensate::<Reservation>(cx, order_id, reason).await
+                compensation::compensate::<Reservation>(cx, order_id, reason, &()).await
             }
             _ => Ok(Outcome::Unhandled),
         }
@@ -71,14 +70,15 @@ async fn reserve(cx: Applying<'_>, paid: PaymentProcessed) -> Result<Outcome, Ha
 /// The release: inventory's compensation, under the order's id.
 impl Step for Reservation {
     const NAME: &'static str = "reservation";
+    type With = ();
 
     fn state(&self) -> StepState {
         self.status.step_state()
     }
 
-    async fn undo(self, tx: &mut PgConnection, reason: String) -> Undone {
+    async fn undo(self, cx: Applying<'_>, reason: String, _: &()) -> Undone {
         let demand = domain::demand(&self.lines).map_err(HandlerError::Permanent)?;
-        store::release(tx, self.order_id, &demand, &reason).await?;
+        store::release(cx.tx, self.order_id, &demand, &reason).await?;
         let event = Event::InventoryReleased(InventoryReleased {
             order_id: self.order_id,
             lines: self.lines,

@@ -28,7 +28,7 @@ pub fn after(kind: EventKind) -> (OrderStatus, Option<Waiting>) {
         PaymentFailed => waiting("order", "cancel the order"),
         InventoryReservationFailed => waiting("payment", "refund the payment"),
         ShipmentFailed => waiting("inventory", "release the stock"),
-        InventoryReleased => waiting("payment", "refund the payment"),
+        InventoryReleased | PaymentRefundFailed => waiting("payment", "refund the payment"),
         PaymentRefunded => waiting("order", "cancel the order"),
         OrderConfirmed => (OrderStatus::Confirmed, None),
         OrderCancelled => (OrderStatus::Cancelled, None),
@@ -65,7 +65,11 @@ pub fn is_failure(kind: EventKind) -> bool {
     use EventKind::*;
     matches!(
         kind,
-        PaymentFailed | InventoryReservationFailed | ShipmentFailed | OrderRequiresIntervention
+        PaymentFailed
+            | PaymentRefundFailed
+            | InventoryReservationFailed
+            | ShipmentFailed
+            | OrderRequiresIntervention
     )
 }
 
@@ -81,6 +85,10 @@ pub fn effect(event: &Event) -> String {
         Event::PaymentProcessed(e) => format!("charged {} to {}", e.amount, e.customer_id),
         Event::PaymentFailed(e) => format!("declined {} for {}", e.amount, e.customer_id),
         Event::PaymentRefunded(e) => format!("refunded {} to {}", e.amount, e.customer_id),
+        Event::PaymentRefundFailed(e) => format!(
+            "refund of {} to {} not done (attempt {})",
+            e.amount, e.customer_id, e.attempt
+        ),
         Event::InventoryReserved(e) => format!("reserved {}", lines(&e.lines)),
         Event::InventoryReservationFailed(_) => "reserved nothing".into(),
         Event::InventoryReleased(e) => format!("released {}", lines(&e.lines)),
@@ -100,6 +108,7 @@ pub fn reason(event: &Event) -> Option<&str> {
     match event {
         Event::PaymentFailed(e) => Some(&e.reason),
         Event::PaymentRefunded(e) => Some(&e.reason),
+        Event::PaymentRefundFailed(e) => Some(&e.reason),
         Event::InventoryReservationFailed(e) => Some(&e.reason),
         Event::InventoryReleased(e) => Some(&e.reason),
         Event::ShipmentFailed(e) => Some(&e.reason),

@@ -1,88 +1,149 @@
 //! Reactions to saga events: charge on OrderPlaced; refund (the shared
-//! compensation) on InventoryReservationFailed or InventoryReleased.
+//! compensation) on InventoryReservationFailed or InventoryReleased. Money
+//! moves through the payment gateway; the database records what it did.
+
+use std::{sync::Arc, time::Duration};
 
 use common::{
-    Applying, Event, Handler, HandlerError, Outcome,
-    compensation::{self, Step, StepState, Undone},
+    Applying, Envelope, Event, Handler, HandlerError, Outcome,
+    compensation::{self, COMPENSATION_VERSION, Step, StepState, Undone},
     event::{
         InventoryReleased, InventoryReservationFailed, OrderPlaced, PaymentFailed,
-        PaymentProcessed, PaymentRefunded,
+        PaymentProcessed, PaymentRefundFailed, PaymentRefunded,
     },
+    limits,
 };
-use sqlx::PgConnection;
-use uuid::Uuid;
 
 use crate::domain::{self, ChargeDecision, PaymentStatus};
+use crate::gateway::{self, Gateway, GatewayError};
 use crate::store::{self, Payment};
 
-pub struct PaymentHandler;
+pub struct PaymentHandler {
+    pub gateway: Arc<Gateway>,
+    /// Delays between attempts of a gateway call that did not go through
+    /// (a refund refused, a call unanswered), before it is dead-lettered.
+    pub retries: Vec<Duration>,
+}
 
 impl Handler for PaymentHandler {
     async fn handle(&self, cx: Applying<'_>, event: Event) -> Result<Outcome, HandlerError> {
         match event {
-            Event::OrderPlaced(order) => charge(cx, order).await,
+            Event::OrderPlaced(order) => self.charge(cx, order).await,
             Event::InventoryReservationFailed(InventoryReservationFailed { order_id, reason })
             | Event::InventoryReleased(InventoryReleased {
                 order_id, reason, ..
-            }) => compensation::compensate::<Payment>(cx, order_id, reason).await,
+            }) => compensation::compensate::<Payment>(cx, order_id, reason, self).await,
             _ => Ok(Outcome::Unhandled),
         }
     }
 }
 
-async fn charge(cx: Applying<'_>, order: OrderPlaced) -> Result<Outcome, HandlerError> {
-    let tx = &mut *cx.tx;
-    let balance = store::lock_balance(tx, &order.customer_id).await?;
-    let decision = domain::decide_charge(&order.customer_id, balance, order.total);
-    let payment = Payment {
-        order_id: order.order_id,
-        payment_id: Uuid::now_v7(),
-        customer_id: order.customer_id.clone(),
-        amount: order.total,
-        status: match decision {
-            ChargeDecision::Charge { .. } => PaymentStatus::Charged,
-            ChargeDecision::Decline { .. } => PaymentStatus::Failed,
-        },
-    };
-    let reason = match &decision {
-        ChargeDecision::Charge { .. } => None,
-        ChargeDecision::Decline { reason } => Some(reason.as_str()),
-    };
-    if !store::record_payment(tx, &payment, reason).await? {
-        return Ok(Outcome::Skipped("order already has a payment".into()));
-    }
-    let event = match decision {
-        ChargeDecision::Charge { new_balance } => {
-            store::set_balance(tx, &order.customer_id, new_balance).await?;
-            Event::PaymentProcessed(PaymentProcessed {
+impl PaymentHandler {
+    async fn charge(&self, cx: Applying<'_>, order: OrderPlaced) -> Result<Outcome, HandlerError> {
+        let tx = &mut *cx.tx;
+        let payment_id = gateway::payment_id(order.order_id);
+        let balance = store::lock_balance(tx, &order.customer_id).await?;
+        let mut decision = domain::decide_charge(&order.customer_id, balance, order.total);
+        if let ChargeDecision::Charge { .. } = decision {
+            // Same payment id on every attempt: the gateway charges once.
+            match self
+                .gateway
+                .charge(payment_id, &order.customer_id, order.total)
+                .await
+            {
+                Ok(()) => {}
+                Err(GatewayError::Refused(why)) => {
+                    decision = ChargeDecision::Decline {
+                        reason: limits::reason(format!("payment declined by the gateway: {why}")),
+                    }
+                }
+                Err(e @ GatewayError::TimedOut(_)) => {
+                    return Err(HandlerError::Unavailable {
+                        reason: format!("charging {payment_id}: {e}"),
+                        retries: self.retries.clone(),
+                        report: None,
+                    });
+                }
+            }
+        }
+        let payment = Payment {
+            order_id: order.order_id,
+            payment_id,
+            customer_id: order.customer_id.clone(),
+            amount: order.total,
+            status: match decision {
+                ChargeDecision::Charge { .. } => PaymentStatus::Charged,
+                ChargeDecision::Decline { .. } => PaymentStatus::Failed,
+            },
+        };
+        let reason = match &decision {
+            ChargeDecision::Charge { .. } => None,
+            ChargeDecision::Decline { reason } => Some(reason.as_str()),
+        };
+        if !store::record_payment(tx, &payment, reason).await? {
+            return Ok(Outcome::Skipped("order already has a payment".into()));
+        }
+        let event = match decision {
+            ChargeDecision::Charge { new_balance } => {
+                store::set_balance(tx, &order.customer_id, new_balance).await?;
+                Event::PaymentProcessed(PaymentProcessed {
+                    order_id: order.order_id,
+                    payment_id: payment.payment_id,
+                    customer_id: order.customer_id,
+                    amount: order.total,
+                    lines: order.lines,
+                    shipping_address: order.shipping_address,
+                })
+            }
+            ChargeDecision::Decline { reason } => Event::PaymentFailed(PaymentFailed {
                 order_id: order.order_id,
-                payment_id: payment.payment_id,
                 customer_id: order.customer_id,
                 amount: order.total,
-                lines: order.lines,
-                shipping_address: order.shipping_address,
-            })
-        }
-        ChargeDecision::Decline { reason } => Event::PaymentFailed(PaymentFailed {
-            order_id: order.order_id,
-            customer_id: order.customer_id,
-            amount: order.total,
-            reason,
-        }),
-    };
-    Ok(cx.emit(&event, payment.payment_id.to_string()))
+                reason,
+            }),
+        };
+        Ok(cx.emit(&event, payment.payment_id.to_string()))
+    }
 }
 
 /// The refund: payment's compensation, under the payment's aggregate id.
 impl Step for Payment {
     const NAME: &'static str = "payment";
+    type With = PaymentHandler;
 
     fn state(&self) -> StepState {
         self.status.step_state()
     }
 
-    async fn undo(self, tx: &mut PgConnection, reason: String) -> Undone {
-        store::refund(tx, &self, &reason).await?;
+    async fn undo(self, cx: Applying<'_>, reason: String, with: &PaymentHandler) -> Undone {
+        let refunded = with
+            .gateway
+            .refund(self.payment_id, &self.customer_id, self.amount)
+            .await;
+        if let Err(e) = refunded {
+            // On record for every attempt; retried on the schedule, then
+            // dead-lettered, which halts the saga for an operator.
+            let failed = Event::PaymentRefundFailed(PaymentRefundFailed {
+                order_id: self.order_id,
+                payment_id: self.payment_id,
+                customer_id: self.customer_id.clone(),
+                amount: self.amount,
+                attempt: cx.delivered,
+                reason: limits::reason(e.to_string()),
+            });
+            let report = Envelope::caused_by(
+                cx.cause,
+                &failed,
+                self.payment_id.to_string(),
+                COMPENSATION_VERSION,
+            );
+            return Err(HandlerError::Unavailable {
+                reason: format!("refunding {}: {e}", self.payment_id),
+                retries: with.retries.clone(),
+                report: Some(Box::new(report)),
+            });
+        }
+        store::refund(cx.tx, &self, &reason).await?;
         let event = Event::PaymentRefunded(PaymentRefunded {
             order_id: self.order_id,
             payment_id: self.payment_id,

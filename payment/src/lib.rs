@@ -3,8 +3,11 @@
 
 mod api;
 pub mod domain;
+pub mod gateway;
 mod handlers;
 mod store;
+
+use std::sync::Arc;
 
 use common::{Config, Service, StartError};
 use sqlx::migrate::Migrator;
@@ -14,12 +17,16 @@ pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations");
 
 /// Connects, migrates and builds the service, ready to run.
 pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Service, StartError> {
-    Service::start(
-        config,
-        &MIGRATIONS,
-        handlers::PaymentHandler,
-        api::router,
-        shutdown,
-    )
-    .await
+    let rules: gateway::Rules = match &config.gateway_rules {
+        None => gateway::Rules::default(),
+        Some(json) => serde_json::from_str(json)
+            .map_err(|e| e.to_string())
+            .and_then(|r: gateway::Rules| r.check().map(|()| r))
+            .map_err(|e| StartError::Config(format!("GATEWAY_RULES: {e}")))?,
+    };
+    let handler = handlers::PaymentHandler {
+        gateway: Arc::new(gateway::Gateway::new(rules, config.gateway_timeout)),
+        retries: config.refund_retries.clone(),
+    };
+    Service::start(config, &MIGRATIONS, handler, api::router, shutdown).await
 }

@@ -53,6 +53,9 @@ impl DeadLetter {
             .as_deref()
             .is_none_or(|c| self.header(dlq_headers::CONSUMER) == Some(c))
             && filter.since.is_none_or(|since| self.at >= since)
+            && filter.saga.is_none_or(|saga| {
+                self.header(dlq_headers::CORRELATION_ID) == Some(saga.to_string().as_str())
+            })
             && filter.reason_contains.as_deref().is_none_or(|text| {
                 self.header(dlq_headers::REASON)
                     .unwrap_or_default()

@@ -57,6 +57,21 @@ pub enum Command {
     /// Dead letters: events a service could not apply and gave up on.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Retry a halted saga: redrive every dead letter of it (a refund the
+    /// gateway refused, say, once it works again). The saga goes on from
+    /// there and ends as it would have. Same as `dlq redrive --saga ORDER_ID`.
+    Retry {
+        order_id: Uuid,
+        /// Why: recorded in the audit trail and the saga's timeline.
+        #[arg(long, required_unless_present = "dry_run")]
+        note: Option<String>,
+        /// Who: recorded with the note.
+        #[arg(long, env = "SAGACTL_OPERATOR")]
+        operator: Option<String>,
+        /// Say what would be redriven, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// A saga's timeline, in order: every event with the service that
     /// emitted it and its effect, dead letters, operator actions, and the
     /// step it waits at.
@@ -81,6 +96,9 @@ pub struct Filter {
     /// Only those dead-lettered at or after this time (RFC 3339, e.g. 2026-11-26T10:00:00Z).
     #[arg(long)]
     pub since: Option<DateTime<Utc>>,
+    /// Only this saga's (its order id).
+    #[arg(long)]
+    pub saga: Option<Uuid>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,23 +154,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
             saga::print(&cli.connection.order_url, order_id, json, out).await
         }
         Command::Dlq(command) => {
-            let nats = tokio::time::timeout(
-                CALL_TIMEOUT,
-                async_nats::ConnectOptions::new()
-                    .name("sagactl")
-                    .connection_timeout(CALL_TIMEOUT)
-                    .connect(cli.connection.nats_url.as_str()),
-            )
-            .await
-            .ok()
-            .with_context(|| {
-                format!(
-                    "no answer from {} within {CALL_TIMEOUT:?}",
-                    cli.connection.nats_url
-                )
-            })?
-            .with_context(|| format!("connecting to {}", cli.connection.nats_url))?;
-            let dlq = dlq::Dlq::new(async_nats::jetstream::new(nats), subjects);
+            let dlq = connect(&cli.connection, subjects).await?;
             match command {
                 DlqCommand::List { filter, limit } => dlq.list(&filter, limit, out).await,
                 DlqCommand::Show { seq } => dlq.show(seq, out).await,
@@ -183,7 +185,47 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
                 }
             }
         }
+        Command::Retry {
+            order_id,
+            note,
+            operator,
+            dry_run,
+        } => {
+            let dlq = connect(&cli.connection, subjects).await?;
+            let request = dlq::Redrive {
+                seqs: Vec::new(),
+                filter: Filter {
+                    saga: Some(order_id),
+                    ..Filter::default()
+                },
+                body: None,
+                note: note.unwrap_or_default(),
+                operator: operator.unwrap_or_else(login),
+                dry_run,
+            };
+            dlq.redrive(request, out).await
+        }
     }
+}
+
+async fn connect(connection: &Connection, subjects: Subjects) -> Result<dlq::Dlq> {
+    let nats = tokio::time::timeout(
+        CALL_TIMEOUT,
+        async_nats::ConnectOptions::new()
+            .name("sagactl")
+            .connection_timeout(CALL_TIMEOUT)
+            .connect(connection.nats_url.as_str()),
+    )
+    .await
+    .ok()
+    .with_context(|| {
+        format!(
+            "no answer from {} within {CALL_TIMEOUT:?}",
+            connection.nats_url
+        )
+    })?
+    .with_context(|| format!("connecting to {}", connection.nats_url))?;
+    Ok(dlq::Dlq::new(async_nats::jetstream::new(nats), subjects))
 }
 
 /// The login name, for the audit trail when --operator is not given.

@@ -120,7 +120,6 @@ pub struct Stack {
     arranged: std::sync::Mutex<BTreeMap<(&'static str, String), i64>>,
 }
 
-/// Location of a workspace binary built next to the test executable.
 /// Runs headless Chromium (`CHROMIUM_BIN`, default `chromium`, which
 /// `scripts/test.sh` installs) with `args` and a profile of its own; what it
 /// printed on stdout.
@@ -159,6 +158,7 @@ pub async fn chromium(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Location of a workspace binary built next to the test executable.
 pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
@@ -296,7 +296,17 @@ impl Stack {
     }
 
     pub async fn start_service(&mut self, name: &'static str) -> Result<()> {
-        let config = self.config(name);
+        self.start_service_with(name, |_| {}).await
+    }
+
+    /// Starts `name` with its configuration changed by `adjust`.
+    pub async fn start_service_with(
+        &mut self,
+        name: &'static str,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Result<()> {
+        let mut config = self.config(name);
+        adjust(&mut config);
         let shutdown = CancellationToken::new();
         let Some(building) = stack::services::build(name, config, shutdown.clone()) else {
             bail!("no service named {name}");

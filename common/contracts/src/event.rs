@@ -222,6 +222,7 @@ catalog! {
     PaymentProcessed => PaymentProcessed, "payment", "processed", 1;
     PaymentFailed => PaymentFailed, "payment", "failed", 1;
     PaymentRefunded => PaymentRefunded, "payment", "refunded", 1;
+    PaymentRefundFailed => PaymentRefundFailed, "payment", "refund_failed", 1;
     InventoryReserved => InventoryReserved, "inventory", "reserved", 1;
     InventoryReservationFailed => InventoryReservationFailed, "inventory", "reservation_failed", 1;
     InventoryReleased => InventoryReleased, "inventory", "released", 1;
@@ -447,6 +448,28 @@ impl Validate for PaymentRefunded {
     }
 }
 
+/// One refund attempt the payment gateway did not carry out. Reported for
+/// every attempt (the delivery is retried on a schedule, then
+/// dead-lettered); nothing acts on it, the timeline and operators read it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PaymentRefundFailed {
+    pub order_id: Uuid,
+    pub payment_id: Uuid,
+    pub customer_id: String,
+    pub amount: Money,
+    /// 1 for the first attempt.
+    pub attempt: i64,
+    /// What the gateway said, or that it did not answer.
+    pub reason: String,
+}
+impl Validate for PaymentRefundFailed {
+    fn validate(&self) -> Result<(), String> {
+        limits::check_range("attempt", self.attempt, 1, i64::from(u16::MAX))?;
+        validate_payment_outcome(&self.customer_id, self.amount, &self.reason)
+    }
+}
+
 /// A declined or refunded payment: whose, how much, and why.
 fn validate_payment_outcome(customer_id: &str, amount: Money, reason: &str) -> Result<(), String> {
     limits::check_id("customerId", customer_id)?;
@@ -507,6 +530,7 @@ impl Event {
             Event::PaymentProcessed(p) => p.order_id,
             Event::PaymentFailed(p) => p.order_id,
             Event::PaymentRefunded(p) => p.order_id,
+            Event::PaymentRefundFailed(p) => p.order_id,
             Event::InventoryReserved(p) => p.order_id,
             Event::InventoryReservationFailed(p) => p.order_id,
             Event::InventoryReleased(p) => p.order_id,

@@ -1,0 +1,284 @@
+//! The payment gateway, behind an adapter: charges and refunds, each keyed
+//! by the payment id, so a retried or repeated call (a redelivery, a crash
+//! after the call and before the commit) never moves money twice.
+//!
+//! The gateway shipped is a simulation in the process. It can be told, for
+//! everyone or per customer, to fail or to time out charges or refunds, and
+//! to answer slowly (`GATEWAY_RULES`, JSON), so tests and demos can break it
+//! on purpose.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Mutex, RwLock},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// What the gateway does with one kind of call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Carries it out.
+    #[default]
+    Ok,
+    /// Refuses it (a charge is declined; a refund is refused and retried).
+    Fail,
+    /// Never answers in time.
+    Timeout,
+}
+
+/// How the gateway behaves for someone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Behaviour {
+    #[serde(default)]
+    pub charges: Mode,
+    #[serde(default)]
+    pub refunds: Mode,
+    /// Added to every call, in milliseconds (at most a minute).
+    #[serde(default)]
+    pub latency_ms: u64,
+}
+
+/// The simulation's rules: a behaviour for everyone, and exceptions per
+/// customer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rules {
+    #[serde(default)]
+    pub all: Behaviour,
+    #[serde(default)]
+    pub customers: BTreeMap<String, Behaviour>,
+}
+
+/// Most customers the rules may name.
+pub const MAX_CUSTOMER_RULES: usize = 1_000;
+const MAX_LATENCY_MS: u64 = 60_000;
+
+impl Rules {
+    pub fn check(&self) -> Result<(), String> {
+        if self.customers.len() > MAX_CUSTOMER_RULES {
+            return Err(format!(
+                "at most {MAX_CUSTOMER_RULES} customers, got {}",
+                self.customers.len()
+            ));
+        }
+        for customer in self.customers.keys() {
+            common::limits::check_id("customer", customer)?;
+        }
+        for b in std::iter::once(&self.all).chain(self.customers.values()) {
+            if b.latency_ms > MAX_LATENCY_MS {
+                return Err(format!(
+                    "latencyMs must be at most {MAX_LATENCY_MS}, got {}",
+                    b.latency_ms
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn for_customer(&self, customer: &str) -> Behaviour {
+        self.customers.get(customer).copied().unwrap_or(self.all)
+    }
+}
+
+/// Why a gateway call did not go through.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    /// It said no (a declined charge, a refused refund).
+    #[error("the gateway refused: {0}")]
+    Refused(String),
+    /// It did not answer in time: the outcome is unknown, and the same call
+    /// (same payment id) may be made again.
+    #[error("the gateway did not answer within {0:?}")]
+    TimedOut(Duration),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Call {
+    Charge,
+    Refund,
+}
+
+/// The simulated gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    rules: RwLock<Rules>,
+    /// Calls carried out, by payment id: a repeated call is answered from here.
+    done: Mutex<HashMap<(Uuid, Call), i64>>,
+    /// How long a call may take before it counts as timed out.
+    timeout: Duration,
+}
+
+impl Gateway {
+    pub fn new(rules: Rules, timeout: Duration) -> Gateway {
+        Gateway {
+            rules: RwLock::new(rules),
+            done: Mutex::new(HashMap::new()),
+            timeout,
+        }
+    }
+
+    pub fn rules(&self) -> Rules {
+        self.rules.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_rules(&self, rules: Rules) {
+        *self.rules.write().unwrap_or_else(|e| e.into_inner()) = rules;
+    }
+
+    /// Takes `amount` from `customer` for `payment_id`.
+    pub async fn charge(
+        &self,
+        payment_id: Uuid,
+        customer: &str,
+        amount: i64,
+    ) -> Result<(), GatewayError> {
+        self.call(Call::Charge, payment_id, customer, amount).await
+    }
+
+    /// Gives `amount` back to `customer` for `payment_id`.
+    pub async fn refund(
+        &self,
+        payment_id: Uuid,
+        customer: &str,
+        amount: i64,
+    ) -> Result<(), GatewayError> {
+        self.call(Call::Refund, payment_id, customer, amount).await
+    }
+
+    async fn call(
+        &self,
+        call: Call,
+        payment_id: Uuid,
+        customer: &str,
+        amount: i64,
+    ) -> Result<(), GatewayError> {
+        let behaviour = self.rules().for_customer(customer);
+        let answer = async {
+            tokio::time::sleep(Duration::from_millis(behaviour.latency_ms)).await;
+            let mode = match call {
+                Call::Charge => behaviour.charges,
+                Call::Refund => behaviour.refunds,
+            };
+            let outcome = {
+                let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+                // The idempotency key: what was done for this payment stays done.
+                match mode {
+                    _ if done.contains_key(&(payment_id, call)) => Some(Ok(())),
+                    Mode::Ok => {
+                        done.insert((payment_id, call), amount);
+                        Some(Ok(()))
+                    }
+                    Mode::Fail => Some(Err(GatewayError::Refused(match call {
+                        Call::Charge => "charge declined (simulated)".into(),
+                        Call::Refund => "refund refused (simulated)".into(),
+                    }))),
+                    Mode::Timeout => None,
+                }
+            };
+            match outcome {
+                Some(answer) => answer,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::time::timeout(self.timeout, answer)
+            .await
+            .unwrap_or(Err(GatewayError::TimedOut(self.timeout)))
+    }
+
+    /// Refunds carried out, by payment id (tests, the admin endpoint).
+    pub fn refunds(&self) -> BTreeMap<Uuid, i64> {
+        let done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        done.iter()
+            .filter(|((_, call), _)| *call == Call::Refund)
+            .map(|((id, _), amount)| (*id, *amount))
+            .collect()
+    }
+}
+
+/// The payment id of an order's payment: derived from the order, so every
+/// attempt to charge it, before or after a crash, names the same payment.
+pub fn payment_id(order_id: Uuid) -> Uuid {
+    Uuid::new_v5(&PAYMENTS, order_id.as_bytes())
+}
+
+/// Namespace of payment ids.
+const PAYMENTS: Uuid = Uuid::from_u128(0x6d1f_3c2a_8b4e_4f0a_9c3d_5e7b_1a2c_4d6e);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gateway(rules: Rules) -> Gateway {
+        Gateway::new(rules, Duration::from_millis(200))
+    }
+
+    #[tokio::test]
+    async fn a_repeated_call_is_answered_from_what_was_done() {
+        let g = gateway(Rules::default());
+        let id = Uuid::now_v7();
+        g.refund(id, "alice", 500).await.unwrap();
+        // The gateway breaks; the same refund asked again is already done.
+        g.set_rules(Rules {
+            all: Behaviour {
+                refunds: Mode::Fail,
+                ..Behaviour::default()
+            },
+            ..Rules::default()
+        });
+        g.refund(id, "alice", 500).await.unwrap();
+        assert_eq!(g.refunds(), BTreeMap::from([(id, 500)]));
+        assert!(matches!(
+            g.refund(Uuid::now_v7(), "alice", 500).await,
+            Err(GatewayError::Refused(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn rules_apply_per_customer_and_a_timeout_is_reported_as_one() {
+        let g = gateway(Rules {
+            customers: BTreeMap::from([(
+                "bob".to_string(),
+                Behaviour {
+                    charges: Mode::Timeout,
+                    ..Behaviour::default()
+                },
+            )]),
+            ..Rules::default()
+        });
+        assert_eq!(g.charge(Uuid::now_v7(), "alice", 1).await, Ok(()));
+        assert_eq!(
+            g.charge(Uuid::now_v7(), "bob", 1).await,
+            Err(GatewayError::TimedOut(Duration::from_millis(200)))
+        );
+    }
+
+    #[test]
+    fn payment_ids_follow_the_order() {
+        let order = Uuid::now_v7();
+        assert_eq!(payment_id(order), payment_id(order));
+        assert_ne!(payment_id(order), payment_id(Uuid::now_v7()));
+    }
+
+    #[test]
+    fn rules_are_bounded() {
+        let slow = Rules {
+            all: Behaviour {
+                latency_ms: MAX_LATENCY_MS + 1,
+                ..Behaviour::default()
+            },
+            ..Rules::default()
+        };
+        assert!(slow.check().unwrap_err().contains("latencyMs"));
+        let parsed: Rules = serde_json::from_str(
+            r#"{"all":{"refunds":"fail"},"customers":{"bob":{"charges":"timeout","latencyMs":5}}}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed.all.refunds, Mode::Fail);
+        assert!(parsed.check().is_ok());
+        assert!(serde_json::from_str::<Rules>(r#"{"all":{"refund":"fail"}}"#).is_err());
+    }
+}

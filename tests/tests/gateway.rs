@@ -1,0 +1,163 @@
+//! Money moves through the payment gateway. A charge it declines cancels
+//! the saga; a refund it refuses is retried on its schedule (each attempt on
+//! record in the timeline), then dead-lettered, which halts the saga; once
+//! the gateway works again, `sagactl retry` finishes the saga with exactly
+//! one refund.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use chrono::{DateTime, Utc};
+use common::{Config, meter::names};
+use saga_tests::{DEADLINE, Stack, eventually};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// The refund schedule of these tests: the shipped one (1, 2, 4, 8, 16 s)
+/// divided by ten.
+const SCHEDULE_MS: [u64; 5] = [100, 200, 400, 800, 1_600];
+
+fn refunds_refused(c: &mut Config) {
+    c.gateway_rules = Some(r#"{"all": {"refunds": "fail"}}"#.into());
+    c.refund_retries = SCHEDULE_MS.map(Duration::from_millis).to_vec();
+}
+
+async fn timeline_until(stack: &Stack, id: Uuid, last: &str) -> Result<Vec<Value>> {
+    eventually(
+        &format!("{last} in the timeline of {id}"),
+        DEADLINE,
+        || async {
+            let (_, story) = stack.get_json("order", &format!("/sagas/{id}")).await?;
+            let entries = story["timeline"].as_array().cloned().unwrap_or_default();
+            let done = entries.last().is_some_and(|e| e["eventType"] == last);
+            Ok(done.then_some(entries))
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_refund_is_retried_on_schedule_then_halts_the_saga_until_retried() -> Result<()> {
+    let mut stack = Stack::start_with(&["order", "inventory", "shipping"]).await?;
+    stack.start_service_with("payment", refunds_refused).await?;
+    stack.set_balance("alice", 10_000).await?;
+    stack.set_stock("rare", 0).await?;
+    // Out of stock: the charge must be refunded, and the gateway refuses.
+    let id = stack
+        .place_order(&saga_tests::order_body(
+            "alice",
+            &[("rare", 1, 2_500)],
+            "US",
+        ))
+        .await?;
+    let entries = timeline_until(&stack, id, "OrderRequiresIntervention").await?;
+    assert_eq!(stack.order(id).await?["status"], "REQUIRES_INTERVENTION");
+    assert_eq!(
+        stack.balance("alice").await?,
+        7_500,
+        "charged, not refunded"
+    );
+
+    // Every attempt on record: the first and five retries, spaced by the schedule.
+    let attempts: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["eventType"] == "PaymentRefundFailed")
+        .collect();
+    assert_eq!(attempts.len(), SCHEDULE_MS.len() + 1, "{entries:#?}");
+    let at = |e: &Value| -> DateTime<Utc> { e["occurredAt"].as_str().unwrap().parse().unwrap() };
+    for (n, pair) in attempts.windows(2).enumerate() {
+        let gap = (at(pair[1]) - at(pair[0])).num_milliseconds();
+        let delay = SCHEDULE_MS[n] as i64;
+        assert!(
+            gap >= delay && gap < delay + 2_000,
+            "attempt {} came {gap} ms after the one before, not {delay} ms",
+            n + 2
+        );
+        assert!(
+            pair[1]["effect"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("(attempt {})", n + 2))
+        );
+    }
+    assert!(
+        attempts
+            .iter()
+            .all(|e| e["failure"] == true && e["service"] == "payment")
+    );
+    // Then the dead letter, and the halt.
+    let tail: Vec<(&str, &str)> = entries
+        .iter()
+        .rev()
+        .take(2)
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap(),
+                e["eventType"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            ("event", "OrderRequiresIntervention"),
+            ("dead_letter", "InventoryReservationFailed")
+        ]
+    );
+    let failed = stack.metrics("payment").await?.sum(
+        names::COMPENSATIONS,
+        &[("step", "payment"), ("result", "failed")],
+    );
+    assert_eq!(failed, (SCHEDULE_MS.len() + 1) as f64);
+
+    // The gateway works again (payment restarted with it healthy); the
+    // operator retries the saga, which ends as it would have.
+    stack.stop_service("payment").await?;
+    stack.start_service("payment").await?;
+    let done = stack
+        .sagactl(&format!(
+            "retry {id} --note \"gateway back\" --operator ada"
+        ))
+        .await?;
+    assert!(done.contains("redrove"), "{done}");
+    let entries = timeline_until(&stack, id, "OrderCancelled").await?;
+    assert_eq!(stack.order(id).await?["status"], "CANCELLED");
+    stack.settle().await?;
+    assert_eq!(stack.balance("alice").await?, 10_000);
+    let refunds = entries
+        .iter()
+        .filter(|e| e["eventType"] == "PaymentRefunded")
+        .count();
+    assert_eq!(refunds, 1, "{entries:#?}");
+    assert!(entries.iter().any(|e| e["kind"] == "operator"));
+    stack.assert_invariants().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_the_gateway_declines_cancels_only_that_customers_saga() -> Result<()> {
+    let mut stack = Stack::start_with(&["order", "inventory", "shipping"]).await?;
+    stack
+        .start_service_with("payment", |c| {
+            c.gateway_rules = Some(r#"{"customers": {"bob": {"charges": "fail"}}}"#.into());
+        })
+        .await?;
+    stack.set_balance("alice", 10_000).await?;
+    stack.set_balance("bob", 10_000).await?;
+    stack.set_stock("widget", 5).await?;
+    let (_, bob) = stack.run_saga("bob", &[("widget", 1, 1_000)], "US").await?;
+    assert_eq!(bob["status"], "CANCELLED");
+    assert!(
+        bob["failureReason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("payment declined by the gateway"),
+        "{bob}"
+    );
+    let (_, alice) = stack
+        .run_saga("alice", &[("widget", 1, 1_000)], "US")
+        .await?;
+    assert_eq!(alice["status"], "CONFIRMED");
+    assert_eq!(stack.balance("bob").await?, 10_000);
+    assert_eq!(stack.balance("alice").await?, 9_000);
+    stack.assert_invariants().await
+}
