@@ -40,6 +40,10 @@ pub struct Config {
     /// `SAGA_STALL_AFTER_MS`, default 30 s: how long a saga may wait at one
     /// step before the order service's observer reports it stalled.
     pub stall_after: Duration,
+    /// `ADMIN_TOKEN`: what operator endpoints (setting balances and stock,
+    /// steering the payment gateway, resolving a saga) require as
+    /// `Authorization: Bearer <token>`. Unset: they answer 401 to everyone.
+    pub admin_token: Option<String>,
     /// `GATEWAY_RULES` (payment): the simulated gateway's initial rules, JSON
     /// (`{"all":{"refunds":"fail"},"customers":{"bob":{"charges":"timeout"}}}`).
     pub gateway_rules: Option<String>,
@@ -84,6 +88,7 @@ impl Config {
             outbox_relay_enabled: true,
             database_max_connections: 16,
             stall_after: Duration::from_secs(30),
+            admin_token: None,
             gateway_rules: None,
             gateway_timeout: Duration::from_secs(2),
             refund_retries: [1, 2, 4, 8, 16].map(Duration::from_secs).to_vec(),
@@ -160,6 +165,14 @@ impl Config {
             let ms = parse_num("SAGA_STALL_AFTER_MS", &v)?.clamp(100, 86_400_000);
             c.stall_after = Duration::from_millis(ms as u64);
         }
+        if let Some(v) = lookup("ADMIN_TOKEN") {
+            if v.chars().count() < 16 || v.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+                return Err(ConfigError(
+                    "ADMIN_TOKEN must be at least 16 characters, without blanks".into(),
+                ));
+            }
+            c.admin_token = Some(v);
+        }
         c.gateway_rules = lookup("GATEWAY_RULES");
         if let Some(v) = lookup("GATEWAY_TIMEOUT_MS") {
             let ms = parse_num("GATEWAY_TIMEOUT_MS", &v)?.clamp(10, 600_000);
@@ -220,6 +233,31 @@ mod tests {
     #[test]
     fn the_subject_prefix_also_namespaces_redis_unless_overridden() {
         assert_eq!(with_prefix("t1").unwrap().redis_key_prefix, "t1");
+    }
+
+    #[test]
+    fn an_admin_token_must_be_long_enough() {
+        let token = |v: &str| {
+            let v = v.to_string();
+            Config::from_lookup("payment", move |k| (k == "ADMIN_TOKEN").then(|| v.clone()))
+        };
+        assert_eq!(
+            Config::from_lookup("payment", |_| None)
+                .unwrap()
+                .admin_token,
+            None
+        );
+        assert!(
+            token("secret")
+                .unwrap_err()
+                .to_string()
+                .contains("ADMIN_TOKEN")
+        );
+        assert!(token("0123456789 abcdef").is_err());
+        assert_eq!(
+            token("0123456789abcdef").unwrap().admin_token.as_deref(),
+            Some("0123456789abcdef")
+        );
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //!   of `0..=MAX_AMOUNT` (409 for a removal of more than there is, 422 past
 //!   the top).
 //! - `GET {base}/{id}`: the service's [`CounterView`], its version as `ETag`.
+//!
+//! Changes are operator actions: they need the admin token (401 without
+//! it) and are logged.
 
 use std::future::Future;
 
@@ -26,7 +29,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use sqlx::PgPool;
 
-use crate::http::{ApiError, ValidJson, Version, VersionedPut};
+use crate::http::{AdminToken, ApiError, ValidJson, Version, VersionedPut};
 
 /// Where a counter lives and how the API names its parts.
 #[derive(Debug)]
@@ -58,8 +61,8 @@ pub trait CounterView: Serialize + Sized + Send + 'static {
 }
 
 impl Counter {
-    /// The routes, over `pool`.
-    pub fn router<V: CounterView>(&'static self, pool: PgPool) -> Router {
+    /// The routes, over `pool`; changes need `admin`'s token.
+    pub fn router<V: CounterView>(&'static self, pool: PgPool, admin: AdminToken) -> Router {
         Router::new()
             .route(
                 &format!("{}/{{id}}", self.base),
@@ -72,6 +75,7 @@ impl Counter {
             .with_state(Shared {
                 pool,
                 counter: self,
+                admin,
             })
     }
 
@@ -172,14 +176,20 @@ impl Counter {
 struct Shared {
     pool: PgPool,
     counter: &'static Counter,
+    admin: AdminToken,
 }
 
 async fn put<V: CounterView>(
-    State(Shared { pool, counter }): State<Shared>,
+    State(Shared {
+        pool,
+        counter,
+        admin,
+    }): State<Shared>,
     Path(id): Path<String>,
     headers: HeaderMap,
     ValidJson(body): ValidJson<Map<String, Value>>,
 ) -> Result<Response, ApiError> {
+    admin.check(&headers, &format!("PUT {}/{id}", counter.base))?;
     counter.check_id(&id)?;
     let value = Counter::field(body, counter.value_name)?;
     limits::check_range(counter.value_name, value, 0, limits::MAX_AMOUNT)
@@ -199,14 +209,24 @@ async fn put<V: CounterView>(
             || async { Ok(V::load(&pool, &id).await?.map(|v| v.version())) },
         )
         .await?;
+    tracing::warn!(what = %counter.what(&id), value, "operator set {}", counter.value_name);
     respond::<V>(&pool, counter, &id, status).await
 }
 
 async fn add<V: CounterView>(
-    State(Shared { pool, counter }): State<Shared>,
+    State(Shared {
+        pool,
+        counter,
+        admin,
+    }): State<Shared>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     ValidJson(body): ValidJson<Map<String, Value>>,
 ) -> Result<Response, ApiError> {
+    admin.check(
+        &headers,
+        &format!("POST {}/{id}/{}", counter.base, counter.additions),
+    )?;
     counter.check_id(&id)?;
     let name = counter.delta_name;
     let delta = Counter::field(body, name)?;
@@ -220,6 +240,7 @@ async fn add<V: CounterView>(
     limits::check_range(name, delta, lowest, limits::MAX_AMOUNT)
         .map_err(ApiError::Unprocessable)?;
     if counter.add(&pool, &id, delta, limits::MAX_AMOUNT).await? {
+        tracing::warn!(what = %counter.what(&id), delta, "operator changed {}", counter.value_name);
         return respond::<V>(&pool, counter, &id, StatusCode::OK).await;
     }
     let what = counter.what(&id);
@@ -241,7 +262,7 @@ async fn add<V: CounterView>(
 }
 
 async fn read<V: CounterView>(
-    State(Shared { pool, counter }): State<Shared>,
+    State(Shared { pool, counter, .. }): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     counter.check_id(&id)?;

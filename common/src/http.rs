@@ -11,7 +11,7 @@ use axum::{
         rejection::JsonRejection,
     },
     http::request::Parts,
-    http::{HeaderMap, StatusCode, header::IF_MATCH},
+    http::{HeaderMap, StatusCode, header, header::IF_MATCH},
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -44,6 +44,9 @@ pub enum ApiError {
     PreconditionRequired(String),
     #[error("{0}")]
     TooLarge(String),
+    /// An operator endpoint without the admin token.
+    #[error("{0}")]
+    Unauthorized(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -64,12 +67,20 @@ impl IntoResponse for ApiError {
             ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             ApiError::PreconditionRequired(_) => StatusCode::PRECONDITION_REQUIRED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Internal(e) => {
                 tracing::error!(error = ?e, "request failed");
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
-        (status, Json(json!({ "error": self.to_string() }))).into_response()
+        let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }
 
@@ -129,6 +140,42 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ValidQuery<T> 
             Err(e) => Err(ApiError::BadRequest(e.body_text())),
         }
     }
+}
+
+/// The admin token operator endpoints require (`ADMIN_TOKEN`); without
+/// one, they refuse everyone.
+#[derive(Clone, Default)]
+pub struct AdminToken(Option<std::sync::Arc<str>>);
+
+impl AdminToken {
+    pub fn new(token: Option<&str>) -> AdminToken {
+        AdminToken(token.map(Into::into))
+    }
+
+    /// Lets a request through if it carries `Authorization: Bearer
+    /// <token>`; a 401 that says what is missing otherwise. Every refusal is
+    /// logged.
+    pub fn check(&self, headers: &HeaderMap, what: &str) -> Result<(), ApiError> {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let refusal = match (&self.0, given) {
+            (None, _) => "operator endpoints are disabled: the service has no ADMIN_TOKEN",
+            (Some(_), None) => "an operator endpoint: send Authorization: Bearer <ADMIN_TOKEN>",
+            (Some(token), Some(given)) if !same(token.as_bytes(), given.as_bytes()) => {
+                "wrong admin token"
+            }
+            _ => return Ok(()),
+        };
+        tracing::warn!(%what, %refusal, "operator request refused");
+        Err(ApiError::Unauthorized(refusal.into()))
+    }
+}
+
+/// Equal, in time that does not depend on where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// An `If-Match` precondition on a versioned resource, whose `ETag` is

@@ -141,6 +141,11 @@ impl Infra {
     pub fn max_payload(&self) -> usize {
         crate::consumer::max_payload(&self.js)
     }
+
+    /// What operator endpoints require.
+    pub fn admin(&self) -> crate::http::AdminToken {
+        crate::http::AdminToken::new(self.config.admin_token.as_deref())
+    }
 }
 
 /// Common migrations first, then the service's, as one migrator.
@@ -171,17 +176,17 @@ pub struct Service {
 }
 
 impl Service {
-    /// Connects, migrates and builds a service whose HTTP routes need only
-    /// its database: what payment, inventory and shipping are.
+    /// Connects, migrates and builds a service whose HTTP routes are made
+    /// from its connections: what payment, inventory and shipping are.
     pub async fn start<H: Handler>(
         config: Config,
         migrations: &'static Migrator,
         handler: H,
-        routes: impl FnOnce(PgPool) -> Router,
+        routes: impl FnOnce(&Infra) -> Router,
         shutdown: CancellationToken,
     ) -> Result<Service, StartError> {
         let infra = Infra::connect(config, migrations).await?;
-        let routes = routes(infra.pool.clone());
+        let routes = routes(&infra);
         Service::build(&infra, handler, routes, shutdown).await
     }
 

@@ -8,7 +8,10 @@
 //! - `GET /stock/{productId}`: available, reserved and version (also the `ETag`).
 
 use axum::Router;
-use common::counter::{Counter, CounterView};
+use common::{
+    Infra,
+    counter::{Counter, CounterView},
+};
 use sqlx::PgPool;
 
 use crate::store::{self, Stock};
@@ -26,8 +29,8 @@ static STOCK: Counter = Counter {
     removals: true,
 };
 
-pub fn router(pool: PgPool) -> Router {
-    STOCK.router::<Stock>(pool)
+pub fn router(infra: &Infra) -> Router {
+    STOCK.router::<Stock>(infra.pool.clone(), infra.admin())
 }
 
 impl CounterView for Stock {

@@ -5,13 +5,24 @@
 //! - `POST /accounts/{customerId}/deposits` `{"amount": n}` adds to the
 //!   balance; it composes with charges and refunds running at the same time.
 //! - `GET /accounts/{customerId}`: balance, version (also the `ETag`) and payments.
+//! - `GET /admin/gateway`, `PUT /admin/gateway` (operator): the simulated
+//!   payment gateway's rules, read and replaced at run time.
 
-use axum::Router;
-use common::counter::{Counter, CounterView};
+use std::sync::Arc;
+
+use axum::{Json, Router, extract::State, http::HeaderMap, routing::get};
+use common::{
+    Infra,
+    counter::{Counter, CounterView},
+    http::{AdminToken, ApiError, ValidJson},
+};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::store::{self, PaymentView};
+use crate::{
+    gateway::{Gateway, Rules},
+    store::{self, PaymentView},
+};
 
 static ACCOUNTS: Counter = Counter {
     table: "accounts",
@@ -26,8 +37,42 @@ static ACCOUNTS: Counter = Counter {
     removals: false,
 };
 
-pub fn router(pool: PgPool) -> Router {
-    ACCOUNTS.router::<AccountView>(pool)
+pub fn router(infra: &Infra, gateway: Arc<Gateway>) -> Router {
+    let control = GatewayControl {
+        gateway,
+        admin: infra.admin(),
+    };
+    ACCOUNTS
+        .router::<AccountView>(infra.pool.clone(), infra.admin())
+        .merge(
+            Router::new()
+                .route("/admin/gateway", get(gateway_rules).put(set_gateway_rules))
+                .with_state(control),
+        )
+}
+
+#[derive(Clone)]
+struct GatewayControl {
+    gateway: Arc<Gateway>,
+    admin: AdminToken,
+}
+
+/// `GET /admin/gateway`: the simulated gateway's rules now.
+async fn gateway_rules(State(control): State<GatewayControl>) -> Json<Rules> {
+    Json(control.gateway.rules())
+}
+
+/// `PUT /admin/gateway` (operator): replaces the rules, from the next call on.
+async fn set_gateway_rules(
+    State(control): State<GatewayControl>,
+    headers: HeaderMap,
+    ValidJson(rules): ValidJson<Rules>,
+) -> Result<Json<Rules>, ApiError> {
+    control.admin.check(&headers, "PUT /admin/gateway")?;
+    rules.check().map_err(ApiError::Unprocessable)?;
+    tracing::warn!(rules = %serde_json::to_string(&rules).unwrap_or_default(), "operator set the gateway's rules");
+    control.gateway.set_rules(rules);
+    Ok(Json(control.gateway.rules()))
 }
 
 #[derive(Serialize)]

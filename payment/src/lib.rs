@@ -24,9 +24,11 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
             .and_then(|r: gateway::Rules| r.check().map(|()| r))
             .map_err(|e| StartError::Config(format!("GATEWAY_RULES: {e}")))?,
     };
+    let gateway = Arc::new(gateway::Gateway::new(rules, config.gateway_timeout));
     let handler = handlers::PaymentHandler {
-        gateway: Arc::new(gateway::Gateway::new(rules, config.gateway_timeout)),
+        gateway: gateway.clone(),
         retries: config.refund_retries.clone(),
     };
-    Service::start(config, &MIGRATIONS, handler, api::router, shutdown).await
+    let routes = |infra: &common::Infra| api::router(infra, gateway);
+    Service::start(config, &MIGRATIONS, handler, routes, shutdown).await
 }

@@ -5,16 +5,16 @@ use axum::{
     extract::{Path, State},
     routing::get,
 };
-use common::http::ApiError;
+use common::{Infra, http::ApiError};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::store::{self, Shipment};
 
-pub fn router(pool: PgPool) -> Router {
+pub fn router(infra: &Infra) -> Router {
     Router::new()
         .route("/shipments/{order_id}", get(get_shipment))
-        .with_state(pool)
+        .with_state(infra.pool.clone())
 }
 
 async fn get_shipment(

@@ -17,8 +17,15 @@ const QUANTITY: i64 = 2;
 /// Runs the demo against the running local stack; `Ok(false)` when an order
 /// did not end as expected within `timeout`.
 pub async fn run(local: &Local, timeout: Duration) -> Result<bool> {
+    // The demo arranges balances and stock: an operator's changes.
+    let mut operator = reqwest::header::HeaderMap::new();
+    operator.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {}", local.admin_token()?).parse()?,
+    );
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
+        .default_headers(operator)
         .build()?;
     let payment = local.service_url("payment");
     let inventory = local.service_url("inventory");

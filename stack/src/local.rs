@@ -65,6 +65,36 @@ impl Local {
         })
     }
 
+    /// The services' admin token: `ADMIN_TOKEN`, else the one kept in
+    /// `<RUN_DIR>/admin-token`, else a new random one written there (mode
+    /// 0600), so the operator finds it with `cat .run/admin-token`.
+    pub fn admin_token(&self) -> Result<String> {
+        if let Ok(token) = std::env::var("ADMIN_TOKEN")
+            && !token.is_empty()
+        {
+            return Ok(token);
+        }
+        let path = self.run_dir.join("admin-token");
+        if let Ok(token) = std::fs::read_to_string(&path) {
+            return Ok(token.trim().to_string());
+        }
+        std::fs::create_dir_all(&self.run_dir)?;
+        let token = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        std::io::Write::write_all(&mut file, format!("{token}\n").as_bytes())?;
+        Ok(token)
+    }
+
     pub fn service_url(&self, name: &str) -> String {
         format!("http://127.0.0.1:{}", self.service_ports[name])
     }
@@ -150,6 +180,7 @@ pub async fn up(local: &Local, exe: &Path) -> Result<String> {
     let (nats_port, monitor_port) = ensure_nats(local, &mut started).await?;
     let nats_url = format!("nats://127.0.0.1:{nats_port}");
 
+    let admin_token = local.admin_token()?;
     let mut children: Vec<(Daemon, Child)> = Vec::new();
     for spec in &roster::SERVICES {
         let port = local.service_ports[spec.name];
@@ -179,6 +210,7 @@ pub async fn up(local: &Local, exe: &Path) -> Result<String> {
             .env("NATS_URL", &nats_url)
             .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
             .env("SUBJECT_PREFIX", &local.subject_prefix)
+            .env("ADMIN_TOKEN", &admin_token)
             .env("LOG_FORMAT", "json")
             .env(
                 "RUST_LOG",
@@ -383,6 +415,15 @@ fn write_env_file(local: &Local, nats_port: u16, monitor_port: u16) -> Result<()
     let mut text = String::from("# Written by `stack up`: source it to reach the running stack.\n");
     text += &format!("export NATS_URL=nats://127.0.0.1:{nats_port}\n");
     text += &format!("export NATS_MONITOR_URL=http://127.0.0.1:{monitor_port}\n");
+    text += &format!("export SUBJECT_PREFIX={}\n", local.subject_prefix);
+    if std::env::var("ADMIN_TOKEN").is_ok_and(|t| !t.is_empty()) {
+        text += "# ADMIN_TOKEN: the one this stack was started with\n";
+    } else {
+        text += &format!(
+            "export ADMIN_TOKEN=\"$(cat '{}')\"\n",
+            local.run_dir.join("admin-token").display()
+        );
+    }
     for name in roster::names() {
         text += &format!(
             "export {}_URL={}\n",

@@ -120,6 +120,21 @@ pub struct Stack {
     arranged: std::sync::Mutex<BTreeMap<(&'static str, String), i64>>,
 }
 
+/// The admin token of every test stack's services.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// An HTTP client that speaks as the operator (it sends [`ADMIN_TOKEN`]).
+fn operator_client() -> Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {ADMIN_TOKEN}").parse()?,
+    );
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?)
+}
+
 /// Runs headless Chromium (`CHROMIUM_BIN`, default `chromium`, which
 /// `scripts/test.sh` installs) with `args` and a profile of its own; what it
 /// printed on stdout.
@@ -195,7 +210,7 @@ impl Stack {
             prefix,
             client,
             js,
-            http: reqwest::Client::new(),
+            http: operator_client()?,
             services: HashMap::new(),
             arranged: Default::default(),
         };
@@ -267,6 +282,7 @@ impl Stack {
         c.consumer_concurrency = 32;
         // Short enough for a test to see a stall come and go.
         c.stall_after = Duration::from_secs(2);
+        c.admin_token = Some(ADMIN_TOKEN.into());
         // Four tests run at once, each with four services (pool plus the
         // relay's own connection) and the assertion pools: about 20
         // connections a stack keeps the suite under PostgreSQL's default

@@ -1,8 +1,8 @@
 //! Money moves through the payment gateway. A charge it declines cancels
 //! the saga; a refund it refuses is retried on its schedule (each attempt on
 //! record in the timeline), then dead-lettered, which halts the saga; once
-//! the gateway works again, `sagactl retry` finishes the saga with exactly
-//! one refund.
+//! the operator has the gateway working again, `sagactl retry` finishes the
+//! saga with exactly one refund.
 
 use std::time::Duration;
 
@@ -42,6 +42,8 @@ async fn a_refused_refund_is_retried_on_schedule_then_halts_the_saga_until_retri
     stack.start_service_with("payment", refunds_refused).await?;
     stack.set_balance("alice", 10_000).await?;
     stack.set_stock("rare", 0).await?;
+    let (_, rules) = stack.get_json("payment", "/admin/gateway").await?;
+    assert_eq!(rules["all"]["refunds"], "fail", "{rules}");
     // Out of stock: the charge must be refunded, and the gateway refuses.
     let id = stack
         .place_order(&saga_tests::order_body(
@@ -110,10 +112,12 @@ async fn a_refused_refund_is_retried_on_schedule_then_halts_the_saga_until_retri
     );
     assert_eq!(failed, (SCHEDULE_MS.len() + 1) as f64);
 
-    // The gateway works again (payment restarted with it healthy); the
-    // operator retries the saga, which ends as it would have.
-    stack.stop_service("payment").await?;
-    stack.start_service("payment").await?;
+    // The operator repairs the gateway and retries the saga, which ends as
+    // it would have.
+    let (status, rules) = stack
+        .put("payment", "/admin/gateway", serde_json::json!({}))
+        .await?;
+    assert_eq!(status, 200, "{rules}");
     let done = stack
         .sagactl(&format!(
             "retry {id} --note \"gateway back\" --operator ada"

@@ -184,8 +184,30 @@ async fn run(args: Args) -> Result<()> {
             subjects: Subjects::new(args.prefix.clone()),
         },
     };
+    // Arranging balances and stock is an operator's change: the private
+    // stack's token, or the running stack's (ADMIN_TOKEN, or what `stack
+    // up` keeps in .run/admin-token).
+    let token = match &private {
+        Some(_) => saga_tests::ADMIN_TOKEN.to_string(),
+        None => std::env::var("ADMIN_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .or_else(|| {
+                let root = stack::repo_root();
+                let run_dir = std::env::var("RUN_DIR").map_or_else(|_| root.join(".run"), Into::into);
+                std::fs::read_to_string(run_dir.join("admin-token")).ok()
+            })
+            .map(|t| t.trim().to_string())
+            .context("the stack's admin token: set ADMIN_TOKEN, or run scripts/up.sh (it keeps one in .run/admin-token)")?,
+    };
+    let mut operator = reqwest::header::HeaderMap::new();
+    operator.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse()?,
+    );
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency)
+        .default_headers(operator)
         .build()?;
     let run_id = format!("load{}", &Uuid::new_v4().simple().to_string()[..6]);
 
