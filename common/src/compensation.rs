@@ -66,8 +66,17 @@ pub trait Step: for<'r> FromRow<'r, PgRow> + Send + Unpin {
 
     fn state(&self) -> StepState;
 
-    /// Undoes the step (stores the compensation) in the open transaction
-    /// of `cx` and says so.
+    /// Records in the database that the step was undone (the balance
+    /// credited, the stock put back), and nothing else.
+    fn record_undone(
+        &self,
+        tx: &mut PgConnection,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Undoes the step (whatever it takes outside, then
+    /// [`record_undone`](Step::record_undone)) in the open transaction of
+    /// `cx` and says so.
     fn undo(
         self,
         cx: Applying<'_>,
@@ -88,7 +97,7 @@ pub async fn record_once(
 
 /// The order's record of step `S`, locked for this transaction; `None` if
 /// the step has not happened here (yet).
-async fn lock<S: Step>(tx: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Option<S>> {
+pub async fn lock<S: Step>(tx: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Option<S>> {
     let sql = format!("SELECT * FROM {}s WHERE order_id = $1 FOR UPDATE", S::NAME);
     sqlx::query_as(&sql).bind(order_id).fetch_optional(tx).await
 }
@@ -132,6 +141,32 @@ pub async fn compensate<S: Step>(
                 COMPENSATION_VERSION,
             )]))
         }
+    }
+}
+
+/// Handles an operator's word that `S` for `order_id` was undone by hand
+/// (OrderManuallyCompensated): records it undone if it took effect, and
+/// emits nothing (the order has ended; nobody is to react).
+pub async fn undone_by_hand<S: Step>(
+    cx: Applying<'_>,
+    order_id: Uuid,
+    reason: &str,
+) -> Result<Outcome, HandlerError> {
+    let Some(record) = lock::<S>(cx.tx, order_id).await? else {
+        return Ok(Outcome::Skipped(format!(
+            "no {} for order {order_id}: nothing to undo",
+            S::NAME
+        )));
+    };
+    match decide(record.state()) {
+        Compensation::Undo => {
+            record.record_undone(cx.tx, reason).await?;
+            Ok(Outcome::Applied(Vec::new()))
+        }
+        Compensation::AlreadyUndone | Compensation::NothingToUndo => Ok(Outcome::Skipped(format!(
+            "{} has nothing left to undo",
+            S::NAME
+        ))),
     }
 }
 

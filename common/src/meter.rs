@@ -76,7 +76,7 @@ pub const SERIES: [(&str, Kind, &str); 15] = {
         (OUTBOX_OLDEST, Gauge, "Age of the oldest unpublished event"),
         (RELAY_PUBLISH, Histogram, "From an event's commit to the broker's acknowledgement"),
         (COMPENSATIONS, Counter, "Compensation attempts, by step and result (undone, failed)"),
-        (SAGAS_ENDED, Counter, "Sagas that ended, by outcome (confirmed, cancelled, intervention)"),
+        (SAGAS_ENDED, Counter, "Sagas that ended, by outcome (confirmed, cancelled, intervention, manually_compensated)"),
         (SAGAS_STALLED, Gauge, "Sagas waiting at one step longer than the stall threshold"),
         (STALLS, Counter, "Stalls reported, each once"),
         (SCRAPE_ERRORS, Counter, "Reads of a /metrics scrape that failed or timed out"),

@@ -1,11 +1,14 @@
 //! Reactions to saga events: reserve on PaymentProcessed; release (the
-//! shared compensation) on ShipmentFailed.
+//! shared compensation) on ShipmentFailed; put back what an operator
+//! compensated by hand (OrderManuallyCompensated).
 
 use common::{
     Applying, Event, Handler, HandlerError, Outcome,
     compensation::{self, Step, StepState, Undone},
     event::{InventoryReleased, InventoryReservationFailed, InventoryReserved, PaymentProcessed},
 };
+
+use sqlx::PgConnection;
 
 use crate::domain::{self, ReservationStatus};
 use crate::store::{self, Reservation};
@@ -19,6 +22,10 @@ impl Handler for InventoryHandler {
             Event::ShipmentFailed(failed) => {
                 let (order_id, reason) = (failed.order_id, failed.reason);
                 compensation::compensate::<Reservation>(cx, order_id, reason, &()).await
+            }
+            Event::OrderManuallyCompensated(resolved) => {
+                let reason = resolved.reason();
+                compensation::undone_by_hand::<Reservation>(cx, resolved.order_id, &reason).await
             }
             _ => Ok(Outcome::Unhandled),
         }
@@ -76,9 +83,14 @@ impl Step for Reservation {
         self.status.step_state()
     }
 
-    async fn undo(self, cx: Applying<'_>, reason: String, _: &()) -> Undone {
+    async fn record_undone(&self, tx: &mut PgConnection, reason: &str) -> Result<(), HandlerError> {
         let demand = domain::demand(&self.lines).map_err(HandlerError::Permanent)?;
-        store::release(cx.tx, self.order_id, &demand, &reason).await?;
+        store::release(tx, self.order_id, &demand, reason).await?;
+        Ok(())
+    }
+
+    async fn undo(self, cx: Applying<'_>, reason: String, _: &()) -> Undone {
+        self.record_undone(cx.tx, &reason).await?;
         let event = Event::InventoryReleased(InventoryReleased {
             order_id: self.order_id,
             lines: self.lines,

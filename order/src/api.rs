@@ -11,36 +11,45 @@ use axum::{
     extract::{Path, State},
     http::{HeaderMap, StatusCode, header},
     response::IntoResponse,
-    routing::get,
+    routing::{get, post},
 };
 use chrono::{DateTime, Utc};
 use common::{
     Envelope, EventKind,
-    http::{ApiError, ValidJson, ValidQuery},
-    limits,
+    http::{AdminToken, ApiError, ValidJson, ValidQuery},
+    limits, outbox,
 };
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use uuid::Uuid;
 
 use crate::{
-    domain::OrderStatus,
+    domain::{Command, DomainError, OrderStatus},
     observer,
     place::{PlaceError, PlaceOrder, Placer},
-    store::{self, EntryKind, EntryRow, OrderView, SagaRow},
+    store::{self, EntryKind, EntryRow, ExecError, OrderView, SagaRow},
     timeline,
 };
 
-pub fn router(placer: Placer, stall_after: Duration) -> Router {
+pub fn router(placer: Placer, stall_after: Duration, admin: AdminToken) -> Router {
     let sagas = Sagas {
         pool: placer.pool.clone(),
         stall_after,
+    };
+    let resolver = Resolver {
+        placer: placer.clone(),
+        admin,
     };
     Router::new()
         .route("/orders", get(list_orders).post(place_order))
         .route("/orders/{id}", get(get_order))
         .route("/orders/{id}/events", get(get_events))
         .with_state(placer)
+        .merge(
+            Router::new()
+                .route("/orders/{id}/resolution", post(resolve))
+                .with_state(resolver),
+        )
         .merge(
             Router::new()
                 .route("/sagas", get(list_sagas))
@@ -114,6 +123,71 @@ async fn get_order(
     Path(id): Path<String>,
 ) -> Result<Json<OrderView>, ApiError> {
     let id = parse_id(&id)?;
+    store::order_view(&placer.pool, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("order {id} not found")))
+}
+
+#[derive(Clone)]
+struct Resolver {
+    placer: Placer,
+    admin: AdminToken,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Resolution {
+    /// `manually-compensated`: the operator undid by hand what the saga could not.
+    resolution: String,
+    operator: String,
+    note: String,
+}
+
+/// `POST /orders/{id}/resolution` (operator): resolves an order that
+/// requires intervention. 409 for an order in any other state.
+async fn resolve(
+    State(Resolver { placer, admin }): State<Resolver>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ValidJson(body): ValidJson<Resolution>,
+) -> Result<Json<OrderView>, ApiError> {
+    admin.check(&headers, &format!("POST /orders/{id}/resolution"))?;
+    let id = parse_id(&id)?;
+    if body.resolution != "manually-compensated" {
+        return Err(ApiError::Unprocessable(format!(
+            "resolution must be \"manually-compensated\", got {:?}",
+            body.resolution
+        )));
+    }
+    let command = Command::ResolveManually {
+        operator: body.operator.clone(),
+        note: body.note,
+    };
+    let mut tx = placer.pool.begin().await?;
+    let emitted = match store::execute(&mut tx, id, command, id, Uuid::now_v7()).await {
+        Ok((_, emitted)) => emitted,
+        Err(e) => {
+            let _ = tx.rollback().await;
+            return Err(match e {
+                ExecError::Domain(DomainError::NotFound) => {
+                    ApiError::NotFound(format!("order {id} not found"))
+                }
+                ExecError::Domain(DomainError::Refused(m)) => ApiError::Conflict(m),
+                ExecError::Domain(e) => ApiError::Unprocessable(e.to_string()),
+                ExecError::Conflict(_) => {
+                    ApiError::Conflict(format!("{e}; read it again and retry"))
+                }
+                e => ApiError::Internal(e.into()),
+            });
+        }
+    };
+    outbox::enqueue(&mut tx, &placer.subjects, &emitted, placer.max_payload)
+        .await?
+        .map_err(ApiError::Unprocessable)?;
+    tx.commit().await?;
+    placer.outbox.notify();
+    tracing::warn!(order_id = %id, correlation_id = %id, operator = %body.operator, "operator resolved the order: manually compensated");
     store::order_view(&placer.pool, id)
         .await?
         .map(Json)

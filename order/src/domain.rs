@@ -5,8 +5,8 @@
 use chrono::{DateTime, Utc};
 use common::{
     event::{
-        self, Address, Event, Money, OrderCancelled, OrderConfirmed, OrderLine, OrderPlaced,
-        OrderRequiresIntervention,
+        self, Address, Event, Money, OrderCancelled, OrderConfirmed, OrderLine,
+        OrderManuallyCompensated, OrderPlaced, OrderRequiresIntervention,
     },
     limits,
 };
@@ -24,14 +24,17 @@ pub enum OrderStatus {
     Cancelled,
     /// The saga reached a contradiction only a person can resolve.
     RequiresIntervention,
+    /// An operator undid by hand what the saga could not.
+    ManuallyCompensated,
 }
 
 impl OrderStatus {
-    pub const ALL: [OrderStatus; 4] = [
+    pub const ALL: [OrderStatus; 5] = [
         OrderStatus::Pending,
         OrderStatus::Confirmed,
         OrderStatus::Cancelled,
         OrderStatus::RequiresIntervention,
+        OrderStatus::ManuallyCompensated,
     ];
 }
 
@@ -63,7 +66,9 @@ impl Order {
         match self.status {
             OrderStatus::Pending => true,
             OrderStatus::RequiresIntervention => self.halted,
-            OrderStatus::Confirmed | OrderStatus::Cancelled => false,
+            OrderStatus::Confirmed | OrderStatus::Cancelled | OrderStatus::ManuallyCompensated => {
+                false
+            }
         }
     }
 }
@@ -88,6 +93,8 @@ pub enum Command {
     /// An event of this saga was dead-lettered: the saga cannot go on by
     /// itself. A pending order says so; a finished one is left as it is.
     RequireIntervention { reason: String },
+    /// An operator compensated by hand what the halted saga could not.
+    ResolveManually { operator: String, note: String },
 }
 
 /// The customer and amount a payment event names.
@@ -106,6 +113,9 @@ pub enum DomainError {
     AlreadyExists,
     #[error("order does not exist")]
     NotFound,
+    /// The command does not apply to the order as it stands.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// The Order aggregate's own events: what [`decide`] emits and [`evolve`]
@@ -117,6 +127,7 @@ pub enum OrderEvent {
     Confirmed(OrderConfirmed),
     Cancelled(OrderCancelled),
     RequiresIntervention(OrderRequiresIntervention),
+    ManuallyCompensated(OrderManuallyCompensated),
 }
 
 impl From<OrderEvent> for Event {
@@ -126,6 +137,7 @@ impl From<OrderEvent> for Event {
             OrderEvent::Confirmed(e) => Event::OrderConfirmed(e),
             OrderEvent::Cancelled(e) => Event::OrderCancelled(e),
             OrderEvent::RequiresIntervention(e) => Event::OrderRequiresIntervention(e),
+            OrderEvent::ManuallyCompensated(e) => Event::OrderManuallyCompensated(e),
         }
     }
 }
@@ -140,6 +152,7 @@ impl TryFrom<Event> for OrderEvent {
             Event::OrderConfirmed(e) => Ok(OrderEvent::Confirmed(e)),
             Event::OrderCancelled(e) => Ok(OrderEvent::Cancelled(e)),
             Event::OrderRequiresIntervention(e) => Ok(OrderEvent::RequiresIntervention(e)),
+            Event::OrderManuallyCompensated(e) => Ok(OrderEvent::ManuallyCompensated(e)),
             other => Err(other),
         }
     }
@@ -181,10 +194,14 @@ pub fn decide(state: Option<&Order>, command: Command) -> Result<Vec<OrderEvent>
             OrderStatus::Pending | OrderStatus::Confirmed | OrderStatus::RequiresIntervention => {
                 vec![]
             }
-            OrderStatus::Cancelled => intervention(
+            OrderStatus::Cancelled | OrderStatus::ManuallyCompensated => intervention(
                 order,
                 format!(
-                    "shipment {shipment_id} was created for an order already cancelled ({})",
+                    "shipment {shipment_id} was created for an order already {} ({})",
+                    match order.status {
+                        OrderStatus::Cancelled => "cancelled",
+                        _ => "compensated by hand",
+                    },
                     order.failure_reason.as_deref().unwrap_or("no reason")
                 ),
             ),
@@ -193,6 +210,27 @@ pub fn decide(state: Option<&Order>, command: Command) -> Result<Vec<OrderEvent>
             OrderStatus::Pending => intervention(order, reason),
             _ => vec![],
         }),
+        (Some(order), Command::ResolveManually { operator, note }) => {
+            limits::check_id("operator", &operator).map_err(DomainError::Invalid)?;
+            limits::check_reason("note", &note).map_err(DomainError::Invalid)?;
+            match order.status {
+                OrderStatus::RequiresIntervention => Ok(vec![OrderEvent::ManuallyCompensated(
+                    OrderManuallyCompensated {
+                        order_id: order.id,
+                        operator,
+                        note,
+                    },
+                )]),
+                status => Err(DomainError::Refused(format!(
+                    "order {} is {}: only an order that requires intervention can be resolved",
+                    order.id,
+                    serde_json::to_value(status)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                ))),
+            }
+        }
         (Some(order), Command::Cancel { reason, payment }) => {
             if let Some(p) = payment
                 && (p.customer_id != order.customer_id || p.amount != order.total)
@@ -209,9 +247,8 @@ pub fn decide(state: Option<&Order>, command: Command) -> Result<Vec<OrderEvent>
                 })],
                 OrderStatus::Pending
                 | OrderStatus::Cancelled
-                | OrderStatus::RequiresIntervention => {
-                    vec![]
-                }
+                | OrderStatus::RequiresIntervention
+                | OrderStatus::ManuallyCompensated => vec![],
                 OrderStatus::Confirmed => {
                     intervention(order, format!("confirmed order was compensated: {reason}"))
                 }
@@ -264,6 +301,10 @@ pub fn evolve(state: Option<Order>, event: &OrderEvent, at: DateTime<Utc>) -> Op
         OrderEvent::Cancelled(e) => {
             order.status = OrderStatus::Cancelled;
             order.failure_reason = Some(e.reason.clone());
+        }
+        OrderEvent::ManuallyCompensated(_) => {
+            order.status = OrderStatus::ManuallyCompensated;
+            order.halted = false;
         }
         OrderEvent::RequiresIntervention(e) => {
             order.halted = order.status == OrderStatus::Pending;
@@ -535,6 +576,44 @@ mod tests {
             .fold(None, |s, e| evolve(s, e, Utc::now()))
             .unwrap();
         assert!(!state.halted);
+    }
+
+    #[test]
+    fn only_an_order_requiring_intervention_is_resolved_by_hand_and_then_stays_so() {
+        let resolve = || Command::ResolveManually {
+            operator: "ada".into(),
+            note: "refunded in the gateway console".into(),
+        };
+        let given = [placed(), halted("payment dead-lettered InventoryReleased")];
+        let events = given_when(&given, resolve()).unwrap();
+        assert!(matches!(&events[..], [OrderEvent::ManuallyCompensated(e)] if e.operator == "ada"));
+        let resolved = [&given[..], &events[..]].concat();
+        let state = resolved
+            .iter()
+            .fold(None, |s, e| evolve(s, e, Utc::now()))
+            .unwrap();
+        assert_eq!(state.status, OrderStatus::ManuallyCompensated);
+        // A late refund changes nothing; a shipment now is a contradiction;
+        // a second resolution is refused.
+        assert!(given_when(&resolved, cancel("refund")).unwrap().is_empty());
+        assert!(matches!(
+            given_when(&resolved, confirm()).unwrap()[..],
+            [OrderEvent::RequiresIntervention(_)]
+        ));
+        assert!(matches!(
+            given_when(&resolved, resolve()),
+            Err(DomainError::Refused(_))
+        ));
+        let err = given_when(&[placed()], resolve()).unwrap_err();
+        assert!(err.to_string().contains("is PENDING"), "{err}");
+        let nobody = Command::ResolveManually {
+            operator: String::new(),
+            note: "x".into(),
+        };
+        assert!(matches!(
+            given_when(&given, nobody),
+            Err(DomainError::Invalid(_))
+        ));
     }
 
     #[test]

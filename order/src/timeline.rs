@@ -32,6 +32,7 @@ pub fn after(kind: EventKind) -> (OrderStatus, Option<Waiting>) {
         PaymentRefunded => waiting("order", "cancel the order"),
         OrderConfirmed => (OrderStatus::Confirmed, None),
         OrderCancelled => (OrderStatus::Cancelled, None),
+        OrderManuallyCompensated => (OrderStatus::ManuallyCompensated, None),
         OrderRequiresIntervention => (
             OrderStatus::RequiresIntervention,
             Some(Waiting {
@@ -49,6 +50,7 @@ pub fn ending(kind: EventKind) -> Option<&'static str> {
         OrderStatus::Confirmed => Some("confirmed"),
         OrderStatus::Cancelled => Some("cancelled"),
         OrderStatus::RequiresIntervention => Some("intervention"),
+        OrderStatus::ManuallyCompensated => Some("manually_compensated"),
     }
 }
 
@@ -100,6 +102,7 @@ pub fn effect(event: &Event) -> String {
         Event::OrderConfirmed(e) => format!("confirmed with shipment {}", e.shipment_id),
         Event::OrderCancelled(_) => "cancelled".into(),
         Event::OrderRequiresIntervention(_) => "halted for an operator".into(),
+        Event::OrderManuallyCompensated(e) => format!("compensated by hand by {}", e.operator),
     }
 }
 
@@ -114,6 +117,7 @@ pub fn reason(event: &Event) -> Option<&str> {
         Event::ShipmentFailed(e) => Some(&e.reason),
         Event::OrderCancelled(e) => Some(&e.reason),
         Event::OrderRequiresIntervention(e) => Some(&e.reason),
+        Event::OrderManuallyCompensated(e) => Some(&e.note),
         Event::OrderPlaced(_)
         | Event::PaymentProcessed(_)
         | Event::InventoryReserved(_)
@@ -143,7 +147,9 @@ pub fn progress(kinds: impl IntoIterator<Item = EventKind>) -> (OrderStatus, Opt
     for kind in kinds {
         let next = after(kind);
         match next.0 {
-            OrderStatus::Confirmed | OrderStatus::Cancelled => over = true,
+            OrderStatus::Confirmed | OrderStatus::Cancelled | OrderStatus::ManuallyCompensated => {
+                over = true
+            }
             OrderStatus::RequiresIntervention => {}
             OrderStatus::Pending if over => continue,
             OrderStatus::Pending => {}
@@ -240,7 +246,7 @@ mod tests {
     }
 
     #[test]
-    fn only_the_three_last_events_end_a_saga() {
+    fn only_the_order_s_outcomes_end_a_saga() {
         let ends: Vec<_> = EventKind::ALL
             .iter()
             .filter_map(|k| ending(*k).map(|e| (*k, e)))
@@ -250,7 +256,8 @@ mod tests {
             [
                 (OrderConfirmed, "confirmed"),
                 (OrderCancelled, "cancelled"),
-                (OrderRequiresIntervention, "intervention")
+                (OrderRequiresIntervention, "intervention"),
+                (OrderManuallyCompensated, "manually_compensated")
             ]
         );
     }

@@ -1,5 +1,6 @@
 //! Reactions to saga events: charge on OrderPlaced; refund (the shared
-//! compensation) on InventoryReservationFailed or InventoryReleased. Money
+//! compensation) on InventoryReservationFailed or InventoryReleased; record
+//! a refund an operator made by hand (OrderManuallyCompensated). Money
 //! moves through the payment gateway; the database records what it did.
 
 use std::{sync::Arc, time::Duration};
@@ -13,6 +14,8 @@ use common::{
     },
     limits,
 };
+
+use sqlx::PgConnection;
 
 use crate::domain::{self, ChargeDecision, PaymentStatus};
 use crate::gateway::{self, Gateway, GatewayError};
@@ -33,6 +36,12 @@ impl Handler for PaymentHandler {
             | Event::InventoryReleased(InventoryReleased {
                 order_id, reason, ..
             }) => compensation::compensate::<Payment>(cx, order_id, reason, self).await,
+            // The operator refunded by hand (in the gateway's console): the
+            // gateway is not called again.
+            Event::OrderManuallyCompensated(resolved) => {
+                let reason = resolved.reason();
+                compensation::undone_by_hand::<Payment>(cx, resolved.order_id, &reason).await
+            }
             _ => Ok(Outcome::Unhandled),
         }
     }
@@ -115,6 +124,11 @@ impl Step for Payment {
         self.status.step_state()
     }
 
+    async fn record_undone(&self, tx: &mut PgConnection, reason: &str) -> Result<(), HandlerError> {
+        store::refund(tx, self, reason).await?;
+        Ok(())
+    }
+
     async fn undo(self, cx: Applying<'_>, reason: String, with: &PaymentHandler) -> Undone {
         let refunded = with
             .gateway
@@ -143,7 +157,7 @@ impl Step for Payment {
                 report: Some(Box::new(report)),
             });
         }
-        store::refund(cx.tx, &self, &reason).await?;
+        self.record_undone(cx.tx, &reason).await?;
         let event = Event::PaymentRefunded(PaymentRefunded {
             order_id: self.order_id,
             payment_id: self.payment_id,

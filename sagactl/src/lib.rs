@@ -50,6 +50,9 @@ pub struct Connection {
         global = true
     )]
     pub order_url: String,
+    /// The services' admin token, for operator endpoints (resolve).
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true, global = true)]
+    pub admin_token: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -71,6 +74,23 @@ pub enum Command {
         /// Say what would be redriven, and change nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Resolve a saga that requires intervention, once an operator has done
+    /// by hand what it could not (refunded in the gateway's console, say):
+    /// the order becomes MANUALLY_COMPENSATED, payment records the charge as
+    /// refunded (without calling the gateway), inventory puts back what it
+    /// still holds. Audited (who, the note) in the saga's timeline.
+    Resolve {
+        order_id: Uuid,
+        /// The resolution: the compensation was done by hand.
+        #[arg(long, required = true)]
+        manually_compensated: bool,
+        /// What was done, in the operator's words.
+        #[arg(long)]
+        note: String,
+        /// Who: recorded with the note.
+        #[arg(long, env = "SAGACTL_OPERATOR")]
+        operator: Option<String>,
     },
     /// A saga's timeline, in order: every event with the service that
     /// emitted it and its effect, dead letters, operator actions, and the
@@ -152,6 +172,15 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
     match cli.command {
         Command::Saga { order_id, json } => {
             saga::print(&cli.connection.order_url, order_id, json, out).await
+        }
+        Command::Resolve {
+            order_id,
+            manually_compensated: _,
+            note,
+            operator,
+        } => {
+            let operator = operator.unwrap_or_else(login);
+            saga::resolve(&cli.connection, order_id, &operator, &note, out).await
         }
         Command::Dlq(command) => {
             let dlq = connect(&cli.connection, subjects).await?;

@@ -40,6 +40,50 @@ pub async fn print(
     write_story(&body, out)
 }
 
+/// Resolves an order requiring intervention as compensated by hand.
+pub async fn resolve(
+    connection: &crate::Connection,
+    order_id: Uuid,
+    operator: &str,
+    note: &str,
+    out: &mut (dyn Write + Send),
+) -> Result<()> {
+    let token = connection
+        .admin_token
+        .as_deref()
+        .context("resolving is an operator action: set ADMIN_TOKEN (or --admin-token)")?;
+    let url = format!(
+        "{}/orders/{order_id}/resolution",
+        connection.order_url.trim_end_matches('/')
+    );
+    let response = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(token)
+        .timeout(CALL_TIMEOUT)
+        .json(&serde_json::json!({
+            "resolution": "manually-compensated",
+            "operator": operator,
+            "note": note,
+        }))
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!(
+            "POST {url}: {status}: {}",
+            body["error"].as_str().unwrap_or("no message")
+        );
+    }
+    writeln!(
+        out,
+        "order {order_id}: {} (by {operator}: {note})",
+        body["status"].as_str().unwrap_or("-")
+    )?;
+    Ok(())
+}
+
 /// The summary line, then one line per entry: time, time since the one
 /// before, a mark (`->` a step, `<-` a compensation, `!!` a failure, `xx` a
 /// dead letter, `op` an operator), the service, the event and its effect.

@@ -518,6 +518,8 @@ impl Stack {
             self.subjects.prefix().into(),
             "--order-url".into(),
             self.url("order", ""),
+            "--admin-token".into(),
+            ADMIN_TOKEN.into(),
         ];
         argv.extend(
             line.split('"')
@@ -794,7 +796,13 @@ impl Stack {
         let mut confirmed_qty: HashMap<String, i64> = HashMap::new();
         for (status, total, lines, customer) in &rows {
             anyhow::ensure!(
-                ["CONFIRMED", "CANCELLED", "REQUIRES_INTERVENTION"].contains(&status.as_str()),
+                [
+                    "CONFIRMED",
+                    "CANCELLED",
+                    "REQUIRES_INTERVENTION",
+                    "MANUALLY_COMPENSATED"
+                ]
+                .contains(&status.as_str()),
                 "an order is stuck in {status}"
             );
             if status == "CONFIRMED" {

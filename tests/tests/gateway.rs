@@ -138,6 +138,87 @@ async fn a_refused_refund_is_retried_on_schedule_then_halts_the_saga_until_retri
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_resolves_a_halted_refund_as_compensated_by_hand() -> Result<()> {
+    let mut stack = Stack::start_with(&["order", "inventory", "shipping"]).await?;
+    stack.start_service_with("payment", refunds_refused).await?;
+    stack.set_balance("alice", 10_000).await?;
+    stack.set_stock("rare", 0).await?;
+    stack.set_stock("widget", 5).await?;
+    let (confirmed, _) = stack
+        .run_saga("alice", &[("widget", 1, 1_000)], "US")
+        .await?;
+    let id = stack
+        .place_order(&saga_tests::order_body(
+            "alice",
+            &[("rare", 1, 2_500)],
+            "US",
+        ))
+        .await?;
+    timeline_until(&stack, id, "OrderRequiresIntervention").await?;
+
+    // Only an order that requires intervention can be resolved.
+    let refused = stack
+        .sagactl(&format!(
+            "resolve {confirmed} --manually-compensated --note x --operator ada"
+        ))
+        .await
+        .expect_err("a confirmed order is not resolved");
+    assert!(format!("{refused:#}").contains("409"), "{refused:#}");
+
+    let done = stack
+        .sagactl(&format!(
+            "resolve {id} --manually-compensated --note \"refunded in the gateway console\" --operator ada"
+        ))
+        .await?;
+    assert!(done.contains("MANUALLY_COMPENSATED"), "{done}");
+    let entries = timeline_until(&stack, id, "OrderManuallyCompensated").await?;
+    let last = entries.last().unwrap();
+    assert_eq!(last["reason"], "refunded in the gateway console");
+    assert_eq!(last["effect"], "compensated by hand by ada");
+    // Payment records the refund made by hand, without calling the gateway
+    // (which still refuses refunds).
+    eventually("the refund by hand to be recorded", DEADLINE, || async {
+        Ok((stack.balance("alice").await? == 9_000).then_some(()))
+    })
+    .await?;
+    assert_eq!(stack.order(id).await?["status"], "MANUALLY_COMPENSATED");
+    let ended = stack
+        .metrics_until("order", "the resolution to be counted", |m| {
+            m.sum(names::SAGAS_ENDED, &[("outcome", "manually_compensated")]) == 1.0
+        })
+        .await?;
+    assert_eq!(
+        ended.sum(names::SAGAS_ENDED, &[("outcome", "intervention")]),
+        1.0
+    );
+
+    // The refund request still in the dead-letter stream, redriven now that
+    // the gateway works, finds nothing left to refund; a second resolution
+    // is refused.
+    stack
+        .put("payment", "/admin/gateway", serde_json::json!({}))
+        .await?;
+    stack
+        .sagactl(&format!("retry {id} --note cleanup --operator ada"))
+        .await?;
+    stack.settle().await?;
+    assert_eq!(stack.balance("alice").await?, 9_000);
+    let types = stack.saga_event_types(id).await?;
+    assert!(!types.iter().any(|t| t == "PaymentRefunded"), "{types:?}");
+    let again = stack
+        .sagactl(&format!(
+            "resolve {id} --manually-compensated --note again --operator ada"
+        ))
+        .await
+        .expect_err("resolved once");
+    assert!(
+        format!("{again:#}").contains("MANUALLY_COMPENSATED"),
+        "{again:#}"
+    );
+    stack.assert_invariants().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_charge_the_gateway_declines_cancels_only_that_customers_saga() -> Result<()> {
     let mut stack = Stack::start_with(&["order", "inventory", "shipping"]).await?;
     stack

@@ -219,6 +219,7 @@ catalog! {
     OrderConfirmed => OrderConfirmed, "order", "confirmed", 1;
     OrderCancelled => OrderCancelled, "order", "cancelled", 1;
     OrderRequiresIntervention => OrderRequiresIntervention, "order", "requires_intervention", 1;
+    OrderManuallyCompensated => OrderManuallyCompensated, "order", "manually_compensated", 1;
     PaymentProcessed => PaymentProcessed, "payment", "processed", 1;
     PaymentFailed => PaymentFailed, "payment", "failed", 1;
     PaymentRefunded => PaymentRefunded, "payment", "refunded", 1;
@@ -448,6 +449,35 @@ impl Validate for PaymentRefunded {
     }
 }
 
+/// An operator's resolution of an order that required intervention: what
+/// the saga could not undo, the operator undid by hand (a refund in the
+/// gateway's console, stock put back). Payment records the charge as
+/// refunded, inventory releases what it still holds; neither calls anyone.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OrderManuallyCompensated {
+    pub order_id: Uuid,
+    /// Who resolved it.
+    pub operator: String,
+    /// What they did, in their words.
+    pub note: String,
+}
+impl OrderManuallyCompensated {
+    /// Why a step was undone, as its record keeps it.
+    pub fn reason(&self) -> String {
+        limits::reason(format!(
+            "compensated by hand by {}: {}",
+            self.operator, self.note
+        ))
+    }
+}
+impl Validate for OrderManuallyCompensated {
+    fn validate(&self) -> Result<(), String> {
+        limits::check_id("operator", &self.operator)?;
+        limits::check_reason("note", &self.note)
+    }
+}
+
 /// One refund attempt the payment gateway did not carry out. Reported for
 /// every attempt (the delivery is retried on a schedule, then
 /// dead-lettered); nothing acts on it, the timeline and operators read it.
@@ -527,6 +557,7 @@ impl Event {
             Event::OrderConfirmed(p) => p.order_id,
             Event::OrderCancelled(p) => p.order_id,
             Event::OrderRequiresIntervention(p) => p.order_id,
+            Event::OrderManuallyCompensated(p) => p.order_id,
             Event::PaymentProcessed(p) => p.order_id,
             Event::PaymentFailed(p) => p.order_id,
             Event::PaymentRefunded(p) => p.order_id,
