@@ -102,29 +102,42 @@ pub async fn lock<S: Step>(tx: &mut PgConnection, order_id: Uuid) -> sqlx::Resul
     sqlx::query_as(&sql).bind(order_id).fetch_optional(tx).await
 }
 
-/// Handles a request to compensate `S` for `order_id`.
+/// Who undoes a step.
+pub enum By<'a, S: Step> {
+    /// The saga's compensation, asked for by a failure downstream: undone
+    /// with what it takes (`with`), and said so with an event.
+    Saga { reason: String, with: &'a S::With },
+    /// An operator, who did it by hand (OrderManuallyCompensated): only
+    /// recorded, and nothing emitted (the order has ended; nobody is to react).
+    Hand { reason: String },
+}
+
+/// Undoes step `S` for `order_id`, once, and only if it took effect.
 pub async fn compensate<S: Step>(
     cx: Applying<'_>,
     order_id: Uuid,
-    reason: String,
-    with: &S::With,
+    by: By<'_, S>,
 ) -> Result<Outcome, HandlerError> {
     let Some(record) = lock::<S>(cx.tx, order_id).await? else {
-        // The request overtook the step it undoes: retried until it is here.
-        return Ok(Outcome::NotYet(format!(
-            "no {} for order {order_id} yet",
-            S::NAME
-        )));
+        return Ok(match by {
+            // The request overtook the step it undoes: retried until it is here.
+            By::Saga { .. } => Outcome::NotYet(format!("no {} for order {order_id} yet", S::NAME)),
+            By::Hand { .. } => Outcome::Skipped(format!("no {} for order {order_id}", S::NAME)),
+        });
     };
-    match decide(record.state()) {
-        Compensation::AlreadyUndone => {
+    match (decide(record.state()), by) {
+        (Compensation::AlreadyUndone, _) => {
             Ok(Outcome::Skipped(format!("{} already compensated", S::NAME)))
         }
-        Compensation::NothingToUndo => Ok(Outcome::Skipped(format!(
+        (Compensation::NothingToUndo, _) => Ok(Outcome::Skipped(format!(
             "{} was refused; nothing to compensate",
             S::NAME
         ))),
-        Compensation::Undo => {
+        (Compensation::Undo, By::Hand { reason }) => {
+            record.record_undone(cx.tx, &reason).await?;
+            Ok(Outcome::Applied(Vec::new()))
+        }
+        (Compensation::Undo, By::Saga { reason, with }) => {
             let undoing = Applying {
                 tx: &mut *cx.tx,
                 cause: cx.cause,
@@ -141,32 +154,6 @@ pub async fn compensate<S: Step>(
                 COMPENSATION_VERSION,
             )]))
         }
-    }
-}
-
-/// Handles an operator's word that `S` for `order_id` was undone by hand
-/// (OrderManuallyCompensated): records it undone if it took effect, and
-/// emits nothing (the order has ended; nobody is to react).
-pub async fn undone_by_hand<S: Step>(
-    cx: Applying<'_>,
-    order_id: Uuid,
-    reason: &str,
-) -> Result<Outcome, HandlerError> {
-    let Some(record) = lock::<S>(cx.tx, order_id).await? else {
-        return Ok(Outcome::Skipped(format!(
-            "no {} for order {order_id}: nothing to undo",
-            S::NAME
-        )));
-    };
-    match decide(record.state()) {
-        Compensation::Undo => {
-            record.record_undone(cx.tx, reason).await?;
-            Ok(Outcome::Applied(Vec::new()))
-        }
-        Compensation::AlreadyUndone | Compensation::NothingToUndo => Ok(Outcome::Skipped(format!(
-            "{} has nothing left to undo",
-            S::NAME
-        ))),
     }
 }
 

@@ -179,18 +179,23 @@ struct Shared {
     admin: AdminToken,
 }
 
+/// Whether a change of `id` may go ahead: the operator's token, then the id.
+fn change(shared: &Shared, headers: &HeaderMap, method: &str, id: &str) -> Result<(), ApiError> {
+    let counter = shared.counter;
+    shared
+        .admin
+        .check(headers, &format!("{method} {}/{id}", counter.base))?;
+    counter.check_id(id)
+}
+
 async fn put<V: CounterView>(
-    State(Shared {
-        pool,
-        counter,
-        admin,
-    }): State<Shared>,
+    State(shared): State<Shared>,
     Path(id): Path<String>,
     headers: HeaderMap,
     ValidJson(body): ValidJson<Map<String, Value>>,
 ) -> Result<Response, ApiError> {
-    admin.check(&headers, &format!("PUT {}/{id}", counter.base))?;
-    counter.check_id(&id)?;
+    change(&shared, &headers, "PUT", &id)?;
+    let Shared { pool, counter, .. } = shared;
     let value = Counter::field(body, counter.value_name)?;
     limits::check_range(counter.value_name, value, 0, limits::MAX_AMOUNT)
         .map_err(ApiError::Unprocessable)?;
@@ -214,20 +219,13 @@ async fn put<V: CounterView>(
 }
 
 async fn add<V: CounterView>(
-    State(Shared {
-        pool,
-        counter,
-        admin,
-    }): State<Shared>,
+    State(shared): State<Shared>,
     Path(id): Path<String>,
     headers: HeaderMap,
     ValidJson(body): ValidJson<Map<String, Value>>,
 ) -> Result<Response, ApiError> {
-    admin.check(
-        &headers,
-        &format!("POST {}/{id}/{}", counter.base, counter.additions),
-    )?;
-    counter.check_id(&id)?;
+    change(&shared, &headers, "POST", &id)?;
+    let Shared { pool, counter, .. } = shared;
     let name = counter.delta_name;
     let delta = Counter::field(body, name)?;
     let lowest = match counter.removals {

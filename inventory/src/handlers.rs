@@ -4,7 +4,7 @@
 
 use common::{
     Applying, Event, Handler, HandlerError, Outcome,
-    compensation::{self, Step, StepState, Undone},
+    compensation::{self, By, Step, StepState, Undone},
     event::{InventoryReleased, InventoryReservationFailed, InventoryReserved, PaymentProcessed},
 };
 
@@ -21,11 +21,14 @@ impl Handler for InventoryHandler {
             Event::PaymentProcessed(paid) => reserve(cx, paid).await,
             Event::ShipmentFailed(failed) => {
                 let (order_id, reason) = (failed.order_id, failed.reason);
-                compensation::compensate::<Reservation>(cx, order_id, reason, &()).await
+                let by = By::Saga { reason, with: &() };
+                compensation::compensate::<Reservation>(cx, order_id, by).await
             }
             Event::OrderManuallyCompensated(resolved) => {
-                let reason = resolved.reason();
-                compensation::undone_by_hand::<Reservation>(cx, resolved.order_id, &reason).await
+                let by = By::Hand {
+                    reason: resolved.reason(),
+                };
+                compensation::compensate::<Reservation>(cx, resolved.order_id, by).await
             }
             _ => Ok(Outcome::Unhandled),
         }

@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use common::{
     Applying, Envelope, Event, Handler, HandlerError, Outcome,
-    compensation::{self, COMPENSATION_VERSION, Step, StepState, Undone},
+    compensation::{self, By, COMPENSATION_VERSION, Step, StepState, Undone},
     event::{
         InventoryReleased, InventoryReservationFailed, OrderPlaced, PaymentFailed,
         PaymentProcessed, PaymentRefundFailed, PaymentRefunded,
@@ -35,12 +35,17 @@ impl Handler for PaymentHandler {
             Event::InventoryReservationFailed(InventoryReservationFailed { order_id, reason })
             | Event::InventoryReleased(InventoryReleased {
                 order_id, reason, ..
-            }) => compensation::compensate::<Payment>(cx, order_id, reason, self).await,
+            }) => {
+                let by = By::Saga { reason, with: self };
+                compensation::compensate::<Payment>(cx, order_id, by).await
+            }
             // The operator refunded by hand (in the gateway's console): the
             // gateway is not called again.
             Event::OrderManuallyCompensated(resolved) => {
-                let reason = resolved.reason();
-                compensation::undone_by_hand::<Payment>(cx, resolved.order_id, &reason).await
+                let by = By::Hand {
+                    reason: resolved.reason(),
+                };
+                compensation::compensate::<Payment>(cx, resolved.order_id, by).await
             }
             _ => Ok(Outcome::Unhandled),
         }

@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use common::{Envelope, Subjects, consumer::dlq_headers, limits, operator::OperatorAction};
 use uuid::Uuid;
 
-use crate::{CALL_TIMEOUT, Filter};
+use crate::{Audit, CALL_TIMEOUT, Filter};
 
 /// The operator action a redrive records.
 pub const REDRIVE: &str = "dlq-redrive";
@@ -74,6 +74,19 @@ pub struct Redrive {
     pub note: String,
     pub operator: String,
     pub dry_run: bool,
+}
+
+impl Redrive {
+    pub fn new(seqs: Vec<u64>, filter: Filter, body: Option<Vec<u8>>, audit: Audit) -> Redrive {
+        Redrive {
+            seqs,
+            filter,
+            body,
+            note: audit.note.unwrap_or_default(),
+            operator: audit.operator.unwrap_or_else(crate::login),
+            dry_run: audit.dry_run,
+        }
+    }
 }
 
 /// What one dead letter's redrive would publish.

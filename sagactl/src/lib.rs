@@ -65,15 +65,8 @@ pub enum Command {
     /// there and ends as it would have. Same as `dlq redrive --saga ORDER_ID`.
     Retry {
         order_id: Uuid,
-        /// Why: recorded in the audit trail and the saga's timeline.
-        #[arg(long, required_unless_present = "dry_run")]
-        note: Option<String>,
-        /// Who: recorded with the note.
-        #[arg(long, env = "SAGACTL_OPERATOR")]
-        operator: Option<String>,
-        /// Say what would be redriven, and change nothing.
-        #[arg(long)]
-        dry_run: bool,
+        #[command(flatten)]
+        audit: Audit,
     },
     /// Resolve a saga that requires intervention, once an operator has done
     /// by hand what it could not (refunded in the gateway's console, say):
@@ -102,6 +95,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Who redrives, and why; or only what would be redriven.
+#[derive(Debug, Clone, Args)]
+pub struct Audit {
+    /// Why: recorded in the audit trail and the saga's timeline.
+    #[arg(long, required_unless_present = "dry_run")]
+    pub note: Option<String>,
+    /// Who: recorded with the note.
+    #[arg(long, env = "SAGACTL_OPERATOR")]
+    pub operator: Option<String>,
+    /// Say what would be redriven, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// Which dead letters.
@@ -154,15 +161,8 @@ pub enum DlqCommand {
         /// dead letter's bytes; only with exactly one --seq.
         #[arg(long, requires = "seqs")]
         body: Option<PathBuf>,
-        /// Why: recorded in the audit trail and the saga's timeline.
-        #[arg(long, required_unless_present = "dry_run")]
-        note: Option<String>,
-        /// Who: recorded with the note.
-        #[arg(long, env = "SAGACTL_OPERATOR")]
-        operator: Option<String>,
-        /// Say what would be redriven, and change nothing.
-        #[arg(long)]
-        dry_run: bool,
+        #[command(flatten)]
+        audit: Audit,
     },
 }
 
@@ -191,9 +191,7 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
                     seqs,
                     filter,
                     body,
-                    note,
-                    operator,
-                    dry_run,
+                    audit,
                 } => {
                     let body = match body {
                         Some(path) => Some(
@@ -202,36 +200,18 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
                         ),
                         None => None,
                     };
-                    let request = dlq::Redrive {
-                        seqs,
-                        filter,
-                        body,
-                        note: note.unwrap_or_default(),
-                        operator: operator.unwrap_or_else(login),
-                        dry_run,
-                    };
+                    let request = dlq::Redrive::new(seqs, filter, body, audit);
                     dlq.redrive(request, out).await
                 }
             }
         }
-        Command::Retry {
-            order_id,
-            note,
-            operator,
-            dry_run,
-        } => {
+        Command::Retry { order_id, audit } => {
             let dlq = connect(&cli.connection, subjects).await?;
-            let request = dlq::Redrive {
-                seqs: Vec::new(),
-                filter: Filter {
-                    saga: Some(order_id),
-                    ..Filter::default()
-                },
-                body: None,
-                note: note.unwrap_or_default(),
-                operator: operator.unwrap_or_else(login),
-                dry_run,
+            let saga = Filter {
+                saga: Some(order_id),
+                ..Filter::default()
             };
+            let request = dlq::Redrive::new(Vec::new(), saga, None, audit);
             dlq.redrive(request, out).await
         }
     }
@@ -258,7 +238,7 @@ async fn connect(connection: &Connection, subjects: Subjects) -> Result<dlq::Dlq
 }
 
 /// The login name, for the audit trail when --operator is not given.
-fn login() -> String {
+pub(crate) fn login() -> String {
     std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_else(|_| "unknown".into())

@@ -22,6 +22,25 @@ fn refunds_refused(c: &mut Config) {
     c.refund_retries = SCHEDULE_MS.map(Duration::from_millis).to_vec();
 }
 
+/// A stack whose gateway refuses refunds; alice has 10 000, and product
+/// `rare` no stock (an order of it is charged, then refunded).
+async fn refunds_refused_stack() -> Result<Stack> {
+    let mut stack = Stack::start_with(&["order", "inventory", "shipping"]).await?;
+    stack.start_service_with("payment", refunds_refused).await?;
+    stack.set_balance("alice", 10_000).await?;
+    stack.set_stock("rare", 0).await?;
+    Ok(stack)
+}
+
+/// Alice's order of `rare` (2 500), charged and then not refunded: its id
+/// and timeline once the saga is halted.
+async fn halted_refund(stack: &Stack) -> Result<(Uuid, Vec<Value>)> {
+    let order = saga_tests::order_body("alice", &[("rare", 1, 2_500)], "US");
+    let id = stack.place_order(&order).await?;
+    let entries = timeline_until(stack, id, "OrderRequiresIntervention").await?;
+    Ok((id, entries))
+}
+
 async fn timeline_until(stack: &Stack, id: Uuid, last: &str) -> Result<Vec<Value>> {
     eventually(
         &format!("{last} in the timeline of {id}"),
@@ -38,21 +57,11 @@ async fn timeline_until(stack: &Stack, id: Uuid, last: &str) -> Result<Vec<Value
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_refund_is_retried_on_schedule_then_halts_the_saga_until_retried() -> Result<()> {
-    let mut stack = Stack::start_with(&["order", "inventory", "shipping"]).await?;
-    stack.start_service_with("payment", refunds_refused).await?;
-    stack.set_balance("alice", 10_000).await?;
-    stack.set_stock("rare", 0).await?;
+    let stack = refunds_refused_stack().await?;
     let (_, rules) = stack.get_json("payment", "/admin/gateway").await?;
     assert_eq!(rules["all"]["refunds"], "fail", "{rules}");
     // Out of stock: the charge must be refunded, and the gateway refuses.
-    let id = stack
-        .place_order(&saga_tests::order_body(
-            "alice",
-            &[("rare", 1, 2_500)],
-            "US",
-        ))
-        .await?;
-    let entries = timeline_until(&stack, id, "OrderRequiresIntervention").await?;
+    let (id, entries) = halted_refund(&stack).await?;
     assert_eq!(stack.order(id).await?["status"], "REQUIRES_INTERVENTION");
     assert_eq!(
         stack.balance("alice").await?,
@@ -139,22 +148,12 @@ async fn a_refused_refund_is_retried_on_schedule_then_halts_the_saga_until_retri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_resolves_a_halted_refund_as_compensated_by_hand() -> Result<()> {
-    let mut stack = Stack::start_with(&["order", "inventory", "shipping"]).await?;
-    stack.start_service_with("payment", refunds_refused).await?;
-    stack.set_balance("alice", 10_000).await?;
-    stack.set_stock("rare", 0).await?;
+    let stack = refunds_refused_stack().await?;
     stack.set_stock("widget", 5).await?;
     let (confirmed, _) = stack
         .run_saga("alice", &[("widget", 1, 1_000)], "US")
         .await?;
-    let id = stack
-        .place_order(&saga_tests::order_body(
-            "alice",
-            &[("rare", 1, 2_500)],
-            "US",
-        ))
-        .await?;
-    timeline_until(&stack, id, "OrderRequiresIntervention").await?;
+    let (id, _) = halted_refund(&stack).await?;
 
     // Only an order that requires intervention can be resolved.
     let refused = stack
