@@ -10,6 +10,7 @@ pub mod compensation;
 pub mod config;
 pub mod consumer;
 pub mod counter;
+pub mod dlq;
 pub mod health;
 pub mod http;
 pub mod idempotency;

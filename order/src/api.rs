@@ -16,11 +16,12 @@ use axum::{
 use chrono::{DateTime, Utc};
 use common::{
     Envelope, EventKind,
+    dlq::{Dlq, Redrive},
     http::{AdminToken, ApiError, ValidJson, ValidQuery},
     limits, outbox,
 };
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 use uuid::Uuid;
 
 use crate::{
@@ -31,10 +32,14 @@ use crate::{
     timeline,
 };
 
-pub fn router(placer: Placer, stall_after: Duration, admin: AdminToken) -> Router {
+pub fn router(placer: Placer, stall_after: Duration, admin: AdminToken, dlq: Dlq) -> Router {
     let sagas = Sagas {
         pool: placer.pool.clone(),
         stall_after,
+    };
+    let redriver = Redriver {
+        dlq: Arc::new(dlq),
+        admin: admin.clone(),
     };
     let resolver = Resolver {
         placer: placer.clone(),
@@ -49,6 +54,11 @@ pub fn router(placer: Placer, stall_after: Duration, admin: AdminToken) -> Route
             Router::new()
                 .route("/orders/{id}/resolution", post(resolve))
                 .with_state(resolver),
+        )
+        .merge(
+            Router::new()
+                .route("/dead-letters/redrive", post(redrive))
+                .with_state(redriver),
         )
         .merge(
             Router::new()
@@ -127,6 +137,31 @@ async fn get_order(
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("order {id} not found")))
+}
+
+#[derive(Clone)]
+struct Redriver {
+    dlq: Arc<Dlq>,
+    admin: AdminToken,
+}
+
+/// `POST /dead-letters/redrive` (operator): publishes the selected dead
+/// letters' events again, each with an audit record, and says what became
+/// of each (see [`Dlq::redrive`]).
+async fn redrive(
+    State(Redriver { dlq, admin }): State<Redriver>,
+    headers: HeaderMap,
+    ValidJson(request): ValidJson<Redrive>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    admin.check(&headers, "POST /dead-letters/redrive")?;
+    let results = dlq
+        .redrive(&request)
+        .await
+        .map_err(|e| ApiError::Unprocessable(format!("{e:#}")))?;
+    for r in results.iter().filter(|r| r.outcome == "redrove") {
+        tracing::warn!(seq = r.seq, operator = %request.operator, detail = %r.detail, "operator redrove a dead letter");
+    }
+    Ok(Json(serde_json::json!({ "results": results })))
 }
 
 #[derive(Clone)]

@@ -64,7 +64,8 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
     }
     .start(source, shutdown.clone())
     .await?;
-    let routes = api::router(placer, stall_after, infra.admin());
+    let dlq = common::dlq::Dlq::new(infra.js.clone(), infra.subjects.clone());
+    let routes = api::router(placer, stall_after, infra.admin(), dlq);
     let mut service = Service::build(&infra, handler, routes, shutdown).await?;
     service.spawn_with(responder);
     service.spawn_with(watch);

@@ -1,383 +1,137 @@
-//! Dead letters: read from the dead-letter stream without consuming them,
-//! shown, and redriven.
+//! Dead letters in the terminal: listed and shown straight from the
+//! dead-letter stream; redriven by the order service on the operator's
+//! request (`POST /dead-letters/redrive`, with the admin token).
 
 use std::io::Write;
 
-use anyhow::{Context, Result, anyhow, bail};
-use async_nats::{
-    HeaderMap,
-    header::NATS_MESSAGE_ID,
-    jetstream::{self, stream::LastRawMessageErrorKind},
+use anyhow::{Context, Result, bail};
+use common::{
+    consumer::dlq_headers,
+    dlq::{Dlq, Redrive, Redriven},
 };
-use bytes::Bytes;
-use chrono::{DateTime, Utc};
-use common::{Envelope, Subjects, consumer::dlq_headers, limits, operator::OperatorAction};
-use uuid::Uuid;
+use serde_json::Value;
 
-use crate::{Audit, CALL_TIMEOUT, Filter};
+use crate::{CALL_TIMEOUT, Connection, Filter};
 
-/// The operator action a redrive records.
-pub const REDRIVE: &str = "dlq-redrive";
-
-/// Most dead letters one command reads: a larger stream is read in part
-/// and says so.
-const MAX_READ: u64 = 100_000;
-
-/// The dead-letter stream of one system.
-pub struct Dlq {
-    js: jetstream::Context,
-    subjects: Subjects,
-}
-
-/// One dead letter: the original bytes with the headers that say why.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub seq: u64,
-    pub at: DateTime<Utc>,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
-
-impl DeadLetter {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(|v| v.as_str())
-    }
-
-    fn or_dash(&self, name: &str) -> &str {
-        self.header(name).unwrap_or("-")
-    }
-
-    fn matches(&self, filter: &Filter) -> bool {
-        filter
-            .consumer
-            .as_deref()
-            .is_none_or(|c| self.header(dlq_headers::CONSUMER) == Some(c))
-            && filter.since.is_none_or(|since| self.at >= since)
-            && filter.saga.is_none_or(|saga| {
-                self.header(dlq_headers::CORRELATION_ID) == Some(saga.to_string().as_str())
-            })
-            && filter.reason_contains.as_deref().is_none_or(|text| {
-                self.header(dlq_headers::REASON)
-                    .unwrap_or_default()
-                    .to_lowercase()
-                    .contains(&text.to_lowercase())
-            })
-    }
-}
-
-/// What to redrive, and who asks why.
-#[derive(Debug, Clone)]
-pub struct Redrive {
-    pub seqs: Vec<u64>,
-    pub filter: Filter,
-    pub body: Option<Vec<u8>>,
-    pub note: String,
-    pub operator: String,
-    pub dry_run: bool,
-}
-
-impl Redrive {
-    pub fn new(seqs: Vec<u64>, filter: Filter, body: Option<Vec<u8>>, audit: Audit) -> Redrive {
-        Redrive {
-            seqs,
-            filter,
-            body,
-            note: audit.note.unwrap_or_default(),
-            operator: audit.operator.unwrap_or_else(crate::login),
-            dry_run: audit.dry_run,
+impl From<&Filter> for common::dlq::Filter {
+    fn from(f: &Filter) -> Self {
+        common::dlq::Filter {
+            consumer: f.consumer.clone(),
+            reason_contains: f.reason_contains.clone(),
+            since: f.since,
+            saga: f.saga,
         }
     }
 }
 
-/// What one dead letter's redrive would publish.
-struct Plan {
-    subject: String,
-    bytes: Bytes,
-    envelope: Envelope,
-}
-
-impl Dlq {
-    pub fn new(js: jetstream::Context, subjects: Subjects) -> Dlq {
-        Dlq { js, subjects }
-    }
-
-    async fn stream(&self) -> Result<jetstream::stream::Stream> {
-        let name = self.subjects.dead_letter_stream();
-        tokio::time::timeout(CALL_TIMEOUT, self.js.get_stream(&name))
-            .await
-            .ok()
-            .with_context(|| format!("no answer about stream {name} within {CALL_TIMEOUT:?}"))?
-            .with_context(|| format!("the dead-letter stream {name}"))
-    }
-
-    /// One dead letter, if the stream still holds it.
-    async fn get(
-        &self,
-        stream: &jetstream::stream::Stream,
-        seq: u64,
-    ) -> Result<Option<DeadLetter>> {
-        let got = tokio::time::timeout(CALL_TIMEOUT, stream.get_raw_message(seq))
-            .await
-            .ok()
-            .with_context(|| format!("no answer for dead letter {seq} within {CALL_TIMEOUT:?}"))?;
-        match got {
-            Ok(m) => Ok(Some(DeadLetter {
-                seq: m.sequence,
-                at: DateTime::from_timestamp_nanos(
-                    m.time.unix_timestamp_nanos().clamp(0, i64::MAX as i128) as i64,
-                ),
-                headers: m.headers,
-                body: m.payload,
-            })),
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) if e.to_string().contains("no message found") => Ok(None),
-            Err(e) => Err(anyhow!(e).context(format!("reading dead letter {seq}"))),
-        }
-    }
-
-    /// Every dead letter `filter` selects, oldest first.
-    pub async fn read(&self, filter: &Filter) -> Result<Vec<DeadLetter>> {
-        let mut stream = self.stream().await?;
-        let state = tokio::time::timeout(CALL_TIMEOUT, stream.info())
-            .await
-            .ok()
-            .context("no answer about the dead-letter stream")??
-            .state
-            .clone();
-        if state.messages == 0 {
-            return Ok(Vec::new());
-        }
-        let first = state
-            .first_sequence
-            .max(state.last_sequence.saturating_sub(MAX_READ - 1));
-        let mut found = Vec::new();
-        for seq in first..=state.last_sequence {
-            if let Some(d) = self.get(&stream, seq).await?
-                && d.matches(filter)
-            {
-                found.push(d);
-            }
-        }
-        Ok(found)
-    }
-
-    pub async fn list(
-        &self,
-        filter: &Filter,
-        limit: usize,
-        out: &mut (dyn Write + Send),
-    ) -> Result<()> {
-        let all = self.read(filter).await?;
+pub async fn list(
+    dlq: &Dlq,
+    filter: &Filter,
+    limit: usize,
+    out: &mut (dyn Write + Send),
+) -> Result<()> {
+    let all = dlq.read(&filter.into()).await?;
+    writeln!(
+        out,
+        "{:>6}  {:<24}  {:<10}  {:<26}  {:<36}  REASON",
+        "SEQ", "DEAD-LETTERED (UTC)", "CONSUMER", "EVENT", "SAGA"
+    )?;
+    for d in all.iter().take(limit) {
         writeln!(
             out,
-            "{:>6}  {:<24}  {:<10}  {:<26}  {:<36}  REASON",
-            "SEQ", "DEAD-LETTERED (UTC)", "CONSUMER", "EVENT", "SAGA"
+            "{:>6}  {:<24}  {:<10}  {:<26}  {:<36}  {}",
+            d.seq,
+            d.at.format("%Y-%m-%d %H:%M:%S%.3f"),
+            d.or_dash(dlq_headers::CONSUMER),
+            d.header(dlq_headers::EVENT_TYPE)
+                .unwrap_or("(not an event)"),
+            d.or_dash(dlq_headers::CORRELATION_ID),
+            shorten(d.or_dash(dlq_headers::REASON), 160),
         )?;
-        for d in all.iter().take(limit) {
-            let reason = d.or_dash(dlq_headers::REASON);
-            writeln!(
-                out,
-                "{:>6}  {:<24}  {:<10}  {:<26}  {:<36}  {}",
-                d.seq,
-                d.at.format("%Y-%m-%d %H:%M:%S%.3f"),
-                d.or_dash(dlq_headers::CONSUMER),
-                d.header(dlq_headers::EVENT_TYPE)
-                    .unwrap_or("(not an event)"),
-                d.or_dash(dlq_headers::CORRELATION_ID),
-                shorten(reason, 160),
-            )?;
-        }
-        let shown = all.len().min(limit);
-        writeln!(out, "{shown} of {} dead letter(s)", all.len())?;
-        Ok(())
     }
+    writeln!(
+        out,
+        "{} of {} dead letter(s)",
+        all.len().min(limit),
+        all.len()
+    )?;
+    Ok(())
+}
 
-    pub async fn show(&self, seq: u64, out: &mut (dyn Write + Send)) -> Result<()> {
-        let stream = self.stream().await?;
-        let d = self
-            .get(&stream, seq)
-            .await?
-            .with_context(|| format!("no dead letter {seq} (redriven, or never there)"))?;
-        writeln!(out, "dead letter {seq}, {}", d.at.to_rfc3339())?;
-        writeln!(out, "reason: {}", d.or_dash(dlq_headers::REASON))?;
-        writeln!(out, "headers:")?;
-        let mut headers: Vec<(String, String)> = d
-            .headers
-            .iter()
-            .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string())))
-            .collect();
-        headers.sort();
-        for (k, v) in headers {
-            writeln!(out, "  {k}: {v}")?;
-        }
-        writeln!(out, "body ({} bytes):", d.body.len())?;
-        match serde_json::from_slice::<serde_json::Value>(&d.body) {
-            Ok(v) => writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?,
-            Err(_) => writeln!(out, "{}", String::from_utf8_lossy(&d.body))?,
-        }
-        Ok(())
+pub async fn show(dlq: &Dlq, seq: u64, out: &mut (dyn Write + Send)) -> Result<()> {
+    let d = dlq
+        .one(seq)
+        .await?
+        .with_context(|| format!("no dead letter {seq} (redriven, or never there)"))?;
+    writeln!(out, "dead letter {seq}, {}", d.at.to_rfc3339())?;
+    writeln!(out, "reason: {}", d.or_dash(dlq_headers::REASON))?;
+    writeln!(out, "headers:")?;
+    let mut headers: Vec<(String, String)> = d
+        .headers
+        .iter()
+        .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string())))
+        .collect();
+    headers.sort();
+    for (k, v) in headers {
+        writeln!(out, "  {k}: {v}")?;
     }
-
-    /// What redriving `d` would publish, or why it cannot be.
-    fn plan(&self, d: &DeadLetter, replacement: Option<&[u8]>) -> Result<Plan, String> {
-        let bytes = match replacement {
-            Some(bytes) => Bytes::copy_from_slice(bytes),
-            None => {
-                if let Some(where_) = d.header(dlq_headers::BODY_OMITTED) {
-                    return Err(format!(
-                        "its body was too large to keep ({where_}): fetch the original, and redrive it alone with --seq {} --body FILE",
-                        d.seq
-                    ));
-                }
-                if d.header(dlq_headers::EVENT_ID).is_none() {
-                    return Err(format!(
-                        "its bytes are not an event ({}): fix them (sagactl dlq show {}) and redrive it alone with --seq {} --body FILE",
-                        d.or_dash(dlq_headers::REASON),
-                        d.seq,
-                        d.seq
-                    ));
-                }
-                d.body.clone()
-            }
-        };
-        let (envelope, event) = Envelope::decode(&bytes).map_err(|e| match replacement {
-            Some(_) => format!("the replacement body is not a valid event: {e}"),
-            None => format!("its bytes no longer decode as an event: {e}"),
-        })?;
-        Ok(Plan {
-            subject: self.subjects.event(event.kind()),
-            bytes,
-            envelope,
-        })
+    writeln!(out, "body ({} bytes):", d.body.len())?;
+    match serde_json::from_slice::<Value>(&d.body) {
+        Ok(v) => writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?,
+        Err(_) => writeln!(out, "{}", String::from_utf8_lossy(&d.body))?,
     }
+    Ok(())
+}
 
-    pub async fn redrive(&self, request: Redrive, out: &mut (dyn Write + Send)) -> Result<()> {
-        if request.body.is_some() && request.seqs.len() != 1 {
-            bail!("--body replaces one dead letter: name exactly one --seq");
-        }
-        if !request.dry_run {
-            limits::check_id("operator", &request.operator).map_err(|e| anyhow!(e))?;
-            limits::check_reason("note", &request.note).map_err(|e| anyhow!(e))?;
-        }
-        let stream = self.stream().await?;
-        let selected = if request.seqs.is_empty() {
-            self.read(&request.filter).await?
-        } else {
-            let mut selected = Vec::new();
-            for &seq in &request.seqs {
-                let d = self
-                    .get(&stream, seq)
-                    .await?
-                    .with_context(|| format!("no dead letter {seq} (redriven, or never there)"))?;
-                selected.push(d);
-            }
-            selected
-        };
-        if selected.is_empty() {
-            writeln!(out, "no dead letter selected")?;
-            return Ok(());
-        }
-        let mut refused = 0;
-        for d in &selected {
-            let plan = match self.plan(d, request.body.as_deref()) {
-                Ok(plan) => plan,
-                Err(why) => {
-                    refused += 1;
-                    writeln!(out, "refused {}: {why}", d.seq)?;
-                    continue;
-                }
-            };
-            let what = format!(
-                "{} {} of saga {} to {}",
-                plan.envelope.event_type,
-                plan.envelope.event_id,
-                plan.envelope.metadata.correlation_id,
-                plan.subject
-            );
-            if request.dry_run {
-                writeln!(out, "would redrive {}: {what}", d.seq)?;
-                continue;
-            }
-            self.republish(d, &plan, &request).await.with_context(|| {
-                format!("redriving dead letter {}; it stays in the stream", d.seq)
-            })?;
-            writeln!(out, "redrove {}: {what}", d.seq)?;
-        }
-        if refused > 0 {
-            bail!(
-                "{refused} of {} dead letter(s) not redriven (see above)",
-                selected.len()
-            );
-        }
-        Ok(())
-    }
-
-    /// Publishes the event and the audit record, each acknowledged, and only
-    /// then deletes the dead letter: a failure at any point leaves it there,
-    /// and redriving it again is harmless (the consumers' idempotency).
-    async fn republish(&self, d: &DeadLetter, plan: &Plan, request: &Redrive) -> Result<()> {
-        // Stamped before the event goes out, so the record precedes every
-        // consequence of it in the timeline.
-        let action = OperatorAction {
-            action_id: Uuid::now_v7(),
-            action: REDRIVE.into(),
-            operator: request.operator.clone(),
-            note: request.note.clone(),
-            at: Utc::now(),
-            correlation_id: Some(plan.envelope.metadata.correlation_id),
-            effect: limits::reason(format!(
-                "redrove {} (dead letter {} of {}{}: {})",
-                plan.envelope.event_type,
-                d.seq,
-                d.or_dash(dlq_headers::CONSUMER),
-                if request.body.is_some() {
-                    ", corrected"
-                } else {
-                    ""
-                },
-                d.or_dash(dlq_headers::REASON)
-            )),
-        };
-        action.check().map_err(|e| anyhow!(e))?;
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            NATS_MESSAGE_ID,
-            format!("redrive.{}.{}", d.seq, Uuid::new_v4()).as_str(),
+/// Asks the order service to redrive, and prints what became of each.
+pub async fn redrive(
+    connection: &Connection,
+    request: &Redrive,
+    out: &mut (dyn Write + Send),
+) -> Result<()> {
+    let token = connection
+        .admin_token
+        .as_deref()
+        .context("redriving is an operator action: set ADMIN_TOKEN (or --admin-token)")?;
+    let url = format!(
+        "{}/dead-letters/redrive",
+        connection.order_url.trim_end_matches('/')
+    );
+    let response = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(token)
+        .timeout(CALL_TIMEOUT * 3)
+        .json(request)
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!(
+            "POST {url}: {status}: {}",
+            body["error"].as_str().unwrap_or("no message")
         );
-        self.publish(plan.subject.clone(), headers, plan.bytes.clone())
-            .await
-            .context("publishing the event")?;
-        let mut headers = HeaderMap::new();
-        headers.insert(NATS_MESSAGE_ID, action.action_id.to_string().as_str());
-        self.publish(
-            self.subjects.operator(REDRIVE),
-            headers,
-            serde_json::to_vec(&action)?.into(),
-        )
-        .await
-        .context("publishing the audit record")?;
-        let stream = self.stream().await?;
-        tokio::time::timeout(CALL_TIMEOUT, stream.delete_message(d.seq))
-            .await
-            .ok()
-            .context("no answer to the delete")?
-            .context("deleting the dead letter (the event was redriven)")?;
-        Ok(())
     }
-
-    async fn publish(&self, subject: String, headers: HeaderMap, body: Bytes) -> Result<()> {
-        let ack = tokio::time::timeout(CALL_TIMEOUT, async {
-            self.js
-                .publish_with_headers(subject.clone(), headers, body)
-                .await?
-                .await
-        })
-        .await
-        .ok()
-        .with_context(|| format!("no acknowledgement for {subject} within {CALL_TIMEOUT:?}"))?;
-        ack.with_context(|| format!("publishing to {subject}"))?;
-        Ok(())
+    let results: Vec<Redriven> = serde_json::from_value(body["results"].clone())
+        .with_context(|| format!("POST {url}: an answer without results"))?;
+    if results.is_empty() {
+        writeln!(out, "no dead letter selected")?;
     }
+    for r in &results {
+        writeln!(out, "{} {}: {}", r.outcome, r.seq, r.detail)?;
+    }
+    let left = results
+        .iter()
+        .filter(|r| r.outcome == "refused" || r.outcome == "failed")
+        .count();
+    if left > 0 {
+        bail!(
+            "{left} of {} dead letter(s) not redriven (see above)",
+            results.len()
+        );
+    }
+    Ok(())
 }
 
 fn shorten(text: &str, max: usize) -> String {

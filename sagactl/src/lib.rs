@@ -1,8 +1,9 @@
-//! `sagactl`, the operator's tool. It speaks to the broker and the order
-//! service the way the services do (the same `NATS_URL` and
-//! `SUBJECT_PREFIX`), and decides nothing for the saga: it shows dead
-//! letters and a saga's timeline, and redrives a dead letter when an
-//! operator says so, leaving an audit record that the saga's timeline shows.
+//! `sagactl`, the operator's tool. It reads the broker the way the services
+//! do (the same `NATS_URL` and `SUBJECT_PREFIX`) and asks the order service
+//! (`ORDER_URL`, with `ADMIN_TOKEN` for what changes anything); it decides
+//! nothing for the saga: it shows dead letters and a saga's timeline, and
+//! has dead letters redriven or a saga resolved when an operator says so,
+//! each leaving an audit record that the saga's timeline shows.
 
 pub mod dlq;
 pub mod saga;
@@ -145,7 +146,8 @@ pub enum DlqCommand {
     },
     /// Publish dead letters again, to their event's subject, with a fresh
     /// message id, then remove them from the dead-letter stream (only after
-    /// the broker has stored the event and the audit record).
+    /// the broker has stored the event and the audit record). The order
+    /// service does it (an operator endpoint: ADMIN_TOKEN).
     ///
     /// An event a consumer already applied is dropped by its idempotency
     /// check: redriving it changes nothing. A dead letter whose bytes are
@@ -182,42 +184,58 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
             let operator = operator.unwrap_or_else(login);
             saga::resolve(&cli.connection, order_id, &operator, &note, out).await
         }
-        Command::Dlq(command) => {
+        Command::Dlq(DlqCommand::List { filter, limit }) => {
             let dlq = connect(&cli.connection, subjects).await?;
-            match command {
-                DlqCommand::List { filter, limit } => dlq.list(&filter, limit, out).await,
-                DlqCommand::Show { seq } => dlq.show(seq, out).await,
-                DlqCommand::Redrive {
-                    seqs,
-                    filter,
-                    body,
-                    audit,
-                } => {
-                    let body = match body {
-                        Some(path) => Some(
-                            std::fs::read(&path)
-                                .with_context(|| format!("reading {}", path.display()))?,
-                        ),
-                        None => None,
-                    };
-                    let request = dlq::Redrive::new(seqs, filter, body, audit);
-                    dlq.redrive(request, out).await
-                }
-            }
+            dlq::list(&dlq, &filter, limit, out).await
+        }
+        Command::Dlq(DlqCommand::Show { seq }) => {
+            let dlq = connect(&cli.connection, subjects).await?;
+            dlq::show(&dlq, seq, out).await
+        }
+        Command::Dlq(DlqCommand::Redrive {
+            seqs,
+            filter,
+            body,
+            audit,
+        }) => {
+            let body = match body {
+                Some(path) => Some(
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?,
+                ),
+                None => None,
+            };
+            let request = redrive_request(seqs, &filter, body, audit);
+            dlq::redrive(&cli.connection, &request, out).await
         }
         Command::Retry { order_id, audit } => {
-            let dlq = connect(&cli.connection, subjects).await?;
             let saga = Filter {
                 saga: Some(order_id),
                 ..Filter::default()
             };
-            let request = dlq::Redrive::new(Vec::new(), saga, None, audit);
-            dlq.redrive(request, out).await
+            let request = redrive_request(Vec::new(), &saga, None, audit);
+            dlq::redrive(&cli.connection, &request, out).await
         }
     }
 }
 
-async fn connect(connection: &Connection, subjects: Subjects) -> Result<dlq::Dlq> {
+fn redrive_request(
+    seqs: Vec<u64>,
+    filter: &Filter,
+    body: Option<String>,
+    audit: Audit,
+) -> common::dlq::Redrive {
+    common::dlq::Redrive {
+        seqs,
+        filter: filter.into(),
+        body,
+        note: audit.note.unwrap_or_default(),
+        operator: audit.operator.unwrap_or_else(login),
+        dry_run: audit.dry_run,
+    }
+}
+
+async fn connect(connection: &Connection, subjects: Subjects) -> Result<common::dlq::Dlq> {
     let nats = tokio::time::timeout(
         CALL_TIMEOUT,
         async_nats::ConnectOptions::new()
@@ -234,11 +252,14 @@ async fn connect(connection: &Connection, subjects: Subjects) -> Result<dlq::Dlq
         )
     })?
     .with_context(|| format!("connecting to {}", connection.nats_url))?;
-    Ok(dlq::Dlq::new(async_nats::jetstream::new(nats), subjects))
+    Ok(common::dlq::Dlq::new(
+        async_nats::jetstream::new(nats),
+        subjects,
+    ))
 }
 
 /// The login name, for the audit trail when --operator is not given.
-pub(crate) fn login() -> String {
+fn login() -> String {
     std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
         .unwrap_or_else(|_| "unknown".into())

@@ -1,5 +1,5 @@
 //! Operator endpoints (setting balances and stock, steering the payment
-//! gateway) need the admin token: 401 with a message without it or with a
+//! gateway, redriving dead letters, resolving an order) need the admin token: 401 with a message without it or with a
 //! wrong one, and refused by a service that has none. Reads need nothing.
 
 use anyhow::Result;
@@ -64,6 +64,18 @@ async fn operator_endpoints_need_the_admin_token_and_reads_do_not() -> Result<()
             "payment",
             "/admin/gateway",
             json!({"all": {"charges": "fail"}}),
+        ),
+        (
+            Method::POST,
+            "order",
+            "/dead-letters/redrive",
+            json!({"note": "x", "operator": "ada"}),
+        ),
+        (
+            Method::POST,
+            "order",
+            "/orders/00000000-0000-0000-0000-000000000000/resolution",
+            json!({"resolution": "manually-compensated", "note": "x", "operator": "ada"}),
         ),
     ];
     for (method, service, path, body) in &changes {

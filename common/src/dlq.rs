@@ -1,0 +1,371 @@
+//! Dead letters as an operator sees them: read from the dead-letter stream
+//! without consuming them, and redriven. The order service redrives on an
+//! operator's request (`POST /dead-letters/redrive`, admin token); `sagactl`
+//! reads and asks.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use async_nats::{
+    HeaderMap,
+    header::NATS_MESSAGE_ID,
+    jetstream::{self, stream::LastRawMessageErrorKind},
+};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{Envelope, Subjects, consumer::dlq_headers, limits, operator::OperatorAction};
+
+/// How long one call to the broker may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most dead letters one redrive takes on (the rest wait for the next).
+pub const MAX_REDRIVE: usize = 200;
+
+/// Which dead letters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Filter {
+    /// Only this consumer's (the service that gave up).
+    #[serde(default)]
+    pub consumer: Option<String>,
+    /// Only those whose reason contains this text (case-insensitive).
+    #[serde(default)]
+    pub reason_contains: Option<String>,
+    /// Only those dead-lettered at or after this time.
+    #[serde(default)]
+    pub since: Option<DateTime<Utc>>,
+    /// Only this saga's.
+    #[serde(default)]
+    pub saga: Option<Uuid>,
+}
+
+/// The operator action a redrive records.
+pub const REDRIVE: &str = "dlq-redrive";
+
+/// Most dead letters one command reads: a larger stream is read in part
+/// and says so.
+const MAX_READ: u64 = 100_000;
+
+/// The dead-letter stream of one system.
+pub struct Dlq {
+    js: jetstream::Context,
+    subjects: Subjects,
+}
+
+/// One dead letter: the original bytes with the headers that say why.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub seq: u64,
+    pub at: DateTime<Utc>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl DeadLetter {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.as_str())
+    }
+
+    pub fn or_dash(&self, name: &str) -> &str {
+        self.header(name).unwrap_or("-")
+    }
+
+    fn matches(&self, filter: &Filter) -> bool {
+        filter
+            .consumer
+            .as_deref()
+            .is_none_or(|c| self.header(dlq_headers::CONSUMER) == Some(c))
+            && filter.since.is_none_or(|since| self.at >= since)
+            && filter.saga.is_none_or(|saga| {
+                self.header(dlq_headers::CORRELATION_ID) == Some(saga.to_string().as_str())
+            })
+            && filter.reason_contains.as_deref().is_none_or(|text| {
+                self.header(dlq_headers::REASON)
+                    .unwrap_or_default()
+                    .to_lowercase()
+                    .contains(&text.to_lowercase())
+            })
+    }
+}
+
+/// What to redrive, and who asks why.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Redrive {
+    /// These dead letters; without any, every one `filter` selects.
+    #[serde(default)]
+    pub seqs: Vec<u64>,
+    #[serde(default)]
+    pub filter: Filter,
+    /// A corrected event to publish instead of the dead letter's bytes
+    /// (only with exactly one seq).
+    #[serde(default)]
+    pub body: Option<String>,
+    #[serde(default)]
+    pub note: String,
+    #[serde(default)]
+    pub operator: String,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What became of one dead letter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Redriven {
+    pub seq: u64,
+    /// `redrove`, `would redrive`, `refused` (with why), or `failed` (it
+    /// stays in the stream).
+    pub outcome: String,
+    pub detail: String,
+}
+
+/// What one dead letter's redrive would publish.
+struct Plan {
+    subject: String,
+    bytes: Bytes,
+    envelope: Envelope,
+}
+
+impl Dlq {
+    pub fn new(js: jetstream::Context, subjects: Subjects) -> Dlq {
+        Dlq { js, subjects }
+    }
+
+    async fn stream(&self) -> Result<jetstream::stream::Stream> {
+        let name = self.subjects.dead_letter_stream();
+        tokio::time::timeout(CALL_TIMEOUT, self.js.get_stream(&name))
+            .await
+            .ok()
+            .with_context(|| format!("no answer about stream {name} within {CALL_TIMEOUT:?}"))?
+            .with_context(|| format!("the dead-letter stream {name}"))
+    }
+
+    /// One dead letter, if the stream still holds it.
+    async fn get(
+        &self,
+        stream: &jetstream::stream::Stream,
+        seq: u64,
+    ) -> Result<Option<DeadLetter>> {
+        let got = tokio::time::timeout(CALL_TIMEOUT, stream.get_raw_message(seq))
+            .await
+            .ok()
+            .with_context(|| format!("no answer for dead letter {seq} within {CALL_TIMEOUT:?}"))?;
+        match got {
+            Ok(m) => Ok(Some(DeadLetter {
+                seq: m.sequence,
+                at: DateTime::from_timestamp_nanos(
+                    m.time.unix_timestamp_nanos().clamp(0, i64::MAX as i128) as i64,
+                ),
+                headers: m.headers,
+                body: m.payload,
+            })),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) if e.to_string().contains("no message found") => Ok(None),
+            Err(e) => Err(anyhow!(e).context(format!("reading dead letter {seq}"))),
+        }
+    }
+
+    /// Dead letter `seq`, if the stream still holds it.
+    pub async fn one(&self, seq: u64) -> Result<Option<DeadLetter>> {
+        let stream = self.stream().await?;
+        self.get(&stream, seq).await
+    }
+
+    /// Every dead letter `filter` selects, oldest first.
+    pub async fn read(&self, filter: &Filter) -> Result<Vec<DeadLetter>> {
+        let mut stream = self.stream().await?;
+        let state = tokio::time::timeout(CALL_TIMEOUT, stream.info())
+            .await
+            .ok()
+            .context("no answer about the dead-letter stream")??
+            .state
+            .clone();
+        if state.messages == 0 {
+            return Ok(Vec::new());
+        }
+        let first = state
+            .first_sequence
+            .max(state.last_sequence.saturating_sub(MAX_READ - 1));
+        let mut found = Vec::new();
+        for seq in first..=state.last_sequence {
+            if let Some(d) = self.get(&stream, seq).await?
+                && d.matches(filter)
+            {
+                found.push(d);
+            }
+        }
+        Ok(found)
+    }
+
+    /// What redriving `d` would publish, or why it cannot be.
+    fn plan(&self, d: &DeadLetter, replacement: Option<&[u8]>) -> Result<Plan, String> {
+        let bytes = match replacement {
+            Some(bytes) => Bytes::copy_from_slice(bytes),
+            None => {
+                if let Some(where_) = d.header(dlq_headers::BODY_OMITTED) {
+                    return Err(format!(
+                        "its body was too large to keep ({where_}): fetch the original, and redrive it alone with a corrected body (sagactl: --seq {} --body FILE)",
+                        d.seq
+                    ));
+                }
+                if d.header(dlq_headers::EVENT_ID).is_none() {
+                    return Err(format!(
+                        "its bytes are not an event ({}): fix them (sagactl dlq show {}) and redrive it alone with a corrected body (sagactl: --seq {} --body FILE)",
+                        d.or_dash(dlq_headers::REASON),
+                        d.seq,
+                        d.seq
+                    ));
+                }
+                d.body.clone()
+            }
+        };
+        let (envelope, event) = Envelope::decode(&bytes).map_err(|e| match replacement {
+            Some(_) => format!("the replacement body is not a valid event: {e}"),
+            None => format!("its bytes no longer decode as an event: {e}"),
+        })?;
+        Ok(Plan {
+            subject: self.subjects.event(event.kind()),
+            bytes,
+            envelope,
+        })
+    }
+
+    /// Redrives what `request` selects: for each dead letter, what became
+    /// of it. Stops at the first that fails (it and the rest stay).
+    pub async fn redrive(&self, request: &Redrive) -> Result<Vec<Redriven>> {
+        if request.body.is_some() && request.seqs.len() != 1 {
+            bail!("a corrected body replaces one dead letter: name exactly one seq");
+        }
+        if request.seqs.len() > MAX_REDRIVE {
+            bail!(
+                "at most {MAX_REDRIVE} dead letters at a time, got {}",
+                request.seqs.len()
+            );
+        }
+        if !request.dry_run {
+            limits::check_id("operator", &request.operator).map_err(|e| anyhow!(e))?;
+            limits::check_reason("note", &request.note).map_err(|e| anyhow!(e))?;
+        }
+        let stream = self.stream().await?;
+        let selected = if request.seqs.is_empty() {
+            let mut all = self.read(&request.filter).await?;
+            all.truncate(MAX_REDRIVE);
+            all
+        } else {
+            let mut selected = Vec::new();
+            for &seq in &request.seqs {
+                let d = self
+                    .get(&stream, seq)
+                    .await?
+                    .with_context(|| format!("no dead letter {seq} (redriven, or never there)"))?;
+                selected.push(d);
+            }
+            selected
+        };
+        let mut results = Vec::with_capacity(selected.len());
+        let said = |d: &DeadLetter, outcome: &str, detail: String| Redriven {
+            seq: d.seq,
+            outcome: outcome.into(),
+            detail,
+        };
+        for d in &selected {
+            let plan = match self.plan(d, request.body.as_deref().map(str::as_bytes)) {
+                Ok(plan) => plan,
+                Err(why) => {
+                    results.push(said(d, "refused", why));
+                    continue;
+                }
+            };
+            let what = format!(
+                "{} {} of saga {} to {}",
+                plan.envelope.event_type,
+                plan.envelope.event_id,
+                plan.envelope.metadata.correlation_id,
+                plan.subject
+            );
+            if request.dry_run {
+                results.push(said(d, "would redrive", what));
+                continue;
+            }
+            match self.republish(d, &plan, request).await {
+                Ok(()) => results.push(said(d, "redrove", what)),
+                Err(e) => {
+                    results.push(said(d, "failed", format!("{e:#}; it stays in the stream")));
+                    break;
+                }
+            }
+        }
+        Ok(results)
+    }
+
+    /// Publishes the event and the audit record, each acknowledged, and only
+    /// then deletes the dead letter: a failure at any point leaves it there,
+    /// and redriving it again is harmless (the consumers' idempotency).
+    async fn republish(&self, d: &DeadLetter, plan: &Plan, request: &Redrive) -> Result<()> {
+        // Stamped before the event goes out, so the record precedes every
+        // consequence of it in the timeline.
+        let action = OperatorAction {
+            action_id: Uuid::now_v7(),
+            action: REDRIVE.into(),
+            operator: request.operator.clone(),
+            note: request.note.clone(),
+            at: Utc::now(),
+            correlation_id: Some(plan.envelope.metadata.correlation_id),
+            effect: limits::reason(format!(
+                "redrove {} (dead letter {} of {}{}: {})",
+                plan.envelope.event_type,
+                d.seq,
+                d.or_dash(dlq_headers::CONSUMER),
+                if request.body.is_some() {
+                    ", corrected"
+                } else {
+                    ""
+                },
+                d.or_dash(dlq_headers::REASON)
+            )),
+        };
+        action.check().map_err(|e| anyhow!(e))?;
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            NATS_MESSAGE_ID,
+            format!("redrive.{}.{}", d.seq, Uuid::new_v4()).as_str(),
+        );
+        self.publish(plan.subject.clone(), headers, plan.bytes.clone())
+            .await
+            .context("publishing the event")?;
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MESSAGE_ID, action.action_id.to_string().as_str());
+        self.publish(
+            self.subjects.operator(REDRIVE),
+            headers,
+            serde_json::to_vec(&action)?.into(),
+        )
+        .await
+        .context("publishing the audit record")?;
+        let stream = self.stream().await?;
+        tokio::time::timeout(CALL_TIMEOUT, stream.delete_message(d.seq))
+            .await
+            .ok()
+            .context("no answer to the delete")?
+            .context("deleting the dead letter (the event was redriven)")?;
+        Ok(())
+    }
+
+    async fn publish(&self, subject: String, headers: HeaderMap, body: Bytes) -> Result<()> {
+        let ack = tokio::time::timeout(CALL_TIMEOUT, async {
+            self.js
+                .publish_with_headers(subject.clone(), headers, body)
+                .await?
+                .await
+        })
+        .await
+        .ok()
+        .with_context(|| format!("no acknowledgement for {subject} within {CALL_TIMEOUT:?}"))?;
+        ack.with_context(|| format!("publishing to {subject}"))?;
+        Ok(())
+    }
+}
