@@ -124,3 +124,35 @@ async fn the_design_metrics_move_as_sagas_confirm_compensate_and_dead_letter() -
     );
     stack.assert_invariants().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_projection_lag_grows_while_the_timeline_cannot_record_and_clears_after() -> Result<()>
+{
+    let stack = Stack::stocked(10_000, 5).await?;
+    let lag = |m: &saga_tests::exposition::Exposition| {
+        m.sum(names::PROJECTION_LAG, &[("projection", "timeline")])
+    };
+    // Hold the timeline's tables: the observer cannot record, the saga goes on.
+    let pool = stack.pool("order").await?;
+    let mut holder = pool.begin().await?;
+    sqlx::query("LOCK TABLE saga_timeline IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await?;
+    let id = stack
+        .place_order(&saga_tests::order_body(
+            "alice",
+            &[("widget", 1, 100)],
+            "US",
+        ))
+        .await?;
+    assert_eq!(stack.wait_for_outcome(id).await?["status"], "CONFIRMED");
+    let behind = stack
+        .metrics_until("order", "the projection to fall behind", |m| lag(m) >= 1.0)
+        .await?;
+    assert!(lag(&behind) < 60.0, "{}", lag(&behind));
+    holder.rollback().await?;
+    stack
+        .metrics_until("order", "the projection to catch up", |m| lag(m) == 0.0)
+        .await?;
+    Ok(())
+}
