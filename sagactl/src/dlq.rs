@@ -89,30 +89,10 @@ pub async fn redrive(
     request: &Redrive,
     out: &mut (dyn Write + Send),
 ) -> Result<()> {
-    let token = connection
-        .admin_token
-        .as_deref()
-        .context("redriving is an operator action: set ADMIN_TOKEN (or --admin-token)")?;
-    let url = format!(
-        "{}/dead-letters/redrive",
-        connection.order_url.trim_end_matches('/')
-    );
-    let response = reqwest::Client::new()
-        .post(&url)
-        .bearer_auth(token)
-        .timeout(CALL_TIMEOUT * 3)
-        .json(request)
-        .send()
-        .await
-        .with_context(|| format!("POST {url}"))?;
-    let status = response.status();
-    let body: Value = response.json().await.unwrap_or(Value::Null);
-    if !status.is_success() {
-        bail!(
-            "POST {url}: {status}: {}",
-            body["error"].as_str().unwrap_or("no message")
-        );
-    }
+    let url = "/dead-letters/redrive";
+    let body = connection
+        .operator_post(url, request, CALL_TIMEOUT * 3)
+        .await?;
     let results: Vec<Redriven> = serde_json::from_value(body["results"].clone())
         .with_context(|| format!("POST {url}: an answer without results"))?;
     if results.is_empty() {

@@ -168,6 +168,40 @@ pub enum DlqCommand {
     },
 }
 
+impl Connection {
+    /// POSTs `body` to an operator endpoint of the order service with the
+    /// admin token: the JSON answer, or an error with the service's message.
+    pub async fn operator_post(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
+        let token = self
+            .admin_token
+            .as_deref()
+            .context("an operator action: set ADMIN_TOKEN (or --admin-token)")?;
+        let url = format!("{}{path}", self.order_url.trim_end_matches('/'));
+        let response = reqwest::Client::new()
+            .post(&url)
+            .bearer_auth(token)
+            .timeout(timeout)
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
+        let status = response.status();
+        let answer: serde_json::Value = response.json().await.unwrap_or_default();
+        if !status.is_success() {
+            anyhow::bail!(
+                "POST {url}: {status}: {}",
+                answer["error"].as_str().unwrap_or("no message")
+            );
+        }
+        Ok(answer)
+    }
+}
+
 /// Runs one command, writing what it shows to `out`.
 pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
     let subjects = Subjects::new(cli.connection.subject_prefix.clone());

@@ -48,34 +48,18 @@ pub async fn resolve(
     note: &str,
     out: &mut (dyn Write + Send),
 ) -> Result<()> {
-    let token = connection
-        .admin_token
-        .as_deref()
-        .context("resolving is an operator action: set ADMIN_TOKEN (or --admin-token)")?;
-    let url = format!(
-        "{}/orders/{order_id}/resolution",
-        connection.order_url.trim_end_matches('/')
-    );
-    let response = reqwest::Client::new()
-        .post(&url)
-        .bearer_auth(token)
-        .timeout(CALL_TIMEOUT)
-        .json(&serde_json::json!({
-            "resolution": "manually-compensated",
-            "operator": operator,
-            "note": note,
-        }))
-        .send()
-        .await
-        .with_context(|| format!("POST {url}"))?;
-    let status = response.status();
-    let body: Value = response.json().await.unwrap_or(Value::Null);
-    if !status.is_success() {
-        bail!(
-            "POST {url}: {status}: {}",
-            body["error"].as_str().unwrap_or("no message")
-        );
-    }
+    let request = serde_json::json!({
+        "resolution": "manually-compensated",
+        "operator": operator,
+        "note": note,
+    });
+    let body = connection
+        .operator_post(
+            &format!("/orders/{order_id}/resolution"),
+            &request,
+            CALL_TIMEOUT,
+        )
+        .await?;
     writeln!(
         out,
         "order {order_id}: {} (by {operator}: {note})",
