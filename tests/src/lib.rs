@@ -260,9 +260,7 @@ impl Stack {
         let stack = Stack::start_with(&["order", "payment", "inventory"]).await?;
         stack.set_balance("alice", 10_000).await?;
         stack.set_stock("widget", 5).await?;
-        let id = stack
-            .place_order(&order_body("alice", &[("widget", 2, 1_000)], "US"))
-            .await?;
+        let id = stack.place("alice", &[("widget", 2, 1_000)], "US").await?;
         eventually("the reservation", DEADLINE, || async {
             Ok((stack.stock("widget").await? == (3, 2)).then_some(()))
         })
@@ -459,12 +457,22 @@ impl Stack {
         lines: &[(&str, i64, i64)],
         country: &str,
     ) -> Result<(Uuid, Value)> {
-        let id = self
-            .place_order(&order_body(customer, lines, country))
-            .await?;
+        let id = self.place(customer, lines, country).await?;
         let order = self.wait_for_outcome(id).await?;
         self.settle().await?;
         Ok((id, order))
+    }
+
+    /// Places `customer`'s order of `lines` (product, quantity, unit price)
+    /// to an address in `country`: the new order's id.
+    pub async fn place(
+        &self,
+        customer: &str,
+        lines: &[(&str, i64, i64)],
+        country: &str,
+    ) -> Result<Uuid> {
+        self.place_order(&order_body(customer, lines, country))
+            .await
     }
 
     pub async fn place_order(&self, body: &Value) -> Result<Uuid> {

@@ -53,9 +53,7 @@ async fn an_absolute_put_must_match_the_version_it_read() -> Result<()> {
     assert_eq!(status, 200);
     let etag = etag.context("an ETag")?;
     assert_eq!(etag, format!("\"{}\"", account["version"]));
-    let id = stack
-        .place_order(&order_body("alice", &[("widget", 1, 1_000)], "US"))
-        .await?;
+    let id = stack.place("alice", &[("widget", 1, 1_000)], "US").await?;
     stack.wait_for_outcome(id).await?;
     let stack = &stack;
     let put = |balance: i64, if_match: Option<String>| async move {
@@ -92,9 +90,7 @@ async fn an_absolute_put_must_match_the_version_it_read() -> Result<()> {
         .call(Method::GET, "inventory", "/stock/widget", None, None)
         .await?;
     assert_eq!(status, 200);
-    let id = stack
-        .place_order(&order_body("alice", &[("widget", 1, 1_000)], "US"))
-        .await?;
+    let id = stack.place("alice", &[("widget", 1, 1_000)], "US").await?;
     stack.wait_for_outcome(id).await?;
     let (status, _, v) = stack
         .call(

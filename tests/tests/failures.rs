@@ -49,9 +49,7 @@ async fn a_handler_that_panics_dead_letters_the_event_and_the_order_requires_int
     stack.set_balance("alice", 10_000).await?;
     stack.set_stock("widget", 5).await?;
 
-    let id = stack
-        .place_order(&order_body("alice", &[("widget", 1, 1_000)], "US"))
-        .await?;
+    let id = stack.place("alice", &[("widget", 1, 1_000)], "US").await?;
     let order = stack.wait_for_outcome(id).await?;
     assert_eq!(order["status"], "REQUIRES_INTERVENTION", "{order}");
     let reason = order["failureReason"].as_str().unwrap_or_default();
@@ -77,7 +75,7 @@ async fn a_permanent_database_error_is_dead_lettered_after_a_few_tries_not_retri
     let mut stack = Stack::start_with(&["order", "payment", "shipping"]).await?;
     stack.set_balance("alice", 10_000).await?;
     let id = stack
-        .place_order(&order_body("alice", &[("ghost-product", 1, 1_000)], "US"))
+        .place("alice", &[("ghost-product", 1, 1_000)], "US")
         .await?;
     eventually("the charge", DEADLINE, || async {
         Ok((stack.balance("alice").await? == 9_000).then_some(()))
@@ -113,9 +111,7 @@ async fn a_refund_that_names_another_amount_halts_the_saga_instead_of_cancelling
 {
     // Payment is down: only the forged refund speaks for it.
     let stack = Stack::start_with(&["order", "inventory", "shipping"]).await?;
-    let id = stack
-        .place_order(&order_body("alice", &[("widget", 2, 1_000)], "US"))
-        .await?;
+    let id = stack.place("alice", &[("widget", 2, 1_000)], "US").await?;
     let event = Event::PaymentRefunded(PaymentRefunded {
         order_id: id,
         payment_id: Uuid::now_v7(),
@@ -209,9 +205,7 @@ async fn different_dead_letters_never_share_an_id_even_after_the_stream_is_recre
     // And the system works again.
     stack.set_balance("alice", 1_000).await?;
     stack.set_stock("widget", 1).await?;
-    let id = stack
-        .place_order(&order_body("alice", &[("widget", 1, 100)], "US"))
-        .await?;
+    let id = stack.place("alice", &[("widget", 1, 100)], "US").await?;
     assert_eq!(stack.wait_for_outcome(id).await?["status"], "CONFIRMED");
     let (status, ready) = stack.ready("payment").await?;
     assert_eq!(status, 200, "{ready}");

@@ -39,17 +39,11 @@ async fn effects(stack: &Stack) -> Result<Effects> {
 async fn run_mixed_sagas(stack: &Stack) -> Result<()> {
     stack.set_balance("alice", 100_000).await?;
     stack.set_stock("widget", 3).await?;
-    let ok = stack
-        .place_order(&order_body("alice", &[("widget", 2, PRICE)], "US"))
-        .await?;
-    let no_stock = stack
-        .place_order(&order_body("alice", &[("widget", 5, PRICE)], "US"))
-        .await?;
-    let bad_address = stack
-        .place_order(&order_body("alice", &[("widget", 1, PRICE)], "ZZ"))
-        .await?;
+    let ok = stack.place("alice", &[("widget", 2, PRICE)], "US").await?;
+    let no_stock = stack.place("alice", &[("widget", 5, PRICE)], "US").await?;
+    let bad_address = stack.place("alice", &[("widget", 1, PRICE)], "ZZ").await?;
     let broke = stack
-        .place_order(&order_body("alice", &[("widget", 1, 1_000_000)], "US"))
+        .place("alice", &[("widget", 1, 1_000_000)], "US")
         .await?;
     for id in [ok, no_stock, bad_address, broke] {
         stack.wait_for_outcome(id).await?;
@@ -138,9 +132,7 @@ async fn a_service_killed_between_commit_and_publish_completes_the_saga_after_re
         .await?;
     stack.set_stock("widget", 5).await?;
 
-    let id = stack
-        .place_order(&order_body("alice", &[("widget", 2, PRICE)], "US"))
-        .await?;
+    let id = stack.place("alice", &[("widget", 2, PRICE)], "US").await?;
     eventually(
         "the charge to be committed to the outbox",
         DEADLINE,

@@ -152,18 +152,10 @@ async fn orders_are_listed_by_customer_and_status_in_pages() -> Result<()> {
     let stack = Stack::stocked(10_000, 100).await?;
     let mut confirmed = Vec::new();
     for _ in 0..3 {
-        confirmed.push(
-            stack
-                .place_order(&order_body("alice", &[("widget", 1, 100)], "US"))
-                .await?,
-        );
+        confirmed.push(stack.place("alice", &[("widget", 1, 100)], "US").await?);
     }
-    let cancelled = stack
-        .place_order(&order_body("alice", &[("widget", 1, 100)], "ZZ"))
-        .await?;
-    let other = stack
-        .place_order(&order_body("bob", &[("widget", 1, 100)], "US"))
-        .await?;
+    let cancelled = stack.place("alice", &[("widget", 1, 100)], "ZZ").await?;
+    let other = stack.place("bob", &[("widget", 1, 100)], "US").await?;
     for id in confirmed.iter().chain([&cancelled, &other]) {
         stack.wait_for_outcome(*id).await?;
     }

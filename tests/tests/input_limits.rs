@@ -30,9 +30,7 @@ async fn nothing_was_placed_and_a_saga_still_completes(stack: &Stack) -> Result<
 
 /// A normal order placed after the bad input still runs to its end.
 async fn a_saga_still_completes(stack: &Stack) -> Result<()> {
-    let id = stack
-        .place_order(&order_body("alice", &[("widget", 1, 100)], "US"))
-        .await?;
+    let id = stack.place("alice", &[("widget", 1, 100)], "US").await?;
     assert_eq!(stack.wait_for_outcome(id).await?["status"], "CONFIRMED");
     Ok(())
 }

@@ -138,13 +138,7 @@ async fn the_projection_lag_grows_while_the_timeline_cannot_record_and_clears_af
     sqlx::query("LOCK TABLE saga_timeline IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *holder)
         .await?;
-    let id = stack
-        .place_order(&saga_tests::order_body(
-            "alice",
-            &[("widget", 1, 100)],
-            "US",
-        ))
-        .await?;
+    let id = stack.place("alice", &[("widget", 1, 100)], "US").await?;
     assert_eq!(stack.wait_for_outcome(id).await?["status"], "CONFIRMED");
     let behind = stack
         .metrics_until("order", "the projection to fall behind", |m| lag(m) >= 1.0)

@@ -154,9 +154,7 @@ async fn malformed_events_land_in_the_dead_letter_stream_with_a_reason_and_the_s
     find("unknown event type 'OrderTeleported'");
 
     // Still serving: a real order goes through.
-    let id = stack
-        .place_order(&order_body("alice", &[("widget", 1, 100)], "US"))
-        .await?;
+    let id = stack.place("alice", &[("widget", 1, 100)], "US").await?;
     assert_eq!(stack.wait_for_outcome(id).await?["status"], "CONFIRMED");
     let (status, _) = stack.get_json("payment", "/health/ready").await?;
     assert_eq!(status, 200);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use async_nats::jetstream::stream::DiscardPolicy;
-use saga_tests::{DEADLINE, NatsServer, SERVICES, Stack, eventually, order_body};
+use saga_tests::{DEADLINE, NatsServer, SERVICES, Stack, eventually};
 
 fn signal(pid: u32, sig: &str) -> Result<()> {
     let status = std::process::Command::new("kill")
@@ -23,9 +23,7 @@ async fn a_hung_redis_slows_nothing_down_for_long_and_sagas_complete_on_the_post
 
     // Redis stops answering but keeps its connections open.
     signal(stack.redis.pid(), "-STOP")?;
-    let id = stack
-        .place_order(&order_body("alice", &[("widget", 2, 1_000)], "US"))
-        .await?;
+    let id = stack.place("alice", &[("widget", 2, 1_000)], "US").await?;
     assert_eq!(stack.wait_for_outcome(id).await?["status"], "CONFIRMED");
 
     let (status, ready) = tokio::time::timeout(Duration::from_secs(5), stack.ready("payment"))
@@ -65,9 +63,7 @@ async fn a_service_starts_and_works_while_redis_is_down() -> Result<()> {
     tokio::time::timeout(Duration::from_secs(20), stack.start_service("order"))
         .await
         .context("start-up must not wait for redis")??;
-    let id = stack
-        .place_order(&order_body("alice", &[("widget", 1, 1_000)], "US"))
-        .await?;
+    let id = stack.place("alice", &[("widget", 1, 1_000)], "US").await?;
     assert_eq!(stack.wait_for_outcome(id).await?["status"], "CONFIRMED");
     let (status, ready) = stack.ready("order").await?;
     assert_eq!((status, ready["status"].as_str()), (200, Some("degraded")));
@@ -100,9 +96,7 @@ async fn a_full_stream_makes_the_service_unready_naming_it_and_nothing_is_lost()
     full.max_bytes = 1;
     stack.js.update_stream(&full).await?;
 
-    let id = stack
-        .place_order(&order_body("alice", &[("widget", 1, 1_000)], "US"))
-        .await?;
+    let id = stack.place("alice", &[("widget", 1, 1_000)], "US").await?;
     let ready = eventually("order to report the refusal", DEADLINE, || async {
         let (status, ready) = stack.ready("order").await?;
         Ok((status == 503).then_some(ready))
@@ -166,9 +160,7 @@ async fn a_deleted_consumer_is_recreated_and_a_missing_stream_makes_the_service_
     let events = stack.js.get_stream(stack.subjects.events_stream()).await?;
     events.delete_consumer("payment").await?;
 
-    let id = stack
-        .place_order(&order_body("alice", &[("widget", 1, 1_000)], "US"))
-        .await?;
+    let id = stack.place("alice", &[("widget", 1, 1_000)], "US").await?;
     assert_eq!(stack.wait_for_outcome(id).await?["status"], "CONFIRMED");
 
     // Without its stream the consumer cannot come back: readiness says so.
@@ -208,9 +200,7 @@ async fn a_graceful_stop_publishes_what_its_drain_commits() -> Result<()> {
     stack.stop_service("payment").await?;
     // A backlog for payment while it is stopped.
     for _ in 0..150 {
-        stack
-            .place_order(&order_body("alice", &[("widget", 1, 100)], "US"))
-            .await?;
+        stack.place("alice", &[("widget", 1, 100)], "US").await?;
     }
     stack.start_service("payment").await?;
     eventually("payment to be busy", DEADLINE, || async {

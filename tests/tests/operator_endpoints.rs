@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 use reqwest::{Method, StatusCode};
-use saga_tests::{ADMIN_TOKEN, Stack, order_body};
+use saga_tests::{ADMIN_TOKEN, Stack};
 use serde_json::{Value, json};
 
 /// `method path body` on `service`, with `token` as bearer if any.
@@ -126,9 +126,7 @@ async fn operator_endpoints_need_the_admin_token_and_reads_do_not() -> Result<()
     .await?;
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["customers"]["alice"]["charges"], "fail");
-    let id = stack
-        .place_order(&order_body("alice", &[("widget", 1, 100)], "US"))
-        .await?;
+    let id = stack.place("alice", &[("widget", 1, 100)], "US").await?;
     let order = stack.wait_for_outcome(id).await?;
     assert_eq!(order["status"], "CANCELLED");
     assert!(

@@ -175,13 +175,7 @@ async fn ten_thousand_generated_events_are_each_applied_or_dead_lettered_with_a_
     // A real saga goes through meanwhile: each of its events waits behind
     // the garbage queued for its consumer, so it gets the time the backlog
     // takes (on a loaded machine, more than a saga's usual deadline).
-    let id = stack
-        .place_order(&saga_tests::order_body(
-            "alice",
-            &[("widget", 1, 100)],
-            "US",
-        ))
-        .await?;
+    let id = stack.place("alice", &[("widget", 1, 100)], "US").await?;
     let order = eventually("the real saga to end", Duration::from_secs(180), || async {
         let order = stack.order(id).await?;
         Ok((order["status"] != "PENDING").then_some(order))

@@ -44,13 +44,9 @@ async fn a_declined_payment_cancels_the_order_with_the_reason_and_touches_nothin
 -> Result<()> {
     let stack = Stack::stocked(1_000, 5).await?;
 
-    let id = stack
-        .place_order(&order_body("alice", &[("widget", 1, PRICE)], "US"))
-        .await?;
+    let id = stack.place("alice", &[("widget", 1, PRICE)], "US").await?;
     let order = stack.wait_for_outcome(id).await?;
-    let unknown = stack
-        .place_order(&order_body("nobody", &[("widget", 1, PRICE)], "US"))
-        .await?;
+    let unknown = stack.place("nobody", &[("widget", 1, PRICE)], "US").await?;
     let unknown = stack.wait_for_outcome(unknown).await?;
     stack.settle().await?;
 

@@ -3,9 +3,7 @@
 
 use anyhow::Result;
 use common::meter::names;
-use saga_tests::{
-    DEADLINE, EachKind, HAPPY_PATH, Stack, UNDELIVERABLE_SERVICES, eventually, order_body,
-};
+use saga_tests::{DEADLINE, EachKind, HAPPY_PATH, Stack, UNDELIVERABLE_SERVICES, eventually};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -121,9 +119,7 @@ async fn every_saga_is_told_in_causal_order_with_who_did_what() -> Result<()> {
 async fn a_saga_waiting_on_a_stopped_service_is_listed_stalled_until_it_moves_on() -> Result<()> {
     let mut stack = Stack::stocked(10_000, 5).await?;
     stack.stop_service("shipping").await?;
-    let id = stack
-        .place_order(&order_body("alice", &[("widget", 1, PRICE)], "US"))
-        .await?;
+    let id = stack.place("alice", &[("widget", 1, PRICE)], "US").await?;
 
     let stalled = eventually("the saga to be listed stalled", DEADLINE, || async {
         let (_, page) = stack.get_json("order", "/sagas?stalled=true").await?;
