@@ -7,22 +7,11 @@ use std::io::Write;
 use anyhow::{Context, Result, bail};
 use common::{
     consumer::dlq_headers,
-    dlq::{Dlq, Redrive, Redriven},
+    dlq::{Dlq, Filter, Redrive, Redriven},
 };
 use serde_json::Value;
 
-use crate::{CALL_TIMEOUT, Connection, Filter};
-
-impl From<&Filter> for common::dlq::Filter {
-    fn from(f: &Filter) -> Self {
-        common::dlq::Filter {
-            consumer: f.consumer.clone(),
-            reason_contains: f.reason_contains.clone(),
-            since: f.since,
-            saga: f.saga,
-        }
-    }
-}
+use crate::{CALL_TIMEOUT, Connection};
 
 pub async fn list(
     dlq: &Dlq,
@@ -30,7 +19,7 @@ pub async fn list(
     limit: usize,
     out: &mut (dyn Write + Send),
 ) -> Result<()> {
-    let all = dlq.read(&filter.into()).await?;
+    let all = dlq.read(filter).await?;
     writeln!(
         out,
         "{:>6}  {:<24}  {:<10}  {:<26}  {:<36}  REASON",

@@ -11,9 +11,8 @@ pub mod saga;
 use std::{io::Write, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
-use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
-use common::Subjects;
+use common::{Subjects, dlq::Filter};
 use uuid::Uuid;
 
 /// How long one call to the broker or the order service may take.
@@ -110,23 +109,6 @@ pub struct Audit {
     /// Say what would be redriven, and change nothing.
     #[arg(long)]
     pub dry_run: bool,
-}
-
-/// Which dead letters.
-#[derive(Debug, Clone, Default, Args)]
-pub struct Filter {
-    /// Only this consumer's (the service that gave up: order, payment, …).
-    #[arg(long)]
-    pub consumer: Option<String>,
-    /// Only those whose reason contains this text (case-insensitive).
-    #[arg(long)]
-    pub reason_contains: Option<String>,
-    /// Only those dead-lettered at or after this time (RFC 3339, e.g. 2026-11-26T10:00:00Z).
-    #[arg(long)]
-    pub since: Option<DateTime<Utc>>,
-    /// Only this saga's (its order id).
-    #[arg(long)]
-    pub saga: Option<Uuid>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -261,7 +243,7 @@ fn redrive_request(
 ) -> common::dlq::Redrive {
     common::dlq::Redrive {
         seqs,
-        filter: filter.into(),
+        filter: filter.clone(),
         body,
         note: audit.note.unwrap_or_default(),
         operator: audit.operator.unwrap_or_else(login),
