@@ -22,6 +22,12 @@ pub enum ShipmentStatus {
 /// field is present and bounded already: the event carrying it was checked
 /// with [`common::event::validate_address`] before any handler saw it.
 pub fn validate_address(address: &Address) -> Result<(), String> {
+    if address.is_unsplit() {
+        return Err(format!(
+            "address rejected: '{}' could not be read as name, street, city, postal code and country",
+            address.street
+        ));
+    }
     if !SUPPORTED_COUNTRIES.contains(&address.country.as_str()) {
         return Err(format!(
             "address rejected: no delivery to country '{}'",
@@ -67,6 +73,12 @@ mod tests {
     fn a_complete_address_in_a_served_country_is_accepted() {
         assert_eq!(validate_address(&address("US", "12345")), Ok(()));
         assert_eq!(validate_address(&address("GB", "SW1A 1AA")), Ok(()));
+    }
+
+    #[test]
+    fn an_address_line_that_could_not_be_split_is_rejected_with_the_line() {
+        let err = validate_address(&Address::unsplit("behind the mill")).unwrap_err();
+        assert!(err.contains("'behind the mill' could not be read"), "{err}");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use uuid::Uuid;
 
-use crate::limits;
+use crate::{limits, upcast};
 
 /// Wire envelope. Field names follow the design documents
 /// (`eventId`, `eventType`, `aggregateId`, `version`, `timestamp`,
@@ -45,11 +45,14 @@ pub enum DecodeError {
     Envelope(String),
     #[error("unknown event type '{0}'")]
     UnknownType(String),
-    #[error("unsupported schema version {version} for {event_type} (supported: {supported})")]
+    #[error(
+        "unsupported schema version {version} for {event_type} (supported: {oldest} to {newest})"
+    )]
     UnsupportedVersion {
         event_type: String,
         version: u32,
-        supported: u32,
+        oldest: u32,
+        newest: u32,
     },
     #[error("invalid {event_type} payload: {reason}")]
     Payload { event_type: String, reason: String },
@@ -62,13 +65,42 @@ pub enum DecodeError {
 }
 
 impl Envelope {
-    /// Parses wire bytes into an envelope and a typed event.
+    /// Parses wire bytes into an envelope and a typed event, bringing an
+    /// older schema version up to the current one ([`crate::upcast`]): the
+    /// envelope returned carries the current version and payload.
     pub fn decode(bytes: &[u8]) -> Result<(Envelope, Event), DecodeError> {
-        let envelope: Envelope =
+        let mut envelope: Envelope =
             serde_json::from_slice(bytes).map_err(|e| DecodeError::Envelope(e.to_string()))?;
+        envelope.upcast()?;
         let event = Event::from_envelope(&envelope)?;
         envelope.check_consistent(&event)?;
         Ok((envelope, event))
+    }
+
+    fn upcast(&mut self) -> Result<(), DecodeError> {
+        let kind = EventKind::from_name(&self.event_type)
+            .ok_or_else(|| DecodeError::UnknownType(self.event_type.clone()))?;
+        if self.schema_version == kind.schema_version() {
+            return Ok(());
+        }
+        let payload = std::mem::take(&mut self.payload);
+        self.payload =
+            upcast::upcast(kind, self.schema_version, payload).map_err(
+                |refused| match refused {
+                    None => DecodeError::UnsupportedVersion {
+                        event_type: self.event_type.clone(),
+                        version: self.schema_version,
+                        oldest: upcast::oldest_version(kind),
+                        newest: kind.schema_version(),
+                    },
+                    Some(reason) => DecodeError::Payload {
+                        event_type: self.event_type.clone(),
+                        reason,
+                    },
+                },
+            )?;
+        self.schema_version = kind.schema_version();
+        Ok(())
     }
 
     /// What the envelope says must agree with its payload: the owning
@@ -199,13 +231,7 @@ macro_rules! catalog {
             fn from_envelope(env: &Envelope) -> Result<Event, DecodeError> {
                 let kind = EventKind::from_name(&env.event_type)
                     .ok_or_else(|| DecodeError::UnknownType(env.event_type.clone()))?;
-                if env.schema_version != kind.schema_version() {
-                    return Err(DecodeError::UnsupportedVersion {
-                        event_type: env.event_type.clone(),
-                        version: env.schema_version,
-                        supported: kind.schema_version(),
-                    });
-                }
+                debug_assert_eq!(env.schema_version, kind.schema_version(), "upcast first");
                 match kind {
                     $(EventKind::$variant => decode_payload::<$payload>(env).map(Event::$variant)),*
                 }
@@ -215,7 +241,7 @@ macro_rules! catalog {
 }
 
 catalog! {
-    OrderPlaced => OrderPlaced, "order", "placed", 1;
+    OrderPlaced => OrderPlaced, "order", "placed", 2;
     OrderConfirmed => OrderConfirmed, "order", "confirmed", 1;
     OrderCancelled => OrderCancelled, "order", "cancelled", 1;
     OrderRequiresIntervention => OrderRequiresIntervention, "order", "requires_intervention", 1;
@@ -269,6 +295,31 @@ pub struct Address {
     pub city: String,
     pub postal_code: String,
     pub country: String,
+}
+
+impl Address {
+    /// What the fields of an address line that could not be split hold.
+    pub const NOT_GIVEN: &'static str = "?";
+
+    /// An address line kept whole (an OrderPlaced v1 address that could not
+    /// be split into fields): the line in `street`, the other fields
+    /// [`Address::NOT_GIVEN`].
+    pub fn unsplit(line: &str) -> Address {
+        Address {
+            name: Address::NOT_GIVEN.into(),
+            street: line.into(),
+            city: Address::NOT_GIVEN.into(),
+            postal_code: Address::NOT_GIVEN.into(),
+            country: Address::NOT_GIVEN.into(),
+        }
+    }
+
+    /// Made by [`Address::unsplit`].
+    pub fn is_unsplit(&self) -> bool {
+        [&self.name, &self.city, &self.postal_code, &self.country]
+            .iter()
+            .all(|f| f.as_str() == Address::NOT_GIVEN)
+    }
 }
 
 /// Checks shared by every payload that carries order lines: a bounded
@@ -642,11 +693,13 @@ mod tests {
     #[test]
     fn a_newer_schema_version_is_refused_rather_than_misread() {
         let mut env = Envelope::new(&placed(), "o1", 1, Uuid::nil(), Uuid::nil());
-        env.schema_version = 2;
-        assert!(matches!(
-            Envelope::decode(&env.to_bytes()),
-            Err(DecodeError::UnsupportedVersion { .. })
-        ));
+        env.schema_version = 3;
+        let err = Envelope::decode(&env.to_bytes()).unwrap_err();
+        assert!(matches!(err, DecodeError::UnsupportedVersion { .. }));
+        assert_eq!(
+            err.to_string(),
+            "unsupported schema version 3 for OrderPlaced (supported: 1 to 2)"
+        );
     }
 
     #[test]

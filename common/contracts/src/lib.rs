@@ -1,7 +1,8 @@
 //! What crosses the wire between the saga's services, and nothing that runs:
 //! the event envelope and catalog ([`event`]), the bounds every input is
-//! held to ([`limits`]), the operator audit record ([`operator`]), and subject
-//! and stream names ([`subjects`]). An
+//! held to ([`limits`]), the operator audit record ([`operator`]), subject
+//! and stream names ([`subjects`]), and how older schema versions of an
+//! event read as the current one ([`upcast`]). An
 //! outside producer, or a test that only speaks the protocol, depends on
 //! this crate alone; the runtime (`common`) builds on it.
 
@@ -9,6 +10,7 @@ pub mod event;
 pub mod limits;
 pub mod operator;
 pub mod subjects;
+pub mod upcast;
 
 pub use event::{Envelope, Event, EventKind};
 pub use subjects::Subjects;
