@@ -54,6 +54,10 @@ pub struct Config {
     /// delays between attempts of a refund the gateway does not carry out;
     /// after the last, the refund is dead-lettered and the saga halted.
     pub refund_retries: Vec<Duration>,
+    /// `SNAPSHOT_EVERY` (order), default 100, 1 to 1,000,000: the order
+    /// service snapshots an order's state every this many events, so a load
+    /// folds at most this many.
+    pub snapshot_every: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +96,7 @@ impl Config {
             gateway_rules: None,
             gateway_timeout: Duration::from_secs(2),
             refund_retries: [1, 2, 4, 8, 16].map(Duration::from_secs).to_vec(),
+            snapshot_every: 100,
         }
     }
 
@@ -188,6 +193,9 @@ impl Config {
             if c.refund_retries.len() > 50 {
                 return Err(ConfigError("REFUND_RETRY_MS: at most 50 delays".into()));
             }
+        }
+        if let Some(v) = lookup("SNAPSHOT_EVERY") {
+            c.snapshot_every = parse_num("SNAPSHOT_EVERY", &v)?.clamp(1, 1_000_000) as i64;
         }
         let valid_prefix = |p: &str| {
             !p.is_empty()

@@ -49,6 +49,7 @@ pub mod names {
     pub const SAGAS_STALLED: &str = "saga_stalled";
     pub const STALLS: &str = "saga_stalls_total";
     pub const SCRAPE_ERRORS: &str = "saga_scrape_errors_total";
+    pub const SNAPSHOTS: &str = "saga_snapshots_total";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +62,7 @@ pub enum Kind {
 /// Every series: its name, kind and `# HELP` text. A `_seconds` series is
 /// in seconds.
 #[rustfmt::skip]
-pub const SERIES: [(&str, Kind, &str); 15] = {
+pub const SERIES: [(&str, Kind, &str); 16] = {
     use Kind::*;
     use names::*;
     [
@@ -80,6 +81,7 @@ pub const SERIES: [(&str, Kind, &str); 15] = {
         (SAGAS_STALLED, Gauge, "Sagas waiting at one step longer than the stall threshold"),
         (STALLS, Counter, "Stalls reported, each once"),
         (SCRAPE_ERRORS, Counter, "Reads of a /metrics scrape that failed or timed out"),
+        (SNAPSHOTS, Counter, "Aggregate snapshots taken, and stored ones not used (another format, or not decodable), by outcome"),
     ]
 };
 
@@ -180,6 +182,11 @@ impl Meter {
     pub fn saga_ended(&self, outcome: &'static str) {
         counter!(names::SAGAS_ENDED, "service" => self.service(), "outcome" => outcome)
             .increment(1);
+    }
+
+    /// A snapshot taken, or a stored one ignored.
+    pub fn snapshot(&self, outcome: &'static str) {
+        counter!(names::SNAPSHOTS, "service" => self.service(), "outcome" => outcome).increment(1);
     }
 
     /// Stalls reported now.

@@ -200,23 +200,24 @@ async fn resolve(
         note: body.note,
     };
     let mut tx = placer.pool.begin().await?;
-    let emitted = match store::execute(&mut tx, id, command, id, Uuid::now_v7()).await {
-        Ok((_, emitted)) => emitted,
-        Err(e) => {
-            let _ = tx.rollback().await;
-            return Err(match e {
-                ExecError::Domain(DomainError::NotFound) => {
-                    ApiError::NotFound(format!("order {id} not found"))
-                }
-                ExecError::Domain(DomainError::Refused(m)) => ApiError::Conflict(m),
-                ExecError::Domain(e) => ApiError::Unprocessable(e.to_string()),
-                ExecError::Conflict(_) => {
-                    ApiError::Conflict(format!("{e}; read it again and retry"))
-                }
-                e => ApiError::Internal(e.into()),
-            });
-        }
-    };
+    let emitted =
+        match store::execute(&mut tx, &placer.snapshots, id, command, id, Uuid::now_v7()).await {
+            Ok((_, emitted)) => emitted,
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return Err(match e {
+                    ExecError::Domain(DomainError::NotFound) => {
+                        ApiError::NotFound(format!("order {id} not found"))
+                    }
+                    ExecError::Domain(DomainError::Refused(m)) => ApiError::Conflict(m),
+                    ExecError::Domain(e) => ApiError::Unprocessable(e.to_string()),
+                    ExecError::Conflict(_) => {
+                        ApiError::Conflict(format!("{e}; read it again and retry"))
+                    }
+                    e => ApiError::Internal(e.into()),
+                });
+            }
+        };
     outbox::enqueue(&mut tx, &placer.subjects, &emitted, placer.max_payload)
         .await?
         .map_err(ApiError::Unprocessable)?;

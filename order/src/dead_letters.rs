@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::{
     domain::{Command, DomainError},
-    store::{self, ExecError},
+    store::{self, ExecError, Snapshots},
     watch::{Source, Started, ack},
 };
 
@@ -34,6 +34,7 @@ pub struct Watch {
     pub subjects: Subjects,
     pub max_payload: usize,
     pub outbox: common::outbox::OutboxSignal,
+    pub snapshots: Snapshots,
 }
 
 impl Watch {
@@ -90,6 +91,7 @@ impl Watch {
         let mut tx = self.pool.begin().await?;
         let result = store::execute(
             &mut tx,
+            &self.snapshots,
             order_id,
             Command::RequireIntervention { reason },
             order_id,

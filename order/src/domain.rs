@@ -38,8 +38,10 @@ impl OrderStatus {
     ];
 }
 
-/// Current state of one order.
-#[derive(Debug, Clone, PartialEq)]
+/// Current state of one order (serialized as its snapshot, see
+/// [`crate::snapshot`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Order {
     pub id: Uuid,
     pub customer_id: String,

@@ -5,10 +5,12 @@ use common::{Applying, Event, Handler, HandlerError, Outcome};
 
 use crate::{
     domain::{Command, DomainError, PaymentClaim},
-    store::{self, ExecError},
+    store::{self, ExecError, Snapshots},
 };
 
-pub struct OrderHandler;
+pub struct OrderHandler {
+    pub snapshots: Snapshots,
+}
 
 impl Handler for OrderHandler {
     async fn handle(&self, cx: Applying<'_>, event: Event) -> Result<Outcome, HandlerError> {
@@ -37,7 +39,16 @@ impl Handler for OrderHandler {
         };
         let cause = cx.cause;
         let (correlation_id, causation_id) = (cause.metadata.correlation_id, cause.event_id);
-        match store::execute(cx.tx, order_id, command, correlation_id, causation_id).await {
+        match store::execute(
+            cx.tx,
+            &self.snapshots,
+            order_id,
+            command,
+            correlation_id,
+            causation_id,
+        )
+        .await
+        {
             Ok((_, emitted)) if emitted.is_empty() => {
                 Ok(Outcome::Skipped("order already reflects this event".into()))
             }

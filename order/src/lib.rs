@@ -9,6 +9,7 @@ mod handlers;
 pub mod observer;
 pub mod place;
 mod responder;
+pub mod snapshot;
 pub mod store;
 pub mod timeline;
 mod watch;
@@ -28,13 +29,20 @@ pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations");
 /// Connects, migrates and builds the service, ready to run.
 pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Service, StartError> {
     let infra = Infra::connect(config, &MIGRATIONS).await?;
+    let snapshots = store::Snapshots {
+        every: infra.config.snapshot_every,
+        meter: infra.meter.clone(),
+    };
     let placer = place::Placer {
         pool: infra.pool.clone(),
         subjects: infra.subjects.clone(),
         outbox: infra.outbox.clone(),
         max_payload: infra.max_payload(),
+        snapshots: snapshots.clone(),
     };
-    let handler = handlers::OrderHandler;
+    let handler = handlers::OrderHandler {
+        snapshots: snapshots.clone(),
+    };
     let responder = responder::responder(
         infra.nats.clone(),
         placer.clone(),
@@ -53,6 +61,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
         subjects: infra.subjects.clone(),
         max_payload: infra.max_payload(),
         outbox: infra.outbox.clone(),
+        snapshots,
     }
     .start(source.clone(), shutdown.clone())
     .await?;

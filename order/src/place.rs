@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::{
     domain::{Command, DomainError, Order},
-    store::{self, ExecError},
+    store::{self, ExecError, Snapshots},
 };
 
 /// Request body: `{"customerId", "lines": [{"productId","quantity","unitPrice"}], "shippingAddress": {...}}`.
@@ -51,6 +51,7 @@ pub struct Placer {
     pub outbox: OutboxSignal,
     /// The broker's `max_payload`: no event larger is ever written.
     pub max_payload: usize,
+    pub snapshots: Snapshots,
 }
 
 impl Placer {
@@ -105,17 +106,25 @@ impl Placer {
             shipping_address: request.shipping_address,
         };
         // The placement request is the cause of OrderPlaced.
-        let (state, emitted) =
-            match store::execute(&mut tx, order_id, command, order_id, order_id).await {
-                Ok(v) => v,
-                Err(e) => {
-                    tx.rollback().await?;
-                    return Err(match e {
-                        ExecError::Domain(DomainError::Invalid(msg)) => PlaceError::Invalid(msg),
-                        e => e.into(),
-                    });
-                }
-            };
+        let (state, emitted) = match store::execute(
+            &mut tx,
+            &self.snapshots,
+            order_id,
+            command,
+            order_id,
+            order_id,
+        )
+        .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                tx.rollback().await?;
+                return Err(match e {
+                    ExecError::Domain(DomainError::Invalid(msg)) => PlaceError::Invalid(msg),
+                    e => e.into(),
+                });
+            }
+        };
         if let Err(too_large) =
             outbox::enqueue(&mut tx, &self.subjects, &emitted, self.max_payload).await?
         {

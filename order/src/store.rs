@@ -9,12 +9,16 @@ use chrono::{DateTime, Utc};
 use common::{
     Envelope, Event,
     event::{Address, OrderLine},
+    meter::Meter,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool, types::Json};
 use uuid::Uuid;
 
-use crate::domain::{self, Command, DomainError, Order, OrderEvent, OrderStatus};
+use crate::{
+    domain::{self, Command, DomainError, Order, OrderEvent, OrderStatus},
+    snapshot,
+};
 
 /// An order as the read model holds it and the API shows it.
 #[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
@@ -123,14 +127,82 @@ pub enum ExecError {
     Db(#[from] sqlx::Error),
 }
 
-/// Reads the aggregate's events and folds them.
+/// How the event store snapshots orders ([`crate::snapshot`]).
+#[derive(Debug, Clone)]
+pub struct Snapshots {
+    /// Snapshot every this many events (`SNAPSHOT_EVERY`).
+    pub every: i64,
+    pub meter: Meter,
+}
+
+/// An order as loaded.
+#[derive(Debug)]
+pub struct Loaded {
+    pub state: Option<Order>,
+    /// The version of the snapshot the load started from; 0: none.
+    pub snapshot: i64,
+    /// Why a stored snapshot was not used, if one was not.
+    pub ignored: Option<String>,
+}
+
+/// The order's current state: its latest snapshot in the current format and
+/// the events after it, read in one statement; the whole history when there
+/// is no snapshot it can trust.
 pub async fn load(conn: &mut PgConnection, order_id: Uuid) -> Result<Option<Order>, ExecError> {
-    Ok(load_events(conn, order_id)
-        .await?
-        .iter()
-        .fold(None, |state, (env, event)| {
-            domain::evolve(state, event, env.timestamp)
-        }))
+    Ok(load_latest(conn, order_id).await?.state)
+}
+
+/// [`load`], saying how.
+pub async fn load_latest(conn: &mut PgConnection, order_id: Uuid) -> Result<Loaded, ExecError> {
+    let format = snapshot::format();
+    let rows: Vec<(i32, i64, Option<String>, String)> = sqlx::query_as(
+        "SELECT 0 AS kind, version, format, state::text AS body
+         FROM order_snapshots WHERE order_id = $1
+         UNION ALL
+         SELECT 1, version, NULL, envelope::text FROM order_events
+         WHERE order_id = $1 AND version > COALESCE(
+             (SELECT version FROM order_snapshots WHERE order_id = $1 AND format = $2), 0)
+         ORDER BY kind, version",
+    )
+    .bind(order_id)
+    .bind(format)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut rows = rows.into_iter().peekable();
+    let mut loaded = Loaded {
+        state: None,
+        snapshot: 0,
+        ignored: None,
+    };
+    if let Some((_, version, stored_format, body)) = rows.next_if(|row| row.0 == 0) {
+        let stored_format = stored_format.unwrap_or_default();
+        match snapshot::decode(order_id, version, &stored_format, &body) {
+            Ok(order) => {
+                loaded.state = Some(order);
+                loaded.snapshot = version;
+            }
+            // Another format: the statement read every event already.
+            Err(why) if stored_format != format => loaded.ignored = Some(why),
+            Err(why) => {
+                tracing::warn!(%order_id, version, %why, "snapshot ignored: the order is replayed in full");
+                loaded.ignored = Some(why);
+                loaded.state = fold(&load_events(conn, order_id).await?);
+                return Ok(loaded);
+            }
+        }
+    }
+    for (_, _, _, text) in rows {
+        let (env, event) = decode_stored(order_id, &text)?;
+        loaded.state = domain::evolve(loaded.state, &event, env.timestamp);
+    }
+    Ok(loaded)
+}
+
+/// Folds a history, oldest first.
+pub fn fold(events: &[(Envelope, OrderEvent)]) -> Option<Order> {
+    events.iter().fold(None, |state, (env, event)| {
+        domain::evolve(state, event, env.timestamp)
+    })
 }
 
 /// The aggregate's history, oldest first.
@@ -146,18 +218,21 @@ pub async fn load_events(
     .fetch_all(&mut *conn)
     .await?;
     rows.iter()
-        .map(|text| {
-            let (env, event) = Envelope::decode(text.as_bytes())
-                .map_err(|e| ExecError::Corrupt(order_id, e.to_string()))?;
-            let event = OrderEvent::try_from(event).map_err(|_| {
-                ExecError::Corrupt(
-                    order_id,
-                    format!("{} is not an order event", env.event_type),
-                )
-            })?;
-            Ok((env, event))
-        })
+        .map(|text| decode_stored(order_id, text))
         .collect()
+}
+
+/// A stored event of the order, brought to the current schema.
+fn decode_stored(order_id: Uuid, text: &str) -> Result<(Envelope, OrderEvent), ExecError> {
+    let (env, event) = Envelope::decode(text.as_bytes())
+        .map_err(|e| ExecError::Corrupt(order_id, e.to_string()))?;
+    let event = OrderEvent::try_from(event).map_err(|_| {
+        ExecError::Corrupt(
+            order_id,
+            format!("{} is not an order event", env.event_type),
+        )
+    })?;
+    Ok((env, event))
 }
 
 /// Runs `command` against the order: returns the new state and the emitted
@@ -167,6 +242,7 @@ pub async fn load_events(
 /// [`common::outbox::enqueue`].
 pub async fn execute(
     conn: &mut PgConnection,
+    snapshots: &Snapshots,
     order_id: Uuid,
     command: Command,
     correlation_id: Uuid,
@@ -174,10 +250,18 @@ pub async fn execute(
 ) -> Result<(Option<Order>, Vec<Envelope>), ExecError> {
     // A placement always gets a fresh id: there is no history to read (and
     // the primary key would refuse a second version 1 anyway).
-    let state = match command {
-        Command::Place { .. } => None,
-        _ => load(conn, order_id).await?,
+    let loaded = match command {
+        Command::Place { .. } => Loaded {
+            state: None,
+            snapshot: 0,
+            ignored: None,
+        },
+        _ => load_latest(conn, order_id).await?,
     };
+    if loaded.ignored.is_some() {
+        snapshots.meter.snapshot("ignored");
+    }
+    let state = loaded.state;
     let events = domain::decide(state.as_ref(), command)?;
     if events.is_empty() {
         return Ok((state, vec![]));
@@ -199,7 +283,32 @@ pub async fn execute(
     }
     let order = state.as_ref().expect("an order with events has state");
     write(conn, order, &envelopes).await?;
+    if snapshot::due(loaded.snapshot, order.version, snapshots.every) {
+        save_snapshot(conn, order).await?;
+        snapshots.meter.snapshot("taken");
+    }
     Ok((state, envelopes))
+}
+
+/// Keeps `order` as its latest snapshot, unless a newer one in the current
+/// format is there already.
+async fn save_snapshot(conn: &mut PgConnection, order: &Order) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO order_snapshots (order_id, version, format, state)
+         VALUES ($1, $2, $3, $4::text::jsonb)
+         ON CONFLICT (order_id) DO UPDATE SET
+             version = EXCLUDED.version, format = EXCLUDED.format,
+             state = EXCLUDED.state, taken_at = now()
+         WHERE order_snapshots.version < EXCLUDED.version
+            OR order_snapshots.format <> EXCLUDED.format",
+    )
+    .bind(order.id)
+    .bind(order.version)
+    .bind(snapshot::format())
+    .bind(snapshot::encode(order))
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Appends the events and projects the new state, in one statement. A
