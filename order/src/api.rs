@@ -1,4 +1,5 @@
-//! HTTP: `POST /orders`, `GET /orders/{id}`, `GET /orders/{id}/events`,
+//! HTTP: `POST /orders`, `GET /orders/{id}` (also as it was: `?atVersion=`,
+//! `?asOf=`; and at least as new as `?minVersion=`), `GET /orders/{id}/events`,
 //! `GET /orders?customerId=&status=&limit=&offset=`. Reads come from the read model.
 //!
 //! Sagas, as the observer recorded them: `GET /sagas/{orderId}` (the
@@ -128,15 +129,76 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::BadRequest(format!("'{id}' is not an order id (a UUID)")))
 }
 
+/// Which state of an order `GET /orders/{id}` answers with; at most one.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct OrderQuery {
+    /// The state after its first N events.
+    at_version: Option<i64>,
+    /// The state after every event that occurred by then (RFC 3339).
+    as_of: Option<DateTime<Utc>>,
+    /// At least this new (read-your-writes): the read model if it has
+    /// caught up, else the event store; 409 if no such version was written.
+    min_version: Option<i64>,
+}
+
+/// The latest version any order can reach, for bounds on the query.
+const MAX_VERSION: i64 = 1_000_000_000;
+
 async fn get_order(
     State(placer): State<Placer>,
     Path(id): Path<String>,
+    ValidQuery(q): ValidQuery<OrderQuery>,
 ) -> Result<Json<OrderView>, ApiError> {
     let id = parse_id(&id)?;
-    store::order_view(&placer.pool, id)
-        .await?
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("order {id} not found")))
+    let not_found = || ApiError::NotFound(format!("order {id} not found"));
+    let past = match (q.at_version, q.as_of, q.min_version) {
+        (None, None, _) => None,
+        (Some(n), None, None) => {
+            limits::check_range("atVersion", n, 1, MAX_VERSION).map_err(ApiError::BadRequest)?;
+            Some(store::At::Version(n))
+        }
+        (None, Some(t), None) => Some(store::At::Time(t)),
+        _ => {
+            return Err(ApiError::BadRequest(
+                "give at most one of atVersion, asOf and minVersion".into(),
+            ));
+        }
+    };
+    let mut conn = placer.pool.acquire().await?;
+    let internal = |e: ExecError| ApiError::Internal(e.into());
+    if let Some(at) = past {
+        let (state, latest) = store::load_at(&mut conn, id, at).await.map_err(internal)?;
+        return match (state, at) {
+            (_, _) if latest == 0 => Err(not_found()),
+            (Some(order), store::At::Version(n)) if order.version == n => Ok(Json(order.into())),
+            (Some(order), store::At::Time(_)) => Ok(Json(order.into())),
+            (_, store::At::Version(n)) => Err(ApiError::NotFound(format!(
+                "order {id} has no version {n}: it is at version {latest}"
+            ))),
+            (None, store::At::Time(t)) => Err(ApiError::NotFound(format!(
+                "order {id} did not exist yet at {}",
+                t.to_rfc3339()
+            ))),
+        };
+    }
+    let min = q.min_version.unwrap_or(0);
+    limits::check_range("minVersion", min, 0, MAX_VERSION).map_err(ApiError::BadRequest)?;
+    let view = store::order_view(&mut *conn, id).await?;
+    match view {
+        Some(view) if view.version >= min => return Ok(Json(view)),
+        None if min == 0 => return Err(not_found()),
+        _ => {}
+    }
+    // The read model has not caught up (or has no row): the write side.
+    match store::load(&mut conn, id).await.map_err(internal)? {
+        Some(order) if order.version >= min => Ok(Json(order.into())),
+        Some(order) => Err(ApiError::Conflict(format!(
+            "order {id} is at version {}: version {min} has not been written",
+            order.version
+        ))),
+        None => Err(not_found()),
+    }
 }
 
 #[derive(Clone)]

@@ -58,10 +58,13 @@ impl From<Order> for OrderView {
 const COLUMNS: &str = "order_id, customer_id, status, lines, total, shipping_address, failure_reason, shipment_id, version, created_at, updated_at";
 
 /// One order from the read model.
-pub async fn order_view(pool: &PgPool, order_id: Uuid) -> sqlx::Result<Option<OrderView>> {
+pub async fn order_view(
+    conn: impl sqlx::PgExecutor<'_>,
+    order_id: Uuid,
+) -> sqlx::Result<Option<OrderView>> {
     sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE order_id = $1"))
         .bind(order_id)
-        .fetch_optional(pool)
+        .fetch_optional(conn)
         .await
 }
 
@@ -196,6 +199,35 @@ pub async fn load_latest(conn: &mut PgConnection, order_id: Uuid) -> Result<Load
         loaded.state = domain::evolve(loaded.state, &event, env.timestamp);
     }
     Ok(loaded)
+}
+
+/// A point in an order's past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum At {
+    /// After its first `n` events.
+    Version(i64),
+    /// After every event that occurred by then (the events' own timestamps).
+    Time(DateTime<Utc>),
+}
+
+/// The order as it was at `at`, folded from its events up to that point
+/// (never from a snapshot: they hold only the latest state), and the
+/// version it is at now (0: no such order).
+pub async fn load_at(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    at: At,
+) -> Result<(Option<Order>, i64), ExecError> {
+    let events = load_events(conn, order_id).await?;
+    let latest = events.len() as i64;
+    let until = match at {
+        At::Version(n) => n.clamp(0, latest) as usize,
+        At::Time(t) => events
+            .iter()
+            .take_while(|(env, _)| env.timestamp <= t)
+            .count(),
+    };
+    Ok((fold(&events[..until]), latest))
 }
 
 /// Folds a history, oldest first.

@@ -4,7 +4,7 @@
 //! Type names are explicit strings, never derived from Rust type names, so a
 //! rename in code can never change what is on the wire.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use uuid::Uuid;
 
@@ -152,7 +152,9 @@ impl Envelope {
             aggregate_type: kind.aggregate_type().to_string(),
             aggregate_id: aggregate_id.into(),
             version,
-            timestamp: Utc::now(),
+            // Microseconds, as Postgres keeps them: an event's time reads the
+            // same from its envelope, a timestamp column and a read model.
+            timestamp: Utc::now().trunc_subsecs(6),
             metadata: Metadata {
                 correlation_id,
                 causation_id,
