@@ -40,6 +40,33 @@ pub async fn serve(name: &str) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    /// The shared migrations and a service's own run against one database
+    /// and one `_sqlx_migrations` table: a version used twice stops the
+    /// service at start-up.
+    #[test]
+    fn no_service_migration_reuses_a_version_of_the_shared_ones() {
+        let shared: Vec<i64> = common::service::COMMON_MIGRATIONS
+            .iter()
+            .map(|m| m.version)
+            .collect();
+        let services = [
+            ("order", &order::MIGRATIONS),
+            ("payment", &payment::MIGRATIONS),
+            ("inventory", &inventory::MIGRATIONS),
+            ("shipping", &shipping::MIGRATIONS),
+        ];
+        assert!(services.iter().map(|s| s.0).eq(common::roster::names()));
+        for (name, own) in services {
+            for m in own.iter() {
+                assert!(
+                    !shared.contains(&m.version),
+                    "{name}'s migration {} reuses a version of common/migrations",
+                    m.version
+                );
+            }
+        }
+    }
+
     /// A service added to the roster without a crate behind it fails here.
     #[test]
     fn every_roster_service_can_be_built() {
