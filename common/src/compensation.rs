@@ -1,7 +1,15 @@
 //! Compensating a saga step, the one way every service does it (payment's
-//! refund, inventory's release): lock the step's record, wait if the step has
-//! not happened here yet, decide from its status whether there is anything
-//! to undo, undo it, and emit one event caused by the request.
+//! refund, inventory's release, shipping's cancelled shipment): lock the
+//! step's record, wait if the step has not happened here yet, decide from its
+//! status whether there is anything to undo, undo it, and emit one event
+//! caused by the request.
+//!
+//! The customer's cancel reaches every service at once, whatever step the
+//! saga is at: a service that took its step undoes it; one that has not
+//! records that it never will ([`cancelled_before`] is what its forward step
+//! asks first). Both hold the order for their transaction, so a cancel and
+//! the step it races take turns, and exactly one of them finds the other's
+//! work done.
 //!
 //! A step's record emits at most two events, under the record's own
 //! aggregate id: the step's outcome ([`STEP_VERSION`]) and its
@@ -14,7 +22,9 @@ use sqlx::{
 };
 use uuid::Uuid;
 
-use crate::{Applying, Envelope, Event, HandlerError, Outcome};
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
+
+use crate::{Applying, Envelope, Event, EventKind, HandlerError, Outcome, Subjects};
 
 /// Version of the event that records a step's outcome.
 pub const STEP_VERSION: i64 = 1;
@@ -102,6 +112,81 @@ pub async fn lock<S: Step>(tx: &mut PgConnection, order_id: Uuid) -> sqlx::Resul
     sqlx::query_as(&sql).bind(order_id).fetch_optional(tx).await
 }
 
+/// Holds `order_id` for this transaction (an advisory lock): a service's
+/// forward step for the order and the customer's cancel of it take turns.
+pub async fn hold_order(tx: &mut PgConnection, order_id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 11))")
+        .bind(order_id)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+/// How long asking the broker for an order's cancel may take.
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Where a service learns that the customer cancelled an order before it
+/// took its step: its own record (it heard of the cancel first), or the
+/// stream, which keeps every cancel under a subject of its own per order
+/// (the cancel may be queued behind the event being applied, when the
+/// service was away: it still charges, reserves or ships nothing).
+#[derive(Clone)]
+pub struct Cancels {
+    js: async_nats::jetstream::Context,
+    subjects: Subjects,
+}
+
+impl Cancels {
+    pub fn new(js: async_nats::jetstream::Context, subjects: Subjects) -> Cancels {
+        Cancels { js, subjects }
+    }
+
+    /// What a forward step asks first: holds the order (see
+    /// [`hold_order`]) and says why the customer cancelled it, if they did.
+    /// The step is then not taken.
+    pub async fn before(
+        &self,
+        tx: &mut PgConnection,
+        order_id: Uuid,
+    ) -> Result<Option<String>, HandlerError> {
+        hold_order(tx, order_id).await?;
+        let recorded: Option<String> =
+            sqlx::query_scalar("SELECT reason FROM cancelled_orders WHERE order_id = $1")
+                .bind(order_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if recorded.is_some() {
+            return Ok(recorded);
+        }
+        let subject = self
+            .subjects
+            .event_of(EventKind::OrderCancelledByCustomer, order_id);
+        let stream = self
+            .js
+            .get_stream_no_info(self.subjects.events_stream())
+            .await
+            .map_err(|e| HandlerError::Broker(e.to_string()))?;
+        let found = tokio::time::timeout(
+            LOOKUP_TIMEOUT,
+            stream.get_last_raw_message_by_subject(&subject),
+        )
+        .await
+        .map_err(|_| HandlerError::Broker(format!("no answer on {subject} in time")))?;
+        match found {
+            Ok(message) => match Envelope::decode(&message.payload) {
+                Ok((_, Event::OrderCancelledByCustomer(cancel))) if cancel.order_id == order_id => {
+                    Ok(Some(cancel.step_reason()))
+                }
+                // Not a cancel of this order (forged or garbage): the consumer
+                // that gets it dead-letters it; it cancels nothing here.
+                _ => Ok(None),
+            },
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(HandlerError::Broker(format!("looking up {subject}: {e}"))),
+        }
+    }
+}
+
 /// Who undoes a step.
 pub enum By<'a, S: Step> {
     /// The saga's compensation, asked for by a failure downstream: undone
@@ -110,6 +195,10 @@ pub enum By<'a, S: Step> {
     /// An operator, who did it by hand (OrderManuallyCompensated): only
     /// recorded, and nothing emitted (the order has ended; nobody is to react).
     Hand { reason: String },
+    /// The customer cancelled the order (OrderCancelledByCustomer): undone
+    /// like the saga's compensation if the step was taken; if not, it never
+    /// will be.
+    Customer { reason: String, with: &'a S::With },
 }
 
 /// Undoes step `S` for `order_id`, once, and only if it took effect.
@@ -118,11 +207,28 @@ pub async fn compensate<S: Step>(
     order_id: Uuid,
     by: By<'_, S>,
 ) -> Result<Outcome, HandlerError> {
+    if let By::Customer { .. } = by {
+        hold_order(cx.tx, order_id).await?;
+    }
     let Some(record) = lock::<S>(cx.tx, order_id).await? else {
         return Ok(match by {
             // The request overtook the step it undoes: retried until it is here.
             By::Saga { .. } => Outcome::NotYet(format!("no {} for order {order_id} yet", S::NAME)),
             By::Hand { .. } => Outcome::Skipped(format!("no {} for order {order_id}", S::NAME)),
+            By::Customer { reason, .. } => {
+                sqlx::query(
+                    "INSERT INTO cancelled_orders (order_id, reason) VALUES ($1, $2)
+                     ON CONFLICT (order_id) DO NOTHING",
+                )
+                .bind(order_id)
+                .bind(&reason)
+                .execute(&mut *cx.tx)
+                .await?;
+                Outcome::Skipped(format!(
+                    "no {} for order {order_id}: none will be made",
+                    S::NAME
+                ))
+            }
         });
     };
     match (decide(record.state()), by) {
@@ -137,12 +243,13 @@ pub async fn compensate<S: Step>(
             record.record_undone(cx.tx, &reason).await?;
             Ok(Outcome::Applied(Vec::new()))
         }
-        (Compensation::Undo, By::Saga { reason, with }) => {
+        (Compensation::Undo, By::Saga { reason, with } | By::Customer { reason, with }) => {
             let undoing = Applying {
                 tx: &mut *cx.tx,
                 cause: cx.cause,
                 meter: cx.meter,
                 delivered: cx.delivered,
+                cancels: cx.cancels,
             };
             let undone = record.undo(undoing, reason, with).await;
             cx.meter.compensation(S::NAME, undone.is_err());

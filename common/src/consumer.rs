@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use crate::{
     backoff::backoff,
-    compensation::STEP_VERSION,
+    compensation::{Cancels, STEP_VERSION},
     event::{Envelope, Event},
     health::{Condition, Health},
     idempotency::{self, Claim, IdempotencyStore},
@@ -56,6 +56,8 @@ pub struct Applying<'a> {
     pub meter: &'a Meter,
     /// Which delivery of the cause this is (1 for the first).
     pub delivered: i64,
+    /// Whether the customer cancelled an order ([`Cancels::before`]).
+    pub cancels: &'a Cancels,
 }
 
 impl Applying<'_> {
@@ -78,6 +80,10 @@ pub enum HandlerError {
     /// The event can never be applied here, whatever is retried.
     #[error("{0}")]
     Permanent(String),
+    /// The broker did not answer a question the handler asked it; retried
+    /// like a database that is away.
+    #[error("broker: {0}")]
+    Broker(String),
     /// A party outside the service (a payment gateway) did not do its part.
     /// The delivery is retried after each delay of `retries` in turn, then
     /// dead-lettered. `report`, an event saying so, is committed to the
@@ -99,7 +105,9 @@ impl HandlerError {
     pub fn is_permanent(&self) -> bool {
         match self {
             HandlerError::Permanent(_) => true,
-            HandlerError::Conflict(_) | HandlerError::Unavailable { .. } => false,
+            HandlerError::Conflict(_)
+            | HandlerError::Unavailable { .. }
+            | HandlerError::Broker(_) => false,
             HandlerError::Db(e) => db_error_is_permanent(e),
         }
     }
@@ -212,6 +220,7 @@ pub struct RuntimeParts {
 struct Inner<H> {
     handler: H,
     parts: RuntimeParts,
+    cancels: Cancels,
 }
 
 impl<H> std::ops::Deref for Inner<H> {
@@ -257,7 +266,11 @@ impl<H: Handler> ConsumerRuntime<H> {
     pub fn new(handler: H, parts: RuntimeParts) -> Self {
         let concurrency = parts.concurrency.max(1);
         ConsumerRuntime {
-            inner: Arc::new(Inner { handler, parts }),
+            inner: Arc::new(Inner {
+                handler,
+                cancels: Cancels::new(parts.js.clone(), parts.subjects.clone()),
+                parts,
+            }),
             concurrency,
         }
     }
@@ -410,7 +423,7 @@ impl<H: Handler> Inner<H> {
             }
         };
         let event_type = event.kind().name();
-        let expected = self.subjects.event(event.kind());
+        let expected = self.subjects.event_of(event.kind(), event.order_id());
         if msg.subject.as_str() != expected {
             let reason = crate::event::DecodeError::WrongSubject {
                 event_type: envelope.event_type.clone(),
@@ -593,6 +606,7 @@ impl<H: Handler> Inner<H> {
             cause: envelope,
             meter: &self.meter,
             delivered,
+            cancels: &self.cancels,
         };
         let outcome = self.handler.handle(cx, event).await?;
         let events = match &outcome {

@@ -234,7 +234,7 @@ impl Dlq {
             None => format!("its bytes no longer decode as an event: {e}"),
         })?;
         Ok(Plan {
-            subject: self.subjects.event(event.kind()),
+            subject: self.subjects.event_of(event.kind(), event.order_id()),
             bytes,
             envelope,
         })

@@ -88,7 +88,8 @@ fn columns(
         let body = e.to_bytes();
         fits(e, body.len(), max_payload)?;
         c.ids.push(e.event_id);
-        c.subjects.push(subjects.event(kind));
+        c.subjects
+            .push(subjects.event_of(kind, e.metadata.correlation_id));
         c.aggregates.push(e.aggregate_id.clone());
         c.bodies.push(body);
     }

@@ -228,7 +228,7 @@ mod tests {
         let s = Subjects::new("saga");
         let all: Vec<String> = crate::event::EventKind::ALL
             .iter()
-            .map(|k| s.event(*k))
+            .map(|k| s.filter(*k))
             .collect();
         for svc in crate::roster::names() {
             for f in consumer_config(&s, svc).unwrap().filter_subjects {

@@ -1,6 +1,7 @@
 //! Reactions to saga events: reserve on PaymentProcessed; release (the
 //! shared compensation) on ShipmentFailed; put back what an operator
-//! compensated by hand (OrderManuallyCompensated).
+//! compensated by hand (OrderManuallyCompensated); release, or never
+//! reserve, for an order the customer cancelled (OrderCancelledByCustomer).
 
 use common::{
     Applying, Event, Handler, HandlerError, Outcome,
@@ -30,6 +31,13 @@ impl Handler for InventoryHandler {
                 };
                 compensation::compensate::<Reservation>(cx, resolved.order_id, by).await
             }
+            Event::OrderCancelledByCustomer(cancelled) => {
+                let by = By::Customer {
+                    reason: cancelled.step_reason(),
+                    with: &(),
+                };
+                compensation::compensate::<Reservation>(cx, cancelled.order_id, by).await
+            }
             _ => Ok(Outcome::Unhandled),
         }
     }
@@ -38,6 +46,11 @@ impl Handler for InventoryHandler {
 async fn reserve(cx: Applying<'_>, paid: PaymentProcessed) -> Result<Outcome, HandlerError> {
     let tx = &mut *cx.tx;
     let order_id = paid.order_id;
+    if let Some(reason) = cx.cancels.before(tx, order_id).await? {
+        return Ok(Outcome::Skipped(format!(
+            "order cancelled before its stock was reserved ({reason}): nothing reserved"
+        )));
+    }
     let demand = match domain::demand(&paid.lines) {
         Ok(d) => d,
         Err(reason) => return Ok(Outcome::Rejected(reason)),

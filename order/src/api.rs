@@ -19,16 +19,16 @@ use common::{
     Envelope, EventKind,
     dlq::{Dlq, Redrive},
     http::{AdminToken, ApiError, ValidJson, ValidQuery},
-    limits, outbox,
+    limits,
 };
 use serde::{Deserialize, Serialize};
 use std::{sync::Arc, time::Duration};
 use uuid::Uuid;
 
 use crate::{
-    domain::{Command, DomainError, OrderStatus},
+    domain::{Command, OrderStatus},
     observer,
-    place::{PlaceError, PlaceOrder, Placer},
+    place::{CommandError, PlaceError, PlaceOrder, Placer},
     store::{self, EntryKind, EntryRow, ExecError, OrderView, SagaRow},
     timeline,
 };
@@ -50,6 +50,7 @@ pub fn router(placer: Placer, stall_after: Duration, admin: AdminToken, dlq: Dlq
         .route("/orders", get(list_orders).post(place_order))
         .route("/orders/{id}", get(get_order))
         .route("/orders/{id}/events", get(get_events))
+        .route("/orders/{id}/cancel", post(cancel))
         .with_state(placer)
         .merge(
             Router::new()
@@ -261,35 +262,42 @@ async fn resolve(
         operator: body.operator.clone(),
         note: body.note,
     };
-    let mut tx = placer.pool.begin().await?;
-    let emitted =
-        match store::execute(&mut tx, &placer.snapshots, id, command, id, Uuid::now_v7()).await {
-            Ok((_, emitted)) => emitted,
-            Err(e) => {
-                let _ = tx.rollback().await;
-                return Err(match e {
-                    ExecError::Domain(DomainError::NotFound) => {
-                        ApiError::NotFound(format!("order {id} not found"))
-                    }
-                    ExecError::Domain(DomainError::Refused(m)) => ApiError::Conflict(m),
-                    ExecError::Domain(e) => ApiError::Unprocessable(e.to_string()),
-                    ExecError::Conflict(_) => {
-                        ApiError::Conflict(format!("{e}; read it again and retry"))
-                    }
-                    e => ApiError::Internal(e.into()),
-                });
-            }
-        };
-    outbox::enqueue(&mut tx, &placer.subjects, &emitted, placer.max_payload)
-        .await?
-        .map_err(ApiError::Unprocessable)?;
-    tx.commit().await?;
-    placer.outbox.notify();
+    let order = placer.run(id, command).await?;
     tracing::warn!(order_id = %id, correlation_id = %id, operator = %body.operator, "operator resolved the order: manually compensated");
-    store::order_view(&placer.pool, id)
-        .await?
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("order {id} not found")))
+    Ok(Json(order.into()))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Cancel {
+    /// Why, in the customer's words (shown as the order's failure reason).
+    pub reason: String,
+}
+
+/// `POST /orders/{id}/cancel` `{"reason": "..."}`: the customer's cancel,
+/// at any step of the saga until the order is confirmed (then 409). The
+/// answer is the order, CANCELLED; the services undo their steps after.
+async fn cancel(
+    State(placer): State<Placer>,
+    Path(id): Path<String>,
+    ValidJson(body): ValidJson<Cancel>,
+) -> Result<Json<OrderView>, ApiError> {
+    let id = parse_id(&id)?;
+    Ok(Json(placer.cancel(id, body.reason).await?.into()))
+}
+
+impl From<CommandError> for ApiError {
+    fn from(e: CommandError) -> Self {
+        match e {
+            CommandError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            CommandError::Refused(m) => ApiError::Conflict(m),
+            CommandError::Invalid(m) => ApiError::Unprocessable(m),
+            CommandError::Internal(ExecError::Conflict(_)) => {
+                ApiError::Conflict(format!("{e}; read it again and retry"))
+            }
+            CommandError::Internal(e) => ApiError::Internal(e.into()),
+        }
+    }
 }
 
 /// The order's own events, oldest first: its history as the event store has it.

@@ -5,8 +5,8 @@
 use chrono::{DateTime, Utc};
 use common::{
     event::{
-        self, Address, Event, Money, OrderCancelled, OrderConfirmed, OrderLine,
-        OrderManuallyCompensated, OrderPlaced, OrderRequiresIntervention,
+        self, Address, Event, Money, OrderCancelled, OrderCancelledByCustomer, OrderConfirmed,
+        OrderLine, OrderManuallyCompensated, OrderPlaced, OrderRequiresIntervention,
     },
     limits,
 };
@@ -29,6 +29,17 @@ pub enum OrderStatus {
 }
 
 impl OrderStatus {
+    /// `CONFIRMED`, as stored and shown.
+    pub fn name(self) -> &'static str {
+        match self {
+            OrderStatus::Pending => "PENDING",
+            OrderStatus::Confirmed => "CONFIRMED",
+            OrderStatus::Cancelled => "CANCELLED",
+            OrderStatus::RequiresIntervention => "REQUIRES_INTERVENTION",
+            OrderStatus::ManuallyCompensated => "MANUALLY_COMPENSATED",
+        }
+    }
+
     pub const ALL: [OrderStatus; 5] = [
         OrderStatus::Pending,
         OrderStatus::Confirmed,
@@ -56,6 +67,9 @@ pub struct Order {
     /// once an operator redrives the event, the saga may still end
     /// normally.
     pub halted: bool,
+    /// Cancelled on the customer's request: every service undoes its own
+    /// step, so a shipment created meanwhile is called off, not confirmed.
+    pub cancelled_by_customer: bool,
     pub version: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -97,6 +111,8 @@ pub enum Command {
     RequireIntervention { reason: String },
     /// An operator compensated by hand what the halted saga could not.
     ResolveManually { operator: String, note: String },
+    /// The customer calls the order off while its saga runs.
+    CancelByCustomer { reason: String },
 }
 
 /// The customer and amount a payment event names.
@@ -130,6 +146,7 @@ pub enum OrderEvent {
     Cancelled(OrderCancelled),
     RequiresIntervention(OrderRequiresIntervention),
     ManuallyCompensated(OrderManuallyCompensated),
+    CancelledByCustomer(OrderCancelledByCustomer),
 }
 
 impl From<OrderEvent> for Event {
@@ -140,6 +157,7 @@ impl From<OrderEvent> for Event {
             OrderEvent::Cancelled(e) => Event::OrderCancelled(e),
             OrderEvent::RequiresIntervention(e) => Event::OrderRequiresIntervention(e),
             OrderEvent::ManuallyCompensated(e) => Event::OrderManuallyCompensated(e),
+            OrderEvent::CancelledByCustomer(e) => Event::OrderCancelledByCustomer(e),
         }
     }
 }
@@ -155,6 +173,7 @@ impl TryFrom<Event> for OrderEvent {
             Event::OrderCancelled(e) => Ok(OrderEvent::Cancelled(e)),
             Event::OrderRequiresIntervention(e) => Ok(OrderEvent::RequiresIntervention(e)),
             Event::OrderManuallyCompensated(e) => Ok(OrderEvent::ManuallyCompensated(e)),
+            Event::OrderCancelledByCustomer(e) => Ok(OrderEvent::CancelledByCustomer(e)),
             other => Err(other),
         }
     }
@@ -196,6 +215,8 @@ pub fn decide(state: Option<&Order>, command: Command) -> Result<Vec<OrderEvent>
             OrderStatus::Pending | OrderStatus::Confirmed | OrderStatus::RequiresIntervention => {
                 vec![]
             }
+            // Shipping calls it off on hearing of the cancellation.
+            OrderStatus::Cancelled if order.cancelled_by_customer => vec![],
             OrderStatus::Cancelled | OrderStatus::ManuallyCompensated => intervention(
                 order,
                 format!(
@@ -226,10 +247,25 @@ pub fn decide(state: Option<&Order>, command: Command) -> Result<Vec<OrderEvent>
                 status => Err(DomainError::Refused(format!(
                     "order {} is {}: only an order that requires intervention can be resolved",
                     order.id,
-                    serde_json::to_value(status)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default()
+                    status.name()
+                ))),
+            }
+        }
+        (Some(order), Command::CancelByCustomer { reason }) => {
+            limits::check_reason("reason", &reason).map_err(DomainError::Invalid)?;
+            match order.status {
+                OrderStatus::Pending => Ok(vec![OrderEvent::CancelledByCustomer(
+                    OrderCancelledByCustomer {
+                        order_id: order.id,
+                        reason,
+                    },
+                )]),
+                // Cancelled already (by the customer or by its saga): so be it.
+                OrderStatus::Cancelled => Ok(vec![]),
+                status => Err(DomainError::Refused(format!(
+                    "order {} is {}: it can no longer be cancelled",
+                    order.id,
+                    status.name()
                 ))),
             }
         }
@@ -283,6 +319,7 @@ pub fn evolve(state: Option<Order>, event: &OrderEvent, at: DateTime<Utc>) -> Op
                 failure_reason: None,
                 shipment_id: None,
                 halted: false,
+                cancelled_by_customer: false,
                 version: 1,
                 created_at: at,
                 updated_at: at,
@@ -303,6 +340,14 @@ pub fn evolve(state: Option<Order>, event: &OrderEvent, at: DateTime<Utc>) -> Op
         OrderEvent::Cancelled(e) => {
             order.status = OrderStatus::Cancelled;
             order.failure_reason = Some(e.reason.clone());
+        }
+        OrderEvent::CancelledByCustomer(e) => {
+            order.status = OrderStatus::Cancelled;
+            order.cancelled_by_customer = true;
+            order.failure_reason = Some(limits::reason(format!(
+                "cancelled by the customer: {}",
+                e.reason
+            )));
         }
         OrderEvent::ManuallyCompensated(_) => {
             order.status = OrderStatus::ManuallyCompensated;
@@ -623,10 +668,90 @@ mod tests {
         assert_eq!(given_when(&[], cancel("x")), Err(DomainError::NotFound));
     }
 
+    fn customer_cancels() -> Command {
+        Command::CancelByCustomer {
+            reason: "changed my mind".into(),
+        }
+    }
+
+    fn cancelled_by_customer() -> OrderEvent {
+        given_when(&[placed()], customer_cancels())
+            .unwrap()
+            .remove(0)
+    }
+
+    #[test]
+    fn a_pending_order_is_cancelled_at_the_customers_request() {
+        let events = given_when(&[placed()], customer_cancels()).unwrap();
+        assert!(
+            matches!(&events[..], [OrderEvent::CancelledByCustomer(e)] if e.reason == "changed my mind")
+        );
+        let order = [placed(), cancelled_by_customer()]
+            .iter()
+            .fold(None, |s, e| evolve(s, e, Utc::now()))
+            .unwrap();
+        assert_eq!(order.status, OrderStatus::Cancelled);
+        assert_eq!(
+            order.failure_reason.as_deref(),
+            Some("cancelled by the customer: changed my mind")
+        );
+    }
+
+    #[test]
+    fn a_confirmed_order_can_no_longer_be_cancelled() {
+        let confirmed = given_when(&[placed()], confirm()).unwrap().remove(0);
+        let refused = given_when(&[placed(), confirmed], customer_cancels()).unwrap_err();
+        assert!(
+            matches!(refused, DomainError::Refused(ref m) if m.contains("CONFIRMED")),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn cancelling_a_cancelled_order_again_changes_nothing() {
+        assert_eq!(
+            given_when(&[placed(), cancelled_by_customer()], customer_cancels()),
+            Ok(vec![])
+        );
+        assert_eq!(
+            given_when(&[placed(), cancelled("declined")], customer_cancels()),
+            Ok(vec![])
+        );
+    }
+
+    #[test]
+    fn a_shipment_created_after_the_customer_cancelled_does_not_confirm_nor_halt() {
+        assert_eq!(
+            given_when(&[placed(), cancelled_by_customer()], confirm()),
+            Ok(vec![])
+        );
+        // Cancelled by the saga, a shipment is a contradiction.
+        let halted = given_when(&[placed(), cancelled("declined")], confirm()).unwrap();
+        assert!(matches!(&halted[..], [OrderEvent::RequiresIntervention(_)]));
+    }
+
+    #[test]
+    fn a_refund_after_the_customer_cancelled_changes_nothing() {
+        assert_eq!(
+            given_when(&[placed(), cancelled_by_customer()], cancel("refunded")),
+            Ok(vec![])
+        );
+    }
+
+    #[test]
+    fn a_cancel_reason_is_required_and_bounded() {
+        let blank = Command::CancelByCustomer { reason: " ".into() };
+        assert!(matches!(
+            given_when(&[placed()], blank),
+            Err(DomainError::Invalid(_))
+        ));
+    }
+
     #[test]
     fn statuses_round_trip_through_their_names() {
         for s in OrderStatus::ALL {
             let name = serde_json::to_value(s).unwrap();
+            assert_eq!(name, s.name());
             assert_eq!(serde_json::from_value::<OrderStatus>(name).unwrap(), s);
         }
         assert_eq!(

@@ -1,4 +1,6 @@
-//! Placing an order, shared by `POST /orders` and the NATS request-reply command.
+//! Placing an order, shared by `POST /orders` and the NATS request-reply
+//! command; and every other command a person gives an existing order (the
+//! customer's cancel, an operator's resolution).
 
 use common::{
     Subjects,
@@ -136,5 +138,89 @@ impl Placer {
         let order = state.expect("a placed order has state");
         tracing::info!(order_id = %order.id, correlation_id = %order.id, customer_id = %order.customer_id, total = order.total, "order placed");
         Ok((order, true))
+    }
+}
+
+/// How often a command is decided again when another writer changed the
+/// order between its load and its append.
+const ATTEMPTS: usize = 3;
+
+/// Why a command for an existing order was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("order {0} not found")]
+    NotFound(Uuid),
+    /// Not in a state the command applies to (409).
+    #[error("{0}")]
+    Refused(String),
+    /// Bad input (422).
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Internal(ExecError),
+}
+
+impl From<sqlx::Error> for CommandError {
+    fn from(e: sqlx::Error) -> Self {
+        CommandError::Internal(ExecError::Db(e))
+    }
+}
+
+impl Placer {
+    /// Runs `command` against order `order_id` and publishes what it
+    /// decides: the order as it is afterwards (unchanged if the command
+    /// changed nothing). Decided again, up to [`ATTEMPTS`] times, when a
+    /// saga event changed the order at the same moment.
+    pub async fn run(&self, order_id: Uuid, command: Command) -> Result<Order, CommandError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut tx = self.pool.begin().await?;
+            let result = store::execute(
+                &mut tx,
+                &self.snapshots,
+                order_id,
+                command.clone(),
+                order_id,
+                Uuid::now_v7(),
+            )
+            .await;
+            let (state, emitted) = match result {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    match e {
+                        ExecError::Conflict(_) if attempt < ATTEMPTS => continue,
+                        ExecError::Domain(DomainError::NotFound) => {
+                            return Err(CommandError::NotFound(order_id));
+                        }
+                        ExecError::Domain(DomainError::Refused(m)) => {
+                            return Err(CommandError::Refused(m));
+                        }
+                        ExecError::Domain(e) => return Err(CommandError::Invalid(e.to_string())),
+                        e => return Err(CommandError::Internal(e)),
+                    }
+                }
+            };
+            if let Err(too_large) =
+                outbox::enqueue(&mut tx, &self.subjects, &emitted, self.max_payload).await?
+            {
+                tx.rollback().await?;
+                return Err(CommandError::Invalid(too_large));
+            }
+            tx.commit().await?;
+            self.outbox.notify();
+            return state.ok_or(CommandError::NotFound(order_id));
+        }
+    }
+
+    /// The customer's cancel: the order is cancelled unless it is
+    /// confirmed (or otherwise ended), and every service undoes its step.
+    pub async fn cancel(&self, order_id: Uuid, reason: String) -> Result<Order, CommandError> {
+        let order = self
+            .run(order_id, Command::CancelByCustomer { reason })
+            .await?;
+        tracing::info!(%order_id, correlation_id = %order_id, status = order.status.name(), "customer cancelled the order");
+        Ok(order)
     }
 }

@@ -1,8 +1,13 @@
-//! Placing an order as a NATS request-reply command, so `nats req` can start
-//! a saga without HTTP. Subject `<prefix>.cmd.order.place`, queue group
-//! `order`; the body is the `POST /orders` body; `Nats-Msg-Id` or
-//! `Idempotency-Key` headers make a retried request safe. The reply is the
-//! order as JSON, or `{"error": "..."}` with a `Saga-Error` header.
+//! The order service's NATS request-reply commands, so `nats req` can start
+//! and cancel a saga without HTTP; queue group `order`.
+//!
+//! - `<prefix>.cmd.order.place`: the body is the `POST /orders` body;
+//!   `Nats-Msg-Id` or `Idempotency-Key` headers make a retried request safe.
+//! - `<prefix>.cmd.order.cancel`: `{"orderId": "...", "reason": "..."}`, as
+//!   `POST /orders/{id}/cancel`.
+//!
+//! The reply is the order as JSON, or `{"error": "..."}` with a `Saga-Error`
+//! header (`invalid`, `conflict`, `not_found`, `internal`).
 
 use std::time::Duration;
 
@@ -12,12 +17,15 @@ use common::{
     health::{Condition, Health},
 };
 use futures::StreamExt;
+use serde::Deserialize;
 use serde_json::json;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::{
-    place::{PlaceError, PlaceOrder, Placer},
+    domain::Order,
+    place::{CommandError, PlaceError, PlaceOrder, Placer},
     store::OrderView,
 };
 
@@ -34,7 +42,7 @@ pub async fn responder(
     health: Health,
     shutdown: CancellationToken,
 ) -> Result<impl std::future::Future<Output = ()>, async_nats::SubscribeError> {
-    let subject = placer.subjects.place_order_command();
+    let subject = placer.subjects.order_commands();
     let mut requests = nats
         .queue_subscribe(subject.clone(), "order".into())
         .await?;
@@ -84,10 +92,47 @@ pub async fn responder(
 async fn answer(nats: &async_nats::Client, placer: &Placer, msg: Message) {
     let Some(reply) = msg.reply.clone() else {
         tracing::warn!(
-            "place-order command without a reply subject ignored; use request-reply (nats req)"
+            subject = %msg.subject,
+            "order command without a reply subject ignored; use request-reply (nats req)"
         );
         return;
     };
+    let result = if msg.subject.as_str() == placer.subjects.cancel_order_command() {
+        cancel(placer, &msg).await
+    } else if msg.subject.as_str() == placer.subjects.place_order_command() {
+        place(placer, &msg).await
+    } else {
+        Err((
+            "invalid",
+            format!(
+                "no command {}: use {} or {}",
+                msg.subject,
+                placer.subjects.place_order_command(),
+                placer.subjects.cancel_order_command()
+            ),
+        ))
+    };
+    let (headers, body) = match result {
+        Ok(order) => (
+            HeaderMap::new(),
+            serde_json::to_vec(&OrderView::from(order)),
+        ),
+        Err((kind, message)) => {
+            let mut h = HeaderMap::new();
+            h.insert("Saga-Error", kind);
+            (h, serde_json::to_vec(&json!({ "error": message })))
+        }
+    };
+    let body = body.expect("replies serialize");
+    if let Err(e) = nats.publish_with_headers(reply, headers, body.into()).await {
+        tracing::warn!(error = %e, "could not reply to an order command");
+    }
+}
+
+/// What a command failed with: its `Saga-Error` kind and message.
+type Refusal = (&'static str, String);
+
+async fn place(placer: &Placer, msg: &Message) -> Result<Order, Refusal> {
     // The library files a received Nats-Msg-Id under its own header name:
     // only its constant finds it.
     let key = msg
@@ -104,27 +149,40 @@ async fn answer(nats: &async_nats::Client, placer: &Placer, msg: Message) {
         ))),
         Ok(request) => placer.place(request, key.as_deref()).await,
     };
-    let (headers, body) = match result {
-        Ok((order, _)) => (
-            HeaderMap::new(),
-            serde_json::to_vec(&OrderView::from(order)),
-        ),
-        Err(e) => {
-            let (kind, message) = match &e {
-                PlaceError::Invalid(m) => ("invalid", m.clone()),
-                PlaceError::KeyReused(m) => ("conflict", m.clone()),
-                PlaceError::Internal(cause) => {
-                    tracing::error!(error = ?cause, "place-order command failed");
-                    ("internal", "internal error".to_string())
-                }
-            };
-            let mut h = HeaderMap::new();
-            h.insert("Saga-Error", kind);
-            (h, serde_json::to_vec(&json!({ "error": message })))
-        }
-    };
-    let body = body.expect("replies serialize");
-    if let Err(e) = nats.publish_with_headers(reply, headers, body.into()).await {
-        tracing::warn!(error = %e, "could not reply to place-order command");
+    match result {
+        Ok((order, _)) => Ok(order),
+        Err(e) => Err(match &e {
+            PlaceError::Invalid(m) => ("invalid", m.clone()),
+            PlaceError::KeyReused(m) => ("conflict", m.clone()),
+            PlaceError::Internal(cause) => {
+                tracing::error!(error = ?cause, "place-order command failed");
+                ("internal", "internal error".to_string())
+            }
+        }),
     }
+}
+
+async fn cancel(placer: &Placer, msg: &Message) -> Result<Order, Refusal> {
+    let request: CancelOrder = serde_json::from_slice(&msg.payload)
+        .map_err(|e| ("invalid", format!("invalid cancel-order request: {e}")))?;
+    placer
+        .cancel(request.order_id, request.reason)
+        .await
+        .map_err(|e| match e {
+            CommandError::NotFound(_) => ("not_found", e.to_string()),
+            CommandError::Refused(m) => ("conflict", m),
+            CommandError::Invalid(m) => ("invalid", m),
+            CommandError::Internal(cause) => {
+                tracing::error!(error = ?cause, "cancel-order command failed");
+                ("internal", "internal error".to_string())
+            }
+        })
+}
+
+/// `{"orderId": "...", "reason": "..."}`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CancelOrder {
+    order_id: Uuid,
+    reason: String,
 }

@@ -79,6 +79,7 @@ fn shape_fingerprint() -> u64 {
         failure_reason: Some(String::new()),
         shipment_id: Some(Uuid::nil()),
         halted: false,
+        cancelled_by_customer: false,
         version: 0,
         created_at: at,
         updated_at: at,

@@ -27,11 +27,11 @@ pub fn after(kind: EventKind) -> (OrderStatus, Option<Waiting>) {
         ShipmentCreated => waiting("order", "confirm the order"),
         PaymentFailed => waiting("order", "cancel the order"),
         InventoryReservationFailed => waiting("payment", "refund the payment"),
-        ShipmentFailed => waiting("inventory", "release the stock"),
+        ShipmentFailed | ShipmentCancelled => waiting("inventory", "release the stock"),
         InventoryReleased | PaymentRefundFailed => waiting("payment", "refund the payment"),
         PaymentRefunded => waiting("order", "cancel the order"),
         OrderConfirmed => (OrderStatus::Confirmed, None),
-        OrderCancelled => (OrderStatus::Cancelled, None),
+        OrderCancelled | OrderCancelledByCustomer => (OrderStatus::Cancelled, None),
         OrderManuallyCompensated => (OrderStatus::ManuallyCompensated, None),
         OrderRequiresIntervention => (
             OrderStatus::RequiresIntervention,
@@ -58,7 +58,7 @@ pub fn ending(kind: EventKind) -> Option<&'static str> {
 pub fn is_compensation(kind: EventKind) -> bool {
     matches!(
         kind,
-        EventKind::InventoryReleased | EventKind::PaymentRefunded
+        EventKind::InventoryReleased | EventKind::PaymentRefunded | EventKind::ShipmentCancelled
     )
 }
 
@@ -99,8 +99,10 @@ pub fn effect(event: &Event) -> String {
             e.shipment_id, e.tracking_number
         ),
         Event::ShipmentFailed(_) => "shipped nothing".into(),
+        Event::ShipmentCancelled(e) => format!("called off shipment {}", e.shipment_id),
         Event::OrderConfirmed(e) => format!("confirmed with shipment {}", e.shipment_id),
         Event::OrderCancelled(_) => "cancelled".into(),
+        Event::OrderCancelledByCustomer(_) => "cancelled by the customer".into(),
         Event::OrderRequiresIntervention(_) => "halted for an operator".into(),
         Event::OrderManuallyCompensated(e) => format!("compensated by hand by {}", e.operator),
     }
@@ -116,6 +118,8 @@ pub fn reason(event: &Event) -> Option<&str> {
         Event::InventoryReleased(e) => Some(&e.reason),
         Event::ShipmentFailed(e) => Some(&e.reason),
         Event::OrderCancelled(e) => Some(&e.reason),
+        Event::OrderCancelledByCustomer(e) => Some(&e.reason),
+        Event::ShipmentCancelled(e) => Some(&e.reason),
         Event::OrderRequiresIntervention(e) => Some(&e.reason),
         Event::OrderManuallyCompensated(e) => Some(&e.note),
         Event::OrderPlaced(_)
@@ -257,7 +261,8 @@ mod tests {
                 (OrderConfirmed, "confirmed"),
                 (OrderCancelled, "cancelled"),
                 (OrderRequiresIntervention, "intervention"),
-                (OrderManuallyCompensated, "manually_compensated")
+                (OrderManuallyCompensated, "manually_compensated"),
+                (OrderCancelledByCustomer, "cancelled")
             ]
         );
     }
@@ -268,7 +273,10 @@ mod tests {
             .iter()
             .filter(|k| is_compensation(**k))
             .collect();
-        assert_eq!(compensations, [&PaymentRefunded, &InventoryReleased]);
+        assert_eq!(
+            compensations,
+            [&PaymentRefunded, &InventoryReleased, &ShipmentCancelled]
+        );
         assert!(is_failure(ShipmentFailed) && !is_failure(ShipmentCreated));
     }
 }

@@ -1,7 +1,8 @@
 //! Reactions to saga events: charge on OrderPlaced; refund (the shared
 //! compensation) on InventoryReservationFailed or InventoryReleased; record
-//! a refund an operator made by hand (OrderManuallyCompensated). Money
-//! moves through the payment gateway; the database records what it did.
+//! a refund an operator made by hand (OrderManuallyCompensated); refund, or
+//! never charge, an order the customer cancelled (OrderCancelledByCustomer).
+//! Money moves through the payment gateway; the database records what it did.
 
 use std::{sync::Arc, time::Duration};
 
@@ -47,6 +48,13 @@ impl Handler for PaymentHandler {
                 };
                 compensation::compensate::<Payment>(cx, resolved.order_id, by).await
             }
+            Event::OrderCancelledByCustomer(cancelled) => {
+                let by = By::Customer {
+                    reason: cancelled.step_reason(),
+                    with: self,
+                };
+                compensation::compensate::<Payment>(cx, cancelled.order_id, by).await
+            }
             _ => Ok(Outcome::Unhandled),
         }
     }
@@ -55,6 +63,11 @@ impl Handler for PaymentHandler {
 impl PaymentHandler {
     async fn charge(&self, cx: Applying<'_>, order: OrderPlaced) -> Result<Outcome, HandlerError> {
         let tx = &mut *cx.tx;
+        if let Some(reason) = cx.cancels.before(tx, order.order_id).await? {
+            return Ok(Outcome::Skipped(format!(
+                "order cancelled before it was charged ({reason}): nothing charged"
+            )));
+        }
         let payment_id = gateway::payment_id(order.order_id);
         let balance = store::lock_balance(tx, &order.customer_id).await?;
         let mut decision = domain::decide_charge(&order.customer_id, balance, order.total);

@@ -16,6 +16,20 @@ pub const SUPPORTED_COUNTRIES: &[&str] = &[
 pub enum ShipmentStatus {
     Created,
     Failed,
+    /// Called off: the customer cancelled the order after it was created.
+    Cancelled,
+}
+
+impl ShipmentStatus {
+    /// As far as calling it off goes.
+    pub fn step_state(self) -> common::compensation::StepState {
+        use common::compensation::StepState;
+        match self {
+            ShipmentStatus::Created => StepState::Done,
+            ShipmentStatus::Failed => StepState::Refused,
+            ShipmentStatus::Cancelled => StepState::Compensated,
+        }
+    }
 }
 
 /// Whether the carrier can deliver to `address`; `Err` says why not. Every

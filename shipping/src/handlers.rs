@@ -1,11 +1,14 @@
-//! Reaction to InventoryReserved: create the shipment, or fail it when the
-//! address cannot be delivered to (which starts the compensation).
+//! Reactions to saga events: on InventoryReserved, create the shipment, or
+//! fail it when the address cannot be delivered to (which starts the
+//! compensation); call it off, or never create it, for an order the
+//! customer cancelled (OrderCancelledByCustomer, emitting ShipmentCancelled).
 
 use common::{
     Applying, Event, Handler, HandlerError, Outcome,
-    event::{InventoryReserved, ShipmentCreated, ShipmentFailed},
+    compensation::{self, By, Step, StepState, Undone},
+    event::{InventoryReserved, ShipmentCancelled, ShipmentCreated, ShipmentFailed},
 };
-use sqlx::types::Json;
+use sqlx::{PgConnection, types::Json};
 use uuid::Uuid;
 
 use crate::{
@@ -17,15 +20,52 @@ pub struct ShippingHandler;
 
 impl Handler for ShippingHandler {
     async fn handle(&self, cx: Applying<'_>, event: Event) -> Result<Outcome, HandlerError> {
-        let Event::InventoryReserved(reserved) = event else {
-            return Ok(Outcome::Unhandled);
-        };
-        ship(cx, reserved).await
+        match event {
+            Event::InventoryReserved(reserved) => ship(cx, reserved).await,
+            Event::OrderCancelledByCustomer(cancelled) => {
+                let by = By::Customer {
+                    reason: cancelled.step_reason(),
+                    with: &(),
+                };
+                compensation::compensate::<Shipment>(cx, cancelled.order_id, by).await
+            }
+            _ => Ok(Outcome::Unhandled),
+        }
+    }
+}
+
+/// Calling a shipment off: shipping's compensation, under the shipment's id.
+impl Step for Shipment {
+    const NAME: &'static str = "shipment";
+    type With = ();
+
+    fn state(&self) -> StepState {
+        self.status.step_state()
+    }
+
+    async fn record_undone(&self, tx: &mut PgConnection, reason: &str) -> Result<(), HandlerError> {
+        store::cancel(tx, self.order_id, reason).await?;
+        Ok(())
+    }
+
+    async fn undo(self, cx: Applying<'_>, reason: String, _: &()) -> Undone {
+        self.record_undone(cx.tx, &reason).await?;
+        let event = Event::ShipmentCancelled(ShipmentCancelled {
+            order_id: self.order_id,
+            shipment_id: self.shipment_id,
+            reason,
+        });
+        Ok((event, self.shipment_id.to_string()))
     }
 }
 
 async fn ship(cx: Applying<'_>, reserved: InventoryReserved) -> Result<Outcome, HandlerError> {
     let order_id = reserved.order_id;
+    if let Some(reason) = cx.cancels.before(cx.tx, order_id).await? {
+        return Ok(Outcome::Skipped(format!(
+            "order cancelled before it was shipped ({reason}): no shipment"
+        )));
+    }
     let shipment_id = Uuid::now_v7();
     let refusal = domain::validate_address(&reserved.shipping_address).err();
     let shipment = Shipment {

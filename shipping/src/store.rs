@@ -38,6 +38,16 @@ pub async fn record_shipment(tx: &mut PgConnection, shipment: &Shipment) -> sqlx
     common::compensation::record_once(tx, insert).await
 }
 
+/// Records that the shipment was called off, and why.
+pub async fn cancel(tx: &mut PgConnection, order_id: Uuid, reason: &str) -> sqlx::Result<()> {
+    sqlx::query("UPDATE shipments SET status = 'cancelled', reason = $2 WHERE order_id = $1")
+        .bind(order_id)
+        .bind(reason)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
 pub async fn shipment(pool: &PgPool, order_id: Uuid) -> sqlx::Result<Option<Shipment>> {
     sqlx::query_as(
         "SELECT order_id, shipment_id, status, tracking_number, address, reason, created_at

@@ -188,6 +188,16 @@ impl Envelope {
     }
 }
 
+impl EventKind {
+    /// Published under a subject of its own per order (the type's subject
+    /// and `.<orderId>`), so that a service can ask the stream whether one
+    /// exists for an order: the customer's cancel, which a service must
+    /// know of before it takes its step even when it waits in its queue.
+    pub fn keyed_by_order(self) -> bool {
+        self == EventKind::OrderCancelledByCustomer
+    }
+}
+
 macro_rules! catalog {
     ($( $variant:ident => $payload:ident, $aggregate:literal, $token:literal, $schema:literal; )*) => {
         /// The closed set of event types. One line per type: stable name,
@@ -248,6 +258,7 @@ catalog! {
     OrderCancelled => OrderCancelled, "order", "cancelled", 1;
     OrderRequiresIntervention => OrderRequiresIntervention, "order", "requires_intervention", 1;
     OrderManuallyCompensated => OrderManuallyCompensated, "order", "manually_compensated", 1;
+    OrderCancelledByCustomer => OrderCancelledByCustomer, "order", "cancelled_by_customer", 1;
     PaymentProcessed => PaymentProcessed, "payment", "processed", 1;
     PaymentFailed => PaymentFailed, "payment", "failed", 1;
     PaymentRefunded => PaymentRefunded, "payment", "refunded", 1;
@@ -257,6 +268,7 @@ catalog! {
     InventoryReleased => InventoryReleased, "inventory", "released", 1;
     ShipmentCreated => ShipmentCreated, "shipping", "created", 1;
     ShipmentFailed => ShipmentFailed, "shipping", "failed", 1;
+    ShipmentCancelled => ShipmentCancelled, "shipping", "cancelled", 1;
 }
 
 fn decode_payload<T: DeserializeOwned + Validate>(env: &Envelope) -> Result<T, DecodeError> {
@@ -443,6 +455,10 @@ reason_payloads! {
     InventoryReservationFailed;
     /// The carrier refused the shipment (the address, usually).
     ShipmentFailed;
+    /// The customer cancelled the order while its saga ran: the order is
+    /// cancelled, and every service undoes its own step (or never takes
+    /// it), whatever the others are doing.
+    OrderCancelledByCustomer;
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -524,6 +540,13 @@ impl OrderManuallyCompensated {
         ))
     }
 }
+impl OrderCancelledByCustomer {
+    /// Why a service undid its step, or never took it.
+    pub fn step_reason(&self) -> String {
+        limits::reason(format!("cancelled by the customer: {}", self.reason))
+    }
+}
+
 impl Validate for OrderManuallyCompensated {
     fn validate(&self) -> Result<(), String> {
         limits::check_id("operator", &self.operator)?;
@@ -602,6 +625,21 @@ impl Validate for ShipmentCreated {
     }
 }
 
+/// A shipment called off: the customer cancelled the order after it was
+/// created (shipping's compensation).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ShipmentCancelled {
+    pub order_id: Uuid,
+    pub shipment_id: Uuid,
+    pub reason: String,
+}
+impl Validate for ShipmentCancelled {
+    fn validate(&self) -> Result<(), String> {
+        limits::check_reason("reason", &self.reason)
+    }
+}
+
 impl Event {
     /// The order (saga) this event belongs to.
     pub fn order_id(&self) -> Uuid {
@@ -611,6 +649,7 @@ impl Event {
             Event::OrderCancelled(p) => p.order_id,
             Event::OrderRequiresIntervention(p) => p.order_id,
             Event::OrderManuallyCompensated(p) => p.order_id,
+            Event::OrderCancelledByCustomer(p) => p.order_id,
             Event::PaymentProcessed(p) => p.order_id,
             Event::PaymentFailed(p) => p.order_id,
             Event::PaymentRefunded(p) => p.order_id,
@@ -620,6 +659,7 @@ impl Event {
             Event::InventoryReleased(p) => p.order_id,
             Event::ShipmentCreated(p) => p.order_id,
             Event::ShipmentFailed(p) => p.order_id,
+            Event::ShipmentCancelled(p) => p.order_id,
         }
     }
 }

@@ -25,6 +25,27 @@ impl Subjects {
         format!("{}.{}", self.prefix, kind.subject_token())
     }
 
+    /// What a consumer filters on to get every event of `kind`: its subject,
+    /// and `.*` after it for a kind [keyed by order](EventKind::keyed_by_order).
+    pub fn filter(&self, kind: EventKind) -> String {
+        if kind.keyed_by_order() {
+            format!("{}.*", self.event(kind))
+        } else {
+            self.event(kind)
+        }
+    }
+
+    /// The subject an event of `kind` about `order_id` is published on: the
+    /// type's, and for a kind [keyed by order](EventKind::keyed_by_order)
+    /// `.<order_id>` after it.
+    pub fn event_of(&self, kind: EventKind, order_id: uuid::Uuid) -> String {
+        if kind.keyed_by_order() {
+            format!("{}.{order_id}", self.event(kind))
+        } else {
+            self.event(kind)
+        }
+    }
+
     /// Everything: `saga.>` (events, dead letters and commands).
     pub fn all(&self) -> String {
         format!("{}.>", self.prefix)
@@ -50,6 +71,16 @@ impl Subjects {
     /// Request-reply command to place an order: `saga.cmd.order.place`.
     pub fn place_order_command(&self) -> String {
         format!("{}.cmd.order.place", self.prefix)
+    }
+
+    /// Request-reply command to cancel an order: `saga.cmd.order.cancel`.
+    pub fn cancel_order_command(&self) -> String {
+        format!("{}.cmd.order.cancel", self.prefix)
+    }
+
+    /// Every request-reply command of the order service: `saga.cmd.order.*`.
+    pub fn order_commands(&self) -> String {
+        format!("{}.cmd.order.*", self.prefix)
     }
 
     /// `SAGA_EVENTS` for prefix `saga`.
