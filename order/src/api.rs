@@ -29,6 +29,7 @@ use crate::{
     domain::{Command, OrderStatus},
     observer,
     place::{CommandError, PlaceError, PlaceOrder, Placer},
+    projection,
     store::{self, EntryKind, EntryRow, ExecError, OrderView, SagaRow},
     timeline,
 };
@@ -51,6 +52,7 @@ pub fn router(placer: Placer, stall_after: Duration, admin: AdminToken, dlq: Dlq
         .route("/orders/{id}", get(get_order))
         .route("/orders/{id}/events", get(get_events))
         .route("/orders/{id}/cancel", post(cancel))
+        .route("/customers/{id}/stats", get(get_customer_stats))
         .with_state(placer)
         .merge(
             Router::new()
@@ -298,6 +300,20 @@ impl From<CommandError> for ApiError {
             CommandError::Internal(e) => ApiError::Internal(e.into()),
         }
     }
+}
+
+/// `GET /customers/{id}/stats`: the `customer-stats` projection's row (it
+/// follows the event store a moment behind; `saga_projection_lag_seconds`
+/// says how far).
+async fn get_customer_stats(
+    State(placer): State<Placer>,
+    Path(id): Path<String>,
+) -> Result<Json<projection::CustomerStatsView>, ApiError> {
+    limits::check_id("customerId", &id).map_err(ApiError::BadRequest)?;
+    projection::customer_stats(&placer.pool, &id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no orders of customer '{id}' (yet)")))
 }
 
 /// The order's own events, oldest first: its history as the event store has it.

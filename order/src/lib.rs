@@ -8,6 +8,7 @@ pub mod domain;
 mod handlers;
 pub mod observer;
 pub mod place;
+pub mod projection;
 mod responder;
 pub mod snapshot;
 pub mod store;
@@ -75,10 +76,15 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
     .await?;
     let dlq = common::dlq::Dlq::new(infra.js.clone(), infra.subjects.clone());
     let routes = api::router(placer, stall_after, infra.admin(), dlq);
-    let mut service = Service::build(&infra, handler, routes, shutdown).await?;
+    let mut service = Service::build(&infra, handler, routes, shutdown.clone()).await?;
     service.spawn_with(responder);
     service.spawn_with(watch);
     service.spawn_with(observer);
+    service.spawn_with(projection::follow(
+        infra.pool.clone(),
+        projection::CustomerStats,
+        shutdown,
+    ));
     report_metrics(&mut service, &infra);
     Ok(service)
 }
@@ -110,6 +116,13 @@ fn report_metrics(service: &mut Service, infra: &Infra) {
             let before = observer::stalled_before(stall_after);
             let stalled = store::count_stalled(&pool, before).await?;
             meter.gauge(names::SAGAS_STALLED, &[], stalled as f64);
+            let lag = projection::lag(
+                &pool,
+                <projection::CustomerStats as projection::Projection>::NAME,
+            )
+            .await?;
+            let label = <projection::CustomerStats as projection::Projection>::NAME.to_string();
+            meter.gauge(names::PROJECTION_LAG, &[("projection", label)], lag);
             Ok(())
         })
     }));

@@ -1,4 +1,69 @@
+use std::io::{IsTerminal, Write};
+
+use clap::{Parser, Subcommand};
+
+/// The order service; with a subcommand, a maintenance task on its database.
+#[derive(Parser)]
+#[command(name = "order", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Replays every order event into a copy of a projection's tables and
+    /// swaps it in, while the service keeps answering from the old ones
+    /// (DATABASE_URL as for the service).
+    RebuildProjection {
+        /// `orders` (the read model) or `customer-stats`.
+        #[arg(value_parser = ["orders", "customer-stats"])]
+        projection: String,
+    },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    common::service::main_with("order", order::build).await
+    match Cli::parse().command {
+        None => common::service::main_with("order", order::build).await,
+        Some(Command::RebuildProjection { projection }) => rebuild(&projection).await,
+    }
+}
+
+async fn rebuild(projection: &str) -> anyhow::Result<()> {
+    let config = common::Config::from_env("order")?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&config.database_url)
+        .await?;
+    order::MIGRATIONS.run(&pool).await?;
+    let terminal = std::io::stderr().is_terminal();
+    let mut shown: Option<u64> = None;
+    let mut progress = |done: u64, total: u64| {
+        let percent = (done * 100).checked_div(total).unwrap_or(100);
+        if terminal {
+            let bar = "#".repeat((percent / 4) as usize);
+            eprint!("\r{projection}: [{bar:<25}] {done}/{total}");
+            let _ = std::io::stderr().flush();
+        } else if shown.is_none_or(|s| percent >= s + 10 || (percent == 100 && s < 100)) {
+            shown = Some(percent);
+            eprintln!("{projection}: {done}/{total} ({percent}%)");
+        }
+    };
+    let (done, unit) = match projection {
+        "orders" => (
+            order::projection::rebuild_orders(&pool, &mut progress).await?,
+            "orders",
+        ),
+        _ => (
+            order::projection::rebuild(&pool, &order::projection::CustomerStats, &mut progress)
+                .await?,
+            "events",
+        ),
+    };
+    if terminal {
+        eprintln!();
+    }
+    println!("rebuilt {projection} from {done} {unit} and swapped it in");
+    Ok(())
 }

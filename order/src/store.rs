@@ -68,6 +68,35 @@ pub async fn order_view(
         .await
 }
 
+/// Writes `view` into `table` (the read model, or a copy being rebuilt).
+pub async fn insert_view(
+    conn: &mut PgConnection,
+    table: &str,
+    view: &OrderView,
+) -> sqlx::Result<()> {
+    sqlx::query(&format!(
+        "INSERT INTO {table} ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+         ON CONFLICT (order_id) DO UPDATE SET
+             status = EXCLUDED.status, failure_reason = EXCLUDED.failure_reason,
+             shipment_id = EXCLUDED.shipment_id, version = EXCLUDED.version,
+             updated_at = EXCLUDED.updated_at"
+    ))
+    .bind(view.order_id)
+    .bind(&view.customer_id)
+    .bind(view.status)
+    .bind(&view.lines)
+    .bind(view.total)
+    .bind(&view.shipping_address)
+    .bind(&view.failure_reason)
+    .bind(view.shipment_id)
+    .bind(view.version)
+    .bind(view.created_at)
+    .bind(view.updated_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// A page of the read model, newest first, optionally of one customer or status.
 pub async fn list_orders(
     pool: &PgPool,
@@ -255,7 +284,7 @@ pub async fn load_events(
 }
 
 /// A stored event of the order, brought to the current schema.
-fn decode_stored(order_id: Uuid, text: &str) -> Result<(Envelope, OrderEvent), ExecError> {
+pub fn decode_stored(order_id: Uuid, text: &str) -> Result<(Envelope, OrderEvent), ExecError> {
     let (env, event) = Envelope::decode(text.as_bytes())
         .map_err(|e| ExecError::Corrupt(order_id, e.to_string()))?;
     let event = OrderEvent::try_from(event).map_err(|_| {

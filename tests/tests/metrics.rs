@@ -135,7 +135,9 @@ async fn the_projection_lag_grows_while_the_timeline_cannot_record_and_clears_af
     // Hold the timeline's tables: the observer cannot record, the saga goes on.
     let pool = stack.pool("order").await?;
     let mut holder = pool.begin().await?;
-    sqlx::query("LOCK TABLE saga_timeline IN ACCESS EXCLUSIVE MODE")
+    // SHARE mode takes no transaction id, so projections of other tests
+    // on this Postgres are not held back.
+    sqlx::query("LOCK TABLE saga_timeline IN SHARE MODE")
         .execute(&mut *holder)
         .await?;
     let id = stack.place("alice", &[("widget", 1, 100)], "US").await?;

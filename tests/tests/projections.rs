@@ -1,0 +1,219 @@
+//! Projections of the order event store: the `customer-stats` projection
+//! follows it from a checkpoint (and survives being cut off mid-batch),
+//! and both it and the read model are rebuilt from history while the
+//! service keeps answering and writing.
+
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use anyhow::Result;
+use common::meter::names;
+use order::projection::{self, CustomerStats, Projection};
+use saga_tests::{DEADLINE, Stack, eventually};
+use serde_json::{Value, json};
+use sqlx::Connection;
+use uuid::Uuid;
+
+/// What the stats of `customer` must be, from the read model's orders.
+async fn expected_stats(stack: &Stack, customer: &str) -> Result<Value> {
+    let pool = stack.pool("order").await?;
+    let (orders, confirmed, cancelled, spent): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE status = 'CONFIRMED'),
+                count(*) FILTER (WHERE status = 'CANCELLED'),
+                coalesce(sum(total) FILTER (WHERE status = 'CONFIRMED'), 0)::bigint
+         FROM orders WHERE customer_id = $1",
+    )
+    .bind(customer)
+    .fetch_one(&pool)
+    .await?;
+    Ok(json!({"orders": orders, "confirmed": confirmed, "cancelled": cancelled, "spent": spent}))
+}
+
+/// The stats the projection serves, in the shape of [`expected_stats`].
+async fn served_stats(stack: &Stack, customer: &str) -> Result<Option<Value>> {
+    let (status, body) = stack
+        .get_json("order", &format!("/customers/{customer}/stats"))
+        .await?;
+    Ok((status == 200).then(|| {
+        json!({"orders": body["orders"], "confirmed": body["confirmed"],
+               "cancelled": body["cancelled"], "spent": body["spent"]})
+    }))
+}
+
+/// Waits until the projection serves what the orders say.
+async fn stats_agree(stack: &Stack, customer: &str) -> Result<Value> {
+    let expected = expected_stats(stack, customer).await?;
+    eventually(
+        &format!("{customer}'s stats to be {expected}"),
+        DEADLINE,
+        || async {
+            let served = served_stats(stack, customer).await?;
+            Ok((served.as_ref() == Some(&expected)).then_some(expected.clone()))
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customer_stats_follow_the_event_store_and_agree_with_the_orders() -> Result<()> {
+    let (stack, _) = Stack::one_saga_of_each_kind(1_000).await?;
+    let alice = stats_agree(&stack, "alice").await?;
+    assert_eq!(alice["orders"], 3);
+    assert_eq!(alice["confirmed"], 1);
+    assert_eq!(alice["spent"], 2_000);
+    stats_agree(&stack, "poor").await?;
+    let (status, body) = stack.get_json("order", "/customers/nobody/stats").await?;
+    assert_eq!(status, 404, "{body}");
+    let metrics = stack
+        .metrics_until("order", "the projection to catch up", |m| {
+            m.sum(
+                names::PROJECTION_LAG,
+                &[("projection", CustomerStats::NAME)],
+            ) == 0.0
+        })
+        .await?;
+    assert!(metrics.has(
+        names::PROJECTION_LAG,
+        &[("projection", CustomerStats::NAME)]
+    ));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_cut_off_mid_batch_resumes_from_its_checkpoint_and_counts_each_event_once()
+-> Result<()> {
+    let stack = Stack::stocked(100_000, 50).await?;
+    let pool = stack.pool("order").await?;
+    // Hold a table the projection writes: its next step blocks half-way.
+    // (In SHARE mode: a lock that takes no transaction id, so the rest of
+    // the cluster's projections are not held back with it.)
+    let mut holder = sqlx::PgConnection::connect(&stack.config("order").database_url).await?;
+    sqlx::query("BEGIN").execute(&mut holder).await?;
+    sqlx::query("LOCK TABLE customer_stats_orders IN SHARE MODE")
+        .execute(&mut holder)
+        .await?;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(
+            stack
+                .run_saga("alice", &[("widget", 1, 700)], "US")
+                .await?
+                .0,
+        );
+    }
+    let behind = stack
+        .metrics_until("order", "the projection to fall behind", |m| {
+            m.sum(
+                names::PROJECTION_LAG,
+                &[("projection", CustomerStats::NAME)],
+            ) > 0.0
+        })
+        .await?;
+    assert!(
+        behind.sum(
+            names::PROJECTION_LAG,
+            &[("projection", CustomerStats::NAME)]
+        ) > 0.0
+    );
+
+    // Cut the blocked step's connection, as a crash would: its transaction
+    // is rolled back with the checkpoint it would have moved.
+    let cut: i64 = eventually("the blocked projection step", DEADLINE, || async {
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity
+             WHERE wait_event_type = 'Lock' AND query LIKE '%customer_stats_orders%'",
+        )
+        .fetch_all(&pool)
+        .await?;
+        let mut cut = 0;
+        for pid in pids {
+            let done: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+                .bind(pid)
+                .fetch_one(&pool)
+                .await?;
+            cut += i64::from(done);
+        }
+        Ok((cut > 0).then_some(cut))
+    })
+    .await?;
+    assert!(cut >= 1);
+    sqlx::query("ROLLBACK").execute(&mut holder).await?;
+
+    let stats = stats_agree(&stack, "alice").await?;
+    assert_eq!(
+        stats,
+        json!({"orders": 5, "confirmed": 5, "cancelled": 0, "spent": 3_500})
+    );
+    stack.assert_invariants().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_under_reads_and_writes_swaps_in_what_a_replay_gives() -> Result<()> {
+    let (stack, each) = Stack::one_saga_of_each_kind(1_000).await?;
+    stats_agree(&stack, "alice").await?;
+    let pool = stack.pool("order").await?;
+    // Both projections damaged.
+    sqlx::query("UPDATE customer_stats SET spent = 0, confirmed = 99")
+        .execute(&pool)
+        .await?;
+    sqlx::query("UPDATE orders SET status = 'PENDING', version = 1 WHERE order_id = $1")
+        .bind(each.happy)
+        .execute(&pool)
+        .await?;
+
+    // Readers and writers keep going while both are rebuilt.
+    let writing = AtomicBool::new(true);
+    let reads_and_writes = async {
+        let mut placed = Vec::new();
+        while writing.load(Ordering::Relaxed) {
+            placed.push(stack.place("alice", &[("widget", 1, 10)], "US").await?);
+            let (status, body) = stack.get_json("order", "/customers/alice/stats").await?;
+            anyhow::ensure!(status == 200, "stats unreadable during the rebuild: {body}");
+            let (status, body) = stack
+                .get_json("order", &format!("/orders/{}", each.happy))
+                .await?;
+            anyhow::ensure!(status == 200, "order unreadable during the rebuild: {body}");
+        }
+        anyhow::Ok(placed)
+    };
+    let rebuilding = async {
+        let mut seen = BTreeMap::new();
+        let mut progress = |done: u64, total: u64| {
+            seen.insert(done, total);
+        };
+        let orders = projection::rebuild_orders(&pool, &mut progress).await?;
+        let events = projection::rebuild(&pool, &CustomerStats, &mut progress).await?;
+        writing.store(false, Ordering::Relaxed);
+        anyhow::ensure!(!seen.is_empty(), "no progress reported");
+        anyhow::Ok((orders, events))
+    };
+    let (placed, (orders, events)) = tokio::try_join!(reads_and_writes, rebuilding)?;
+    assert!(
+        orders >= 4 && events >= 8,
+        "{orders} orders, {events} events"
+    );
+    for id in &placed {
+        stack.wait_for_outcome(*id).await?;
+    }
+    stack.settle().await?;
+
+    // The read model is every order's history folded, and the stats what
+    // the orders say.
+    let mut conn = pool.acquire().await?;
+    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT DISTINCT order_id FROM order_events")
+        .fetch_all(&mut *conn)
+        .await?;
+    for id in ids {
+        let replayed = order::store::fold(&order::store::load_events(&mut conn, id).await?)
+            .map(order::store::OrderView::from)
+            .map(|v| serde_json::to_value(v).unwrap());
+        assert_eq!(Some(stack.order(id).await?), replayed, "order {id}");
+    }
+    drop(conn);
+    assert_eq!(stack.order(each.happy).await?["status"], "CONFIRMED");
+    stats_agree(&stack, "alice").await?;
+    stats_agree(&stack, "poor").await?;
+    stack.assert_invariants().await
+}
