@@ -4,6 +4,7 @@
 use anyhow::Result;
 use common::{EventKind, meter::names, roster};
 use saga_tests::Stack;
+use sqlx::Connection;
 
 const PRICE: i64 = 1_250;
 
@@ -133,12 +134,12 @@ async fn the_projection_lag_grows_while_the_timeline_cannot_record_and_clears_af
         m.sum(names::PROJECTION_LAG, &[("projection", "timeline")])
     };
     // Hold the timeline's tables: the observer cannot record, the saga goes on.
-    let pool = stack.pool("order").await?;
-    let mut holder = pool.begin().await?;
-    // SHARE mode takes no transaction id, so projections of other tests
-    // on this Postgres are not held back.
+    // On a connection of its own; SHARE mode takes no transaction id, so
+    // projections of other tests on this Postgres are not held back.
+    let mut holder = sqlx::PgConnection::connect(&stack.config("order").database_url).await?;
+    sqlx::query("BEGIN").execute(&mut holder).await?;
     sqlx::query("LOCK TABLE saga_timeline IN SHARE MODE")
-        .execute(&mut *holder)
+        .execute(&mut holder)
         .await?;
     let id = stack.place("alice", &[("widget", 1, 100)], "US").await?;
     assert_eq!(stack.wait_for_outcome(id).await?["status"], "CONFIRMED");
@@ -146,7 +147,7 @@ async fn the_projection_lag_grows_while_the_timeline_cannot_record_and_clears_af
         .metrics_until("order", "the projection to fall behind", |m| lag(m) >= 1.0)
         .await?;
     assert!(lag(&behind) < 60.0, "{}", lag(&behind));
-    holder.rollback().await?;
+    sqlx::query("ROLLBACK").execute(&mut holder).await?;
     stack
         .metrics_until("order", "the projection to catch up", |m| lag(m) == 0.0)
         .await?;
