@@ -66,7 +66,7 @@ pub type Undone = Result<(Event, String), HandlerError>;
 /// The record of a step that some service keeps per order and can undo.
 /// It is stored in a table named for the step in the plural (`payments`,
 /// `reservations`), one row per `order_id`, and loaded from it by name.
-pub trait Step: for<'r> FromRow<'r, PgRow> + Send + Unpin {
+pub trait Step: for<'r> FromRow<'r, PgRow> + Send + Sync + Unpin {
     /// `payment`, `reservation`: how messages and the table name it.
     const NAME: &'static str;
 
@@ -84,15 +84,26 @@ pub trait Step: for<'r> FromRow<'r, PgRow> + Send + Unpin {
         reason: &str,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 
-    /// Undoes the step (whatever it takes outside, then
-    /// [`record_undone`](Step::record_undone)) in the open transaction of
-    /// `cx` and says so.
+    /// The event that says the step was undone for `reason`, and the
+    /// aggregate id it is emitted under.
+    fn undone(self, reason: String) -> (Event, String);
+
+    /// Undoes the step in the open transaction of `cx` and says so. By
+    /// default the step lives in the database alone:
+    /// [`record_undone`](Step::record_undone), then [`undone`](Step::undone).
+    /// A step that took effect outside (a payment gateway) undoes it there
+    /// first.
     fn undo(
         self,
         cx: Applying<'_>,
         reason: String,
-        with: &Self::With,
-    ) -> impl Future<Output = Undone> + Send;
+        _with: &Self::With,
+    ) -> impl Future<Output = Undone> + Send {
+        async move {
+            self.record_undone(cx.tx, &reason).await?;
+            Ok(self.undone(reason))
+        }
+    }
 }
 
 /// Writes a step's record with `insert`, an `INSERT … ON CONFLICT

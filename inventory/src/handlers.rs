@@ -5,7 +5,7 @@
 
 use common::{
     Applying, Event, Handler, HandlerError, Outcome,
-    compensation::{self, By, Step, StepState, Undone},
+    compensation::{self, By, Step, StepState},
     event::{InventoryReleased, InventoryReservationFailed, InventoryReserved, PaymentProcessed},
 };
 
@@ -105,13 +105,12 @@ impl Step for Reservation {
         Ok(())
     }
 
-    async fn undo(self, cx: Applying<'_>, reason: String, _: &()) -> Undone {
-        self.record_undone(cx.tx, &reason).await?;
+    fn undone(self, reason: String) -> (Event, String) {
         let event = Event::InventoryReleased(InventoryReleased {
             order_id: self.order_id,
             lines: self.lines,
             reason,
         });
-        Ok((event, self.order_id.to_string()))
+        (event, self.order_id.to_string())
     }
 }

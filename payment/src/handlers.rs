@@ -176,6 +176,10 @@ impl Step for Payment {
             });
         }
         self.record_undone(cx.tx, &reason).await?;
+        Ok(self.undone(reason))
+    }
+
+    fn undone(self, reason: String) -> (Event, String) {
         let event = Event::PaymentRefunded(PaymentRefunded {
             order_id: self.order_id,
             payment_id: self.payment_id,
@@ -183,6 +187,6 @@ impl Step for Payment {
             amount: self.amount,
             reason,
         });
-        Ok((event, self.payment_id.to_string()))
+        (event, self.payment_id.to_string())
     }
 }

@@ -5,7 +5,7 @@
 
 use common::{
     Applying, Event, Handler, HandlerError, Outcome,
-    compensation::{self, By, Step, StepState, Undone},
+    compensation::{self, By, Step, StepState},
     event::{InventoryReserved, ShipmentCancelled, ShipmentCreated, ShipmentFailed},
 };
 use sqlx::{PgConnection, types::Json};
@@ -48,14 +48,13 @@ impl Step for Shipment {
         Ok(())
     }
 
-    async fn undo(self, cx: Applying<'_>, reason: String, _: &()) -> Undone {
-        self.record_undone(cx.tx, &reason).await?;
+    fn undone(self, reason: String) -> (Event, String) {
         let event = Event::ShipmentCancelled(ShipmentCancelled {
             order_id: self.order_id,
             shipment_id: self.shipment_id,
             reason,
         });
-        Ok((event, self.shipment_id.to_string()))
+        (event, self.shipment_id.to_string())
     }
 }
 
