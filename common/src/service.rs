@@ -148,8 +148,9 @@ impl Infra {
     }
 }
 
-/// Common migrations first, then the service's, as one migrator.
-fn combined(service: &Migrator) -> Migrator {
+/// Common migrations first, then the service's, as one migrator: what a
+/// service's database is migrated with (also by its maintenance commands).
+pub fn combined(service: &Migrator) -> Migrator {
     let migrations: Vec<_> = COMMON_MIGRATIONS
         .iter()
         .chain(service.iter())

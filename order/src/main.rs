@@ -36,7 +36,9 @@ async fn rebuild(projection: &str) -> anyhow::Result<()> {
         .max_connections(2)
         .connect(&config.database_url)
         .await?;
-    order::MIGRATIONS.run(&pool).await?;
+    common::service::combined(&order::MIGRATIONS)
+        .run(&pool)
+        .await?;
     let terminal = std::io::stderr().is_terminal();
     let mut shown: Option<u64> = None;
     let mut progress = |done: u64, total: u64| {
