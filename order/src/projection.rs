@@ -140,14 +140,14 @@ async fn save_checkpoint(conn: &mut PgConnection, name: &str, at: Position) -> s
 }
 
 /// The next events after `from` in commit order, only of transactions
-/// older than every one still running: (position, envelope).
+/// older than every one still running: (position, order, envelope).
 async fn events_after(
     conn: &mut PgConnection,
     from: Position,
     limit: i64,
-) -> sqlx::Result<Vec<(Position, String)>> {
-    let rows: Vec<(i64, i64, String)> = sqlx::query_as(
-        "SELECT tx::text::bigint, position, envelope::text FROM order_events
+) -> sqlx::Result<Vec<(Position, Uuid, String)>> {
+    let rows: Vec<(i64, i64, Uuid, String)> = sqlx::query_as(
+        "SELECT tx::text::bigint, position, order_id, envelope::text FROM order_events
          WHERE (tx, position) > ($1::bigint::text::xid8, $2)
            AND tx < pg_snapshot_xmin(pg_current_snapshot())
          ORDER BY tx, position LIMIT $3",
@@ -159,7 +159,7 @@ async fn events_after(
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(tx, position, body)| (Position { tx, position }, body))
+        .map(|(tx, position, order_id, body)| (Position { tx, position }, order_id, body))
         .collect())
 }
 
@@ -172,12 +172,8 @@ async fn apply_after<P: Projection>(
 ) -> sqlx::Result<(usize, Position)> {
     let events = events_after(tx, from, BATCH).await?;
     let mut to = from;
-    for (at, body) in &events {
-        let order_id = serde_json::from_str::<serde_json::Value>(body)
-            .ok()
-            .and_then(|v| v["aggregateId"].as_str().and_then(|s| s.parse().ok()))
-            .unwrap_or_else(Uuid::nil);
-        match store::decode_stored(order_id, body) {
+    for (at, order_id, body) in &events {
+        match store::decode_stored(*order_id, body) {
             Ok((env, event)) => projection.apply(tx, tables, &env, &event).await?,
             // The order's own history is broken; its loads say so. The
             // projection goes on without it.
