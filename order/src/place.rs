@@ -57,6 +57,24 @@ pub struct Placer {
 }
 
 impl Placer {
+    /// Puts what a command emitted in the outbox and commits, then wakes the
+    /// relay; `Err(reason)`, rolled back, for an event too large to publish.
+    async fn publish(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        emitted: &[common::Envelope],
+    ) -> sqlx::Result<Result<(), String>> {
+        if let Err(too_large) =
+            outbox::enqueue(&mut tx, &self.subjects, emitted, self.max_payload).await?
+        {
+            tx.rollback().await?;
+            return Ok(Err(too_large));
+        }
+        tx.commit().await?;
+        self.outbox.notify();
+        Ok(Ok(()))
+    }
+
     /// Places the order and starts the saga. With an idempotency key, a
     /// repeated request of the same customer returns the order the first one
     /// created (`created` = false) instead of placing another, also while
@@ -127,14 +145,9 @@ impl Placer {
                 });
             }
         };
-        if let Err(too_large) =
-            outbox::enqueue(&mut tx, &self.subjects, &emitted, self.max_payload).await?
-        {
-            tx.rollback().await?;
-            return Err(PlaceError::Invalid(too_large));
-        }
-        tx.commit().await?;
-        self.outbox.notify();
+        self.publish(tx, &emitted)
+            .await?
+            .map_err(PlaceError::Invalid)?;
         let order = state.expect("a placed order has state");
         tracing::info!(order_id = %order.id, correlation_id = %order.id, customer_id = %order.customer_id, total = order.total, "order placed");
         Ok((order, true))
@@ -202,14 +215,9 @@ impl Placer {
                     }
                 }
             };
-            if let Err(too_large) =
-                outbox::enqueue(&mut tx, &self.subjects, &emitted, self.max_payload).await?
-            {
-                tx.rollback().await?;
-                return Err(CommandError::Invalid(too_large));
-            }
-            tx.commit().await?;
-            self.outbox.notify();
+            self.publish(tx, &emitted)
+                .await?
+                .map_err(CommandError::Invalid)?;
             return state.ok_or(CommandError::NotFound(order_id));
         }
     }
