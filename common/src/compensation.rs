@@ -212,6 +212,20 @@ pub enum By<'a, S: Step> {
     Customer { reason: String, with: &'a S::With },
 }
 
+/// The customer's cancel reaching step `S`: undone if it was taken, never
+/// taken if it was not (see [`By::Customer`]).
+pub async fn cancelled_by_customer<S: Step>(
+    cx: Applying<'_>,
+    cancelled: &crate::event::OrderCancelledByCustomer,
+    with: &S::With,
+) -> Result<Outcome, HandlerError> {
+    let by = By::Customer {
+        reason: cancelled.step_reason(),
+        with,
+    };
+    compensate::<S>(cx, cancelled.order_id, by).await
+}
+
 /// Undoes step `S` for `order_id`, once, and only if it took effect.
 pub async fn compensate<S: Step>(
     cx: Applying<'_>,

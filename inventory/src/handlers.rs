@@ -32,11 +32,7 @@ impl Handler for InventoryHandler {
                 compensation::compensate::<Reservation>(cx, resolved.order_id, by).await
             }
             Event::OrderCancelledByCustomer(cancelled) => {
-                let by = By::Customer {
-                    reason: cancelled.step_reason(),
-                    with: &(),
-                };
-                compensation::compensate::<Reservation>(cx, cancelled.order_id, by).await
+                compensation::cancelled_by_customer::<Reservation>(cx, &cancelled, &()).await
             }
             _ => Ok(Outcome::Unhandled),
         }

@@ -49,11 +49,7 @@ impl Handler for PaymentHandler {
                 compensation::compensate::<Payment>(cx, resolved.order_id, by).await
             }
             Event::OrderCancelledByCustomer(cancelled) => {
-                let by = By::Customer {
-                    reason: cancelled.step_reason(),
-                    with: self,
-                };
-                compensation::compensate::<Payment>(cx, cancelled.order_id, by).await
+                compensation::cancelled_by_customer::<Payment>(cx, &cancelled, self).await
             }
             _ => Ok(Outcome::Unhandled),
         }

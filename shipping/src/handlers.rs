@@ -5,7 +5,7 @@
 
 use common::{
     Applying, Event, Handler, HandlerError, Outcome,
-    compensation::{self, By, Step, StepState},
+    compensation::{self, Step, StepState},
     event::{InventoryReserved, ShipmentCancelled, ShipmentCreated, ShipmentFailed},
 };
 use sqlx::{PgConnection, types::Json};
@@ -23,11 +23,7 @@ impl Handler for ShippingHandler {
         match event {
             Event::InventoryReserved(reserved) => ship(cx, reserved).await,
             Event::OrderCancelledByCustomer(cancelled) => {
-                let by = By::Customer {
-                    reason: cancelled.step_reason(),
-                    with: &(),
-                };
-                compensation::compensate::<Shipment>(cx, cancelled.order_id, by).await
+                compensation::cancelled_by_customer::<Shipment>(cx, &cancelled, &()).await
             }
             _ => Ok(Outcome::Unhandled),
         }
