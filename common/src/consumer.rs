@@ -7,10 +7,7 @@
 
 use std::{future::Future, panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
-use async_nats::{
-    HeaderMap, header,
-    jetstream::{self, AckKind, consumer::pull},
-};
+use async_nats::jetstream::{self, AckKind, consumer::pull};
 use futures::{FutureExt, StreamExt};
 use sqlx::{PgConnection, PgPool};
 use tokio::{sync::Semaphore, task::JoinSet};
@@ -716,92 +713,16 @@ impl<H: Handler> Inner<H> {
         envelope: Option<&Envelope>,
         reason: &str,
     ) -> Result<(), String> {
-        let Delivery {
-            msg,
-            delivered,
-            stream_seq,
-        } = *d;
-        // Unique to the delivered event and this consumer: a retried dead
-        // letter of the same event is dropped by the broker, two different
-        // ones never share an id. Undecodable bytes have no event id.
-        let mut id = match envelope {
-            Some(env) => format!("{}.{}", self.name, env.event_id),
-            None => format!("{}.{}", self.name, uuid::Uuid::now_v7()),
+        let letter = crate::dlq::Letter {
+            consumer: &self.name,
+            msg: d.msg,
+            delivered: d.delivered,
+            stream_seq: d.stream_seq,
+            stream: self.subjects.events_stream(),
+            about: envelope.map(crate::dlq::About::saga_event),
+            reason,
         };
-        let mut headers = HeaderMap::new();
-        headers.insert(dlq_headers::REASON, header_safe(reason).as_str());
-        headers.insert(dlq_headers::CONSUMER, self.name.as_str());
-        headers.insert(dlq_headers::SUBJECT, msg.subject.as_str());
-        headers.insert(
-            dlq_headers::STREAM_SEQUENCE,
-            stream_seq.to_string().as_str(),
-        );
-        headers.insert(dlq_headers::DELIVERIES, delivered.to_string().as_str());
-        if let Some(original) = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(header::NATS_MESSAGE_ID))
-        {
-            headers.insert(dlq_headers::MSG_ID, header_safe(original.as_str()).as_str());
-        }
-        if let Some(env) = envelope {
-            headers.insert(dlq_headers::EVENT_ID, env.event_id.to_string().as_str());
-            headers.insert(
-                dlq_headers::EVENT_TYPE,
-                header_safe(&env.event_type).as_str(),
-            );
-            headers.insert(
-                dlq_headers::CORRELATION_ID,
-                env.metadata.correlation_id.to_string().as_str(),
-            );
-        }
-        let mut body = msg.payload.clone();
-        // Room for the id header too; 64 bytes covers its name and framing.
-        let size = headers_len(&headers) + id.len() + 64 + body.len();
-        if size > self.max_payload {
-            headers.insert(
-                dlq_headers::BODY_OMITTED,
-                format!(
-                    "{} bytes would exceed the broker's max_payload with these headers; the original is sequence {stream_seq} of stream {}",
-                    body.len(),
-                    self.subjects.events_stream()
-                )
-                .as_str(),
-            );
-            body = bytes::Bytes::new();
-        }
-        let subject = self.subjects.dead_letter(&self.name);
-        for attempt in 0..2 {
-            let mut h = headers.clone();
-            h.insert(header::NATS_MESSAGE_ID, id.as_str());
-            let ack = self
-                .js
-                .publish_with_headers(subject.clone(), h, body.clone())
-                .await
-                .map_err(|e| e.to_string())?
-                .await
-                .map_err(|e| e.to_string())?;
-            if !ack.duplicate {
-                return Ok(());
-            }
-            // The broker already holds a dead letter under this id: fine if
-            // it is this one (a retried dead-lettering), not if another body
-            // got there first. Then this one goes under an id of its own.
-            let stored = self
-                .js
-                .get_stream(self.subjects.dead_letter_stream())
-                .await
-                .map_err(|e| e.to_string())?
-                .get_raw_message(ack.sequence)
-                .await
-                .map_err(|e| e.to_string())?;
-            if stored.payload == body {
-                return Ok(());
-            }
-            tracing::warn!(consumer = %self.name, %id, attempt, "a different dead letter holds this id; publishing under a fresh one");
-            id = format!("{id}.{}", uuid::Uuid::now_v7());
-        }
-        Err("dead letter kept colliding with other ids".into())
+        crate::dlq::send(&self.js, &self.subjects, self.max_payload, letter).await
     }
 }
 
@@ -811,17 +732,6 @@ pub fn max_payload(js: &jetstream::Context) -> usize {
         0 => 1024 * 1024,
         n => n,
     }
-}
-
-/// Bytes the headers take on the wire (`NATS/1.0`, one `K: V` line each, blank line).
-fn headers_len(h: &HeaderMap) -> usize {
-    let mut n = "NATS/1.0\r\n\r\n".len();
-    for (k, values) in h.iter() {
-        for v in values {
-            n += k.to_string().len() + 2 + v.as_str().len() + 2;
-        }
-    }
-    n
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -839,21 +749,6 @@ async fn ack(msg: &jetstream::Message, kind: AckKind) {
     }
 }
 
-/// Header values are one line of visible ASCII.
-fn header_safe(s: &str) -> String {
-    let cleaned: String = s
-        .chars()
-        .map(|c| {
-            if c.is_ascii_graphic() || c == ' ' {
-                c
-            } else {
-                ' '
-            }
-        })
-        .collect();
-    cleaned.chars().take(1024).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -864,10 +759,5 @@ mod tests {
         assert!(!HandlerError::Conflict("o1".into()).is_permanent());
         assert!(HandlerError::Db(sqlx::Error::RowNotFound).is_permanent());
         assert!(HandlerError::Permanent("bad".into()).is_permanent());
-    }
-
-    #[test]
-    fn header_values_lose_newlines_but_keep_the_words() {
-        assert_eq!(header_safe("bad\r\nthing"), "bad  thing");
     }
 }

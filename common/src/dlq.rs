@@ -18,6 +18,158 @@ use uuid::Uuid;
 
 use crate::{Envelope, Subjects, consumer::dlq_headers, limits, operator::OperatorAction};
 
+/// What a dead letter says about the event it holds, when the bytes were one.
+#[derive(Debug, Clone, Copy)]
+pub struct About<'a> {
+    pub event_id: Uuid,
+    pub event_type: &'a str,
+    /// The saga it belongs to; `None` for an event of no saga (a product's
+    /// catalog event), so that no saga's timeline or state takes it up.
+    pub correlation_id: Option<Uuid>,
+}
+
+impl About<'_> {
+    /// A saga event: its saga is its correlation id.
+    pub fn saga_event(envelope: &Envelope) -> About<'_> {
+        About {
+            event_id: envelope.event_id,
+            event_type: &envelope.event_type,
+            correlation_id: Some(envelope.metadata.correlation_id),
+        }
+    }
+}
+
+/// One delivered message that a consumer gives up on, and why.
+pub struct Letter<'a> {
+    /// The consumer giving up: the dead letter's subject is `saga.dlq.<consumer>`.
+    pub consumer: &'a str,
+    pub msg: &'a jetstream::Message,
+    pub delivered: i64,
+    pub stream_seq: u64,
+    /// The stream the message came from (named when its body is omitted).
+    pub stream: String,
+    pub about: Option<About<'a>>,
+    pub reason: &'a str,
+}
+
+/// Publishes a dead letter: the original body with the reason and where it
+/// came from in headers ([`dlq_headers`]), under an id unique to the event
+/// and the consumer, so that dead-lettering the same delivery twice stores
+/// it once. The body is left out (and the headers say where it is) when it
+/// would not fit `max_payload`.
+pub async fn send(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    max_payload: usize,
+    letter: Letter<'_>,
+) -> Result<(), String> {
+    let Letter {
+        consumer,
+        msg,
+        delivered,
+        stream_seq,
+        stream,
+        about,
+        reason,
+    } = letter;
+    // Unique to the delivered event and this consumer: a retried dead
+    // letter of the same event is dropped by the broker, two different
+    // ones never share an id. Undecodable bytes have no event id.
+    let mut id = match about {
+        Some(a) => format!("{consumer}.{}", a.event_id),
+        None => format!("{consumer}.{}", Uuid::now_v7()),
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(dlq_headers::REASON, header_safe(reason).as_str());
+    headers.insert(dlq_headers::CONSUMER, consumer);
+    headers.insert(dlq_headers::SUBJECT, msg.subject.as_str());
+    headers.insert(
+        dlq_headers::STREAM_SEQUENCE,
+        stream_seq.to_string().as_str(),
+    );
+    headers.insert(dlq_headers::DELIVERIES, delivered.to_string().as_str());
+    if let Some(original) = msg.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)) {
+        headers.insert(dlq_headers::MSG_ID, header_safe(original.as_str()).as_str());
+    }
+    if let Some(a) = about {
+        headers.insert(dlq_headers::EVENT_ID, a.event_id.to_string().as_str());
+        headers.insert(dlq_headers::EVENT_TYPE, header_safe(a.event_type).as_str());
+        if let Some(saga) = a.correlation_id {
+            headers.insert(dlq_headers::CORRELATION_ID, saga.to_string().as_str());
+        }
+    }
+    let mut body = msg.payload.clone();
+    // Room for the id header too; 64 bytes covers its name and framing.
+    let size = headers_len(&headers) + id.len() + 64 + body.len();
+    if size > max_payload {
+        headers.insert(
+            dlq_headers::BODY_OMITTED,
+            format!(
+                "{} bytes would exceed the broker's max_payload with these headers; the original is sequence {stream_seq} of stream {stream}",
+                body.len(),
+            )
+            .as_str(),
+        );
+        body = Bytes::new();
+    }
+    let subject = subjects.dead_letter(consumer);
+    for attempt in 0..2 {
+        let mut h = headers.clone();
+        h.insert(NATS_MESSAGE_ID, id.as_str());
+        let ack = js
+            .publish_with_headers(subject.clone(), h, body.clone())
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        if !ack.duplicate {
+            return Ok(());
+        }
+        // The broker already holds a dead letter under this id: fine if
+        // it is this one (a retried dead-lettering), not if another body
+        // got there first. Then this one goes under an id of its own.
+        let stored = js
+            .get_stream(subjects.dead_letter_stream())
+            .await
+            .map_err(|e| e.to_string())?
+            .get_raw_message(ack.sequence)
+            .await
+            .map_err(|e| e.to_string())?;
+        if stored.payload == body {
+            return Ok(());
+        }
+        tracing::warn!(%consumer, %id, attempt, "a different dead letter holds this id; publishing under a fresh one");
+        id = format!("{id}.{}", Uuid::now_v7());
+    }
+    Err("dead letter kept colliding with other ids".into())
+}
+
+/// Bytes the headers take on the wire (`NATS/1.0`, one `K: V` line each, blank line).
+fn headers_len(h: &HeaderMap) -> usize {
+    let mut n = "NATS/1.0\r\n\r\n".len();
+    for (k, values) in h.iter() {
+        for v in values {
+            n += k.to_string().len() + 2 + v.as_str().len() + 2;
+        }
+    }
+    n
+}
+
+/// Header values are one line of visible ASCII.
+fn header_safe(s: &str) -> String {
+    let cleaned: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect();
+    cleaned.chars().take(1024).collect()
+}
+
 /// How long one call to the broker may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -373,5 +525,15 @@ impl Dlq {
         .with_context(|| format!("no acknowledgement for {subject} within {CALL_TIMEOUT:?}"))?;
         ack.with_context(|| format!("publishing to {subject}"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_values_lose_newlines_but_keep_the_words() {
+        assert_eq!(header_safe("bad\r\nthing"), "bad  thing");
     }
 }

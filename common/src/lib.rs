@@ -23,7 +23,9 @@ pub mod topology;
 
 pub use config::Config;
 pub use consumer::{Applying, Handler, HandlerError, Outcome};
-pub use contracts::{Envelope, Event, EventKind, Subjects, event, limits, operator, subjects};
+pub use contracts::{
+    Envelope, Event, EventKind, Subjects, event, limits, operator, product, subjects,
+};
 pub use service::{Infra, Service, StartError};
 
 /// The value after `key` on the first line of `text` that starts with it

@@ -77,19 +77,33 @@ fn columns(
     events: &[Envelope],
     max_payload: usize,
 ) -> Result<Columns, String> {
+    columns_on(
+        events.iter().map(|e| {
+            let kind = e.kind().expect("services only emit catalogued events");
+            (subjects.event_of(kind, e.metadata.correlation_id), e)
+        }),
+        events.len(),
+        max_payload,
+    )
+}
+
+/// The rows of events each on its own subject.
+fn columns_on<'a>(
+    rows: impl Iterator<Item = (String, &'a Envelope)>,
+    len: usize,
+    max_payload: usize,
+) -> Result<Columns, String> {
     let mut c = Columns {
-        ids: Vec::with_capacity(events.len()),
-        subjects: Vec::with_capacity(events.len()),
-        aggregates: Vec::with_capacity(events.len()),
-        bodies: Vec::with_capacity(events.len()),
+        ids: Vec::with_capacity(len),
+        subjects: Vec::with_capacity(len),
+        aggregates: Vec::with_capacity(len),
+        bodies: Vec::with_capacity(len),
     };
-    for e in events {
-        let kind = e.kind().expect("services only emit catalogued events");
+    for (subject, e) in rows {
         let body = e.to_bytes();
         fits(e, body.len(), max_payload)?;
         c.ids.push(e.event_id);
-        c.subjects
-            .push(subjects.event_of(kind, e.metadata.correlation_id));
+        c.subjects.push(subject);
         c.aggregates.push(e.aggregate_id.clone());
         c.bodies.push(body);
     }
@@ -123,17 +137,38 @@ pub async fn enqueue(
     if events.is_empty() {
         return Ok(Ok(()));
     }
-    let c = match columns(subjects, events, max_payload) {
-        Ok(c) => c,
-        Err(reason) => return Ok(Err(reason)),
-    };
+    match columns(subjects, events, max_payload) {
+        Ok(c) => insert(conn, &c).await.map(Ok),
+        Err(reason) => Ok(Err(reason)),
+    }
+}
+
+/// Appends events that are not the saga's (a product's catalog events),
+/// each on the subject given with it, inside the caller's transaction;
+/// checked against `max_payload` like [`enqueue`].
+pub async fn enqueue_on(
+    conn: &mut PgConnection,
+    events: &[(String, Envelope)],
+    max_payload: usize,
+) -> Result<Result<(), String>, sqlx::Error> {
+    let rows = events.iter().map(|(subject, e)| (subject.clone(), e));
+    match columns_on(rows, events.len(), max_payload) {
+        Ok(c) => insert(conn, &c).await.map(Ok),
+        Err(reason) => Ok(Err(reason)),
+    }
+}
+
+async fn insert(conn: &mut PgConnection, c: &Columns) -> Result<(), sqlx::Error> {
+    if c.ids.is_empty() {
+        return Ok(());
+    }
     c.bind_to(sqlx::query(
         "INSERT INTO outbox (event_id, subject, aggregate_id, body)
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bytea[])",
     ))
     .execute(conn)
     .await?;
-    Ok(Ok(()))
+    Ok(())
 }
 
 /// What [`enqueue_once`] did.

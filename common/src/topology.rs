@@ -14,53 +14,85 @@ const STREAM_ATTEMPTS: i64 = 8;
 
 const EVENTS_STREAM: &str = include_str!("../../nats/streams/events.json");
 const DLQ_STREAM: &str = include_str!("../../nats/streams/dlq.json");
+const CATALOG_STREAM: &str = include_str!("../../nats/streams/catalog.json");
 
 /// Consumer definition file of each service of the roster, by durable name.
 pub fn consumer_file(service: &str) -> Option<&'static str> {
     crate::roster::find(service).map(|s| s.consumer)
 }
 
+/// Our streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// Every saga event (`SAGA_EVENTS`).
+    Events,
+    /// What consumers could not apply (`SAGA_DLQ`).
+    DeadLetters,
+    /// The latest catalog event of each product (`SAGA_CATALOG`).
+    Catalog,
+}
+
+impl Stream {
+    /// Its name for this prefix.
+    pub fn name(self, subjects: &Subjects) -> String {
+        match self {
+            Stream::Events => subjects.events_stream(),
+            Stream::DeadLetters => subjects.dead_letter_stream(),
+            Stream::Catalog => subjects.catalog_stream(),
+        }
+    }
+}
+
 /// A durable consumer that watches a whole stream rather than a service's
-/// inputs: the order service's dead-letter watch and its timeline observer.
+/// inputs: the order service's dead-letter watch, its timeline observer and
+/// its catalog.
 #[derive(Debug, Clone, Copy)]
 pub struct WatchSpec {
     /// The durable name, also the file's name in `nats/consumers/`.
     pub name: &'static str,
-    /// On the dead-letter stream, or else on the events stream.
-    pub dead_letters: bool,
+    /// The stream it watches.
+    pub on: Stream,
     definition: &'static str,
 }
 
 impl WatchSpec {
-    /// The stream it watches.
+    /// The stream it watches, by name.
     pub fn stream(&self, subjects: &Subjects) -> String {
-        match self.dead_letters {
-            true => subjects.dead_letter_stream(),
-            false => subjects.events_stream(),
-        }
+        self.on.name(subjects)
     }
 }
 
 /// Halts a pending saga whose event was dead-lettered.
 pub const DEAD_LETTER_WATCH: WatchSpec = WatchSpec {
     name: "order-dead-letters",
-    dead_letters: true,
+    on: Stream::DeadLetters,
     definition: include_str!("../../nats/consumers/order-dead-letters.json"),
 };
 /// Records every event of every saga in its timeline.
 pub const TIMELINE_EVENTS: WatchSpec = WatchSpec {
     name: "order-timeline",
-    dead_letters: false,
+    on: Stream::Events,
     definition: include_str!("../../nats/consumers/order-timeline.json"),
 };
 /// Records every dead letter of every saga in its timeline.
 pub const TIMELINE_DEAD_LETTERS: WatchSpec = WatchSpec {
     name: "order-timeline-dead-letters",
-    dead_letters: true,
+    on: Stream::DeadLetters,
     definition: include_str!("../../nats/consumers/order-timeline-dead-letters.json"),
 };
+/// Keeps the order service's catalog: the price of every product.
+pub const CATALOG_WATCH: WatchSpec = WatchSpec {
+    name: "order-catalog",
+    on: Stream::Catalog,
+    definition: include_str!("../../nats/consumers/order-catalog.json"),
+};
 /// Every watch, for tests and tools.
-pub const WATCHES: [WatchSpec; 3] = [DEAD_LETTER_WATCH, TIMELINE_EVENTS, TIMELINE_DEAD_LETTERS];
+pub const WATCHES: [WatchSpec; 4] = [
+    DEAD_LETTER_WATCH,
+    TIMELINE_EVENTS,
+    TIMELINE_DEAD_LETTERS,
+    CATALOG_WATCH,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
@@ -74,22 +106,26 @@ pub enum TopologyError {
     Consumer(String, String),
 }
 
-/// Both streams, rewritten for the prefix.
+/// Every stream, rewritten for the prefix.
 pub fn stream_configs(subjects: &Subjects) -> Result<Vec<stream::Config>, TopologyError> {
-    [("events", EVENTS_STREAM), ("dlq", DLQ_STREAM)]
-        .into_iter()
-        .map(|(name, text)| {
-            let mut config: stream::Config =
-                serde_json::from_str(text).map_err(|e| TopologyError::Parse(name.into(), e))?;
-            config.name = subjects.stream_name(&config.name);
-            config.subjects = config
-                .subjects
-                .iter()
-                .map(|s| subjects.rewrite_subject(s))
-                .collect();
-            Ok(config)
-        })
-        .collect()
+    [
+        ("events", EVENTS_STREAM),
+        ("dlq", DLQ_STREAM),
+        ("catalog", CATALOG_STREAM),
+    ]
+    .into_iter()
+    .map(|(name, text)| {
+        let mut config: stream::Config =
+            serde_json::from_str(text).map_err(|e| TopologyError::Parse(name.into(), e))?;
+        config.name = subjects.stream_name(&config.name);
+        config.subjects = config
+            .subjects
+            .iter()
+            .map(|s| subjects.rewrite_subject(s))
+            .collect();
+        Ok(config)
+    })
+    .collect()
 }
 
 /// The service's durable pull consumer, rewritten for the prefix.
@@ -117,7 +153,7 @@ fn parse_consumer(
     Ok(config)
 }
 
-/// Creates or updates both streams; safe to run from every service at once.
+/// Creates or updates every stream; safe to run from every service at once.
 pub async fn apply_streams(
     js: &jetstream::Context,
     subjects: &Subjects,
@@ -238,7 +274,8 @@ mod tests {
     }
 
     /// A watch sees its whole stream: the dead-letter ones filter on the
-    /// dead-letter subjects, the timeline on none (every event).
+    /// dead-letter subjects, the catalog on the catalog's, the timeline on
+    /// none (every event).
     #[test]
     fn every_watch_parses_and_sees_its_whole_stream() {
         let s = Subjects::new("x");
@@ -246,9 +283,26 @@ mod tests {
             let c = watch_config(&s, &w).unwrap();
             assert_eq!(c.durable_name.as_deref(), Some(w.name));
             assert!(c.filter_subjects.is_empty(), "{}", w.name);
-            let expected = if w.dead_letters { "x.dlq.>" } else { "" };
+            let expected = match w.on {
+                Stream::DeadLetters => "x.dlq.>",
+                Stream::Catalog => "x.catalog.>",
+                Stream::Events => "",
+            };
             assert_eq!(c.filter_subject, expected, "{}", w.name);
         }
+    }
+
+    /// The catalog stream keeps exactly the latest event of each product,
+    /// for good: a catalog rebuilt from it has every product.
+    #[test]
+    fn the_catalog_stream_keeps_the_latest_event_of_every_product_for_good() {
+        let s = Subjects::new("x");
+        let streams = stream_configs(&s).unwrap();
+        let catalog = streams.iter().find(|c| c.name == "X_CATALOG").unwrap();
+        assert_eq!(catalog.subjects, vec![s.catalog()]);
+        assert_eq!(catalog.max_messages_per_subject, 1);
+        assert_eq!(catalog.max_age, Duration::ZERO);
+        assert!(s.product("a.b").starts_with("x.catalog."));
     }
 
     /// Streams reserve their max_bytes: the shipped server must hold both,

@@ -1,9 +1,10 @@
-//! Every SQL statement of the inventory service: stock per product and the
-//! reservation of each order.
+//! Every SQL statement of the inventory service: stock per product, the
+//! reservation of each order, and each product's catalog data.
 
 use std::collections::{BTreeMap, HashMap};
 
-use common::event::OrderLine;
+use chrono::{DateTime, Utc};
+use common::{event::OrderLine, product::ProductPriced};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool, types::Json};
 use uuid::Uuid;
@@ -117,5 +118,73 @@ pub async fn stock(pool: &PgPool, product_id: &str) -> sqlx::Result<Option<Stock
     ))
     .bind(product_id)
     .fetch_optional(pool)
+    .await
+}
+
+/// A product's catalog data, as the API shows it and as it was published.
+#[derive(Debug, Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct Product {
+    pub product_id: String,
+    pub name: String,
+    pub unit_price: i64,
+    pub version: i64,
+    pub updated_at: DateTime<Utc>,
+}
+
+const PRODUCT_COLUMNS: &str = "product_id, name, unit_price, version, updated_at";
+
+/// A product's catalog data, if it has any.
+pub async fn product(pool: &PgPool, product_id: &str) -> sqlx::Result<Option<Product>> {
+    sqlx::query_as(&format!(
+        "SELECT {PRODUCT_COLUMNS} FROM products WHERE product_id = $1"
+    ))
+    .bind(product_id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Creates the product at version 1; `None` if it exists.
+pub async fn create_product(
+    tx: &mut PgConnection,
+    data: &ProductPriced,
+) -> sqlx::Result<Option<Product>> {
+    sqlx::query_as(&format!(
+        "INSERT INTO products (product_id, name, unit_price) VALUES ($1, $2, $3)
+         ON CONFLICT (product_id) DO NOTHING RETURNING {PRODUCT_COLUMNS}"
+    ))
+    .bind(&data.product_id)
+    .bind(&data.name)
+    .bind(data.unit_price)
+    .fetch_optional(tx)
+    .await
+}
+
+/// The product locked for a change, if it is at `expected` (`None`: any version).
+pub async fn lock_product(
+    tx: &mut PgConnection,
+    product_id: &str,
+    expected: Option<i64>,
+) -> sqlx::Result<Option<Product>> {
+    sqlx::query_as(&format!(
+        "SELECT {PRODUCT_COLUMNS} FROM products
+         WHERE product_id = $1 AND ($2::bigint IS NULL OR version = $2) FOR UPDATE"
+    ))
+    .bind(product_id)
+    .bind(expected)
+    .fetch_optional(tx)
+    .await
+}
+
+/// Writes the product's new catalog data at the next version.
+pub async fn change_product(tx: &mut PgConnection, data: &ProductPriced) -> sqlx::Result<Product> {
+    sqlx::query_as(&format!(
+        "UPDATE products SET name = $2, unit_price = $3, version = version + 1, updated_at = now()
+         WHERE product_id = $1 RETURNING {PRODUCT_COLUMNS}"
+    ))
+    .bind(&data.product_id)
+    .bind(&data.name)
+    .bind(data.unit_price)
+    .fetch_one(tx)
     .await
 }

@@ -1,6 +1,7 @@
 //! HTTP: `POST /orders`, `GET /orders/{id}` (also as it was: `?atVersion=`,
 //! `?asOf=`; and at least as new as `?minVersion=`), `GET /orders/{id}/events`,
 //! `GET /orders?customerId=&status=&limit=&offset=`. Reads come from the read model.
+//! `GET /products/{id}`: a product as orders are priced (the catalog).
 //!
 //! Sagas, as the observer recorded them: `GET /sagas/{orderId}` (the
 //! timeline, where the saga stands and who owes the next event) and
@@ -26,6 +27,7 @@ use std::{sync::Arc, time::Duration};
 use uuid::Uuid;
 
 use crate::{
+    catalog,
     domain::{Command, OrderStatus},
     observer,
     place::{CommandError, PlaceError, PlaceOrder, Placer},
@@ -53,6 +55,7 @@ pub fn router(placer: Placer, stall_after: Duration, admin: AdminToken, dlq: Dlq
         .route("/orders/{id}/events", get(get_events))
         .route("/orders/{id}/cancel", post(cancel))
         .route("/customers/{id}/stats", get(get_customer_stats))
+        .route("/products/{id}", get(get_product))
         .with_state(placer)
         .merge(
             Router::new()
@@ -314,6 +317,23 @@ async fn get_customer_stats(
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("no orders of customer '{id}' (yet)")))
+}
+
+/// `GET /products/{id}`: the product as this service prices it, from its
+/// catalog (inventory's `ProductPriced` events, a moment behind inventory).
+async fn get_product(
+    State(placer): State<Placer>,
+    Path(id): Path<String>,
+) -> Result<Json<catalog::Entry>, ApiError> {
+    limits::check_id("productId", &id).map_err(ApiError::BadRequest)?;
+    catalog::entry(&placer.pool, &id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "product '{id}' is not in the catalog (yet): price it with PUT /products/{id} at inventory"
+            ))
+        })
 }
 
 /// The order's own events, oldest first: its history as the event store has it.

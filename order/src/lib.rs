@@ -1,13 +1,16 @@
 //! Order service: the event-sourced Order aggregate with a CQRS read model.
-//! It starts sagas (`POST /orders` or the NATS command) and ends them:
-//! ShipmentCreated confirms, PaymentFailed or PaymentRefunded cancels.
+//! It starts sagas (`POST /orders` or the NATS command), pricing every line
+//! from its copy of inventory's catalog, and ends them: ShipmentCreated
+//! confirms, PaymentFailed or PaymentRefunded cancels.
 
 pub mod api;
+pub mod catalog;
 mod dead_letters;
 pub mod domain;
 mod handlers;
 pub mod observer;
 pub mod place;
+pub mod pricing;
 pub mod projection;
 mod responder;
 pub mod snapshot;
@@ -66,6 +69,14 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
     }
     .start(source.clone(), shutdown.clone())
     .await?;
+    let catalog = catalog::Watch {
+        pool: infra.pool.clone(),
+        js: infra.js.clone(),
+        subjects: infra.subjects.clone(),
+        max_payload: infra.max_payload(),
+    }
+    .start(source.clone(), shutdown.clone())
+    .await?;
     let stall_after = infra.config.stall_after;
     let observer = observer::Observer {
         pool: infra.pool.clone(),
@@ -80,6 +91,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
     service.spawn_with(responder);
     service.spawn_with(watch);
     service.spawn_with(observer);
+    service.spawn_with(catalog);
     service.spawn_with(projection::follow(
         infra.pool.clone(),
         projection::CustomerStats,

@@ -12,12 +12,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Replays every order event into a copy of a projection's tables and
-    /// swaps it in, while the service keeps answering from the old ones
-    /// (DATABASE_URL as for the service).
+    /// Replays every order event (for `catalog`: the catalog stream) into a
+    /// copy of a projection's tables and swaps it in, while the service
+    /// keeps answering from the old ones (DATABASE_URL, and for `catalog`
+    /// NATS_URL and SUBJECT_PREFIX, as for the service).
     RebuildProjection {
-        /// `orders` (the read model) or `customer-stats`.
-        #[arg(value_parser = ["orders", "customer-stats"])]
+        /// `orders` (the read model), `customer-stats` or `catalog`.
+        #[arg(value_parser = ["orders", "customer-stats", "catalog"])]
         projection: String,
     },
 }
@@ -57,6 +58,22 @@ async fn rebuild(projection: &str) -> anyhow::Result<()> {
             order::projection::rebuild_orders(&pool, &mut progress).await?,
             "orders",
         ),
+        "catalog" => {
+            let nats = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                async_nats::connect(&config.nats_url),
+            )
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("no answer from NATS at {} within 10 s", config.nats_url)
+            })??;
+            let js = async_nats::jetstream::new(nats);
+            let subjects = common::Subjects::new(config.subject_prefix.clone());
+            (
+                order::catalog::rebuild(&pool, &js, &subjects, &mut progress).await?,
+                "catalog events",
+            )
+        }
         _ => (
             order::projection::rebuild(&pool, &order::projection::CustomerStats, &mut progress)
                 .await?,

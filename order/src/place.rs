@@ -4,7 +4,7 @@
 
 use common::{
     Subjects,
-    event::{Address, OrderLine},
+    event::Address,
     limits,
     outbox::{self, OutboxSignal},
 };
@@ -13,18 +13,22 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
+    catalog,
     domain::{Command, DomainError, Order},
+    pricing::{self, RequestedLine},
     store::{self, ExecError, Snapshots},
 };
 
-/// Request body: `{"customerId", "lines": [{"productId","quantity","unitPrice"}], "shippingAddress": {...}}`.
-/// Unknown fields are refused at every level (the line and address types
-/// refuse them too); the bounds are in [`common::limits`].
+/// Request body: `{"customerId", "lines": [{"productId","quantity"}], "shippingAddress": {...}}`.
+/// Each line is priced from the catalog ([`pricing`]); a line's optional
+/// `unitPrice` must be the catalog's. Unknown fields are refused at every
+/// level (the line and address types refuse them too); the bounds are in
+/// [`common::limits`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PlaceOrder {
     pub customer_id: String,
-    pub lines: Vec<OrderLine>,
+    pub lines: Vec<RequestedLine>,
     pub shipping_address: Address,
 }
 
@@ -90,6 +94,11 @@ impl Placer {
         }
         // Before the key is stored under it: a customer id must fit an index.
         limits::check_id("customerId", &request.customer_id).map_err(PlaceError::Invalid)?;
+        // The whole shape before the catalog is asked: a bad request is told
+        // what is wrong with it whatever it orders.
+        pricing::check(&request.lines).map_err(PlaceError::Invalid)?;
+        common::event::validate_address("shippingAddress", &request.shipping_address)
+            .map_err(PlaceError::Invalid)?;
         let order_id = Uuid::now_v7();
         let mut tx = self.pool.begin().await?;
         if let Some(key) = idempotency_key {
@@ -119,10 +128,35 @@ impl Placer {
                 return Ok((order, false));
             }
         }
+        // The prices of this moment: a later change of the catalog does not
+        // change this order, whose lines carry them from here on.
+        let products: Vec<&str> = request
+            .lines
+            .iter()
+            .map(|l| l.product_id.as_str())
+            .collect();
+        let prices = catalog::lookup(&mut tx, &products)
+            .await?
+            .into_iter()
+            .map(|(id, e)| {
+                let price = pricing::Price {
+                    unit_price: e.unit_price,
+                    version: e.version,
+                };
+                (id, price)
+            })
+            .collect();
+        let lines = match pricing::price(request.lines, &prices) {
+            Ok(lines) => lines,
+            Err(refused) => {
+                tx.rollback().await?;
+                return Err(PlaceError::Invalid(refused));
+            }
+        };
         let command = Command::Place {
             order_id,
             customer_id: request.customer_id,
-            lines: request.lines,
+            lines,
             shipping_address: request.shipping_address,
         };
         // The placement request is the cause of OrderPlaced.

@@ -30,7 +30,7 @@ pub async fn run(local: &Local, timeout: Duration) -> Result<bool> {
     let payment = local.service_url("payment");
     let inventory = local.service_url("inventory");
     println!(
-        "\n==> demo: customer {CUSTOMER} gets a balance of {BALANCE}, product {PRODUCT} a stock of 100"
+        "\n==> demo: customer {CUSTOMER} gets a balance of {BALANCE}, product {PRODUCT} a stock of 100 and a price of {UNIT_PRICE}"
     );
     // If-Match: * sets them whatever they were: each run starts from the same state.
     send(
@@ -45,6 +45,32 @@ pub async fn run(local: &Local, timeout: Duration) -> Result<bool> {
             .json(&json!({ "available": 100 })),
     )
     .await?;
+    send(
+        http.put(format!("{inventory}/products/{PRODUCT}"))
+            .header("If-Match", "*")
+            .json(&json!({ "name": "Demo widget", "unitPrice": UNIT_PRICE })),
+    )
+    .await?;
+    // The price reaches the order service's catalog as an event.
+    let priced = format!("{}/products/{PRODUCT}", local.service_url("order"));
+    let deadline = Instant::now() + timeout;
+    loop {
+        let entry = http.get(&priced).send().await;
+        let ready = match entry {
+            Ok(r) if r.status().is_success() => {
+                r.json::<Value>().await.ok().map(|v| v["unitPrice"].clone())
+                    == Some(json!(UNIT_PRICE))
+            }
+            _ => false,
+        };
+        if ready {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("{PRODUCT} did not reach the order service's catalog within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let mut ok = true;
     println!("==> demo: order {QUANTITY} x {PRODUCT} at {UNIT_PRICE}, shipped to the US");
@@ -93,7 +119,7 @@ async fn place_and_settle(
     let order_url = local.service_url("order");
     let placed = send(http.post(format!("{order_url}/orders")).json(&json!({
         "customerId": CUSTOMER,
-        "lines": [{ "productId": PRODUCT, "quantity": QUANTITY, "unitPrice": UNIT_PRICE }],
+        "lines": [{ "productId": PRODUCT, "quantity": QUANTITY }],
         "shippingAddress": {
             "name": "Alice Demo", "street": "1 Main St", "city": "Springfield",
             "postalCode": "62701", "country": country

@@ -15,9 +15,11 @@ use proptest::{
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-/// Customers with accounts in the property tests, and products with stock.
+/// Customers with accounts in the property tests, and products with stock,
+/// priced in the catalog at [`PRICES`].
 pub const CUSTOMERS: [&str; 2] = ["alice", "bob"];
 pub const PRODUCTS: [&str; 3] = ["widget", "gadget", "gizmo"];
+pub const PRICES: [i64; 3] = [1_000, 250, 99_999];
 
 /// A deterministic runner (`FUZZ_SEED` picks another seed).
 pub fn runner() -> TestRunner {
@@ -121,6 +123,19 @@ fn line(products: &'static [&'static str]) -> impl Strategy<Value = Value> {
     })
 }
 
+/// A line of a placement: its price left out, the catalog's, or any number.
+fn placement_line() -> impl Strategy<Value = Value> {
+    (0..PRODUCTS.len(), number(), 0..5u8).prop_flat_map(|(i, quantity, how)| {
+        let mut line = json!({"productId": PRODUCTS[i], "quantity": quantity});
+        match how {
+            0 | 1 => {}
+            2 | 3 => line["unitPrice"] = json!(PRICES[i]),
+            _ => line["unitPrice"] = json!(1),
+        }
+        mutate(line)
+    })
+}
+
 fn address() -> impl Strategy<Value = Value> {
     (
         text(),
@@ -142,11 +157,21 @@ fn lines(products: &'static [&'static str]) -> impl Strategy<Value = Vec<Value>>
     ]
 }
 
+fn placement_lines() -> impl Strategy<Value = Vec<Value>> {
+    prop_oneof![
+        20 => proptest::collection::vec(placement_line(), 1..4),
+        1 => Just(Vec::new()),
+        1 => proptest::collection::vec(placement_line(), 95..130),
+    ]
+}
+
 /// A `POST /orders` body, as JSON (most near-valid, many not).
 pub fn order_body() -> impl Strategy<Value = Value> {
-    (one_of(&CUSTOMERS), lines(&PRODUCTS), address()).prop_flat_map(|(customer, lines, address)| {
-        mutate(json!({"customerId": customer, "lines": lines, "shippingAddress": address}))
-    })
+    (one_of(&CUSTOMERS), placement_lines(), address()).prop_flat_map(
+        |(customer, lines, address)| {
+            mutate(json!({"customerId": customer, "lines": lines, "shippingAddress": address}))
+        },
+    )
 }
 
 /// Bytes for `POST /orders` or for the broker: a generated body, or garbage.

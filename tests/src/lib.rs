@@ -118,6 +118,10 @@ pub struct Stack {
     /// Balances and stock as [`Stack::set_balance`] and [`Stack::set_stock`]
     /// last arranged them: what [`Stack::assert_invariants`] starts from.
     arranged: std::sync::Mutex<BTreeMap<(&'static str, String), i64>>,
+    /// Each product's price as [`Stack::price`] last set it (and the order
+    /// service's catalog shows it); held while a price changes, so
+    /// concurrent placements of one product wait for one change.
+    prices: tokio::sync::Mutex<HashMap<String, i64>>,
 }
 
 /// The admin token of every test stack's services.
@@ -213,6 +217,7 @@ impl Stack {
             http: operator_client()?,
             services: HashMap::new(),
             arranged: Default::default(),
+            prices: Default::default(),
         };
         for s in services {
             stack.start_service(s).await?;
@@ -449,6 +454,80 @@ impl Stack {
         Ok(())
     }
 
+    /// Prices `product` at `unit_price` at inventory (`PUT /products`,
+    /// whatever was there) and waits until the order service's catalog has
+    /// the price, so an order placed next is priced with it.
+    pub async fn price(&self, product: &str, unit_price: i64) -> Result<()> {
+        let mut prices = self.prices.lock().await;
+        self.reprice(&mut prices, product, unit_price).await
+    }
+
+    async fn reprice(
+        &self,
+        prices: &mut HashMap<String, i64>,
+        product: &str,
+        unit_price: i64,
+    ) -> Result<()> {
+        anyhow::ensure!(
+            self.services.contains_key("inventory"),
+            "pricing {product} needs inventory running: price products before stopping it"
+        );
+        let path = format!("/products/{product}");
+        let body = json!({ "name": format!("{product} (test)"), "unitPrice": unit_price });
+        let (status, _, reply) = self
+            .call(
+                reqwest::Method::PUT,
+                "inventory",
+                &path,
+                Some(body),
+                Some("*"),
+            )
+            .await?;
+        anyhow::ensure!((200..300).contains(&status), "PUT {path}: {status} {reply}");
+        // Without the order service, the next placement asks again (a PUT of
+        // the same price changes nothing) and waits for its catalog then.
+        if self.services.contains_key("order") {
+            eventually(
+                &format!("{product} at {unit_price} in the catalog"),
+                DEADLINE,
+                || async {
+                    let (status, entry) = self.get_json("order", &path).await?;
+                    Ok((status == 200 && entry["unitPrice"] == unit_price).then_some(()))
+                },
+            )
+            .await?;
+            prices.insert(product.to_string(), unit_price);
+        }
+        Ok(())
+    }
+
+    /// Prices every product of `body`'s lines that names a unit price at
+    /// that price, unless it already has it: a test that writes a price
+    /// into an order means the catalog to have it.
+    async fn price_lines(&self, body: &Value) -> Result<()> {
+        let Some(lines) = body["lines"].as_array() else {
+            return Ok(());
+        };
+        let wanted: Vec<(&str, i64)> = lines
+            .iter()
+            .filter_map(|l| Some((l["productId"].as_str()?, l["unitPrice"].as_i64()?)))
+            .filter(|(p, price)| {
+                common::limits::check_id("productId", p).is_ok()
+                    && (1..=common::limits::MAX_UNIT_PRICE).contains(price)
+            })
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let mut prices = self.prices.lock().await;
+        for (product, price) in wanted {
+            if prices.get(product) != Some(&price) {
+                self.reprice(&mut prices, product, price).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Places `customer`'s order of `lines` to `country`, waits for its
     /// outcome and for the system to settle: the order as it ended.
     pub async fn run_saga(
@@ -475,7 +554,10 @@ impl Stack {
             .await
     }
 
+    /// Places the order `body` (its products priced as its lines say, see
+    /// [`Stack::price`]): the new order's id.
     pub async fn place_order(&self, body: &Value) -> Result<Uuid> {
+        self.price_lines(body).await?;
         let r = self
             .http
             .post(self.url("order", "/orders"))

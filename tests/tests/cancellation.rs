@@ -65,6 +65,7 @@ async fn assert_cancelled_and_undone(stack: &Stack, id: Uuid) -> Result<Vec<Stri
 /// cancelled once the saga reached it; `held` started again.
 async fn cancelled_while_held(held: &'static str, reached: impl AsyncCheck) -> Result<Vec<String>> {
     let mut stack = Stack::stocked(10_000, 5).await?;
+    stack.price("widget", 1_000).await?;
     stack.stop_service(held).await?;
     let id = stack.place("alice", &[("widget", 1, 1_000)], "US").await?;
     reached.check(&stack, id).await?;

@@ -72,7 +72,9 @@ async fn a_handler_that_panics_dead_letters_the_event_and_the_order_requires_int
 async fn a_permanent_database_error_is_dead_lettered_after_a_few_tries_not_retried_forever()
 -> Result<()> {
     // Inventory is down, so the saga waits after the charge.
-    let mut stack = Stack::start_with(&["order", "payment", "shipping"]).await?;
+    let mut stack = Stack::start().await?;
+    stack.price("ghost-product", 1_000).await?;
+    stack.stop_service("inventory").await?;
     stack.set_balance("alice", 10_000).await?;
     let id = stack
         .place("alice", &[("ghost-product", 1, 1_000)], "US")
@@ -215,6 +217,7 @@ async fn different_dead_letters_never_share_an_id_even_after_the_stream_is_recre
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_req_retried_with_the_same_msg_id_returns_the_same_order() -> Result<()> {
     let stack = Stack::stocked(10_000, 5).await?;
+    stack.price("widget", 700).await?;
     let mut cli = RawNats::connect(&stack.nats.url()).await?;
     let body = serde_json::to_vec(&order_body("alice", &[("widget", 1, 700)], "US"))?;
     let subject = stack.subjects.place_order_command();

@@ -18,6 +18,7 @@ async fn post(stack: &Stack, body: &str) -> Result<(u16, Value)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_orders_are_refused_with_a_message_and_start_no_saga() -> Result<()> {
     let stack = Stack::start().await?;
+    stack.price("widget", 100).await?;
     let valid = order_body("alice", &[("widget", 1, 100)], "US");
 
     let cases: Vec<(String, u16, &str)> = vec![
@@ -199,6 +200,7 @@ async fn orders_are_listed_by_customer_and_status_in_pages() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_placement_with_the_same_idempotency_key_places_one_order() -> Result<()> {
     let stack = Stack::stocked(10_000, 10).await?;
+    stack.price("widget", 100).await?;
     let body = order_body("alice", &[("widget", 1, 100)], "US");
     let send = || {
         stack

@@ -20,6 +20,7 @@ async fn place_with_key(stack: &Stack, body: &Value, key: &str) -> Result<(u16, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_concurrent_retries_with_one_key_place_one_order_and_charge_once() -> Result<()> {
     let stack = Stack::stocked(100_000, 100).await?;
+    stack.price("widget", 1_000).await?;
     let body = order_body("alice", &[("widget", 2, 1_000)], "US");
 
     let attempts = (0..16).map(|_| place_with_key(&stack, &body, "checkout-42"));
@@ -49,6 +50,7 @@ async fn a_key_belongs_to_its_customer_and_to_the_request_it_was_first_used_with
     stack.set_balance("alice", 100_000).await?;
     stack.set_balance("bob", 100_000).await?;
     stack.set_stock("widget", 100).await?;
+    stack.price("widget", 1_000).await?;
 
     let alice = order_body("alice", &[("widget", 1, 1_000)], "US");
     let (status, first) = place_with_key(&stack, &alice, "k-1").await?;

@@ -12,6 +12,7 @@ use uuid::Uuid;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_req_places_an_order_that_runs_to_confirmation() -> Result<()> {
     let stack = Stack::stocked(10_000, 5).await?;
+    stack.price("widget", 700).await?;
     let mut cli = RawNats::connect(&stack.nats.url()).await?;
 
     // nats req saga.cmd.order.place '{"customerId":...}'

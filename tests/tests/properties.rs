@@ -78,8 +78,9 @@ async fn stocked_stack() -> Result<Stack> {
     for c in fuzz::CUSTOMERS {
         stack.set_balance(c, BALANCE).await?;
     }
-    for p in fuzz::PRODUCTS {
+    for (p, price) in fuzz::PRODUCTS.iter().zip(fuzz::PRICES) {
         stack.set_stock(p, STOCK).await?;
+        stack.price(p, price).await?;
     }
     Ok(stack)
 }

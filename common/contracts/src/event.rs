@@ -340,7 +340,21 @@ impl Address {
 /// number of lines, each with a valid product id, a quantity and a unit price
 /// within [`limits`], so that no sum over them can overflow.
 pub fn validate_lines(lines: &[OrderLine]) -> Result<(), String> {
-    if lines.is_empty() {
+    check_lines(
+        lines
+            .iter()
+            .map(|l| (l.product_id.as_str(), l.quantity, Some(l.unit_price))),
+    )
+}
+
+/// The bounds of lines given as (product id, quantity, unit price if the
+/// line has one yet): at least one line and at most [`limits::MAX_LINES`],
+/// each field within [`limits`]. A placement's lines, priced later, and an
+/// event's are held to the same words.
+pub fn check_lines<'a>(
+    lines: impl ExactSizeIterator<Item = (&'a str, i64, Option<Money>)>,
+) -> Result<(), String> {
+    if lines.len() == 0 {
         return Err("lines must not be empty".into());
     }
     if lines.len() > limits::MAX_LINES {
@@ -350,20 +364,22 @@ pub fn validate_lines(lines: &[OrderLine]) -> Result<(), String> {
             lines.len()
         ));
     }
-    for (i, line) in lines.iter().enumerate() {
-        limits::check_id(&format!("lines[{i}].productId"), &line.product_id)?;
+    for (i, (product_id, quantity, unit_price)) in lines.enumerate() {
+        limits::check_id(&format!("lines[{i}].productId"), product_id)?;
         limits::check_range(
             &format!("lines[{i}].quantity"),
-            line.quantity,
+            quantity,
             1,
             limits::MAX_QUANTITY,
         )?;
-        limits::check_range(
-            &format!("lines[{i}].unitPrice"),
-            line.unit_price,
-            1,
-            limits::MAX_UNIT_PRICE,
-        )?;
+        if let Some(price) = unit_price {
+            limits::check_range(
+                &format!("lines[{i}].unitPrice"),
+                price,
+                1,
+                limits::MAX_UNIT_PRICE,
+            )?;
+        }
     }
     Ok(())
 }

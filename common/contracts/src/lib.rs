@@ -1,6 +1,7 @@
 //! What crosses the wire between the saga's services, and nothing that runs:
 //! the event envelope and catalog ([`event`]), the bounds every input is
-//! held to ([`limits`]), the operator audit record ([`operator`]), subject
+//! held to ([`limits`]), the operator audit record ([`operator`]), the product catalog's events
+//! ([`product`]), subject
 //! and stream names ([`subjects`]), and how older schema versions of an
 //! event read as the current one ([`upcast`]). An
 //! outside producer, or a test that only speaks the protocol, depends on
@@ -9,6 +10,7 @@
 pub mod event;
 pub mod limits;
 pub mod operator;
+pub mod product;
 pub mod subjects;
 pub mod upcast;
 

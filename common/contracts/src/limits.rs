@@ -20,6 +20,8 @@ pub const MAX_TOTAL: i64 = MAX_LINES as i64 * MAX_QUANTITY * MAX_UNIT_PRICE;
 pub const MAX_AMOUNT: i64 = 1_000_000_000_000_000;
 /// Characters of a customer, product or other id.
 pub const MAX_ID_CHARS: usize = 128;
+/// Characters of a product's name in the catalog.
+pub const MAX_PRODUCT_NAME_CHARS: usize = 200;
 /// Characters of one shipping address field.
 pub const MAX_ADDRESS_FIELD_CHARS: usize = 200;
 /// Characters of a failure reason carried by an event.

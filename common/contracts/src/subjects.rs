@@ -83,6 +83,26 @@ impl Subjects {
         format!("{}.cmd.order.*", self.prefix)
     }
 
+    /// A product's catalog events: `saga.catalog.product.<token>`, the
+    /// token made by [`crate::product::subject_token`].
+    pub fn product(&self, product_id: &str) -> String {
+        format!(
+            "{}.catalog.product.{}",
+            self.prefix,
+            crate::product::subject_token(product_id)
+        )
+    }
+
+    /// Every catalog event: `saga.catalog.>`.
+    pub fn catalog(&self) -> String {
+        format!("{}.catalog.>", self.prefix)
+    }
+
+    /// `SAGA_CATALOG` for prefix `saga`: the latest catalog event of each product.
+    pub fn catalog_stream(&self) -> String {
+        self.stream_name("SAGA_CATALOG")
+    }
+
     /// `SAGA_EVENTS` for prefix `saga`.
     pub fn events_stream(&self) -> String {
         self.stream_name("SAGA_EVENTS")

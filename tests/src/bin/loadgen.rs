@@ -124,10 +124,14 @@ impl Plan {
         let rich = format!("{run}-rich-{}", i % CUSTOMERS);
         let plenty = format!("{run}-plenty-{}", i % PRODUCTS);
         match self {
-            Plan::Succeed => order_body(&rich, &[(&plenty, 1, 500)], "US"),
-            Plan::Declined => order_body(&format!("{run}-broke"), &[(&plenty, 1, 500)], "US"),
-            Plan::OutOfStock => order_body(&rich, &[(&format!("{run}-scarce"), 1, 500)], "US"),
-            Plan::BadAddress => order_body(&rich, &[(&plenty, 1, 500)], "ZZ"),
+            Plan::Succeed => order_body(&rich, &[(&plenty, 1, UNIT_PRICE)], "US"),
+            Plan::Declined => {
+                order_body(&format!("{run}-broke"), &[(&plenty, 1, UNIT_PRICE)], "US")
+            }
+            Plan::OutOfStock => {
+                order_body(&rich, &[(&format!("{run}-scarce"), 1, UNIT_PRICE)], "US")
+            }
+            Plan::BadAddress => order_body(&rich, &[(&plenty, 1, UNIT_PRICE)], "ZZ"),
         }
     }
 
@@ -142,6 +146,7 @@ impl Plan {
 const CUSTOMERS: usize = 64;
 const PRODUCTS: usize = 64;
 const RICH_BALANCE: i64 = 1_000_000_000_000;
+const UNIT_PRICE: i64 = 500;
 const PLENTY_STOCK: i64 = 1_000_000_000;
 
 type Waiters = Arc<Mutex<HashMap<Uuid, oneshot::Sender<(String, Instant)>>>>;
@@ -250,6 +255,31 @@ async fn run(args: Args) -> Result<()> {
         json!({"available": 0}),
     )
     .await?;
+    // Every product priced in the catalog, and the price arrived at the
+    // order service, which prices the lines.
+    let products: Vec<String> = (0..PRODUCTS)
+        .map(|i| format!("{run_id}-plenty-{i}"))
+        .chain([format!("{run_id}-scarce")])
+        .collect();
+    for p in &products {
+        put(
+            format!("{}/products/{p}", endpoints.inventory),
+            json!({"name": p, "unitPrice": UNIT_PRICE}),
+        )
+        .await?;
+    }
+    for p in &products {
+        let url = format!("{}/products/{p}", endpoints.order);
+        stack::eventually(
+            &format!("{p} in the catalog"),
+            Duration::from_secs(30),
+            || async {
+                let r = http.get(&url).send().await?;
+                Ok(r.status().is_success().then_some(()))
+            },
+        )
+        .await?;
+    }
 
     // Watch the saga's final events on the broker.
     let nats = async_nats::connect(&endpoints.nats)
