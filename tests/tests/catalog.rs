@@ -316,26 +316,16 @@ async fn the_catalog_is_rebuilt_from_the_stream_alone_while_it_keeps_answering()
         }
         Ok(())
     };
+    // What `order rebuild-projection catalog` runs.
     let rebuild = async {
-        let output = tokio::process::Command::new(saga_tests::workspace_binary("order"))
-            .args(["rebuild-projection", "catalog"])
-            .env("DATABASE_URL", stack.config("order").database_url)
-            .env("NATS_URL", stack.nats.url())
-            .env("SUBJECT_PREFIX", &stack.prefix)
-            .output()
-            .await?;
-        anyhow::ensure!(
-            output.status.success(),
-            "rebuild failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        let mut seen = Vec::new();
+        let mut progress = |done: u64, total: u64| seen.push((done, total));
+        let read = order::catalog::rebuild(&pool, &stack.js, &stack.subjects, &mut progress).await?;
+        anyhow::ensure!(seen.last() == Some(&(3, 3)), "progress {seen:?}");
+        Ok(read)
     };
-    let (_, printed) = tokio::try_join!(reads, rebuild)?;
-    assert!(
-        printed.contains("rebuilt catalog from 3 catalog events"),
-        "{printed}"
-    );
+    let (_, read) = tokio::try_join!(reads, rebuild)?;
+    assert_eq!(read, 3);
     let rows: Vec<(String, i64, i64)> =
         sqlx::query_as("SELECT product_id, unit_price, version FROM catalog ORDER BY product_id")
             .fetch_all(&pool)
