@@ -219,17 +219,37 @@ pub async fn enqueue_once(
     })
 }
 
-/// Wakes the relay after a commit. Cheap to clone; a wake-up with the relay
-/// busy is remembered, so no commit is ever left waiting for the poll.
+/// Wakes the relay after a commit, and whatever else follows this
+/// process's writes (the order service's projections). Cheap to clone; a
+/// wake-up while one is busy is remembered, so no commit is ever left
+/// waiting for a poll.
 #[derive(Clone, Default)]
-pub struct OutboxSignal(Arc<Notify>);
+pub struct OutboxSignal {
+    relay: Arc<Notify>,
+    followers: Arc<std::sync::Mutex<Vec<Arc<Notify>>>>,
+}
 
 impl OutboxSignal {
     pub fn notify(&self) {
-        self.0.notify_one();
+        self.relay.notify_one();
+        let followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
+        for f in followers.iter() {
+            f.notify_one();
+        }
     }
+
+    /// A further waker, notified with the relay after every commit.
+    pub fn follower(&self) -> Arc<Notify> {
+        let follower = Arc::new(Notify::new());
+        self.followers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(follower.clone());
+        follower
+    }
+
     async fn notified(&self) {
-        self.0.notified().await
+        self.relay.notified().await
     }
 }
 

@@ -191,12 +191,11 @@ async fn get_order(
     let min = q.min_version.unwrap_or(0);
     limits::check_range("minVersion", min, 0, MAX_VERSION).map_err(ApiError::BadRequest)?;
     let view = store::order_view(&mut *conn, id).await?;
-    match view {
-        Some(view) if view.version >= min => return Ok(Json(view)),
-        None if min == 0 => return Err(not_found()),
-        _ => {}
+    if let Some(view) = view.filter(|v| v.version >= min) {
+        return Ok(Json(view));
     }
-    // The read model has not caught up (or has no row): the write side.
+    // The read model has not caught up, or has not projected the order yet
+    // (a placement is read back at once): the write side.
     match store::load(&mut conn, id).await.map_err(internal)? {
         Some(order) if order.version >= min => Ok(Json(order.into())),
         Some(order) => Err(ApiError::Conflict(format!(

@@ -25,6 +25,7 @@ use common::{
     meter::{Watched, names},
     roster, topology,
 };
+use projection::{CustomerStats, OrdersView, Projection};
 use sqlx::migrate::Migrator;
 use tokio_util::sync::CancellationToken;
 
@@ -94,7 +95,14 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
     service.spawn_with(catalog);
     service.spawn_with(projection::follow(
         infra.pool.clone(),
+        projection::OrdersView,
+        infra.outbox.follower(),
+        shutdown.clone(),
+    ));
+    service.spawn_with(projection::follow(
+        infra.pool.clone(),
         projection::CustomerStats,
+        infra.outbox.follower(),
         shutdown,
     ));
     report_metrics(&mut service, &infra);
@@ -128,13 +136,10 @@ fn report_metrics(service: &mut Service, infra: &Infra) {
             let before = observer::stalled_before(stall_after);
             let stalled = store::count_stalled(&pool, before).await?;
             meter.gauge(names::SAGAS_STALLED, &[], stalled as f64);
-            let lag = projection::lag(
-                &pool,
-                <projection::CustomerStats as projection::Projection>::NAME,
-            )
-            .await?;
-            let label = <projection::CustomerStats as projection::Projection>::NAME.to_string();
-            meter.gauge(names::PROJECTION_LAG, &[("projection", label)], lag);
+            for name in [OrdersView::NAME, CustomerStats::NAME] {
+                let lag = projection::lag(&pool, name).await?;
+                meter.gauge(names::PROJECTION_LAG, &[("projection", name.into())], lag);
+            }
             Ok(())
         })
     }));

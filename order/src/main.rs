@@ -55,8 +55,9 @@ async fn rebuild(projection: &str) -> anyhow::Result<()> {
     };
     let (done, unit) = match projection {
         "orders" => (
-            order::projection::rebuild_orders(&pool, &mut progress).await?,
-            "orders",
+            order::projection::rebuild(&pool, &order::projection::OrdersView, &mut progress)
+                .await?,
+            "events",
         ),
         "catalog" => {
             let nats = tokio::time::timeout(

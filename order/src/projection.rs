@@ -5,19 +5,20 @@
 //! migration): each step applies the next batch of events and moves its
 //! checkpoint in one transaction, so a projection that stops (or crashes)
 //! halfway resumes where it last committed and applies every event once.
-//! Its lag is the age of the first event it has not applied.
+//! Its lag is the age of the first event it has not applied. Two follow the
+//! store: the read model [`OrdersView`] (`orders`) and [`CustomerStats`].
 //!
 //! [`rebuild`] replays the whole store into copies of a projection's tables
-//! while queries are answered from the live ones, then catches up and swaps
-//! the copies in, in one transaction. [`rebuild_orders`] does the same for
-//! the read model the write path keeps (`orders`).
+//! while queries are answered from the live ones, then catches up and puts
+//! the copies' rows in place, in one transaction.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use common::Envelope;
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -28,8 +29,12 @@ use crate::{
 
 /// Events applied per transaction.
 pub const BATCH: i64 = 500;
-/// How often a projection that has caught up looks for new events.
-const POLL: Duration = Duration::from_millis(50);
+/// How often a projection that has caught up looks for new events when
+/// nothing wakes it (another replica's writes).
+const POLL: Duration = Duration::from_millis(100);
+/// How soon a woken projection that found nothing looks again: the events
+/// it was woken for may belong to a transaction still below the horizon.
+const RETRY: Duration = Duration::from_millis(5);
 
 /// A point in the event store's commit order.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -61,21 +66,40 @@ fn live<P: Projection>() -> Vec<String> {
     P::TABLES.iter().map(|t| t.to_string()).collect()
 }
 
-/// Runs `projection` until shutdown: a step whenever there is something to
-/// apply, and every [`POLL`] otherwise.
-pub async fn follow<P: Projection>(pool: PgPool, projection: P, shutdown: CancellationToken) {
+/// Runs `projection` until shutdown: a step whenever `woken` says this
+/// process committed events ([`common::outbox::OutboxSignal::follower`]),
+/// and every [`POLL`] otherwise; a full batch is followed by
+/// the next at once.
+pub async fn follow<P: Projection>(
+    pool: PgPool,
+    projection: P,
+    woken: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
     let tables = live::<P>();
+    // A wake-up that found nothing looks again soon, a few times: the
+    // writing transaction may still be in the horizon of another one.
+    let mut retries = 0;
     loop {
-        match step(&pool, &projection, &tables).await {
+        let wait = match step(&pool, &projection, &tables).await {
             Ok(n) if n as i64 == BATCH => continue,
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(projection = P::NAME, error = %e, "projection step failed; retrying")
+            Ok(0) if retries > 0 => {
+                retries -= 1;
+                RETRY
             }
-        }
+            Ok(_) => {
+                retries = 0;
+                POLL
+            }
+            Err(e) => {
+                tracing::warn!(projection = P::NAME, error = %e, "projection step failed; retrying");
+                POLL
+            }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(POLL) => {}
+            _ = woken.notified() => retries = 20,
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
@@ -224,13 +248,17 @@ async fn shadows(conn: &mut PgConnection, tables: &[&str]) -> sqlx::Result<Vec<S
     Ok(out)
 }
 
-/// Puts each shadow in place of its table, in the caller's transaction.
+/// Puts each shadow's rows in place of its table's, in the caller's
+/// transaction. The rows change hands, not the tables: readers are never
+/// blocked (they see the old rows until the commit), where a rename would
+/// hold them up behind its lock.
 async fn swap(tx: &mut PgConnection, tables: &[&str]) -> sqlx::Result<()> {
     for t in tables {
         for sql in [
-            format!("ALTER TABLE {t} RENAME TO {t}_replaced"),
-            format!("ALTER TABLE {t}_rebuild RENAME TO {t}"),
-            format!("DROP TABLE {t}_replaced"),
+            format!("LOCK TABLE {t} IN EXCLUSIVE MODE"),
+            format!("DELETE FROM {t}"),
+            format!("INSERT INTO {t} SELECT * FROM {t}_rebuild"),
+            format!("DROP TABLE {t}_rebuild"),
         ] {
             sqlx::query(&sql).execute(&mut *tx).await?;
         }
@@ -284,78 +312,46 @@ pub async fn rebuild<P: Projection>(
     Ok(done)
 }
 
-/// Rebuilds the read model (`orders`), which the write path keeps in the
-/// writing transaction: every order folded from its events into a copy;
-/// then, with writers of the read model held back for a moment, the orders
-/// written since the rebuild began are folded again and the copy's rows
-/// replace the read model's in one transaction. Orders rebuilt.
-pub async fn rebuild_orders(pool: &PgPool, progress: Progress<'_>) -> sqlx::Result<u64> {
-    const TABLES: &[&str] = &["orders"];
-    let mut conn = pool.acquire().await?;
-    shadows(&mut conn, TABLES).await?;
-    // Every transaction at or after this one may have written after a fold.
-    let began: i64 =
-        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-            .fetch_one(&mut *conn)
-            .await?;
-    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT DISTINCT order_id FROM order_events")
-        .fetch_all(&mut *conn)
-        .await?;
-    drop(conn);
-    let total = ids.len() as u64;
-    for (n, chunk) in ids.chunks(BATCH as usize).enumerate() {
-        let mut tx = pool.begin().await?;
-        for id in chunk {
-            refold(&mut tx, *id).await?;
-        }
-        tx.commit().await?;
-        progress((n * BATCH as usize + chunk.len()) as u64, total);
-    }
-    let mut tx = pool.begin().await?;
-    // Writers of the read model wait here until the swap commits; readers
-    // go on, and see the old rows until then. Only this lock is waited for:
-    // a writer holding the event store while it waits for the read model
-    // cannot close a cycle with it.
-    sqlx::query("LOCK TABLE orders IN EXCLUSIVE MODE")
-        .execute(&mut *tx)
-        .await?;
-    let since: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT DISTINCT order_id FROM order_events WHERE tx >= $1::bigint::text::xid8",
-    )
-    .bind(began)
-    .fetch_all(&mut *tx)
-    .await?;
-    for id in &since {
-        refold(&mut tx, *id).await?;
-    }
-    // The rows change hands, not the tables: a rename would have to wait
-    // for writers that hold the event store, which wait for this.
-    for sql in [
-        "DELETE FROM orders",
-        "INSERT INTO orders SELECT * FROM orders_rebuild",
-        "DROP TABLE orders_rebuild",
-    ] {
-        sqlx::query(sql).execute(&mut *tx).await?;
-    }
-    tx.commit().await?;
-    progress(total, total);
-    Ok(total)
-}
+/// Projection `orders`: the read model, one row per order as its events
+/// leave it. An event is applied by writing the order as the event store
+/// has it now (its latest snapshot and the events after it), unless the row
+/// is at that event's version or later already: the row never goes back,
+/// and a batch that holds several events of one order loads it once.
+pub struct OrdersView;
 
-/// Folds order `id` from its events into `orders_rebuild`.
-async fn refold(tx: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
-    let events = match store::load_events(tx, id).await {
-        Ok(events) => events,
-        Err(store::ExecError::Db(e)) => return Err(e),
-        Err(e) => {
-            tracing::error!(order_id = %id, error = %e, "order passed over: its history does not decode");
+impl Projection for OrdersView {
+    const NAME: &'static str = "orders";
+    const TABLES: &'static [&'static str] = &["orders"];
+
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        tables: &[String],
+        env: &Envelope,
+        _: &OrderEvent,
+    ) -> sqlx::Result<()> {
+        let table = &tables[0];
+        let order_id: Uuid = env.aggregate_id.parse().unwrap_or_else(|_| Uuid::nil());
+        let at: Option<i64> =
+            sqlx::query_scalar(&format!("SELECT version FROM {table} WHERE order_id = $1"))
+                .bind(order_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if at.is_some_and(|v| v >= env.version) {
             return Ok(());
         }
-    };
-    if let Some(order) = store::fold(&events) {
-        store::insert_view(tx, "orders_rebuild", &OrderView::from(order)).await?;
+        match store::load_latest(tx, order_id).await {
+            Ok(loaded) => match loaded.state {
+                Some(order) => store::insert_view(tx, table, &OrderView::from(order)).await,
+                None => Ok(()),
+            },
+            Err(store::ExecError::Db(e)) => Err(e),
+            Err(e) => {
+                tracing::error!(%order_id, error = %e, "order passed over by the read model: its history does not decode");
+                Ok(())
+            }
+        }
     }
-    Ok(())
 }
 
 /// Projection `customer-stats`: per customer, how many orders were placed,

@@ -1,9 +1,11 @@
-//! Event store and read-model projection of the Order aggregate.
+//! Event store of the Order aggregate, and the reads of its read model.
 //!
-//! `execute` is the one write path: load the events, decide, then append with
-//! the next versions, put them in the outbox and project the read model, all
-//! in the caller's transaction. Replaying `order_events` through `evolve`
-//! gives the same state the read model holds, so it can be rebuilt.
+//! `execute` is the one write path: load the latest snapshot and the events
+//! after it, decide, then append with the next versions (and snapshot when
+//! due), in the caller's transaction, which puts the events in the outbox.
+//! The read model (`orders`) follows the event store as a checkpointed
+//! projection ([`crate::projection::OrdersView`]): replaying `order_events`
+//! through `evolve` gives the state it holds, so it can be rebuilt.
 
 use chrono::{DateTime, Utc};
 use common::{
@@ -68,7 +70,8 @@ pub async fn order_view(
         .await
 }
 
-/// Writes `view` into `table` (the read model, or a copy being rebuilt).
+/// Writes `view` into `table` (the read model, or a copy being rebuilt)
+/// unless the row there is as new already.
 pub async fn insert_view(
     conn: &mut PgConnection,
     table: &str,
@@ -79,7 +82,8 @@ pub async fn insert_view(
          ON CONFLICT (order_id) DO UPDATE SET
              status = EXCLUDED.status, failure_reason = EXCLUDED.failure_reason,
              shipment_id = EXCLUDED.shipment_id, version = EXCLUDED.version,
-             updated_at = EXCLUDED.updated_at"
+             updated_at = EXCLUDED.updated_at
+         WHERE {table}.version < EXCLUDED.version"
     ))
     .bind(view.order_id)
     .bind(&view.customer_id)
@@ -297,7 +301,7 @@ pub fn decode_stored(order_id: Uuid, text: &str) -> Result<(Envelope, OrderEvent
 }
 
 /// Runs `command` against the order: returns the new state and the emitted
-/// envelopes, appended and projected. Publishing them is the caller's part,
+/// envelopes, appended. Publishing them is the caller's part,
 /// as for every service: the consumer runtime puts what a handler returns in
 /// the outbox, placement and the dead-letter watch call
 /// [`common::outbox::enqueue`].
@@ -372,9 +376,9 @@ async fn save_snapshot(conn: &mut PgConnection, order: &Order) -> sqlx::Result<(
     Ok(())
 }
 
-/// Appends the events and projects the new state, in one statement. A
-/// concurrent writer that appended the same version first makes the primary
-/// key refuse it: [`ExecError::Conflict`].
+/// Appends the events. A concurrent writer that appended the same version
+/// first makes the primary key refuse it: [`ExecError::Conflict`]. The read
+/// model follows the event store ([`crate::projection::OrdersView`]).
 async fn write(
     conn: &mut PgConnection,
     order: &Order,
@@ -387,20 +391,10 @@ async fn write(
     let times: Vec<_> = envelopes.iter().map(|e| e.timestamp).collect();
     let bodies: Vec<Vec<u8>> = envelopes.iter().map(Envelope::to_bytes).collect();
     let result = sqlx::query(
-        "WITH appended AS (
-             INSERT INTO order_events (order_id, version, event_id, event_type, schema_version, envelope, recorded_at)
-             SELECT $1, e.version, e.id, e.type, e.schema, convert_from(e.body, 'UTF8')::jsonb, e.at
-             FROM UNNEST($2::bigint[], $3::uuid[], $4::text[], $5::int[], $6::bytea[], $7::timestamptz[])
-                  AS e(version, id, type, schema, body, at)
-         )
-         INSERT INTO orders (order_id, customer_id, status, lines, total, shipping_address,
-                             failure_reason, shipment_id, version, created_at, updated_at)
-         VALUES ($1, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
-         ON CONFLICT (order_id) DO UPDATE SET
-             status = EXCLUDED.status, failure_reason = EXCLUDED.failure_reason,
-             shipment_id = EXCLUDED.shipment_id, version = EXCLUDED.version,
-             updated_at = EXCLUDED.updated_at
-         WHERE orders.version < EXCLUDED.version",
+        "INSERT INTO order_events (order_id, version, event_id, event_type, schema_version, envelope, recorded_at)
+         SELECT $1, e.version, e.id, e.type, e.schema, convert_from(e.body, 'UTF8')::jsonb, e.at
+         FROM UNNEST($2::bigint[], $3::uuid[], $4::text[], $5::int[], $6::bytea[], $7::timestamptz[])
+              AS e(version, id, type, schema, body, at)",
     )
     .bind(order.id)
     .bind(&versions)
@@ -409,16 +403,6 @@ async fn write(
     .bind(&schemas)
     .bind(&bodies)
     .bind(&times)
-    .bind(&order.customer_id)
-    .bind(order.status)
-    .bind(Json(&order.lines))
-    .bind(order.total)
-    .bind(Json(&order.shipping_address))
-    .bind(&order.failure_reason)
-    .bind(order.shipment_id)
-    .bind(order.version)
-    .bind(order.created_at)
-    .bind(order.updated_at)
     .execute(conn)
     .await;
     match result {

@@ -699,7 +699,11 @@ impl Stack {
         .await
     }
 
+    /// The order as `GET /orders/{id}` shows it once the read model has
+    /// caught up with what has happened so far (what a test saw elsewhere,
+    /// in a timeline or a balance, the read model shows too).
     pub async fn order(&self, id: Uuid) -> Result<Value> {
+        self.projected().await?;
         let (status, v) = self.get_json("order", &format!("/orders/{id}")).await?;
         anyhow::ensure!(status == 200, "get order {id}: {status} {v}");
         Ok(v)
@@ -735,8 +739,12 @@ impl Stack {
         Ok(sqlx::query_scalar(sql).fetch_one(&pool).await?)
     }
 
-    /// Rows of `table` in `service`'s database.
+    /// Rows of `table` in `service`'s database (the order service's once
+    /// its read model has caught up).
     pub async fn rows(&self, service: &str, table: &str) -> Result<i64> {
+        if service == "order" {
+            self.projected().await?;
+        }
         self.count(service, &format!("SELECT count(*) FROM {table}"))
             .await
     }
@@ -806,6 +814,9 @@ impl Stack {
                 return Ok(false);
             }
         }
+        if !self.is_projected().await? {
+            return Ok(false);
+        }
         let stream = self.js.get_stream(self.subjects.events_stream()).await?;
         for s in SERVICES {
             let mut consumer: jetstream::consumer::PullConsumer = match stream.get_consumer(s).await
@@ -819,6 +830,26 @@ impl Stack {
             }
         }
         Ok(true)
+    }
+
+    /// Whether the order service's read model (`orders`) has applied every
+    /// event of its event store (true before the service ever ran).
+    pub async fn is_projected(&self) -> Result<bool> {
+        use order::projection::{OrdersView, Projection, lag};
+        let pool = self.pool("order").await?;
+        let migrated: bool =
+            sqlx::query_scalar("SELECT to_regclass('projection_checkpoints') IS NOT NULL")
+                .fetch_one(&pool)
+                .await?;
+        Ok(!migrated || lag(&pool, OrdersView::NAME).await? == 0.0)
+    }
+
+    /// Waits until the read model has applied every event written so far.
+    pub async fn projected(&self) -> Result<()> {
+        eventually("the read model to catch up", DEADLINE, || async {
+            Ok(self.is_projected().await?.then_some(()))
+        })
+        .await
     }
 
     /// Waits until [`Self::is_settled`] holds twice in a row.
@@ -873,6 +904,7 @@ impl Stack {
         initial_balances: &[(&str, i64)],
         initial_stock: &[(&str, i64)],
     ) -> Result<()> {
+        self.projected().await?;
         let order_pool = self.pool("order").await?;
         let rows: Vec<(
             String,

@@ -320,7 +320,8 @@ async fn the_catalog_is_rebuilt_from_the_stream_alone_while_it_keeps_answering()
     let rebuild = async {
         let mut seen = Vec::new();
         let mut progress = |done: u64, total: u64| seen.push((done, total));
-        let read = order::catalog::rebuild(&pool, &stack.js, &stack.subjects, &mut progress).await?;
+        let read =
+            order::catalog::rebuild(&pool, &stack.js, &stack.subjects, &mut progress).await?;
         anyhow::ensure!(seen.last() == Some(&(3, 3)), "progress {seen:?}");
         Ok(read)
     };

@@ -20,6 +20,7 @@ struct Effects {
 }
 
 async fn effects(stack: &Stack) -> Result<Effects> {
+    stack.projected().await?;
     let pool = stack.pool("order").await?;
     let outcomes = sqlx::query_as("SELECT order_id, status FROM orders ORDER BY order_id")
         .fetch_all(&pool)

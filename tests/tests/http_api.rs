@@ -160,6 +160,8 @@ async fn orders_are_listed_by_customer_and_status_in_pages() -> Result<()> {
     for id in confirmed.iter().chain([&cancelled, &other]) {
         stack.wait_for_outcome(*id).await?;
     }
+    // Lists come from the read model, a moment behind the event store.
+    stack.projected().await?;
 
     let (_, page) = stack
         .get_json("order", "/orders?customerId=alice&status=CONFIRMED&limit=2")

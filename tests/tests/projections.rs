@@ -1,7 +1,7 @@
-//! Projections of the order event store: the `customer-stats` projection
-//! follows it from a checkpoint (and survives being cut off mid-batch),
-//! and both it and the read model are rebuilt from history while the
-//! service keeps answering and writing.
+//! Projections of the order event store: the read model (`orders`) and
+//! `customer-stats` follow it from a checkpoint (and survive being cut off
+//! mid-batch), and both are rebuilt from history while the service keeps
+//! answering and writing.
 
 use std::{
     collections::BTreeMap,
@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::Result;
 use common::meter::names;
-use order::projection::{self, CustomerStats, Projection};
+use order::projection::{self, CustomerStats, OrdersView, Projection};
 use saga_tests::{DEADLINE, Stack, eventually};
 use serde_json::{Value, json};
 use sqlx::Connection;
@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 /// What the stats of `customer` must be, from the read model's orders.
 async fn expected_stats(stack: &Stack, customer: &str) -> Result<Value> {
+    stack.projected().await?;
     let pool = stack.pool("order").await?;
     let (orders, confirmed, cancelled, spent): (i64, i64, i64, i64) = sqlx::query_as(
         "SELECT count(*), count(*) FILTER (WHERE status = 'CONFIRMED'),
@@ -149,6 +150,97 @@ async fn a_projection_cut_off_mid_batch_resumes_from_its_checkpoint_and_counts_e
     stack.assert_invariants().await
 }
 
+/// The read model as a replay of every order's events gives it.
+async fn assert_read_model_is_the_replay(stack: &Stack) -> Result<usize> {
+    stack.projected().await?;
+    let pool = stack.pool("order").await?;
+    let mut conn = pool.acquire().await?;
+    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT DISTINCT order_id FROM order_events")
+        .fetch_all(&mut *conn)
+        .await?;
+    for id in &ids {
+        let replayed = order::store::fold(&order::store::load_events(&mut conn, *id).await?)
+            .map(order::store::OrderView::from)
+            .map(|v| serde_json::to_value(v).unwrap());
+        let row = order::store::order_view(&mut *conn, *id)
+            .await?
+            .map(|v| serde_json::to_value(v).unwrap());
+        assert_eq!(row, replayed, "order {id}");
+    }
+    Ok(ids.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_model_follows_the_event_store_and_resumes_from_its_checkpoint() -> Result<()> {
+    let stack = Stack::stocked(100_000, 50).await?;
+    stack.price("widget", 700).await?;
+    let pool = stack.pool("order").await?;
+    // Hold the read model's table: the projection's next step blocks on it.
+    // (SHARE mode takes no transaction id: other projections go on.)
+    let mut holder = sqlx::PgConnection::connect(&stack.config("order").database_url).await?;
+    sqlx::query("BEGIN").execute(&mut holder).await?;
+    sqlx::query("LOCK TABLE orders IN SHARE MODE")
+        .execute(&mut holder)
+        .await?;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(stack.place("alice", &[("widget", 1, 700)], "US").await?);
+    }
+    // Each order is still read, from the event store, to its end.
+    for id in &ids {
+        let path = format!("/orders/{id}");
+        eventually("the order to be confirmed", DEADLINE, || async {
+            let (status, order) = stack.get_json("order", &path).await?;
+            Ok((status == 200 && order["status"] == "CONFIRMED").then_some(()))
+        })
+        .await?;
+    }
+    // The list is the read model's, which has none of them yet, and says how far behind it is.
+    let (_, page) = stack.get_json("order", "/orders?customerId=alice").await?;
+    assert_eq!(page["orders"], json!([]), "{page}");
+    stack
+        .metrics_until("order", "the read model to fall behind", |m| {
+            m.sum(names::PROJECTION_LAG, &[("projection", OrdersView::NAME)]) > 0.0
+        })
+        .await?;
+
+    // Cut the blocked step's connection, as a crash would: its transaction
+    // is rolled back with the checkpoint it would have moved.
+    eventually("the blocked read model step", DEADLINE, || async {
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity
+             WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO orders%'",
+        )
+        .fetch_all(&pool)
+        .await?;
+        let mut cut = 0;
+        for pid in pids {
+            let done: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+                .bind(pid)
+                .fetch_one(&pool)
+                .await?;
+            cut += i64::from(done);
+        }
+        Ok((cut > 0).then_some(()))
+    })
+    .await?;
+    sqlx::query("ROLLBACK").execute(&mut holder).await?;
+
+    // It resumes from its checkpoint: every order once, as its events say.
+    stack.settle().await?;
+    assert_eq!(assert_read_model_is_the_replay(&stack).await?, 3);
+    let (_, page) = stack
+        .get_json("order", "/orders?customerId=alice&status=CONFIRMED")
+        .await?;
+    assert_eq!(page["orders"].as_array().map(Vec::len), Some(3), "{page}");
+    stack
+        .metrics_until("order", "the read model to catch up", |m| {
+            m.sum(names::PROJECTION_LAG, &[("projection", OrdersView::NAME)]) == 0.0
+        })
+        .await?;
+    stack.assert_invariants().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_under_reads_and_writes_swaps_in_what_a_replay_gives() -> Result<()> {
     let (stack, each) = Stack::one_saga_of_each_kind(1_000).await?;
@@ -183,7 +275,7 @@ async fn a_rebuild_under_reads_and_writes_swaps_in_what_a_replay_gives() -> Resu
         let mut progress = |done: u64, total: u64| {
             seen.insert(done, total);
         };
-        let orders = projection::rebuild_orders(&pool, &mut progress).await?;
+        let orders = projection::rebuild(&pool, &projection::OrdersView, &mut progress).await?;
         let events = projection::rebuild(&pool, &CustomerStats, &mut progress).await?;
         writing.store(false, Ordering::Relaxed);
         anyhow::ensure!(!seen.is_empty(), "no progress reported");
@@ -201,17 +293,7 @@ async fn a_rebuild_under_reads_and_writes_swaps_in_what_a_replay_gives() -> Resu
 
     // The read model is every order's history folded, and the stats what
     // the orders say.
-    let mut conn = pool.acquire().await?;
-    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT DISTINCT order_id FROM order_events")
-        .fetch_all(&mut *conn)
-        .await?;
-    for id in ids {
-        let replayed = order::store::fold(&order::store::load_events(&mut conn, id).await?)
-            .map(order::store::OrderView::from)
-            .map(|v| serde_json::to_value(v).unwrap());
-        assert_eq!(Some(stack.order(id).await?), replayed, "order {id}");
-    }
-    drop(conn);
+    assert_read_model_is_the_replay(&stack).await?;
     assert_eq!(stack.order(each.happy).await?["status"], "CONFIRMED");
     stats_agree(&stack, "alice").await?;
     stats_agree(&stack, "poor").await?;
