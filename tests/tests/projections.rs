@@ -121,24 +121,7 @@ async fn a_projection_cut_off_mid_batch_resumes_from_its_checkpoint_and_counts_e
 
     // Cut the blocked step's connection, as a crash would: its transaction
     // is rolled back with the checkpoint it would have moved.
-    let cut: i64 = eventually("the blocked projection step", DEADLINE, || async {
-        let pids: Vec<i32> = sqlx::query_scalar(
-            "SELECT pid FROM pg_stat_activity
-             WHERE wait_event_type = 'Lock' AND query LIKE '%customer_stats_orders%'",
-        )
-        .fetch_all(&pool)
-        .await?;
-        let mut cut = 0;
-        for pid in pids {
-            let done: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-                .bind(pid)
-                .fetch_one(&pool)
-                .await?;
-            cut += i64::from(done);
-        }
-        Ok((cut > 0).then_some(cut))
-    })
-    .await?;
+    let cut = cut_blocked_step(&pool, "customer_stats_orders").await?;
     assert!(cut >= 1);
     sqlx::query("ROLLBACK").execute(&mut holder).await?;
 
@@ -148,6 +131,31 @@ async fn a_projection_cut_off_mid_batch_resumes_from_its_checkpoint_and_counts_e
         json!({"orders": 5, "confirmed": 5, "cancelled": 0, "spent": 3_500})
     );
     stack.assert_invariants().await
+}
+
+/// Cuts the connection of a projection step waiting for a lock in a
+/// statement that contains `statement`, as a crash would: its transaction
+/// is rolled back with the checkpoint it would have moved. How many it cut.
+async fn cut_blocked_step(pool: &sqlx::PgPool, statement: &str) -> Result<i64> {
+    let pattern = format!("%{statement}%");
+    eventually("the blocked projection step", DEADLINE, || async {
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
+        )
+        .bind(&pattern)
+        .fetch_all(pool)
+        .await?;
+        let mut cut = 0;
+        for pid in pids {
+            let done: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+                .bind(pid)
+                .fetch_one(pool)
+                .await?;
+            cut += i64::from(done);
+        }
+        Ok((cut > 0).then_some(cut))
+    })
+    .await
 }
 
 /// The read model as a replay of every order's events gives it.
@@ -206,24 +214,7 @@ async fn the_read_model_follows_the_event_store_and_resumes_from_its_checkpoint(
 
     // Cut the blocked step's connection, as a crash would: its transaction
     // is rolled back with the checkpoint it would have moved.
-    eventually("the blocked read model step", DEADLINE, || async {
-        let pids: Vec<i32> = sqlx::query_scalar(
-            "SELECT pid FROM pg_stat_activity
-             WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO orders%'",
-        )
-        .fetch_all(&pool)
-        .await?;
-        let mut cut = 0;
-        for pid in pids {
-            let done: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-                .bind(pid)
-                .fetch_one(&pool)
-                .await?;
-            cut += i64::from(done);
-        }
-        Ok((cut > 0).then_some(()))
-    })
-    .await?;
+    cut_blocked_step(&pool, "INSERT INTO orders").await?;
     sqlx::query("ROLLBACK").execute(&mut holder).await?;
 
     // It resumes from its checkpoint: every order once, as its events say.
