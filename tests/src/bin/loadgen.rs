@@ -3,8 +3,10 @@
 //! and placement-to-final-state latency percentiles.
 //!
 //! By default it starts a private stack (own broker, Redis, databases and the
-//! four services in this process), so a run is reproducible anywhere; with
-//! `--stack` it drives the stack started by `scripts/up.sh` instead.
+//! four services in this process, the broker without an fsync per write), so
+//! a run is reproducible anywhere; with `--stack` it drives the stack started
+//! by `scripts/up.sh` instead, on the settings it ships with, and reports each
+//! service's memory (`scripts/bench.sh` runs the three standard measures).
 //!
 //! ```text
 //! cargo run --release -p saga-tests --bin loadgen -- --orders 3000 --rate 0 --concurrency 256
@@ -25,72 +27,60 @@ use serde_json::{Value, json};
 use tokio::sync::{Semaphore, oneshot};
 use uuid::Uuid;
 
-#[derive(Debug, Clone)]
+/// Places orders and reports completed sagas per second, latency
+/// percentiles and (against the local stack) each service's memory.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "loadgen")]
 struct Args {
+    /// Orders to place.
+    #[arg(long, default_value_t = 1000)]
     orders: usize,
-    /// Orders per second; 0 places as fast as `concurrency` allows.
+    /// Orders per second (open loop); 0 places as fast as `concurrency` allows.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share_or_rate::<1_000_000>)]
     rate: f64,
-    concurrency: usize,
+    /// Orders in flight at most.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    concurrency: u32,
     /// Share of orders meant to fail (declined, out of stock, bad address in turn).
+    #[arg(long, default_value_t = 0.25, value_parser = parse_share_or_rate::<1>)]
     fail_ratio: f64,
+    /// Drive the stack `scripts/up.sh` started (its settings, its processes)
+    /// instead of a private one; each service's RSS is reported.
+    #[arg(long)]
     stack: bool,
+    /// Print each consumer's backlog every second.
+    #[arg(long)]
     progress: bool,
+    /// The running stack's services and broker (`.run/stack.env` exports them).
+    #[arg(long, env = "ORDER_URL", default_value = "http://127.0.0.1:8081")]
     order_url: String,
+    #[arg(long, env = "PAYMENT_URL", default_value = "http://127.0.0.1:8082")]
     payment_url: String,
+    #[arg(long, env = "INVENTORY_URL", default_value = "http://127.0.0.1:8083")]
     inventory_url: String,
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    /// The running stack's subject prefix.
+    #[arg(long, env = "SUBJECT_PREFIX", default_value = "saga")]
     prefix: String,
-    timeout: Duration,
+    /// How long one saga may take before it counts as unfinished.
+    #[arg(long = "timeout-secs", default_value_t = 60, value_parser = parse_secs)]
+    timeout: u64,
 }
 
-fn usage() -> ! {
-    eprintln!(
-        "usage: loadgen [--orders N] [--rate PER_SEC|0] [--concurrency C] [--fail-ratio 0.25] [--progress]
-               [--stack [--order-url URL] [--payment-url URL] [--inventory-url URL] [--nats-url URL] [--prefix saga]]
-               [--timeout-secs 60]"
-    );
-    std::process::exit(2)
+/// A number from 0 to `MAX`.
+fn parse_share_or_rate<const MAX: u32>(text: &str) -> Result<f64, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|v| (0.0..=f64::from(MAX)).contains(v))
+        .ok_or_else(|| format!("{text} is not a number from 0 to {MAX}"))
 }
 
-fn parse_args() -> Args {
-    let mut a = Args {
-        orders: 1000,
-        rate: 0.0,
-        concurrency: 128,
-        fail_ratio: 0.25,
-        stack: false,
-        progress: false,
-        order_url: "http://127.0.0.1:8081".into(),
-        payment_url: "http://127.0.0.1:8082".into(),
-        inventory_url: "http://127.0.0.1:8083".into(),
-        nats_url: std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
-        prefix: "saga".into(),
-        timeout: Duration::from_secs(60),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| usage());
-        match flag.as_str() {
-            "--orders" => a.orders = value().parse().unwrap_or_else(|_| usage()),
-            "--rate" => a.rate = value().parse().unwrap_or_else(|_| usage()),
-            "--concurrency" => {
-                a.concurrency = value().parse::<usize>().unwrap_or_else(|_| usage()).max(1)
-            }
-            "--fail-ratio" => a.fail_ratio = value().parse().unwrap_or_else(|_| usage()),
-            "--stack" => a.stack = true,
-            "--progress" => a.progress = true,
-            "--order-url" => a.order_url = value(),
-            "--payment-url" => a.payment_url = value(),
-            "--inventory-url" => a.inventory_url = value(),
-            "--nats-url" => a.nats_url = value(),
-            "--prefix" => a.prefix = value(),
-            "--timeout-secs" => {
-                a.timeout = Duration::from_secs(value().parse().unwrap_or_else(|_| usage()))
-            }
-            _ => usage(),
-        }
-    }
-    a
+fn parse_secs(text: &str) -> Result<u64, String> {
+    text.parse::<u64>()
+        .ok()
+        .filter(|s| (1..=3600).contains(s))
+        .ok_or_else(|| format!("{text} is not a number of seconds from 1 to 3600"))
 }
 
 /// What an order is meant to end as.
@@ -160,7 +150,7 @@ struct Endpoints {
 }
 
 fn main() -> Result<()> {
-    let args = parse_args();
+    let args = <Args as clap::Parser>::parse();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -189,6 +179,22 @@ async fn run(args: Args) -> Result<()> {
             subjects: Subjects::new(args.prefix.clone()),
         },
     };
+    let run_dir = std::env::var("RUN_DIR").map_or_else(
+        |_| stack::repo_root().join(".run"),
+        std::path::PathBuf::from,
+    );
+    // Each service's process: the running stack's, or this one (a private
+    // stack runs the services in this process).
+    let processes: Vec<(String, u32)> = match &private {
+        Some(_) => vec![("loadgen and the services".into(), std::process::id())],
+        None => common::roster::names()
+            .filter_map(|name| {
+                let text = std::fs::read_to_string(run_dir.join(format!("{name}.pid"))).ok()?;
+                let pid = text.lines().next()?.trim().parse().ok()?;
+                Some((name.to_string(), pid))
+            })
+            .collect(),
+    };
     // Arranging balances and stock is an operator's change: the private
     // stack's token, or the running stack's (ADMIN_TOKEN, or what `stack
     // up` keeps in .run/admin-token).
@@ -197,11 +203,7 @@ async fn run(args: Args) -> Result<()> {
         None => std::env::var("ADMIN_TOKEN")
             .ok()
             .filter(|t| !t.is_empty())
-            .or_else(|| {
-                let root = stack::repo_root();
-                let run_dir = std::env::var("RUN_DIR").map_or_else(|_| root.join(".run"), Into::into);
-                std::fs::read_to_string(run_dir.join("admin-token")).ok()
-            })
+            .or_else(|| std::fs::read_to_string(run_dir.join("admin-token")).ok())
             .map(|t| t.trim().to_string())
             .context("the stack's admin token: set ADMIN_TOKEN, or run scripts/up.sh (it keeps one in .run/admin-token)")?,
     };
@@ -211,7 +213,7 @@ async fn run(args: Args) -> Result<()> {
         format!("Bearer {token}").parse()?,
     );
     let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.concurrency)
+        .pool_max_idle_per_host(args.concurrency as usize)
         .default_headers(operator)
         .build()?;
     let run_id = format!("load{}", &Uuid::new_v4().simple().to_string()[..6]);
@@ -322,7 +324,24 @@ async fn run(args: Args) -> Result<()> {
     if args.progress {
         tokio::spawn(report_backlog(nats.clone(), endpoints.subjects.clone()));
     }
-    let permits = Arc::new(Semaphore::new(args.concurrency));
+    let idle: Vec<Option<u64>> = processes.iter().map(|(_, pid)| rss_kib(*pid)).collect();
+    let peak = Arc::new(Mutex::new(idle.clone()));
+    let sampling = tokio::spawn({
+        let (peak, pids) = (
+            peak.clone(),
+            processes.iter().map(|p| p.1).collect::<Vec<_>>(),
+        );
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let mut peak = peak.lock().unwrap();
+                for (p, pid) in peak.iter_mut().zip(&pids) {
+                    *p = (*p).max(rss_kib(*pid));
+                }
+            }
+        }
+    });
+    let permits = Arc::new(Semaphore::new(args.concurrency as usize));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.orders {
@@ -337,7 +356,7 @@ async fn run(args: Args) -> Result<()> {
             http.clone(),
             waiters.clone(),
             format!("{}/orders", endpoints.order),
-            args.timeout,
+            Duration::from_secs(args.timeout),
         );
         tasks.spawn(async move {
             let _permit = permit;
@@ -409,6 +428,17 @@ async fn run(args: Args) -> Result<()> {
         pct(0.99),
         pct(1.0)
     );
+
+    sampling.abort();
+    let peak = peak.lock().unwrap().clone();
+    let mb =
+        |kib: Option<u64>| kib.map_or("?".to_string(), |k| format!("{:.1}", k as f64 / 1024.0));
+    let memory: Vec<String> = processes
+        .iter()
+        .zip(idle.iter().zip(&peak))
+        .map(|((name, _), (idle, peak))| format!("{name} {} idle, {} peak", mb(*idle), mb(*peak)))
+        .collect();
+    println!("memory (RSS MB): {}", memory.join("; "));
 
     if let Some((latency, id)) = slowest {
         print_timeline(&nats, &endpoints.subjects, id, latency).await?;
@@ -516,4 +546,16 @@ async fn print_timeline(
     }
     println!("{line}");
     Ok(())
+}
+
+/// Resident memory of process `pid` in KiB (`VmRSS`), if it runs.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
