@@ -6,7 +6,7 @@
 //! four services in this process, the broker without an fsync per write), so
 //! a run is reproducible anywhere; with `--stack` it drives the stack started
 //! by `scripts/up.sh` instead, on the settings it ships with, and reports each
-//! service's memory (`scripts/bench.sh` runs the three standard measures).
+//! service's memory; `--bench` runs the three standard measures there.
 //!
 //! ```text
 //! cargo run --release -p saga-tests --bin loadgen -- --orders 3000 --rate 0 --concurrency 256
@@ -51,6 +51,14 @@ struct Args {
     /// Print each consumer's backlog every second.
     #[arg(long)]
     progress: bool,
+    /// The standard measures against the running stack (`--stack`, no
+    /// failures): saturation with `--orders` at 256 in flight, one saga in
+    /// flight, then an open loop at 80% of the saturation rate.
+    #[arg(long)]
+    bench: bool,
+    /// How long `--bench`'s open loop runs.
+    #[arg(long, default_value_t = 20, value_parser = parse_secs)]
+    seconds: u64,
     /// The running stack's services and broker (`.run/stack.env` exports them).
     #[arg(long, env = "ORDER_URL", default_value = "http://127.0.0.1:8081")]
     order_url: String,
@@ -74,6 +82,41 @@ fn parse_share_or_rate<const MAX: u32>(text: &str) -> Result<f64, String> {
         .ok()
         .filter(|v| (0.0..=f64::from(MAX)).contains(v))
         .ok_or_else(|| format!("{text} is not a number from 0 to {MAX}"))
+}
+
+impl Args {
+    /// Takes each address the command line and environment leave at its
+    /// default from the running stack's `<RUN_DIR>/stack.env` (`stack up`
+    /// moves nats-server to other ports when 4222 is taken).
+    fn find_the_stack(&mut self) {
+        let path = run_dir().join("stack.env");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return;
+        };
+        for line in text.lines() {
+            let Some((key, value)) = line.strip_prefix("export ").and_then(|l| l.split_once('='))
+            else {
+                continue;
+            };
+            if std::env::var_os(key).is_some() {
+                continue;
+            }
+            let field = match key {
+                "ORDER_URL" => &mut self.order_url,
+                "PAYMENT_URL" => &mut self.payment_url,
+                "INVENTORY_URL" => &mut self.inventory_url,
+                "NATS_URL" => &mut self.nats_url,
+                "SUBJECT_PREFIX" => &mut self.prefix,
+                _ => continue,
+            };
+            *field = value.trim_matches('"').to_string();
+        }
+    }
+}
+
+/// Where `stack up` keeps its pids, token and environment.
+fn run_dir() -> std::path::PathBuf {
+    std::env::var("RUN_DIR").map_or_else(|_| stack::repo_root().join(".run"), Into::into)
 }
 
 fn parse_secs(text: &str) -> Result<u64, String> {
@@ -150,14 +193,59 @@ struct Endpoints {
 }
 
 fn main() -> Result<()> {
-    let args = <Args as clap::Parser>::parse();
-    tokio::runtime::Builder::new_multi_thread()
+    let mut args = <Args as clap::Parser>::parse();
+    if args.stack || args.bench {
+        args.find_the_stack();
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(run(args))
+        .build()?;
+    if !args.bench {
+        return runtime.block_on(run(args)).map(drop);
+    }
+    runtime.block_on(bench(args))
 }
 
-async fn run(args: Args) -> Result<()> {
+/// The standard measures against the running stack, on the settings it
+/// ships with: saturation, one saga in flight, and an open loop at 80% of
+/// the saturation rate for `--seconds`.
+async fn bench(args: Args) -> Result<()> {
+    let base = Args {
+        stack: true,
+        fail_ratio: 0.0,
+        rate: 0.0,
+        ..args
+    };
+    println!("==> saturation: {} sagas, 256 in flight", base.orders);
+    let saturation = run(Args {
+        concurrency: 256,
+        ..base.clone()
+    })
+    .await?;
+    println!("\n==> one saga in flight: 300 sagas");
+    run(Args {
+        orders: 300,
+        concurrency: 1,
+        ..base.clone()
+    })
+    .await?;
+    let rate = (saturation * 0.8).floor().max(1.0);
+    println!(
+        "\n==> open loop at 80% of saturation: {rate} sagas/s for {} s",
+        base.seconds
+    );
+    run(Args {
+        orders: (rate as usize) * base.seconds as usize,
+        rate,
+        concurrency: 4096,
+        ..base
+    })
+    .await
+    .map(drop)
+}
+
+/// Places the orders: the completed sagas per second.
+async fn run(args: Args) -> Result<f64> {
     let private = if args.stack {
         None
     } else {
@@ -179,10 +267,7 @@ async fn run(args: Args) -> Result<()> {
             subjects: Subjects::new(args.prefix.clone()),
         },
     };
-    let run_dir = std::env::var("RUN_DIR").map_or_else(
-        |_| stack::repo_root().join(".run"),
-        std::path::PathBuf::from,
-    );
+    let run_dir = run_dir();
     // Each service's process: the running stack's, or this one (a private
     // stack runs the services in this process).
     let processes: Vec<(String, u32)> = match &private {
@@ -416,9 +501,9 @@ async fn run(args: Args) -> Result<()> {
         latencies.len(),
         args.orders
     );
+    let throughput = latencies.len() as f64 / elapsed.as_secs_f64();
     println!(
-        "throughput: {:.0} sagas/s over {:.2} s",
-        latencies.len() as f64 / elapsed.as_secs_f64(),
+        "throughput: {throughput:.0} sagas/s over {:.2} s",
         elapsed.as_secs_f64()
     );
     println!(
@@ -462,7 +547,7 @@ async fn run(args: Args) -> Result<()> {
     if unfinished > 0 || wrong > 0 {
         bail!("{unfinished} sagas unfinished, {wrong} ended otherwise than planned");
     }
-    Ok(())
+    Ok(throughput)
 }
 
 /// Prints, every second, what each consumer has waiting (pending) and in
