@@ -76,6 +76,18 @@ pub async fn entry(pool: &PgPool, product_id: &str) -> sqlx::Result<Option<Entry
     .await
 }
 
+/// The catalog's one rule for an insert into `table` that meets a row of the
+/// same product: the row takes the other only if it is a newer version.
+fn newer_wins(table: &str) -> String {
+    format!(
+        "ON CONFLICT (product_id) DO UPDATE SET
+             name = EXCLUDED.name, unit_price = EXCLUDED.unit_price, version = EXCLUDED.version,
+             event_id = EXCLUDED.event_id, priced_at = EXCLUDED.priced_at,
+             stream_seq = EXCLUDED.stream_seq, updated_at = EXCLUDED.updated_at
+         WHERE {table}.version < EXCLUDED.version"
+    )
+}
+
 /// Applies one event to `table` (the catalog or its rebuild copy) unless
 /// the row already holds this version or a newer one: `true` if it changed.
 async fn apply(
@@ -88,11 +100,8 @@ async fn apply(
     let done = sqlx::query(&format!(
         "INSERT INTO {table} (product_id, name, unit_price, version, event_id, priced_at, stream_seq)
          VALUES ($1, $2, $3, $4, $5, $6, $7)
-         ON CONFLICT (product_id) DO UPDATE SET
-             name = EXCLUDED.name, unit_price = EXCLUDED.unit_price, version = EXCLUDED.version,
-             event_id = EXCLUDED.event_id, priced_at = EXCLUDED.priced_at,
-             stream_seq = EXCLUDED.stream_seq, updated_at = now()
-         WHERE {table}.version < EXCLUDED.version"
+         {}",
+        newer_wins(table)
     ))
     .bind(&product.product_id)
     .bind(&product.name)
@@ -292,16 +301,13 @@ pub async fn rebuild(
     // the stream read, and any product's newer version (an older event
     // published late takes the place of a product's latest in the stream;
     // the catalog never goes back to an older version).
-    sqlx::query(
+    sqlx::query(&format!(
         "INSERT INTO catalog_rebuild
          SELECT * FROM catalog c WHERE c.stream_seq > $1
              OR EXISTS (SELECT 1 FROM catalog_rebuild r WHERE r.product_id = c.product_id)
-         ON CONFLICT (product_id) DO UPDATE SET
-             name = EXCLUDED.name, unit_price = EXCLUDED.unit_price, version = EXCLUDED.version,
-             event_id = EXCLUDED.event_id, priced_at = EXCLUDED.priced_at,
-             stream_seq = EXCLUDED.stream_seq, updated_at = EXCLUDED.updated_at
-         WHERE catalog_rebuild.version < EXCLUDED.version",
-    )
+         {}",
+        newer_wins("catalog_rebuild")
+    ))
     .bind(i64::try_from(last).unwrap_or(i64::MAX))
     .execute(&mut *tx)
     .await?;
