@@ -23,8 +23,15 @@ pub struct Config {
     pub redis_key_prefix: String,
     /// `LOG_FORMAT`: `pretty` (default) or `json`.
     pub log_format: LogFormat,
-    /// `CONSUMER_CONCURRENCY`, default 64: events applied at once.
+    /// `CONSUMER_CONCURRENCY`, default 64 (1 to 4096): events taken from the
+    /// broker and not yet acknowledged, at most.
     pub consumer_concurrency: usize,
+    /// `CONSUMER_LANES`, default 8 (1 to 256): lanes applying events side by
+    /// side; one order's events always go down the same lane, in order.
+    pub consumer_lanes: usize,
+    /// `CONSUMER_BATCH`, default 64 (1 to 1000): most events a lane applies
+    /// in one transaction when several are waiting; 1 applies each alone.
+    pub consumer_batch: usize,
     /// `CONSUMER_MAX_DELIVERIES`, default 100: deliveries an event that keeps
     /// failing transiently (database unreachable, timeouts) gets before it is
     /// dead-lettered; with the backoff capped at 30 s that is about 45 minutes.
@@ -87,6 +94,8 @@ impl Config {
             redis_key_prefix: "saga".into(),
             log_format: LogFormat::Pretty,
             consumer_concurrency: 64,
+            consumer_lanes: 8,
+            consumer_batch: 64,
             consumer_max_deliveries: 100,
             outbox_poll: Duration::from_millis(1000),
             outbox_relay_enabled: true,
@@ -144,7 +153,13 @@ impl Config {
             };
         }
         if let Some(v) = lookup("CONSUMER_CONCURRENCY") {
-            c.consumer_concurrency = parse_num("CONSUMER_CONCURRENCY", &v)?.max(1);
+            c.consumer_concurrency = parse_num("CONSUMER_CONCURRENCY", &v)?.clamp(1, 4096);
+        }
+        if let Some(v) = lookup("CONSUMER_LANES") {
+            c.consumer_lanes = parse_num("CONSUMER_LANES", &v)?.clamp(1, 256);
+        }
+        if let Some(v) = lookup("CONSUMER_BATCH") {
+            c.consumer_batch = parse_num("CONSUMER_BATCH", &v)?.clamp(1, 1000);
         }
         if let Some(v) = lookup("CONSUMER_MAX_DELIVERIES") {
             c.consumer_max_deliveries = parse_num("CONSUMER_MAX_DELIVERIES", &v)?.max(1) as i64;

@@ -3,16 +3,27 @@
 //! transient failures; dead-letter what can never be applied.
 //!
 //! A service only supplies a [`Handler`]: given the open transaction and a
-//! decoded event, say what happened ([`Outcome`]).
+//! decoded event, say what happened ([`Outcome`]). Events of different
+//! orders are applied side by side in lanes, and several events waiting in a
+//! lane in one transaction ([`Lanes`]).
 
-use std::{future::Future, panic::AssertUnwindSafe, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    panic::AssertUnwindSafe,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use futures::{FutureExt, StreamExt};
 use sqlx::{PgConnection, PgPool};
-use tokio::{sync::Semaphore, task::JoinSet};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+    task::JoinSet,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use uuid::Uuid;
 
 use crate::{
     backoff::backoff,
@@ -207,6 +218,11 @@ pub struct RuntimeParts {
     pub health: Health,
     pub meter: Meter,
     pub concurrency: usize,
+    /// Lanes applying events side by side (see [`Lanes`]).
+    pub lanes: usize,
+    /// Most events one lane commits in one transaction; 1 applies each on
+    /// its own.
+    pub batch: usize,
     /// Deliveries a transiently failing event gets before it is dead-lettered.
     pub max_deliveries: i64,
     /// The broker's `max_payload` ([`max_payload`]): no event larger is
@@ -234,6 +250,30 @@ struct Delivery<'a> {
     msg: &'a jetstream::Message,
     delivered: i64,
     stream_seq: u64,
+}
+
+/// A delivery taken from the broker: decoded, and on the subject its event
+/// belongs on.
+struct Taken {
+    msg: jetstream::Message,
+    delivered: i64,
+    stream_seq: u64,
+    /// When the broker stored it (nanoseconds since the epoch).
+    published: Option<i128>,
+    /// When this service took it.
+    started: Instant,
+    envelope: Envelope,
+    event: Event,
+}
+
+impl Taken {
+    fn delivery(&self) -> Delivery<'_> {
+        Delivery {
+            msg: &self.msg,
+            delivered: self.delivered,
+            stream_seq: self.stream_seq,
+        }
+    }
 }
 
 /// What became of one delivery (logged; returned for tests of one step).
@@ -278,6 +318,7 @@ impl<H: Handler> ConsumerRuntime<H> {
     /// a second) rather than an endless prefetch: every event the broker hands
     /// over belongs to a batch that ends soon, and is applied and acked even
     /// during shutdown. Nothing is left in a dead inbox to wait out the ack wait.
+    /// Each event taken is decoded and handed to its [`Lanes`] lane.
     ///
     /// A consumer that keeps failing to pull is re-applied from the topology,
     /// which re-creates it if someone deleted it; meanwhile the service
@@ -291,7 +332,7 @@ impl<H: Handler> ConsumerRuntime<H> {
         let health = self.inner.health.clone();
         health.ok(HEALTH_CONSUMER);
         let permits = Arc::new(Semaphore::new(self.concurrency));
-        let mut tasks = JoinSet::new();
+        let mut lanes = Lanes::new(self.inner.clone(), self.concurrency);
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
             let pulled = match consumer
@@ -304,7 +345,6 @@ impl<H: Handler> ConsumerRuntime<H> {
                 Ok(mut batch) => {
                     let mut error = None;
                     while let Some(next) = batch.next().await {
-                        while tasks.try_join_next().is_some() {}
                         match next {
                             Ok(msg) => {
                                 if failures > 0 {
@@ -318,11 +358,11 @@ impl<H: Handler> ConsumerRuntime<H> {
                                     .acquire_owned()
                                     .await
                                     .expect("semaphore never closes");
-                                let inner = self.inner.clone();
-                                tasks.spawn(async move {
-                                    inner.process(msg).await;
-                                    drop(permit);
-                                });
+                                // Decoded here, for the lane it goes down;
+                                // what does not decode is dead-lettered.
+                                if let Some(t) = self.inner.take(msg, Instant::now()).await {
+                                    lanes.send(t, permit).await;
+                                }
                             }
                             Err(e) => {
                                 error = Some(e.to_string());
@@ -373,8 +413,78 @@ impl<H: Handler> ConsumerRuntime<H> {
             }
         }
         // Graceful drain: every event already taken is applied and acked.
-        while tasks.join_next().await.is_some() {}
+        lanes.drain().await;
         tracing::info!(consumer = %name, "consumer drained");
+    }
+}
+
+/// The consumer's lanes: each applies its deliveries in the order they
+/// came, together when several are waiting (one transaction, see
+/// [`Inner::process_all`]); the lanes run side by side. A delivery's lane
+/// follows from its event's order id, so one order's events are applied in
+/// the order the consumer got them, and never two at once.
+struct Lanes<H> {
+    inner: Arc<Inner<H>>,
+    senders: Vec<mpsc::Sender<Taking>>,
+    tasks: JoinSet<()>,
+    capacity: usize,
+}
+
+/// A delivery on its way to a lane, with its place among those in flight.
+type Taking = (Taken, OwnedSemaphorePermit);
+
+impl<H: Handler> Lanes<H> {
+    fn new(inner: Arc<Inner<H>>, capacity: usize) -> Lanes<H> {
+        let mut lanes = Lanes {
+            senders: Vec::new(),
+            tasks: JoinSet::new(),
+            capacity,
+            inner,
+        };
+        for _ in 0..lanes.inner.lanes.max(1) {
+            let sender = lanes.spawn();
+            lanes.senders.push(sender);
+        }
+        lanes
+    }
+
+    fn spawn(&mut self) -> mpsc::Sender<Taking> {
+        let (sender, mut receiver) = mpsc::channel::<Taking>(self.capacity);
+        let inner = self.inner.clone();
+        let most = inner.batch.max(1);
+        self.tasks.spawn(async move {
+            while let Some(first) = receiver.recv().await {
+                let mut taken = vec![first];
+                while taken.len() < most {
+                    match receiver.try_recv() {
+                        Ok(next) => taken.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let (taken, permits): (Vec<_>, Vec<_>) = taken.into_iter().unzip();
+                inner.process_all(taken).await;
+                drop(permits);
+            }
+        });
+        sender
+    }
+
+    /// Hands `t` to its lane (waiting while the lane is full).
+    async fn send(&mut self, t: Taken, permit: OwnedSemaphorePermit) {
+        let lane = (t.event.order_id().as_u128() % self.senders.len() as u128) as usize;
+        if let Err(mpsc::error::SendError(taking)) = self.senders[lane].send((t, permit)).await {
+            // The lane's task ended, which only a bug can do: a new lane
+            // takes over, and this delivery with it.
+            tracing::error!(consumer = %self.inner.name, lane, "a consumer lane ended; restarting it");
+            self.senders[lane] = self.spawn();
+            let _ = self.senders[lane].send(taking).await;
+        }
+    }
+
+    /// Waits until every delivery handed over is applied and acked.
+    async fn drain(mut self) {
+        self.senders.clear();
+        while self.tasks.join_next().await.is_some() {}
     }
 }
 
@@ -382,83 +492,167 @@ impl<H: Handler> ConsumerRuntime<H> {
 const PULL_EXPIRY: Duration = Duration::from_secs(1);
 
 impl<H: Handler> Inner<H> {
-    /// Disposes of one delivery and records it in the metrics.
-    async fn process(&self, msg: jetstream::Message) -> Disposition {
-        let started = std::time::Instant::now();
+    /// Disposes of what a lane took: one delivery alone, more together.
+    async fn process_all(&self, taken: Vec<Taken>) {
+        if taken.len() < 2 || self.batch < 2 {
+            for t in taken {
+                let claim = self.idempotency.claim(t.envelope.event_id).await;
+                self.settle(t, claim).await;
+            }
+            return;
+        }
+        let ids: Vec<Uuid> = taken.iter().map(|t| t.envelope.event_id).collect();
+        let claims = self.idempotency.claim_all(&ids).await;
+        let mut batch = Vec::with_capacity(taken.len());
+        for (t, claim) in taken.into_iter().zip(claims) {
+            match claim {
+                Claim::Claimed | Claim::Unavailable => batch.push((t, claim)),
+                // Already applied, or being applied by another delivery:
+                // acked or retried without a transaction.
+                Claim::Done | Claim::InProgress => {
+                    self.settle(t, claim).await;
+                }
+            }
+        }
+        if batch.len() < 2 {
+            for (t, claim) in batch {
+                self.settle(t, claim).await;
+            }
+            return;
+        }
+        match self.transact_batch(&batch).await {
+            Ok(outcomes) => {
+                self.meter.batch(&self.name, "committed", batch.len());
+                if outcomes.iter().any(|o| matches!(o, Outcome::Applied(_))) {
+                    self.outbox.notify();
+                }
+                let ids: Vec<Uuid> = batch.iter().map(|(t, _)| t.envelope.event_id).collect();
+                // A failure is fine: Postgres holds the guarantee.
+                let _ = self.idempotency.mark_done(&ids).await;
+                futures::future::join_all(batch.iter().map(|(t, _)| ack(&t.msg, AckKind::Ack)))
+                    .await;
+                for ((t, _), outcome) in batch.iter().zip(outcomes) {
+                    let disposition = match outcome {
+                        Outcome::Skipped(reason) => {
+                            tracing::debug!(%reason, "skipped");
+                            Disposition::Skipped
+                        }
+                        _ => Disposition::Applied,
+                    };
+                    self.record(t, &disposition);
+                }
+            }
+            Err(why) => {
+                // Each event on its own now: one that cannot be applied costs
+                // only itself, and the others are applied as if alone.
+                self.meter.batch(&self.name, "one_by_one", batch.len());
+                tracing::info!(consumer = %self.name, events = batch.len(), %why, "batch not committed; applying its events one by one");
+                for (t, claim) in batch {
+                    self.settle(t, claim).await;
+                }
+            }
+        }
+    }
+
+    /// Decodes a delivery and checks its subject; one that fails either is
+    /// dead-lettered here, and `None`.
+    async fn take(&self, msg: jetstream::Message, started: Instant) -> Option<Taken> {
+        let (delivered, stream_seq) = msg
+            .info()
+            .map(|i| (i.delivered, i.stream_sequence))
+            .unwrap_or((1, 0));
         let published = msg.info().map(|i| i.published.unix_timestamp_nanos()).ok();
-        let (event_type, disposition) = self.dispose(msg).await;
-        let since_publish = match disposition {
-            Disposition::Applied => published.map(meter::age),
-            _ => None,
+        let d = Delivery {
+            msg: &msg,
+            delivered,
+            stream_seq,
         };
+        let refused = match Envelope::decode(&msg.payload) {
+            Err(e) => ("undecodable", None, e.to_string()),
+            Ok((envelope, event)) => {
+                let expected = self.subjects.event_of(event.kind(), event.order_id());
+                if msg.subject.as_str() == expected {
+                    return Some(Taken {
+                        delivered,
+                        stream_seq,
+                        published,
+                        started,
+                        envelope,
+                        event,
+                        msg,
+                    });
+                }
+                let reason = crate::event::DecodeError::WrongSubject {
+                    event_type: envelope.event_type.clone(),
+                    subject: msg.subject.to_string(),
+                    expected,
+                }
+                .to_string();
+                (event.kind().name(), Some(envelope), reason)
+            }
+        };
+        let (event_type, envelope, reason) = refused;
+        let disposition = self.dead_letter(&d, envelope.as_ref(), reason).await;
         self.meter.delivery(
             &self.name,
             event_type,
             disposition.label(),
             started.elapsed(),
+            None,
+        );
+        None
+    }
+
+    /// The span an event's log lines are in.
+    fn span(&self, t: &Taken) -> tracing::Span {
+        tracing::info_span!(
+            "event",
+            consumer = %self.name,
+            event_type = %t.envelope.event_type,
+            event_id = %t.envelope.event_id,
+            correlation_id = %t.envelope.metadata.correlation_id,
+            delivered = t.delivered,
+        )
+    }
+
+    /// Logs and meters what became of one delivery.
+    fn record(&self, t: &Taken, disposition: &Disposition) {
+        let _in = self.span(t).entered();
+        match disposition {
+            Disposition::Applied => tracing::info!("applied"),
+            Disposition::Skipped | Disposition::Duplicate => tracing::debug!(?disposition),
+            Disposition::Retry(reason) => tracing::warn!(%reason, "will retry"),
+            Disposition::DeadLettered(reason) => tracing::error!(%reason, "dead-lettered"),
+        }
+        let since_publish = match disposition {
+            Disposition::Applied => t.published.map(meter::age),
+            _ => None,
+        };
+        self.meter.delivery(
+            &self.name,
+            t.event.kind().name(),
+            disposition.label(),
+            t.started.elapsed(),
             since_publish,
         );
+    }
+
+    /// Applies one event on its own, given what Redis said of it.
+    async fn settle(&self, t: Taken, claim: Claim) -> Disposition {
+        let disposition = self
+            .settle_in_span(&t, claim)
+            .instrument(self.span(&t))
+            .await;
+        self.record(&t, &disposition);
         disposition
     }
 
-    /// The event's type (a catalog name, bounded) and what became of it.
-    async fn dispose(&self, msg: jetstream::Message) -> (&'static str, Disposition) {
-        let (delivered, stream_seq) = msg
-            .info()
-            .map(|i| (i.delivered, i.stream_sequence))
-            .unwrap_or((1, 0));
-        let d = &Delivery {
-            msg: &msg,
-            delivered,
-            stream_seq,
-        };
-        let (envelope, event) = match Envelope::decode(&msg.payload) {
-            Ok(v) => v,
-            Err(e) => {
-                let disposition = self.dead_letter(d, None, e.to_string()).await;
-                return ("undecodable", disposition);
-            }
-        };
-        let event_type = event.kind().name();
-        let expected = self.subjects.event_of(event.kind(), event.order_id());
-        if msg.subject.as_str() != expected {
-            let reason = crate::event::DecodeError::WrongSubject {
-                event_type: envelope.event_type.clone(),
-                subject: msg.subject.to_string(),
-                expected,
-            }
-            .to_string();
-            let disposition = self.dead_letter(d, Some(&envelope), reason).await;
-            return (event_type, disposition);
-        }
-        let span = tracing::info_span!(
-            "event",
-            consumer = %self.name,
-            event_type = %envelope.event_type,
-            event_id = %envelope.event_id,
-            correlation_id = %envelope.metadata.correlation_id,
-            delivered,
-        );
-        let disposition = async {
-            let disposition = self.apply(d, &envelope, event).await;
-            match &disposition {
-                Disposition::Applied => tracing::info!("applied"),
-                Disposition::Skipped | Disposition::Duplicate => tracing::debug!(?disposition),
-                Disposition::Retry(reason) => tracing::warn!(%reason, "will retry"),
-                Disposition::DeadLettered(reason) => tracing::error!(%reason, "dead-lettered"),
-            }
-            disposition
-        }
-        .instrument(span)
-        .await;
-        (event_type, disposition)
-    }
-
-    async fn apply(&self, d: &Delivery<'_>, envelope: &Envelope, event: Event) -> Disposition {
-        let (msg, delivered) = (d.msg, d.delivered);
+    async fn settle_in_span(&self, t: &Taken, claim: Claim) -> Disposition {
+        let (msg, delivered, envelope) = (&t.msg, t.delivered, &t.envelope);
+        let d = &t.delivery();
         let id = envelope.event_id;
         // Without Redis the Postgres guard alone decides (`Unavailable`).
-        let claimed = match self.idempotency.claim(id).await {
+        let claimed = match claim {
             Claim::Claimed => true,
             Claim::Unavailable => false,
             Claim::Done => {
@@ -472,7 +666,7 @@ impl<H: Handler> Inner<H> {
             }
         };
 
-        let result = self.transact(envelope, event, delivered).await;
+        let result = self.transact(envelope, t.event.clone(), delivered).await;
         if !matches!(
             result,
             Ok(None | Some(Outcome::Applied(_) | Outcome::Skipped(_)))
@@ -569,15 +763,16 @@ impl<H: Handler> Inner<H> {
         delivered: i64,
     ) -> Result<Option<Outcome>, HandlerError> {
         let mut tx = self.pool.begin().await?;
-        let result = AssertUnwindSafe(self.apply_in(&mut tx, envelope, event, delivered))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|panic| {
-                Ok(Some(Outcome::Rejected(format!(
-                    "handler panicked: {}",
-                    panic_message(&*panic)
-                ))))
-            });
+        let result =
+            AssertUnwindSafe(self.apply_in(&mut tx, &self.meter, envelope, event, delivered))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| {
+                    Ok(Some(Outcome::Rejected(format!(
+                        "handler panicked: {}",
+                        panic_message(&*panic)
+                    ))))
+                });
         match result {
             Ok(Some(Outcome::Applied(_) | Outcome::Skipped(_))) => tx.commit().await?,
             // Roll back now, not when the connection is next used: until then
@@ -591,9 +786,58 @@ impl<H: Handler> Inner<H> {
         result
     }
 
+    /// A batch's events applied in order in one transaction, with their
+    /// guards and emitted events: committed only if each was applied or
+    /// skipped. Anything else (an event not yet applicable, rejected, a
+    /// duplicate Redis did not know of, a failure, a panic) rolls all of it
+    /// back and says why, and the caller applies them one by one.
+    async fn transact_batch(&self, batch: &[(Taken, Claim)]) -> Result<Vec<Outcome>, String> {
+        let mut tx = self.pool.begin().await.map_err(|e| e.to_string())?;
+        let meter = self.meter.holding();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut refused = None;
+        for (t, _) in batch {
+            let applied = AssertUnwindSafe(self.apply_in(
+                &mut tx,
+                &meter,
+                &t.envelope,
+                t.event.clone(),
+                t.delivered,
+            ))
+            .catch_unwind()
+            .await;
+            let why = match applied {
+                Ok(Ok(Some(outcome @ (Outcome::Applied(_) | Outcome::Skipped(_))))) => {
+                    outcomes.push(outcome);
+                    continue;
+                }
+                Ok(Ok(Some(outcome))) => format!("{outcome:?}"),
+                Ok(Ok(None)) => "already consumed".to_string(),
+                Ok(Err(e)) => e.to_string(),
+                Err(panic) => format!("handler panicked: {}", panic_message(&*panic)),
+            };
+            refused = Some(format!("event {}: {why}", t.envelope.event_id));
+            break;
+        }
+        match refused {
+            None => {
+                tx.commit().await.map_err(|e| format!("commit: {e}"))?;
+                meter.release();
+                Ok(outcomes)
+            }
+            Some(why) => {
+                if let Err(e) = tx.rollback().await {
+                    tracing::warn!(error = %e, "rollback failed; the connection is discarded");
+                }
+                Err(why)
+            }
+        }
+    }
+
     async fn apply_in(
         &self,
         tx: &mut PgConnection,
+        meter: &Meter,
         envelope: &Envelope,
         event: Event,
         delivered: i64,
@@ -601,7 +845,7 @@ impl<H: Handler> Inner<H> {
         let cx = Applying {
             tx: &mut *tx,
             cause: envelope,
-            meter: &self.meter,
+            meter,
             delivered,
             cancels: &self.cancels,
         };
@@ -651,16 +895,16 @@ impl<H: Handler> Inner<H> {
         }
     }
 
-    async fn finish(&self, msg: &jetstream::Message, id: uuid::Uuid) {
+    async fn finish(&self, msg: &jetstream::Message, id: Uuid) {
         // A failure is fine: Postgres holds the guarantee, and a redelivery
         // finds the guard row. The Redis layer logs and reports it.
-        let _ = self.idempotency.mark_done(id).await;
+        let _ = self.idempotency.mark_done(&[id]).await;
         ack(msg, AckKind::Ack).await;
     }
 
-    async fn release(&self, id: uuid::Uuid) {
+    async fn release(&self, id: Uuid) {
         // If this fails the claim expires by itself (STARTED_TTL).
-        let _ = self.idempotency.release(id).await;
+        let _ = self.idempotency.release(&[id]).await;
     }
 
     /// Publishes the original bytes with the reason to the dead-letter stream,

@@ -115,6 +115,28 @@ impl Redis {
 
     /// Runs `cmd` within [`CALL_TIMEOUT`], unless Redis is known to be down.
     pub async fn call<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, Unavailable> {
+        self.guarded(|mut conn| async move { cmd.query_async(&mut conn).await })
+            .await
+    }
+
+    /// Runs `pipe` (many commands, one round trip) like [`Self::call`].
+    pub async fn pipe<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, Unavailable> {
+        self.guarded(|mut conn| async move { pipe.query_async(&mut conn).await })
+            .await
+    }
+
+    /// Asks Redis through `query` within [`CALL_TIMEOUT`], unless it is
+    /// known to be down; a failure opens the breaker.
+    async fn guarded<T, F>(
+        &self,
+        query: impl FnOnce(ConnectionManager) -> F,
+    ) -> Result<T, Unavailable>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
         let Some(conn) = self.conn.get() else {
             return Err(Unavailable("redis not connected".into()));
         };
@@ -123,8 +145,7 @@ impl Redis {
         {
             return Err(Unavailable("redis recently failed; not asked".into()));
         }
-        let mut conn = conn.clone();
-        let result = match tokio::time::timeout(CALL_TIMEOUT, cmd.query_async(&mut conn)).await {
+        let result = match tokio::time::timeout(CALL_TIMEOUT, query(conn.clone())).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {CALL_TIMEOUT:?}")),
@@ -189,36 +210,65 @@ impl IdempotencyStore {
     /// Claims the event, or says who has it; [`Claim::Unavailable`] when
     /// Redis cannot answer in time.
     pub async fn claim(&self, event_id: Uuid) -> Claim {
-        // SET NX returns the previous value with GET (Redis >= 7): one round trip.
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(self.key(event_id))
-            .arg("started")
-            .arg("NX")
-            .arg("GET")
-            .arg("PX")
-            .arg(STARTED_TTL.as_millis() as u64);
-        match self.redis.call::<Option<String>>(&cmd).await {
-            Ok(None) => Claim::Claimed,
-            Ok(Some(v)) if v == "done" => Claim::Done,
-            Ok(Some(_)) => Claim::InProgress,
-            Err(_) => Claim::Unavailable,
+        self.claim_all(&[event_id]).await[0]
+    }
+
+    /// Claims every event of a batch in one round trip, answering for each
+    /// in order.
+    pub async fn claim_all(&self, event_ids: &[Uuid]) -> Vec<Claim> {
+        if event_ids.is_empty() {
+            return Vec::new();
+        }
+        // SET NX returns the previous value with GET (Redis >= 7).
+        let mut pipe = redis::pipe();
+        for id in event_ids {
+            pipe.cmd("SET")
+                .arg(self.key(*id))
+                .arg("started")
+                .arg("NX")
+                .arg("GET")
+                .arg("PX")
+                .arg(STARTED_TTL.as_millis() as u64);
+        }
+        match self.redis.pipe::<Vec<Option<String>>>(&pipe).await {
+            Ok(previous) if previous.len() == event_ids.len() => previous
+                .into_iter()
+                .map(|v| match v.as_deref() {
+                    None => Claim::Claimed,
+                    Some("done") => Claim::Done,
+                    Some(_) => Claim::InProgress,
+                })
+                .collect(),
+            _ => vec![Claim::Unavailable; event_ids.len()],
         }
     }
 
-    /// Marks the event applied (after the Postgres commit).
-    pub async fn mark_done(&self, event_id: Uuid) -> Result<(), Unavailable> {
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(self.key(event_id))
-            .arg("done")
-            .arg("PX")
-            .arg(DONE_TTL.as_millis() as u64);
-        self.redis.call::<()>(&cmd).await
+    /// Marks the events applied (after the Postgres commit).
+    pub async fn mark_done(&self, event_ids: &[Uuid]) -> Result<(), Unavailable> {
+        if event_ids.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for id in event_ids {
+            pipe.cmd("SET")
+                .arg(self.key(*id))
+                .arg("done")
+                .arg("PX")
+                .arg(DONE_TTL.as_millis() as u64)
+                .ignore();
+        }
+        self.redis.pipe::<()>(&pipe).await
     }
 
-    /// Drops our claim after a rollback, so a redelivery can retry at once.
-    pub async fn release(&self, event_id: Uuid) -> Result<(), Unavailable> {
+    /// Drops our claims after a rollback, so a redelivery can retry at once.
+    pub async fn release(&self, event_ids: &[Uuid]) -> Result<(), Unavailable> {
+        if event_ids.is_empty() {
+            return Ok(());
+        }
         let mut cmd = redis::cmd("DEL");
-        cmd.arg(self.key(event_id));
+        for id in event_ids {
+            cmd.arg(self.key(*id));
+        }
         self.redis.call::<()>(&cmd).await
     }
 }

@@ -50,6 +50,8 @@ pub mod names {
     pub const STALLS: &str = "saga_stalls_total";
     pub const SCRAPE_ERRORS: &str = "saga_scrape_errors_total";
     pub const SNAPSHOTS: &str = "saga_snapshots_total";
+    pub const BATCHES: &str = "saga_consumer_batches_total";
+    pub const BATCHED_EVENTS: &str = "saga_consumer_batched_events_total";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +64,7 @@ pub enum Kind {
 /// Every series: its name, kind and `# HELP` text. A `_seconds` series is
 /// in seconds.
 #[rustfmt::skip]
-pub const SERIES: [(&str, Kind, &str); 16] = {
+pub const SERIES: [(&str, Kind, &str); 18] = {
     use Kind::*;
     use names::*;
     [
@@ -82,6 +84,8 @@ pub const SERIES: [(&str, Kind, &str); 16] = {
         (STALLS, Counter, "Stalls reported, each once"),
         (SCRAPE_ERRORS, Counter, "Reads of a /metrics scrape that failed or timed out"),
         (SNAPSHOTS, Counter, "Aggregate snapshots taken, and stored ones not used (another format, or not decodable), by outcome"),
+        (BATCHES, Counter, "Batches of two or more events a consumer lane took together, by outcome (committed in one transaction, or applied one by one)"),
+        (BATCHED_EVENTS, Counter, "Events in those batches, by outcome"),
     ]
 };
 
@@ -128,13 +132,39 @@ fn describe() {
 #[derive(Clone, Debug)]
 pub struct Meter {
     service: Arc<str>,
+    /// Compensations recorded by a meter from [`Meter::holding`], until
+    /// [`Meter::release`].
+    held: Option<Arc<std::sync::Mutex<Vec<Compensation>>>>,
 }
+
+/// A compensation attempted: the step, and whether it failed.
+type Compensation = (&'static str, bool);
 
 impl Meter {
     pub fn new(service: &str) -> Meter {
         handle();
         Meter {
             service: service.into(),
+            held: None,
+        }
+    }
+
+    /// A meter whose compensations count only once [`Meter::release`]d: for
+    /// a transaction that may be rolled back and done again (a batch), so
+    /// what it undid is counted when it is committed, and once.
+    pub fn holding(&self) -> Meter {
+        Meter {
+            service: self.service.clone(),
+            held: Some(Default::default()),
+        }
+    }
+
+    /// Counts what this meter held.
+    pub fn release(&self) {
+        let Some(held) = &self.held else { return };
+        let held = std::mem::take(&mut *held.lock().unwrap_or_else(|e| e.into_inner()));
+        for (step, failed) in held {
+            self.count_compensation(step, failed);
         }
     }
 
@@ -173,6 +203,16 @@ impl Meter {
     /// A compensation attempted: undone, or failed (to be retried or
     /// dead-lettered).
     pub fn compensation(&self, step: &'static str, failed: bool) {
+        match &self.held {
+            Some(held) => held
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((step, failed)),
+            None => self.count_compensation(step, failed),
+        }
+    }
+
+    fn count_compensation(&self, step: &'static str, failed: bool) {
         let result = if failed { "failed" } else { "undone" };
         counter!(names::COMPENSATIONS, "service" => self.service(), "step" => step, "result" => result)
             .increment(1);
@@ -182,6 +222,17 @@ impl Meter {
     pub fn saga_ended(&self, outcome: &'static str) {
         counter!(names::SAGAS_ENDED, "service" => self.service(), "outcome" => outcome)
             .increment(1);
+    }
+
+    /// A batch of `events` a lane took together: `committed` in one
+    /// transaction, or applied `one_by_one`.
+    pub fn batch(&self, consumer: &str, outcome: &'static str, events: usize) {
+        counter!(names::BATCHES, "service" => self.service(), "consumer" => consumer.to_string(),
+            "outcome" => outcome)
+        .increment(1);
+        counter!(names::BATCHED_EVENTS, "service" => self.service(), "consumer" => consumer.to_string(),
+            "outcome" => outcome)
+        .increment(events as u64);
     }
 
     /// A snapshot taken, or a stored one ignored.

@@ -225,6 +225,8 @@ impl Service {
                 health: infra.health.clone(),
                 meter: infra.meter.clone(),
                 concurrency: config.consumer_concurrency,
+                lanes: config.consumer_lanes,
+                batch: config.consumer_batch,
                 max_deliveries: config.consumer_max_deliveries,
                 max_payload: infra.max_payload(),
             },

@@ -1,0 +1,345 @@
+//! Events applied in batches: a consumer lane that finds several events
+//! waiting applies them in one transaction. A poison event in a batch costs
+//! only itself, a crash in the middle of a batch loses and doubles nothing,
+//! and one order's events keep their order from one batch to the next.
+//!
+//! The batches are shaped on purpose: the payment service runs one lane,
+//! and the first event waits on a row lock the test holds while the others
+//! queue up behind it, so the next batch holds all of them.
+
+use anyhow::{Context, Result, ensure};
+use async_nats::jetstream;
+use common::{
+    Envelope, Event, EventKind,
+    event::{Address, InventoryReservationFailed, OrderLine, OrderPlaced},
+    topology,
+};
+use saga_tests::{DEADLINE, Stack, eventually};
+use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+const BALANCE: i64 = 10_000;
+
+/// An OrderPlaced of one widget at `total` for `customer`, as the order
+/// service would publish it: (order id, subject, bytes).
+fn placed(stack: &Stack, customer: &str, total: i64) -> (Uuid, String, Vec<u8>) {
+    let order_id = Uuid::now_v7();
+    let event = Event::OrderPlaced(OrderPlaced {
+        order_id,
+        customer_id: customer.into(),
+        lines: vec![OrderLine {
+            product_id: "widget".into(),
+            quantity: 1,
+            unit_price: total,
+        }],
+        total,
+        shipping_address: Address {
+            name: "Ada".into(),
+            street: "1 Main St".into(),
+            city: "Springfield".into(),
+            postal_code: "12345".into(),
+            country: "US".into(),
+        },
+    });
+    let envelope = Envelope::new(&event, order_id.to_string(), 1, order_id, Uuid::now_v7());
+    let subject = stack.subjects.event_of(EventKind::OrderPlaced, order_id);
+    (order_id, subject, envelope.to_bytes())
+}
+
+/// Inventory's answer that it could not reserve `order_id`'s stock: payment
+/// refunds the order.
+fn reservation_failed(stack: &Stack, order_id: Uuid) -> (String, Vec<u8>) {
+    let event = Event::InventoryReservationFailed(InventoryReservationFailed {
+        order_id,
+        reason: "out of stock".into(),
+    });
+    let envelope = Envelope::new(
+        &event,
+        Uuid::now_v7().to_string(),
+        1,
+        order_id,
+        Uuid::now_v7(),
+    );
+    let subject = stack
+        .subjects
+        .event_of(EventKind::InventoryReservationFailed, order_id);
+    (subject, envelope.to_bytes())
+}
+
+/// The payment service's durable consumer.
+async fn payment_consumer(stack: &Stack) -> Result<jetstream::consumer::PullConsumer> {
+    topology::apply_streams(&stack.js, &stack.subjects).await?;
+    Ok(topology::apply_consumer(
+        &stack.js,
+        &stack.subjects,
+        topology::Durable::Service("payment"),
+    )
+    .await?)
+}
+
+/// Waits until the payment service holds `n` events not yet acknowledged.
+async fn taken(consumer: &jetstream::consumer::PullConsumer, n: usize) -> Result<()> {
+    eventually(&format!("{n} events taken"), DEADLINE, || async {
+        let info = consumer.clone().info().await?.clone();
+        Ok((info.num_ack_pending == n && info.num_pending == 0).then_some(()))
+    })
+    .await
+}
+
+/// Holds `customer`'s account row until the transaction ends (on a
+/// connection of its own).
+async fn lock_account(stack: &Stack, customer: &str) -> Result<Transaction<'static, Postgres>> {
+    let pool = PgPool::connect(&stack.dbs.url("payment")).await?;
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT 1 FROM accounts WHERE customer_id = $1 FOR UPDATE")
+        .bind(customer)
+        .fetch_one(&mut *tx)
+        .await
+        .with_context(|| format!("lock {customer}'s account"))?;
+    Ok(tx)
+}
+
+/// Waits until a transaction of the payment service waits on a lock;
+/// with `written`, one that has already inserted payments (events of its
+/// batch before the one that waits).
+async fn waiting_on_a_lock(pool: &PgPool, written: bool) -> Result<()> {
+    eventually("a transaction waiting on a lock", DEADLINE, || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity a
+             WHERE a.datname = current_database() AND a.wait_event_type = 'Lock'
+               AND (NOT $1 OR EXISTS (
+                   SELECT 1 FROM pg_locks l
+                   WHERE l.pid = a.pid AND l.granted AND l.mode = 'RowExclusiveLock'
+                     AND l.relation = 'payments'::regclass))",
+        )
+        .bind(written)
+        .fetch_one(pool)
+        .await?;
+        Ok((n > 0).then_some(()))
+    })
+    .await
+}
+
+async fn balances(pool: &PgPool, customers: &[String]) -> Result<Vec<i64>> {
+    let mut out = Vec::new();
+    for c in customers {
+        out.push(
+            sqlx::query_scalar("SELECT balance FROM accounts WHERE customer_id = $1")
+                .bind(c)
+                .fetch_one(pool)
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
+/// How many of each event type the stream holds for `order_id`.
+async fn emitted(stack: &Stack, order_id: Uuid, event_type: &str) -> Result<usize> {
+    Ok(stack
+        .saga_event_types(order_id)
+        .await?
+        .iter()
+        .filter(|t| *t == event_type)
+        .count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_event_in_the_middle_of_a_batch_is_dead_lettered_alone() -> Result<()> {
+    let mut stack = Stack::start_with(&[]).await?;
+    let consumer = payment_consumer(&stack).await?;
+    stack
+        .start_service_with("payment", |c| c.consumer_lanes = 1)
+        .await?;
+    let customers: Vec<String> = (1..=9).map(|i| format!("c{i}")).collect();
+    for c in &customers {
+        stack.set_balance(c, BALANCE).await?;
+    }
+    // c5's payment can never be stored: a value the table refuses, as a
+    // permanent database error.
+    let pool = stack.pool("payment").await?;
+    sqlx::query("ALTER TABLE payments ADD CONSTRAINT refuses_c5 CHECK (customer_id <> 'c5')")
+        .execute(&pool)
+        .await?;
+
+    let held = lock_account(&stack, "c1").await?;
+    let mut orders = Vec::new();
+    for (i, c) in customers.iter().enumerate() {
+        let (id, subject, body) = placed(&stack, c, 100 + i as i64);
+        stack.publish(&subject, body).await?;
+        orders.push(id);
+        if i == 0 {
+            waiting_on_a_lock(&pool, false).await?;
+        }
+    }
+    taken(&consumer, 9).await?;
+    held.commit().await?;
+
+    let letters = stack.wait_for_dead_letters(1).await?;
+    eventually("every other order charged", DEADLINE, || async {
+        let charged: i64 = sqlx::query_scalar("SELECT count(*) FROM payments")
+            .fetch_one(&pool)
+            .await?;
+        Ok((charged == 8).then_some(()))
+    })
+    .await?;
+    stack.settle().await?;
+
+    let reason = letters[0]
+        .0
+        .get(common::consumer::dlq_headers::REASON)
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    assert!(
+        reason.contains("permanent failure") && reason.contains("refuses_c5"),
+        "{reason}"
+    );
+    let expected: Vec<i64> = (0..9)
+        .map(|i| if i == 4 { BALANCE } else { BALANCE - 100 - i })
+        .collect();
+    assert_eq!(balances(&pool, &customers).await?, expected);
+    for (i, id) in orders.iter().enumerate() {
+        let n = emitted(&stack, *id, "PaymentProcessed").await?;
+        assert_eq!(n, usize::from(i != 4), "order {i}");
+    }
+    // Events 2 to 9 were taken as one batch; c5 sank it, so each went on
+    // its own: only c5's was ever retried.
+    let m = stack.metrics("payment").await?;
+    let payment = [("consumer", "payment")];
+    let one_by_one = [("consumer", "payment"), ("outcome", "one_by_one")];
+    assert_eq!(m.sum("saga_consumer_batches_total", &one_by_one), 1.0);
+    assert_eq!(
+        m.sum("saga_consumer_batched_events_total", &one_by_one),
+        8.0
+    );
+    let by = |d| [payment[0], ("disposition", d)];
+    assert_eq!(m.sum("saga_events_total", &by("applied")), 8.0);
+    assert_eq!(m.sum("saga_events_total", &by("retry")), 2.0);
+    assert_eq!(m.sum("saga_events_total", &by("dead_lettered")), 1.0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_in_the_middle_of_a_batch_loses_and_doubles_nothing() -> Result<()> {
+    let stack = Stack::start_with(&[]).await?;
+    let consumer = payment_consumer(&stack).await?;
+    let payment = stack.spawn_process("payment", &[("CONSUMER_LANES", "1")])?;
+    let pool = stack.pool("payment").await?;
+    eventually("payment to create its tables", DEADLINE, || async {
+        let ready: bool = sqlx::query_scalar("SELECT to_regclass('accounts') IS NOT NULL")
+            .fetch_one(&pool)
+            .await?;
+        Ok(ready.then_some(()))
+    })
+    .await?;
+    let customers: Vec<String> = (1..=9).map(|i| format!("c{i}")).collect();
+    for c in &customers {
+        sqlx::query("INSERT INTO accounts (customer_id, balance) VALUES ($1, $2)")
+            .bind(c)
+            .bind(BALANCE)
+            .execute(&pool)
+            .await?;
+    }
+
+    // c1 holds the first event; c5 holds the batch of the eight others in
+    // its middle, after c2 to c4 are charged in its transaction.
+    let first = lock_account(&stack, "c1").await?;
+    let middle = lock_account(&stack, "c5").await?;
+    let mut orders = Vec::new();
+    for (i, c) in customers.iter().enumerate() {
+        let (id, subject, body) = placed(&stack, c, 100 + i as i64);
+        stack.publish(&subject, body).await?;
+        orders.push(id);
+        if i == 0 {
+            waiting_on_a_lock(&pool, false).await?;
+        }
+    }
+    taken(&consumer, 9).await?;
+    first.commit().await?;
+    waiting_on_a_lock(&pool, true).await?;
+    let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM payments")
+        .fetch_one(&pool)
+        .await?;
+    ensure!(committed == 1, "only c1's charge is committed: {committed}");
+
+    payment.kill().await?;
+    middle.commit().await?;
+    // The killed batch's charges went with its transaction.
+    let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM payments")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(committed, 1);
+
+    // Redelivered to the next process (after the ack wait), each applied once.
+    let _payment = stack.spawn_process("payment", &[("CONSUMER_LANES", "1")])?;
+    eventually("all nine charged", DEADLINE, || async {
+        let charged: i64 = sqlx::query_scalar("SELECT count(*) FROM payments")
+            .fetch_one(&pool)
+            .await?;
+        Ok((charged == 9).then_some(()))
+    })
+    .await?;
+    stack.settle().await?;
+    let expected: Vec<i64> = (0..9).map(|i| BALANCE - 100 - i).collect();
+    assert_eq!(balances(&pool, &customers).await?, expected);
+    for id in &orders {
+        assert_eq!(emitted(&stack, *id, "PaymentProcessed").await?, 1);
+    }
+    assert!(stack.dead_letters().await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_orders_events_keep_their_order_across_batches_and_lanes() -> Result<()> {
+    let mut stack = Stack::start_with(&["payment"]).await?;
+    let customers: Vec<String> = (0..25).map(|i| format!("c{i}")).collect();
+    for c in &customers {
+        stack.set_balance(c, BALANCE).await?;
+    }
+    stack.stop_service("payment").await?;
+
+    // Each order placed and at once refunded, while payment is away: each
+    // refund right behind its charge in the stream. Payment takes them all
+    // at once when it is back, and applies them in small batches on three
+    // lanes.
+    let mut orders = Vec::new();
+    for c in &customers {
+        let (id, subject, body) = placed(&stack, c, 500);
+        stack.publish(&subject, body).await?;
+        let (subject, body) = reservation_failed(&stack, id);
+        stack.publish(&subject, body).await?;
+        orders.push(id);
+    }
+    stack
+        .start_service_with("payment", |c| {
+            c.consumer_lanes = 3;
+            c.consumer_batch = 4;
+            c.consumer_concurrency = 64;
+        })
+        .await?;
+
+    let pool = stack.pool("payment").await?;
+    eventually("every order refunded", DEADLINE, || async {
+        let refunded: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM payments WHERE status = 'refunded'")
+                .fetch_one(&pool)
+                .await?;
+        Ok((refunded == 25).then_some(()))
+    })
+    .await?;
+    stack.settle().await?;
+    assert_eq!(balances(&pool, &customers).await?, vec![BALANCE; 25]);
+    for id in &orders {
+        assert_eq!(emitted(&stack, *id, "PaymentProcessed").await?, 1);
+        assert_eq!(emitted(&stack, *id, "PaymentRefunded").await?, 1);
+    }
+    // No refund was looked at before its charge: nothing was retried.
+    let m = stack.metrics("payment").await?;
+    let payment = [("consumer", "payment")];
+    let by = |d| [payment[0], ("disposition", d)];
+    assert_eq!(m.sum("saga_events_total", &by("applied")), 50.0);
+    assert_eq!(m.sum("saga_events_total", &by("retry")), 0.0);
+    let committed = [("consumer", "payment"), ("outcome", "committed")];
+    assert!(m.sum("saga_consumer_batches_total", &committed) >= 2.0);
+    assert!(stack.dead_letters().await?.is_empty());
+    Ok(())
+}
