@@ -488,6 +488,9 @@ impl<H: Handler> Lanes<H> {
     }
 }
 
+/// How a batch's transaction begins: no lock waited for longer than this.
+const BATCH_BEGIN: &str = "BEGIN; SET LOCAL lock_timeout = '100ms'";
+
 /// How long one pull waits for events before the next is issued.
 const PULL_EXPIRY: Duration = Duration::from_secs(1);
 
@@ -792,7 +795,15 @@ impl<H: Handler> Inner<H> {
     /// duplicate Redis did not know of, a failure, a panic) rolls all of it
     /// back and says why, and the caller applies them one by one.
     async fn transact_batch(&self, batch: &[(Taken, Claim)]) -> Result<Vec<Outcome>, String> {
-        let mut tx = self.pool.begin().await.map_err(|e| e.to_string())?;
+        // Lanes' batches may lock the same rows (one customer's account,
+        // one product's stock) in different orders: a batch that waits too
+        // long for a lock gives up (and goes one by one) instead of waiting
+        // for Postgres to find the deadlock.
+        let mut tx = self
+            .pool
+            .begin_with(BATCH_BEGIN)
+            .await
+            .map_err(|e| e.to_string())?;
         let meter = self.meter.holding();
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut refused = None;

@@ -51,9 +51,9 @@ impl Observer {
             let this = this.clone();
             source
                 .clone()
-                .watch(spec, health, shutdown.clone(), move |msg| {
+                .watch_batches(spec, health, shutdown.clone(), move |msgs| {
                     let this = this.clone();
-                    async move { this.record(&msg, decode(&msg)).await }
+                    async move { this.record(msgs, decode).await }
                 })
         };
         let events = record(TIMELINE_EVENTS, HEALTH_EVENTS, event_entry).await?;
@@ -68,29 +68,39 @@ impl Observer {
         }))
     }
 
-    /// Records one entry (or nothing, for a message that belongs to no
-    /// saga) and acks; naks when the database cannot take it now.
-    async fn record(&self, msg: &jetstream::Message, entry: Option<NewEntry>) {
-        let Some(entry) = entry else {
-            return ack(msg, AckKind::Ack).await;
-        };
-        match store::record_entry(&self.pool, &entry).await {
-            Ok(fresh) => {
-                // Counted once: a redelivered or replayed event is not fresh.
-                if fresh
-                    && entry.kind == EntryKind::Event
-                    && let Some(outcome) =
-                        EventKind::from_name(&entry.event_type).and_then(timeline::ending)
-                {
-                    self.meter.saga_ended(outcome);
+    /// Records the messages' entries (a message that belongs to no saga has
+    /// none) in one transaction and acks them all; naks them all when the
+    /// database cannot take them now.
+    async fn record(
+        &self,
+        msgs: Vec<jetstream::Message>,
+        decode: fn(&jetstream::Message) -> Option<NewEntry>,
+    ) {
+        let entries: Vec<NewEntry> = msgs.iter().filter_map(decode).collect();
+        let kind = if entries.is_empty() {
+            AckKind::Ack
+        } else {
+            match store::record_entries(&self.pool, &entries).await {
+                Ok(fresh) => {
+                    for (entry, fresh) in entries.iter().zip(fresh) {
+                        // Counted once: a redelivered or replayed event is not fresh.
+                        if fresh
+                            && entry.kind == EntryKind::Event
+                            && let Some(outcome) =
+                                EventKind::from_name(&entry.event_type).and_then(timeline::ending)
+                        {
+                            self.meter.saga_ended(outcome);
+                        }
+                    }
+                    AckKind::Ack
                 }
-                ack(msg, AckKind::Ack).await
+                Err(e) => {
+                    tracing::warn!(entries = entries.len(), error = %e, "cannot record timeline entries; retrying");
+                    AckKind::Nak(Some(Duration::from_secs(1)))
+                }
             }
-            Err(e) => {
-                tracing::warn!(correlation_id = %entry.correlation_id, error = %e, "cannot record a timeline entry; retrying");
-                ack(msg, AckKind::Nak(Some(Duration::from_secs(1)))).await;
-            }
-        }
+        };
+        futures::future::join_all(msgs.iter().map(|msg| ack(msg, kind))).await;
     }
 
     /// Logs each stall once, at WARN with the saga's id, the step and the

@@ -478,68 +478,104 @@ pub struct SagaRow {
 const SAGA_COLUMNS: &str = "correlation_id, status, waiting_for, step, started_at, \
      last_event_at, last_event_type, dead_letters";
 
-/// Records `entry` and folds its saga's summary again, in one transaction
-/// serialized per saga; `false` if the entry was already recorded.
-pub async fn record_entry(pool: &PgPool, entry: &NewEntry) -> sqlx::Result<bool> {
+/// Records `entries` and folds each of their sagas' summaries again, in
+/// one transaction serialized per saga, with a statement for each step
+/// whatever the number of entries: for each entry in order, whether it was
+/// new (`false`: recorded already, or earlier in `entries`). Nothing is
+/// recorded if any fails.
+pub async fn record_entries(pool: &PgPool, entries: &[NewEntry]) -> sqlx::Result<Vec<bool>> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 7))")
-        .bind(entry.correlation_id)
-        .execute(&mut *tx)
-        .await?;
-    let inserted = sqlx::query(
+    // Every saga of the batch locked up front, in one global order, so two
+    // batches (events and dead letters) never wait on each other in a cycle.
+    let sagas: Vec<Uuid> = entries.iter().map(|e| e.correlation_id).collect();
+    sqlx::query(
+        "SELECT count(pg_advisory_xact_lock(k)) FROM (
+             SELECT DISTINCT hashtextextended(id::text, 7) AS k
+             FROM unnest($1::uuid[]) AS id ORDER BY k
+         ) keys",
+    )
+    .bind(&sagas)
+    .execute(&mut *tx)
+    .await?;
+    let inserted: Vec<String> = sqlx::query_scalar(
         "INSERT INTO saga_timeline (entry_key, correlation_id, kind, service, event_type,
              event_id, causation_id, aggregate_id, version, occurred_at, stream_seq, effect,
              reason, payload)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-         ON CONFLICT (entry_key) DO NOTHING",
+         SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[],
+             $6::uuid[], $7::uuid[], $8::text[], $9::int8[], $10::timestamptz[], $11::int8[],
+             $12::text[], $13::text[], $14::jsonb[])
+         ON CONFLICT (entry_key) DO NOTHING
+         RETURNING entry_key",
     )
-    .bind(&entry.key)
-    .bind(entry.correlation_id)
-    .bind(entry.kind)
-    .bind(&entry.service)
-    .bind(&entry.event_type)
-    .bind(entry.event_id)
-    .bind(entry.causation_id)
-    .bind(&entry.aggregate_id)
-    .bind(entry.version)
-    .bind(entry.occurred_at)
-    .bind(entry.stream_seq)
-    .bind(&entry.effect)
-    .bind(&entry.reason)
-    .bind(&entry.payload)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if !inserted {
-        tx.rollback().await?;
-        return Ok(false);
+    .bind(column(entries, |e| e.key.clone()))
+    .bind(&sagas)
+    .bind(column(entries, |e| e.kind))
+    .bind(column(entries, |e| e.service.clone()))
+    .bind(column(entries, |e| e.event_type.clone()))
+    .bind(column(entries, |e| e.event_id))
+    .bind(column(entries, |e| e.causation_id))
+    .bind(column(entries, |e| e.aggregate_id.clone()))
+    .bind(column(entries, |e| e.version))
+    .bind(column(entries, |e| e.occurred_at))
+    .bind(column(entries, |e| e.stream_seq))
+    .bind(column(entries, |e| e.effect.clone()))
+    .bind(column(entries, |e| e.reason.clone()))
+    .bind(column(entries, |e| e.payload.clone()))
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut new: std::collections::HashSet<String> = inserted.into_iter().collect();
+    let fresh: Vec<bool> = entries.iter().map(|e| new.remove(&e.key)).collect();
+    let mut changed: Vec<Uuid> = entries
+        .iter()
+        .zip(&fresh)
+        .filter(|(_, fresh)| **fresh)
+        .map(|(e, _)| e.correlation_id)
+        .collect();
+    changed.sort();
+    changed.dedup();
+    if !changed.is_empty() {
+        fold_sagas(&mut tx, &changed).await?;
     }
-    let entries = timeline_in(&mut tx, entry.correlation_id).await?;
-    let entries: Vec<NewEntry> = entries.into_iter().map(|e| e.entry).collect();
-    let kinds = entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::Event)
-        .filter_map(|e| common::EventKind::from_name(&e.event_type));
-    let (status, waiting) = crate::timeline::progress(kinds);
-    let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
-        tx.rollback().await?;
-        return Ok(false);
-    };
-    let started_at = first.occurred_at;
-    let last_at = entries
-        .iter()
-        .map(|e| e.occurred_at)
-        .max()
-        .unwrap_or(started_at);
-    let dead_letters = entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::DeadLetter)
-        .count() as i32;
+    tx.commit().await?;
+    Ok(fresh)
+}
+
+/// Folds the summaries (`sagas`) of `ids` again from their timelines.
+async fn fold_sagas(tx: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<()> {
+    let rows: Vec<(Uuid, EntryKind, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT correlation_id, kind, event_type, occurred_at FROM saga_timeline
+         WHERE correlation_id = ANY($1)
+         ORDER BY correlation_id, occurred_at, kind, stream_seq",
+    )
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut folded: Vec<SagaRow> = Vec::with_capacity(ids.len());
+    for saga in rows.chunk_by(|a, b| a.0 == b.0) {
+        let (Some(first), Some(last)) = (saga.first(), saga.last()) else {
+            continue;
+        };
+        let kinds = saga
+            .iter()
+            .filter(|(_, kind, ..)| *kind == EntryKind::Event)
+            .filter_map(|(_, _, event_type, _)| common::EventKind::from_name(event_type));
+        let (status, waiting) = crate::timeline::progress(kinds);
+        folded.push(SagaRow {
+            correlation_id: first.0,
+            status,
+            waiting_for: waiting.map(|w| w.service.to_string()),
+            step: waiting.map(|w| w.step.to_string()),
+            started_at: first.3,
+            last_event_at: saga.iter().map(|e| e.3).max().unwrap_or(first.3),
+            last_event_type: last.2.clone(),
+            dead_letters: saga.iter().filter(|e| e.1 == EntryKind::DeadLetter).count() as i32,
+        });
+    }
     sqlx::query(
         "INSERT INTO sagas (correlation_id, status, waiting_for, step, started_at, last_event_at,
              last_event_type, dead_letters)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[],
+             $5::timestamptz[], $6::timestamptz[], $7::text[], $8::int4[])
          ON CONFLICT (correlation_id) DO UPDATE SET
              status = EXCLUDED.status, waiting_for = EXCLUDED.waiting_for, step = EXCLUDED.step,
              started_at = EXCLUDED.started_at, last_event_at = EXCLUDED.last_event_at,
@@ -547,18 +583,22 @@ pub async fn record_entry(pool: &PgPool, entry: &NewEntry) -> sqlx::Result<bool>
              stall_reported = sagas.stall_reported
                  AND sagas.last_event_at = EXCLUDED.last_event_at",
     )
-    .bind(entry.correlation_id)
-    .bind(status)
-    .bind(waiting.map(|w| w.service))
-    .bind(waiting.map(|w| w.step))
-    .bind(started_at)
-    .bind(last_at)
-    .bind(&last.event_type)
-    .bind(dead_letters)
+    .bind(column(&folded, |r| r.correlation_id))
+    .bind(column(&folded, |r| r.status))
+    .bind(column(&folded, |r| r.waiting_for.clone()))
+    .bind(column(&folded, |r| r.step.clone()))
+    .bind(column(&folded, |r| r.started_at))
+    .bind(column(&folded, |r| r.last_event_at))
+    .bind(column(&folded, |r| r.last_event_type.clone()))
+    .bind(column(&folded, |r| r.dead_letters))
     .execute(&mut *tx)
     .await?;
-    tx.commit().await?;
-    Ok(true)
+    Ok(())
+}
+
+/// One field of every item, as a column to bind as an array.
+fn column<T, R>(items: &[T], field: impl Fn(&T) -> R) -> Vec<R> {
+    items.iter().map(field).collect()
 }
 
 async fn timeline_in(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Vec<EntryRow>> {

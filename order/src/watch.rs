@@ -12,7 +12,7 @@ use common::{
     health::{Condition, Health},
     topology::{self, WatchSpec},
 };
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 /// A watch whose consumers exist, as the loop to run (or why they could not
@@ -42,6 +42,32 @@ impl Source {
         F: Fn(jetstream::Message) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        let process = std::sync::Arc::new(process);
+        self.watch_batches(spec, health_name, shutdown, move |msgs| {
+            let process = process.clone();
+            async move {
+                for msg in msgs {
+                    process(msg).await;
+                }
+            }
+        })
+        .await
+    }
+
+    /// Like [`Self::watch`], but hands `process` every message that is
+    /// waiting (at most [`BATCH`], in stream order), so it can record them
+    /// in one transaction; one alone when no more are waiting.
+    pub async fn watch_batches<F, Fut>(
+        self,
+        spec: WatchSpec,
+        health_name: &'static str,
+        shutdown: CancellationToken,
+        process: F,
+    ) -> Result<impl Future<Output = ()> + Send + 'static, topology::TopologyError>
+    where
+        F: Fn(Vec<jetstream::Message>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let consumer =
             topology::apply_consumer(&self.js, &self.subjects, topology::Durable::Watch(&spec))
                 .await?;
@@ -57,7 +83,7 @@ impl Source {
         shutdown: CancellationToken,
         process: F,
     ) where
-        F: Fn(jetstream::Message) -> Fut + Send + Sync + 'static,
+        F: Fn(Vec<jetstream::Message>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let mut failures = 0u32;
@@ -65,15 +91,40 @@ impl Source {
             let result = async {
                 let mut batch = consumer
                     .batch()
-                    .max_messages(64)
+                    .max_messages(BATCH)
                     .expires(Duration::from_secs(1))
                     .messages()
                     .await
                     .map_err(|e| e.to_string())?;
-                while let Some(msg) = batch.next().await {
-                    process(msg.map_err(|e| e.to_string())?).await;
+                loop {
+                    let Some(first) = batch.next().await else {
+                        return Ok(());
+                    };
+                    let mut msgs = vec![first.map_err(|e| e.to_string())?];
+                    let mut failed = None;
+                    let mut ended = false;
+                    while msgs.len() < BATCH {
+                        match batch.next().now_or_never() {
+                            Some(Some(Ok(msg))) => msgs.push(msg),
+                            Some(Some(Err(e))) => {
+                                failed = Some(e.to_string());
+                                break;
+                            }
+                            Some(None) => {
+                                ended = true;
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    process(msgs).await;
+                    if let Some(e) = failed {
+                        return Err(e);
+                    }
+                    if ended {
+                        return Ok::<_, String>(());
+                    }
                 }
-                Ok::<_, String>(())
             }
             .await;
             match result {
@@ -110,6 +161,9 @@ impl Source {
         }
     }
 }
+
+/// Most messages a watch pulls at once, and hands over together.
+pub const BATCH: usize = 64;
 
 /// Acks (or naks) a watched message; a lost ack means a redelivery, which
 /// every watch tolerates.
