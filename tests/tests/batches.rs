@@ -120,6 +120,29 @@ async fn waiting_on_a_lock(pool: &PgPool, written: bool) -> Result<()> {
     .await
 }
 
+/// Places an order for each of `customers` (one widget at 100 plus its
+/// place), the first account being held: the service's one lane takes the
+/// first order alone and waits on the account, and the others queue up
+/// behind it, to be taken together as the next batch.
+async fn queue_behind_the_first(
+    stack: &Stack,
+    consumer: &jetstream::consumer::PullConsumer,
+    pool: &PgPool,
+    customers: &[String],
+) -> Result<Vec<Uuid>> {
+    let mut orders = Vec::new();
+    for (i, c) in customers.iter().enumerate() {
+        let (id, subject, body) = placed(stack, c, 100 + i as i64);
+        stack.publish(&subject, body).await?;
+        orders.push(id);
+        if i == 0 {
+            waiting_on_a_lock(pool, false).await?;
+        }
+    }
+    taken(consumer, customers.len()).await?;
+    Ok(orders)
+}
+
 async fn balances(pool: &PgPool, customers: &[String]) -> Result<Vec<i64>> {
     let mut out = Vec::new();
     for c in customers {
@@ -162,16 +185,7 @@ async fn a_poison_event_in_the_middle_of_a_batch_is_dead_lettered_alone() -> Res
         .await?;
 
     let held = lock_account(&stack, "c1").await?;
-    let mut orders = Vec::new();
-    for (i, c) in customers.iter().enumerate() {
-        let (id, subject, body) = placed(&stack, c, 100 + i as i64);
-        stack.publish(&subject, body).await?;
-        orders.push(id);
-        if i == 0 {
-            waiting_on_a_lock(&pool, false).await?;
-        }
-    }
-    taken(&consumer, 9).await?;
+    let orders = queue_behind_the_first(&stack, &consumer, &pool, &customers).await?;
     held.commit().await?;
 
     let letters = stack.wait_for_dead_letters(1).await?;
@@ -244,16 +258,7 @@ async fn a_crash_in_the_middle_of_a_batch_loses_and_doubles_nothing() -> Result<
     // its middle, after c2 to c4 are charged in its transaction.
     let first = lock_account(&stack, "c1").await?;
     let middle = lock_account(&stack, "c5").await?;
-    let mut orders = Vec::new();
-    for (i, c) in customers.iter().enumerate() {
-        let (id, subject, body) = placed(&stack, c, 100 + i as i64);
-        stack.publish(&subject, body).await?;
-        orders.push(id);
-        if i == 0 {
-            waiting_on_a_lock(&pool, false).await?;
-        }
-    }
-    taken(&consumer, 9).await?;
+    let orders = queue_behind_the_first(&stack, &consumer, &pool, &customers).await?;
     first.commit().await?;
     waiting_on_a_lock(&pool, true).await?;
     let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM payments")
