@@ -497,13 +497,6 @@ const PULL_EXPIRY: Duration = Duration::from_secs(1);
 impl<H: Handler> Inner<H> {
     /// Disposes of what a lane took: one delivery alone, more together.
     async fn process_all(&self, taken: Vec<Taken>) {
-        if taken.len() < 2 || self.batch < 2 {
-            for t in taken {
-                let claim = self.idempotency.claim(t.envelope.event_id).await;
-                self.settle(t, claim).await;
-            }
-            return;
-        }
         let ids: Vec<Uuid> = taken.iter().map(|t| t.envelope.event_id).collect();
         let claims = self.idempotency.claim_all(&ids).await;
         let mut batch = Vec::with_capacity(taken.len());
@@ -517,6 +510,7 @@ impl<H: Handler> Inner<H> {
                 }
             }
         }
+        // One event alone (as when the lane is not busy) goes the single way.
         if batch.len() < 2 {
             for (t, claim) in batch {
                 self.settle(t, claim).await;
@@ -560,11 +554,14 @@ impl<H: Handler> Inner<H> {
     /// Decodes a delivery and checks its subject; one that fails either is
     /// dead-lettered here, and `None`.
     async fn take(&self, msg: jetstream::Message, started: Instant) -> Option<Taken> {
-        let (delivered, stream_seq) = msg
-            .info()
-            .map(|i| (i.delivered, i.stream_sequence))
-            .unwrap_or((1, 0));
-        let published = msg.info().map(|i| i.published.unix_timestamp_nanos()).ok();
+        let (delivered, stream_seq, published) = match msg.info() {
+            Ok(i) => (
+                i.delivered,
+                i.stream_sequence,
+                Some(i.published.unix_timestamp_nanos()),
+            ),
+            Err(_) => (1, 0, None),
+        };
         let d = Delivery {
             msg: &msg,
             delivered,

@@ -207,14 +207,9 @@ impl IdempotencyStore {
         format!("{}{event_id}", self.prefix)
     }
 
-    /// Claims the event, or says who has it; [`Claim::Unavailable`] when
-    /// Redis cannot answer in time.
-    pub async fn claim(&self, event_id: Uuid) -> Claim {
-        self.claim_all(&[event_id]).await[0]
-    }
-
-    /// Claims every event of a batch in one round trip, answering for each
-    /// in order.
+    /// Claims each event, or says who has it, in one round trip, answering
+    /// for each in order; [`Claim::Unavailable`] when Redis cannot answer
+    /// in time.
     pub async fn claim_all(&self, event_ids: &[Uuid]) -> Vec<Claim> {
         if event_ids.is_empty() {
             return Vec::new();
