@@ -15,6 +15,9 @@
 //! aggregate id: the step's outcome ([`STEP_VERSION`]) and its
 //! compensation ([`COMPENSATION_VERSION`]).
 
+use std::{collections::HashMap, sync::Arc};
+
+use futures::StreamExt;
 use sqlx::{
     FromRow, PgConnection, Postgres,
     postgres::{PgArguments, PgRow},
@@ -135,6 +138,8 @@ pub async fn hold_order(tx: &mut PgConnection, order_id: Uuid) -> sqlx::Result<(
 
 /// How long asking the broker for an order's cancel may take.
 const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Most questions to the broker a batch has open at once.
+const LOOKUPS_AT_ONCE: usize = 32;
 
 /// Where a service learns that the customer cancelled an order before it
 /// took its step: its own record (it heard of the cancel first), or the
@@ -145,11 +150,45 @@ const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 pub struct Cancels {
     js: async_nats::jetstream::Context,
     subjects: Subjects,
+    /// The stream's answers for a batch's orders, asked together before its
+    /// transaction began ([`Cancels::asked`]).
+    answered: Arc<HashMap<Uuid, Option<String>>>,
 }
 
 impl Cancels {
     pub fn new(js: async_nats::jetstream::Context, subjects: Subjects) -> Cancels {
-        Cancels { js, subjects }
+        Cancels {
+            js,
+            subjects,
+            answered: Arc::default(),
+        }
+    }
+
+    /// These cancels with the stream's answers for `orders` (the orders
+    /// whose steps a batch is about to take) asked all at once, so that the
+    /// batch's transaction does not wait on the broker once per step. An
+    /// order the broker did not answer for is asked again in the
+    /// transaction, as if alone.
+    ///
+    /// Asking before the transaction instead of in it changes nothing a
+    /// step can observe: the answer is still about the cancels published
+    /// before the step was taken, and a cancel published after it (like
+    /// one published after the step committed) finds the step done and
+    /// undoes it.
+    pub async fn asked(&self, orders: impl IntoIterator<Item = Uuid>) -> Cancels {
+        let mut orders: Vec<Uuid> = orders.into_iter().collect();
+        orders.sort_unstable();
+        orders.dedup();
+        let answered: HashMap<Uuid, Option<String>> = futures::stream::iter(orders)
+            .map(|order_id| async move { (order_id, self.in_stream(order_id).await) })
+            .buffer_unordered(LOOKUPS_AT_ONCE)
+            .filter_map(|(order_id, answer)| async move { Some((order_id, answer.ok()?)) })
+            .collect()
+            .await;
+        Cancels {
+            answered: Arc::new(answered),
+            ..self.clone()
+        }
     }
 
     /// What a forward step asks first: holds the order (see
@@ -169,6 +208,15 @@ impl Cancels {
         if recorded.is_some() {
             return Ok(recorded);
         }
+        match self.answered.get(&order_id) {
+            Some(answer) => Ok(answer.clone()),
+            None => self.in_stream(order_id).await,
+        }
+    }
+
+    /// Why the customer cancelled `order_id`, if the stream holds their
+    /// cancel.
+    async fn in_stream(&self, order_id: Uuid) -> Result<Option<String>, HandlerError> {
         let subject = self
             .subjects
             .event_of(EventKind::OrderCancelledByCustomer, order_id);

@@ -162,6 +162,14 @@ pub trait Handler: Send + Sync + 'static {
         cx: Applying<'a>,
         event: Event,
     ) -> impl Future<Output = Result<Outcome, HandlerError>> + Send + 'a;
+
+    /// The order whose forward step `event` is, if it is one: a step that
+    /// first asks whether the customer cancelled the order
+    /// ([`Cancels::before`]). A batch asks the broker for all its steps at
+    /// once, before its transaction begins ([`Cancels::asked`]).
+    fn step_of(&self, _event: &Event) -> Option<Uuid> {
+        None
+    }
 }
 
 /// Deliveries an early event is retried for before it is dead-lettered
@@ -763,16 +771,22 @@ impl<H: Handler> Inner<H> {
         delivered: i64,
     ) -> Result<Option<Outcome>, HandlerError> {
         let mut tx = self.pool.begin().await?;
-        let result =
-            AssertUnwindSafe(self.apply_in(&mut tx, &self.meter, envelope, event, delivered))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|panic| {
-                    Ok(Some(Outcome::Rejected(format!(
-                        "handler panicked: {}",
-                        panic_message(&*panic)
-                    ))))
-                });
+        let result = AssertUnwindSafe(self.apply_in(
+            &mut tx,
+            &self.meter,
+            &self.cancels,
+            envelope,
+            event,
+            delivered,
+        ))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            Ok(Some(Outcome::Rejected(format!(
+                "handler panicked: {}",
+                panic_message(&*panic)
+            ))))
+        });
         match result {
             Ok(Some(Outcome::Applied(_) | Outcome::Skipped(_))) => tx.commit().await?,
             // Roll back now, not when the connection is next used: until then
@@ -792,6 +806,16 @@ impl<H: Handler> Inner<H> {
     /// duplicate Redis did not know of, a failure, a panic) rolls all of it
     /// back and says why, and the caller applies them one by one.
     async fn transact_batch(&self, batch: &[(Taken, Claim)]) -> Result<Vec<Outcome>, String> {
+        // Asked before the transaction, all at once: the broker's answers
+        // would otherwise come one by one while the batch holds its locks.
+        let cancels = self
+            .cancels
+            .asked(
+                batch
+                    .iter()
+                    .filter_map(|(t, _)| self.handler.step_of(&t.event)),
+            )
+            .await;
         // Lanes' batches may lock the same rows (one customer's account,
         // one product's stock) in different orders: a batch that waits too
         // long for a lock gives up (and goes one by one) instead of waiting
@@ -808,6 +832,7 @@ impl<H: Handler> Inner<H> {
             let applied = AssertUnwindSafe(self.apply_in(
                 &mut tx,
                 &meter,
+                &cancels,
                 &t.envelope,
                 t.event.clone(),
                 t.delivered,
@@ -846,6 +871,7 @@ impl<H: Handler> Inner<H> {
         &self,
         tx: &mut PgConnection,
         meter: &Meter,
+        cancels: &Cancels,
         envelope: &Envelope,
         event: Event,
         delivered: i64,
@@ -855,7 +881,7 @@ impl<H: Handler> Inner<H> {
             cause: envelope,
             meter,
             delivered,
-            cancels: &self.cancels,
+            cancels,
         };
         let outcome = self.handler.handle(cx, event).await?;
         let events = match &outcome {

@@ -37,6 +37,13 @@ impl Handler for InventoryHandler {
             _ => Ok(Outcome::Unhandled),
         }
     }
+
+    fn step_of(&self, event: &Event) -> Option<uuid::Uuid> {
+        match event {
+            Event::PaymentProcessed(p) => Some(p.order_id),
+            _ => None,
+        }
+    }
 }
 
 async fn reserve(cx: Applying<'_>, paid: PaymentProcessed) -> Result<Outcome, HandlerError> {

@@ -54,6 +54,13 @@ impl Handler for PaymentHandler {
             _ => Ok(Outcome::Unhandled),
         }
     }
+
+    fn step_of(&self, event: &Event) -> Option<uuid::Uuid> {
+        match event {
+            Event::OrderPlaced(o) => Some(o.order_id),
+            _ => None,
+        }
+    }
 }
 
 impl PaymentHandler {

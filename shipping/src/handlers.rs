@@ -28,6 +28,13 @@ impl Handler for ShippingHandler {
             _ => Ok(Outcome::Unhandled),
         }
     }
+
+    fn step_of(&self, event: &Event) -> Option<uuid::Uuid> {
+        match event {
+            Event::InventoryReserved(r) => Some(r.order_id),
+            _ => None,
+        }
+    }
 }
 
 /// Calling a shipment off: shipping's compensation, under the shipment's id.

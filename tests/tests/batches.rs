@@ -11,7 +11,9 @@ use anyhow::{Context, Result, ensure};
 use async_nats::jetstream;
 use common::{
     Envelope, Event, EventKind,
-    event::{Address, InventoryReservationFailed, OrderLine, OrderPlaced},
+    event::{
+        Address, InventoryReservationFailed, OrderCancelledByCustomer, OrderLine, OrderPlaced,
+    },
     topology,
 };
 use saga_tests::{DEADLINE, Stack, eventually};
@@ -63,6 +65,19 @@ fn reservation_failed(stack: &Stack, order_id: Uuid) -> (String, Vec<u8>) {
     let subject = stack
         .subjects
         .event_of(EventKind::InventoryReservationFailed, order_id);
+    (subject, envelope.to_bytes())
+}
+
+/// The customer's cancel of `order_id`, as the order service publishes it.
+fn cancelled(stack: &Stack, order_id: Uuid) -> (String, Vec<u8>) {
+    let event = Event::OrderCancelledByCustomer(OrderCancelledByCustomer {
+        order_id,
+        reason: "changed my mind".into(),
+    });
+    let envelope = Envelope::new(&event, order_id.to_string(), 2, order_id, Uuid::now_v7());
+    let subject = stack
+        .subjects
+        .event_of(EventKind::OrderCancelledByCustomer, order_id);
     (subject, envelope.to_bytes())
 }
 
@@ -345,6 +360,75 @@ async fn one_orders_events_keep_their_order_across_batches_and_lanes() -> Result
     assert_eq!(m.sum("saga_events_total", &by("retry")), 0.0);
     let committed = [("consumer", "payment"), ("outcome", "committed")];
     assert!(m.sum("saga_consumer_batches_total", &committed) >= 2.0);
+    assert!(stack.dead_letters().await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_queued_behind_a_batch_of_orders_keep_each_of_them_from_being_charged() -> Result<()>
+{
+    let mut stack = Stack::start_with(&["payment"]).await?;
+    let customers: Vec<String> = (0..24).map(|i| format!("c{i}")).collect();
+    for c in &customers {
+        stack.set_balance(c, BALANCE).await?;
+    }
+    stack.stop_service("payment").await?;
+
+    // While payment is away, every order is placed and every other one
+    // cancelled by its customer: each cancel queued behind its order, the
+    // cancelled orders among the others. Back, payment takes them in
+    // batches on one lane, and asks the stream for the cancels of each
+    // batch's orders at once, before the batch's transaction.
+    let mut orders = Vec::new();
+    for (i, c) in customers.iter().enumerate() {
+        let (id, subject, body) = placed(&stack, c, 500);
+        stack.publish(&subject, body).await?;
+        orders.push((id, i % 2 == 1));
+    }
+    for (id, cancel) in &orders {
+        if *cancel {
+            let (subject, body) = cancelled(&stack, *id);
+            stack.publish(&subject, body).await?;
+        }
+    }
+    stack
+        .start_service_with("payment", |c| {
+            c.consumer_lanes = 1;
+            c.consumer_batch = 8;
+        })
+        .await?;
+
+    let pool = stack.pool("payment").await?;
+    eventually("every order charged or never charged", DEADLINE, || async {
+        let (charged, never): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM payments), (SELECT count(*) FROM cancelled_orders)",
+        )
+        .fetch_one(&pool)
+        .await?;
+        Ok((charged == 12 && never == 12).then_some(()))
+    })
+    .await?;
+    stack.settle().await?;
+
+    let expected: Vec<i64> = orders
+        .iter()
+        .map(|(_, cancel)| if *cancel { BALANCE } else { BALANCE - 500 })
+        .collect();
+    assert_eq!(balances(&pool, &customers).await?, expected);
+    for (i, (id, cancel)) in orders.iter().enumerate() {
+        let charged = emitted(&stack, *id, "PaymentProcessed").await?;
+        assert_eq!(charged, usize::from(!cancel), "order {i}");
+        assert_eq!(
+            emitted(&stack, *id, "PaymentRefunded").await?,
+            0,
+            "order {i}"
+        );
+    }
+    let m = stack.metrics("payment").await?;
+    let committed = [("consumer", "payment"), ("outcome", "committed")];
+    assert!(m.sum("saga_consumer_batches_total", &committed) >= 2.0);
+    let retried = [("consumer", "payment"), ("disposition", "retry")];
+    assert_eq!(m.sum("saga_events_total", &retried), 0.0);
     assert!(stack.dead_letters().await?.is_empty());
     Ok(())
 }
