@@ -91,7 +91,7 @@ impl Source {
             let result = async {
                 let mut batch = consumer
                     .batch()
-                    .max_messages(BATCH)
+                    .max_messages(PULL)
                     .expires(Duration::from_secs(1))
                     .messages()
                     .await
@@ -162,8 +162,13 @@ impl Source {
     }
 }
 
-/// Most messages a watch pulls at once, and hands over together.
+/// Most messages a watch hands over together.
 pub const BATCH: usize = 64;
+/// Most messages one pull asks for: many batches' worth, so that the
+/// broker's answer to the next pull (tens of milliseconds when it is busy
+/// writing) is waited for once per many batches, not once per batch. The
+/// messages arrive and are handed over as the broker sends them.
+const PULL: usize = 16 * BATCH;
 
 /// Acks (or naks) a watched message; a lost ack means a redelivery, which
 /// every watch tolerates.
