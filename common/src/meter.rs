@@ -52,6 +52,8 @@ pub mod names {
     pub const SNAPSHOTS: &str = "saga_snapshots_total";
     pub const BATCHES: &str = "saga_consumer_batches_total";
     pub const BATCHED_EVENTS: &str = "saga_consumer_batched_events_total";
+    pub const RELAY_BATCHES: &str = "saga_relay_batches_total";
+    pub const RELAY_BATCHED_EVENTS: &str = "saga_relay_batched_events_total";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +66,7 @@ pub enum Kind {
 /// Every series: its name, kind and `# HELP` text. A `_seconds` series is
 /// in seconds.
 #[rustfmt::skip]
-pub const SERIES: [(&str, Kind, &str); 18] = {
+pub const SERIES: [(&str, Kind, &str); 20] = {
     use Kind::*;
     use names::*;
     [
@@ -86,6 +88,8 @@ pub const SERIES: [(&str, Kind, &str); 18] = {
         (SNAPSHOTS, Counter, "Aggregate snapshots taken, and stored ones not used (another format, or not decodable), by outcome"),
         (BATCHES, Counter, "Batches of two or more events a consumer lane took together, by outcome (committed in one transaction, or applied one by one)"),
         (BATCHED_EVENTS, Counter, "Events in those batches, by outcome"),
+        (RELAY_BATCHES, Counter, "Atomic batches of two or more events the relay published, by outcome (stored as one, or refused and published one by one)"),
+        (RELAY_BATCHED_EVENTS, Counter, "Events in those batches, by outcome"),
     ]
 };
 
@@ -233,6 +237,15 @@ impl Meter {
         counter!(names::BATCHED_EVENTS, "service" => self.service(), "consumer" => consumer.to_string(),
             "outcome" => outcome)
         .increment(events as u64);
+    }
+
+    /// An atomic batch of `events` the relay published: `atomic` (stored
+    /// as one) or `one_by_one` (refused, then published one by one).
+    pub fn relay_batch(&self, outcome: &'static str, events: usize) {
+        counter!(names::RELAY_BATCHES, "service" => self.service(), "outcome" => outcome)
+            .increment(1);
+        counter!(names::RELAY_BATCHED_EVENTS, "service" => self.service(), "outcome" => outcome)
+            .increment(events as u64);
     }
 
     /// A snapshot taken, or a stored one ignored.

@@ -9,7 +9,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use async_nats::{HeaderMap, header, jetstream};
+use async_nats::{
+    HeaderMap, header,
+    jetstream::{self, context::PublishErrorKind},
+};
 use sqlx::{
     Connection, PgConnection, Postgres, Row as _,
     postgres::{PgArguments, PgConnectOptions},
@@ -58,6 +61,17 @@ pub const HEALTH_PARKED: &str = "outboxParked";
 const RELAY_BACKOFF_CAP: Duration = Duration::from_millis(6_400);
 /// Rows looked at per round trip to the database.
 const BATCH: i64 = 512;
+/// Most events in one atomic batch, and most bytes: the broker holds a
+/// batch until its commit (and takes at most 1,000 messages in one).
+const ATOMIC_EVENTS: usize = 256;
+const ATOMIC_BYTES: usize = 4 << 20;
+/// The headers of an atomic batch publish (nats-server 2.12 and later, on a
+/// stream with `allow_atomic`).
+const BATCH_ID: &str = "Nats-Batch-Id";
+const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
+const BATCH_COMMIT: &str = "Nats-Batch-Commit";
+/// How long asking the broker about a stream may take.
+const STREAM_INFO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Makes one relay of a service's replicas the leader, so they do not all
 /// publish the same events.
 const RELAY_LOCK: i64 = 0x5a6a_0007_0075_7462;
@@ -277,6 +291,8 @@ pub struct Relay {
     /// How to reach the service's database.
     pub options: PgConnectOptions,
     pub js: jetstream::Context,
+    /// Which stream an event goes to (an atomic batch goes to one).
+    pub subjects: Subjects,
     /// Commits wake it through this.
     pub signal: OutboxSignal,
     /// How often it looks without being woken.
@@ -294,13 +310,60 @@ struct Row {
     age: Duration,
 }
 
+/// The relay that leads: its connection, which holds the lock, and what
+/// the streams take.
+struct Leader {
+    conn: PgConnection,
+    atomic: Atomic,
+}
+
+/// Which streams take atomic batches (`allow_atomic`, nats-server 2.12 and
+/// later); the others get one publish per event.
+#[derive(Clone, Copy)]
+struct Atomic {
+    events: bool,
+    catalog: bool,
+}
+
+/// Why an atomic batch was not stored.
+enum Refusal {
+    /// The broker answered no (a duplicate in the batch, atomic publishing
+    /// not enabled on the stream): nothing of it was stored.
+    Refused(String),
+    /// No answer: it may or may not have been stored.
+    Unanswered(String),
+}
+
+/// `rows` cut into atomic batches of at most [`ATOMIC_EVENTS`] events and
+/// [`ATOMIC_BYTES`] bytes (at least one event each), in order.
+fn atomic_chunks<'a, 'r>(rows: &'a [&'r Row]) -> impl Iterator<Item = &'a [&'r Row]> {
+    let mut rest = rows;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut n = 0;
+        while n < rest.len() && n < ATOMIC_EVENTS {
+            bytes += rest[n].body.len();
+            if n > 0 && bytes > ATOMIC_BYTES {
+                break;
+            }
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
 impl Relay {
     /// Runs until `shutdown`, then flushes what is already committed. The
     /// service cancels `shutdown` only once its consumers and request
     /// handlers have drained, so the flush includes their last commits.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failures = 0u32;
-        let mut leader: Option<PgConnection> = None;
+        let mut leader: Option<Leader> = None;
         self.health.ok(HEALTH_RELAY);
         loop {
             match self.lead(&mut leader).await {
@@ -332,7 +395,7 @@ impl Relay {
     }
 
     /// Becomes leader if no one is, then publishes everything pending.
-    async fn lead(&self, leader: &mut Option<PgConnection>) -> Result<usize, RelayError> {
+    async fn lead(&self, leader: &mut Option<Leader>) -> Result<usize, RelayError> {
         if leader.is_none() {
             let options = self
                 .options
@@ -348,12 +411,17 @@ impl Relay {
                 return Ok(0);
             }
             self.report_parked(&mut conn).await?;
-            *leader = Some(conn);
+            let atomic = Atomic {
+                events: self.takes_atomic(&self.subjects.events_stream()).await,
+                catalog: self.takes_atomic(&self.subjects.catalog_stream()).await,
+            };
+            *leader = Some(Leader { conn, atomic });
         }
-        let conn = leader.as_mut().expect("leader connection");
+        let Leader { conn, atomic } = leader.as_mut().expect("leader connection");
+        let atomic = *atomic;
         let mut total = 0;
         loop {
-            let published = self.publish_batch(conn).await?;
+            let published = self.publish_batch(conn, atomic).await?;
             total += published;
             if published == 0 {
                 return Ok(total);
@@ -365,7 +433,11 @@ impl Relay {
     /// oldest rows, pipelined, then deletes the acknowledged ones. With at
     /// most one event per aggregate in flight, a partial failure can never
     /// reorder an aggregate's events: what was not acknowledged stays first.
-    async fn publish_batch(&self, conn: &mut PgConnection) -> Result<usize, RelayError> {
+    async fn publish_batch(
+        &self,
+        conn: &mut PgConnection,
+        atomic: Atomic,
+    ) -> Result<usize, RelayError> {
         let read_at = std::time::Instant::now();
         let rows: Vec<Row> = sqlx::query_as::<_, (i64, Uuid, String, Vec<u8>, f64)>(
             "SELECT id, event_id, subject, body,
@@ -392,9 +464,8 @@ impl Relay {
         }
 
         let max = max_payload(&self.js);
-        let mut pending = Vec::with_capacity(rows.len());
         let mut parked = Vec::new();
-        let mut failure = None;
+        let mut sendable = Vec::with_capacity(rows.len());
         for row in &rows {
             // Never hand the client a message the server must refuse: it
             // would close the whole connection, consumers and all.
@@ -406,29 +477,33 @@ impl Relay {
                 ));
                 continue;
             }
-            let mut headers = HeaderMap::new();
-            headers.insert(header::NATS_MESSAGE_ID, row.event_id.to_string().as_str());
-            match self
-                .js
-                .publish_with_headers(row.subject.clone(), headers, row.body.clone().into())
-                .await
-            {
-                Ok(ack) => pending.push((row.id, row.age, ack)),
-                Err(e) => {
-                    failure = Some(e.to_string());
-                    break;
-                }
-            }
+            sendable.push(row);
         }
-        let mut acked = Vec::with_capacity(pending.len());
-        for (id, age, ack) in pending {
-            match ack.await {
-                Ok(_) => {
-                    self.meter.published(age + read_at.elapsed());
-                    acked.push(id);
+        // An atomic batch goes to one stream: the catalog's events apart.
+        let (catalog, events): (Vec<&Row>, Vec<&Row>) = sendable
+            .into_iter()
+            .partition(|row| self.subjects.is_catalog(&row.subject));
+        let mut acked = Vec::with_capacity(rows.len());
+        let mut failure = None;
+        'streams: for (rows, atomic) in [(events, atomic.events), (catalog, atomic.catalog)] {
+            let chunks: Vec<&[&Row]> = if atomic {
+                atomic_chunks(&rows).collect()
+            } else {
+                vec![&rows]
+            };
+            for chunk in chunks {
+                let (published, failed) = if atomic {
+                    self.publish_chunk(chunk).await
+                } else {
+                    self.publish_each(chunk).await
+                };
+                for row in published {
+                    self.meter.published(row.age + read_at.elapsed());
+                    acked.push(row.id);
                 }
-                Err(e) => {
-                    failure.get_or_insert(e.to_string());
+                if let Some(e) = failed {
+                    failure = Some(e);
+                    break 'streams;
                 }
             }
         }
@@ -468,6 +543,128 @@ impl Relay {
             tracing::info!("the broker accepts events again");
         }
         Ok(acked.len() + parked.len())
+    }
+
+    /// Whether `stream` says it takes atomic batches. A broker that does
+    /// not know them (before 2.12) would store a batch's messages one by
+    /// one and acknowledge only the last: the relay must not rely on it.
+    async fn takes_atomic(&self, stream: &str) -> bool {
+        let info = tokio::time::timeout(STREAM_INFO_TIMEOUT, self.js.get_stream(stream)).await;
+        match info {
+            Ok(Ok(s)) => s.cached_info().config.allow_atomic_publish,
+            _ => {
+                tracing::warn!(
+                    stream,
+                    "stream not known; its events are published one by one"
+                );
+                false
+            }
+        }
+    }
+
+    /// Publishes `rows` (of one stream, in outbox order) as one atomic
+    /// batch, or one by one if the broker refuses the batch: the rows it
+    /// acknowledged, and why it stopped short of the others.
+    ///
+    /// With `sync_interval: always` the broker writes each message to disk
+    /// on its own; a batch is written at its commit, so a round of the relay
+    /// costs the broker one write instead of one per event. The broker
+    /// refuses a whole batch holding an event it already has (a relay that
+    /// died between publishing and deleting the rows): one by one, each
+    /// publish is deduplicated on its own.
+    async fn publish_chunk<'r>(&self, rows: &[&'r Row]) -> (Vec<&'r Row>, Option<String>) {
+        if rows.len() > 1 {
+            match self.publish_atomic(rows).await {
+                Ok(()) => {
+                    self.meter.relay_batch("atomic", rows.len());
+                    return (rows.to_vec(), None);
+                }
+                // Nothing said: whether it was stored is unknown, and the
+                // round is tried again (a stored batch is then refused as
+                // duplicates, and published one by one).
+                Err(Refusal::Unanswered(e)) => return (Vec::new(), Some(e)),
+                Err(Refusal::Refused(e)) => {
+                    tracing::info!(events = rows.len(), error = %e, "atomic batch refused; publishing its events one by one");
+                    self.meter.relay_batch("one_by_one", rows.len());
+                }
+            }
+        }
+        self.publish_each(rows).await
+    }
+
+    /// `rows` as one atomic batch: every message but the last sent without
+    /// waiting, the last one commits the batch and is acknowledged for all.
+    async fn publish_atomic(&self, rows: &[&Row]) -> Result<(), Refusal> {
+        let batch_id = Uuid::new_v4().simple().to_string();
+        let client = self.js.client();
+        let (last, first) = rows.split_last().expect("a batch has rows");
+        let headers = |row: &Row, sequence: usize| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::NATS_MESSAGE_ID, row.event_id.to_string().as_str());
+            headers.insert(BATCH_ID, batch_id.as_str());
+            headers.insert(BATCH_SEQUENCE, sequence.to_string().as_str());
+            headers
+        };
+        for (i, row) in first.iter().enumerate() {
+            client
+                .publish_with_headers(
+                    row.subject.clone(),
+                    headers(row, i + 1),
+                    row.body.clone().into(),
+                )
+                .await
+                .map_err(|e| Refusal::Unanswered(e.to_string()))?;
+        }
+        let mut commit = headers(last, rows.len());
+        commit.insert(BATCH_COMMIT, "1");
+        let answer = async {
+            self.js
+                .publish_with_headers(last.subject.clone(), commit, last.body.clone().into())
+                .await?
+                .await
+        }
+        .await;
+        match answer {
+            Ok(_) => Ok(()),
+            Err(e) => match e.kind() {
+                PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
+                    Err(Refusal::Unanswered(e.to_string()))
+                }
+                _ => Err(Refusal::Refused(e.to_string())),
+            },
+        }
+    }
+
+    /// `rows` one publish each, all sent before any acknowledgement is
+    /// awaited: the rows acknowledged, and the first failure.
+    async fn publish_each<'r>(&self, rows: &[&'r Row]) -> (Vec<&'r Row>, Option<String>) {
+        let mut pending = Vec::with_capacity(rows.len());
+        let mut failure = None;
+        for row in rows {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::NATS_MESSAGE_ID, row.event_id.to_string().as_str());
+            match self
+                .js
+                .publish_with_headers(row.subject.clone(), headers, row.body.clone().into())
+                .await
+            {
+                Ok(ack) => pending.push((*row, ack)),
+                Err(e) => {
+                    failure = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        let mut acked = Vec::with_capacity(pending.len());
+        for (row, ack) in pending {
+            match ack.await {
+                Ok(_) => acked.push(row),
+                Err(e) => {
+                    failure.get_or_insert(e.to_string());
+                }
+            }
+        }
+        (acked, failure)
     }
 
     /// Moves a row that can never be published out of the way, with why.

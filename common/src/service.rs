@@ -238,6 +238,7 @@ impl Service {
             let relay = Relay {
                 options: PgConnectOptions::from_str(&config.database_url)?,
                 js: infra.js.clone(),
+                subjects: infra.subjects.clone(),
                 signal: infra.outbox.clone(),
                 poll: config.outbox_poll,
                 health: infra.health.clone(),

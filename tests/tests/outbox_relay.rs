@@ -3,8 +3,9 @@
 use std::{collections::HashMap, str::FromStr, time::Duration};
 
 use anyhow::Result;
+use async_nats::{HeaderMap, header::NATS_MESSAGE_ID};
 use common::{
-    Envelope, Event,
+    Envelope, Event, EventKind,
     event::OrderCancelled,
     outbox::{self, OutboxSignal, Relay},
 };
@@ -30,6 +31,7 @@ fn relay(stack: &Stack, poll: Duration) -> Result<Relay> {
     Ok(Relay {
         options: PgConnectOptions::from_str(&stack.dbs.url("payment"))?,
         js: stack.js.clone(),
+        subjects: stack.subjects.clone(),
         signal: OutboxSignal::default(),
         poll,
         health: Default::default(),
@@ -128,5 +130,103 @@ async fn events_committed_while_no_relay_ran_are_published_when_one_starts() -> 
     handle.await?;
     assert_eq!(published.len(), 1);
     assert_eq!(published[0].1.event_id, env.event_id);
+    Ok(())
+}
+
+/// Each event in the stream, in order: its id, and the atomic batch it was
+/// stored with, if any.
+async fn stored(stack: &Stack) -> Result<Vec<(Uuid, Option<String>)>> {
+    let stream = stack.js.get_stream(stack.subjects.events_stream()).await?;
+    let last = stream.get_info().await?.state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        let m = stream.get_raw_message(seq).await?;
+        let env: Envelope = serde_json::from_slice(&m.payload)?;
+        let batch = m.headers.get("Nats-Batch-Id").map(|v| v.to_string());
+        out.push((env.event_id, batch));
+    }
+    Ok(out)
+}
+
+/// `n` events of different aggregates, as a service would commit them.
+fn events(n: usize) -> Vec<Envelope> {
+    (0..n)
+        .map(|i| {
+            let event = Event::OrderCancelled(OrderCancelled {
+                order_id: Uuid::nil(),
+                reason: format!("#{i}"),
+            });
+            Envelope::new(&event, format!("agg-{i}"), 1, Uuid::nil(), Uuid::nil())
+        })
+        .collect()
+}
+
+/// Commits `events` to the outbox and runs a relay until it is empty.
+async fn relay_all(stack: &Stack, pool: &sqlx::PgPool, events: &[Envelope]) -> Result<()> {
+    let mut conn = pool.acquire().await?;
+    outbox::enqueue(&mut conn, &stack.subjects, events, 1 << 20)
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    drop(conn);
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(relay(stack, Duration::from_millis(20))?.run(shutdown.clone()));
+    eventually("the outbox to drain", DEADLINE, || async {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(pool)
+            .await?;
+        Ok((left == 0).then_some(()))
+    })
+    .await?;
+    shutdown.cancel();
+    handle.await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_is_stored_as_one_batch_and_a_batch_the_broker_partly_has_goes_one_by_one()
+-> Result<()> {
+    let (stack, pool) = outbox_only().await?;
+
+    // A relay died after publishing events 3 to 5 and before deleting
+    // their rows: the broker has them, and the next relay publishes them
+    // again with the rest. The broker refuses that batch as a whole (it
+    // holds duplicates); one by one, each duplicate is dropped on its own.
+    let first = events(10);
+    for env in &first[3..6] {
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MESSAGE_ID, env.event_id.to_string().as_str());
+        let subject = stack
+            .subjects
+            .event_of(EventKind::OrderCancelled, Uuid::nil());
+        stack
+            .js
+            .publish_with_headers(subject, headers, env.to_bytes().into())
+            .await?
+            .await?;
+    }
+    relay_all(&stack, &pool, &first).await?;
+    let after_first = stored(&stack).await?;
+    let ids: Vec<Uuid> = after_first.iter().map(|(id, _)| *id).collect();
+    let mut expected: Vec<Uuid> = first[3..6].iter().map(|e| e.event_id).collect();
+    expected.extend(first[..3].iter().chain(&first[6..]).map(|e| e.event_id));
+    assert_eq!(
+        ids, expected,
+        "each event once, the ones already there first"
+    );
+    assert!(
+        after_first.iter().all(|(_, batch)| batch.is_none()),
+        "{after_first:?}"
+    );
+
+    // A round the broker has none of: stored as one atomic batch.
+    let second = events(10);
+    relay_all(&stack, &pool, &second).await?;
+    let all = stored(&stack).await?;
+    let added = &all[after_first.len()..];
+    let ids: Vec<Uuid> = added.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, second.iter().map(|e| e.event_id).collect::<Vec<_>>());
+    let batch = added[0].1.clone();
+    assert!(batch.is_some(), "stored as an atomic batch");
+    assert!(added.iter().all(|(_, b)| *b == batch), "{added:?}");
     Ok(())
 }

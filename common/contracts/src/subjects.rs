@@ -98,6 +98,13 @@ impl Subjects {
         format!("{}.catalog.>", self.prefix)
     }
 
+    /// Whether `subject` is a catalog event's (in the catalog's stream).
+    pub fn is_catalog(&self, subject: &str) -> bool {
+        subject
+            .strip_prefix(self.prefix.as_str())
+            .is_some_and(|rest| rest.starts_with(".catalog."))
+    }
+
     /// `SAGA_CATALOG` for prefix `saga`: the latest catalog event of each product.
     pub fn catalog_stream(&self) -> String {
         self.stream_name("SAGA_CATALOG")
