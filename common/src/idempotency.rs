@@ -84,10 +84,10 @@ impl Redis {
         let health = redis.health.clone();
         tokio::spawn(async move {
             let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Duration::from_secs(1))
-                .set_response_timeout(CALL_TIMEOUT)
+                .set_connection_timeout(Some(Duration::from_secs(1)))
+                .set_response_timeout(Some(CALL_TIMEOUT))
                 .set_number_of_retries(2)
-                .set_max_delay(1_000);
+                .set_max_delay(Duration::from_secs(1));
             let mut attempt = 0;
             loop {
                 attempt += 1;
