@@ -123,7 +123,10 @@ pub async fn record_once(
 /// the step has not happened here (yet).
 pub async fn lock<S: Step>(tx: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Option<S>> {
     let sql = format!("SELECT * FROM {}s WHERE order_id = $1 FOR UPDATE", S::NAME);
-    sqlx::query_as(&sql).bind(order_id).fetch_optional(tx).await
+    sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()))
+        .bind(order_id)
+        .fetch_optional(tx)
+        .await
 }
 
 /// Holds `order_id` for this transaction (an advisory lock): a service's

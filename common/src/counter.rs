@@ -88,10 +88,10 @@ impl Counter {
         let Counter {
             table, key, column, ..
         } = self;
-        sqlx::query_scalar(&format!(
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "INSERT INTO {table} ({key}, {column}) VALUES ($1, $2)
              ON CONFLICT ({key}) DO NOTHING RETURNING version"
-        ))
+        )))
         .bind(id)
         .bind(value)
         .fetch_optional(pool)
@@ -110,11 +110,11 @@ impl Counter {
         let Counter {
             table, key, column, ..
         } = self;
-        sqlx::query_scalar(&format!(
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "UPDATE {table} SET {column} = $2, version = version + 1, updated_at = now()
              WHERE {key} = $1 AND ($3::bigint IS NULL OR version = $3)
              RETURNING version"
-        ))
+        )))
         .bind(id)
         .bind(value)
         .bind(expected)
@@ -130,10 +130,10 @@ impl Counter {
         let Counter {
             table, key, column, ..
         } = self;
-        let done = sqlx::query(&format!(
+        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE {table} SET {column} = {column} + $2, version = version + 1, updated_at = now()
              WHERE {key} = $1 AND {column} + $2 >= 0 AND {column} + $2 <= $3"
-        ))
+        )))
         .bind(id)
         .bind(delta)
         .bind(max)
@@ -146,10 +146,12 @@ impl Counter {
         let Counter {
             table, key, column, ..
         } = self;
-        sqlx::query_scalar(&format!("SELECT {column} FROM {table} WHERE {key} = $1"))
-            .bind(id)
-            .fetch_optional(pool)
-            .await
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT {column} FROM {table} WHERE {key} = $1"
+        )))
+        .bind(id)
+        .fetch_optional(pool)
+        .await
     }
 
     /// The one integer field a body must be, named `name`.

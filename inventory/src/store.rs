@@ -113,9 +113,9 @@ pub async fn release(
 
 /// A product's stock, if it has any.
 pub async fn stock(pool: &PgPool, product_id: &str) -> sqlx::Result<Option<Stock>> {
-    sqlx::query_as(&format!(
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {STOCK_COLUMNS} FROM stock WHERE product_id = $1"
-    ))
+    )))
     .bind(product_id)
     .fetch_optional(pool)
     .await
@@ -136,9 +136,9 @@ const PRODUCT_COLUMNS: &str = "product_id, name, unit_price, version, updated_at
 
 /// A product's catalog data, if it has any.
 pub async fn product(pool: &PgPool, product_id: &str) -> sqlx::Result<Option<Product>> {
-    sqlx::query_as(&format!(
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {PRODUCT_COLUMNS} FROM products WHERE product_id = $1"
-    ))
+    )))
     .bind(product_id)
     .fetch_optional(pool)
     .await
@@ -149,10 +149,10 @@ pub async fn create_product(
     tx: &mut PgConnection,
     data: &ProductPriced,
 ) -> sqlx::Result<Option<Product>> {
-    sqlx::query_as(&format!(
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "INSERT INTO products (product_id, name, unit_price) VALUES ($1, $2, $3)
          ON CONFLICT (product_id) DO NOTHING RETURNING {PRODUCT_COLUMNS}"
-    ))
+    )))
     .bind(&data.product_id)
     .bind(&data.name)
     .bind(data.unit_price)
@@ -166,10 +166,10 @@ pub async fn lock_product(
     product_id: &str,
     expected: Option<i64>,
 ) -> sqlx::Result<Option<Product>> {
-    sqlx::query_as(&format!(
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {PRODUCT_COLUMNS} FROM products
          WHERE product_id = $1 AND ($2::bigint IS NULL OR version = $2) FOR UPDATE"
-    ))
+    )))
     .bind(product_id)
     .bind(expected)
     .fetch_optional(tx)
@@ -178,10 +178,10 @@ pub async fn lock_product(
 
 /// Writes the product's new catalog data at the next version.
 pub async fn change_product(tx: &mut PgConnection, data: &ProductPriced) -> sqlx::Result<Product> {
-    sqlx::query_as(&format!(
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "UPDATE products SET name = $2, unit_price = $3, version = version + 1, updated_at = now()
          WHERE product_id = $1 RETURNING {PRODUCT_COLUMNS}"
-    ))
+    )))
     .bind(&data.product_id)
     .bind(&data.name)
     .bind(data.unit_price)

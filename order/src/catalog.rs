@@ -54,9 +54,9 @@ pub async fn lookup(
     conn: &mut PgConnection,
     products: &[&str],
 ) -> sqlx::Result<HashMap<String, Entry>> {
-    let rows: Vec<Entry> = sqlx::query_as(&format!(
+    let rows: Vec<Entry> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {ENTRY_COLUMNS} FROM catalog WHERE product_id = ANY($1)"
-    ))
+    )))
     .bind(products)
     .fetch_all(conn)
     .await?;
@@ -68,9 +68,9 @@ pub async fn lookup(
 
 /// One product's entry, if the catalog has it.
 pub async fn entry(pool: &PgPool, product_id: &str) -> sqlx::Result<Option<Entry>> {
-    sqlx::query_as(&format!(
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {ENTRY_COLUMNS} FROM catalog WHERE product_id = $1"
-    ))
+    )))
     .bind(product_id)
     .fetch_optional(pool)
     .await
@@ -97,12 +97,12 @@ async fn apply(
     product: &ProductPriced,
     stream_seq: u64,
 ) -> sqlx::Result<bool> {
-    let done = sqlx::query(&format!(
+    let done = sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO {table} (product_id, name, unit_price, version, event_id, priced_at, stream_seq)
          VALUES ($1, $2, $3, $4, $5, $6, $7)
          {}",
         newer_wins(table)
-    ))
+    )))
     .bind(&product.product_id)
     .bind(&product.name)
     .bind(product.unit_price)
@@ -301,13 +301,13 @@ pub async fn rebuild(
     // the stream read, and any product's newer version (an older event
     // published late takes the place of a product's latest in the stream;
     // the catalog never goes back to an older version).
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO catalog_rebuild
          SELECT * FROM catalog c WHERE c.stream_seq > $1
              OR EXISTS (SELECT 1 FROM catalog_rebuild r WHERE r.product_id = c.product_id)
          {}",
         newer_wins("catalog_rebuild")
-    ))
+    )))
     .bind(i64::try_from(last).unwrap_or(i64::MAX))
     .execute(&mut *tx)
     .await?;

@@ -237,12 +237,16 @@ async fn shadows(conn: &mut PgConnection, tables: &[&str]) -> sqlx::Result<Vec<S
     let mut out = Vec::new();
     for t in tables {
         let shadow = format!("{t}_rebuild");
-        sqlx::query(&format!("DROP TABLE IF EXISTS {shadow}"))
-            .execute(&mut *conn)
-            .await?;
-        sqlx::query(&format!("CREATE TABLE {shadow} (LIKE {t} INCLUDING ALL)"))
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP TABLE IF EXISTS {shadow}"
+        )))
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE TABLE {shadow} (LIKE {t} INCLUDING ALL)"
+        )))
+        .execute(&mut *conn)
+        .await?;
         out.push(shadow);
     }
     Ok(out)
@@ -260,7 +264,9 @@ async fn swap(tx: &mut PgConnection, tables: &[&str]) -> sqlx::Result<()> {
             format!("INSERT INTO {t} SELECT * FROM {t}_rebuild"),
             format!("DROP TABLE {t}_rebuild"),
         ] {
-            sqlx::query(&sql).execute(&mut *tx).await?;
+            sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+                .execute(&mut *tx)
+                .await?;
         }
     }
     Ok(())
@@ -332,11 +338,12 @@ impl Projection for OrdersView {
     ) -> sqlx::Result<()> {
         let table = &tables[0];
         let order_id: Uuid = env.aggregate_id.parse().unwrap_or_else(|_| Uuid::nil());
-        let at: Option<i64> =
-            sqlx::query_scalar(&format!("SELECT version FROM {table} WHERE order_id = $1"))
-                .bind(order_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let at: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT version FROM {table} WHERE order_id = $1"
+        )))
+        .bind(order_id)
+        .fetch_optional(&mut *tx)
+        .await?;
         if at.is_some_and(|v| v >= env.version) {
             return Ok(());
         }
@@ -373,7 +380,7 @@ impl Projection for CustomerStats {
         let (stats, orders) = (&tables[0], &tables[1]);
         let column = match event {
             OrderEvent::Placed(p) => {
-                sqlx::query(&format!(
+                sqlx::query(sqlx::AssertSqlSafe(format!(
                     "WITH known AS (
                          INSERT INTO {orders} (order_id, customer_id, total) VALUES ($1, $2, $3)
                          ON CONFLICT (order_id) DO NOTHING RETURNING customer_id)
@@ -381,7 +388,7 @@ impl Projection for CustomerStats {
                      SELECT customer_id, 1, $4 FROM known
                      ON CONFLICT (customer_id) DO UPDATE
                          SET orders = {stats}.orders + 1, updated_at = EXCLUDED.updated_at"
-                ))
+                )))
                 .bind(p.order_id)
                 .bind(&p.customer_id)
                 .bind(p.total)
@@ -403,10 +410,10 @@ impl Projection for CustomerStats {
             String::new()
         };
         let order_id: Uuid = env.aggregate_id.parse().unwrap_or_else(|_| Uuid::nil());
-        sqlx::query(&format!(
+        sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE {stats} SET {column} = {stats}.{column} + 1, updated_at = $2 {spent}
              FROM {orders} o WHERE o.order_id = $1 AND {stats}.customer_id = o.customer_id"
-        ))
+        )))
         .bind(order_id)
         .bind(env.timestamp)
         .execute(tx)

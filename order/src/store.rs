@@ -64,10 +64,12 @@ pub async fn order_view(
     conn: impl sqlx::PgExecutor<'_>,
     order_id: Uuid,
 ) -> sqlx::Result<Option<OrderView>> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE order_id = $1"))
-        .bind(order_id)
-        .fetch_optional(conn)
-        .await
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM orders WHERE order_id = $1"
+    )))
+    .bind(order_id)
+    .fetch_optional(conn)
+    .await
 }
 
 /// Writes `view` into `table` (the read model, or a copy being rebuilt)
@@ -77,14 +79,14 @@ pub async fn insert_view(
     table: &str,
     view: &OrderView,
 ) -> sqlx::Result<()> {
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO {table} ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
          ON CONFLICT (order_id) DO UPDATE SET
              status = EXCLUDED.status, failure_reason = EXCLUDED.failure_reason,
              shipment_id = EXCLUDED.shipment_id, version = EXCLUDED.version,
              updated_at = EXCLUDED.updated_at
          WHERE {table}.version < EXCLUDED.version"
-    ))
+    )))
     .bind(view.order_id)
     .bind(&view.customer_id)
     .bind(view.status)
@@ -109,11 +111,11 @@ pub async fn list_orders(
     limit: i64,
     offset: i64,
 ) -> sqlx::Result<Vec<OrderView>> {
-    sqlx::query_as(&format!(
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM orders
          WHERE ($1::text IS NULL OR customer_id = $1) AND ($2::text IS NULL OR status = $2)
          ORDER BY created_at DESC, order_id DESC LIMIT $3 OFFSET $4"
-    ))
+    )))
     .bind(customer_id)
     .bind(status)
     .bind(limit)
@@ -620,9 +622,9 @@ pub async fn timeline(pool: &PgPool, id: Uuid) -> sqlx::Result<Vec<EntryRow>> {
 }
 
 pub async fn saga(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<SagaRow>> {
-    sqlx::query_as(&format!(
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {SAGA_COLUMNS} FROM sagas WHERE correlation_id = $1"
-    ))
+    )))
     .bind(id)
     .fetch_optional(pool)
     .await
@@ -642,7 +644,7 @@ pub struct SagaFilter {
 }
 
 pub async fn list_sagas(pool: &PgPool, f: &SagaFilter) -> sqlx::Result<Vec<SagaRow>> {
-    sqlx::query_as(&format!(
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {SAGA_COLUMNS} FROM sagas
          WHERE ($1::text IS NULL OR status = $1)
            AND ($2::timestamptz IS NULL OR (status = 'PENDING' AND last_event_at < $2))
@@ -650,7 +652,7 @@ pub async fn list_sagas(pool: &PgPool, f: &SagaFilter) -> sqlx::Result<Vec<SagaR
            AND ($4::timestamptz IS NULL OR last_event_at < $4)
          ORDER BY last_event_at DESC, correlation_id
          LIMIT $5"
-    ))
+    )))
     .bind(f.status)
     .bind(f.stalled_before)
     .bind(f.since)
@@ -672,11 +674,11 @@ pub async fn count_stalled(pool: &PgPool, before: DateTime<Utc>) -> sqlx::Result
 /// reported yet: marked reported and returned (each stall is reported once;
 /// a saga that moves on and stalls again is reported again).
 pub async fn report_stalls(pool: &PgPool, before: DateTime<Utc>) -> sqlx::Result<Vec<SagaRow>> {
-    sqlx::query_as(&format!(
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "UPDATE sagas SET stall_reported = true
          WHERE status = 'PENDING' AND last_event_at < $1 AND NOT stall_reported
          RETURNING {SAGA_COLUMNS}"
-    ))
+    )))
     .bind(before)
     .fetch_all(pool)
     .await

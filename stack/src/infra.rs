@@ -263,7 +263,7 @@ impl TestDatabases {
         let mut names = Vec::new();
         for s in services {
             let name = format!("{tag}_{s}");
-            sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
                 .execute(&mut conn)
                 .await?;
             names.push((s.to_string(), name));
@@ -314,9 +314,11 @@ async fn drop_stale(conn: &mut PgConnection, now: u64) {
     for name in names {
         let created = name.split('_').nth(1).and_then(|t| t.parse::<u64>().ok());
         if created.is_some_and(|t| now.saturating_sub(t) > STALE_AFTER_SECS) {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                .execute(&mut *conn)
-                .await;
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+            )))
+            .execute(&mut *conn)
+            .await;
         }
     }
 }
@@ -332,9 +334,11 @@ impl Drop for TestDatabases {
             rt.block_on(async {
                 let mut conn = PgConnection::connect(&admin_url()).await?;
                 for n in names {
-                    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)"))
-                        .execute(&mut conn)
-                        .await?;
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)"
+                    )))
+                    .execute(&mut conn)
+                    .await?;
                 }
                 Ok::<_, anyhow::Error>(())
             })

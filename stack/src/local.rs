@@ -397,7 +397,7 @@ async fn create_databases(local: &Local) -> Result<()> {
             continue;
         }
         println!("==> creating database {name}");
-        if let Err(e) = sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
             .execute(&mut conn)
             .await
         {
@@ -448,9 +448,11 @@ pub async fn down(local: &Local, purge: bool) -> Result<()> {
                 for spec in &roster::SERVICES {
                     let name = local.database(spec);
                     println!("==> dropping database {name}");
-                    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                        .execute(&mut conn)
-                        .await?;
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                    )))
+                    .execute(&mut conn)
+                    .await?;
                 }
             }
             Err(e) => eprintln!("warning: Postgres does not answer ({e}); databases not dropped"),

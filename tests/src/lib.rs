@@ -721,7 +721,7 @@ impl Stack {
     pub async fn balance(&self, customer: &str) -> Result<i64> {
         let sql = "SELECT balance FROM accounts WHERE customer_id = $1";
         let pool = self.pool("payment").await?;
-        Ok(sqlx::query_scalar(sql)
+        Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
             .bind(customer)
             .fetch_one(&pool)
             .await?)
@@ -731,12 +731,17 @@ impl Stack {
     pub async fn stock(&self, product: &str) -> Result<(i64, i64)> {
         let sql = "SELECT available, reserved FROM stock WHERE product_id = $1";
         let pool = self.pool("inventory").await?;
-        Ok(sqlx::query_as(sql).bind(product).fetch_one(&pool).await?)
+        Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(product)
+            .fetch_one(&pool)
+            .await?)
     }
 
     pub async fn count(&self, service: &str, sql: &str) -> Result<i64> {
         let pool = self.pool(service).await?;
-        Ok(sqlx::query_scalar(sql).fetch_one(&pool).await?)
+        Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&pool)
+            .await?)
     }
 
     /// Rows of `table` in `service`'s database (the order service's once
