@@ -158,7 +158,11 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let behaviour = self.rules().for_customer(customer);
         let answer = async {
-            tokio::time::sleep(Duration::from_millis(behaviour.latency_ms)).await;
+            // Not even a zero sleep when no latency is asked for: it would
+            // wait for the timer's next tick, up to a millisecond.
+            if behaviour.latency_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(behaviour.latency_ms)).await;
+            }
             let mode = match call {
                 Call::Charge => behaviour.charges,
                 Call::Refund => behaviour.refunds,
