@@ -310,6 +310,16 @@ struct Row {
     age: Duration,
 }
 
+impl Row {
+    /// The headers it is published with: its event id as `Nats-Msg-Id`,
+    /// which the broker deduplicates a republish by.
+    fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::NATS_MESSAGE_ID, self.event_id.to_string().as_str());
+        headers
+    }
+}
+
 /// The relay that leads: its connection, which holds the lock, and what
 /// the streams take.
 struct Leader {
@@ -335,7 +345,8 @@ enum Refusal {
 }
 
 /// `rows` cut into atomic batches of at most [`ATOMIC_EVENTS`] events and
-/// [`ATOMIC_BYTES`] bytes (at least one event each), in order.
+/// [`ATOMIC_BYTES`] bytes (at least one event each), in order; a stream
+/// that takes no batches gets its events one by one in the same pieces.
 fn atomic_chunks<'a, 'r>(rows: &'a [&'r Row]) -> impl Iterator<Item = &'a [&'r Row]> {
     let mut rest = rows;
     std::iter::from_fn(move || {
@@ -486,17 +497,8 @@ impl Relay {
         let mut acked = Vec::with_capacity(rows.len());
         let mut failure = None;
         'streams: for (rows, atomic) in [(events, atomic.events), (catalog, atomic.catalog)] {
-            let chunks: Vec<&[&Row]> = if atomic {
-                atomic_chunks(&rows).collect()
-            } else {
-                vec![&rows]
-            };
-            for chunk in chunks {
-                let (published, failed) = if atomic {
-                    self.publish_chunk(chunk).await
-                } else {
-                    self.publish_each(chunk).await
-                };
+            for chunk in atomic_chunks(&rows) {
+                let (published, failed) = self.publish_chunk(chunk, atomic).await;
                 for row in published {
                     self.meter.published(row.age + read_at.elapsed());
                     acked.push(row.id);
@@ -563,8 +565,9 @@ impl Relay {
     }
 
     /// Publishes `rows` (of one stream, in outbox order) as one atomic
-    /// batch, or one by one if the broker refuses the batch: the rows it
-    /// acknowledged, and why it stopped short of the others.
+    /// batch if the stream takes them, and one by one if not or if the
+    /// broker refuses the batch: the rows it acknowledged, and why it
+    /// stopped short of the others.
     ///
     /// With `sync_interval: always` the broker writes each message to disk
     /// on its own; a batch is written at its commit, so a round of the relay
@@ -572,8 +575,12 @@ impl Relay {
     /// refuses a whole batch holding an event it already has (a relay that
     /// died between publishing and deleting the rows): one by one, each
     /// publish is deduplicated on its own.
-    async fn publish_chunk<'r>(&self, rows: &[&'r Row]) -> (Vec<&'r Row>, Option<String>) {
-        if rows.len() > 1 {
+    async fn publish_chunk<'r>(
+        &self,
+        rows: &[&'r Row],
+        atomic: bool,
+    ) -> (Vec<&'r Row>, Option<String>) {
+        if atomic && rows.len() > 1 {
             match self.publish_atomic(rows).await {
                 Ok(()) => {
                     self.meter.relay_batch("atomic", rows.len());
@@ -599,8 +606,7 @@ impl Relay {
         let client = self.js.client();
         let (last, first) = rows.split_last().expect("a batch has rows");
         let headers = |row: &Row, sequence: usize| {
-            let mut headers = HeaderMap::new();
-            headers.insert(header::NATS_MESSAGE_ID, row.event_id.to_string().as_str());
+            let mut headers = row.headers();
             headers.insert(BATCH_ID, batch_id.as_str());
             headers.insert(BATCH_SEQUENCE, sequence.to_string().as_str());
             headers
@@ -641,11 +647,9 @@ impl Relay {
         let mut pending = Vec::with_capacity(rows.len());
         let mut failure = None;
         for row in rows {
-            let mut headers = HeaderMap::new();
-            headers.insert(header::NATS_MESSAGE_ID, row.event_id.to_string().as_str());
             match self
                 .js
-                .publish_with_headers(row.subject.clone(), headers, row.body.clone().into())
+                .publish_with_headers(row.subject.clone(), row.headers(), row.body.clone().into())
                 .await
             {
                 Ok(ack) => pending.push((*row, ack)),
