@@ -51,14 +51,14 @@ pub trait Projection: Sync {
     /// swaps them in together.
     const TABLES: &'static [&'static str];
 
-    /// Applies one event to the tables named `tables` (in the order of
-    /// [`TABLES`](Projection::TABLES)).
+    /// Applies a batch of events, in commit order, to the tables named
+    /// `tables` (in the order of [`TABLES`](Projection::TABLES)), with a
+    /// few statements whatever the number of events.
     fn apply(
         &self,
         tx: &mut PgConnection,
         tables: &[String],
-        env: &Envelope,
-        event: &OrderEvent,
+        events: &[(Envelope, OrderEvent)],
     ) -> impl Future<Output = sqlx::Result<()>> + Send;
 }
 
@@ -195,19 +195,25 @@ async fn apply_after<P: Projection>(
     from: Position,
 ) -> sqlx::Result<(usize, Position)> {
     let events = events_after(tx, from, BATCH).await?;
-    let mut to = from;
-    for (at, order_id, body) in &events {
-        match store::decode_stored(*order_id, body) {
-            Ok((env, event)) => projection.apply(tx, tables, &env, &event).await?,
+    let Some((to, ..)) = events.last() else {
+        return Ok((0, from));
+    };
+    let decoded: Vec<(Envelope, OrderEvent)> = events
+        .iter()
+        .filter_map(|(_, order_id, body)| match store::decode_stored(*order_id, body) {
+            Ok(decoded) => Some(decoded),
             // The order's own history is broken; its loads say so. The
             // projection goes on without it.
             Err(e) => {
-                tracing::error!(projection = P::NAME, %order_id, error = %e, "stored event passed over")
+                tracing::error!(projection = P::NAME, %order_id, error = %e, "stored event passed over");
+                None
             }
-        }
-        to = *at;
+        })
+        .collect();
+    if !decoded.is_empty() {
+        projection.apply(tx, tables, &decoded).await?;
     }
-    Ok((events.len(), to))
+    Ok((events.len(), *to))
 }
 
 /// Seconds since the first event `name` has not applied was recorded; 0
@@ -318,11 +324,17 @@ pub async fn rebuild<P: Projection>(
     Ok(done)
 }
 
+/// The order a stored event is of.
+fn order_of(env: &Envelope) -> Option<Uuid> {
+    env.aggregate_id.parse().ok()
+}
+
 /// Projection `orders`: the read model, one row per order as its events
-/// leave it. An event is applied by writing the order as the event store
-/// has it now (its latest snapshot and the events after it), unless the row
-/// is at that event's version or later already: the row never goes back,
-/// and a batch that holds several events of one order loads it once.
+/// leave it. A batch is applied by writing each of its orders as the event
+/// store has it now (its latest snapshot and the events after it, loaded
+/// together), unless the row is at that version or later already: the row
+/// never goes back, and an order with several events in the batch is
+/// loaded and written once.
 pub struct OrdersView;
 
 impl Projection for OrdersView {
@@ -333,31 +345,21 @@ impl Projection for OrdersView {
         &self,
         tx: &mut PgConnection,
         tables: &[String],
-        env: &Envelope,
-        _: &OrderEvent,
+        events: &[(Envelope, OrderEvent)],
     ) -> sqlx::Result<()> {
-        let table = &tables[0];
-        let order_id: Uuid = env.aggregate_id.parse().unwrap_or_else(|_| Uuid::nil());
-        let at: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT version FROM {table} WHERE order_id = $1"
-        )))
-        .bind(order_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if at.is_some_and(|v| v >= env.version) {
-            return Ok(());
-        }
-        match store::load_latest(tx, order_id).await {
-            Ok(loaded) => match loaded.state {
-                Some(order) => store::insert_view(tx, table, &OrderView::from(order)).await,
-                None => Ok(()),
-            },
-            Err(store::ExecError::Db(e)) => Err(e),
-            Err(e) => {
-                tracing::error!(%order_id, error = %e, "order passed over by the read model: its history does not decode");
-                Ok(())
+        let mut ids: Vec<Uuid> = events.iter().filter_map(|(env, _)| order_of(env)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut views = Vec::with_capacity(ids.len());
+        for (order_id, loaded) in store::load_latest_many(tx, &ids).await? {
+            match loaded {
+                Ok(loaded) => views.extend(loaded.state.map(OrderView::from)),
+                Err(e) => {
+                    tracing::error!(%order_id, error = %e, "order passed over by the read model: its history does not decode");
+                }
             }
         }
+        store::insert_views(tx, &tables[0], &views).await
     }
 }
 
@@ -374,48 +376,89 @@ impl Projection for CustomerStats {
         &self,
         tx: &mut PgConnection,
         tables: &[String],
-        env: &Envelope,
-        event: &OrderEvent,
+        events: &[(Envelope, OrderEvent)],
     ) -> sqlx::Result<()> {
         let (stats, orders) = (&tables[0], &tables[1]);
-        let column = match event {
-            OrderEvent::Placed(p) => {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "WITH known AS (
-                         INSERT INTO {orders} (order_id, customer_id, total) VALUES ($1, $2, $3)
-                         ON CONFLICT (order_id) DO NOTHING RETURNING customer_id)
-                     INSERT INTO {stats} (customer_id, orders, updated_at)
-                     SELECT customer_id, 1, $4 FROM known
-                     ON CONFLICT (customer_id) DO UPDATE
-                         SET orders = {stats}.orders + 1, updated_at = EXCLUDED.updated_at"
-                )))
-                .bind(p.order_id)
-                .bind(&p.customer_id)
-                .bind(p.total)
-                .bind(env.timestamp)
-                .execute(tx)
-                .await?;
-                return Ok(());
-            }
-            OrderEvent::Confirmed(_) => "confirmed",
-            OrderEvent::Cancelled(_) | OrderEvent::CancelledByCustomer(_) => "cancelled",
-            OrderEvent::RequiresIntervention(_) => "intervened",
-            OrderEvent::ManuallyCompensated(_) => "compensated",
-        };
-        let spent = if column == "confirmed" {
-            format!(
-                ", spent = LEAST({stats}.spent::numeric + o.total, 9223372036854775807)::bigint"
+        // Placements first: the other events find their order's customer
+        // among the orders known so far, this batch's included.
+        let placed: Vec<_> = events
+            .iter()
+            .filter_map(|(env, event)| match event {
+                OrderEvent::Placed(p) => Some((p, env.timestamp)),
+                _ => None,
+            })
+            .collect();
+        if !placed.is_empty() {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "WITH known AS (
+                     INSERT INTO {orders} (order_id, customer_id, total)
+                     SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int8[])
+                     ON CONFLICT (order_id) DO NOTHING RETURNING order_id, customer_id),
+                 placed AS (
+                     SELECT k.customer_id, count(*) AS n, max(p.at) AS at
+                     FROM known k JOIN UNNEST($1::uuid[], $4::timestamptz[]) AS p(order_id, at)
+                         USING (order_id)
+                     GROUP BY k.customer_id)
+                 INSERT INTO {stats} (customer_id, orders, updated_at)
+                 SELECT customer_id, n, at FROM placed
+                 ON CONFLICT (customer_id) DO UPDATE
+                     SET orders = {stats}.orders + EXCLUDED.orders,
+                         updated_at = GREATEST({stats}.updated_at, EXCLUDED.updated_at)"
+            )))
+            .bind(placed.iter().map(|(p, _)| p.order_id).collect::<Vec<_>>())
+            .bind(
+                placed
+                    .iter()
+                    .map(|(p, _)| p.customer_id.clone())
+                    .collect::<Vec<_>>(),
             )
-        } else {
-            String::new()
-        };
-        let order_id: Uuid = env.aggregate_id.parse().unwrap_or_else(|_| Uuid::nil());
+            .bind(placed.iter().map(|(p, _)| p.total).collect::<Vec<_>>())
+            .bind(placed.iter().map(|(_, at)| *at).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        let outcomes: Vec<_> = events
+            .iter()
+            .filter_map(|(env, event)| {
+                let column = match event {
+                    OrderEvent::Placed(_) => return None,
+                    OrderEvent::Confirmed(_) => "confirmed",
+                    OrderEvent::Cancelled(_) | OrderEvent::CancelledByCustomer(_) => "cancelled",
+                    OrderEvent::RequiresIntervention(_) => "intervened",
+                    OrderEvent::ManuallyCompensated(_) => "compensated",
+                };
+                Some((order_of(env)?, column, env.timestamp))
+            })
+            .collect();
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let count = |column: &str| format!("{column} = {stats}.{column} + d.{column}");
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE {stats} SET {column} = {stats}.{column} + 1, updated_at = $2 {spent}
-             FROM {orders} o WHERE o.order_id = $1 AND {stats}.customer_id = o.customer_id"
+            "UPDATE {stats} SET {}, {}, {}, {},
+                 spent = LEAST({stats}.spent::numeric + d.spent, 9223372036854775807)::bigint,
+                 updated_at = GREATEST({stats}.updated_at, d.at)
+             FROM (
+                 SELECT o.customer_id,
+                     count(*) FILTER (WHERE e.kind = 'confirmed') AS confirmed,
+                     count(*) FILTER (WHERE e.kind = 'cancelled') AS cancelled,
+                     count(*) FILTER (WHERE e.kind = 'intervened') AS intervened,
+                     count(*) FILTER (WHERE e.kind = 'compensated') AS compensated,
+                     COALESCE(sum(o.total) FILTER (WHERE e.kind = 'confirmed'), 0) AS spent,
+                     max(e.at) AS at
+                 FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) AS e(order_id, kind, at)
+                 JOIN {orders} o USING (order_id)
+                 GROUP BY o.customer_id
+             ) d
+             WHERE {stats}.customer_id = d.customer_id",
+            count("confirmed"),
+            count("cancelled"),
+            count("intervened"),
+            count("compensated"),
         )))
-        .bind(order_id)
-        .bind(env.timestamp)
+        .bind(outcomes.iter().map(|o| o.0).collect::<Vec<_>>())
+        .bind(outcomes.iter().map(|o| o.1).collect::<Vec<_>>())
+        .bind(outcomes.iter().map(|o| o.2).collect::<Vec<_>>())
         .execute(tx)
         .await?;
         Ok(())

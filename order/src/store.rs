@@ -72,32 +72,38 @@ pub async fn order_view(
     .await
 }
 
-/// Writes `view` into `table` (the read model, or a copy being rebuilt)
-/// unless the row there is as new already.
-pub async fn insert_view(
+/// Writes `views` into `table` (the read model, or a copy being rebuilt),
+/// each unless the row there is as new already.
+pub async fn insert_views(
     conn: &mut PgConnection,
     table: &str,
-    view: &OrderView,
+    views: &[OrderView],
 ) -> sqlx::Result<()> {
+    if views.is_empty() {
+        return Ok(());
+    }
     sqlx::query(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO {table} ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+        "INSERT INTO {table} ({COLUMNS})
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::int8[],
+             $6::jsonb[], $7::text[], $8::uuid[], $9::int8[], $10::timestamptz[],
+             $11::timestamptz[])
          ON CONFLICT (order_id) DO UPDATE SET
              status = EXCLUDED.status, failure_reason = EXCLUDED.failure_reason,
              shipment_id = EXCLUDED.shipment_id, version = EXCLUDED.version,
              updated_at = EXCLUDED.updated_at
          WHERE {table}.version < EXCLUDED.version"
     )))
-    .bind(view.order_id)
-    .bind(&view.customer_id)
-    .bind(view.status)
-    .bind(&view.lines)
-    .bind(view.total)
-    .bind(&view.shipping_address)
-    .bind(&view.failure_reason)
-    .bind(view.shipment_id)
-    .bind(view.version)
-    .bind(view.created_at)
-    .bind(view.updated_at)
+    .bind(column(views, |v| v.order_id))
+    .bind(column(views, |v| v.customer_id.clone()))
+    .bind(column(views, |v| v.status))
+    .bind(column(views, |v| v.lines.clone()))
+    .bind(column(views, |v| v.total))
+    .bind(column(views, |v| v.shipping_address.clone()))
+    .bind(column(views, |v| v.failure_reason.clone()))
+    .bind(column(views, |v| v.shipment_id))
+    .bind(column(views, |v| v.version))
+    .bind(column(views, |v| v.created_at))
+    .bind(column(views, |v| v.updated_at))
     .execute(conn)
     .await?;
     Ok(())
@@ -192,20 +198,78 @@ pub async fn load(conn: &mut PgConnection, order_id: Uuid) -> Result<Option<Orde
 
 /// [`load`], saying how.
 pub async fn load_latest(conn: &mut PgConnection, order_id: Uuid) -> Result<Loaded, ExecError> {
-    let format = snapshot::format();
-    let rows: Vec<(i32, i64, Option<String>, String)> = sqlx::query_as(
-        "SELECT 0 AS kind, version, format, state::text AS body
-         FROM order_snapshots WHERE order_id = $1
-         UNION ALL
-         SELECT 1, version, NULL, envelope::text FROM order_events
-         WHERE order_id = $1 AND version > COALESCE(
-             (SELECT version FROM order_snapshots WHERE order_id = $1 AND format = $2), 0)
-         ORDER BY kind, version",
+    let rows = latest_rows(&mut *conn, &[order_id]).await?;
+    fold_latest(
+        conn,
+        order_id,
+        rows.into_iter().map(|(_, row)| row).collect(),
     )
-    .bind(order_id)
-    .bind(format)
-    .fetch_all(&mut *conn)
+    .await
+}
+
+/// [`load_latest`] of each of `ids`, in one statement: an order with no
+/// events is not in the map, one whose history does not decode maps to
+/// its error.
+pub async fn load_latest_many(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> sqlx::Result<Vec<(Uuid, Result<Loaded, ExecError>)>> {
+    let mut by_order: Vec<(Uuid, Vec<StoredRow>)> = Vec::with_capacity(ids.len());
+    for (order_id, row) in latest_rows(&mut *conn, ids).await? {
+        match by_order.last_mut() {
+            Some((id, rows)) if *id == order_id => rows.push(row),
+            _ => by_order.push((order_id, vec![row])),
+        }
+    }
+    let mut loaded = Vec::with_capacity(by_order.len());
+    for (order_id, rows) in by_order {
+        let folded = fold_latest(&mut *conn, order_id, rows).await;
+        if let Err(ExecError::Db(e)) = folded {
+            return Err(e);
+        }
+        loaded.push((order_id, folded));
+    }
+    Ok(loaded)
+}
+
+/// A stored snapshot (kind 0) or event (kind 1): version, snapshot format,
+/// body.
+type StoredRow = (i32, i64, Option<String>, String);
+
+/// The latest snapshot in the current format of each of `ids` and the
+/// events after it (every event when there is none), by order, snapshot
+/// first, then by version.
+async fn latest_rows(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> sqlx::Result<Vec<(Uuid, StoredRow)>> {
+    let rows: Vec<(Uuid, i32, i64, Option<String>, String)> = sqlx::query_as(
+        "SELECT order_id, 0 AS kind, version, format, state::text AS body
+         FROM order_snapshots WHERE order_id = ANY($1)
+         UNION ALL
+         SELECT e.order_id, 1, e.version, NULL, e.envelope::text FROM order_events e
+         WHERE e.order_id = ANY($1) AND e.version > COALESCE(
+             (SELECT s.version FROM order_snapshots s
+              WHERE s.order_id = e.order_id AND s.format = $2), 0)
+         ORDER BY 1, 2, 3",
+    )
+    .bind(ids)
+    .bind(snapshot::format())
+    .fetch_all(conn)
     .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, kind, version, format, body)| (id, (kind, version, format, body)))
+        .collect())
+}
+
+/// One order's state from its [`latest_rows`].
+async fn fold_latest(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    rows: Vec<StoredRow>,
+) -> Result<Loaded, ExecError> {
+    let format = snapshot::format();
     let mut rows = rows.into_iter().peekable();
     let mut loaded = Loaded {
         state: None,
