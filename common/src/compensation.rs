@@ -156,6 +156,10 @@ pub struct Cancels {
     /// The stream's answers for a batch's orders, asked together before its
     /// transaction began ([`Cancels::asked`]).
     answered: Arc<HashMap<Uuid, Option<String>>>,
+    /// Orders the batch's transaction holds already, with the cancel this
+    /// service recorded for each, read once the hold was taken
+    /// ([`Cancels::held`]).
+    held: Arc<HashMap<Uuid, Option<String>>>,
 }
 
 impl Cancels {
@@ -164,6 +168,7 @@ impl Cancels {
             js,
             subjects,
             answered: Arc::default(),
+            held: Arc::default(),
         }
     }
 
@@ -194,6 +199,46 @@ impl Cancels {
         }
     }
 
+    /// These cancels with `orders` held for the transaction `tx` (in one
+    /// order, with one statement: see [`hold_order`]) and this service's
+    /// record of their cancels read with one more, once every hold is
+    /// taken: what a batch's forward steps would each ask in turn.
+    ///
+    /// Only for orders the batch has nothing else for: an event of the
+    /// batch that records a cancel would leave the answer stale.
+    pub async fn held(&self, tx: &mut PgConnection, orders: &[Uuid]) -> sqlx::Result<Cancels> {
+        let mut orders = orders.to_vec();
+        orders.sort_unstable();
+        orders.dedup();
+        if orders.is_empty() {
+            return Ok(self.clone());
+        }
+        sqlx::query(
+            "SELECT count(pg_advisory_xact_lock(hashtextextended(id::text, 11)))
+             FROM (SELECT id FROM unnest($1::uuid[]) AS id ORDER BY id) held",
+        )
+        .bind(&orders)
+        .execute(&mut *tx)
+        .await?;
+        // A statement of its own: its snapshot is taken after the holds,
+        // so it sees every cancel committed before them.
+        let recorded: Vec<(Uuid, String)> = sqlx::query_as(
+            "SELECT order_id, reason FROM cancelled_orders WHERE order_id = ANY($1)",
+        )
+        .bind(&orders)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut held: HashMap<Uuid, Option<String>> =
+            orders.into_iter().map(|id| (id, None)).collect();
+        for (id, reason) in recorded {
+            held.insert(id, Some(reason));
+        }
+        Ok(Cancels {
+            held: Arc::new(held),
+            ..self.clone()
+        })
+    }
+
     /// What a forward step asks first: holds the order (see
     /// [`hold_order`]) and says why the customer cancelled it, if they did.
     /// The step is then not taken.
@@ -202,12 +247,16 @@ impl Cancels {
         tx: &mut PgConnection,
         order_id: Uuid,
     ) -> Result<Option<String>, HandlerError> {
-        hold_order(tx, order_id).await?;
-        let recorded: Option<String> =
-            sqlx::query_scalar("SELECT reason FROM cancelled_orders WHERE order_id = $1")
-                .bind(order_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let recorded = match self.held.get(&order_id) {
+            Some(recorded) => recorded.clone(),
+            None => {
+                hold_order(tx, order_id).await?;
+                sqlx::query_scalar("SELECT reason FROM cancelled_orders WHERE order_id = $1")
+                    .bind(order_id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+            }
+        };
         if recorded.is_some() {
             return Ok(recorded);
         }

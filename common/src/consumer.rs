@@ -8,6 +8,7 @@
 //! lane in one transaction ([`Lanes`]).
 
 use std::{
+    collections::HashMap,
     future::Future,
     panic::AssertUnwindSafe,
     sync::Arc,
@@ -825,6 +826,22 @@ impl<H: Handler> Inner<H> {
             .begin_with(BATCH_BEGIN)
             .await
             .map_err(|e| e.to_string())?;
+        // The orders whose forward steps the batch takes, held at once, and
+        // the cancels recorded for them read at once; an order the batch
+        // has another event for (its cancel, say) is asked in its turn.
+        let mut events_of: HashMap<Uuid, usize> = HashMap::new();
+        for (t, _) in batch {
+            *events_of.entry(t.event.order_id()).or_default() += 1;
+        }
+        let alone: Vec<Uuid> = batch
+            .iter()
+            .filter_map(|(t, _)| self.handler.step_of(&t.event))
+            .filter(|order_id| events_of.get(order_id) == Some(&1))
+            .collect();
+        let cancels = cancels
+            .held(&mut tx, &alone)
+            .await
+            .map_err(|e| format!("holding the batch's orders: {e}"))?;
         let meter = self.meter.holding();
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut refused = None;
