@@ -3,6 +3,8 @@
 //! compensated by hand (OrderManuallyCompensated); release, or never
 //! reserve, for an order the customer cancelled (OrderCancelledByCustomer).
 
+use std::collections::BTreeMap;
+
 use common::{
     Applying, Event, Handler, HandlerError, Outcome,
     compensation::{self, By, Step, StepState},
@@ -68,24 +70,26 @@ async fn reserve(cx: Applying<'_>, paid: PaymentProcessed) -> Result<Outcome, Ha
             Err(_) => ReservationStatus::Failed,
         },
     };
+    let reserved = match decision {
+        Ok(()) => demand,
+        Err(_) => BTreeMap::new(),
+    };
     if !store::record_reservation(
         tx,
         &reservation,
         decision.as_ref().err().map(String::as_str),
+        &reserved,
     )
     .await?
     {
         return Ok(Outcome::Skipped("order already has a reservation".into()));
     }
     let event = match decision {
-        Ok(()) => {
-            store::move_stock(tx, &demand, 1).await?;
-            Event::InventoryReserved(InventoryReserved {
-                order_id,
-                lines: reservation.lines,
-                shipping_address: paid.shipping_address,
-            })
-        }
+        Ok(()) => Event::InventoryReserved(InventoryReserved {
+            order_id,
+            lines: reservation.lines,
+            shipping_address: paid.shipping_address,
+        }),
         Err(reason) => {
             Event::InventoryReservationFailed(InventoryReservationFailed { order_id, reason })
         }

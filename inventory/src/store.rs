@@ -49,22 +49,40 @@ pub async fn lock_available(
     Ok(rows.into_iter().collect())
 }
 
-/// Records the order's reservation; `false` if it already has one (one per
-/// order: the primary key).
+/// Records the order's reservation and moves `reserved` (empty for a
+/// reservation that failed) from available to reserved, in one statement;
+/// `false` if the order already has a reservation (one per order: the
+/// primary key), which changes nothing. Demand is positive and bounded
+/// (validated lines, checked sums): no overflow.
 pub async fn record_reservation(
     tx: &mut PgConnection,
     reservation: &Reservation,
     reason: Option<&str>,
+    reserved: &BTreeMap<String, i64>,
 ) -> sqlx::Result<bool> {
-    let insert = sqlx::query(
-        "INSERT INTO reservations (order_id, lines, status, reason) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (order_id) DO NOTHING",
+    let products: Vec<&String> = reserved.keys().collect();
+    let quantities: Vec<i64> = reserved.values().copied().collect();
+    let recorded: i64 = sqlx::query_scalar(
+        "WITH recorded AS (
+             INSERT INTO reservations (order_id, lines, status, reason) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (order_id) DO NOTHING RETURNING order_id),
+         moved AS (
+             UPDATE stock SET available = available - d.q, reserved = reserved + d.q,
+                              version = version + 1, updated_at = now()
+             FROM UNNEST($5::text[], $6::bigint[]) AS d(p, q)
+             WHERE stock.product_id = d.p AND EXISTS (SELECT 1 FROM recorded)
+             RETURNING stock.product_id)
+         SELECT count(*) FROM recorded",
     )
     .bind(reservation.order_id)
     .bind(Json(&reservation.lines))
     .bind(reservation.status)
-    .bind(reason);
-    common::compensation::record_once(tx, insert).await
+    .bind(reason)
+    .bind(&products)
+    .bind(&quantities)
+    .fetch_one(tx)
+    .await?;
+    Ok(recorded == 1)
 }
 
 /// Moves quantities from available to reserved (`sign` 1) or back (`sign`

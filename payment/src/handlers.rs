@@ -110,21 +110,22 @@ impl PaymentHandler {
             ChargeDecision::Charge { .. } => None,
             ChargeDecision::Decline { reason } => Some(reason.as_str()),
         };
-        if !store::record_payment(tx, &payment, reason).await? {
+        let balance = match decision {
+            ChargeDecision::Charge { new_balance } => Some(new_balance),
+            ChargeDecision::Decline { .. } => None,
+        };
+        if !store::record_payment(tx, &payment, reason, balance).await? {
             return Ok(Outcome::Skipped("order already has a payment".into()));
         }
         let event = match decision {
-            ChargeDecision::Charge { new_balance } => {
-                store::set_balance(tx, &order.customer_id, new_balance).await?;
-                Event::PaymentProcessed(PaymentProcessed {
-                    order_id: order.order_id,
-                    payment_id: payment.payment_id,
-                    customer_id: order.customer_id,
-                    amount: order.total,
-                    lines: order.lines,
-                    shipping_address: order.shipping_address,
-                })
-            }
+            ChargeDecision::Charge { .. } => Event::PaymentProcessed(PaymentProcessed {
+                order_id: order.order_id,
+                payment_id: payment.payment_id,
+                customer_id: order.customer_id,
+                amount: order.total,
+                lines: order.lines,
+                shipping_address: order.shipping_address,
+            }),
             ChargeDecision::Decline { reason } => Event::PaymentFailed(PaymentFailed {
                 order_id: order.order_id,
                 customer_id: order.customer_id,

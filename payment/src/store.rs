@@ -40,40 +40,37 @@ pub async fn lock_balance(tx: &mut PgConnection, customer_id: &str) -> sqlx::Res
         .await
 }
 
-/// Records the order's payment; `false` if the order already has one (one
-/// payment per order: the primary key).
+/// Records the order's payment and, if it charged the account, leaves the
+/// account at `balance`, in one statement; `false` if the order already has
+/// a payment (one per order: the primary key), which changes nothing.
 pub async fn record_payment(
     tx: &mut PgConnection,
     payment: &Payment,
     reason: Option<&str>,
+    balance: Option<i64>,
 ) -> sqlx::Result<bool> {
-    let insert = sqlx::query(
-        "INSERT INTO payments (order_id, payment_id, customer_id, amount, status, reason)
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id) DO NOTHING",
+    let recorded: i64 = sqlx::query_scalar(
+        "WITH recorded AS (
+             INSERT INTO payments (order_id, payment_id, customer_id, amount, status, reason)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id) DO NOTHING
+             RETURNING order_id),
+         charged AS (
+             UPDATE accounts SET balance = $7, version = version + 1, updated_at = now()
+             WHERE customer_id = $3 AND $7::bigint IS NOT NULL
+               AND EXISTS (SELECT 1 FROM recorded)
+             RETURNING customer_id)
+         SELECT count(*) FROM recorded",
     )
     .bind(payment.order_id)
     .bind(payment.payment_id)
     .bind(&payment.customer_id)
     .bind(payment.amount)
     .bind(payment.status)
-    .bind(reason);
-    common::compensation::record_once(tx, insert).await
-}
-
-pub async fn set_balance(
-    tx: &mut PgConnection,
-    customer_id: &str,
-    balance: i64,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE accounts SET balance = $2, version = version + 1, updated_at = now()
-         WHERE customer_id = $1",
-    )
-    .bind(customer_id)
+    .bind(reason)
     .bind(balance)
-    .execute(tx)
+    .fetch_one(tx)
     .await?;
-    Ok(())
+    Ok(recorded == 1)
 }
 
 /// Gives the payment's amount back to the account and marks it refunded.
