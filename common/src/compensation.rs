@@ -132,10 +132,20 @@ pub async fn lock<S: Step>(tx: &mut PgConnection, order_id: Uuid) -> sqlx::Resul
 /// Holds `order_id` for this transaction (an advisory lock): a service's
 /// forward step for the order and the customer's cancel of it take turns.
 pub async fn hold_order(tx: &mut PgConnection, order_id: Uuid) -> sqlx::Result<()> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 11))")
-        .bind(order_id)
-        .execute(tx)
-        .await?;
+    hold_orders(tx, &[order_id]).await
+}
+
+/// [`hold_order`] for each of `orders` (sorted, without repeats), in one
+/// statement and in order of id, so that two holders of several orders never
+/// wait on each other in a cycle.
+async fn hold_orders(tx: &mut PgConnection, orders: &[Uuid]) -> sqlx::Result<()> {
+    sqlx::query(
+        "SELECT count(pg_advisory_xact_lock(hashtextextended(id::text, 11)))
+         FROM (SELECT id FROM unnest($1::uuid[]) AS id ORDER BY id) held",
+    )
+    .bind(orders)
+    .execute(tx)
+    .await?;
     Ok(())
 }
 
@@ -199,8 +209,8 @@ impl Cancels {
         }
     }
 
-    /// These cancels with `orders` held for the transaction `tx` (in one
-    /// order, with one statement: see [`hold_order`]) and this service's
+    /// These cancels with `orders` held for the transaction `tx` (with one
+    /// statement: see [`hold_orders`]) and this service's
     /// record of their cancels read with one more, once every hold is
     /// taken: what a batch's forward steps would each ask in turn.
     ///
@@ -213,13 +223,7 @@ impl Cancels {
         if orders.is_empty() {
             return Ok(self.clone());
         }
-        sqlx::query(
-            "SELECT count(pg_advisory_xact_lock(hashtextextended(id::text, 11)))
-             FROM (SELECT id FROM unnest($1::uuid[]) AS id ORDER BY id) held",
-        )
-        .bind(&orders)
-        .execute(&mut *tx)
-        .await?;
+        hold_orders(&mut *tx, &orders).await?;
         // A statement of its own: its snapshot is taken after the holds,
         // so it sees every cancel committed before them.
         let recorded: Vec<(Uuid, String)> = sqlx::query_as(
