@@ -85,6 +85,30 @@ async fn with_retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
     }
 }
 
+/// How long a pooled connection may sit unused before it is checked with a
+/// round trip when next taken: one in steady use is not (sqlx's default
+/// checks every one, a round trip before each transaction on the hot path).
+/// A connection is also checked when it is returned, and one that turns out
+/// dead fails its statement, which the consumer retries like any transient
+/// failure.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(5);
+
+/// The pool every service uses.
+pub fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
+
 impl Infra {
     /// Connects (waiting up to a minute for Postgres and NATS), runs the
     /// common and the service's migrations, and applies the streams. Redis
@@ -93,10 +117,7 @@ impl Infra {
     pub async fn connect(config: Config, migrations: &Migrator) -> Result<Infra, StartError> {
         let health = Health::default();
         let pool = with_retry("postgres", || {
-            PgPoolOptions::new()
-                .max_connections(config.database_max_connections)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect(&config.database_url)
+            pool_options(config.database_max_connections).connect(&config.database_url)
         })
         .await?;
         combined(migrations).run(&pool).await?;
