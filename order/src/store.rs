@@ -614,6 +614,10 @@ async fn fold_sagas(tx: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<()> {
          ORDER BY correlation_id, occurred_at, kind, stream_seq",
     )
     .bind(ids)
+    // Planned for the ids at hand each time: a plan kept from when the
+    // table was small scans all of it (seen: 200 pages read per batch of a
+    // few rows on a stack a few minutes old, the observer's largest cost).
+    .persistent(false)
     .fetch_all(&mut *tx)
     .await?;
     let mut folded: Vec<SagaRow> = Vec::with_capacity(ids.len());
