@@ -15,11 +15,17 @@
 //! aggregate id: the step's outcome ([`STEP_VERSION`]) and its
 //! compensation ([`COMPENSATION_VERSION`]).
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, LazyLock},
+};
 
-use futures::StreamExt;
+use futures::{
+    FutureExt, StreamExt,
+    future::{BoxFuture, Shared},
+};
 use sqlx::{
-    FromRow, PgConnection, Postgres,
+    AssertSqlSafe, FromRow, PgConnection, PgPool, Postgres, Transaction,
     postgres::{PgArguments, PgRow},
     query::Query,
 };
@@ -139,14 +145,21 @@ pub async fn hold_order(tx: &mut PgConnection, order_id: Uuid) -> sqlx::Result<(
 /// statement and in order of id, so that two holders of several orders never
 /// wait on each other in a cycle.
 async fn hold_orders(tx: &mut PgConnection, orders: &[Uuid]) -> sqlx::Result<()> {
-    sqlx::query(
-        "SELECT count(pg_advisory_xact_lock(hashtextextended(id::text, 11)))
-         FROM (SELECT id FROM unnest($1::uuid[]) AS id ORDER BY id) held",
-    )
-    .bind(orders)
-    .execute(tx)
-    .await?;
+    static HOLD: LazyLock<String> = LazyLock::new(|| hold_statement("$1"));
+    sqlx::query(AssertSqlSafe(HOLD.as_str()))
+        .bind(orders)
+        .execute(tx)
+        .await?;
     Ok(())
+}
+
+/// The statement that holds the orders of `ids` (an array of uuids in SQL:
+/// a parameter, or a literal).
+fn hold_statement(ids: &str) -> String {
+    format!(
+        "SELECT count(pg_advisory_xact_lock(hashtextextended(id::text, 11))) \
+         FROM (SELECT id FROM unnest({ids}::uuid[]) AS id ORDER BY id) held"
+    )
 }
 
 /// How long asking the broker for an order's cancel may take.
@@ -163,67 +176,107 @@ const LOOKUPS_AT_ONCE: usize = 32;
 pub struct Cancels {
     js: async_nats::jetstream::Context,
     subjects: Subjects,
-    /// The stream's answers for a batch's orders, asked together before its
-    /// transaction began ([`Cancels::asked`]).
-    answered: Arc<HashMap<Uuid, Option<String>>>,
-    /// Orders the batch's transaction holds already, with the cancel this
-    /// service recorded for each, read once the hold was taken
-    /// ([`Cancels::held`]).
+    /// The stream's answers for the orders whose steps are about to be
+    /// taken, asked as soon as their events were taken
+    /// ([`Cancels::ask_ahead`]).
+    answered: Option<Answers>,
+    /// Orders the transaction holds already, with the cancel this service
+    /// recorded for each, read once the hold was taken ([`Cancels::begin`]).
     held: Arc<HashMap<Uuid, Option<String>>>,
 }
+
+/// The stream's answers, once they are all in; an order it did not answer
+/// for is not among them.
+type Answers = Shared<BoxFuture<'static, Arc<HashMap<Uuid, Option<String>>>>>;
 
 impl Cancels {
     pub fn new(js: async_nats::jetstream::Context, subjects: Subjects) -> Cancels {
         Cancels {
             js,
             subjects,
-            answered: Arc::default(),
+            answered: None,
             held: Arc::default(),
         }
     }
 
-    /// These cancels with the stream's answers for `orders` (the orders
-    /// whose steps a batch is about to take) asked all at once, so that the
-    /// batch's transaction does not wait on the broker once per step. An
-    /// order the broker did not answer for is asked again in the
-    /// transaction, as if alone.
+    /// These cancels with the stream asked, in the background and all at
+    /// once, about `orders` (the orders whose steps are about to be taken):
+    /// the answers come while the Redis claim is made and the transaction
+    /// begins, instead of one by one inside it. An order the broker did not
+    /// answer for is asked again when its step asks, as if alone.
     ///
     /// Asking before the transaction instead of in it changes nothing a
     /// step can observe: the answer is still about the cancels published
     /// before the step was taken, and a cancel published after it (like
     /// one published after the step committed) finds the step done and
     /// undoes it.
-    pub async fn asked(&self, orders: impl IntoIterator<Item = Uuid>) -> Cancels {
+    pub fn ask_ahead(&self, orders: impl IntoIterator<Item = Uuid>) -> Cancels {
         let mut orders: Vec<Uuid> = orders.into_iter().collect();
+        if orders.is_empty() {
+            return Cancels {
+                answered: None,
+                ..self.clone()
+            };
+        }
         orders.sort_unstable();
         orders.dedup();
-        let answered: HashMap<Uuid, Option<String>> = futures::stream::iter(orders)
-            .map(|order_id| async move { (order_id, self.in_stream(order_id).await) })
-            .buffer_unordered(LOOKUPS_AT_ONCE)
-            .filter_map(|(order_id, answer)| async move { Some((order_id, answer.ok()?)) })
-            .collect()
-            .await;
+        let asking = self.clone();
+        let task = tokio::spawn(async move {
+            futures::stream::iter(orders)
+                .map(|order_id| {
+                    let asking = &asking;
+                    async move { (order_id, asking.in_stream(order_id).await) }
+                })
+                .buffer_unordered(LOOKUPS_AT_ONCE)
+                .filter_map(|(order_id, answer)| async move { Some((order_id, answer.ok()?)) })
+                .collect::<HashMap<Uuid, Option<String>>>()
+                .await
+        });
+        let answered = async move { Arc::new(task.await.unwrap_or_default()) }
+            .boxed()
+            .shared();
         Cancels {
-            answered: Arc::new(answered),
+            answered: Some(answered),
             ..self.clone()
         }
     }
 
-    /// These cancels with `orders` held for the transaction `tx` (with one
-    /// statement: see [`hold_orders`]) and this service's
-    /// record of their cancels read with one more, once every hold is
-    /// taken: what a batch's forward steps would each ask in turn.
+    /// Waits until the stream has answered what [`Cancels::ask_ahead`]
+    /// asked (or given up): a batch waits before it takes its locks, not
+    /// while it holds them.
+    pub async fn answers(&self) {
+        if let Some(answered) = &self.answered {
+            answered.clone().await;
+        }
+    }
+
+    /// A transaction begun on `pool` with `begin` (`BEGIN`, or `BEGIN` and
+    /// settings) that holds `orders` from its first statement (see
+    /// [`hold_orders`]), and these cancels with this service's record of
+    /// their cancels, read with one more statement once every hold is taken:
+    /// what the steps the transaction takes for them would each ask in turn.
     ///
-    /// Only for orders the batch has nothing else for: an event of the
-    /// batch that records a cancel would leave the answer stale.
-    pub async fn held(&self, tx: &mut PgConnection, orders: &[Uuid]) -> sqlx::Result<Cancels> {
+    /// Only for orders the transaction has nothing else to apply for: an
+    /// event that records a cancel would leave the answer stale.
+    pub async fn begin(
+        &self,
+        pool: &PgPool,
+        begin: &'static str,
+        orders: &[Uuid],
+    ) -> sqlx::Result<(Transaction<'static, Postgres>, Cancels)> {
         let mut orders = orders.to_vec();
         orders.sort_unstable();
         orders.dedup();
         if orders.is_empty() {
-            return Ok(self.clone());
+            return Ok((pool.begin_with(begin).await?, self.clone()));
         }
-        hold_orders(&mut *tx, &orders).await?;
+        // The ids are uuids, printed by their type: nothing else reaches
+        // the statement.
+        let ids: Vec<String> = orders.iter().map(Uuid::to_string).collect();
+        let held = hold_statement(&format!("'{{{}}}'", ids.join(",")));
+        let mut tx = pool
+            .begin_with(AssertSqlSafe(format!("{begin}; {held}")))
+            .await?;
         // A statement of its own: its snapshot is taken after the holds,
         // so it sees every cancel committed before them.
         let recorded: Vec<(Uuid, String)> = sqlx::query_as(
@@ -237,10 +290,13 @@ impl Cancels {
         for (id, reason) in recorded {
             held.insert(id, Some(reason));
         }
-        Ok(Cancels {
-            held: Arc::new(held),
-            ..self.clone()
-        })
+        Ok((
+            tx,
+            Cancels {
+                held: Arc::new(held),
+                ..self.clone()
+            },
+        ))
     }
 
     /// What a forward step asks first: holds the order (see
@@ -264,10 +320,12 @@ impl Cancels {
         if recorded.is_some() {
             return Ok(recorded);
         }
-        match self.answered.get(&order_id) {
-            Some(answer) => Ok(answer.clone()),
-            None => self.in_stream(order_id).await,
+        if let Some(answered) = &self.answered
+            && let Some(answer) = answered.clone().await.get(&order_id)
+        {
+            return Ok(answer.clone());
         }
+        self.in_stream(order_id).await
     }
 
     /// Why the customer cancelled `order_id`, if the stream holds their

@@ -166,8 +166,10 @@ pub trait Handler: Send + Sync + 'static {
 
     /// The order whose forward step `event` is, if it is one: a step that
     /// first asks whether the customer cancelled the order
-    /// ([`Cancels::before`]). A batch asks the broker for all its steps at
-    /// once, before its transaction begins ([`Cancels::asked`]).
+    /// ([`Cancels::before`]). The consumer asks the broker about every
+    /// step it took at once, as soon as it took them
+    /// ([`Cancels::ask_ahead`]), and holds their orders from the first
+    /// statement of their transaction ([`Cancels::begin`]).
     fn step_of(&self, _event: &Event) -> Option<Uuid> {
         None
     }
@@ -507,6 +509,11 @@ impl<H: Handler> Inner<H> {
     /// Disposes of what a lane took: one delivery alone, more together.
     async fn process_all(&self, taken: Vec<Taken>) {
         let ids: Vec<Uuid> = taken.iter().map(|t| t.envelope.event_id).collect();
+        // The stream is asked about the orders' cancels while Redis is
+        // asked about the events, and answers by the time a step wants it.
+        let cancels = self
+            .cancels
+            .ask_ahead(taken.iter().filter_map(|t| self.handler.step_of(&t.event)));
         let claims = self.idempotency.claim_all(&ids).await;
         let mut batch = Vec::with_capacity(taken.len());
         for (t, claim) in taken.into_iter().zip(claims) {
@@ -515,18 +522,18 @@ impl<H: Handler> Inner<H> {
                 // Already applied, or being applied by another delivery:
                 // acked or retried without a transaction.
                 Claim::Done | Claim::InProgress => {
-                    self.settle(t, claim).await;
+                    self.settle(t, claim, &cancels).await;
                 }
             }
         }
         // One event alone (as when the lane is not busy) goes the single way.
         if batch.len() < 2 {
             for (t, claim) in batch {
-                self.settle(t, claim).await;
+                self.settle(t, claim, &cancels).await;
             }
             return;
         }
-        match self.transact_batch(&batch).await {
+        match self.transact_batch(&batch, &cancels).await {
             Ok(outcomes) => {
                 self.meter.batch(&self.name, "committed", batch.len());
                 if outcomes.iter().any(|o| matches!(o, Outcome::Applied(_))) {
@@ -554,7 +561,7 @@ impl<H: Handler> Inner<H> {
                 self.meter.batch(&self.name, "one_by_one", batch.len());
                 tracing::info!(consumer = %self.name, events = batch.len(), %why, "batch not committed; applying its events one by one");
                 for (t, claim) in batch {
-                    self.settle(t, claim).await;
+                    self.settle(t, claim, &cancels).await;
                 }
             }
         }
@@ -647,16 +654,16 @@ impl<H: Handler> Inner<H> {
     }
 
     /// Applies one event on its own, given what Redis said of it.
-    async fn settle(&self, t: Taken, claim: Claim) -> Disposition {
+    async fn settle(&self, t: Taken, claim: Claim, cancels: &Cancels) -> Disposition {
         let disposition = self
-            .settle_in_span(&t, claim)
+            .settle_in_span(&t, claim, cancels)
             .instrument(self.span(&t))
             .await;
         self.record(&t, &disposition);
         disposition
     }
 
-    async fn settle_in_span(&self, t: &Taken, claim: Claim) -> Disposition {
+    async fn settle_in_span(&self, t: &Taken, claim: Claim, cancels: &Cancels) -> Disposition {
         let (msg, delivered, envelope) = (&t.msg, t.delivered, &t.envelope);
         let d = &t.delivery();
         let id = envelope.event_id;
@@ -675,7 +682,9 @@ impl<H: Handler> Inner<H> {
             }
         };
 
-        let result = self.transact(envelope, t.event.clone(), delivered).await;
+        let result = self
+            .transact(envelope, t.event.clone(), delivered, cancels)
+            .await;
         if !matches!(
             result,
             Ok(None | Some(Outcome::Applied(_) | Outcome::Skipped(_)))
@@ -770,12 +779,16 @@ impl<H: Handler> Inner<H> {
         envelope: &Envelope,
         event: Event,
         delivered: i64,
+        cancels: &Cancels,
     ) -> Result<Option<Outcome>, HandlerError> {
-        let mut tx = self.pool.begin().await?;
+        // A forward step's order is held from the transaction's first
+        // statement on.
+        let step: Vec<Uuid> = self.handler.step_of(&event).into_iter().collect();
+        let (mut tx, cancels) = cancels.begin(&self.pool, "BEGIN", &step).await?;
         let result = AssertUnwindSafe(self.apply_in(
             &mut tx,
             &self.meter,
-            &self.cancels,
+            &cancels,
             envelope,
             event,
             delivered,
@@ -806,29 +819,24 @@ impl<H: Handler> Inner<H> {
     /// skipped. Anything else (an event not yet applicable, rejected, a
     /// duplicate Redis did not know of, a failure, a panic) rolls all of it
     /// back and says why, and the caller applies them one by one.
-    async fn transact_batch(&self, batch: &[(Taken, Claim)]) -> Result<Vec<Outcome>, String> {
-        // Asked before the transaction, all at once: the broker's answers
-        // would otherwise come one by one while the batch holds its locks.
-        let cancels = self
-            .cancels
-            .asked(
-                batch
-                    .iter()
-                    .filter_map(|(t, _)| self.handler.step_of(&t.event)),
-            )
-            .await;
+    async fn transact_batch(
+        &self,
+        batch: &[(Taken, Claim)],
+        cancels: &Cancels,
+    ) -> Result<Vec<Outcome>, String> {
+        // The broker's answers, asked when the events were taken, are
+        // awaited before the batch takes its locks: it would otherwise wait
+        // on the broker while holding them.
+        cancels.answers().await;
+        // The orders whose forward steps the batch takes are held from its
+        // first statement, and the cancels recorded for them read at once;
+        // an order the batch has another event for (its cancel, say) is
+        // asked in its turn.
+        //
         // Lanes' batches may lock the same rows (one customer's account,
         // one product's stock) in different orders: a batch that waits too
         // long for a lock gives up (and goes one by one) instead of waiting
         // for Postgres to find the deadlock.
-        let mut tx = self
-            .pool
-            .begin_with(BATCH_BEGIN)
-            .await
-            .map_err(|e| e.to_string())?;
-        // The orders whose forward steps the batch takes, held at once, and
-        // the cancels recorded for them read at once; an order the batch
-        // has another event for (its cancel, say) is asked in its turn.
         let mut events_of: HashMap<Uuid, usize> = HashMap::new();
         for (t, _) in batch {
             *events_of.entry(t.event.order_id()).or_default() += 1;
@@ -838,8 +846,8 @@ impl<H: Handler> Inner<H> {
             .filter_map(|(t, _)| self.handler.step_of(&t.event))
             .filter(|order_id| events_of.get(order_id) == Some(&1))
             .collect();
-        let cancels = cancels
-            .held(&mut tx, &alone)
+        let (mut tx, cancels) = cancels
+            .begin(&self.pool, BATCH_BEGIN, &alone)
             .await
             .map_err(|e| format!("holding the batch's orders: {e}"))?;
         let meter = self.meter.holding();
