@@ -34,6 +34,12 @@ use crate::{
 pub const HEALTH_EVENTS: &str = "timelineEvents";
 pub const HEALTH_DEAD_LETTERS: &str = "timelineDeadLetters";
 
+/// How long the observer waits, after a message, for more to record with it:
+/// a saga's events a few milliseconds apart are recorded together, in one
+/// transaction, instead of one each, and a timeline is this much behind at
+/// most (when the broker is not behind).
+const LINGER: Duration = Duration::from_millis(20);
+
 /// Records what the watches deliver.
 pub struct Observer {
     pub pool: PgPool,
@@ -51,7 +57,7 @@ impl Observer {
             let this = this.clone();
             source
                 .clone()
-                .watch_batches(spec, health, shutdown.clone(), move |msgs| {
+                .watch_batches(spec, health, shutdown.clone(), LINGER, move |msgs| {
                     let this = this.clone();
                     async move { this.record(msgs, decode).await }
                 })

@@ -43,7 +43,7 @@ impl Source {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let process = std::sync::Arc::new(process);
-        self.watch_batches(spec, health_name, shutdown, move |msgs| {
+        self.watch_batches(spec, health_name, shutdown, Duration::ZERO, move |msgs| {
             let process = process.clone();
             async move {
                 for msg in msgs {
@@ -56,12 +56,15 @@ impl Source {
 
     /// Like [`Self::watch`], but hands `process` every message that is
     /// waiting (at most [`BATCH`], in stream order), so it can record them
-    /// in one transaction; one alone when no more are waiting.
+    /// in one transaction; with a `linger`, the messages that arrive within
+    /// it after the first one too, so that a trickle of messages is handed
+    /// over in a few batches instead of one by one.
     pub async fn watch_batches<F, Fut>(
         self,
         spec: WatchSpec,
         health_name: &'static str,
         shutdown: CancellationToken,
+        linger: Duration,
         process: F,
     ) -> Result<impl Future<Output = ()> + Send + 'static, topology::TopologyError>
     where
@@ -72,7 +75,7 @@ impl Source {
             topology::apply_consumer(&self.js, &self.subjects, topology::Durable::Watch(&spec))
                 .await?;
         self.health.ok(health_name);
-        Ok(self.run(spec, health_name, consumer, shutdown, process))
+        Ok(self.run(spec, health_name, consumer, shutdown, linger, process))
     }
 
     async fn run<F, Fut>(
@@ -81,6 +84,7 @@ impl Source {
         health_name: &'static str,
         mut consumer: jetstream::consumer::Consumer<pull::Config>,
         shutdown: CancellationToken,
+        linger: Duration,
         process: F,
     ) where
         F: Fn(Vec<jetstream::Message>) -> Fut + Send + Sync + 'static,
@@ -103,8 +107,14 @@ impl Source {
                     let mut msgs = vec![first.map_err(|e| e.to_string())?];
                     let mut failed = None;
                     let mut ended = false;
+                    let until = tokio::time::Instant::now() + linger;
                     while msgs.len() < BATCH {
-                        match batch.next().now_or_never() {
+                        let next = if linger.is_zero() {
+                            batch.next().now_or_never()
+                        } else {
+                            tokio::time::timeout_at(until, batch.next()).await.ok()
+                        };
+                        match next {
                             Some(Some(Ok(msg))) => msgs.push(msg),
                             Some(Some(Err(e))) => {
                                 failed = Some(e.to_string());
