@@ -57,7 +57,19 @@ async fn the_design_metrics_move_as_sagas_confirm_compensate_and_dead_letter() -
         let ended = order.sum(names::SAGAS_ENDED, &[("outcome", outcome)]);
         assert_eq!(ended, count, "{outcome}");
     }
-    // The timeline projection has caught up, and so has every consumer.
+    // The timeline projection catches up (the observer may still be
+    // gathering the last messages into a batch), and so does every consumer.
+    let order = stack
+        .metrics_until("order", "the timeline and every consumer caught up", |m| {
+            m.sum(names::PROJECTION_LAG, &[("projection", "timeline")]) == 0.0
+                && roster::names().all(|c| {
+                    m.sum(
+                        names::CONSUMER_PENDING,
+                        &[("service", "order"), ("consumer", c)],
+                    ) == 0.0
+                })
+        })
+        .await?;
     assert_eq!(
         order.sum(names::PROJECTION_LAG, &[("projection", "timeline")]),
         0.0
