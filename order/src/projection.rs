@@ -163,19 +163,36 @@ async fn save_checkpoint(conn: &mut PgConnection, name: &str, at: Position) -> s
     Ok(())
 }
 
+/// The horizon of this database: a transaction id below every transaction
+/// that is still running and may write here. Postgres's own
+/// (`pg_snapshot_xmin`) is the whole cluster's, and the other services'
+/// databases share the cluster: one long transaction in any of them would
+/// hold every projection back. A running transaction is passed over only
+/// when `pg_stat_activity` shows it in another database (an id belongs to
+/// one database for its life); one it does not show (just ended, prepared,
+/// not visible) still holds the horizon back.
+const HORIZON: &str = "(SELECT coalesce(
+         (SELECT min(x) FROM pg_snapshot_xip(s) AS x
+          WHERE x::text::bigint % 4294967296 NOT IN (
+              SELECT backend_xid::text::bigint FROM pg_stat_activity
+              WHERE backend_xid IS NOT NULL
+                AND datname IS DISTINCT FROM current_database())),
+         pg_snapshot_xmax(s))
+     FROM pg_current_snapshot() AS s)";
+
 /// The next events after `from` in commit order, only of transactions
-/// older than every one still running: (position, order, envelope).
+/// older than every one still running here ([`HORIZON`]): (position,
+/// order, envelope).
 async fn events_after(
     conn: &mut PgConnection,
     from: Position,
     limit: i64,
 ) -> sqlx::Result<Vec<(Position, Uuid, String)>> {
-    let rows: Vec<(i64, i64, Uuid, String)> = sqlx::query_as(
+    let rows: Vec<(i64, i64, Uuid, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT tx::text::bigint, position, order_id, envelope::text FROM order_events
-         WHERE (tx, position) > ($1::bigint::text::xid8, $2)
-           AND tx < pg_snapshot_xmin(pg_current_snapshot())
-         ORDER BY tx, position LIMIT $3",
-    )
+         WHERE (tx, position) > ($1::bigint::text::xid8, $2) AND tx < {HORIZON}
+         ORDER BY tx, position LIMIT $3"
+    )))
     .bind(from.tx)
     .bind(from.position)
     .bind(limit)

@@ -9,8 +9,11 @@ use std::{
 };
 
 use anyhow::Result;
-use common::meter::names;
-use order::projection::{self, CustomerStats, OrdersView, Projection};
+use common::{Envelope, meter::names};
+use order::{
+    domain::OrderEvent,
+    projection::{self, CustomerStats, OrdersView, Projection},
+};
 use saga_tests::{DEADLINE, Stack, eventually};
 use serde_json::{Value, json};
 use sqlx::Connection;
@@ -289,4 +292,116 @@ async fn a_rebuild_under_reads_and_writes_swaps_in_what_a_replay_gives() -> Resu
     stats_agree(&stack, "alice").await?;
     stats_agree(&stack, "poor").await?;
     stack.assert_invariants().await
+}
+
+/// A projection that remembers the events it was given, in order.
+#[derive(Default)]
+struct Seen(std::sync::Mutex<Vec<Uuid>>);
+
+impl Projection for Seen {
+    const NAME: &'static str = "seen";
+    const TABLES: &'static [&'static str] = &[];
+
+    async fn apply(
+        &self,
+        _: &mut sqlx::PgConnection,
+        _: &[String],
+        events: &[(Envelope, OrderEvent)],
+    ) -> sqlx::Result<()> {
+        let mut seen = self.0.lock().expect("seen");
+        seen.extend(events.iter().map(|(env, _)| env.event_id));
+        Ok(())
+    }
+}
+
+/// The ids of the events stored for `order`.
+async fn stored_ids(pool: &sqlx::PgPool, order: Uuid) -> Result<Vec<Uuid>> {
+    Ok(
+        sqlx::query_scalar(
+            "SELECT event_id FROM order_events WHERE order_id = $1 ORDER BY version",
+        )
+        .bind(order)
+        .fetch_all(pool)
+        .await?,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_left_open_in_another_database_does_not_hold_the_read_model_back()
+-> Result<()> {
+    let stack = Stack::start_with(&["order", "inventory"]).await?;
+    stack.price("widget", 700).await?;
+    // Another service's database on the same Postgres: a transaction that
+    // holds a transaction id and stays open for the whole test.
+    let mut other = sqlx::PgConnection::connect(&stack.config("payment").database_url).await?;
+    sqlx::query("BEGIN").execute(&mut other).await?;
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut other)
+        .await?;
+    let id = stack.place("alice", &[("widget", 1, 700)], "US").await?;
+    assert_eq!(stack.order(id).await?["status"], "PENDING");
+    let seen = Seen::default();
+    let pool = stack.pool("order").await?;
+    let stored = stored_ids(&pool, id).await?;
+    eventually(
+        "the projection to take the order's events",
+        DEADLINE,
+        || async {
+            projection::step(&pool, &seen, &[]).await?;
+            Ok((*seen.0.lock().unwrap() == stored).then_some(()))
+        },
+    )
+    .await?;
+    sqlx::query("ROLLBACK").execute(&mut other).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_committed_late_is_not_passed_over() -> Result<()> {
+    let stack = Stack::start_with(&["order", "inventory"]).await?;
+    stack.price("widget", 700).await?;
+    let pool = stack.pool("order").await?;
+    // A transaction of the order database takes its id first...
+    let mut late = sqlx::PgConnection::connect(&stack.config("order").database_url).await?;
+    sqlx::query("BEGIN").execute(&mut late).await?;
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut late)
+        .await?;
+    // ...then an order is placed and committed, after it in id order.
+    let id = stack.place("alice", &[("widget", 1, 700)], "US").await?;
+    let placed = stored_ids(&pool, id).await?;
+    let seen = Seen::default();
+    for _ in 0..3 {
+        projection::step(&pool, &seen, &[]).await?;
+    }
+    assert!(
+        seen.0.lock().unwrap().is_empty(),
+        "nothing past a running transaction"
+    );
+    // The early transaction writes an event and commits last.
+    let copy = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO order_events (order_id, version, event_id, event_type, schema_version, envelope)
+         SELECT $1, version, $2, event_type, schema_version,
+                jsonb_set(envelope, '{eventId}', to_jsonb($2::text))
+         FROM order_events WHERE order_id = $3 AND version = 1",
+    )
+    .bind(Uuid::now_v7())
+    .bind(copy)
+    .bind(id)
+    .execute(&mut late)
+    .await?;
+    sqlx::query("COMMIT").execute(&mut late).await?;
+    let expected: Vec<Uuid> = std::iter::once(copy).chain(placed).collect();
+    eventually("the projection to take every event", DEADLINE, || async {
+        projection::step(&pool, &seen, &[]).await?;
+        Ok((seen.0.lock().unwrap().len() >= expected.len()).then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        *seen.0.lock().unwrap(),
+        expected,
+        "in commit order, each once"
+    );
+    Ok(())
 }
