@@ -3,8 +3,10 @@
 //! (`ORDER_URL`, with `ADMIN_TOKEN` for what changes anything); it decides
 //! nothing for the saga: it shows dead letters and a saga's timeline, and
 //! has dead letters redriven or a saga resolved when an operator says so,
-//! each leaving an audit record that the saga's timeline shows.
+//! each leaving an audit record that the saga's timeline shows. `audit`
+//! reads the four services' databases and checks the invariants across them.
 
+pub mod audit;
 pub mod dlq;
 pub mod saga;
 
@@ -84,6 +86,22 @@ pub enum Command {
         /// Who: recorded with the note.
         #[arg(long, env = "SAGACTL_OPERATOR")]
         operator: Option<String>,
+    },
+    /// Check the invariants across the services, from each one's own
+    /// database: money charged minus refunded equals the confirmed orders'
+    /// total per customer, stock held equals the confirmed quantities per
+    /// product, a shipment for every confirmed order and no other, every
+    /// saga ended (or younger than --in-flight-for). Prints a table and
+    /// every mismatch with its order, customer or product; exits non-zero
+    /// on any mismatch.
+    Audit {
+        /// A saga not ended and older than this (seconds) is stuck.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        in_flight_for: u64,
+        /// A service's database, as SERVICE=URL (repeatable). Default:
+        /// `<SERVICE>_DATABASE_URL`, else `postgres://postgres@127.0.0.1:5432/saga_<service>`.
+        #[arg(long = "database", value_name = "SERVICE=URL", value_parser = parse_database)]
+        databases: Vec<(String, String)>,
     },
     /// A saga's timeline, in order: every event with the service that
     /// emitted it and its effect, dead letters, operator actions, and the
@@ -224,6 +242,14 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
             let request = redrive_request(seqs, &filter, body, audit);
             dlq::redrive(&cli.connection, &request, out).await
         }
+        Command::Audit {
+            in_flight_for,
+            databases,
+        } => {
+            let in_flight_for = Duration::from_secs(in_flight_for);
+            let records = audit::read(&databases_of(databases)).await?;
+            audit::print(&audit::check(&records, in_flight_for), in_flight_for, out)
+        }
         Command::Retry { order_id, audit } => {
             let saga = Filter {
                 saga: Some(order_id),
@@ -272,6 +298,37 @@ async fn connect(connection: &Connection, subjects: Subjects) -> Result<common::
         async_nats::jetstream::new(nats),
         subjects,
     ))
+}
+
+/// `SERVICE=URL`, for a service of the roster.
+fn parse_database(arg: &str) -> Result<(String, String), String> {
+    let (service, url) = arg
+        .split_once('=')
+        .ok_or_else(|| format!("expected SERVICE=URL, got {arg:?}"))?;
+    if common::roster::find(service).is_none() {
+        let known: Vec<&str> = common::roster::names().collect();
+        return Err(format!(
+            "no service {service:?} (the services: {})",
+            known.join(", ")
+        ));
+    }
+    Ok((service.to_string(), url.to_string()))
+}
+
+/// Every service's database: given on the command line, else from
+/// `<SERVICE>_DATABASE_URL`, else the local default.
+fn databases_of(given: Vec<(String, String)>) -> audit::Databases {
+    let mut out: audit::Databases = common::roster::SERVICES
+        .iter()
+        .map(|s| {
+            let variable = format!("{}_DATABASE_URL", s.name.to_ascii_uppercase());
+            let url = std::env::var(variable)
+                .unwrap_or_else(|_| format!("postgres://postgres@127.0.0.1:5432/{}", s.database()));
+            (s.name.to_string(), url)
+        })
+        .collect();
+    out.extend(given);
+    out
 }
 
 /// The login name, for the audit trail when --operator is not given.

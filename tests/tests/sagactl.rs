@@ -243,3 +243,90 @@ fn tempfile(bytes: &[u8]) -> Result<String> {
     std::fs::write(&path, bytes)?;
     Ok(path.to_string_lossy().into_owned())
 }
+
+/// A whole stack with shipping stopped, and a saga of alice's (one widget
+/// at 1 000) waiting for it (charged, stock reserved), in the read model.
+async fn waiting_on_stopped_shipping() -> Result<(Stack, Uuid)> {
+    let mut stack = Stack::stocked(10_000, 5).await?;
+    stack.stop_service("shipping").await?;
+    let id = stack.place("alice", &[("widget", 1, 1_000)], "US").await?;
+    eventually("the saga to wait for shipping", DEADLINE, || async {
+        Ok((stack.stock("widget").await? == (4, 1)).then_some(()))
+    })
+    .await?;
+    stack.projected().await?;
+    Ok((stack, id))
+}
+
+/// `sagactl audit` against this stack's databases: what it printed, and
+/// whether it found the records in agreement.
+async fn audit(stack: &Stack, options: &str) -> Result<(String, bool)> {
+    let databases: Vec<String> = common::roster::names()
+        .map(|s| format!("--database {s}={}", stack.dbs.url(s)))
+        .collect();
+    let line = format!("audit {} {options}", databases.join(" "));
+    match stack.sagactl(&line).await {
+        Ok(printed) => Ok((printed, true)),
+        Err(e) => Ok((format!("{e:#}"), false)),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_passes_on_settled_sagas_and_names_a_tampered_record() -> Result<()> {
+    let (stack, each) = Stack::one_saga_of_each_kind(1_000).await?;
+    stack.settle().await?;
+    let (printed, agreed) = audit(&stack, "").await?;
+    assert!(agreed, "{printed}");
+    assert!(printed.contains("all invariants hold"), "{printed}");
+    assert!(printed.contains("payment agrees with order"), "{printed}");
+
+    // A refund the payment service records but never made, and stock
+    // inventory says it put back but still counts as reserved.
+    let payment = stack.pool("payment").await?;
+    sqlx::query("UPDATE payments SET status = 'charged' WHERE order_id = $1")
+        .bind(each.undeliverable)
+        .execute(&payment)
+        .await?;
+    let inventory = stack.pool("inventory").await?;
+    sqlx::query("UPDATE stock SET reserved = reserved + 1 WHERE product_id = 'widget'")
+        .execute(&inventory)
+        .await?;
+    let (printed, agreed) = audit(&stack, "").await?;
+    assert!(!agreed, "{printed}");
+    assert!(printed.contains("3 mismatch"), "{printed}");
+    let undeliverable = each.undeliverable.to_string();
+    let named =
+        |check: &str, id: &str| printed.lines().any(|l| l.contains(check) && l.contains(id));
+    assert!(
+        named("payment agrees with order", &undeliverable),
+        "{printed}"
+    );
+    assert!(named("money per customer", "alice"), "{printed}");
+    assert!(named("reserved stock adds up", "widget"), "{printed}");
+    assert!(!printed.contains(&each.happy.to_string()), "{printed}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_counts_a_young_saga_in_flight_and_names_it_stuck_past_the_threshold()
+-> Result<()> {
+    let (stack, id) = waiting_on_stopped_shipping().await?;
+    let (printed, agreed) = audit(&stack, "--in-flight-for 600").await?;
+    assert!(agreed, "{printed}");
+    assert!(
+        printed.contains("in flight (started less than 600s ago): 1"),
+        "{printed}"
+    );
+    let printed = eventually("the saga to count as stuck", DEADLINE, || async {
+        let (printed, agreed) = audit(&stack, "--in-flight-for 1").await?;
+        Ok((!agreed).then_some(printed))
+    })
+    .await?;
+    assert!(
+        printed
+            .lines()
+            .any(|l| l.contains("every saga ended") && l.contains(&id.to_string())),
+        "{printed}"
+    );
+    Ok(())
+}

@@ -1,0 +1,726 @@
+//! `sagactl audit`: the cross-service invariants, checked from each
+//! service's own database. What it reads is each service's record of the
+//! saga — the order's status (the read model), the payment, the
+//! reservation, the shipment, the stock counters — and what it checks is
+//! that they tell one story:
+//!
+//! - every saga has ended, or started less than `--in-flight-for` ago;
+//! - a confirmed order was charged its total, a cancelled (or manually
+//!   compensated) one was not charged or was refunded;
+//! - a confirmed order holds its quantities in a reservation, a cancelled
+//!   one holds nothing;
+//! - a shipment was created for every confirmed order and for no other;
+//! - each product's reserved counter is the sum of its reservations;
+//! - per customer, charged minus refunded is the total of the confirmed
+//!   orders; per product, the quantity held is the confirmed quantity.
+//!
+//! A saga still in flight, or halted awaiting an operator
+//! (REQUIRES_INTERVENTION), is not held to its end state: it is counted and
+//! listed. The checks are pure ([`check`]); reading is at the edge
+//! ([`read`]).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    io::Write,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use common::event::OrderLine;
+use sqlx::{Connection as _, PgConnection, types::Json};
+use uuid::Uuid;
+
+use crate::CALL_TIMEOUT;
+
+/// An order as the order service's read model has it.
+#[derive(Debug, Clone)]
+pub struct Order {
+    pub id: Uuid,
+    pub customer: String,
+    pub status: String,
+    pub total: i64,
+    /// Quantity per product.
+    pub lines: BTreeMap<String, i64>,
+    /// Since the saga started.
+    pub age: Duration,
+}
+
+/// What each service holds, as read.
+#[derive(Debug, Clone, Default)]
+pub struct Records {
+    pub orders: Vec<Order>,
+    /// Ids of orders the event store holds that the read model has not
+    /// applied yet (placed a moment ago): in flight.
+    pub unprojected: BTreeSet<Uuid>,
+    /// order id -> (customer, amount, status).
+    pub payments: HashMap<Uuid, (String, i64, String)>,
+    /// order id -> (quantity per product, status).
+    pub reservations: HashMap<Uuid, (BTreeMap<String, i64>, String)>,
+    /// order id -> status.
+    pub shipments: HashMap<Uuid, String>,
+    /// product -> its reserved counter.
+    pub reserved: BTreeMap<String, i64>,
+}
+
+/// One disagreement: which check, about what (an order, a customer, a
+/// product), and what the services say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub check: &'static str,
+    pub id: String,
+    pub detail: String,
+}
+
+/// The outcome: what was checked and what disagrees.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// check -> how many things it looked at.
+    pub checked: BTreeMap<&'static str, usize>,
+    pub findings: Vec<Finding>,
+    /// Sagas not yet ended, younger than the threshold.
+    pub in_flight: Vec<Uuid>,
+    /// Sagas halted awaiting an operator.
+    pub awaiting_operator: Vec<Uuid>,
+}
+
+pub const SAGAS_ENDED: &str = "every saga ended";
+pub const PAYMENTS: &str = "payment agrees with order";
+pub const RESERVATIONS: &str = "reservation agrees with order";
+pub const SHIPMENTS: &str = "shipment agrees with order";
+pub const RESERVED_COUNTERS: &str = "reserved stock adds up";
+pub const MONEY: &str = "money per customer";
+pub const STOCK: &str = "stock per product";
+
+/// The order of the table.
+const CHECKS: [&str; 7] = [
+    SAGAS_ENDED,
+    PAYMENTS,
+    RESERVATIONS,
+    SHIPMENTS,
+    RESERVED_COUNTERS,
+    MONEY,
+    STOCK,
+];
+
+/// How a saga stands for the audit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    Confirmed,
+    /// Cancelled or manually compensated: nothing may stay taken.
+    Undone,
+    /// Pending, or awaiting an operator: no end state to hold it to.
+    Open,
+}
+
+fn standing(status: &str) -> Standing {
+    match status {
+        "CONFIRMED" => Standing::Confirmed,
+        "CANCELLED" | "MANUALLY_COMPENSATED" => Standing::Undone,
+        _ => Standing::Open,
+    }
+}
+
+/// Checks `records`; a saga not ended counts as in flight while younger
+/// than `in_flight_for`.
+pub fn check(records: &Records, in_flight_for: Duration) -> Report {
+    let mut report = Report::default();
+    let find = |check: &'static str, id: String, detail: String| Finding { check, id, detail };
+    let mut findings = Vec::new();
+    let known: HashMap<Uuid, &Order> = records.orders.iter().map(|o| (o.id, o)).collect();
+    // Orders the other services name: each must be known to the order
+    // service (or be on its way to the read model).
+    let open = |id: &Uuid| {
+        known.get(id).map_or(records.unprojected.contains(id), |o| {
+            standing(&o.status) == Standing::Open
+        })
+    };
+
+    for o in &records.orders {
+        match o.status.as_str() {
+            "PENDING" if o.age >= in_flight_for => findings.push(find(
+                SAGAS_ENDED,
+                o.id.to_string(),
+                format!("pending for {}s", o.age.as_secs()),
+            )),
+            "PENDING" => report.in_flight.push(o.id),
+            "REQUIRES_INTERVENTION" => report.awaiting_operator.push(o.id),
+            _ => {}
+        }
+    }
+    report.in_flight.extend(records.unprojected.iter().copied());
+    report.checked.insert(
+        SAGAS_ENDED,
+        records.orders.len() + records.unprojected.len(),
+    );
+
+    // Each order's record in payment, inventory and shipping against its
+    // status: a confirmed order has the record it needs, an undone one
+    // keeps nothing taken.
+    let agreement = Agreement {
+        orders: &records.orders,
+        known: &known,
+        open: &open,
+    };
+    let payments = agreement.judge(PAYMENTS, "payment", &records.payments, |o, p| {
+        match (standing(&o.status), p) {
+            (Standing::Confirmed, Some((_, amount, status)))
+                if status == "charged" && *amount == o.total =>
+            {
+                None
+            }
+            (Standing::Confirmed, Some((_, amount, status))) => Some(format!(
+                "order CONFIRMED for {}, payment {status} ({amount})",
+                o.total
+            )),
+            (Standing::Confirmed, None) => {
+                Some(format!("order CONFIRMED for {}, no payment", o.total))
+            }
+            (_, Some((_, amount, status))) if status == "charged" => Some(format!(
+                "order {}, yet {amount} charged and not refunded",
+                o.status
+            )),
+            _ => None,
+        }
+    });
+    let reservations = agreement.judge(
+        RESERVATIONS,
+        "reservation",
+        &records.reservations,
+        |o, r| match (standing(&o.status), r) {
+            (Standing::Confirmed, Some((lines, status)))
+                if status == "reserved" && *lines == o.lines =>
+            {
+                None
+            }
+            (Standing::Confirmed, Some((lines, status))) => Some(format!(
+                "order CONFIRMED for {}, reservation {status} of {}",
+                quantities(&o.lines),
+                quantities(lines)
+            )),
+            (Standing::Confirmed, None) => Some(format!(
+                "order CONFIRMED for {}, no reservation",
+                quantities(&o.lines)
+            )),
+            (_, Some((lines, status))) if status == "reserved" => Some(format!(
+                "order {}, yet {} still reserved",
+                o.status,
+                quantities(lines)
+            )),
+            _ => None,
+        },
+    );
+    let shipments = agreement.judge(SHIPMENTS, "shipment", &records.shipments, |o, s| {
+        match (standing(&o.status), s.map(String::as_str)) {
+            (Standing::Confirmed, Some("created")) => None,
+            (Standing::Confirmed, s) => Some(format!(
+                "order CONFIRMED, shipment {}",
+                s.unwrap_or("missing")
+            )),
+            (_, Some("created")) => Some(format!("order {}, yet a shipment", o.status)),
+            _ => None,
+        }
+    });
+    for (check, checked, found) in [payments, reservations, shipments] {
+        report.checked.insert(check, checked);
+        findings.extend(found);
+    }
+
+    // Inventory's counters against its own reservations.
+    let mut held: BTreeMap<String, i64> = BTreeMap::new();
+    for (lines, status) in records.reservations.values() {
+        if status == "reserved" {
+            for (product, q) in lines {
+                *held.entry(product.clone()).or_default() += q;
+            }
+        }
+    }
+    let products: BTreeSet<&String> = held.keys().chain(records.reserved.keys()).collect();
+    report.checked.insert(RESERVED_COUNTERS, products.len());
+    for product in &products {
+        let counter = records.reserved.get(*product).copied().unwrap_or(0);
+        let sum = held.get(*product).copied().unwrap_or(0);
+        if counter != sum {
+            findings.push(find(
+                RESERVED_COUNTERS,
+                product.to_string(),
+                format!("reserved counter {counter}, reservations hold {sum}"),
+            ));
+        }
+    }
+
+    // The totals the invariants speak of, over sagas that ended.
+    let ended = |id: &Uuid| !open(id);
+    let mut charged: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    for (id, (customer, amount, status)) in &records.payments {
+        if status == "charged" && ended(id) {
+            charged.entry(customer).or_default().0 += amount;
+        }
+    }
+    let mut taken: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    for (id, (lines, status)) in &records.reservations {
+        if status == "reserved" && ended(id) {
+            for (product, q) in lines {
+                taken.entry(product).or_default().0 += q;
+            }
+        }
+    }
+    for o in records
+        .orders
+        .iter()
+        .filter(|o| standing(&o.status) == Standing::Confirmed)
+    {
+        charged.entry(&o.customer).or_default().1 += o.total;
+        for (product, q) in &o.lines {
+            taken.entry(product).or_default().1 += q;
+        }
+    }
+    report.checked.insert(MONEY, charged.len());
+    for (customer, (money, confirmed)) in &charged {
+        if money != confirmed {
+            findings.push(find(
+                MONEY,
+                customer.to_string(),
+                format!("charged minus refunded {money}, confirmed orders total {confirmed}"),
+            ));
+        }
+    }
+    report.checked.insert(STOCK, taken.len());
+    for (product, (held, confirmed)) in &taken {
+        if held != confirmed {
+            findings.push(find(
+                STOCK,
+                product.to_string(),
+                format!("held {held}, confirmed quantity {confirmed}"),
+            ));
+        }
+    }
+    report.findings = findings;
+    report
+}
+
+/// What a service's record of an order must agree with.
+struct Agreement<'a> {
+    orders: &'a [Order],
+    known: &'a HashMap<Uuid, &'a Order>,
+    /// Whether an order is not held to an end state (or on its way).
+    open: &'a dyn Fn(&Uuid) -> bool,
+}
+
+/// A record's status, to name one of an order the order service lacks.
+trait Status {
+    fn status(&self) -> &str;
+}
+
+impl Status for (String, i64, String) {
+    fn status(&self) -> &str {
+        &self.2
+    }
+}
+
+impl Status for (BTreeMap<String, i64>, String) {
+    fn status(&self) -> &str {
+        &self.1
+    }
+}
+
+impl Status for String {
+    fn status(&self) -> &str {
+        self
+    }
+}
+
+impl Agreement<'_> {
+    /// Checks one service's records (`what`, keyed by order) against the
+    /// orders: every record, and every confirmed order (which needs one).
+    /// `mismatch` says what disagrees for an order that has ended.
+    fn judge<R: Status>(
+        &self,
+        check: &'static str,
+        what: &str,
+        records: &HashMap<Uuid, R>,
+        mismatch: impl Fn(&Order, Option<&R>) -> Option<String>,
+    ) -> (&'static str, usize, Vec<Finding>) {
+        let mut ids: BTreeSet<Uuid> = records.keys().copied().collect();
+        let confirmed = self
+            .orders
+            .iter()
+            .filter(|o| standing(&o.status) == Standing::Confirmed);
+        ids.extend(confirmed.map(|o| o.id));
+        let mut found = Vec::new();
+        for id in &ids {
+            if (self.open)(id) {
+                continue;
+            }
+            let record = records.get(id);
+            let detail = match self.known.get(id) {
+                Some(o) => mismatch(o, record),
+                None => record.map(|r| {
+                    format!(
+                        "{what} {} for an order the order service does not know",
+                        r.status()
+                    )
+                }),
+            };
+            if let Some(detail) = detail {
+                found.push(Finding {
+                    check,
+                    id: id.to_string(),
+                    detail,
+                });
+            }
+        }
+        (check, ids.len(), found)
+    }
+}
+
+/// `widget×2, gadget×1`.
+fn quantities(lines: &BTreeMap<String, i64>) -> String {
+    let each: Vec<String> = lines.iter().map(|(p, q)| format!("{p}×{q}")).collect();
+    each.join(", ")
+}
+
+/// Quantity per product of order lines (a product on two lines adds up).
+fn per_product(lines: &[OrderLine]) -> BTreeMap<String, i64> {
+    let mut out = BTreeMap::new();
+    for l in lines {
+        *out.entry(l.product_id.clone()).or_default() += l.quantity;
+    }
+    out
+}
+
+/// Where each service's database is: service name -> URL.
+pub type Databases = BTreeMap<String, String>;
+
+async fn connect(databases: &Databases, service: &str) -> Result<PgConnection> {
+    let url = databases
+        .get(service)
+        .with_context(|| format!("no database given for {service}"))?;
+    tokio::time::timeout(CALL_TIMEOUT, PgConnection::connect(url))
+        .await
+        .ok()
+        .with_context(|| format!("{service}'s database: no answer within {CALL_TIMEOUT:?}"))?
+        .with_context(|| format!("connecting to {service}'s database"))
+}
+
+/// `query`, with [`CALL_TIMEOUT`]; `what` names it in the error.
+async fn within<T>(what: &str, query: impl Future<Output = sqlx::Result<T>>) -> Result<T> {
+    tokio::time::timeout(CALL_TIMEOUT, query)
+        .await
+        .ok()
+        .with_context(|| format!("reading {what}: no answer within {CALL_TIMEOUT:?}"))?
+        .with_context(|| format!("reading {what}"))
+}
+
+/// An order row as read.
+#[derive(sqlx::FromRow)]
+struct OrderRow {
+    order_id: Uuid,
+    customer_id: String,
+    status: String,
+    total: i64,
+    lines: Json<Vec<OrderLine>>,
+    age: f64,
+}
+
+/// Reads what each service holds. The other services first, the orders
+/// last: an order another service names was placed before it was read.
+pub async fn read(databases: &Databases) -> Result<Records> {
+    let mut records = Records::default();
+    let mut payment = connect(databases, "payment").await?;
+    let sql = "SELECT order_id, customer_id, amount, status FROM payments";
+    let payments: Vec<(Uuid, String, i64, String)> =
+        within("payments", sqlx::query_as(sql).fetch_all(&mut payment)).await?;
+    records.payments = payments
+        .into_iter()
+        .map(|(id, customer, amount, status)| (id, (customer, amount, status)))
+        .collect();
+
+    let mut inventory = connect(databases, "inventory").await?;
+    let sql = "SELECT order_id, lines, status FROM reservations";
+    let reservations: Vec<(Uuid, Json<Vec<OrderLine>>, String)> = within(
+        "reservations",
+        sqlx::query_as(sql).fetch_all(&mut inventory),
+    )
+    .await?;
+    records.reservations = reservations
+        .into_iter()
+        .map(|(id, lines, status)| (id, (per_product(&lines), status)))
+        .collect();
+    let sql = "SELECT product_id, reserved FROM stock";
+    let reserved: Vec<(String, i64)> =
+        within("stock", sqlx::query_as(sql).fetch_all(&mut inventory)).await?;
+    records.reserved = reserved.into_iter().collect();
+
+    let mut shipping = connect(databases, "shipping").await?;
+    let sql = "SELECT order_id, status FROM shipments";
+    let shipments: Vec<(Uuid, String)> =
+        within("shipments", sqlx::query_as(sql).fetch_all(&mut shipping)).await?;
+    records.shipments = shipments.into_iter().collect();
+
+    let mut order = connect(databases, "order").await?;
+    let sql = "SELECT order_id, customer_id, status, total, lines,
+                      extract(epoch FROM now() - created_at)::float8 AS age
+               FROM orders";
+    let orders: Vec<OrderRow> = within("orders", sqlx::query_as(sql).fetch_all(&mut order)).await?;
+    records.orders = orders
+        .into_iter()
+        .map(|o| Order {
+            id: o.order_id,
+            customer: o.customer_id,
+            status: o.status,
+            total: o.total,
+            lines: per_product(&o.lines),
+            age: Duration::try_from_secs_f64(o.age).unwrap_or_default(),
+        })
+        .collect();
+    // Orders named elsewhere but not in the read model: placed, and on
+    // their way to it if the event store has them.
+    let known: BTreeSet<Uuid> = records.orders.iter().map(|o| o.id).collect();
+    let named: BTreeSet<Uuid> = (records.payments.keys())
+        .chain(records.reservations.keys())
+        .chain(records.shipments.keys())
+        .filter(|id| !known.contains(id))
+        .copied()
+        .collect();
+    if !named.is_empty() {
+        let named: Vec<Uuid> = named.into_iter().collect();
+        let sql = "SELECT DISTINCT order_id FROM order_events WHERE order_id = ANY($1)";
+        let query = sqlx::query_scalar(sql).bind(&named).fetch_all(&mut order);
+        let stored: Vec<Uuid> = within("order events", query).await?;
+        records.unprojected = stored.into_iter().collect();
+    }
+    Ok(records)
+}
+
+/// Prints the report: a table of checks, the sagas not held to an end
+/// state, and every finding with its id. An error when anything disagrees.
+pub fn print(report: &Report, in_flight_for: Duration, out: &mut (dyn Write + Send)) -> Result<()> {
+    let mut wrong: BTreeMap<&str, usize> = BTreeMap::new();
+    for f in &report.findings {
+        *wrong.entry(f.check).or_default() += 1;
+    }
+    writeln!(out, "{:<32} {:>9} {:>11}", "CHECK", "CHECKED", "MISMATCHES")?;
+    for check in CHECKS {
+        let n = wrong.get(check).copied().unwrap_or(0);
+        writeln!(
+            out,
+            "{check:<32} {:>9} {:>11}",
+            report.checked.get(check).copied().unwrap_or(0),
+            if n == 0 {
+                "ok".to_string()
+            } else {
+                n.to_string()
+            }
+        )?;
+    }
+    writeln!(
+        out,
+        "\nin flight (started less than {}s ago): {}",
+        in_flight_for.as_secs(),
+        report.in_flight.len()
+    )?;
+    writeln!(
+        out,
+        "awaiting an operator (REQUIRES_INTERVENTION): {}",
+        report.awaiting_operator.len()
+    )?;
+    for id in &report.awaiting_operator {
+        writeln!(out, "  {id}")?;
+    }
+    if report.findings.is_empty() {
+        writeln!(out, "\nall invariants hold")?;
+        return Ok(());
+    }
+    writeln!(out, "\nMISMATCHES")?;
+    for f in &report.findings {
+        writeln!(out, "  {}: {}: {}", f.check, f.id, f.detail)?;
+    }
+    anyhow::bail!(
+        "{} mismatch(es) between the services' records",
+        report.findings.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    fn id(n: u128) -> Uuid {
+        Uuid::from_u128(n)
+    }
+
+    fn order(n: u128, status: &str, total: i64, widgets: i64) -> Order {
+        Order {
+            id: id(n),
+            customer: "alice".into(),
+            status: status.into(),
+            total,
+            lines: BTreeMap::from([("widget".to_string(), widgets)]),
+            age: Duration::from_secs(5),
+        }
+    }
+
+    fn widgets(n: i64) -> BTreeMap<String, i64> {
+        BTreeMap::from([("widget".to_string(), n)])
+    }
+
+    /// A confirmed order (1) and a cancelled one (2) whose compensation ran,
+    /// as the services record them.
+    fn consistent() -> Records {
+        Records {
+            orders: vec![order(1, "CONFIRMED", 300, 3), order(2, "CANCELLED", 100, 1)],
+            unprojected: BTreeSet::new(),
+            payments: HashMap::from([
+                (id(1), ("alice".into(), 300, "charged".into())),
+                (id(2), ("alice".into(), 100, "refunded".into())),
+            ]),
+            reservations: HashMap::from([
+                (id(1), (widgets(3), "reserved".into())),
+                (id(2), (widgets(1), "released".into())),
+            ]),
+            shipments: HashMap::from([(id(1), "created".into())]),
+            reserved: BTreeMap::from([("widget".into(), 3)]),
+        }
+    }
+
+    fn checks(report: &Report) -> Vec<(&'static str, String)> {
+        let found = report.findings.iter();
+        found.map(|f| (f.check, f.id.clone())).collect()
+    }
+
+    #[test]
+    fn records_that_tell_one_story_pass() {
+        let report = check(&consistent(), MINUTE);
+        assert_eq!(report.findings, []);
+        assert_eq!(report.checked[PAYMENTS], 2);
+        assert_eq!(report.checked[MONEY], 1);
+    }
+
+    #[test]
+    fn a_refund_that_never_happened_is_named_by_order_and_customer() {
+        let mut records = consistent();
+        records.payments.get_mut(&id(2)).unwrap().2 = "charged".into();
+        let report = check(&records, MINUTE);
+        assert_eq!(
+            checks(&report),
+            [(PAYMENTS, id(2).to_string()), (MONEY, "alice".into())]
+        );
+        assert!(
+            report.findings[1].detail.contains("400"),
+            "{:?}",
+            report.findings
+        );
+    }
+
+    #[test]
+    fn stock_left_reserved_for_a_cancelled_order_is_named_and_its_counter_checked() {
+        let mut records = consistent();
+        records.reservations.get_mut(&id(2)).unwrap().1 = "reserved".into();
+        let report = check(&records, MINUTE);
+        assert_eq!(
+            checks(&report),
+            [
+                (RESERVATIONS, id(2).to_string()),
+                (RESERVED_COUNTERS, "widget".into()),
+                (STOCK, "widget".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_shipment_for_a_cancelled_order_and_a_confirmed_one_without_are_named() {
+        let mut records = consistent();
+        records.shipments = HashMap::from([(id(2), "created".into())]);
+        let report = check(&records, MINUTE);
+        assert_eq!(
+            checks(&report),
+            [
+                (SHIPMENTS, id(1).to_string()),
+                (SHIPMENTS, id(2).to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_saga_pending_past_the_threshold_is_stuck_and_a_young_one_in_flight() {
+        let mut records = consistent();
+        let mut young = order(3, "PENDING", 100, 1);
+        young.age = Duration::from_secs(59);
+        let mut old = order(4, "PENDING", 100, 1);
+        old.age = Duration::from_secs(61);
+        // Charged, not yet confirmed: not held to an end state.
+        records
+            .payments
+            .insert(id(3), ("alice".into(), 100, "charged".into()));
+        records.orders.extend([young, old]);
+        let report = check(&records, MINUTE);
+        assert_eq!(checks(&report), [(SAGAS_ENDED, id(4).to_string())]);
+        assert_eq!(report.in_flight, [id(3)]);
+    }
+
+    #[test]
+    fn a_halted_saga_is_listed_not_held_to_an_end_state() {
+        let mut records = consistent();
+        records.orders[1].status = "REQUIRES_INTERVENTION".into();
+        records.payments.get_mut(&id(2)).unwrap().2 = "charged".into();
+        let report = check(&records, MINUTE);
+        assert_eq!(report.findings, []);
+        assert_eq!(report.awaiting_operator, [id(2)]);
+    }
+
+    #[test]
+    fn records_of_an_order_the_order_service_never_had_are_named() {
+        let mut records = consistent();
+        records
+            .payments
+            .insert(id(9), ("mallory".into(), 50, "charged".into()));
+        let report = check(&records, MINUTE);
+        assert_eq!(
+            checks(&report),
+            [(PAYMENTS, id(9).to_string()), (MONEY, "mallory".into())]
+        );
+        // One on its way to the read model is in flight instead.
+        records.unprojected.insert(id(9));
+        let report = check(&records, MINUTE);
+        assert_eq!(report.findings, []);
+        assert_eq!(report.in_flight, [id(9)]);
+    }
+
+    #[test]
+    fn a_confirmed_order_charged_the_wrong_amount_or_holding_the_wrong_lines_is_named() {
+        let mut records = consistent();
+        records.payments.get_mut(&id(1)).unwrap().1 = 299;
+        records.reservations.get_mut(&id(1)).unwrap().0 = widgets(2);
+        records.reserved.insert("widget".into(), 2);
+        let report = check(&records, MINUTE);
+        assert_eq!(
+            checks(&report),
+            [
+                (PAYMENTS, id(1).to_string()),
+                (RESERVATIONS, id(1).to_string()),
+                (MONEY, "alice".into()),
+                (STOCK, "widget".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_table_names_every_check_and_a_mismatch_is_an_error() {
+        let mut out = Vec::new();
+        print(&check(&consistent(), MINUTE), MINUTE, &mut out).unwrap();
+        let printed = String::from_utf8(out).unwrap();
+        for c in CHECKS {
+            assert!(printed.contains(c), "{printed}");
+        }
+        assert!(printed.contains("all invariants hold"));
+        let mut records = consistent();
+        records.shipments.clear();
+        let mut out = Vec::new();
+        let err = print(&check(&records, MINUTE), MINUTE, &mut out).unwrap_err();
+        assert!(err.to_string().contains("1 mismatch"), "{err}");
+        let printed = String::from_utf8(out).unwrap();
+        assert!(printed.contains(&id(1).to_string()), "{printed}");
+    }
+}
