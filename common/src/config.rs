@@ -65,6 +65,10 @@ pub struct Config {
     /// service snapshots an order's state every this many events, so a load
     /// folds at most this many.
     pub snapshot_every: i64,
+    /// `JANITOR_EVERY_MS`, default 1 h (1 s to 1 day): how often the
+    /// janitor deletes guard rows and cancel records older than the
+    /// streams keep events ([`crate::janitor`]).
+    pub janitor_every: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +110,7 @@ impl Config {
             gateway_timeout: Duration::from_secs(2),
             refund_retries: [1, 2, 4, 8, 16].map(Duration::from_secs).to_vec(),
             snapshot_every: 100,
+            janitor_every: Duration::from_secs(3600),
         }
     }
 
@@ -211,6 +216,10 @@ impl Config {
         }
         if let Some(v) = lookup("SNAPSHOT_EVERY") {
             c.snapshot_every = parse_num("SNAPSHOT_EVERY", &v)?.clamp(1, 1_000_000) as i64;
+        }
+        if let Some(v) = lookup("JANITOR_EVERY_MS") {
+            let ms = parse_num("JANITOR_EVERY_MS", &v)?.clamp(1_000, 86_400_000);
+            c.janitor_every = Duration::from_millis(ms as u64);
         }
         let valid_prefix = |p: &str| {
             !p.is_empty()

@@ -14,6 +14,7 @@ pub mod dlq;
 pub mod health;
 pub mod http;
 pub mod idempotency;
+pub mod janitor;
 pub mod meter;
 pub mod outbox;
 pub mod roster;

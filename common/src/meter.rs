@@ -54,6 +54,7 @@ pub mod names {
     pub const BATCHED_EVENTS: &str = "saga_consumer_batched_events_total";
     pub const RELAY_BATCHES: &str = "saga_relay_batches_total";
     pub const RELAY_BATCHED_EVENTS: &str = "saga_relay_batched_events_total";
+    pub const JANITOR_DELETED: &str = "saga_janitor_deleted_total";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +67,7 @@ pub enum Kind {
 /// Every series: its name, kind and `# HELP` text. A `_seconds` series is
 /// in seconds.
 #[rustfmt::skip]
-pub const SERIES: [(&str, Kind, &str); 20] = {
+pub const SERIES: [(&str, Kind, &str); 21] = {
     use Kind::*;
     use names::*;
     [
@@ -90,6 +91,7 @@ pub const SERIES: [(&str, Kind, &str); 20] = {
         (BATCHED_EVENTS, Counter, "Events in those batches, by outcome"),
         (RELAY_BATCHES, Counter, "Atomic batches of two or more events the relay published, by outcome (stored as one, or refused and published one by one)"),
         (RELAY_BATCHED_EVENTS, Counter, "Events in those batches, by outcome"),
+        (JANITOR_DELETED, Counter, "Rows the janitor deleted, by table: what can no longer come back"),
     ]
 };
 
@@ -246,6 +248,12 @@ impl Meter {
             .increment(1);
         counter!(names::RELAY_BATCHED_EVENTS, "service" => self.service(), "outcome" => outcome)
             .increment(events as u64);
+    }
+
+    /// Rows of `table` the janitor deleted.
+    pub fn janitor(&self, table: &'static str, rows: u64) {
+        counter!(names::JANITOR_DELETED, "service" => self.service(), "table" => table)
+            .increment(rows);
     }
 
     /// A snapshot taken, or a stored one ignored.

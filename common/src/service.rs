@@ -252,7 +252,18 @@ impl Service {
                 max_payload: infra.max_payload(),
             },
         );
-        let tasks: Vec<Task> = vec![Box::pin(runtime.run(consumer, shutdown.clone()))];
+        let janitor = crate::janitor::run(
+            infra.pool.clone(),
+            infra.js.clone(),
+            infra.subjects.clone(),
+            config.janitor_every,
+            infra.meter.clone(),
+            shutdown.clone(),
+        );
+        let tasks: Vec<Task> = vec![
+            Box::pin(runtime.run(consumer, shutdown.clone())),
+            Box::pin(janitor),
+        ];
         // The relay stops after everything else has drained (see `run`).
         let relay_stop = CancellationToken::new();
         let relay: Option<Task> = if config.outbox_relay_enabled {
