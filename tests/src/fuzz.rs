@@ -174,6 +174,34 @@ pub fn order_body() -> impl Strategy<Value = Value> {
     )
 }
 
+/// Any JSON value, from ordinary to hostile.
+fn value() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        4 => number(),
+        4 => text().prop_map(Value::from),
+        1 => any::<bool>().prop_map(Value::from),
+        1 => Just(Value::Null),
+        1 => proptest::collection::vec(number(), 0..5).prop_map(Value::from),
+        1 => proptest::collection::vec(text(), 0..5).prop_map(Value::from),
+        1 => (text(), number()).prop_map(|(k, v)| json!({ k: v })),
+        1 => Just(json!({"charges": "fail", "refunds": "ok", "latencyMs": 1})),
+    ]
+}
+
+/// A request body with fields named from `keys` (and now and then others),
+/// values of any kind; now and then not an object, or not JSON at all.
+pub fn body(keys: &'static [&'static str]) -> impl Strategy<Value = Vec<u8>> {
+    let object = proptest::collection::vec((one_of(keys), value()), 0..6)
+        .prop_map(|fields| Value::Object(fields.into_iter().collect()))
+        .prop_flat_map(mutate);
+    prop_oneof![
+        12 => object.prop_map(|v| serde_json::to_vec(&v).unwrap()),
+        1 => value().prop_map(|v| serde_json::to_vec(&v).unwrap()),
+        1 => proptest::collection::vec(any::<u8>(), 0..300),
+        1 => Just(b"{\"".to_vec()),
+    ]
+}
+
 /// Bytes for `POST /orders` or for the broker: a generated body, or garbage.
 pub fn order_bytes() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![

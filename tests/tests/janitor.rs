@@ -81,7 +81,13 @@ async fn what_can_no_longer_come_back_is_deleted_as_the_clock_moves_and_nothing_
 async fn a_stream_that_keeps_events_forever_means_nothing_is_deleted() -> Result<()> {
     let stack = Stack::start_with(&["payment"]).await?;
     let name = stack.subjects.dead_letter_stream();
-    let mut config = stack.js.get_stream(&name).await?.cached_info().config.clone();
+    let mut config = stack
+        .js
+        .get_stream(&name)
+        .await?
+        .cached_info()
+        .config
+        .clone();
     config.max_age = Duration::ZERO;
     stack.js.update_stream(config).await?;
     assert_eq!(janitor::retention(&stack.js, &stack.subjects).await, None);
