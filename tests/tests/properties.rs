@@ -100,24 +100,7 @@ async fn ten_thousand_generated_placements_get_a_2xx_or_a_4xx_with_a_message_nev
 -> Result<()> {
     let stack = stocked_stack().await?;
     let bodies = fuzz::sample(&mut fuzz::runner(), fuzz::order_bytes(), CASES);
-    let url = stack.url("order", "/orders");
-    let results: Vec<Result<(u16, Value, Vec<u8>)>> = stream::iter(bodies)
-        .map(|body| {
-            let (http, url) = (stack.http.clone(), url.clone());
-            async move {
-                let r = http
-                    .post(url)
-                    .header("content-type", "application/json")
-                    .body(body.clone())
-                    .send()
-                    .await?;
-                let status = r.status().as_u16();
-                Ok((status, r.json::<Value>().await.unwrap_or(Value::Null), body))
-            }
-        })
-        .buffer_unordered(32)
-        .collect()
-        .await;
+    let results = send_all(&stack, "order", reqwest::Method::POST, "/orders", bodies).await;
     let mut placed = 0;
     for result in results {
         let (status, reply, body) = result?;
