@@ -148,6 +148,52 @@ impl NatsServer {
     pub fn url(&self) -> String {
         self.url.clone()
     }
+
+    /// Stops the broker gracefully (SIGTERM: it writes out what it holds)
+    /// and starts it again on the same port and store, as an operator
+    /// restarting a node would; clients reconnect by themselves.
+    pub async fn restart(&mut self) -> Result<()> {
+        let pid = self.child.id().to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait()?.is_none() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not stop within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let port = self
+            .url
+            .rsplit(':')
+            .next()
+            .context("the broker's url has no port")?
+            .to_string();
+        let bin = nats_server_bin();
+        let mut command = Command::new(&bin);
+        command.args(["-a", "127.0.0.1", "-p", &port, "-c"]);
+        command.arg(self.dir.join("nats-server.conf"));
+        self.child =
+            spawn_quiet(&mut command).with_context(|| format!("spawn {}", bin.display()))?;
+        let address = format!("127.0.0.1:{port}");
+        eventually(
+            "nats-server to listen again",
+            Duration::from_secs(10),
+            || {
+                let address = address.clone();
+                async move {
+                    Ok(tokio::net::TcpStream::connect(&address)
+                        .await
+                        .ok()
+                        .map(|_| ()))
+                }
+            },
+        )
+        .await
+    }
 }
 
 impl Drop for NatsServer {
