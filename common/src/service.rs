@@ -268,7 +268,10 @@ impl Service {
         let relay_stop = CancellationToken::new();
         let relay: Option<Task> = if config.outbox_relay_enabled {
             let relay = Relay {
-                options: PgConnectOptions::from_str(&config.database_url)?,
+                // Which process leads is in pg_stat_activity.
+                options: PgConnectOptions::from_str(&config.database_url)?.application_name(
+                    &format!("{} relay, pid {}", config.service, std::process::id()),
+                ),
                 js: infra.js.clone(),
                 subjects: infra.subjects.clone(),
                 signal: infra.outbox.clone(),
