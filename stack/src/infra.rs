@@ -214,7 +214,14 @@ pub struct RedisServer {
 impl RedisServer {
     pub async fn start() -> Result<RedisServer> {
         let dir = scratch_dir("redis")?;
-        let socket = dir.join("redis.sock");
+        let child = Self::spawn(&dir)?;
+        let server = RedisServer { child, dir };
+        server.accepting().await?;
+        Ok(server)
+    }
+
+    /// redis-server on a socket in `dir`, without persistence.
+    fn spawn(dir: &std::path::Path) -> Result<Child> {
         let mut command = Command::new(
             std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".into()),
         );
@@ -228,13 +235,14 @@ impl RedisServer {
                 "no",
                 "--unixsocket",
             ])
-            .arg(&socket)
+            .arg(dir.join("redis.sock"))
             .arg("--dir")
-            .arg(&dir);
-        let child = spawn_quiet(&mut command)
-            .context("spawn redis-server (install it: scripts/test.sh does)")?;
-        let server = RedisServer { child, dir };
-        let url = server.url();
+            .arg(dir);
+        spawn_quiet(&mut command).context("spawn redis-server (install it: scripts/test.sh does)")
+    }
+
+    async fn accepting(&self) -> Result<()> {
+        let url = self.url();
         eventually(
             "redis-server to accept connections",
             Duration::from_secs(10),
@@ -250,8 +258,16 @@ impl RedisServer {
                 }
             },
         )
-        .await?;
-        Ok(server)
+        .await
+    }
+
+    /// Kills Redis (SIGKILL: without persistence it forgets every key) and
+    /// starts it again on the same socket.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        self.child = Self::spawn(&self.dir)?;
+        self.accepting().await
     }
 
     pub fn url(&self) -> String {

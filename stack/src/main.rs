@@ -35,6 +35,11 @@ enum Cmd {
         /// Seconds a demo order may take to settle.
         #[arg(long, env = "DEMO_TIMEOUT", default_value_t = 30)]
         demo_timeout: u64,
+        /// Processes per service (competing consumers on one database; one
+        /// leads the outbox relay). Replica k listens on the service's port
+        /// plus 10 × (k − 1) and is named `<service>-k`.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=stack::local::MAX_REPLICAS as u64))]
+        replicas: u64,
     },
     /// Stop the services and our nats-server (Postgres and Redis keep running).
     Down {
@@ -109,11 +114,12 @@ async fn main() -> Result<ExitCode> {
         Cmd::Up {
             no_demo,
             demo_timeout,
+            replicas,
         } => {
             let local = Local::from_env(&root)?;
             let exe = std::env::current_exe().context("path of the stack binary")?;
             let started = std::time::Instant::now();
-            let nats_url = stack::local::up(&local, &exe).await?;
+            let nats_url = stack::local::up(&local, &exe, replicas as usize).await?;
             println!("==> stack up in {:.0?}", started.elapsed());
             if no_demo {
                 usage(&local, &nats_url);

@@ -40,6 +40,11 @@ impl Daemon {
         self.dir.join(format!("{}.pid", self.name))
     }
 
+    /// Whether a start of this daemon was recorded (it may have exited since).
+    pub fn recorded(&self) -> bool {
+        self.pid_path().exists()
+    }
+
     /// Starts `command` in its own process group (a Ctrl-C in the terminal
     /// that ran `stack up` does not reach it), appending its output to the
     /// log, and records its pid and command line.

@@ -186,6 +186,37 @@ fn up_runs_the_demo_status_sees_every_process_and_down_stops_them_all() -> Resul
 }
 
 #[test]
+fn up_with_replicas_runs_each_service_twice_the_demo_goes_through_and_down_stops_them_all()
+-> Result<()> {
+    let stack = Private::new()?;
+    let up = stack.stack(&["up", "--no-demo", "--replicas", "2"], &[])?;
+    let shown = text(&up);
+    assert!(up.status.success(), "{shown}");
+    for name in common::roster::names() {
+        for daemon in [name.to_string(), format!("{name}-2")] {
+            assert!(shown.contains(&format!("==> {daemon} ready on")), "{shown}");
+        }
+    }
+    let status = stack.stack(&["status"], &[])?;
+    let shown = text(&status);
+    assert!(status.status.success(), "{shown}");
+    assert_eq!(
+        shown.matches(" ready").count(),
+        2 * common::roster::SERVICES.len(),
+        "{shown}"
+    );
+    let demo = stack.stack(&["demo"], &[])?;
+    assert!(demo.status.success(), "{}", text(&demo));
+
+    let down = stack.stack(&["down", "--purge"], &[])?;
+    assert!(down.status.success(), "{}", text(&down));
+    assert_eq!(stack.processes(), Vec::<u32>::new(), "still running");
+    let refused = stack.stack(&["up", "--replicas", "9"], &[])?;
+    assert!(!refused.status.success(), "{}", text(&refused));
+    Ok(())
+}
+
+#[test]
 fn a_service_that_exits_during_start_up_stops_everything_this_run_started() -> Result<()> {
     let stack = Private::new()?;
     // Every service refuses this configuration and exits at once.
