@@ -120,182 +120,216 @@ fn standing(status: &str) -> Standing {
     }
 }
 
-/// Checks `records`; a saga not ended counts as in flight while younger
-/// than `in_flight_for`.
+/// An audit under way: what the pages read so far found, and the totals
+/// the invariants compare once every page is in.
+#[derive(Debug)]
+pub struct Audit {
+    in_flight_for: Duration,
+    report: Report,
+    /// customer -> (charged and not refunded, confirmed orders' total).
+    charged: BTreeMap<String, (i64, i64)>,
+    /// product -> (held by reservations of ended sagas, confirmed quantity).
+    taken: BTreeMap<String, (i64, i64)>,
+    /// product -> held by every reservation still reserved.
+    held: BTreeMap<String, i64>,
+}
+
+/// Checks `records` in one page; a saga not ended counts as in flight
+/// while younger than `in_flight_for`.
 pub fn check(records: &Records, in_flight_for: Duration) -> Report {
-    let mut report = Report::default();
-    let find = |check: &'static str, id: String, detail: String| Finding { check, id, detail };
-    let mut findings = Vec::new();
-    let known: HashMap<Uuid, &Order> = records.orders.iter().map(|o| (o.id, o)).collect();
-    // Orders the other services name: each must be known to the order
-    // service (or be on its way to the read model).
-    let open = |id: &Uuid| {
-        known.get(id).map_or(records.unprojected.contains(id), |o| {
-            standing(&o.status) == Standing::Open
-        })
-    };
+    let mut audit = Audit::new(in_flight_for);
+    audit.page(records);
+    audit.finish(&records.reserved)
+}
 
-    for o in &records.orders {
-        match o.status.as_str() {
-            "PENDING" if o.age >= in_flight_for => findings.push(find(
-                SAGAS_ENDED,
-                o.id.to_string(),
-                format!("pending for {}s", o.age.as_secs()),
-            )),
-            "PENDING" => report.in_flight.push(o.id),
-            "REQUIRES_INTERVENTION" => report.awaiting_operator.push(o.id),
-            _ => {}
-        }
-    }
-    report.in_flight.extend(records.unprojected.iter().copied());
-    report.checked.insert(
-        SAGAS_ENDED,
-        records.orders.len() + records.unprojected.len(),
-    );
-
-    // Each order's record in payment, inventory and shipping against its
-    // status: a confirmed order has the record it needs, an undone one
-    // keeps nothing taken.
-    let agreement = Agreement {
-        orders: &records.orders,
-        known: &known,
-        open: &open,
-    };
-    let payments = agreement.judge(PAYMENTS, "payment", &records.payments, |o, p| {
-        match (standing(&o.status), p) {
-            (Standing::Confirmed, Some((_, amount, status)))
-                if status == "charged" && *amount == o.total =>
-            {
-                None
-            }
-            (Standing::Confirmed, Some((_, amount, status))) => Some(format!(
-                "order CONFIRMED for {}, payment {status} ({amount})",
-                o.total
-            )),
-            (Standing::Confirmed, None) => {
-                Some(format!("order CONFIRMED for {}, no payment", o.total))
-            }
-            (_, Some((_, amount, status))) if status == "charged" => Some(format!(
-                "order {}, yet {amount} charged and not refunded",
-                o.status
-            )),
-            _ => None,
-        }
-    });
-    let reservations = agreement.judge(
-        RESERVATIONS,
-        "reservation",
-        &records.reservations,
-        |o, r| match (standing(&o.status), r) {
-            (Standing::Confirmed, Some((lines, status)))
-                if status == "reserved" && *lines == o.lines =>
-            {
-                None
-            }
-            (Standing::Confirmed, Some((lines, status))) => Some(format!(
-                "order CONFIRMED for {}, reservation {status} of {}",
-                quantities(&o.lines),
-                quantities(lines)
-            )),
-            (Standing::Confirmed, None) => Some(format!(
-                "order CONFIRMED for {}, no reservation",
-                quantities(&o.lines)
-            )),
-            (_, Some((lines, status))) if status == "reserved" => Some(format!(
-                "order {}, yet {} still reserved",
-                o.status,
-                quantities(lines)
-            )),
-            _ => None,
-        },
-    );
-    let shipments = agreement.judge(SHIPMENTS, "shipment", &records.shipments, |o, s| {
-        match (standing(&o.status), s.map(String::as_str)) {
-            (Standing::Confirmed, Some("created")) => None,
-            (Standing::Confirmed, s) => Some(format!(
-                "order CONFIRMED, shipment {}",
-                s.unwrap_or("missing")
-            )),
-            (_, Some("created")) => Some(format!("order {}, yet a shipment", o.status)),
-            _ => None,
-        }
-    });
-    for (check, checked, found) in [payments, reservations, shipments] {
-        report.checked.insert(check, checked);
-        findings.extend(found);
-    }
-
-    // Inventory's counters against its own reservations.
-    let mut held: BTreeMap<String, i64> = BTreeMap::new();
-    for (lines, status) in records.reservations.values() {
-        if status == "reserved" {
-            for (product, q) in lines {
-                *held.entry(product.clone()).or_default() += q;
-            }
-        }
-    }
-    let products: BTreeSet<&String> = held.keys().chain(records.reserved.keys()).collect();
-    report.checked.insert(RESERVED_COUNTERS, products.len());
-    for product in &products {
-        let counter = records.reserved.get(*product).copied().unwrap_or(0);
-        let sum = held.get(*product).copied().unwrap_or(0);
-        if counter != sum {
-            findings.push(find(
-                RESERVED_COUNTERS,
-                product.to_string(),
-                format!("reserved counter {counter}, reservations hold {sum}"),
-            ));
+impl Audit {
+    pub fn new(in_flight_for: Duration) -> Audit {
+        Audit {
+            in_flight_for,
+            report: Report::default(),
+            charged: BTreeMap::new(),
+            taken: BTreeMap::new(),
+            held: BTreeMap::new(),
         }
     }
 
-    // The totals the invariants speak of, over sagas that ended.
-    let ended = |id: &Uuid| !open(id);
-    let mut charged: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
-    for (id, (customer, amount, status)) in &records.payments {
-        if status == "charged" && ended(id) {
-            charged.entry(customer).or_default().0 += amount;
-        }
+    fn counted(&mut self, check: &'static str, n: usize) {
+        *self.report.checked.entry(check).or_default() += n;
     }
-    let mut taken: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
-    for (id, (lines, status)) in &records.reservations {
-        if status == "reserved" && ended(id) {
-            for (product, q) in lines {
-                taken.entry(product).or_default().0 += q;
+
+    /// A finding of `check` for each key whose two figures differ.
+    fn compare(
+        &mut self,
+        check: &'static str,
+        figures: BTreeMap<String, (i64, i64)>,
+        say: impl Fn(i64, i64) -> String,
+    ) {
+        self.counted(check, figures.len());
+        for (id, (a, b)) in figures {
+            if a != b {
+                let detail = say(a, b);
+                self.report.findings.push(Finding { check, id, detail });
             }
         }
     }
-    for o in records
-        .orders
-        .iter()
-        .filter(|o| standing(&o.status) == Standing::Confirmed)
-    {
-        charged.entry(&o.customer).or_default().1 += o.total;
-        for (product, q) in &o.lines {
-            taken.entry(product).or_default().1 += q;
+
+    /// Checks one page: the orders of a range of ids and every other
+    /// service's records in that range (`reserved` is not used here).
+    pub fn page(&mut self, records: &Records) {
+        let find = |check: &'static str, id: String, detail: String| Finding { check, id, detail };
+        let known: HashMap<Uuid, &Order> = records.orders.iter().map(|o| (o.id, o)).collect();
+        // Orders the other services name: each must be known to the order
+        // service (or be on its way to the read model).
+        let open = |id: &Uuid| {
+            known.get(id).map_or(records.unprojected.contains(id), |o| {
+                standing(&o.status) == Standing::Open
+            })
+        };
+
+        for o in &records.orders {
+            match o.status.as_str() {
+                "PENDING" if o.age >= self.in_flight_for => self.report.findings.push(find(
+                    SAGAS_ENDED,
+                    o.id.to_string(),
+                    format!("pending for {}s", o.age.as_secs()),
+                )),
+                "PENDING" => self.report.in_flight.push(o.id),
+                "REQUIRES_INTERVENTION" => self.report.awaiting_operator.push(o.id),
+                _ => {}
+            }
+        }
+        self.report
+            .in_flight
+            .extend(records.unprojected.iter().copied());
+        self.counted(
+            SAGAS_ENDED,
+            records.orders.len() + records.unprojected.len(),
+        );
+
+        // Each order's record in payment, inventory and shipping against its
+        // status: a confirmed order has the record it needs, an undone one
+        // keeps nothing taken.
+        let agreement = Agreement {
+            orders: &records.orders,
+            known: &known,
+            open: &open,
+        };
+        let payments = agreement.judge(PAYMENTS, "payment", &records.payments, |o, p| {
+            match (standing(&o.status), p) {
+                (Standing::Confirmed, Some((_, amount, status)))
+                    if status == "charged" && *amount == o.total =>
+                {
+                    None
+                }
+                (Standing::Confirmed, Some((_, amount, status))) => Some(format!(
+                    "order CONFIRMED for {}, payment {status} ({amount})",
+                    o.total
+                )),
+                (Standing::Confirmed, None) => {
+                    Some(format!("order CONFIRMED for {}, no payment", o.total))
+                }
+                (_, Some((_, amount, status))) if status == "charged" => Some(format!(
+                    "order {}, yet {amount} charged and not refunded",
+                    o.status
+                )),
+                _ => None,
+            }
+        });
+        let reservations = agreement.judge(
+            RESERVATIONS,
+            "reservation",
+            &records.reservations,
+            |o, r| match (standing(&o.status), r) {
+                (Standing::Confirmed, Some((lines, status)))
+                    if status == "reserved" && *lines == o.lines =>
+                {
+                    None
+                }
+                (Standing::Confirmed, Some((lines, status))) => Some(format!(
+                    "order CONFIRMED for {}, reservation {status} of {}",
+                    quantities(&o.lines),
+                    quantities(lines)
+                )),
+                (Standing::Confirmed, None) => Some(format!(
+                    "order CONFIRMED for {}, no reservation",
+                    quantities(&o.lines)
+                )),
+                (_, Some((lines, status))) if status == "reserved" => Some(format!(
+                    "order {}, yet {} still reserved",
+                    o.status,
+                    quantities(lines)
+                )),
+                _ => None,
+            },
+        );
+        let shipments = agreement.judge(SHIPMENTS, "shipment", &records.shipments, |o, s| {
+            match (standing(&o.status), s.map(String::as_str)) {
+                (Standing::Confirmed, Some("created")) => None,
+                (Standing::Confirmed, s) => Some(format!(
+                    "order CONFIRMED, shipment {}",
+                    s.unwrap_or("missing")
+                )),
+                (_, Some("created")) => Some(format!("order {}, yet a shipment", o.status)),
+                _ => None,
+            }
+        });
+        for (check, checked, found) in [payments, reservations, shipments] {
+            self.counted(check, checked);
+            self.report.findings.extend(found);
+        }
+
+        // The totals the invariants speak of, over sagas that ended; and
+        // what every reservation still holds, for inventory's counters.
+        let ended = |id: &Uuid| !open(id);
+        for (id, (customer, amount, status)) in &records.payments {
+            if status == "charged" && ended(id) {
+                self.charged.entry(customer.clone()).or_default().0 += amount;
+            }
+        }
+        for (id, (lines, status)) in &records.reservations {
+            if status == "reserved" {
+                for (product, q) in lines {
+                    *self.held.entry(product.clone()).or_default() += q;
+                    if ended(id) {
+                        self.taken.entry(product.clone()).or_default().0 += q;
+                    }
+                }
+            }
+        }
+        let confirmed = records.orders.iter();
+        for o in confirmed.filter(|o| standing(&o.status) == Standing::Confirmed) {
+            self.charged.entry(o.customer.clone()).or_default().1 += o.total;
+            for (product, q) in &o.lines {
+                self.taken.entry(product.clone()).or_default().1 += q;
+            }
         }
     }
-    report.checked.insert(MONEY, charged.len());
-    for (customer, (money, confirmed)) in &charged {
-        if money != confirmed {
-            findings.push(find(
-                MONEY,
-                customer.to_string(),
-                format!("charged minus refunded {money}, confirmed orders total {confirmed}"),
-            ));
+
+    /// The invariants over every page, with inventory's `reserved`
+    /// counters (product -> counter): the report.
+    pub fn finish(mut self, reserved: &BTreeMap<String, i64>) -> Report {
+        let find = |check: &'static str, id: String, detail: String| Finding { check, id, detail };
+        let held = std::mem::take(&mut self.held);
+        let mut counters: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+        for (product, counter) in reserved {
+            counters.entry(product.clone()).or_default().0 = *counter;
         }
-    }
-    report.checked.insert(STOCK, taken.len());
-    for (product, (held, confirmed)) in &taken {
-        if held != confirmed {
-            findings.push(find(
-                STOCK,
-                product.to_string(),
-                format!("held {held}, confirmed quantity {confirmed}"),
-            ));
+        for (product, sum) in held {
+            counters.entry(product).or_default().1 = sum;
         }
+        self.compare(RESERVED_COUNTERS, counters, |counter, sum| {
+            format!("reserved counter {counter}, reservations hold {sum}")
+        });
+        let charged = std::mem::take(&mut self.charged);
+        self.compare(MONEY, charged, |money, confirmed| {
+            format!("charged minus refunded {money}, confirmed orders total {confirmed}")
+        });
+        let taken = std::mem::take(&mut self.taken);
+        self.compare(STOCK, taken, |held, confirmed| {
+            format!("held {held}, confirmed quantity {confirmed}")
+        });
+        self.report
     }
-    report.findings = findings;
-    report
 }
 
 /// What a service's record of an order must agree with.
@@ -422,46 +456,105 @@ struct OrderRow {
     age: f64,
 }
 
-/// Reads what each service holds. The other services first, the orders
-/// last: an order another service names was placed before it was read.
-pub async fn read(databases: &Databases) -> Result<Records> {
+/// The four services' databases, open.
+struct Connections {
+    order: PgConnection,
+    payment: PgConnection,
+    inventory: PgConnection,
+    shipping: PgConnection,
+}
+
+/// A range of order ids, `(after, upto]`; unbounded where `None`.
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    after: Option<Uuid>,
+    upto: Option<Uuid>,
+}
+
+/// The condition on `order_id` for a range bound as `$1`, `$2`.
+const IN_RANGE: &str =
+    "($1::uuid IS NULL OR order_id > $1) AND ($2::uuid IS NULL OR order_id <= $2)";
+
+/// Audits every order, a page of `page` order ids at a time (with every
+/// other service's records in the same range of ids), then inventory's
+/// counters: the report. Exact when nothing moves; while sagas run, what
+/// changed between two reads may show (a saga in flight is not held to an
+/// end state, a counter read after its reservations may differ).
+pub async fn run(databases: &Databases, in_flight_for: Duration, page: u32) -> Result<Report> {
+    let mut db = Connections {
+        order: connect(databases, "order").await?,
+        payment: connect(databases, "payment").await?,
+        inventory: connect(databases, "inventory").await?,
+        shipping: connect(databases, "shipping").await?,
+    };
+    let mut audit = Audit::new(in_flight_for);
+    let mut after = None;
+    loop {
+        // The page ends at the page-th order id after the last page; the
+        // last page takes everything after.
+        let sql = "SELECT order_id FROM orders WHERE ($1::uuid IS NULL OR order_id > $1)
+                   ORDER BY order_id OFFSET $2 LIMIT 1";
+        let query = sqlx::query_scalar(sql)
+            .bind(after)
+            .bind(i64::from(page.max(1)) - 1);
+        let upto: Option<Uuid> = within("orders", query.fetch_optional(&mut db.order)).await?;
+        let range = Range { after, upto };
+        audit.page(&read(&mut db, range).await?);
+        match upto {
+            Some(id) => after = Some(id),
+            None => break,
+        }
+    }
+    let sql = "SELECT product_id, reserved FROM stock";
+    let reserved: Vec<(String, i64)> =
+        within("stock", sqlx::query_as(sql).fetch_all(&mut db.inventory)).await?;
+    Ok(audit.finish(&reserved.into_iter().collect()))
+}
+
+/// Reads what each service holds in `range`. The other services first, the
+/// orders last: an order another service names was placed before it was read.
+async fn read(db: &mut Connections, range: Range) -> Result<Records> {
     let mut records = Records::default();
-    let mut payment = connect(databases, "payment").await?;
-    let sql = "SELECT order_id, customer_id, amount, status FROM payments";
+    let bound = |sql: &str| format!("{sql} WHERE {IN_RANGE}");
+    let sql = bound("SELECT order_id, customer_id, amount, status FROM payments");
+    let query = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(range.after)
+        .bind(range.upto);
     let payments: Vec<(Uuid, String, i64, String)> =
-        within("payments", sqlx::query_as(sql).fetch_all(&mut payment)).await?;
+        within("payments", query.fetch_all(&mut db.payment)).await?;
     records.payments = payments
         .into_iter()
         .map(|(id, customer, amount, status)| (id, (customer, amount, status)))
         .collect();
 
-    let mut inventory = connect(databases, "inventory").await?;
-    let sql = "SELECT order_id, lines, status FROM reservations";
-    let reservations: Vec<(Uuid, Json<Vec<OrderLine>>, String)> = within(
-        "reservations",
-        sqlx::query_as(sql).fetch_all(&mut inventory),
-    )
-    .await?;
+    let sql = bound("SELECT order_id, lines, status FROM reservations");
+    let query = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(range.after)
+        .bind(range.upto);
+    let reservations: Vec<(Uuid, Json<Vec<OrderLine>>, String)> =
+        within("reservations", query.fetch_all(&mut db.inventory)).await?;
     records.reservations = reservations
         .into_iter()
         .map(|(id, lines, status)| (id, (per_product(&lines), status)))
         .collect();
-    let sql = "SELECT product_id, reserved FROM stock";
-    let reserved: Vec<(String, i64)> =
-        within("stock", sqlx::query_as(sql).fetch_all(&mut inventory)).await?;
-    records.reserved = reserved.into_iter().collect();
 
-    let mut shipping = connect(databases, "shipping").await?;
-    let sql = "SELECT order_id, status FROM shipments";
+    let sql = bound("SELECT order_id, status FROM shipments");
+    let query = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(range.after)
+        .bind(range.upto);
     let shipments: Vec<(Uuid, String)> =
-        within("shipments", sqlx::query_as(sql).fetch_all(&mut shipping)).await?;
+        within("shipments", query.fetch_all(&mut db.shipping)).await?;
     records.shipments = shipments.into_iter().collect();
 
-    let mut order = connect(databases, "order").await?;
-    let sql = "SELECT order_id, customer_id, status, total, lines,
-                      extract(epoch FROM now() - created_at)::float8 AS age
-               FROM orders";
-    let orders: Vec<OrderRow> = within("orders", sqlx::query_as(sql).fetch_all(&mut order)).await?;
+    let sql = bound(
+        "SELECT order_id, customer_id, status, total, lines,
+                extract(epoch FROM now() - created_at)::float8 AS age
+         FROM orders",
+    );
+    let query = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(range.after)
+        .bind(range.upto);
+    let orders: Vec<OrderRow> = within("orders", query.fetch_all(&mut db.order)).await?;
     records.orders = orders
         .into_iter()
         .map(|o| Order {
@@ -485,7 +578,9 @@ pub async fn read(databases: &Databases) -> Result<Records> {
     if !named.is_empty() {
         let named: Vec<Uuid> = named.into_iter().collect();
         let sql = "SELECT DISTINCT order_id FROM order_events WHERE order_id = ANY($1)";
-        let query = sqlx::query_scalar(sql).bind(&named).fetch_all(&mut order);
+        let query = sqlx::query_scalar(sql)
+            .bind(&named)
+            .fetch_all(&mut db.order);
         let stored: Vec<Uuid> = within("order events", query).await?;
         records.unprojected = stored.into_iter().collect();
     }
@@ -704,6 +799,50 @@ mod tests {
                 (STOCK, "widget".into()),
             ]
         );
+    }
+
+    /// The entries of `map` about the orders `ids`.
+    fn of<V: Clone>(map: &HashMap<Uuid, V>, ids: &[Uuid]) -> HashMap<Uuid, V> {
+        let kept = map.iter().filter(|(id, _)| ids.contains(id));
+        kept.map(|(id, v)| (*id, v.clone())).collect()
+    }
+
+    /// The records of the orders `ids` (and other services' records of them).
+    fn only(records: &Records, ids: &[Uuid]) -> Records {
+        let orders = records.orders.iter().filter(|o| ids.contains(&o.id));
+        let unprojected = records.unprojected.iter().filter(|id| ids.contains(id));
+        Records {
+            orders: orders.cloned().collect(),
+            unprojected: unprojected.copied().collect(),
+            payments: of(&records.payments, ids),
+            reservations: of(&records.reservations, ids),
+            shipments: of(&records.shipments, ids),
+            reserved: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn an_audit_in_pages_finds_what_one_page_finds() {
+        let mut records = consistent();
+        records.payments.get_mut(&id(2)).unwrap().2 = "charged".into();
+        records.reservations.get_mut(&id(2)).unwrap().1 = "reserved".into();
+        records
+            .payments
+            .insert(id(9), ("mallory".into(), 50, "charged".into()));
+        let whole = check(&records, MINUTE);
+        let mut audit = Audit::new(MINUTE);
+        for page in [vec![id(1)], vec![id(2)], vec![id(9)]] {
+            audit.page(&only(&records, &page));
+        }
+        let paged = audit.finish(&records.reserved);
+        let sorted = |r: &Report| {
+            let mut found = checks(r);
+            found.sort();
+            found
+        };
+        assert_eq!(sorted(&paged), sorted(&whole));
+        assert_eq!(paged.checked, whole.checked);
+        assert_eq!(whole.findings.len(), 7, "{:?}", whole.findings);
     }
 
     #[test]

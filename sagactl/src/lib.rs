@@ -102,6 +102,10 @@ pub enum Command {
         /// `<SERVICE>_DATABASE_URL`, else `postgres://postgres@127.0.0.1:5432/saga_<service>`.
         #[arg(long = "database", value_name = "SERVICE=URL", value_parser = parse_database)]
         databases: Vec<(String, String)>,
+        /// Orders read at once (with the other services' records of them):
+        /// what the audit holds in memory.
+        #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        page_size: u32,
     },
     /// A saga's timeline, in order: every event with the service that
     /// emitted it and its effect, dead letters, operator actions, and the
@@ -245,10 +249,11 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
         Command::Audit {
             in_flight_for,
             databases,
+            page_size,
         } => {
             let in_flight_for = Duration::from_secs(in_flight_for);
-            let records = audit::read(&databases_of(databases)).await?;
-            audit::print(&audit::check(&records, in_flight_for), in_flight_for, out)
+            let report = audit::run(&databases_of(databases), in_flight_for, page_size).await?;
+            audit::print(&report, in_flight_for, out)
         }
         Command::Retry { order_id, audit } => {
             let saga = Filter {

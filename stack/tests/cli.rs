@@ -24,20 +24,27 @@ impl Drop for Scratch {
 /// A free port below the kernel's ephemeral range: the other tests bind
 /// port 0 for their brokers and services, and a port handed out that way
 /// could be taken again by one of them before the stack binds it.
-fn free_port() -> Result<u16> {
+/// Ports one private stack may use: a block of this many, all free when
+/// chosen (replica k of a service listens 10 × (k − 1) above the first).
+const BLOCK: u16 = 20;
+
+/// The first port of a block of [`BLOCK`] free ports below the ephemeral
+/// range, at a random place: two tests running side by side take the same
+/// block only by a 1-in-hundreds chance, and never overlap otherwise.
+fn free_block() -> Result<u16> {
     let ephemeral_start: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse().ok())
         .unwrap_or(32768);
     let low = 20_000.min(ephemeral_start.saturating_sub(2_000));
-    let span = ephemeral_start.saturating_sub(low).max(1);
+    let blocks = (ephemeral_start.saturating_sub(low) / BLOCK).max(1);
     for _ in 0..200 {
-        let port = low + (Uuid::new_v4().as_u128() % span as u128) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
+        let base = low + (Uuid::new_v4().as_u128() % blocks as u128) as u16 * BLOCK;
+        if (base..base + BLOCK).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return Ok(base);
         }
     }
-    anyhow::bail!("no free port in {low}..{ephemeral_start}")
+    anyhow::bail!("no block of {BLOCK} free ports in {low}..{ephemeral_start}")
 }
 
 fn repo_root() -> PathBuf {
@@ -58,15 +65,18 @@ impl Private {
     fn new() -> Result<Private> {
         let tag = format!("clitest{}", &Uuid::new_v4().simple().to_string()[..10]);
         let run = Scratch(std::env::temp_dir().join(format!("stack-run-{tag}")));
+        let base = free_block()?;
+        // The broker's two ports, then the services', below their replicas'.
+        assert!(2 + common::roster::SERVICES.len() <= 10);
         let mut env = vec![
             ("RUN_DIR".to_string(), run.0.display().to_string()),
-            ("NATS_PORT".into(), free_port()?.to_string()),
-            ("NATS_MONITOR_PORT".into(), free_port()?.to_string()),
+            ("NATS_PORT".into(), base.to_string()),
+            ("NATS_MONITOR_PORT".into(), (base + 1).to_string()),
             ("DATABASE_PREFIX".into(), tag.clone()),
             ("SUBJECT_PREFIX".into(), tag.clone()),
         ];
-        for spec in &common::roster::SERVICES {
-            env.push((spec.port_variable(), free_port()?.to_string()));
+        for (i, spec) in common::roster::SERVICES.iter().enumerate() {
+            env.push((spec.port_variable(), (base + 2 + i as u16).to_string()));
         }
         Ok(Private { run, tag, env })
     }
