@@ -308,7 +308,6 @@ impl Audit {
     /// The invariants over every page, with inventory's `reserved`
     /// counters (product -> counter): the report.
     pub fn finish(mut self, reserved: &BTreeMap<String, i64>) -> Report {
-        let find = |check: &'static str, id: String, detail: String| Finding { check, id, detail };
         let held = std::mem::take(&mut self.held);
         let mut counters: BTreeMap<String, (i64, i64)> = BTreeMap::new();
         for (product, counter) in reserved {
