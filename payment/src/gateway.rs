@@ -8,7 +8,7 @@
 //! on purpose.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{Mutex, RwLock},
     time::Duration,
 };
@@ -102,12 +102,44 @@ enum Call {
     Refund,
 }
 
+/// Calls the simulated gateway remembers (about 13 MB at most): a
+/// repeated call is answered from them as long as fewer than this many
+/// other calls came in between, far longer than the service retries a
+/// call (a refund's schedule, a redelivery after a crash). A gateway of
+/// record keeps its idempotency keys on its side.
+pub const KEPT_CALLS: usize = 200_000;
+
+/// Calls carried out, by payment id, the latest [`KEPT_CALLS`] of them.
+#[derive(Debug, Default)]
+struct Done {
+    amounts: HashMap<(Uuid, Call), i64>,
+    /// Oldest first: the next to forget.
+    order: VecDeque<(Uuid, Call)>,
+}
+
+impl Done {
+    fn contains(&self, key: &(Uuid, Call)) -> bool {
+        self.amounts.contains_key(key)
+    }
+
+    fn insert(&mut self, key: (Uuid, Call), amount: i64) {
+        if self.amounts.insert(key, amount).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > KEPT_CALLS {
+            if let Some(oldest) = self.order.pop_front() {
+                self.amounts.remove(&oldest);
+            }
+        }
+    }
+}
+
 /// The simulated gateway.
 #[derive(Debug)]
 pub struct Gateway {
     rules: RwLock<Rules>,
-    /// Calls carried out, by payment id: a repeated call is answered from here.
-    done: Mutex<HashMap<(Uuid, Call), i64>>,
+    /// Calls carried out: a repeated call is answered from here.
+    done: Mutex<Done>,
     /// How long a call may take before it counts as timed out.
     timeout: Duration,
 }
@@ -116,7 +148,7 @@ impl Gateway {
     pub fn new(rules: Rules, timeout: Duration) -> Gateway {
         Gateway {
             rules: RwLock::new(rules),
-            done: Mutex::new(HashMap::new()),
+            done: Mutex::new(Done::default()),
             timeout,
         }
     }
@@ -171,7 +203,7 @@ impl Gateway {
                 let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
                 // The idempotency key: what was done for this payment stays done.
                 match mode {
-                    _ if done.contains_key(&(payment_id, call)) => Some(Ok(())),
+                    _ if done.contains(&(payment_id, call)) => Some(Ok(())),
                     Mode::Ok => {
                         done.insert((payment_id, call), amount);
                         Some(Ok(()))
@@ -193,10 +225,11 @@ impl Gateway {
             .unwrap_or(Err(GatewayError::TimedOut(self.timeout)))
     }
 
-    /// Refunds carried out, by payment id (tests, the admin endpoint).
+    /// Refunds carried out and still remembered, by payment id.
     pub fn refunds(&self) -> BTreeMap<Uuid, i64> {
         let done = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        done.iter()
+        done.amounts
+            .iter()
             .filter(|((_, call), _)| *call == Call::Refund)
             .map(|((id, _), amount)| (*id, *amount))
             .collect()
@@ -258,6 +291,24 @@ mod tests {
             g.charge(Uuid::now_v7(), "bob", 1).await,
             Err(GatewayError::TimedOut(Duration::from_millis(200)))
         );
+    }
+
+    #[test]
+    fn it_remembers_the_latest_calls_and_forgets_the_oldest_first() {
+        let mut done = Done::default();
+        let first = (Uuid::now_v7(), Call::Refund);
+        done.insert(first, 1);
+        done.insert(first, 1);
+        for _ in 0..KEPT_CALLS - 1 {
+            done.insert((Uuid::now_v7(), Call::Charge), 1);
+        }
+        assert!(done.contains(&first), "within the latest {KEPT_CALLS}");
+        let last = (Uuid::now_v7(), Call::Charge);
+        done.insert(last, 1);
+        assert!(!done.contains(&first), "the oldest goes first");
+        assert!(done.contains(&last));
+        assert_eq!(done.amounts.len(), KEPT_CALLS);
+        assert_eq!(done.order.len(), KEPT_CALLS);
     }
 
     #[test]
