@@ -737,6 +737,53 @@ impl Stack {
             .await?)
     }
 
+    /// Shipments shipping created (and did not call off or fail).
+    pub async fn shipments_created(&self) -> Result<i64> {
+        let sql = "SELECT count(*) FROM shipments WHERE status = 'created'";
+        self.count("shipping", sql).await
+    }
+
+    /// A whole stack arranged for [`Stack::place_steadily`] with `sagas`
+    /// sagas: alice and bob can pay for anything, poor for three widgets,
+    /// and there are widgets for every order.
+    pub async fn for_steady_sagas(sagas: u64) -> Result<Stack> {
+        let stack = Stack::start().await?;
+        for customer in ["alice", "bob"] {
+            stack.set_balance(customer, 1_000_000).await?;
+        }
+        stack.set_balance("poor", 3 * STEADY_PRICE).await?;
+        stack.set_stock("widget", 3 * sagas as i64).await?;
+        stack.price("widget", STEADY_PRICE).await?;
+        Ok(stack)
+    }
+
+    /// Places `sagas` sagas of 1 to 3 widgets, one every `every` from
+    /// `start` (at most 64 waiting for an answer): a tenth by poor (declined
+    /// once the money is gone), a tenth to an undeliverable address, the
+    /// rest go through. Their ids, in the order they were answered.
+    pub async fn place_steadily(
+        &self,
+        sagas: u64,
+        every: Duration,
+        start: Instant,
+    ) -> Vec<Result<Uuid>> {
+        futures::stream::iter(0..sagas)
+            .map(|i| async move {
+                tokio::time::sleep_until((start + every * i as u32).into()).await;
+                let (customer, country) = match i % 10 {
+                    0 => ("poor", "US"),
+                    1 => ("alice", "ZZ"),
+                    n if n % 2 == 0 => ("alice", "US"),
+                    _ => ("bob", "US"),
+                };
+                let lines = [("widget", 1 + (i % 3) as i64, STEADY_PRICE)];
+                self.place(customer, &lines, country).await
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await
+    }
+
     pub async fn count(&self, service: &str, sql: &str) -> Result<i64> {
         let pool = self.pool(service).await?;
         Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
@@ -982,6 +1029,9 @@ impl Drop for Stack {
         }
     }
 }
+
+/// The unit price of the widgets [`Stack::place_steadily`] orders.
+pub const STEADY_PRICE: i64 = 100;
 
 /// A valid order body.
 pub fn order_body(customer: &str, lines: &[(&str, i64, i64)], country: &str) -> Value {

@@ -16,7 +16,6 @@ use std::{
 };
 
 use anyhow::Result;
-use futures::{StreamExt, stream};
 use saga_tests::{ChildService, DEADLINE, Stack, eventually};
 use uuid::Uuid;
 
@@ -31,7 +30,6 @@ fn sagas() -> u64 {
         .and_then(|n| n.parse().ok())
         .map_or(SAGAS, |n: u64| n.clamp(10, 100_000))
 }
-const PRICE: i64 = 100;
 const OUT_OF_PROCESS: [&str; 3] = ["payment", "inventory", "shipping"];
 /// How long the system may take to end every saga and settle after the
 /// faults (a busy machine runs other tests beside this one).
@@ -65,15 +63,8 @@ async fn at_work(stack: &Stack, service: &str) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sagas_survive_killed_services_a_forgetful_redis_and_a_broker_restart() -> Result<()> {
-    let mut stack = Stack::start().await?;
-    for customer in ["alice", "bob"] {
-        stack.set_balance(customer, 1_000_000).await?;
-    }
-    stack.set_balance("poor", 3 * PRICE).await?;
     let sagas = sagas();
-    // Enough for every order: only the declined and the undeliverable fail.
-    stack.set_stock("widget", 3 * sagas as i64).await?;
-    stack.price("widget", PRICE).await?;
+    let mut stack = Stack::for_steady_sagas(sagas).await?;
     for service in OUT_OF_PROCESS {
         stack.stop_service(service).await?;
     }
@@ -89,24 +80,7 @@ async fn sagas_survive_killed_services_a_forgetful_redis_and_a_broker_restart() 
     let window = EVERY * sagas as u32;
     let at = |share: f64| window.mul_f64(share);
     let start = Instant::now();
-    let placing = {
-        let stack = &stack;
-        stream::iter(0..sagas)
-            .map(move |i| async move {
-                tokio::time::sleep_until((start + EVERY * i as u32).into()).await;
-                let (customer, country) = match i % 10 {
-                    0 => ("poor", "US"),
-                    1 => ("alice", "ZZ"),
-                    n if n % 2 == 0 => ("alice", "US"),
-                    _ => ("bob", "US"),
-                };
-                stack
-                    .place(customer, &[("widget", 1 + (i % 3) as i64, PRICE)], country)
-                    .await
-            })
-            .buffer_unordered(64)
-            .collect::<Vec<Result<Uuid>>>()
-    };
+    let placing = stack.place_steadily(sagas, EVERY, start);
     let mut log = Log::default();
     let faults = async {
         for (n, (service, child)) in std::mem::take(&mut children).into_iter().enumerate() {

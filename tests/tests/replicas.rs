@@ -8,14 +8,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use futures::{StreamExt, stream};
 use saga_tests::{ChildService, DEADLINE, Stack, eventually};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 const SAGAS: u64 = 300;
 const EVERY: Duration = Duration::from_millis(10);
-const PRICE: i64 = 100;
 const REPLICATED: [&str; 3] = ["payment", "inventory", "shipping"];
 
 /// The process id of the replica leading `service`'s outbox relay: the
@@ -42,13 +40,7 @@ async fn relay_leader(pool: &PgPool, service: &str) -> Result<Option<u32>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_of_each_service_apply_every_event_once_and_a_killed_relay_leader_is_replaced()
 -> Result<()> {
-    let mut stack = Stack::start().await?;
-    for customer in ["alice", "bob"] {
-        stack.set_balance(customer, 1_000_000).await?;
-    }
-    stack.set_balance("poor", 3 * PRICE).await?;
-    stack.set_stock("widget", 1_000).await?;
-    stack.price("widget", PRICE).await?;
+    let mut stack = Stack::for_steady_sagas(SAGAS).await?;
     for service in REPLICATED {
         stack.stop_service(service).await?;
     }
@@ -68,24 +60,7 @@ async fn two_replicas_of_each_service_apply_every_event_once_and_a_killed_relay_
     .await?;
 
     let start = Instant::now();
-    let placing = stream::iter(0..SAGAS)
-        .map(|i| {
-            let stack = &stack;
-            async move {
-                tokio::time::sleep_until((start + EVERY * i as u32).into()).await;
-                let (customer, country) = match i % 10 {
-                    0 => ("poor", "US"),
-                    1 => ("alice", "ZZ"),
-                    n if n % 2 == 0 => ("alice", "US"),
-                    _ => ("bob", "US"),
-                };
-                stack
-                    .place(customer, &[("widget", 1 + (i % 3) as i64, PRICE)], country)
-                    .await
-            }
-        })
-        .buffer_unordered(64)
-        .collect::<Vec<Result<Uuid>>>();
+    let placing = stack.place_steadily(SAGAS, EVERY, start);
     let takeover = async {
         tokio::time::sleep_until((start + Duration::from_secs(1)).into()).await;
         let at = replicas
@@ -123,15 +98,7 @@ async fn two_replicas_of_each_service_apply_every_event_once_and_a_killed_relay_
     assert!(confirmed > 0 && confirmed < placed.len(), "{confirmed}");
     // One effect per saga whatever replica applied it.
     assert_eq!(stack.rows("payment", "payments").await?, SAGAS as i64);
-    assert_eq!(
-        stack
-            .count(
-                "shipping",
-                "SELECT count(*) FROM shipments WHERE status = 'created'"
-            )
-            .await?,
-        confirmed as i64
-    );
+    assert_eq!(stack.shipments_created().await?, confirmed as i64);
     // No step taken twice: each saga's events are of distinct types.
     let mut seen = std::collections::HashSet::new();
     for (_, event) in stack.stream_events().await? {

@@ -21,15 +21,7 @@ async fn a_paid_reserved_and_shippable_order_is_confirmed_with_one_effect_each()
     assert_eq!(stack.balance("alice").await?, 10_000 - 2 * PRICE);
     assert_eq!(stack.stock("widget").await?, (3, 2));
     assert_eq!(stack.rows("payment", "payments").await?, 1);
-    assert_eq!(
-        stack
-            .count(
-                "shipping",
-                "SELECT count(*) FROM shipments WHERE status = 'created'"
-            )
-            .await?,
-        1
-    );
+    assert_eq!(stack.shipments_created().await?, 1);
     let (status, shipment) = stack
         .get_json("shipping", &format!("/shipments/{id}"))
         .await?;
