@@ -388,6 +388,18 @@ pub async fn cancelled_by_customer<S: Step>(
     compensate::<S>(cx, cancelled.order_id, by).await
 }
 
+/// An operator's compensation by hand reaching step `S`: recorded as undone
+/// if it was taken (see [`By::Hand`]).
+pub async fn compensated_by_hand<S: Step>(
+    cx: Applying<'_>,
+    resolved: &crate::event::OrderManuallyCompensated,
+) -> Result<Outcome, HandlerError> {
+    let by = By::Hand {
+        reason: resolved.reason(),
+    };
+    compensate::<S>(cx, resolved.order_id, by).await
+}
+
 /// Undoes step `S` for `order_id`, once, and only if it took effect.
 pub async fn compensate<S: Step>(
     cx: Applying<'_>,

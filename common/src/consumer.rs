@@ -29,7 +29,7 @@ use uuid::Uuid;
 use crate::{
     backoff::backoff,
     compensation::{Cancels, STEP_VERSION},
-    event::{Envelope, Event},
+    event::{Envelope, Event, EventKind},
     health::{Condition, Health},
     idempotency::{self, Claim, IdempotencyStore},
     meter::{self, Meter},
@@ -164,14 +164,17 @@ pub trait Handler: Send + Sync + 'static {
         event: Event,
     ) -> impl Future<Output = Result<Outcome, HandlerError>> + Send + 'a;
 
-    /// The order whose forward step `event` is, if it is one: a step that
-    /// first asks whether the customer cancelled the order
+    /// The event that makes this service take its forward step, if it has
+    /// one: a step that first asks whether the customer cancelled the order
     /// ([`Cancels::before`]). The consumer asks the broker about every
     /// step it took at once, as soon as it took them
     /// ([`Cancels::ask_ahead`]), and holds their orders from the first
     /// statement of their transaction ([`Cancels::begin`]).
-    fn step_of(&self, _event: &Event) -> Option<Uuid> {
-        None
+    const STEP: Option<EventKind> = None;
+
+    /// The order whose forward step `event` is, if it is one.
+    fn step_of(&self, event: &Event) -> Option<Uuid> {
+        (Some(event.kind()) == Self::STEP).then(|| event.order_id())
     }
 }
 

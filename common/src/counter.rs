@@ -143,15 +143,9 @@ impl Counter {
     }
 
     async fn value(&self, pool: &PgPool, id: &str) -> sqlx::Result<Option<i64>> {
-        let Counter {
-            table, key, column, ..
-        } = self;
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT {column} FROM {table} WHERE {key} = $1"
-        )))
-        .bind(id)
-        .fetch_optional(pool)
-        .await
+        let row: Option<(i64,)> =
+            crate::sql::row_by_key(pool, self.table, self.column, self.key, id).await?;
+        Ok(row.map(|(value,)| value))
     }
 
     /// The one integer field a body must be, named `name`.

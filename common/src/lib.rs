@@ -19,6 +19,7 @@ pub mod meter;
 pub mod outbox;
 pub mod roster;
 pub mod service;
+pub mod sql;
 pub mod telemetry;
 pub mod topology;
 

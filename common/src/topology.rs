@@ -62,30 +62,25 @@ impl WatchSpec {
     }
 }
 
+/// A watch whose definition is `nats/consumers/<name>.json`.
+macro_rules! watch {
+    ($name:literal on $on:ident) => {
+        WatchSpec {
+            name: $name,
+            on: Stream::$on,
+            definition: include_str!(concat!("../../nats/consumers/", $name, ".json")),
+        }
+    };
+}
+
 /// Halts a pending saga whose event was dead-lettered.
-pub const DEAD_LETTER_WATCH: WatchSpec = WatchSpec {
-    name: "order-dead-letters",
-    on: Stream::DeadLetters,
-    definition: include_str!("../../nats/consumers/order-dead-letters.json"),
-};
+pub const DEAD_LETTER_WATCH: WatchSpec = watch!("order-dead-letters" on DeadLetters);
 /// Records every event of every saga in its timeline.
-pub const TIMELINE_EVENTS: WatchSpec = WatchSpec {
-    name: "order-timeline",
-    on: Stream::Events,
-    definition: include_str!("../../nats/consumers/order-timeline.json"),
-};
+pub const TIMELINE_EVENTS: WatchSpec = watch!("order-timeline" on Events);
 /// Records every dead letter of every saga in its timeline.
-pub const TIMELINE_DEAD_LETTERS: WatchSpec = WatchSpec {
-    name: "order-timeline-dead-letters",
-    on: Stream::DeadLetters,
-    definition: include_str!("../../nats/consumers/order-timeline-dead-letters.json"),
-};
+pub const TIMELINE_DEAD_LETTERS: WatchSpec = watch!("order-timeline-dead-letters" on DeadLetters);
 /// Keeps the order service's catalog: the price of every product.
-pub const CATALOG_WATCH: WatchSpec = WatchSpec {
-    name: "order-catalog",
-    on: Stream::Catalog,
-    definition: include_str!("../../nats/consumers/order-catalog.json"),
-};
+pub const CATALOG_WATCH: WatchSpec = watch!("order-catalog" on Catalog);
 /// Every watch, for tests and tools.
 pub const WATCHES: [WatchSpec; 4] = [
     DEAD_LETTER_WATCH,

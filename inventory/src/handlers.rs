@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use common::{
-    Applying, Event, Handler, HandlerError, Outcome,
+    Applying, Event, EventKind, Handler, HandlerError, Outcome,
     compensation::{self, By, Step, StepState},
     event::{InventoryReleased, InventoryReservationFailed, InventoryReserved, PaymentProcessed},
 };
@@ -19,6 +19,8 @@ use crate::store::{self, Reservation};
 pub struct InventoryHandler;
 
 impl Handler for InventoryHandler {
+    const STEP: Option<EventKind> = Some(EventKind::PaymentProcessed);
+
     async fn handle(&self, cx: Applying<'_>, event: Event) -> Result<Outcome, HandlerError> {
         match event {
             Event::PaymentProcessed(paid) => reserve(cx, paid).await,
@@ -28,22 +30,12 @@ impl Handler for InventoryHandler {
                 compensation::compensate::<Reservation>(cx, order_id, by).await
             }
             Event::OrderManuallyCompensated(resolved) => {
-                let by = By::Hand {
-                    reason: resolved.reason(),
-                };
-                compensation::compensate::<Reservation>(cx, resolved.order_id, by).await
+                compensation::compensated_by_hand::<Reservation>(cx, &resolved).await
             }
             Event::OrderCancelledByCustomer(cancelled) => {
                 compensation::cancelled_by_customer::<Reservation>(cx, &cancelled, &()).await
             }
             _ => Ok(Outcome::Unhandled),
-        }
-    }
-
-    fn step_of(&self, event: &Event) -> Option<uuid::Uuid> {
-        match event {
-            Event::PaymentProcessed(p) => Some(p.order_id),
-            _ => None,
         }
     }
 }

@@ -131,12 +131,7 @@ pub async fn release(
 
 /// A product's stock, if it has any.
 pub async fn stock(pool: &PgPool, product_id: &str) -> sqlx::Result<Option<Stock>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {STOCK_COLUMNS} FROM stock WHERE product_id = $1"
-    )))
-    .bind(product_id)
-    .fetch_optional(pool)
-    .await
+    common::sql::row_by_key(pool, "stock", STOCK_COLUMNS, "product_id", product_id).await
 }
 
 /// A product's catalog data, as the API shows it and as it was published.
@@ -154,12 +149,7 @@ const PRODUCT_COLUMNS: &str = "product_id, name, unit_price, version, updated_at
 
 /// A product's catalog data, if it has any.
 pub async fn product(pool: &PgPool, product_id: &str) -> sqlx::Result<Option<Product>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {PRODUCT_COLUMNS} FROM products WHERE product_id = $1"
-    )))
-    .bind(product_id)
-    .fetch_optional(pool)
-    .await
+    common::sql::row_by_key(pool, "products", PRODUCT_COLUMNS, "product_id", product_id).await
 }
 
 /// Creates the product at version 1; `None` if it exists.

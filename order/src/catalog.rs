@@ -11,7 +11,7 @@
 //! The catalog stream keeps each product's latest event for good, so
 //! [`rebuild`] makes the whole catalog again from the stream alone.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, time::Duration};
 
 use async_nats::jetstream::{self, AckKind, consumer::DeliverPolicy};
 use chrono::{DateTime, Utc};
@@ -26,7 +26,7 @@ use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use crate::watch::{Source, Started, ack};
+use crate::watch::{Source, Started, Watcher, ack};
 
 /// Name of the watch in the health board.
 pub const HEALTH_WATCH: &str = "catalog";
@@ -68,12 +68,7 @@ pub async fn lookup(
 
 /// One product's entry, if the catalog has it.
 pub async fn entry(pool: &PgPool, product_id: &str) -> sqlx::Result<Option<Entry>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {ENTRY_COLUMNS} FROM catalog WHERE product_id = $1"
-    )))
-    .bind(product_id)
-    .fetch_optional(pool)
-    .await
+    common::sql::row_by_key(pool, "catalog", ENTRY_COLUMNS, "product_id", product_id).await
 }
 
 /// The catalog's one rule for an insert into `table` that meets a row of the
@@ -144,16 +139,13 @@ pub struct Watch {
 impl Watch {
     /// Creates the durable consumer now, then returns the loop to run.
     pub async fn start(self, source: Source, shutdown: CancellationToken) -> Started {
-        let this = Arc::new(self);
         source
-            .watch(CATALOG_WATCH, HEALTH_WATCH, shutdown, move |msg| {
-                let this = this.clone();
-                async move { this.process(&msg).await }
-            })
+            .watch(CATALOG_WATCH, HEALTH_WATCH, shutdown, self)
             .await
-            .map(|run| Box::pin(run) as _)
     }
+}
 
+impl Watcher for Watch {
     async fn process(&self, msg: &jetstream::Message) {
         let (delivered, stream_seq) = msg
             .info()
@@ -183,7 +175,9 @@ impl Watch {
             }
         }
     }
+}
 
+impl Watch {
     async fn dead_letter(
         &self,
         msg: &jetstream::Message,

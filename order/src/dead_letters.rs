@@ -11,7 +11,7 @@
 //! Only dead letters whose body decoded carry the saga's id
 //! (`Saga-Dlq-Correlation-Id`); bytes that are not an event belong to no saga.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 use common::{Subjects, consumer::dlq_headers, limits, outbox, topology::DEAD_LETTER_WATCH};
@@ -22,7 +22,7 @@ use uuid::Uuid;
 use crate::{
     domain::{Command, DomainError},
     store::{self, ExecError, Snapshots},
-    watch::{Source, Started, ack},
+    watch::{Source, Started, Watcher, ack},
 };
 
 /// Name of the watch in the health board.
@@ -40,16 +40,13 @@ pub struct Watch {
 impl Watch {
     /// Creates the durable consumer now, then returns the loop to run.
     pub async fn start(self, source: Source, shutdown: CancellationToken) -> Started {
-        let this = Arc::new(self);
         source
-            .watch(DEAD_LETTER_WATCH, HEALTH_WATCH, shutdown, move |msg| {
-                let this = this.clone();
-                async move { this.process(&msg).await }
-            })
+            .watch(DEAD_LETTER_WATCH, HEALTH_WATCH, shutdown, self)
             .await
-            .map(|run| Box::pin(run) as _)
     }
+}
 
+impl Watcher for Watch {
     async fn process(&self, msg: &jetstream::Message) {
         let header = |name: &str| crate::watch::header(msg, name);
         let Some(order_id) =
@@ -85,7 +82,9 @@ impl Watch {
             }
         }
     }
+}
 
+impl Watch {
     /// Moves a pending order to REQUIRES_INTERVENTION; `true` if it did.
     async fn halt(&self, order_id: Uuid, reason: String) -> Result<bool, ExecError> {
         let mut tx = self.pool.begin().await?;

@@ -368,16 +368,6 @@ pub fn evolve(state: Option<Order>, event: &OrderEvent, at: DateTime<Utc>) -> Op
 mod tests {
     use super::*;
 
-    fn address() -> Address {
-        Address {
-            name: "Ada".into(),
-            street: "1 Main St".into(),
-            city: "Springfield".into(),
-            postal_code: "12345".into(),
-            country: "US".into(),
-        }
-    }
-
     fn place() -> Command {
         Command::Place {
             order_id: Uuid::nil(),
@@ -394,7 +384,7 @@ mod tests {
                     unit_price: 100,
                 },
             ],
-            shipping_address: address(),
+            shipping_address: Address::example(),
         }
     }
 

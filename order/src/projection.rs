@@ -43,6 +43,13 @@ pub struct Position {
     pub position: i64,
 }
 
+/// What a projection applies at once: events in commit order, and the
+/// tables to write them to (in the order of [`Projection::TABLES`]).
+pub struct Batch<'a> {
+    pub tables: &'a [String],
+    pub events: &'a [(Envelope, OrderEvent)],
+}
+
 /// A projection fed from the event store in commit order.
 pub trait Projection: Sync {
     /// Its checkpoint's name, its metric label, its name on the command line.
@@ -51,14 +58,12 @@ pub trait Projection: Sync {
     /// swaps them in together.
     const TABLES: &'static [&'static str];
 
-    /// Applies a batch of events, in commit order, to the tables named
-    /// `tables` (in the order of [`TABLES`](Projection::TABLES)), with a
-    /// few statements whatever the number of events.
+    /// Applies a batch, with a few statements whatever the number of
+    /// events.
     fn apply(
         &self,
         tx: &mut PgConnection,
-        tables: &[String],
-        events: &[(Envelope, OrderEvent)],
+        batch: Batch<'_>,
     ) -> impl Future<Output = sqlx::Result<()>> + Send;
 }
 
@@ -228,7 +233,15 @@ async fn apply_after<P: Projection>(
         })
         .collect();
     if !decoded.is_empty() {
-        projection.apply(tx, tables, &decoded).await?;
+        projection
+            .apply(
+                tx,
+                Batch {
+                    tables,
+                    events: &decoded,
+                },
+            )
+            .await?;
     }
     Ok((events.len(), *to))
 }
@@ -358,12 +371,8 @@ impl Projection for OrdersView {
     const NAME: &'static str = "orders";
     const TABLES: &'static [&'static str] = &["orders"];
 
-    async fn apply(
-        &self,
-        tx: &mut PgConnection,
-        tables: &[String],
-        events: &[(Envelope, OrderEvent)],
-    ) -> sqlx::Result<()> {
+    async fn apply(&self, tx: &mut PgConnection, batch: Batch<'_>) -> sqlx::Result<()> {
+        let Batch { tables, events } = batch;
         let mut ids: Vec<Uuid> = events.iter().filter_map(|(env, _)| order_of(env)).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -389,12 +398,8 @@ impl Projection for CustomerStats {
     const NAME: &'static str = "customer-stats";
     const TABLES: &'static [&'static str] = &["customer_stats", "customer_stats_orders"];
 
-    async fn apply(
-        &self,
-        tx: &mut PgConnection,
-        tables: &[String],
-        events: &[(Envelope, OrderEvent)],
-    ) -> sqlx::Result<()> {
+    async fn apply(&self, tx: &mut PgConnection, batch: Batch<'_>) -> sqlx::Result<()> {
+        let Batch { tables, events } = batch;
         let (stats, orders) = (&tables[0], &tables[1]);
         // Placements first: the other events find their order's customer
         // among the orders known so far, this batch's included.

@@ -139,13 +139,7 @@ mod tests {
                 quantity: 2,
                 unit_price: 500,
             }],
-            shipping_address: Address {
-                name: "Ada".into(),
-                street: "1 Main St".into(),
-                city: "Springfield".into(),
-                postal_code: "12345".into(),
-                country: "US".into(),
-            },
+            shipping_address: Address::example(),
         }
     }
 

@@ -64,12 +64,7 @@ pub async fn order_view(
     conn: impl sqlx::PgExecutor<'_>,
     order_id: Uuid,
 ) -> sqlx::Result<Option<OrderView>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM orders WHERE order_id = $1"
-    )))
-    .bind(order_id)
-    .fetch_optional(conn)
-    .await
+    common::sql::row_by_key(conn, "orders", COLUMNS, "order_id", order_id).await
 }
 
 /// Writes `views` into `table` (the read model, or a copy being rebuilt),
@@ -690,12 +685,7 @@ pub async fn timeline(pool: &PgPool, id: Uuid) -> sqlx::Result<Vec<EntryRow>> {
 }
 
 pub async fn saga(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<SagaRow>> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {SAGA_COLUMNS} FROM sagas WHERE correlation_id = $1"
-    )))
-    .bind(id)
-    .fetch_optional(pool)
-    .await
+    common::sql::row_by_key(pool, "sagas", SAGA_COLUMNS, "correlation_id", id).await
 }
 
 /// Which sagas to list, newest activity first.

@@ -19,6 +19,11 @@ use tokio_util::sync::CancellationToken;
 /// be created: a start-up error).
 pub type Started = Result<futures::future::BoxFuture<'static, ()>, topology::TopologyError>;
 
+/// What a watch does with each message it is handed, acking it.
+pub trait Watcher: Send + Sync + 'static {
+    fn process(&self, msg: &jetstream::Message) -> impl Future<Output = ()> + Send;
+}
+
 /// Where a watch pulls from and reports to.
 #[derive(Clone)]
 pub struct Source {
@@ -29,29 +34,26 @@ pub struct Source {
 
 impl Source {
     /// Creates the durable consumer now (a start-up error if it cannot be),
-    /// then returns the loop that hands every message to `process`, which
-    /// acks it.
-    pub async fn watch<F, Fut>(
+    /// then returns the loop that hands every message, one at a time, to
+    /// `watcher`, which acks it.
+    pub async fn watch<W: Watcher>(
         self,
         spec: WatchSpec,
         health_name: &'static str,
         shutdown: CancellationToken,
-        process: F,
-    ) -> Result<impl Future<Output = ()> + Send + 'static, topology::TopologyError>
-    where
-        F: Fn(jetstream::Message) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let process = std::sync::Arc::new(process);
+        watcher: W,
+    ) -> Started {
+        let watcher = std::sync::Arc::new(watcher);
         self.watch_batches(spec, health_name, shutdown, Duration::ZERO, move |msgs| {
-            let process = process.clone();
+            let watcher = watcher.clone();
             async move {
                 for msg in msgs {
-                    process(msg).await;
+                    watcher.process(&msg).await;
                 }
             }
         })
         .await
+        .map(|run| Box::pin(run) as _)
     }
 
     /// Like [`Self::watch`], but hands `process` every message that is

@@ -7,7 +7,7 @@
 use std::{sync::Arc, time::Duration};
 
 use common::{
-    Applying, Envelope, Event, Handler, HandlerError, Outcome,
+    Applying, Envelope, Event, EventKind, Handler, HandlerError, Outcome,
     compensation::{self, By, COMPENSATION_VERSION, Step, StepState, Undone},
     event::{
         InventoryReleased, InventoryReservationFailed, OrderPlaced, PaymentFailed,
@@ -30,6 +30,8 @@ pub struct PaymentHandler {
 }
 
 impl Handler for PaymentHandler {
+    const STEP: Option<EventKind> = Some(EventKind::OrderPlaced);
+
     async fn handle(&self, cx: Applying<'_>, event: Event) -> Result<Outcome, HandlerError> {
         match event {
             Event::OrderPlaced(order) => self.charge(cx, order).await,
@@ -43,22 +45,12 @@ impl Handler for PaymentHandler {
             // The operator refunded by hand (in the gateway's console): the
             // gateway is not called again.
             Event::OrderManuallyCompensated(resolved) => {
-                let by = By::Hand {
-                    reason: resolved.reason(),
-                };
-                compensation::compensate::<Payment>(cx, resolved.order_id, by).await
+                compensation::compensated_by_hand::<Payment>(cx, &resolved).await
             }
             Event::OrderCancelledByCustomer(cancelled) => {
                 compensation::cancelled_by_customer::<Payment>(cx, &cancelled, self).await
             }
             _ => Ok(Outcome::Unhandled),
-        }
-    }
-
-    fn step_of(&self, event: &Event) -> Option<uuid::Uuid> {
-        match event {
-            Event::OrderPlaced(o) => Some(o.order_id),
-            _ => None,
         }
     }
 }

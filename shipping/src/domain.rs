@@ -75,11 +75,9 @@ mod tests {
 
     fn address(country: &str, postal: &str) -> Address {
         Address {
-            name: "Ada".into(),
-            street: "1 Main St".into(),
-            city: "Springfield".into(),
             postal_code: postal.into(),
             country: country.into(),
+            ..Address::example()
         }
     }
 

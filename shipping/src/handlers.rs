@@ -4,7 +4,7 @@
 //! customer cancelled (OrderCancelledByCustomer, emitting ShipmentCancelled).
 
 use common::{
-    Applying, Event, Handler, HandlerError, Outcome,
+    Applying, Event, EventKind, Handler, HandlerError, Outcome,
     compensation::{self, Step, StepState},
     event::{InventoryReserved, ShipmentCancelled, ShipmentCreated, ShipmentFailed},
 };
@@ -19,6 +19,8 @@ use crate::{
 pub struct ShippingHandler;
 
 impl Handler for ShippingHandler {
+    const STEP: Option<EventKind> = Some(EventKind::InventoryReserved);
+
     async fn handle(&self, cx: Applying<'_>, event: Event) -> Result<Outcome, HandlerError> {
         match event {
             Event::InventoryReserved(reserved) => ship(cx, reserved).await,
@@ -26,13 +28,6 @@ impl Handler for ShippingHandler {
                 compensation::cancelled_by_customer::<Shipment>(cx, &cancelled, &()).await
             }
             _ => Ok(Outcome::Unhandled),
-        }
-    }
-
-    fn step_of(&self, event: &Event) -> Option<uuid::Uuid> {
-        match event {
-            Event::InventoryReserved(r) => Some(r.order_id),
-            _ => None,
         }
     }
 }

@@ -388,6 +388,40 @@ impl Stack {
         self.dbs.pool(service).await
     }
 
+    /// Holds `table` of `service`'s database in SHARE mode, on a connection
+    /// of its own, until `ROLLBACK` on it (or its drop): writers of the
+    /// table wait. SHARE mode takes no transaction id, so projections of
+    /// other tests on this Postgres are not held back with it.
+    pub async fn hold_table(&self, service: &str, table: &str) -> Result<sqlx::PgConnection> {
+        use sqlx::Connection;
+        let mut holder = sqlx::PgConnection::connect(&self.config(service).database_url).await?;
+        sqlx::query("BEGIN").execute(&mut holder).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "LOCK TABLE {table} IN SHARE MODE"
+        )))
+        .execute(&mut holder)
+        .await?;
+        Ok(holder)
+    }
+
+    /// Waits until `service` (started as a process) has created `table`:
+    /// its migrations have run.
+    pub async fn wait_for_table(&self, service: &str, table: &str) -> Result<()> {
+        let pool = self.pool(service).await?;
+        eventually(
+            &format!("{service} to create {table}"),
+            DEADLINE,
+            || async {
+                let ready: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+                    .bind(table)
+                    .fetch_one(&pool)
+                    .await?;
+                Ok(ready.then_some(()))
+            },
+        )
+        .await
+    }
+
     // ---- arranging ----
 
     /// Sends `body` (if any) to `service` at `path`, with `If-Match` if

@@ -35,13 +35,7 @@ fn placed(stack: &Stack, customer: &str, total: i64) -> (Uuid, String, Vec<u8>) 
             unit_price: total,
         }],
         total,
-        shipping_address: Address {
-            name: "Ada".into(),
-            street: "1 Main St".into(),
-            city: "Springfield".into(),
-            postal_code: "12345".into(),
-            country: "US".into(),
-        },
+        shipping_address: Address::example(),
     });
     let envelope = Envelope::new(&event, order_id.to_string(), 1, order_id, Uuid::now_v7());
     let subject = stack.subjects.event_of(EventKind::OrderPlaced, order_id);
@@ -253,13 +247,7 @@ async fn a_crash_in_the_middle_of_a_batch_loses_and_doubles_nothing() -> Result<
     let consumer = payment_consumer(&stack).await?;
     let payment = stack.spawn_process("payment", &[("CONSUMER_LANES", "1")])?;
     let pool = stack.pool("payment").await?;
-    eventually("payment to create its tables", DEADLINE, || async {
-        let ready: bool = sqlx::query_scalar("SELECT to_regclass('accounts') IS NOT NULL")
-            .fetch_one(&pool)
-            .await?;
-        Ok(ready.then_some(()))
-    })
-    .await?;
+    stack.wait_for_table("payment", "accounts").await?;
     let customers: Vec<String> = (1..=9).map(|i| format!("c{i}")).collect();
     for c in &customers {
         sqlx::query("INSERT INTO accounts (customer_id, balance) VALUES ($1, $2)")

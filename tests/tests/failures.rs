@@ -151,13 +151,7 @@ fn placed(order_id: Uuid, customer: &str) -> Envelope {
             unit_price: 100,
         }],
         total: 100,
-        shipping_address: common::event::Address {
-            name: "A".into(),
-            street: "1 Main St".into(),
-            city: "X".into(),
-            postal_code: "12345".into(),
-            country: "US".into(),
-        },
+        shipping_address: common::event::Address::example(),
     });
     Envelope::new(&event, order_id.to_string(), 1, order_id, order_id)
 }

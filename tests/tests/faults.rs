@@ -121,13 +121,7 @@ async fn a_service_killed_between_commit_and_publish_completes_the_saga_after_re
     // charge and PaymentProcessed to its outbox, and publishes nothing.
     let payment = stack.spawn_process("payment", &[("OUTBOX_RELAY", "off")])?;
     let payment_pool = stack.pool("payment").await?;
-    eventually("payment to create its tables", DEADLINE, || async {
-        let ready: bool = sqlx::query_scalar("SELECT to_regclass('accounts') IS NOT NULL")
-            .fetch_one(&payment_pool)
-            .await?;
-        Ok(ready.then_some(()))
-    })
-    .await?;
+    stack.wait_for_table("payment", "accounts").await?;
     sqlx::query("INSERT INTO accounts (customer_id, balance) VALUES ('alice', 10000)")
         .execute(&payment_pool)
         .await?;

@@ -57,7 +57,7 @@ async fn publish_forged_payment(
                 unit_price: *price,
             })
             .collect(),
-        shipping_address: address(),
+        shipping_address: Address::example(),
     });
     let env = Envelope::new(
         &event,
@@ -72,16 +72,6 @@ async fn publish_forged_payment(
             env.to_bytes(),
         )
         .await
-}
-
-fn address() -> Address {
-    Address {
-        name: "Ada".into(),
-        street: "1 Main St".into(),
-        city: "London".into(),
-        postal_code: "12345".into(),
-        country: "US".into(),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

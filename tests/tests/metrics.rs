@@ -4,7 +4,6 @@
 use anyhow::Result;
 use common::{EventKind, meter::names, roster};
 use saga_tests::Stack;
-use sqlx::Connection;
 
 const PRICE: i64 = 1_250;
 
@@ -146,13 +145,7 @@ async fn the_projection_lag_grows_while_the_timeline_cannot_record_and_clears_af
         m.sum(names::PROJECTION_LAG, &[("projection", "timeline")])
     };
     // Hold the timeline's tables: the observer cannot record, the saga goes on.
-    // On a connection of its own; SHARE mode takes no transaction id, so
-    // projections of other tests on this Postgres are not held back.
-    let mut holder = sqlx::PgConnection::connect(&stack.config("order").database_url).await?;
-    sqlx::query("BEGIN").execute(&mut holder).await?;
-    sqlx::query("LOCK TABLE saga_timeline IN SHARE MODE")
-        .execute(&mut holder)
-        .await?;
+    let mut holder = stack.hold_table("order", "saga_timeline").await?;
     let id = stack.place("alice", &[("widget", 1, 100)], "US").await?;
     assert_eq!(stack.wait_for_outcome(id).await?["status"], "CONFIRMED");
     let behind = stack

@@ -9,11 +9,8 @@ use std::{
 };
 
 use anyhow::Result;
-use common::{Envelope, meter::names};
-use order::{
-    domain::OrderEvent,
-    projection::{self, CustomerStats, OrdersView, Projection},
-};
+use common::meter::names;
+use order::projection::{self, Batch, CustomerStats, OrdersView, Projection};
 use saga_tests::{DEADLINE, Stack, eventually};
 use serde_json::{Value, json};
 use sqlx::Connection;
@@ -91,13 +88,7 @@ async fn a_projection_cut_off_mid_batch_resumes_from_its_checkpoint_and_counts_e
     let stack = Stack::stocked(100_000, 50).await?;
     let pool = stack.pool("order").await?;
     // Hold a table the projection writes: its next step blocks half-way.
-    // (In SHARE mode: a lock that takes no transaction id, so the rest of
-    // the cluster's projections are not held back with it.)
-    let mut holder = sqlx::PgConnection::connect(&stack.config("order").database_url).await?;
-    sqlx::query("BEGIN").execute(&mut holder).await?;
-    sqlx::query("LOCK TABLE customer_stats_orders IN SHARE MODE")
-        .execute(&mut holder)
-        .await?;
+    let mut holder = stack.hold_table("order", "customer_stats_orders").await?;
     let mut ids = Vec::new();
     for _ in 0..5 {
         ids.push(
@@ -187,12 +178,7 @@ async fn the_read_model_follows_the_event_store_and_resumes_from_its_checkpoint(
     stack.price("widget", 700).await?;
     let pool = stack.pool("order").await?;
     // Hold the read model's table: the projection's next step blocks on it.
-    // (SHARE mode takes no transaction id: other projections go on.)
-    let mut holder = sqlx::PgConnection::connect(&stack.config("order").database_url).await?;
-    sqlx::query("BEGIN").execute(&mut holder).await?;
-    sqlx::query("LOCK TABLE orders IN SHARE MODE")
-        .execute(&mut holder)
-        .await?;
+    let mut holder = stack.hold_table("order", "orders").await?;
     let mut ids = Vec::new();
     for _ in 0..3 {
         ids.push(stack.place("alice", &[("widget", 1, 700)], "US").await?);
@@ -302,14 +288,9 @@ impl Projection for Seen {
     const NAME: &'static str = "seen";
     const TABLES: &'static [&'static str] = &[];
 
-    async fn apply(
-        &self,
-        _: &mut sqlx::PgConnection,
-        _: &[String],
-        events: &[(Envelope, OrderEvent)],
-    ) -> sqlx::Result<()> {
+    async fn apply(&self, _: &mut sqlx::PgConnection, batch: Batch<'_>) -> sqlx::Result<()> {
         let mut seen = self.0.lock().expect("seen");
-        seen.extend(events.iter().map(|(env, _)| env.event_id));
+        seen.extend(batch.events.iter().map(|(env, _)| env.event_id));
         Ok(())
     }
 }

@@ -315,6 +315,17 @@ impl Address {
     /// What the fields of an address line that could not be split hold.
     pub const NOT_GIVEN: &'static str = "?";
 
+    /// A well-formed address in a served country, for examples and tests.
+    pub fn example() -> Address {
+        Address {
+            name: "Ada".into(),
+            street: "1 Main St".into(),
+            city: "Springfield".into(),
+            postal_code: "12345".into(),
+            country: "US".into(),
+        }
+    }
+
     /// An address line kept whole (an OrderPlaced v1 address that could not
     /// be split into fields): the line in `street`, the other fields
     /// [`Address::NOT_GIVEN`].
@@ -694,13 +705,7 @@ mod tests {
                 unit_price: 150,
             }],
             total: 300,
-            shipping_address: Address {
-                name: "A".into(),
-                street: "1 Main St".into(),
-                city: "X".into(),
-                postal_code: "12345".into(),
-                country: "US".into(),
-            },
+            shipping_address: Address::example(),
         })
     }
 
