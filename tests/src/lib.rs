@@ -119,9 +119,10 @@ pub struct Stack {
     /// last arranged them: what [`Stack::assert_invariants`] starts from.
     arranged: std::sync::Mutex<BTreeMap<(&'static str, String), i64>>,
     /// Each product's price as [`Stack::price`] last set it (and the order
-    /// service's catalog shows it); held while a price changes, so
-    /// concurrent placements of one product wait for one change.
-    prices: tokio::sync::Mutex<HashMap<String, i64>>,
+    /// service's catalog shows it): written while a price changes, read
+    /// while an order priced with it is placed, so that no placement meets
+    /// a price another one set meanwhile.
+    prices: tokio::sync::RwLock<HashMap<String, i64>>,
 }
 
 /// The admin token of every test stack's services.
@@ -492,7 +493,7 @@ impl Stack {
     /// whatever was there) and waits until the order service's catalog has
     /// the price, so an order placed next is priced with it.
     pub async fn price(&self, product: &str, unit_price: i64) -> Result<()> {
-        let mut prices = self.prices.lock().await;
+        let mut prices = self.prices.write().await;
         self.reprice(&mut prices, product, unit_price).await
     }
 
@@ -538,28 +539,35 @@ impl Stack {
     /// Prices every product of `body`'s lines that names a unit price at
     /// that price, unless it already has it: a test that writes a price
     /// into an order means the catalog to have it.
-    async fn price_lines(&self, body: &Value) -> Result<()> {
-        let Some(lines) = body["lines"].as_array() else {
-            return Ok(());
-        };
-        let wanted: Vec<(&str, i64)> = lines
-            .iter()
+    async fn price_lines(
+        &self,
+        body: &Value,
+    ) -> Result<tokio::sync::RwLockReadGuard<'_, HashMap<String, i64>>> {
+        let wanted: Vec<(&str, i64)> = body["lines"]
+            .as_array()
+            .into_iter()
+            .flatten()
             .filter_map(|l| Some((l["productId"].as_str()?, l["unitPrice"].as_i64()?)))
             .filter(|(p, price)| {
                 common::limits::check_id("productId", p).is_ok()
                     && (1..=common::limits::MAX_UNIT_PRICE).contains(price)
             })
             .collect();
-        if wanted.is_empty() {
-            return Ok(());
+        let priced = |prices: &HashMap<String, i64>, (product, price): &(&str, i64)| {
+            prices.get(*product) == Some(price)
+        };
+        let prices = self.prices.read().await;
+        if wanted.iter().all(|w| priced(&prices, w)) {
+            return Ok(prices);
         }
-        let mut prices = self.prices.lock().await;
-        for (product, price) in wanted {
-            if prices.get(product) != Some(&price) {
-                self.reprice(&mut prices, product, price).await?;
+        drop(prices);
+        let mut prices = self.prices.write().await;
+        for w in &wanted {
+            if !priced(&prices, w) {
+                self.reprice(&mut prices, w.0, w.1).await?;
             }
         }
-        Ok(())
+        Ok(prices.downgrade())
     }
 
     /// Places `customer`'s order of `lines` to `country`, waits for its
@@ -591,7 +599,8 @@ impl Stack {
     /// Places the order `body` (its products priced as its lines say, see
     /// [`Stack::price`]): the new order's id.
     pub async fn place_order(&self, body: &Value) -> Result<Uuid> {
-        self.price_lines(body).await?;
+        // Held until the order is placed: its prices stay as it says.
+        let _prices = self.price_lines(body).await?;
         let r = self
             .http
             .post(self.url("order", "/orders"))
