@@ -7,7 +7,9 @@
 //! projection ([`crate::projection::OrdersView`]): replaying `order_events`
 //! through `evolve` gives the state it holds, so it can be rebuilt.
 
-use chrono::{DateTime, Utc};
+use std::collections::HashMap;
+
+use chrono::{DateTime, SubsecRound, Utc};
 use common::{
     Envelope, Event,
     event::{Address, OrderLine},
@@ -20,6 +22,7 @@ use uuid::Uuid;
 use crate::{
     domain::{self, Command, DomainError, Order, OrderEvent, OrderStatus},
     snapshot,
+    timeline::{self, Seen},
 };
 
 /// An order as the read model holds it and the API shows it.
@@ -502,12 +505,14 @@ pub struct NewEntry {
     pub payload: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::Type)]
+/// Declared in the order of the names they are stored as, so that they
+/// sort as the timeline does (`ORDER BY occurred_at, kind, …`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, sqlx::Type)]
 #[serde(rename_all = "snake_case")]
 #[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum EntryKind {
-    Event,
     DeadLetter,
+    Event,
     /// An operator's action (audit record), which changes no status.
     Operator,
 }
@@ -523,7 +528,7 @@ pub struct EntryRow {
 }
 
 /// Where a saga stands, as the observer last folded it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
 #[serde(rename_all = "camelCase")]
 pub struct SagaRow {
     pub correlation_id: Uuid,
@@ -586,55 +591,80 @@ pub async fn record_entries(pool: &PgPool, entries: &[NewEntry]) -> sqlx::Result
     .await?;
     let mut new: std::collections::HashSet<String> = inserted.into_iter().collect();
     let fresh: Vec<bool> = entries.iter().map(|e| new.remove(&e.key)).collect();
-    let mut changed: Vec<Uuid> = entries
+    let recorded: Vec<&NewEntry> = entries
         .iter()
         .zip(&fresh)
         .filter(|(_, fresh)| **fresh)
-        .map(|(e, _)| e.correlation_id)
+        .map(|(e, _)| e)
         .collect();
-    changed.sort();
-    changed.dedup();
-    if !changed.is_empty() {
-        fold_sagas(&mut tx, &changed).await?;
+    if !recorded.is_empty() {
+        fold_sagas(&mut tx, recorded).await?;
     }
     tx.commit().await?;
     Ok(fresh)
 }
 
-/// Folds the summaries (`sagas`) of `ids` again from their timelines.
-async fn fold_sagas(tx: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<()> {
-    let rows: Vec<(Uuid, EntryKind, String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT correlation_id, kind, event_type, occurred_at FROM saga_timeline
-         WHERE correlation_id = ANY($1)
-         ORDER BY correlation_id, occurred_at, kind, stream_seq",
-    )
-    .bind(ids)
-    // Planned for the ids at hand each time: a plan kept from when the
-    // table was small scans all of it (seen: 200 pages read per batch of a
-    // few rows on a stack a few minutes old, the observer's largest cost).
-    .persistent(false)
+/// Folds the entries just `recorded` into their sagas' summaries
+/// (`sagas`): onto the summary as it stands when they come after
+/// everything it summarises (the usual case: the timeline is read only for
+/// the others), otherwise again from the saga's whole timeline.
+async fn fold_sagas(tx: &mut PgConnection, mut recorded: Vec<&NewEntry>) -> sqlx::Result<()> {
+    // Times as stored (to the microsecond), so that entries sort as the
+    // timeline does and compare with the summary's as Postgres would.
+    let stored = |e: &NewEntry| e.occurred_at.trunc_subsecs(6);
+    // Each saga's entries in the timeline's order (see `timeline_in`).
+    recorded.sort_by_key(|e| (e.correlation_id, stored(e), e.kind, e.stream_seq));
+    let mut ids: Vec<Uuid> = recorded.iter().map(|e| e.correlation_id).collect();
+    ids.dedup();
+    let mut current: HashMap<Uuid, SagaRow> = sqlx::query_as::<_, SagaRow>(sqlx::AssertSqlSafe(
+        format!("SELECT {SAGA_COLUMNS} FROM sagas WHERE correlation_id = ANY($1)"),
+    ))
+    .bind(&ids)
     .fetch_all(&mut *tx)
-    .await?;
-    let mut folded: Vec<SagaRow> = Vec::with_capacity(ids.len());
-    for saga in rows.chunk_by(|a, b| a.0 == b.0) {
-        let (Some(first), Some(last)) = (saga.first(), saga.last()) else {
-            continue;
-        };
-        let kinds = saga
+    .await?
+    .into_iter()
+    .map(|row| (row.correlation_id, row))
+    .collect();
+    let mut folded: Vec<SagaRow> = Vec::new();
+    let mut again: Vec<Uuid> = Vec::new();
+    for saga in recorded.chunk_by(|a, b| a.correlation_id == b.correlation_id) {
+        let id = saga[0].correlation_id;
+        let seen: Vec<Seen<'_>> = saga
             .iter()
-            .filter(|(_, kind, ..)| *kind == EntryKind::Event)
-            .filter_map(|(_, _, event_type, _)| common::EventKind::from_name(event_type));
-        let (status, waiting) = crate::timeline::progress(kinds);
-        folded.push(SagaRow {
-            correlation_id: first.0,
-            status,
-            waiting_for: waiting.map(|w| w.service.to_string()),
-            step: waiting.map(|w| w.step.to_string()),
-            started_at: first.3,
-            last_event_at: saga.iter().map(|e| e.3).max().unwrap_or(first.3),
-            last_event_type: last.2.clone(),
-            dead_letters: saga.iter().filter(|e| e.1 == EntryKind::DeadLetter).count() as i32,
-        });
+            .map(|e| Seen {
+                kind: e.kind,
+                event_type: &e.event_type,
+                occurred_at: stored(e),
+            })
+            .collect();
+        match timeline::fold_onto(id, current.remove(&id), &seen) {
+            Some(row) => folded.push(row),
+            None => again.push(id),
+        }
+    }
+    if !again.is_empty() {
+        let rows: Vec<(Uuid, EntryKind, String, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT correlation_id, kind, event_type, occurred_at FROM saga_timeline
+             WHERE correlation_id = ANY($1)
+             ORDER BY correlation_id, occurred_at, kind, stream_seq",
+        )
+        .bind(&again)
+        // Planned for the ids at hand each time: a plan kept from when the
+        // table was small scans all of it.
+        .persistent(false)
+        .fetch_all(&mut *tx)
+        .await?;
+        for saga in rows.chunk_by(|a, b| a.0 == b.0) {
+            let seen: Vec<Seen<'_>> = saga
+                .iter()
+                .map(|(_, kind, event_type, occurred_at)| Seen {
+                    kind: *kind,
+                    event_type,
+                    occurred_at: *occurred_at,
+                })
+                .collect();
+            folded.extend(timeline::fold_onto(saga[0].0, None, &seen));
+        }
     }
     sqlx::query(
         "INSERT INTO sagas (correlation_id, status, waiting_for, step, started_at, last_event_at,
@@ -740,4 +770,20 @@ pub async fn report_stalls(pool: &PgPool, before: DateTime<Utc>) -> sqlx::Result
     .bind(before)
     .fetch_all(pool)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EntryKind;
+
+    #[test]
+    fn entry_kinds_sort_as_their_stored_names_do() {
+        let kinds = [EntryKind::DeadLetter, EntryKind::Event, EntryKind::Operator];
+        for a in kinds {
+            for b in kinds {
+                let name = |k| serde_json::to_string(&k).expect("a name");
+                assert_eq!(a.cmp(&b), name(a).cmp(&name(b)), "{a:?} {b:?}");
+            }
+        }
+    }
 }

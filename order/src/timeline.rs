@@ -2,9 +2,14 @@
 //! saga stands after it and who owes the next event. Pure: the observer
 //! (`observer.rs`) records, this module reads.
 
+use chrono::{DateTime, Utc};
 use common::{Event, EventKind, event::OrderLine};
+use uuid::Uuid;
 
-use crate::domain::OrderStatus;
+use crate::{
+    domain::OrderStatus,
+    store::{EntryKind, SagaRow},
+};
 
 /// Who owes the saga's next event, and what it is waiting for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,24 +154,151 @@ pub fn progress(kinds: impl IntoIterator<Item = EventKind>) -> (OrderStatus, Opt
     let mut state = (OrderStatus::Pending, None);
     let mut over = false;
     for kind in kinds {
-        let next = after(kind);
-        match next.0 {
-            OrderStatus::Confirmed | OrderStatus::Cancelled | OrderStatus::ManuallyCompensated => {
-                over = true
-            }
-            OrderStatus::RequiresIntervention => {}
-            OrderStatus::Pending if over => continue,
-            OrderStatus::Pending => {}
+        if let Some(next) = advance(&mut over, kind) {
+            state = next;
         }
-        state = next;
     }
     state
+}
+
+/// One more event of `kind` for a saga that is `over` (has ended) or not:
+/// where it then stands, or `None` if the event does not count (see
+/// [`progress`]).
+fn advance(over: &mut bool, kind: EventKind) -> Option<(OrderStatus, Option<Waiting>)> {
+    let next = after(kind);
+    match next.0 {
+        OrderStatus::Confirmed | OrderStatus::Cancelled | OrderStatus::ManuallyCompensated => {
+            *over = true
+        }
+        OrderStatus::RequiresIntervention => {}
+        OrderStatus::Pending if *over => return None,
+        OrderStatus::Pending => {}
+    }
+    Some(next)
+}
+
+/// What a saga's summary is folded from: one entry of its timeline.
+#[derive(Debug, Clone)]
+pub struct Seen<'a> {
+    pub kind: EntryKind,
+    pub event_type: &'a str,
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// The summary of saga `id` after `entries` (its timeline's order) that
+/// follow those `from` summarises (`None`: it had none). `None` if they
+/// cannot be folded onto it, and the whole timeline must be folded again:
+/// when one of them happened no later than the summary's last entry (it
+/// arrived late, and falls among the entries already folded), or when the
+/// saga stands at REQUIRES_INTERVENTION, which it reaches ended or not.
+pub fn fold_onto(id: Uuid, from: Option<SagaRow>, entries: &[Seen<'_>]) -> Option<SagaRow> {
+    let first = entries.first()?;
+    let (mut row, mut over) = match from {
+        None => (
+            SagaRow {
+                correlation_id: id,
+                status: OrderStatus::Pending,
+                waiting_for: None,
+                step: None,
+                started_at: first.occurred_at,
+                last_event_at: first.occurred_at,
+                last_event_type: String::new(),
+                dead_letters: 0,
+            },
+            false,
+        ),
+        Some(row) if first.occurred_at <= row.last_event_at => return None,
+        Some(row) => {
+            let over = match row.status {
+                OrderStatus::Pending => false,
+                OrderStatus::Confirmed
+                | OrderStatus::Cancelled
+                | OrderStatus::ManuallyCompensated => true,
+                OrderStatus::RequiresIntervention => return None,
+            };
+            (row, over)
+        }
+    };
+    for entry in entries {
+        match entry.kind {
+            EntryKind::Event => {
+                if let Some((status, waiting)) =
+                    EventKind::from_name(entry.event_type).and_then(|kind| advance(&mut over, kind))
+                {
+                    row.status = status;
+                    row.waiting_for = waiting.map(|w| w.service.to_string());
+                    row.step = waiting.map(|w| w.step.to_string());
+                }
+            }
+            EntryKind::DeadLetter => row.dead_letters = row.dead_letters.saturating_add(1),
+            EntryKind::Operator => {}
+        }
+        row.last_event_at = row.last_event_at.max(entry.occurred_at);
+        row.last_event_type = entry.event_type.to_string();
+    }
+    Some(row)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use EventKind::*;
+    use proptest::prelude::*;
+
+    /// Entries of one saga in the timeline's order: names, kinds and
+    /// times drawn from a few, so that times tie and kinds mix.
+    fn entries() -> impl Strategy<Value = Vec<(EntryKind, &'static str, DateTime<Utc>)>> {
+        let kind = prop_oneof![
+            6 => Just(EntryKind::Event),
+            1 => Just(EntryKind::DeadLetter),
+            1 => Just(EntryKind::Operator),
+        ];
+        let name = prop::sample::select(EventKind::ALL).prop_map(|k| k.name());
+        let entry = (kind, name, 0..20i64).prop_map(|(kind, name, s)| {
+            (
+                kind,
+                name,
+                DateTime::UNIX_EPOCH + chrono::Duration::seconds(s),
+            )
+        });
+        prop::collection::vec(entry, 1..30).prop_map(|mut v| {
+            v.sort_by_key(|(kind, _, at)| (*at, *kind));
+            v
+        })
+    }
+
+    fn seen<'a>(entries: &'a [(EntryKind, &'static str, DateTime<Utc>)]) -> Vec<Seen<'a>> {
+        entries
+            .iter()
+            .map(|(kind, event_type, occurred_at)| Seen {
+                kind: *kind,
+                event_type,
+                occurred_at: *occurred_at,
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// Folding the later entries onto the summary of the earlier ones
+        /// gives what folding them all does, whenever it folds at all; and
+        /// it does whenever they all come later and the saga does not stand
+        /// at REQUIRES_INTERVENTION.
+        #[test]
+        fn folding_onto_a_summary_is_folding_the_whole_timeline(all in entries(), cut in 0usize..30) {
+            let id = Uuid::from_u128(1);
+            let cut = cut.min(all.len() - 1);
+            let whole = fold_onto(id, None, &seen(&all)).expect("a saga with entries");
+            let before = fold_onto(id, None, &seen(&all[..cut]));
+            let later = seen(&all[cut..]);
+            let may_fold = before.as_ref().is_none_or(|b| {
+                b.status != OrderStatus::RequiresIntervention && later[0].occurred_at > b.last_event_at
+            });
+            match fold_onto(id, before, &later) {
+                Some(onto) => prop_assert_eq!(onto, whole),
+                None => prop_assert!(!may_fold, "refused to fold"),
+            }
+        }
+    }
 
     fn owes(kinds: &[EventKind]) -> (OrderStatus, Option<&'static str>) {
         let (status, waiting) = progress(kinds.iter().copied());
