@@ -294,6 +294,167 @@ impl Drop for RedisServer {
     }
 }
 
+/// A Postgres server of the test's own: a cluster made by `initdb` in a
+/// scratch directory, on a free port of 127.0.0.1, for tests that crash or
+/// restart it. Started as the `postgres` user when the test runs as root
+/// (Postgres refuses to run as root). `PG_BIN_DIR` names the directory of
+/// `initdb` and `postgres`, else the newest under /usr/lib/postgresql.
+pub struct PostgresServer {
+    dir: PathBuf,
+    port: u16,
+    child: Child,
+}
+
+fn pg_bin(name: &str) -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("PG_BIN_DIR") {
+        return Ok(PathBuf::from(dir).join(name));
+    }
+    let mut versions: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("no /usr/lib/postgresql: set PG_BIN_DIR")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    versions.sort_unstable();
+    let newest = versions
+        .last()
+        .context("no Postgres under /usr/lib/postgresql")?;
+    Ok(PathBuf::from(format!(
+        "/usr/lib/postgresql/{newest}/bin/{name}"
+    )))
+}
+
+/// `bin` with `args`, as the `postgres` user if this process is root.
+fn as_postgres(bin: &std::path::Path, args: &[&str]) -> Command {
+    if nix::unistd::Uid::effective().is_root() {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(bin).args(args);
+        command
+    } else {
+        let mut command = Command::new(bin);
+        command.args(args);
+        command
+    }
+}
+
+impl PostgresServer {
+    pub async fn start() -> Result<PostgresServer> {
+        let dir = scratch_dir("postgres")?;
+        if nix::unistd::Uid::effective().is_root() {
+            let status = Command::new("chown").arg("postgres").arg(&dir).status()?;
+            anyhow::ensure!(status.success(), "chown postgres {}", dir.display());
+        }
+        let data = dir.join("data");
+        let data = data.to_str().context("scratch path is not UTF-8")?;
+        let initdb = pg_bin("initdb")?;
+        let out = as_postgres(
+            &initdb,
+            &[
+                "-D",
+                data,
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        )
+        .output()
+        .with_context(|| format!("run {}", initdb.display()))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Self::spawn(&dir, port)?;
+        let server = PostgresServer { dir, port, child };
+        server.accepting().await?;
+        Ok(server)
+    }
+
+    fn spawn(dir: &std::path::Path, port: u16) -> Result<Child> {
+        let data = dir.join("data");
+        let port = port.to_string();
+        let socket_dir = dir.to_str().context("scratch path is not UTF-8")?;
+        let mut command = as_postgres(
+            &pg_bin("postgres")?,
+            &[
+                "-D",
+                data.to_str().context("scratch path is not UTF-8")?,
+                "-p",
+                &port,
+                "-k",
+                socket_dir,
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "max_connections=200",
+            ],
+        );
+        Ok(spawn_quiet(&mut command)?)
+    }
+
+    async fn accepting(&self) -> Result<()> {
+        let url = self.admin_url();
+        eventually(
+            "postgres to accept connections",
+            Duration::from_secs(30),
+            || {
+                let url = url.clone();
+                async move { Ok(PgConnection::connect(&url).await.ok().map(|_| ())) }
+            },
+        )
+        .await
+    }
+
+    /// The postmaster's process id, from its pid file.
+    fn postmaster(&self) -> Result<i32> {
+        let text = std::fs::read_to_string(self.dir.join("data/postmaster.pid"))?;
+        Ok(text
+            .lines()
+            .next()
+            .context("empty pid file")?
+            .trim()
+            .parse()?)
+    }
+
+    /// Stops the server at once (SIGQUIT, an immediate shutdown: every
+    /// connection is cut and nothing is checkpointed, so the next start
+    /// recovers from the write-ahead log as after a crash) and starts it
+    /// again on the same port and data.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.child = Self::spawn(&self.dir, self.port)?;
+        self.accepting().await
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        if let Ok(pid) = self.postmaster() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGQUIT,
+            );
+        }
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Its `postgres` database, to create others from.
+    pub fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        let _ = self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// `TEST_DATABASE_URL`, default the local server's `postgres` database.
 fn admin_url() -> String {
     std::env::var("TEST_DATABASE_URL")
@@ -302,6 +463,7 @@ fn admin_url() -> String {
 
 /// One fresh database per service, named `sagatest_<unix time>_<random>_<service>`.
 pub struct TestDatabases {
+    admin: String,
     base: String,
     names: Vec<(String, String)>,
     pools: std::collections::HashMap<String, PgPool>,
@@ -312,7 +474,13 @@ const STALE_AFTER_SECS: u64 = 3 * 3600;
 
 impl TestDatabases {
     pub async fn create(services: &[&str]) -> Result<TestDatabases> {
-        let admin = admin_url();
+        Self::create_on(&admin_url(), services).await
+    }
+
+    /// [`TestDatabases::create`] on the server of `admin`, a URL of one of
+    /// its databases.
+    pub async fn create_on(admin: &str, services: &[&str]) -> Result<TestDatabases> {
+        let admin = admin.to_string();
         let mut conn = PgConnection::connect(&admin)
             .await
             .with_context(|| format!("connect {admin}"))?;
@@ -335,6 +503,7 @@ impl TestDatabases {
             .map(|(b, _)| b.to_string())
             .context("TEST_DATABASE_URL has no database")?;
         let mut dbs = TestDatabases {
+            admin: admin.clone(),
             base,
             names,
             pools: Default::default(),
@@ -388,13 +557,14 @@ async fn drop_stale(conn: &mut PgConnection, now: u64) {
 impl Drop for TestDatabases {
     fn drop(&mut self) {
         let names: Vec<String> = self.names.iter().map(|(_, n)| n.clone()).collect();
+        let admin = self.admin.clone();
         // Drop runs outside async context: a short-lived runtime on its own thread.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(async {
-                let mut conn = PgConnection::connect(&admin_url()).await?;
+                let mut conn = PgConnection::connect(&admin).await?;
                 for n in names {
                     sqlx::query(sqlx::AssertSqlSafe(format!(
                         "DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)"

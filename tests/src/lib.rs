@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 pub use stack::{
     eventually,
-    infra::{NatsServer, RedisServer, TestDatabases},
+    infra::{NatsServer, PostgresServer, RedisServer, TestDatabases},
 };
 
 /// The names of the roster's services.
@@ -123,6 +123,9 @@ pub struct Stack {
     /// while an order priced with it is placed, so that no placement meets
     /// a price another one set meanwhile.
     prices: tokio::sync::RwLock<HashMap<String, i64>>,
+    /// Its own Postgres server, if it was started on one (dropped last: the
+    /// databases and services go first).
+    pub postgres: Option<PostgresServer>,
 }
 
 /// The admin token of every test stack's services.
@@ -196,12 +199,28 @@ impl Stack {
 
     /// Broker, Redis, databases and only `services` (others can be started later).
     pub async fn start_with(services: &[&'static str]) -> Result<Stack> {
+        Self::start_on(services, None).await
+    }
+
+    /// [`Stack::start`] on a Postgres server of its own
+    /// ([`Stack::postgres`]), for a test that crashes or restarts it.
+    pub async fn start_on_own_postgres() -> Result<Stack> {
+        Self::start_on(&SERVICES, Some(PostgresServer::start().await?)).await
+    }
+
+    async fn start_on(
+        services: &[&'static str],
+        postgres: Option<PostgresServer>,
+    ) -> Result<Stack> {
         common::telemetry::init_for_tests();
-        let (nats, redis, dbs) = tokio::try_join!(
-            NatsServer::start(),
-            RedisServer::start(),
-            TestDatabases::create(&SERVICES)
-        )?;
+        let databases = async {
+            match &postgres {
+                Some(server) => TestDatabases::create_on(&server.admin_url(), &SERVICES).await,
+                None => TestDatabases::create(&SERVICES).await,
+            }
+        };
+        let (nats, redis, dbs) =
+            tokio::try_join!(NatsServer::start(), RedisServer::start(), databases)?;
         let prefix = format!("t{}", &Uuid::new_v4().simple().to_string()[..10]);
         let client = async_nats::connect(nats.url())
             .await
@@ -219,6 +238,7 @@ impl Stack {
             services: HashMap::new(),
             arranged: Default::default(),
             prices: Default::default(),
+            postgres,
         };
         for s in services {
             stack.start_service(s).await?;
@@ -790,7 +810,15 @@ impl Stack {
     /// sagas: alice and bob can pay for anything, poor for three widgets,
     /// and there are widgets for every order.
     pub async fn for_steady_sagas(sagas: u64) -> Result<Stack> {
-        let stack = Stack::start().await?;
+        Self::steady(Stack::start().await?, sagas).await
+    }
+
+    /// [`Stack::for_steady_sagas`] on a Postgres server of its own.
+    pub async fn for_steady_sagas_on_own_postgres(sagas: u64) -> Result<Stack> {
+        Self::steady(Stack::start_on_own_postgres().await?, sagas).await
+    }
+
+    async fn steady(stack: Stack, sagas: u64) -> Result<Stack> {
         for customer in ["alice", "bob"] {
             stack.set_balance(customer, 1_000_000).await?;
         }

@@ -2,7 +2,8 @@
 //! undeliverable, so compensations run too) while payment, inventory and
 //! shipping, each its own process, are killed (SIGKILL) and started again
 //! one after the other, Redis forgets every idempotency key; then, with
-//! sagas in flight, the broker is restarted and Redis killed and started
+//! sagas in flight, Postgres (the test's own server) is stopped at once and
+//! started again, the broker is restarted, and Redis killed and started
 //! again. Afterwards every saga has ended, `sagactl audit` finds the
 //! services' records in agreement, and the invariants hold.
 //!
@@ -64,7 +65,7 @@ async fn at_work(stack: &Stack, service: &str) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sagas_survive_killed_services_a_forgetful_redis_and_a_broker_restart() -> Result<()> {
     let sagas = sagas();
-    let mut stack = Stack::for_steady_sagas(sagas).await?;
+    let mut stack = Stack::for_steady_sagas_on_own_postgres(sagas).await?;
     for service in OUT_OF_PROCESS {
         stack.stop_service(service).await?;
     }
@@ -112,7 +113,22 @@ async fn sagas_survive_killed_services_a_forgetful_redis_and_a_broker_restart() 
     let (placed, faulted) = tokio::join!(placing, faults);
     faulted?;
     let placed: Vec<Uuid> = placed.into_iter().collect::<Result<_>>()?;
-    // With sagas in flight: the broker, then Redis, go away and come back.
+    // With sagas in flight: Postgres, the broker, then Redis, go away and
+    // come back.
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
+        .fetch_one(&stack.pool("order").await?)
+        .await?;
+    log.note(start, format!("{pending} sagas pending in the read model"));
+    stack
+        .postgres
+        .as_mut()
+        .expect("the stack's own Postgres")
+        .restart()
+        .await?;
+    log.note(
+        start,
+        "Postgres stopped at once (no checkpoint: it recovers as after a crash) and started again",
+    );
     stack.nats.restart().await?;
     log.note(start, "nats-server restarted");
     stack.redis.restart().await?;
