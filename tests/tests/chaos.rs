@@ -1,7 +1,8 @@
 //! A chaos run: sagas placed at a steady rate (some declined, some
 //! undeliverable, so compensations run too) while payment, inventory and
-//! shipping, each its own process, are killed (SIGKILL) and started again
-//! one after the other, Redis forgets every idempotency key; then, with
+//! shipping, each as two processes (replicas), are killed (SIGKILL) and
+//! started again one replica after the other, then all at once, Redis
+//! forgets every idempotency key; then, with
 //! sagas in flight, Postgres (the test's own server) is stopped at once and
 //! started again, the broker is restarted, and Redis killed and started
 //! again. Afterwards every saga has ended, `sagactl audit` finds the
@@ -32,6 +33,9 @@ fn sagas() -> u64 {
         .map_or(SAGAS, |n: u64| n.clamp(10, 100_000))
 }
 const OUT_OF_PROCESS: [&str; 3] = ["payment", "inventory", "shipping"];
+/// Processes of each of them: competing consumers of its durable consumer,
+/// one of which leads its relay.
+const REPLICAS: usize = 2;
 /// How long the system may take to end every saga and settle after the
 /// faults (a busy machine runs other tests beside this one).
 const RECOVERY: Duration = Duration::from_secs(180);
@@ -69,9 +73,12 @@ async fn sagas_survive_killed_services_a_forgetful_redis_and_a_broker_restart() 
     for service in OUT_OF_PROCESS {
         stack.stop_service(service).await?;
     }
-    let mut children: Vec<(&str, ChildService)> = Vec::new();
+    // Each service as REPLICAS processes: `<service>#<k>`.
+    let mut children: Vec<(&str, usize, ChildService)> = Vec::new();
     for service in OUT_OF_PROCESS {
-        children.push((service, stack.spawn_process(service, &[])?));
+        for k in 1..=REPLICAS {
+            children.push((service, k, stack.spawn_process(service, &[])?));
+        }
     }
     for service in OUT_OF_PROCESS {
         at_work(&stack, service).await?;
@@ -84,28 +91,45 @@ async fn sagas_survive_killed_services_a_forgetful_redis_and_a_broker_restart() 
     let placing = stack.place_steadily(sagas, EVERY, start);
     let mut log = Log::default();
     let faults = async {
-        for (n, (service, child)) in std::mem::take(&mut children).into_iter().enumerate() {
-            tokio::time::sleep_until((start + at(0.15 + 0.2 * n as f64)).into()).await;
+        // One replica at a time, every replica of every service in turn,
+        // between 10% and 65% of the window.
+        let turns: Vec<(&str, usize)> = OUT_OF_PROCESS
+            .iter()
+            .flat_map(|s| (1..=REPLICAS).map(move |k| (*s, k)))
+            .collect();
+        for (n, (service, k)) in turns.iter().copied().enumerate() {
+            let share = 0.1 + 0.55 * n as f64 / turns.len() as f64;
+            tokio::time::sleep_until((start + at(share)).into()).await;
+            let i = children
+                .iter()
+                .position(|(s, r, _)| *s == service && *r == k)
+                .expect("a running replica");
+            let (_, _, child) = children.swap_remove(i);
             child.kill().await?;
-            log.note(start, format!("kill -9 {service}"));
+            log.note(start, format!("kill -9 {service}#{k}"));
             tokio::time::sleep(Duration::from_millis(150)).await;
-            children.push((service, stack.spawn_process(service, &[])?));
-            log.note(start, format!("{service} started again"));
+            children.push((service, k, stack.spawn_process(service, &[])?));
+            log.note(start, format!("{service}#{k} started again"));
         }
         let mut redis = stack.redis.connection().await?;
         redis::cmd("FLUSHALL").query_async::<()>(&mut redis).await?;
         log.note(start, "Redis flushed: every idempotency key forgotten");
         tokio::time::sleep_until((start + at(0.75)).into()).await;
-        for (_, child) in std::mem::take(&mut children) {
+        for (_, _, child) in std::mem::take(&mut children) {
             child.kill().await?;
         }
         log.note(
             start,
-            format!("kill -9 {}, all at once", OUT_OF_PROCESS.join(", ")),
+            format!(
+                "kill -9 every replica of {}, all at once",
+                OUT_OF_PROCESS.join(", ")
+            ),
         );
         tokio::time::sleep(Duration::from_millis(150)).await;
         for service in OUT_OF_PROCESS {
-            children.push((service, stack.spawn_process(service, &[])?));
+            for k in 1..=REPLICAS {
+                children.push((service, k, stack.spawn_process(service, &[])?));
+            }
         }
         log.note(start, "all started again");
         anyhow::Ok(())
