@@ -345,7 +345,7 @@ impl PostgresServer {
         let data = dir.join("data");
         let data = data.to_str().context("scratch path is not UTF-8")?;
         let initdb = pg_bin("initdb")?;
-        let out = as_postgres(
+        let mut command = as_postgres(
             &initdb,
             &[
                 "-D",
@@ -358,9 +358,11 @@ impl PostgresServer {
                 "UTF8",
                 "--no-sync",
             ],
-        )
-        .output()
-        .with_context(|| format!("run {}", initdb.display()))?;
+        );
+        // About a second of work: off the runtime's threads.
+        let out = tokio::task::spawn_blocking(move || command.output())
+            .await?
+            .with_context(|| format!("run {}", initdb.display()))?;
         anyhow::ensure!(
             out.status.success(),
             "initdb failed: {}",
@@ -432,11 +434,17 @@ impl PostgresServer {
     }
 
     fn stop(&mut self) -> Result<()> {
-        if let Ok(pid) = self.postmaster() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGQUIT,
-            );
+        match self.postmaster() {
+            Ok(pid) => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGQUIT,
+                );
+            }
+            // No pid file: it never got as far as running; do not wait on it.
+            Err(_) => {
+                let _ = self.child.kill();
+            }
         }
         self.child.wait()?;
         Ok(())
