@@ -13,8 +13,12 @@ pub struct Config {
     pub database_url: String,
     /// `REDIS_URL`, default `redis://127.0.0.1:6379`.
     pub redis_url: String,
-    /// `NATS_URL`, default `nats://127.0.0.1:4222`.
+    /// `NATS_URL`, default `nats://127.0.0.1:4222`: one server, or a
+    /// cluster's seed servers separated by commas ([`crate::broker::seeds`]).
     pub nats_url: String,
+    /// `NATS_STREAM_REPLICAS`, default 1 (1 to 5): copies of each stream a
+    /// clustered broker keeps (3 on a 3-node cluster: any one node may die).
+    pub nats_stream_replicas: usize,
     /// `HTTP_ADDR`, default `127.0.0.1:<the roster's default port>`.
     pub http_addr: SocketAddr,
     /// `SUBJECT_PREFIX`, default `saga`: first subject token and stream-name prefix.
@@ -93,6 +97,7 @@ impl Config {
             database_url: format!("postgres://postgres@127.0.0.1:5432/saga_{service}"),
             redis_url: "redis://127.0.0.1:6379".into(),
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_stream_replicas: 1,
             http_addr: SocketAddr::from(([127, 0, 0, 1], default_port(service))),
             subject_prefix: "saga".into(),
             redis_key_prefix: "saga".into(),
@@ -132,7 +137,16 @@ impl Config {
             c.redis_url = v;
         }
         if let Some(v) = lookup("NATS_URL") {
+            crate::broker::seeds(&v).map_err(ConfigError)?;
             c.nats_url = v;
+        }
+        if let Some(v) = lookup("NATS_STREAM_REPLICAS") {
+            c.nats_stream_replicas = parse_num("NATS_STREAM_REPLICAS", &v)?;
+            if !(1..=5).contains(&c.nats_stream_replicas) {
+                return Err(ConfigError(format!(
+                    "NATS_STREAM_REPLICAS '{v}': from 1 to 5 (JetStream's limit)"
+                )));
+            }
         }
         if let Some(v) = lookup("HTTP_ADDR") {
             c.http_addr = v
@@ -305,6 +319,27 @@ mod tests {
             (k == "REFUND_RETRY_MS").then(|| "1,x".into())
         });
         assert!(bad.unwrap_err().to_string().contains("REFUND_RETRY_MS"));
+    }
+
+    #[test]
+    fn a_cluster_is_a_list_of_seeds_and_its_replicas_are_bounded() {
+        let c = Config::from_lookup("order", |k| match k {
+            "NATS_URL" => Some("nats://a:4222,nats://b:4222".into()),
+            "NATS_STREAM_REPLICAS" => Some("3".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.nats_stream_replicas, 3);
+        assert_eq!(Config::local("order").nats_stream_replicas, 1);
+        for bad in ["0", "6", "-1", "three"] {
+            let err = Config::from_lookup("order", |k| {
+                (k == "NATS_STREAM_REPLICAS").then(|| bad.to_string())
+            })
+            .unwrap_err();
+            assert!(err.to_string().contains("NATS_STREAM_REPLICAS"), "{bad}");
+        }
+        let err = Config::from_lookup("order", |k| (k == "NATS_URL").then(|| ",".into()));
+        assert!(err.unwrap_err().to_string().contains("NATS_URL"));
     }
 
     #[test]

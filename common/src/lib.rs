@@ -6,6 +6,7 @@
 //! service depends on one crate.
 
 pub mod backoff;
+pub mod broker;
 pub mod compensation;
 pub mod config;
 pub mod consumer;

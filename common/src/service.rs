@@ -123,18 +123,19 @@ impl Infra {
         combined(migrations).run(&pool).await?;
         let redis = Redis::connect(&config.redis_url, health.clone())?;
 
+        let seeds = crate::broker::seeds(&config.nats_url).map_err(StartError::Nats)?;
         let nats = with_retry("nats", || {
             async_nats::ConnectOptions::new()
                 .name(format!("{}-service", config.service))
                 .retry_on_initial_connect()
                 .connection_timeout(Duration::from_secs(5))
-                .connect(config.nats_url.as_str())
+                .connect(seeds.clone())
         })
         .await
         .map_err(|e| StartError::Nats(e.to_string()))?;
         let js = jetstream::new(nats.clone());
         let subjects = Subjects::new(config.subject_prefix.clone());
-        topology::apply_streams(&js, &subjects).await?;
+        topology::apply_streams(&js, &subjects, config.nats_stream_replicas).await?;
 
         Ok(Infra {
             meter: Meter::new(&config.service),

@@ -148,12 +148,17 @@ fn parse_consumer(
     Ok(config)
 }
 
-/// Creates or updates every stream; safe to run from every service at once.
+/// Creates or updates every stream, each kept in `replicas` copies (1 on a
+/// single server; `NATS_STREAM_REPLICAS`, 3 on a 3-node cluster); safe to
+/// run from every service at once. Consumers keep as many copies as their
+/// stream.
 pub async fn apply_streams(
     js: &jetstream::Context,
     subjects: &Subjects,
+    replicas: usize,
 ) -> Result<(), TopologyError> {
-    for config in stream_configs(subjects)? {
+    for mut config in stream_configs(subjects)? {
+        config.num_replicas = replicas;
         let name = config.name.clone();
         let mut failures = 0;
         loop {

@@ -62,7 +62,7 @@ async fn rebuild(projection: &str) -> anyhow::Result<()> {
         "catalog" => {
             let nats = tokio::time::timeout(
                 std::time::Duration::from_secs(10),
-                async_nats::connect(&config.nats_url),
+                common::broker::connect(async_nats::ConnectOptions::new(), &config.nats_url),
             )
             .await
             .map_err(|_| {

@@ -33,7 +33,7 @@ pub struct Cli {
 /// Where the system is: the same variables the services read.
 #[derive(Debug, Clone, Args)]
 pub struct Connection {
-    /// The broker.
+    /// The broker: one server, or a cluster's seeds separated by commas.
     #[arg(
         long,
         env = "NATS_URL",
@@ -285,10 +285,12 @@ fn redrive_request(
 async fn connect(connection: &Connection, subjects: Subjects) -> Result<common::dlq::Dlq> {
     let nats = tokio::time::timeout(
         CALL_TIMEOUT,
-        async_nats::ConnectOptions::new()
-            .name("sagactl")
-            .connection_timeout(CALL_TIMEOUT)
-            .connect(connection.nats_url.as_str()),
+        common::broker::connect(
+            async_nats::ConnectOptions::new()
+                .name("sagactl")
+                .connection_timeout(CALL_TIMEOUT),
+            &connection.nats_url,
+        ),
     )
     .await
     .ok()

@@ -15,7 +15,7 @@ async fn services_starting_together_on_a_fresh_broker_all_get_their_streams() ->
             let client = async_nats::connect(nats.url()).await?;
             let subjects = subjects.clone();
             starting.push(tokio::spawn(async move {
-                topology::apply_streams(&async_nats::jetstream::new(client), &subjects).await
+                topology::apply_streams(&async_nats::jetstream::new(client), &subjects, 1).await
             }));
         }
         for s in starting {

@@ -174,7 +174,8 @@ async fn a_deleted_consumer_is_recreated_and_a_missing_stream_makes_the_service_
     })
     .await?;
     assert!(ready["failing"].to_string().contains("consumer"), "{ready}");
-    common::topology::apply_streams(&stack.js, &stack.subjects).await?;
+    common::topology::apply_streams(&stack.js, &stack.subjects, stack.nats.stream_replicas())
+        .await?;
     // Every consumer comes back on its own once the stream is there again,
     // each after its own backoff.
     for service in SERVICES {

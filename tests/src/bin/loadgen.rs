@@ -369,7 +369,7 @@ async fn run(args: Args) -> Result<f64> {
     }
 
     // Watch the saga's final events on the broker.
-    let nats = async_nats::connect(&endpoints.nats)
+    let nats = common::broker::connect(async_nats::ConnectOptions::new(), &endpoints.nats)
         .await
         .context("connect to NATS")?;
     let waiters: Waiters = Arc::default();
