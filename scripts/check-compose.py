@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Validate docker-compose.yml against the Compose specification.
+"""Validate docker-compose.yml (and docker-compose.cluster.yml, laid over it)
+against the Compose specification.
 
 The schema is the one the pinned `check-jsonschema` package ships (a vendored
 copy of compose-spec/compose-go's). What the file contains is generated from
@@ -7,7 +8,7 @@ the service roster and checked by the `stack` crate's tests; this checks only
 that Compose itself would accept it. Duplicate keys are refused, as
 `docker compose` refuses them.
 
-    .venv/bin/python scripts/check-compose.py [docker-compose.yml]
+    .venv/bin/python scripts/check-compose.py [FILE...]   (default: both)
 """
 
 import importlib.metadata
@@ -44,4 +45,5 @@ def main(path: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docker-compose.yml"))
+    files = [Path(a) for a in sys.argv[1:]] or [ROOT / "docker-compose.yml", ROOT / "docker-compose.cluster.yml"]
+    sys.exit(max(main(f) for f in files))

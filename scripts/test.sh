@@ -23,7 +23,7 @@ cargo fmt --all -- --check
 log "lints (cargo clippy -D warnings)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-log "docker-compose.yml against the Compose specification"
+log "docker-compose.yml and docker-compose.cluster.yml against the Compose specification"
 "$VENV/bin/python" scripts/check-compose.py
 
 export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@$PG_HOST:$PG_PORT/postgres}"

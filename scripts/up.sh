@@ -3,11 +3,11 @@
 #
 #   scripts/up.sh               install what is missing, build, start, demo
 #   scripts/up.sh --no-demo     the same without the demo
+#   scripts/up.sh --cluster     the broker as a 3-node nats cluster (--replicas N: N per service)
 #   scripts/up.sh status|demo   any other `stack` subcommand (--help lists them)
 #
-# Installs what is missing (Debian packages, .venv), then runs the `stack`
-# command: databases, our nats-server and the services (pid files and logs in
-# .run/), ready, and a demo. Safe to run again. Stop with scripts/down.sh.
+# Installs what is missing (Debian packages, .venv), then runs `stack`: databases,
+# broker, services (pids, logs in .run/), a demo. Safe to rerun; stop: scripts/down.sh.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"

