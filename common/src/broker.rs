@@ -42,6 +42,18 @@ pub async fn connect(
     Ok(options.connect(seeds).await?)
 }
 
+/// `options` with a user and password, when both are given.
+pub fn with_credentials(
+    options: async_nats::ConnectOptions,
+    user: Option<&str>,
+    password: Option<&str>,
+) -> async_nats::ConnectOptions {
+    match (user, password) {
+        (Some(user), Some(password)) => options.user_and_password(user.into(), password.into()),
+        _ => options,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,10 @@ pub struct Config {
     /// `NATS_URL`, default `nats://127.0.0.1:4222`: one server, or a
     /// cluster's seed servers separated by commas ([`crate::broker::seeds`]).
     pub nats_url: String,
+    /// `NATS_USER` and `NATS_PASSWORD`: the service's own user on the
+    /// broker ([`crate::permissions`]); unset, it connects without one.
+    pub nats_user: Option<String>,
+    pub nats_password: Option<String>,
     /// `NATS_STREAM_REPLICAS`, default 1 (1 to 5): copies of each stream a
     /// clustered broker keeps (3 on a 3-node cluster: any one node may die).
     pub nats_stream_replicas: usize,
@@ -97,6 +101,8 @@ impl Config {
             database_url: format!("postgres://postgres@127.0.0.1:5432/saga_{service}"),
             redis_url: "redis://127.0.0.1:6379".into(),
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_user: None,
+            nats_password: None,
             nats_stream_replicas: 1,
             http_addr: SocketAddr::from(([127, 0, 0, 1], default_port(service))),
             subject_prefix: "saga".into(),
@@ -139,6 +145,13 @@ impl Config {
         if let Some(v) = lookup("NATS_URL") {
             crate::broker::seeds(&v).map_err(ConfigError)?;
             c.nats_url = v;
+        }
+        c.nats_user = lookup("NATS_USER").filter(|v| !v.is_empty());
+        c.nats_password = lookup("NATS_PASSWORD").filter(|v| !v.is_empty());
+        if c.nats_password.is_some() != c.nats_user.is_some() {
+            return Err(ConfigError(
+                "NATS_USER and NATS_PASSWORD go together: set both or neither".into(),
+            ));
         }
         if let Some(v) = lookup("NATS_STREAM_REPLICAS") {
             c.nats_stream_replicas = parse_num("NATS_STREAM_REPLICAS", &v)?;

@@ -18,6 +18,7 @@ pub mod idempotency;
 pub mod janitor;
 pub mod meter;
 pub mod outbox;
+pub mod permissions;
 pub mod roster;
 pub mod service;
 pub mod sql;

@@ -125,11 +125,15 @@ impl Infra {
 
         let seeds = crate::broker::seeds(&config.nats_url).map_err(StartError::Nats)?;
         let nats = with_retry("nats", || {
-            async_nats::ConnectOptions::new()
-                .name(format!("{}-service", config.service))
-                .retry_on_initial_connect()
-                .connection_timeout(Duration::from_secs(5))
-                .connect(seeds.clone())
+            crate::broker::with_credentials(
+                async_nats::ConnectOptions::new(),
+                config.nats_user.as_deref(),
+                config.nats_password.as_deref(),
+            )
+            .name(format!("{}-service", config.service))
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(seeds.clone())
         })
         .await
         .map_err(|e| StartError::Nats(e.to_string()))?;

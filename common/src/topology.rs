@@ -330,5 +330,7 @@ mod tests {
     fn the_server_config_syncs_every_write() {
         let conf = include_str!("../../nats/nats-server.conf");
         assert!(conf.contains("sync_interval: always"));
+        // Only its users get in (nats/auth.conf, common::permissions).
+        assert!(conf.lines().any(|l| l.trim() == "include auth.conf"));
     }
 }

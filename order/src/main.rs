@@ -62,7 +62,14 @@ async fn rebuild(projection: &str) -> anyhow::Result<()> {
         "catalog" => {
             let nats = tokio::time::timeout(
                 std::time::Duration::from_secs(10),
-                common::broker::connect(async_nats::ConnectOptions::new(), &config.nats_url),
+                common::broker::connect(
+                    common::broker::with_credentials(
+                        async_nats::ConnectOptions::new(),
+                        config.nats_user.as_deref(),
+                        config.nats_password.as_deref(),
+                    ),
+                    &config.nats_url,
+                ),
             )
             .await
             .map_err(|_| {
