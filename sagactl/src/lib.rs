@@ -41,6 +41,18 @@ pub struct Connection {
         global = true
     )]
     pub nats_url: String,
+    /// The broker user (`operator` on a broker with users; see `nats/auth.conf`).
+    #[arg(long, env = "NATS_USER", global = true)]
+    pub nats_user: Option<String>,
+    /// Its password: set NATS_PASSWORD (a flag would show in the process list).
+    #[arg(
+        long,
+        env = "NATS_PASSWORD",
+        hide_env_values = true,
+        global = true,
+        hide = true
+    )]
+    pub nats_password: Option<String>,
     /// The subject prefix of the system (streams are `<PREFIX>_EVENTS`, `<PREFIX>_DLQ`).
     #[arg(long, env = "SUBJECT_PREFIX", default_value = "saga", global = true)]
     pub subject_prefix: String,
@@ -286,9 +298,13 @@ async fn connect(connection: &Connection, subjects: Subjects) -> Result<common::
     let nats = tokio::time::timeout(
         CALL_TIMEOUT,
         common::broker::connect(
-            async_nats::ConnectOptions::new()
-                .name("sagactl")
-                .connection_timeout(CALL_TIMEOUT),
+            common::broker::with_credentials(
+                async_nats::ConnectOptions::new(),
+                connection.nats_user.as_deref(),
+                connection.nats_password.as_deref(),
+            )
+            .name("sagactl")
+            .connection_timeout(CALL_TIMEOUT),
             &connection.nats_url,
         ),
     )

@@ -107,6 +107,13 @@ async fn spawn_broker(
     let mut command = Command::new(&bin);
     command.args(["-a", "127.0.0.1", "-p", port, "--ports_file_dir"]);
     command.arg(dir).arg("-c").arg(conf);
+    // NATS_TEST_LOG_DIR: every test broker logs there (permission
+    // violations, elections), one file per server.
+    if let Some(logs) = std::env::var_os("NATS_TEST_LOG_DIR") {
+        std::fs::create_dir_all(&logs)?;
+        let name = format!("{}.log", Uuid::new_v4().simple());
+        command.arg("-l").arg(PathBuf::from(logs).join(name));
+    }
     let mut child =
         spawn_quiet(&mut command).with_context(|| format!("spawn {}", bin.display()))?;
     let ports_file = dir.join(format!(
@@ -162,6 +169,46 @@ fn port_of(url: &str) -> Result<String> {
         .to_string())
 }
 
+/// The broker's users for one subject prefix: every roster service's and
+/// the operator's, each with a random password, and the server
+/// configuration's `authorization` block that grants each its permissions
+/// ([`common::permissions`]).
+#[derive(Clone)]
+pub struct Users {
+    passwords: std::collections::BTreeMap<String, String>,
+    conf: String,
+}
+
+impl Users {
+    pub fn random(subjects: &common::Subjects) -> Users {
+        let passwords: std::collections::BTreeMap<String, String> = common::roster::names()
+            .chain([common::permissions::OPERATOR])
+            .map(|u| (u.to_string(), Uuid::new_v4().simple().to_string()))
+            .collect();
+        let conf = common::permissions::authorization(subjects, |u| format!("{:?}", passwords[u]));
+        Users { passwords, conf }
+    }
+
+    /// The user and password of `user` (a roster service, or
+    /// [`common::permissions::OPERATOR`]).
+    pub fn credentials(&self, user: &str) -> Option<(String, String)> {
+        let password = self.passwords.get(user)?;
+        Some((user.to_string(), password.clone()))
+    }
+
+    /// The operator's user and password.
+    pub fn operator(&self) -> (String, String) {
+        self.credentials(common::permissions::OPERATOR)
+            .expect("the operator is always a user")
+    }
+
+    /// `options` as the operator.
+    pub fn as_operator(&self, options: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
+        let (user, password) = self.operator();
+        options.user_and_password(user, password)
+    }
+}
+
 /// A private JetStream broker on a random port with a temporary store.
 pub struct NatsServer {
     child: Child,
@@ -177,11 +224,20 @@ impl NatsServer {
     /// A broker whose JetStream file store holds at most `max_file_store`
     /// (nats-server syntax: `4GB`, `64MB`).
     pub async fn start_with_store(max_file_store: &str) -> Result<NatsServer> {
+        Self::start_conf(max_file_store, "").await
+    }
+
+    /// A broker that lets in only `users`, each with its permissions.
+    pub async fn start_with_users(users: &Users) -> Result<NatsServer> {
+        Self::start_conf("4GB", &users.conf).await
+    }
+
+    async fn start_conf(max_file_store: &str, extra: &str) -> Result<NatsServer> {
         let dir = scratch_dir("nats")?;
         let conf = dir.join("nats-server.conf");
         std::fs::write(
             &conf,
-            test_broker_conf(&dir.join("store"), max_file_store, ""),
+            test_broker_conf(&dir.join("store"), max_file_store, extra),
         )?;
         let (child, url) = match spawn_broker(&conf, "-1", &dir).await {
             Ok(started) => started,
@@ -229,6 +285,8 @@ pub struct NatsCluster {
     /// sagas go on through the same stack.
     nodes: std::sync::Mutex<Vec<ClusterNode>>,
     dir: PathBuf,
+    /// Who it lets in, if not everyone.
+    users: Option<Users>,
 }
 
 struct ClusterNode {
@@ -256,11 +314,11 @@ impl NatsCluster {
     /// Starts the three nodes and waits until JetStream answers (a meta
     /// leader is elected). Route ports are chosen free just before; if one
     /// was taken meanwhile, the whole cluster starts again on others.
-    pub async fn start() -> Result<NatsCluster> {
+    pub async fn start(users: Option<&Users>) -> Result<NatsCluster> {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match Self::try_start().await {
+            match Self::try_start(users).await {
                 Ok(cluster) => return Ok(cluster),
                 Err(e) if attempts < 3 => {
                     eprintln!(
@@ -272,7 +330,7 @@ impl NatsCluster {
         }
     }
 
-    async fn try_start() -> Result<NatsCluster> {
+    async fn try_start(users: Option<&Users>) -> Result<NatsCluster> {
         let dir = scratch_dir("nats-cluster")?;
         let routes_ports = free_ports(CLUSTER_NODES)?;
         let routes: Vec<String> = routes_ports
@@ -282,14 +340,16 @@ impl NatsCluster {
         let cluster = NatsCluster {
             nodes: Default::default(),
             dir: dir.clone(),
+            users: users.cloned(),
         };
+        let auth = users.map_or("", |u| u.conf.as_str());
         for (k, route_port) in routes_ports.iter().enumerate() {
             let name = format!("n{}", k + 1);
             let node_dir = dir.join(&name);
             std::fs::create_dir_all(&node_dir)?;
             let conf = node_dir.join("nats-server.conf");
             let extra = format!(
-                "server_name: {name}\ncluster {{\n  name: saga\n  listen: \"127.0.0.1:{route_port}\"\n  routes: [{}]\n}}\n",
+                "server_name: {name}\ncluster {{\n  name: saga\n  listen: \"127.0.0.1:{route_port}\"\n  routes: [{}]\n}}\n{auth}",
                 routes.join(", ")
             );
             std::fs::write(
@@ -312,12 +372,20 @@ impl NatsCluster {
     /// Waits until JetStream answers an account query through any node.
     pub async fn jetstream_ready(&self, within: Duration) -> Result<()> {
         let seeds = seeds_of(&self.url())?;
+        let options = || {
+            let options = async_nats::ConnectOptions::new();
+            match &self.users {
+                Some(users) => users.as_operator(options),
+                None => options,
+            }
+        };
         eventually("the cluster's JetStream to answer", within, || {
             let seeds = seeds.clone();
+            let options = options();
             async move {
                 let Ok(Ok(client)) = tokio::time::timeout(
                     Duration::from_secs(2),
-                    async_nats::ConnectOptions::new()
+                    options
                         .connection_timeout(Duration::from_secs(1))
                         .connect(seeds),
                 )

@@ -11,7 +11,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use common::roster::{self, ServiceSpec};
+use common::{
+    permissions,
+    roster::{self, ServiceSpec},
+};
 use sqlx::{Connection, PgConnection};
 
 use crate::process::{Daemon, port_in_use, stop_all, stop_pids};
@@ -74,12 +77,18 @@ impl Local {
     /// `<RUN_DIR>/admin-token`, else a new random one written there (mode
     /// 0600), so the operator finds it with `cat .run/admin-token`.
     pub fn admin_token(&self) -> Result<String> {
-        if let Ok(token) = std::env::var("ADMIN_TOKEN")
+        self.secret("ADMIN_TOKEN", "admin-token")
+    }
+
+    /// `variable` from the environment, else the secret kept in `file` of
+    /// the run directory, else a new random one written there (mode 0600).
+    fn secret(&self, variable: &str, file: &str) -> Result<String> {
+        if let Ok(token) = std::env::var(variable)
             && !token.is_empty()
         {
             return Ok(token);
         }
-        let path = self.run_dir.join("admin-token");
+        let path = self.run_dir.join(file);
         if let Ok(token) = std::fs::read_to_string(&path) {
             return Ok(token.trim().to_string());
         }
@@ -98,6 +107,15 @@ impl Local {
             .with_context(|| format!("writing {}", path.display()))?;
         std::io::Write::write_all(&mut file, format!("{token}\n").as_bytes())?;
         Ok(token)
+    }
+
+    /// The broker password of `user` (a roster service, or the operator):
+    /// `NATS_PASSWORD_<USER>`, else the one kept in
+    /// `<RUN_DIR>/nats-password-<user>`, else a new random one written
+    /// there (mode 0600).
+    pub fn nats_password(&self, user: &str) -> Result<String> {
+        let variable = common::permissions::password_variable(user);
+        self.secret(&variable, &format!("nats-password-{user}"))
     }
 
     /// The URL of a service, or of one replica of it (`payment-2`).
@@ -313,6 +331,8 @@ pub async fn up(local: &Local, exe: &Path, replicas: usize, cluster: bool) -> Re
                 format!("redis://127.0.0.1:{}", local.redis_port),
             )
             .env("NATS_URL", &nats_url)
+            .env("NATS_USER", spec.name)
+            .env("NATS_PASSWORD", local.nats_password(spec.name)?)
             .env("NATS_STREAM_REPLICAS", broker.stream_replicas().to_string())
             .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
             .env("SUBJECT_PREFIX", &local.subject_prefix)
@@ -439,6 +459,12 @@ async fn ensure_nats(local: &Local, started: &mut Started<'_>, nodes: usize) -> 
     let shipped = local.root.join("nats/nats-server.conf");
     let shipped_text =
         std::fs::read_to_string(&shipped).with_context(|| format!("read {}", shipped.display()))?;
+    // What the shipped configuration includes (nats/auth.conf), next to
+    // the copy of it, for this stack's subject prefix.
+    std::fs::write(
+        local.run_dir.join("auth.conf"),
+        crate::compose::auth_conf(&common::Subjects::new(local.subject_prefix.clone())),
+    )?;
     let routes: Vec<String> = (0..nodes)
         .map(|k| format!("nats://127.0.0.1:{}", local.nats_cluster_port + k as u16))
         .collect();
@@ -461,6 +487,12 @@ async fn ensure_nats(local: &Local, started: &mut Started<'_>, nodes: usize) -> 
         let conf = local.run_dir.join(format!("{name}-server.conf"));
         std::fs::write(&conf, with_store_dir(&shipped, &shipped_text, &node_store)?)?;
         let mut command = Command::new(&local.nats_server_bin);
+        for user in roster::names().chain([permissions::OPERATOR]) {
+            command.env(
+                permissions::password_variable(user),
+                local.nats_password(user)?,
+            );
+        }
         command
             .arg("-c")
             .arg(&conf)
@@ -635,6 +667,20 @@ fn write_env_file(local: &Local, broker: &Broker) -> Result<()> {
         "export NATS_MONITOR_URL=http://127.0.0.1:{}\n",
         broker.monitor
     );
+    // The operator's user: the `nats` CLI, sagactl and the loadgen read both.
+    text += &format!("export NATS_USER={}\n", permissions::OPERATOR);
+    let variable = permissions::password_variable(permissions::OPERATOR);
+    if std::env::var(&variable).is_ok_and(|t| !t.is_empty()) {
+        text += &format!("export NATS_PASSWORD=\"${variable}\"\n");
+    } else {
+        text += &format!(
+            "export NATS_PASSWORD=\"$(cat '{}')\"\n",
+            local
+                .run_dir
+                .join(format!("nats-password-{}", permissions::OPERATOR))
+                .display()
+        );
+    }
     text += &format!("export SUBJECT_PREFIX={}\n", local.subject_prefix);
     if std::env::var("ADMIN_TOKEN").is_ok_and(|t| !t.is_empty()) {
         text += "# ADMIN_TOKEN: the one this stack was started with\n";

@@ -257,6 +257,8 @@ fn up_with_a_cluster_runs_three_nodes_the_demo_goes_through_and_no_switch_loses_
         .map(|k| format!("nats://127.0.0.1:{}", base + 6 + k))
         .collect();
     let env = std::fs::read_to_string(stack.run.0.join("stack.env"))?;
+    assert!(env.contains("export NATS_USER=operator\n"), "{env}");
+    assert!(env.contains("nats-password-operator"), "{env}");
     assert!(
         env.contains(&format!("export NATS_URL={}\n", seeds.join(","))),
         "{env}"

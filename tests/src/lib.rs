@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 pub use stack::{
     eventually,
-    infra::{Broker, NatsCluster, NatsServer, PostgresServer, RedisServer, TestDatabases},
+    infra::{Broker, NatsCluster, NatsServer, PostgresServer, RedisServer, TestDatabases, Users},
 };
 
 /// The names of the roster's services.
@@ -107,6 +107,9 @@ impl ChildService {
 /// One test's complete system.
 pub struct Stack {
     pub nats: Broker,
+    /// Who the broker lets in: each service as itself, the test's own
+    /// client as the operator.
+    pub users: Users,
     pub redis: RedisServer,
     pub dbs: TestDatabases,
     pub prefix: String,
@@ -226,22 +229,27 @@ impl Stack {
                 None => TestDatabases::create(&SERVICES).await,
             }
         };
+        let prefix = format!("t{}", &Uuid::new_v4().simple().to_string()[..10]);
+        let users = Users::random(&Subjects::new(prefix.clone()));
         let broker = async {
             Ok::<_, anyhow::Error>(if cluster {
-                Broker::Cluster(NatsCluster::start().await?)
+                Broker::Cluster(NatsCluster::start(Some(&users)).await?)
             } else {
-                Broker::Single(NatsServer::start().await?)
+                Broker::Single(NatsServer::start_with_users(&users).await?)
             })
         };
         let (nats, redis, dbs) = tokio::try_join!(broker, RedisServer::start(), databases)?;
-        let prefix = format!("t{}", &Uuid::new_v4().simple().to_string()[..10]);
-        let client = common::broker::connect(async_nats::ConnectOptions::new(), &nats.url())
-            .await
-            .context("connect test client")?;
+        let client = common::broker::connect(
+            users.as_operator(async_nats::ConnectOptions::new()),
+            &nats.url(),
+        )
+        .await
+        .context("connect test client")?;
         let js = jetstream::new(client.clone());
         let mut stack = Stack {
             subjects: Subjects::new(prefix.clone()),
             nats,
+            users,
             redis,
             dbs,
             prefix,
@@ -307,6 +315,15 @@ impl Stack {
         Ok((stack, id))
     }
 
+    /// One server of the broker as the `nats` CLI is pointed at it, with
+    /// the operator's credentials: `nats://operator:<password>@host:port`.
+    pub fn cli_url(&self) -> String {
+        let (user, password) = self.users.operator();
+        let url = self.nats.first_url();
+        let address = url.trim_start_matches("nats://");
+        format!("nats://{user}:{password}@{address}")
+    }
+
     /// Configuration a service of this stack gets.
     pub fn config(&self, service: &str) -> Config {
         let mut c = Config::local(service);
@@ -314,6 +331,10 @@ impl Stack {
         c.redis_url = self.redis.url();
         c.nats_url = self.nats.url();
         c.nats_stream_replicas = self.nats.stream_replicas();
+        if let Some((user, password)) = self.users.credentials(service) {
+            c.nats_user = Some(user);
+            c.nats_password = Some(password);
+        }
         c.http_addr = "127.0.0.1:0".parse().unwrap();
         c.subject_prefix = self.prefix.clone();
         c.redis_key_prefix = self.prefix.clone();
@@ -340,6 +361,8 @@ impl Stack {
                 "NATS_STREAM_REPLICAS".into(),
                 c.nats_stream_replicas.to_string(),
             ),
+            ("NATS_USER".into(), c.nats_user.unwrap_or_default()),
+            ("NATS_PASSWORD".into(), c.nats_password.unwrap_or_default()),
             ("HTTP_ADDR".into(), c.http_addr.to_string()),
             ("SUBJECT_PREFIX".into(), c.subject_prefix),
             (
@@ -685,6 +708,10 @@ impl Stack {
             "sagactl".to_string(),
             "--nats-url".into(),
             self.nats.url(),
+            "--nats-user".into(),
+            self.users.operator().0,
+            "--nats-password".into(),
+            self.users.operator().1,
             "--subject-prefix".into(),
             self.subjects.prefix().into(),
             "--order-url".into(),

@@ -16,9 +16,25 @@ pub struct RawNats {
 }
 
 impl RawNats {
-    /// Connects and performs the handshake (INFO, CONNECT with headers, PING/PONG).
+    /// Connects and performs the handshake (INFO, CONNECT with headers, PING/PONG),
+    /// as the user a `nats://user:password@host:port` URL names, as the
+    /// `nats` CLI does.
     pub async fn connect(url: &str) -> Result<RawNats> {
-        let addr = url.trim_start_matches("nats://");
+        let rest = url.trim_start_matches("nats://");
+        let (credentials, addr) = match rest.rsplit_once('@') {
+            Some((userinfo, addr)) => {
+                let (user, pass) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                (
+                    format!(
+                        ",\"user\":{},\"pass\":{}",
+                        serde_json::json!(user),
+                        serde_json::json!(pass)
+                    ),
+                    addr,
+                )
+            }
+            None => (String::new(), rest),
+        };
         let stream = TcpStream::connect(addr)
             .await
             .with_context(|| format!("connect {addr}"))?;
@@ -30,8 +46,10 @@ impl RawNats {
         };
         let info = c.line().await?;
         anyhow::ensure!(info.starts_with("INFO "), "expected INFO, got {info}");
-        c.send(b"CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":true,\"no_responders\":true,\"protocol\":1,\"name\":\"NATS CLI\",\"lang\":\"go\"}\r\nPING\r\n")
-            .await?;
+        let connect = format!(
+            "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":true,\"no_responders\":true,\"protocol\":1,\"name\":\"NATS CLI\",\"lang\":\"go\"{credentials}}}\r\nPING\r\n"
+        );
+        c.send(connect.as_bytes()).await?;
         c.expect_pong().await?;
         Ok(c)
     }

@@ -219,7 +219,7 @@ async fn a_confirmed_order_is_not_cancelled_and_bad_cancels_are_refused_with_a_m
     assert_refused(status, &body, 422, "why");
 
     // nats req saga.cmd.order.cancel '{"orderId": ..., "reason": ...}'
-    let mut cli = RawNats::connect(&stack.nats.first_url()).await?;
+    let mut cli = RawNats::connect(&stack.cli_url()).await?;
     let subject = stack.subjects.cancel_order_command();
     let request = json!({"orderId": id, "reason": "too late"}).to_string();
     let (headers, reply) = cli

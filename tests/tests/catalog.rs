@@ -238,7 +238,7 @@ fn priced(product: &str, unit_price: i64, version: i64) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catalog_events_late_repeated_or_malformed_never_take_a_price_back() -> Result<()> {
     let stack = Stack::start_with(&["order"]).await?;
-    let mut nats = RawNats::connect(&stack.nats.first_url()).await?;
+    let mut nats = RawNats::connect(&stack.cli_url()).await?;
     let subject = stack.subjects.product("widget");
     nats.publish(&subject, &priced("widget", 2_000, 2)).await?;
     catalog_at(&stack, "widget", 2).await?;

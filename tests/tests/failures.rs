@@ -167,7 +167,7 @@ async fn different_dead_letters_never_share_an_id_even_after_the_stream_is_recre
     let first = placed(order_id, "alice");
     let mut second = placed(order_id, "eve");
     second.event_id = first.event_id; // same event id, another body
-    let mut cli = RawNats::connect(&stack.nats.first_url()).await?;
+    let mut cli = RawNats::connect(&stack.cli_url()).await?;
     cli.publish_with_headers(&wrong, &[("Nats-Msg-Id", "a")], &first.to_bytes())
         .await?;
     stack.wait_for_dead_letters(1).await?;
@@ -213,7 +213,7 @@ async fn different_dead_letters_never_share_an_id_even_after_the_stream_is_recre
 async fn a_nats_req_retried_with_the_same_msg_id_returns_the_same_order() -> Result<()> {
     let stack = Stack::stocked(10_000, 5).await?;
     stack.price("widget", 700).await?;
-    let mut cli = RawNats::connect(&stack.nats.first_url()).await?;
+    let mut cli = RawNats::connect(&stack.cli_url()).await?;
     let body = serde_json::to_vec(&order_body("alice", &[("widget", 1, 700)], "US"))?;
     let subject = stack.subjects.place_order_command();
 

@@ -13,7 +13,7 @@ use uuid::Uuid;
 async fn nats_req_places_an_order_that_runs_to_confirmation() -> Result<()> {
     let stack = Stack::stocked(10_000, 5).await?;
     stack.price("widget", 700).await?;
-    let mut cli = RawNats::connect(&stack.nats.first_url()).await?;
+    let mut cli = RawNats::connect(&stack.cli_url()).await?;
 
     // nats req saga.cmd.order.place '{"customerId":...}'
     let body = serde_json::to_vec(&order_body("alice", &[("widget", 1, 700)], "US"))?;
@@ -66,7 +66,7 @@ async fn a_hand_published_shipment_failure_compensates_once_however_often_it_is_
     let bytes = envelope.to_bytes();
     let subject = stack.subjects.event(EventKind::ShipmentFailed);
     let msg_id = envelope.event_id.to_string();
-    let mut cli = RawNats::connect(&stack.nats.first_url()).await?;
+    let mut cli = RawNats::connect(&stack.cli_url()).await?;
 
     // nats pub -H "Nats-Msg-Id:<event id>" saga.shipping.failed '<envelope>'  (twice)
     cli.publish_with_headers(&subject, &[("Nats-Msg-Id", &msg_id)], &bytes)
@@ -101,7 +101,7 @@ async fn a_hand_published_shipment_failure_compensates_once_however_often_it_is_
 async fn malformed_events_land_in_the_dead_letter_stream_with_a_reason_and_the_service_keeps_going()
 -> Result<()> {
     let stack = Stack::stocked(10_000, 5).await?;
-    let mut cli = RawNats::connect(&stack.nats.first_url()).await?;
+    let mut cli = RawNats::connect(&stack.cli_url()).await?;
     let placed = stack.subjects.event(EventKind::OrderPlaced);
 
     // Not JSON at all.
@@ -171,7 +171,7 @@ async fn an_event_for_an_order_nobody_knows_is_retried_then_dead_lettered() -> R
         reason: "lost".into(),
     });
     let env = Envelope::new(&event, ghost.to_string(), 1, ghost, Uuid::now_v7());
-    let mut cli = RawNats::connect(&stack.nats.first_url()).await?;
+    let mut cli = RawNats::connect(&stack.cli_url()).await?;
     cli.publish(
         &stack.subjects.event(EventKind::ShipmentFailed),
         &env.to_bytes(),

@@ -48,7 +48,7 @@ async fn a_finished_sagas_events_published_again_reversed_and_shuffled_change_no
     let events = stack.stream_events().await?;
     let mut shuffled = events.clone();
     shuffled.sort_by_key(|(_, e)| e.event_id.as_u128().reverse_bits());
-    let mut cli = RawNats::connect(&stack.nats.first_url()).await?;
+    let mut cli = RawNats::connect(&stack.cli_url()).await?;
     for (subject, envelope) in events.iter().rev().chain(&shuffled) {
         cli.publish(subject, &envelope.to_bytes()).await?;
     }
@@ -79,7 +79,7 @@ async fn a_compensation_that_overtakes_the_step_it_undoes_waits_for_it_then_undo
         reason: "courier strike".into(),
     });
     let envelope = Envelope::new(&failed, Uuid::now_v7().to_string(), 1, id, Uuid::now_v7());
-    let mut cli = RawNats::connect(&stack.nats.first_url()).await?;
+    let mut cli = RawNats::connect(&stack.cli_url()).await?;
     cli.publish(
         &stack.subjects.event(EventKind::ShipmentFailed),
         &envelope.to_bytes(),

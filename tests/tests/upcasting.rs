@@ -47,7 +47,7 @@ async fn an_older_release_placed(stack: &Stack, address: &str) -> Result<Uuid> {
     .bind(&bytes)
     .execute(&stack.pool("order").await?)
     .await?;
-    let mut cli = RawNats::connect(&stack.nats.first_url()).await?;
+    let mut cli = RawNats::connect(&stack.cli_url()).await?;
     let subject = stack.subjects.event(common::EventKind::OrderPlaced);
     cli.publish_with_headers(&subject, &[("Nats-Msg-Id", &event_id.to_string())], &bytes)
         .await?;

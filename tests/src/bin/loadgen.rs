@@ -68,6 +68,12 @@ struct Args {
     inventory_url: String,
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    /// The broker user to watch the sagas' ends as (`operator`), if it has users.
+    #[arg(long, env = "NATS_USER")]
+    nats_user: Option<String>,
+    /// Its password: set NATS_PASSWORD.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true, hide = true)]
+    nats_password: Option<String>,
     /// The running stack's subject prefix.
     #[arg(long, env = "SUBJECT_PREFIX", default_value = "saga")]
     prefix: String,
@@ -106,10 +112,21 @@ impl Args {
                 "PAYMENT_URL" => &mut self.payment_url,
                 "INVENTORY_URL" => &mut self.inventory_url,
                 "NATS_URL" => &mut self.nats_url,
+                "NATS_USER" => self.nats_user.get_or_insert_default(),
                 "SUBJECT_PREFIX" => &mut self.prefix,
                 _ => continue,
             };
             *field = value.trim_matches('"').to_string();
+        }
+        // The password `stack up` keeps for the user (stack.env reads it
+        // from that file too).
+        if let Some(user) = &self.nats_user
+            && self.nats_password.is_none()
+        {
+            let kept = run_dir().join(format!("nats-password-{user}"));
+            self.nats_password = std::fs::read_to_string(kept)
+                .ok()
+                .map(|p| p.trim().to_string());
         }
     }
 }
@@ -189,6 +206,8 @@ struct Endpoints {
     payment: String,
     inventory: String,
     nats: String,
+    /// User and password on the broker, if it has users.
+    nats_user: Option<(String, String)>,
     subjects: Subjects,
 }
 
@@ -257,6 +276,7 @@ async fn run(args: Args) -> Result<f64> {
             payment: s.url("payment", ""),
             inventory: s.url("inventory", ""),
             nats: s.nats.url(),
+            nats_user: Some(s.users.operator()),
             subjects: s.subjects.clone(),
         },
         None => Endpoints {
@@ -264,6 +284,7 @@ async fn run(args: Args) -> Result<f64> {
             payment: args.payment_url.clone(),
             inventory: args.inventory_url.clone(),
             nats: args.nats_url.clone(),
+            nats_user: args.nats_user.clone().zip(args.nats_password.clone()),
             subjects: Subjects::new(args.prefix.clone()),
         },
     };
@@ -369,7 +390,13 @@ async fn run(args: Args) -> Result<f64> {
     }
 
     // Watch the saga's final events on the broker.
-    let nats = common::broker::connect(async_nats::ConnectOptions::new(), &endpoints.nats)
+    let (user, password) = endpoints.nats_user.clone().unzip();
+    let options = common::broker::with_credentials(
+        async_nats::ConnectOptions::new(),
+        user.as_deref(),
+        password.as_deref(),
+    );
+    let nats = common::broker::connect(options, &endpoints.nats)
         .await
         .context("connect to NATS")?;
     let waiters: Waiters = Arc::default();
