@@ -78,25 +78,7 @@ pub fn compose_file() -> String {
     let mut out = format!("{head}{}\nservices:\n{services}", broker_passwords());
     write!(
         out,
-        r#"  nats:
-    image: {NATS_IMAGE}
-    command: ["-c", "/etc/nats/nats-server.conf"]
-    environment: *broker-passwords
-    volumes:
-      - ./nats/nats-server.conf:/etc/nats/nats-server.conf:ro
-      - ./nats/auth.conf:/etc/nats/auth.conf:ro
-      - nats-data:/data/jetstream
-    ports:
-      - "127.0.0.1:4222:4222"
-      - "127.0.0.1:8222:8222"
-    healthcheck:
-      test: ["CMD", "wget", "-q", "-O-", "http://localhost:8222/healthz?js-enabled-only=true"]
-      interval: 5s
-      timeout: 3s
-      retries: 12
-      start_period: 5s
-
-  postgres:
+        r#"{nats}  postgres:
     image: {POSTGRES_IMAGE}
     environment:
       POSTGRES_USER: postgres
@@ -121,7 +103,8 @@ pub fn compose_file() -> String {
       interval: 5s
       timeout: 3s
       retries: 12
-"#
+"#,
+        nats = broker_service(1, r#"["-c", "/etc/nats/nats-server.conf"]"#),
     )
     .expect("writing to a String");
     for spec in &roster::SERVICES {
@@ -191,6 +174,35 @@ volumes:
     )
     .expect("writing to a String");
     out
+}
+
+/// The compose service of broker node k (from 1): `nats`, `nats-2`, …,
+/// each with its own volume, on host ports 4222 and 8222 plus k − 1.
+fn broker_service(k: usize, command: &str) -> String {
+    let name = node(k);
+    format!(
+        r#"  {name}:
+    image: {NATS_IMAGE}
+    command: {command}
+    environment: *broker-passwords
+    volumes:
+      - ./nats/nats-server.conf:/etc/nats/nats-server.conf:ro
+      - ./nats/auth.conf:/etc/nats/auth.conf:ro
+      - {name}-data:/data/jetstream
+    ports:
+      - "127.0.0.1:{port}:4222"
+      - "127.0.0.1:{monitor}:8222"
+    healthcheck:
+      test: ["CMD", "wget", "-q", "-O-", "http://localhost:8222/healthz?js-enabled-only=true"]
+      interval: 5s
+      timeout: 3s
+      retries: 12
+      start_period: 5s
+
+"#,
+        port = 4222 + k - 1,
+        monitor = 8222 + k - 1,
+    )
 }
 
 /// What compose says when a broker password is not set.
@@ -301,31 +313,7 @@ services:
             .expect("writing to a String");
             continue;
         }
-        write!(
-            out,
-            r#"  {name}:
-    image: {NATS_IMAGE}
-    command: {command}
-    environment: *broker-passwords
-    volumes:
-      - ./nats/nats-server.conf:/etc/nats/nats-server.conf:ro
-      - ./nats/auth.conf:/etc/nats/auth.conf:ro
-      - {name}-data:/data/jetstream
-    ports:
-      - "127.0.0.1:{port}:4222"
-      - "127.0.0.1:{monitor}:8222"
-    healthcheck:
-      test: ["CMD", "wget", "-q", "-O-", "http://localhost:8222/healthz?js-enabled-only=true"]
-      interval: 5s
-      timeout: 3s
-      retries: 12
-      start_period: 5s
-
-"#,
-            port = 4222 + k - 1,
-            monitor = 8222 + k - 1,
-        )
-        .expect("writing to a String");
+        out += &broker_service(k, &command);
     }
     let laid: Vec<String> = roster::names()
         .map(String::from)
@@ -507,15 +495,13 @@ mod tests {
                 .nth(1)
                 .unwrap_or_else(|| panic!("no {name}-replica"));
             let replica = replica.split("\n\n").next().unwrap();
-            assert!(
-                replica.contains(&format!("command: [\"{name}\"]")),
-                "{replica}"
-            );
-            assert!(
-                replica.contains(&format!("environment: *{name}-env")),
-                "{replica}"
-            );
-            assert!(replica.contains("replicas: 0"), "{replica}");
+            for wanted in [
+                format!("command: [\"{name}\"]"),
+                format!("environment: *{name}-env"),
+                "replicas: 0".into(),
+            ] {
+                assert!(replica.contains(&wanted), "{wanted}: {replica}");
+            }
             assert!(!replica.contains("ports:"), "{replica}");
             assert!(
                 prometheus.contains(&format!("names: [\"{name}\", \"{name}-replica\"]")),

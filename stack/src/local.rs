@@ -376,12 +376,7 @@ async fn wait_ready(
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait()? {
-            bail!(
-                "{} exited during start-up ({status}); last lines of {}:\n{}",
-                daemon.name,
-                daemon.log_path().display(),
-                daemon.log_tail(20)
-            );
+            return Err(exited(daemon, status));
         }
         if let Ok(r) = http.get(&url).send().await
             && r.status().is_success()
@@ -520,12 +515,7 @@ async fn ensure_nats(local: &Local, started: &mut Started<'_>, nodes: usize) -> 
     for (daemon, child, monitor) in &mut children {
         while !nats_healthy(*monitor).await {
             if let Some(status) = child.try_wait()? {
-                bail!(
-                    "{} exited during start-up ({status}); last lines of {}:\n{}",
-                    daemon.name,
-                    daemon.log_path().display(),
-                    daemon.log_tail(20)
-                );
+                return Err(exited(daemon, status));
             }
             if Instant::now() >= deadline {
                 bail!(
@@ -741,43 +731,66 @@ pub async fn status(local: &Local) -> Result<bool> {
     });
     let nodes: Vec<_> = running.node_ports().collect();
     for (k, daemon) in local.nats().into_iter().enumerate() {
-        match (daemon.running(), nodes.get(k)) {
-            (Some(pid), Some((_, port, monitor))) => {
-                let healthy = nats_healthy(*monitor).await;
-                all_ready &= healthy;
-                println!(
-                    "{:<10} pid {pid:<8} nats://127.0.0.1:{port}  {}",
-                    daemon.name,
-                    if healthy { "healthy" } else { "NOT HEALTHY" }
-                );
-            }
-            _ => {
-                all_ready = false;
-                println!("{:<10} not running", daemon.name);
-            }
-        }
+        let (pid, node) = (daemon.running(), nodes.get(k));
+        let healthy = match (pid, node) {
+            (Some(_), Some((_, _, monitor))) => nats_healthy(*monitor).await,
+            _ => false,
+        };
+        let address = node.map_or(String::new(), |(_, port, _)| {
+            format!("nats://127.0.0.1:{port}")
+        });
+        all_ready &= status_line(
+            &daemon.name,
+            pid,
+            &address,
+            healthy,
+            ("healthy", "NOT HEALTHY"),
+        );
     }
     for daemon in local.services() {
         let url = local.service_url(&daemon.name);
-        match daemon.running() {
-            Some(pid) => {
-                let ready = http
-                    .get(format!("{url}/health/ready"))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success());
-                all_ready &= ready;
-                println!(
-                    "{:<10} pid {pid:<8} {url}  {}",
-                    daemon.name,
-                    if ready { "ready" } else { "NOT READY" }
-                );
-            }
-            None => {
-                all_ready = false;
-                println!("{:<10} not running", daemon.name);
-            }
-        }
+        let pid = daemon.running();
+        let ready = pid.is_some()
+            && http
+                .get(format!("{url}/health/ready"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+        all_ready &= status_line(&daemon.name, pid, &url, ready, ("ready", "NOT READY"));
     }
     Ok(all_ready)
+}
+
+/// Prints one process's status line (`name pid address state`, or `name
+/// not running`); whether it is running and `ok`.
+fn status_line(
+    name: &str,
+    pid: Option<i32>,
+    address: &str,
+    ok: bool,
+    (yes, no): (&str, &str),
+) -> bool {
+    match pid {
+        Some(pid) => {
+            println!(
+                "{name:<10} pid {pid:<8} {address}  {}",
+                if ok { yes } else { no }
+            );
+            ok
+        }
+        None => {
+            println!("{name:<10} not running");
+            false
+        }
+    }
+}
+
+/// A daemon that exited while it was starting, with the end of its log.
+fn exited(daemon: &Daemon, status: std::process::ExitStatus) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} exited during start-up ({status}); last lines of {}:\n{}",
+        daemon.name,
+        daemon.log_path().display(),
+        daemon.log_tail(20)
+    )
 }

@@ -131,6 +131,15 @@ pub struct Stack {
     pub postgres: Option<PostgresServer>,
 }
 
+/// The number in environment variable `variable` (10 to 100,000), else
+/// `default`: how many sagas a long run places.
+pub fn sagas_from_env(variable: &str, default: u64) -> u64 {
+    std::env::var(variable)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .map_or(default, |n: u64| n.clamp(10, 100_000))
+}
+
 /// The admin token of every test stack's services.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
@@ -856,6 +865,39 @@ impl Stack {
     /// and there are widgets for every order.
     pub async fn for_steady_sagas(sagas: u64) -> Result<Stack> {
         Self::steady(Stack::start().await?, sagas).await
+    }
+
+    /// Waits up to `within` until every saga of `ids` has ended (none
+    /// PENDING in the read model); how many ended in each status.
+    pub async fn every_saga_ended(
+        &self,
+        ids: &[Uuid],
+        within: Duration,
+    ) -> Result<BTreeMap<String, i64>> {
+        eventually("every saga to end", within, || async {
+            self.projected().await?;
+            let counts: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT status, count(*) FROM orders WHERE order_id = ANY($1) GROUP BY status",
+            )
+            .bind(ids)
+            .fetch_all(&self.pool("order").await?)
+            .await?;
+            let outcomes: BTreeMap<String, i64> = counts.into_iter().collect();
+            let ended = outcomes.values().sum::<i64>() == ids.len() as i64
+                && !outcomes.contains_key("PENDING");
+            Ok(ended.then_some(outcomes))
+        })
+        .await
+    }
+
+    /// What `sagactl audit` prints over the four databases of this stack.
+    pub async fn audit(&self) -> Result<String> {
+        let databases: Vec<String> = SERVICES
+            .iter()
+            .map(|s| format!("--database {s}={}", self.dbs.url(s)))
+            .collect();
+        self.sagactl(&format!("audit {}", databases.join(" ")))
+            .await
     }
 
     /// [`Stack::for_steady_sagas`] on a Postgres server of its own.

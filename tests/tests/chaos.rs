@@ -12,10 +12,7 @@
 //! run, the faults spread over it the same way. It prints what it did and
 //! the audit's table.
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use saga_tests::{ChildService, DEADLINE, Stack, eventually};
@@ -26,12 +23,6 @@ const SAGAS: u64 = 300;
 /// One placement every this often: 100 a second.
 const EVERY: Duration = Duration::from_millis(10);
 
-fn sagas() -> u64 {
-    std::env::var("CHAOS_SAGAS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .map_or(SAGAS, |n: u64| n.clamp(10, 100_000))
-}
 const OUT_OF_PROCESS: [&str; 3] = ["payment", "inventory", "shipping"];
 /// Processes of each of them: competing consumers of its durable consumer,
 /// one of which leads its relay.
@@ -68,7 +59,7 @@ async fn at_work(stack: &Stack, service: &str) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sagas_survive_killed_services_a_forgetful_redis_and_a_broker_restart() -> Result<()> {
-    let sagas = sagas();
+    let sagas = saga_tests::sagas_from_env("CHAOS_SAGAS", SAGAS);
     let mut stack = Stack::for_steady_sagas_on_own_postgres(sagas).await?;
     for service in OUT_OF_PROCESS {
         stack.stop_service(service).await?;
@@ -161,34 +152,13 @@ async fn sagas_survive_killed_services_a_forgetful_redis_and_a_broker_restart() 
     // Events whose acknowledgements the restart lost come back after the
     // consumers' ack_wait (10 s); retried steps back off up to about 13 s.
     let settled = async {
-        let ids: Vec<Uuid> = placed.clone();
-        let outcomes = eventually("every saga to end", RECOVERY, || async {
-            stack.projected().await?;
-            let pool = stack.pool("order").await?;
-            let counts: Vec<(String, i64)> = sqlx::query_as(
-                "SELECT status, count(*) FROM orders WHERE order_id = ANY($1) GROUP BY status",
-            )
-            .bind(&ids)
-            .fetch_all(&pool)
-            .await?;
-            let outcomes: BTreeMap<String, i64> = counts.into_iter().collect();
-            let ended = outcomes.values().sum::<i64>() == ids.len() as i64
-                && !outcomes.contains_key("PENDING");
-            Ok(ended.then_some(outcomes))
-        })
-        .await?;
+        let outcomes = stack.every_saga_ended(&placed, RECOVERY).await?;
         log.note(start, format!("every saga ended: {outcomes:?}"));
         eventually("the system to settle", RECOVERY, || async {
             Ok((stack.is_settled().await? && stack.is_settled().await?).then_some(()))
         })
         .await?;
-        let databases: Vec<String> = saga_tests::SERVICES
-            .iter()
-            .map(|s| format!("--database {s}={}", stack.dbs.url(s)))
-            .collect();
-        let audit = stack
-            .sagactl(&format!("audit {}", databases.join(" ")))
-            .await?;
+        let audit = stack.audit().await?;
         anyhow::Ok((outcomes, audit))
     };
     let settled = settled.await;

@@ -10,7 +10,7 @@
 //! 300 sagas; `CLUSTER_SAGAS` (10 to 100,000) for another count.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::HashSet,
     time::{Duration, Instant},
 };
 
@@ -26,13 +26,6 @@ const SAGAS: u64 = 300;
 const EVERY: Duration = Duration::from_millis(25);
 /// How long the system may take to end every saga after the faults.
 const RECOVERY: Duration = Duration::from_secs(180);
-
-fn sagas() -> u64 {
-    std::env::var("CLUSTER_SAGAS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .map_or(SAGAS, |n: u64| n.clamp(10, 100_000))
-}
 
 /// The node leading the events stream, as any node that answers says.
 async fn events_leader(stack: &Stack) -> Result<Option<String>> {
@@ -108,7 +101,7 @@ async fn stream_event_ids(stack: &Stack) -> Result<(HashSet<Uuid>, u64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sagas_survive_losing_the_stream_leader_and_another_node_of_the_cluster() -> Result<()> {
-    let sagas = sagas();
+    let sagas = saga_tests::sagas_from_env("CLUSTER_SAGAS", SAGAS);
     let stack = Stack::for_steady_sagas_on_cluster(sagas).await?;
     for name in [
         stack.subjects.events_stream(),
@@ -171,21 +164,10 @@ async fn sagas_survive_losing_the_stream_leader_and_another_node_of_the_cluster(
     let placed: Vec<Uuid> = placed.into_iter().collect::<Result<_>>()?;
 
     // Every saga ends on the two nodes left.
-    let outcomes = eventually("every saga to end", RECOVERY, || async {
-        stack.projected().await?;
-        let counts: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT status, count(*) FROM orders WHERE order_id = ANY($1) GROUP BY status",
-        )
-        .bind(&placed)
-        .fetch_all(&stack.pool("order").await?)
-        .await?;
-        let outcomes: BTreeMap<String, i64> = counts.into_iter().collect();
-        let ended = outcomes.values().sum::<i64>() == placed.len() as i64
-            && !outcomes.contains_key("PENDING");
-        Ok(ended.then_some(outcomes))
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e:#}\n{}", story(&log)))?;
+    let outcomes = stack
+        .every_saga_ended(&placed, RECOVERY)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}\n{}", story(&log)))?;
     log.push(format!(
         "{:>6} ms  every saga ended with {follower} down: {outcomes:?}",
         start.elapsed().as_millis()
@@ -239,13 +221,7 @@ async fn sagas_survive_losing_the_stream_leader_and_another_node_of_the_cluster(
         assert_eq!(unpublished, 0, "{service} has events left unpublished");
     }
 
-    let databases: Vec<String> = saga_tests::SERVICES
-        .iter()
-        .map(|s| format!("--database {s}={}", stack.dbs.url(s)))
-        .collect();
-    let audit = stack
-        .sagactl(&format!("audit {}", databases.join(" ")))
-        .await?;
+    let audit = stack.audit().await?;
     eprintln!("{audit}");
     assert!(audit.contains("all invariants hold"), "{audit}");
     assert_eq!(outcomes.values().sum::<i64>(), sagas as i64);
