@@ -388,12 +388,13 @@ pub fn generated_files() -> [(&'static str, String); 6] {
         (
             "prometheus/prometheus.yml",
             prometheus_config(
-                "# The native stack (scripts/up.sh, default ports): prometheus --config.file=prometheus/prometheus.yml",
+                "# The native stack (scripts/up.sh, run directory .run): prometheus --config.file=prometheus/prometheus.yml\n\
+                 # `stack up` writes each service's processes (every replica) into .run/prometheus/<service>.json.",
                 "alerts.yml",
                 |s| {
                     format!(
-                        "    static_configs:\n      - targets: [\"127.0.0.1:{}\"]\n",
-                        s.default_port
+                        "    file_sd_configs:\n      - files: [\"../.run/prometheus/{}.json\"]\n",
+                        s.name
                     )
                 },
             ),

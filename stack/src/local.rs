@@ -303,10 +303,10 @@ pub async fn up(local: &Local, exe: &Path, replicas: usize, cluster: bool) -> Re
 
     let admin_token = local.admin_token()?;
     let mut children: Vec<(Daemon, Child)> = Vec::new();
-    let replicas = roster::SERVICES
+    let processes = roster::SERVICES
         .iter()
         .flat_map(|spec| (1..=replicas).map(move |k| (spec, replica(spec.name, k))));
-    for (spec, name) in replicas {
+    for (spec, name) in processes {
         let port = local.daemon_port(&name);
         if port_in_use(port) {
             bail!(
@@ -359,6 +359,7 @@ pub async fn up(local: &Local, exe: &Path, replicas: usize, cluster: bool) -> Re
         );
     }
     write_env_file(local, &broker)?;
+    write_scrape_targets(local, replicas)?;
     started.done = true;
     Ok(nats_url)
 }
@@ -646,6 +647,26 @@ async fn create_databases(local: &Local) -> Result<()> {
                 return Err(e).with_context(|| format!("create database {name}"));
             }
         }
+    }
+    Ok(())
+}
+
+/// `<RUN_DIR>/prometheus/<service>.json`: every process of each service,
+/// as Prometheus's file discovery reads it (prometheus/prometheus.yml);
+/// Prometheus follows the files as `up` rewrites them.
+fn write_scrape_targets(local: &Local, replicas: usize) -> Result<()> {
+    let dir = local.run_dir.join("prometheus");
+    std::fs::create_dir_all(&dir)?;
+    for name in roster::names() {
+        let targets: Vec<String> = (1..=replicas)
+            .map(|k| format!("127.0.0.1:{}", local.daemon_port(&replica(name, k))))
+            .collect();
+        let groups = serde_json::json!([{ "targets": targets }]);
+        // Written aside and renamed: Prometheus never reads half a file.
+        let path = dir.join(format!("{name}.json"));
+        let partial = dir.join(format!(".{name}.json"));
+        std::fs::write(&partial, serde_json::to_vec_pretty(&groups)?)?;
+        std::fs::rename(&partial, &path)?;
     }
     Ok(())
 }

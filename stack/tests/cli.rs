@@ -81,6 +81,12 @@ impl Private {
         Ok(Private { run, tag, env })
     }
 
+    /// The first port of its block (the broker's).
+    fn base(&self) -> u16 {
+        let (_, port) = self.env.iter().find(|(k, _)| k == "NATS_PORT").unwrap();
+        port.parse().unwrap()
+    }
+
     fn stack(&self, args: &[&str], extra: &[(&str, &str)]) -> Result<Output> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_stack"));
         cmd.args(args)
@@ -215,6 +221,18 @@ fn up_with_replicas_runs_each_service_twice_the_demo_goes_through_and_down_stops
         2 * common::roster::SERVICES.len(),
         "{shown}"
     );
+    // Prometheus is told of both processes of every service.
+    for (i, spec) in common::roster::SERVICES.iter().enumerate() {
+        let file = stack.run.0.join(format!("prometheus/{}.json", spec.name));
+        let targets: serde_json::Value = serde_json::from_slice(&std::fs::read(&file)?)?;
+        let port = stack.base() + 2 + i as u16;
+        assert_eq!(
+            targets,
+            serde_json::json!([{"targets": [format!("127.0.0.1:{port}"), format!("127.0.0.1:{}", port + 10)]}]),
+            "{}",
+            file.display()
+        );
+    }
     let demo = stack.stack(&["demo"], &[])?;
     assert!(demo.status.success(), "{}", text(&demo));
 
