@@ -245,13 +245,10 @@ pub fn auth_conf(subjects: &common::Subjects) -> String {
 /// `stack up --cluster` runs them natively.
 const CLUSTER_NODES: usize = crate::local::CLUSTER_NODES;
 
-/// The name of node k (from 1): `nats`, `nats-2`, ….
+/// The name of node k (from 1): `nats`, `nats-2`, …, as `stack up` names
+/// its daemons.
 fn node(k: usize) -> String {
-    if k == 1 {
-        "nats".into()
-    } else {
-        format!("nats-{k}")
-    }
+    crate::local::replica("nats", k)
 }
 
 /// docker-compose.cluster.yml: laid over docker-compose.yml, it makes the

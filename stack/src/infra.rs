@@ -273,8 +273,8 @@ impl Drop for NatsServer {
     }
 }
 
-/// Nodes of a [`NatsCluster`].
-pub const CLUSTER_NODES: usize = 3;
+/// Nodes of a [`NatsCluster`]: as many as `stack up --cluster` runs.
+pub use crate::local::CLUSTER_NODES;
 
 /// A private 3-node JetStream cluster on loopback (the same pinned
 /// nats-server), each node with its own store and a client port of its own.

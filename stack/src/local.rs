@@ -159,13 +159,13 @@ impl Local {
 
     /// The ports our running broker was started with, and its nodes (1,
     /// or [`CLUSTER_NODES`]).
-    fn running_nats(&self) -> Option<Broker> {
+    fn running_nats(&self) -> Option<NatsLayout> {
         let text = std::fs::read_to_string(self.run_dir.join("nats.ports")).ok()?;
         let mut fields = text.split_whitespace().map(str::parse::<u16>);
         let port = fields.next()?.ok()?;
         let monitor = fields.next()?.ok()?;
         let nodes = fields.next().unwrap_or(Ok(1)).ok()?;
-        Some(Broker {
+        Some(NatsLayout {
             port,
             monitor,
             nodes: nodes as usize,
@@ -191,13 +191,13 @@ pub const CLUSTER_NODES: usize = 3;
 /// Where the broker listens: node k (from 1) on `port` and `monitor` plus
 /// k − 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Broker {
+pub struct NatsLayout {
     pub port: u16,
     pub monitor: u16,
     pub nodes: usize,
 }
 
-impl Broker {
+impl NatsLayout {
     fn node_ports(&self) -> impl Iterator<Item = (String, u16, u16)> + '_ {
         (1..=self.nodes).map(|k| {
             let d = k as u16 - 1;
@@ -223,7 +223,7 @@ impl Broker {
 
 /// The daemon name of replica `k` (from 1) of service `name`: `name`,
 /// then `name-2`, `name-3`, ….
-fn replica(name: &str, k: usize) -> String {
+pub(crate) fn replica(name: &str, k: usize) -> String {
     if k == 1 {
         name.to_string()
     } else {
@@ -427,7 +427,7 @@ fn check_store_layout(local: &Local, nodes: usize) -> Result<()> {
     Ok(())
 }
 
-async fn ensure_nats(local: &Local, started: &mut Started<'_>, nodes: usize) -> Result<Broker> {
+async fn ensure_nats(local: &Local, started: &mut Started<'_>, nodes: usize) -> Result<NatsLayout> {
     let daemons = local.nats();
     if daemons.iter().any(|d| d.running().is_some()) {
         if let Some(running) = local.running_nats()
@@ -556,7 +556,7 @@ fn with_store_dir(shipped: &Path, text: &str, store: &Path) -> Result<String> {
 }
 
 /// Whether every node of `broker` says it is healthy.
-async fn all_healthy(broker: &Broker) -> bool {
+async fn all_healthy(broker: &NatsLayout) -> bool {
     for (_, _, monitor) in broker.node_ports() {
         if !nats_healthy(monitor).await {
             return false;
@@ -574,7 +574,7 @@ async fn nats_healthy(monitor: u16) -> bool {
     )
 }
 
-fn choose_nats_ports(local: &Local, nodes: usize) -> Result<Broker> {
+fn choose_nats_ports(local: &Local, nodes: usize) -> Result<NatsLayout> {
     let free = |port: u16, monitor: u16| {
         (0..nodes as u16).all(|d| !port_in_use(port + d) && !port_in_use(monitor + d))
     };
@@ -598,7 +598,7 @@ fn choose_nats_ports(local: &Local, nodes: usize) -> Result<Broker> {
             bail!("{var}={p}: {nodes} nodes need {p} to {p}+{last}");
         }
     }
-    let broker = Broker {
+    let broker = NatsLayout {
         port,
         monitor,
         nodes,
@@ -671,7 +671,7 @@ fn write_scrape_targets(local: &Local, replicas: usize) -> Result<()> {
     Ok(())
 }
 
-fn write_env_file(local: &Local, broker: &Broker) -> Result<()> {
+fn write_env_file(local: &Local, broker: &NatsLayout) -> Result<()> {
     let mut text = String::from("# Written by `stack up`: source it to reach the running stack.\n");
     text += &format!("export NATS_URL={}\n", broker.url());
     text += &format!(
@@ -745,7 +745,7 @@ pub async fn status(local: &Local) -> Result<bool> {
         .timeout(Duration::from_secs(2))
         .build()?;
     let mut all_ready = true;
-    let running = local.running_nats().unwrap_or(Broker {
+    let running = local.running_nats().unwrap_or(NatsLayout {
         port: 0,
         monitor: 0,
         nodes: 1,
