@@ -34,24 +34,45 @@ async fn refunds_refused_stack() -> Result<Stack> {
 
 /// Alice's order of `rare` (2 500), charged and then not refunded: its id
 /// and timeline once the saga is halted.
+/// The halt and the dead letter that caused it are recorded by two
+/// watches, in either order: the timeline is read once it has both.
 async fn halted_refund(stack: &Stack) -> Result<(Uuid, Vec<Value>)> {
     let order = saga_tests::order_body("alice", &[("rare", 1, 2_500)], "US");
     let id = stack.place_order(&order).await?;
-    let entries = timeline_until(stack, id, "OrderRequiresIntervention").await?;
+    let entries = timeline_where(
+        stack,
+        id,
+        "the halt and its dead letter in the timeline",
+        |entries| {
+            entries
+                .last()
+                .is_some_and(|e| e["eventType"] == "OrderRequiresIntervention")
+                && entries.iter().any(|e| e["kind"] == "dead_letter")
+        },
+    )
+    .await?;
     Ok((id, entries))
 }
 
 async fn timeline_until(stack: &Stack, id: Uuid, last: &str) -> Result<Vec<Value>> {
-    eventually(
-        &format!("{last} in the timeline of {id}"),
-        DEADLINE,
-        || async {
-            let (_, story) = stack.get_json("order", &format!("/sagas/{id}")).await?;
-            let entries = story["timeline"].as_array().cloned().unwrap_or_default();
-            let done = entries.last().is_some_and(|e| e["eventType"] == last);
-            Ok(done.then_some(entries))
-        },
-    )
+    timeline_where(stack, id, &format!("{last} in the timeline"), |entries| {
+        entries.last().is_some_and(|e| e["eventType"] == last)
+    })
+    .await
+}
+
+/// The timeline of saga `id` once `done` holds for its entries.
+async fn timeline_where(
+    stack: &Stack,
+    id: Uuid,
+    what: &str,
+    done: impl Fn(&[Value]) -> bool,
+) -> Result<Vec<Value>> {
+    eventually(&format!("{what} of {id}"), DEADLINE, || async {
+        let (_, story) = stack.get_json("order", &format!("/sagas/{id}")).await?;
+        let entries = story["timeline"].as_array().cloned().unwrap_or_default();
+        Ok(done(&entries).then_some(entries))
+    })
     .await
 }
 
