@@ -55,6 +55,9 @@ pub mod names {
     pub const RELAY_BATCHES: &str = "saga_relay_batches_total";
     pub const RELAY_BATCHED_EVENTS: &str = "saga_relay_batched_events_total";
     pub const JANITOR_DELETED: &str = "saga_janitor_deleted_total";
+    pub const PLACEMENT_GROUPS: &str = "saga_placement_groups_total";
+    pub const PLACEMENT_GROUPED: &str = "saga_placement_grouped_orders_total";
+    pub const PLACEMENTS_WAITING: &str = "saga_placements_waiting";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +70,7 @@ pub enum Kind {
 /// Every series: its name, kind and `# HELP` text. A `_seconds` series is
 /// in seconds.
 #[rustfmt::skip]
-pub const SERIES: [(&str, Kind, &str); 21] = {
+pub const SERIES: [(&str, Kind, &str); 24] = {
     use Kind::*;
     use names::*;
     [
@@ -92,6 +95,9 @@ pub const SERIES: [(&str, Kind, &str); 21] = {
         (RELAY_BATCHES, Counter, "Atomic batches of two or more events the relay published, by outcome (stored as one, or refused and published one by one)"),
         (RELAY_BATCHED_EVENTS, Counter, "Events in those batches, by outcome"),
         (JANITOR_DELETED, Counter, "Rows the janitor deleted, by table: what can no longer come back"),
+        (PLACEMENT_GROUPS, Counter, "Groups of two or more placements the order service wrote together, by outcome (committed in one transaction, or written one by one)"),
+        (PLACEMENT_GROUPED, Counter, "Placements in those groups, by outcome"),
+        (PLACEMENTS_WAITING, Gauge, "Placements received and waiting for a writer of the order service"),
     ]
 };
 
@@ -248,6 +254,15 @@ impl Meter {
             .increment(1);
         counter!(names::RELAY_BATCHED_EVENTS, "service" => self.service(), "outcome" => outcome)
             .increment(events as u64);
+    }
+
+    /// A group of `orders` placements written `committed` in one
+    /// transaction, or `one_by_one` after that transaction failed.
+    pub fn placement_group(&self, outcome: &'static str, orders: usize) {
+        counter!(names::PLACEMENT_GROUPS, "service" => self.service(), "outcome" => outcome)
+            .increment(1);
+        counter!(names::PLACEMENT_GROUPED, "service" => self.service(), "outcome" => outcome)
+            .increment(orders as u64);
     }
 
     /// Rows of `table` the janitor deleted.

@@ -38,13 +38,17 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
         every: infra.config.snapshot_every,
         meter: infra.meter.clone(),
     };
-    let placer = place::Placer {
+    let placer = place::Writer {
         pool: infra.pool.clone(),
         subjects: infra.subjects.clone(),
         outbox: infra.outbox.clone(),
         max_payload: infra.max_payload(),
         snapshots: snapshots.clone(),
     };
+    let placer = place::Placer::start(
+        placer,
+        place::writers(infra.config.database_max_connections),
+    );
     let handler = handlers::OrderHandler {
         snapshots: snapshots.clone(),
     };
@@ -87,7 +91,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
     .start(source, shutdown.clone())
     .await?;
     let dlq = common::dlq::Dlq::new(infra.js.clone(), infra.subjects.clone());
-    let routes = api::router(placer, stall_after, infra.admin(), dlq);
+    let routes = api::router(placer.clone(), stall_after, infra.admin(), dlq);
     let mut service = Service::build(&infra, handler, routes, shutdown.clone()).await?;
     service.spawn_with(responder);
     service.spawn_with(watch);
@@ -105,15 +109,15 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
         infra.outbox.follower(),
         shutdown,
     ));
-    report_metrics(&mut service, &infra);
+    report_metrics(&mut service, &infra, placer);
     Ok(service)
 }
 
 /// What the order service, the saga's owner, adds to `/metrics`: the
 /// backlog of every service's consumer (a stopped service cannot report its
 /// own, which is when it grows), its watches' (the timeline's as a
-/// projection lag) and the stalled sagas.
-fn report_metrics(service: &mut Service, infra: &Infra) {
+/// projection lag), the stalled sagas and the placements waiting.
+fn report_metrics(service: &mut Service, infra: &Infra, placer: place::Placer) {
     for name in roster::names().filter(|n| *n != infra.config.service) {
         service.watch_metrics(Watched {
             stream: infra.subjects.events_stream(),
@@ -132,7 +136,9 @@ fn report_metrics(service: &mut Service, infra: &Infra) {
     let stall_after = infra.config.stall_after;
     service.probe_metrics(Arc::new(move |meter| {
         let pool = pool.clone();
+        let waiting = placer.waiting();
         Box::pin(async move {
+            meter.gauge(names::PLACEMENTS_WAITING, &[], waiting as f64);
             let before = observer::stalled_before(stall_after);
             let stalled = store::count_stalled(&pool, before).await?;
             meter.gauge(names::SAGAS_STALLED, &[], stalled as f64);

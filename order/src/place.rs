@@ -2,14 +2,18 @@
 //! command; and every other command a person gives an existing order (the
 //! customer's cancel, an operator's resolution).
 
+use std::{collections::HashMap, panic::AssertUnwindSafe, sync::Arc};
+
 use common::{
-    Subjects,
+    Envelope, Subjects,
     event::Address,
     limits,
     outbox::{self, OutboxSignal},
 };
+use futures::FutureExt;
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::{
@@ -49,9 +53,9 @@ impl From<sqlx::Error> for PlaceError {
     }
 }
 
-/// Everything placing needs.
+/// Everything writing orders needs.
 #[derive(Clone)]
-pub struct Placer {
+pub struct Writer {
     pub pool: PgPool,
     pub subjects: Subjects,
     pub outbox: OutboxSignal,
@@ -60,23 +64,67 @@ pub struct Placer {
     pub snapshots: Snapshots,
 }
 
+/// Places orders and runs commands on them. Placements that arrive while
+/// others are being written wait and are then written together, in one
+/// transaction ([`GROUP`] at most, [`writers`] transactions at once): under
+/// load a placement costs a share of a transaction instead of one of its
+/// own, and a lone placement is written at once, as before. A placement with
+/// an idempotency key is written on its own (it may have to wait for the
+/// first request of its key).
+#[derive(Clone)]
+pub struct Placer {
+    writer: Writer,
+    waiting: mpsc::Sender<Waiting>,
+}
+
+impl std::ops::Deref for Placer {
+    type Target = Writer;
+    fn deref(&self) -> &Writer {
+        &self.writer
+    }
+}
+
+/// Most placements written in one transaction.
+pub const GROUP: usize = 64;
+/// Most placement transactions at once, each writing whatever waited.
+pub const WRITERS: usize = 4;
+
+/// Placement transactions at once on a pool of `max_connections`: a
+/// quarter of it (1 to [`WRITERS`]), so that the consumer, the watches and
+/// the API always have connections too.
+pub fn writers(max_connections: u32) -> usize {
+    (max_connections as usize / 4).clamp(1, WRITERS)
+}
+
+/// A checked placement request and where its answer goes.
+struct Waiting {
+    request: PlaceOrder,
+    reply: oneshot::Sender<Result<Order, PlaceError>>,
+}
+
+/// Why a group of placements was not written together.
+enum Apart {
+    /// Nothing written: write each on its own, and its own error is its answer.
+    Db(sqlx::Error),
+    TooLarge(String),
+}
+
 impl Placer {
-    /// Puts what a command emitted in the outbox and commits, then wakes the
-    /// relay; `Err(reason)`, rolled back, for an event too large to publish.
-    async fn publish(
-        &self,
-        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
-        emitted: &[common::Envelope],
-    ) -> sqlx::Result<Result<(), String>> {
-        if let Err(too_large) =
-            outbox::enqueue(&mut tx, &self.subjects, emitted, self.max_payload).await?
-        {
-            tx.rollback().await?;
-            return Ok(Err(too_large));
+    /// Placements received and not yet taken by a writer.
+    pub fn waiting(&self) -> usize {
+        self.waiting.max_capacity() - self.waiting.capacity()
+    }
+
+    /// Starts `writers` placement writers; they end when the last clone of
+    /// the placer is dropped (they hold none themselves).
+    pub fn start(writer: Writer, writers: usize) -> Placer {
+        let (waiting, queue) = mpsc::channel(GROUP * WRITERS);
+        let queue = Arc::new(Mutex::new(queue));
+        for _ in 0..writers.max(1) {
+            let (writer, queue) = (writer.clone(), queue.clone());
+            tokio::spawn(async move { writer.write_groups(queue).await });
         }
-        tx.commit().await?;
-        self.outbox.notify();
-        Ok(Ok(()))
+        Placer { writer, waiting }
     }
 
     /// Places the order and starts the saga. With an idempotency key, a
@@ -99,93 +147,279 @@ impl Placer {
         pricing::check(&request.lines).map_err(PlaceError::Invalid)?;
         common::event::validate_address("shippingAddress", &request.shipping_address)
             .map_err(PlaceError::Invalid)?;
-        let order_id = Uuid::now_v7();
-        let mut tx = self.pool.begin().await?;
         if let Some(key) = idempotency_key {
-            let canonical =
-                serde_json::to_vec(&request).map_err(|e| PlaceError::Invalid(e.to_string()))?;
-            let (existing, same_request) = store::claim_placement_key(
-                &mut tx,
-                &request.customer_id,
-                key,
-                order_id,
-                &canonical,
-            )
-            .await?;
-            if existing != order_id {
-                if !same_request {
-                    tx.rollback().await?;
-                    return Err(PlaceError::KeyReused(format!(
-                        "Idempotency-Key '{key}' was already used by this customer for a different request (order {existing})"
-                    )));
+            return self.writer.place_keyed(request, key).await;
+        }
+        let (reply, answer) = oneshot::channel();
+        let stopping = || PlaceError::Internal(ExecError::Db(sqlx::Error::PoolClosed));
+        self.waiting
+            .send(Waiting { request, reply })
+            .await
+            .map_err(|_| stopping())?;
+        let order = answer.await.map_err(|_| stopping())??;
+        Ok((order, true))
+    }
+}
+
+impl Writer {
+    /// Puts what a command emitted in the outbox and commits, then wakes the
+    /// relay; `Err(reason)`, rolled back, for an event too large to publish.
+    async fn publish(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        emitted: &[Envelope],
+    ) -> sqlx::Result<Result<(), String>> {
+        if let Err(too_large) =
+            outbox::enqueue(&mut tx, &self.subjects, emitted, self.max_payload).await?
+        {
+            tx.rollback().await?;
+            return Ok(Err(too_large));
+        }
+        tx.commit().await?;
+        self.outbox.notify();
+        Ok(Ok(()))
+    }
+
+    /// Takes whatever placements wait (at least one, at most [`GROUP`]) and
+    /// writes them, until the placer is gone. A writer that panics answers
+    /// nobody in its group (each gets an internal error) and goes on.
+    async fn write_groups(self, queue: Arc<Mutex<mpsc::Receiver<Waiting>>>) {
+        loop {
+            let mut group = Vec::new();
+            {
+                let mut queue = queue.lock().await;
+                let Some(first) = queue.recv().await else {
+                    return;
+                };
+                group.push(first);
+                while group.len() < GROUP {
+                    match queue.try_recv() {
+                        Ok(next) => group.push(next),
+                        Err(_) => break,
+                    }
                 }
-                let order = store::load(&mut tx, existing).await;
-                // Explicitly: a dropped transaction ends only when its connection is reused.
-                tx.rollback().await?;
-                let order = order?.ok_or(PlaceError::Internal(ExecError::Domain(
-                    DomainError::NotFound,
-                )))?;
-                return Ok((order, false));
+            }
+            if let Err(panic) = AssertUnwindSafe(self.write_group(group))
+                .catch_unwind()
+                .await
+            {
+                let panic = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("a panic");
+                tracing::error!(
+                    panic,
+                    "placement writer panicked; its group was not answered"
+                );
             }
         }
-        // The prices of this moment: a later change of the catalog does not
-        // change this order, whose lines carry them from here on.
+    }
+
+    /// One placement on its own; several in one transaction, or, if that
+    /// transaction fails, each on its own again, so that what fails one
+    /// fails only that one.
+    async fn write_group(&self, mut group: Vec<Waiting>) {
+        if group.len() == 1 {
+            let Waiting { request, reply } = group.pop().expect("one");
+            let _ = reply.send(self.place_new(request).await);
+            return;
+        }
+        let requests: Vec<&PlaceOrder> = group.iter().map(|w| &w.request).collect();
+        let meter = &self.snapshots.meter;
+        match self.place_together(&requests).await {
+            Ok(answers) => {
+                meter.placement_group("committed", group.len());
+                for (w, answer) in group.into_iter().zip(answers) {
+                    let _ = w.reply.send(answer);
+                }
+            }
+            Err(apart) => {
+                meter.placement_group("one_by_one", group.len());
+                match apart {
+                    Apart::Db(e) => {
+                        tracing::warn!(placements = group.len(), error = %e, "placements not written together; writing each on its own")
+                    }
+                    Apart::TooLarge(e) => {
+                        tracing::info!(placements = group.len(), error = %e, "a placement is too large to publish; writing each on its own")
+                    }
+                }
+                for Waiting { request, reply } in group {
+                    let _ = reply.send(self.place_new(request).await);
+                }
+            }
+        }
+    }
+
+    /// Writes the placements in one transaction: one catalog read, one
+    /// append, one outbox insert. A request the catalog or the order refuses
+    /// gets its refusal and the others are written.
+    async fn place_together(
+        &self,
+        requests: &[&PlaceOrder],
+    ) -> Result<Vec<Result<Order, PlaceError>>, Apart> {
+        let mut tx = self.pool.begin().await.map_err(Apart::Db)?;
+        let mut products: Vec<&str> = requests
+            .iter()
+            .flat_map(|r| r.lines.iter().map(|l| l.product_id.as_str()))
+            .collect();
+        products.sort_unstable();
+        products.dedup();
+        let prices = prices(&mut tx, &products).await.map_err(Apart::Db)?;
+        let mut answers = Vec::with_capacity(requests.len());
+        let mut placed = Vec::with_capacity(requests.len());
+        for request in requests {
+            match decide_placement(Uuid::now_v7(), (*request).clone(), &prices) {
+                Ok((order, emitted)) => {
+                    answers.push(Ok(order.clone()));
+                    placed.push((order, emitted));
+                }
+                Err(refused) => answers.push(Err(refused)),
+            }
+        }
+        let decided: Vec<(&Order, &[Envelope])> =
+            placed.iter().map(|(o, e)| (o, e.as_slice())).collect();
+        if let Err(e) = store::append(&mut tx, &self.snapshots, 0, &decided).await {
+            let _ = tx.rollback().await;
+            return Err(Apart::Db(match e {
+                ExecError::Db(e) => e,
+                e => sqlx::Error::Protocol(e.to_string()),
+            }));
+        }
+        let emitted: Vec<Envelope> = placed
+            .into_iter()
+            .flat_map(|(_, emitted)| emitted)
+            .collect();
+        match self.publish(tx, &emitted).await {
+            Ok(Ok(())) => {}
+            Ok(Err(too_large)) => return Err(Apart::TooLarge(too_large)),
+            Err(e) => return Err(Apart::Db(e)),
+        }
+        for order in answers.iter().flatten() {
+            placed_log(order);
+        }
+        Ok(answers)
+    }
+
+    /// A placement without an idempotency key, on its own.
+    async fn place_new(&self, request: PlaceOrder) -> Result<Order, PlaceError> {
+        let tx = self.pool.begin().await?;
+        self.place_in(tx, Uuid::now_v7(), request).await
+    }
+
+    /// A placement with an idempotency key: the order the key's first
+    /// request placed if there was one (`false`), else this one (`true`).
+    async fn place_keyed(
+        &self,
+        request: PlaceOrder,
+        key: &str,
+    ) -> Result<(Order, bool), PlaceError> {
+        let order_id = Uuid::now_v7();
+        let mut tx = self.pool.begin().await?;
+        let canonical =
+            serde_json::to_vec(&request).map_err(|e| PlaceError::Invalid(e.to_string()))?;
+        let (existing, same_request) =
+            store::claim_placement_key(&mut tx, &request.customer_id, key, order_id, &canonical)
+                .await?;
+        if existing != order_id {
+            if !same_request {
+                tx.rollback().await?;
+                return Err(PlaceError::KeyReused(format!(
+                    "Idempotency-Key '{key}' was already used by this customer for a different request (order {existing})"
+                )));
+            }
+            let order = store::load(&mut tx, existing).await;
+            // Explicitly: a dropped transaction ends only when its connection is reused.
+            tx.rollback().await?;
+            let order = order?.ok_or(PlaceError::Internal(ExecError::Domain(
+                DomainError::NotFound,
+            )))?;
+            return Ok((order, false));
+        }
+        self.place_in(tx, order_id, request)
+            .await
+            .map(|order| (order, true))
+    }
+
+    /// Prices and places `request` as order `order_id` in `tx`, and commits.
+    async fn place_in(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        order_id: Uuid,
+        request: PlaceOrder,
+    ) -> Result<Order, PlaceError> {
         let products: Vec<&str> = request
             .lines
             .iter()
             .map(|l| l.product_id.as_str())
             .collect();
-        let prices = catalog::lookup(&mut tx, &products)
-            .await?
-            .into_iter()
-            .map(|(id, e)| {
-                let price = pricing::Price {
-                    unit_price: e.unit_price,
-                    version: e.version,
-                };
-                (id, price)
-            })
-            .collect();
-        let lines = match pricing::price(request.lines, &prices) {
-            Ok(lines) => lines,
+        let prices = prices(&mut tx, &products).await?;
+        let (order, emitted) = match decide_placement(order_id, request, &prices) {
+            Ok(placed) => placed,
             Err(refused) => {
                 tx.rollback().await?;
-                return Err(PlaceError::Invalid(refused));
+                return Err(refused);
             }
         };
-        let command = Command::Place {
-            order_id,
-            customer_id: request.customer_id,
-            lines,
-            shipping_address: request.shipping_address,
-        };
-        // The placement request is the cause of OrderPlaced.
-        let (state, emitted) = match store::execute(
-            &mut tx,
-            &self.snapshots,
-            order_id,
-            command,
-            order_id,
-            order_id,
-        )
-        .await
-        {
-            Ok(v) => v,
-            Err(e) => {
-                tx.rollback().await?;
-                return Err(match e {
-                    ExecError::Domain(DomainError::Invalid(msg)) => PlaceError::Invalid(msg),
-                    e => e.into(),
-                });
-            }
-        };
+        if let Err(e) = store::append(&mut tx, &self.snapshots, 0, &[(&order, &emitted)]).await {
+            tx.rollback().await?;
+            return Err(e.into());
+        }
         self.publish(tx, &emitted)
             .await?
             .map_err(PlaceError::Invalid)?;
-        let order = state.expect("a placed order has state");
-        tracing::info!(order_id = %order.id, correlation_id = %order.id, customer_id = %order.customer_id, total = order.total, "order placed");
-        Ok((order, true))
+        placed_log(&order);
+        Ok(order)
     }
+}
+
+/// The catalog's price of each of `products` it has, as of now: a later
+/// change of the catalog does not change an order priced with it, whose
+/// lines carry these prices from here on.
+async fn prices(
+    conn: &mut PgConnection,
+    products: &[&str],
+) -> sqlx::Result<HashMap<String, pricing::Price>> {
+    Ok(catalog::lookup(conn, products)
+        .await?
+        .into_iter()
+        .map(|(id, e)| {
+            let price = pricing::Price {
+                unit_price: e.unit_price,
+                version: e.version,
+            };
+            (id, price)
+        })
+        .collect())
+}
+
+/// The order `request` places as `order_id` at `prices`, and its
+/// OrderPlaced, or why it is refused. Reads and writes nothing.
+fn decide_placement(
+    order_id: Uuid,
+    request: PlaceOrder,
+    prices: &HashMap<String, pricing::Price>,
+) -> Result<(Order, Vec<Envelope>), PlaceError> {
+    let lines = pricing::price(request.lines, prices).map_err(PlaceError::Invalid)?;
+    let command = Command::Place {
+        order_id,
+        customer_id: request.customer_id,
+        lines,
+        shipping_address: request.shipping_address,
+    };
+    // The placement request is the cause of OrderPlaced.
+    match store::decide(None, order_id, command, order_id, order_id) {
+        Ok((Some(order), emitted)) => Ok((order, emitted)),
+        Ok((None, _)) => Err(PlaceError::Internal(ExecError::Domain(
+            DomainError::NotFound,
+        ))),
+        Err(DomainError::Invalid(msg)) => Err(PlaceError::Invalid(msg)),
+        Err(e) => Err(PlaceError::Internal(e.into())),
+    }
+}
+
+fn placed_log(order: &Order) {
+    tracing::info!(order_id = %order.id, correlation_id = %order.id, customer_id = %order.customer_id, total = order.total, "order placed");
 }
 
 /// How often a command is decided again when another writer changed the

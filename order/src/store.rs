@@ -390,11 +390,31 @@ pub async fn execute(
     if loaded.ignored.is_some() {
         snapshots.meter.snapshot("ignored");
     }
-    let state = loaded.state;
-    let events = domain::decide(state.as_ref(), command)?;
-    if events.is_empty() {
-        return Ok((state, vec![]));
+    let (state, envelopes) = decide(
+        loaded.state,
+        order_id,
+        command,
+        correlation_id,
+        causation_id,
+    )?;
+    if let Some(order) = state.as_ref().filter(|_| !envelopes.is_empty()) {
+        append(conn, snapshots, loaded.snapshot, &[(order, &envelopes)]).await?;
     }
+    Ok((state, envelopes))
+}
+
+/// What `command` decides for the order as loaded (`state`), without
+/// reading or writing anything: the order afterwards and the events it
+/// emitted, enveloped in order after its version. No events: nothing to
+/// write, the state as it was.
+pub fn decide(
+    state: Option<Order>,
+    order_id: Uuid,
+    command: Command,
+    correlation_id: Uuid,
+    causation_id: Uuid,
+) -> Result<(Option<Order>, Vec<Envelope>), DomainError> {
+    let events = domain::decide(state.as_ref(), command)?;
     let mut version = state.as_ref().map_or(0, |o| o.version);
     let mut state = state;
     let mut envelopes = Vec::with_capacity(events.len());
@@ -410,13 +430,28 @@ pub async fn execute(
         state = domain::evolve(state, &event, env.timestamp);
         envelopes.push(env);
     }
-    let order = state.as_ref().expect("an order with events has state");
-    write(conn, order, &envelopes).await?;
-    if snapshot::due(loaded.snapshot, order.version, snapshots.every) {
-        save_snapshot(conn, order).await?;
-        snapshots.meter.snapshot("taken");
-    }
     Ok((state, envelopes))
+}
+
+/// Appends what several orders decided, in one statement, and snapshots
+/// each whose last snapshot (`snapshot`, its version; 0: none) is
+/// [`snapshot::due`]. A concurrent writer that appended the same version of
+/// an order first makes the primary key refuse them all:
+/// [`ExecError::Conflict`], naming the first order.
+pub async fn append(
+    conn: &mut PgConnection,
+    snapshots: &Snapshots,
+    snapshot: i64,
+    decided: &[(&Order, &[Envelope])],
+) -> Result<(), ExecError> {
+    write(conn, decided).await?;
+    for (order, _) in decided {
+        if snapshot::due(snapshot, order.version, snapshots.every) {
+            save_snapshot(conn, order).await?;
+            snapshots.meter.snapshot("taken");
+        }
+    }
+    Ok(())
 }
 
 /// Keeps `order` as its latest snapshot, unless a newer one in the current
@@ -440,27 +475,31 @@ async fn save_snapshot(conn: &mut PgConnection, order: &Order) -> sqlx::Result<(
     Ok(())
 }
 
-/// Appends the events. A concurrent writer that appended the same version
-/// first makes the primary key refuse it: [`ExecError::Conflict`]. The read
-/// model follows the event store ([`crate::projection::OrdersView`]).
+/// Appends the events of each order. The read model follows the event
+/// store ([`crate::projection::OrdersView`]).
 async fn write(
     conn: &mut PgConnection,
-    order: &Order,
-    envelopes: &[Envelope],
+    decided: &[(&Order, &[Envelope])],
 ) -> Result<(), ExecError> {
-    let versions: Vec<i64> = envelopes.iter().map(|e| e.version).collect();
-    let ids: Vec<Uuid> = envelopes.iter().map(|e| e.event_id).collect();
-    let types: Vec<&str> = envelopes.iter().map(|e| e.event_type.as_str()).collect();
-    let schemas: Vec<i32> = envelopes.iter().map(|e| e.schema_version as i32).collect();
-    let times: Vec<_> = envelopes.iter().map(|e| e.timestamp).collect();
-    let bodies: Vec<Vec<u8>> = envelopes.iter().map(Envelope::to_bytes).collect();
+    let envelopes = || {
+        decided
+            .iter()
+            .flat_map(|(order, envs)| envs.iter().map(move |e| (order.id, e)))
+    };
+    let orders: Vec<Uuid> = envelopes().map(|(id, _)| id).collect();
+    let versions: Vec<i64> = envelopes().map(|(_, e)| e.version).collect();
+    let ids: Vec<Uuid> = envelopes().map(|(_, e)| e.event_id).collect();
+    let types: Vec<&str> = envelopes().map(|(_, e)| e.event_type.as_str()).collect();
+    let schemas: Vec<i32> = envelopes().map(|(_, e)| e.schema_version as i32).collect();
+    let times: Vec<_> = envelopes().map(|(_, e)| e.timestamp).collect();
+    let bodies: Vec<Vec<u8>> = envelopes().map(|(_, e)| e.to_bytes()).collect();
     let result = sqlx::query(
         "INSERT INTO order_events (order_id, version, event_id, event_type, schema_version, envelope, recorded_at)
-         SELECT $1, e.version, e.id, e.type, e.schema, convert_from(e.body, 'UTF8')::jsonb, e.at
-         FROM UNNEST($2::bigint[], $3::uuid[], $4::text[], $5::int[], $6::bytea[], $7::timestamptz[])
-              AS e(version, id, type, schema, body, at)",
+         SELECT e.order_id, e.version, e.id, e.type, e.schema, convert_from(e.body, 'UTF8')::jsonb, e.at
+         FROM UNNEST($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::int[], $6::bytea[], $7::timestamptz[])
+              AS e(order_id, version, id, type, schema, body, at)",
     )
-    .bind(order.id)
+    .bind(&orders)
     .bind(&versions)
     .bind(&ids)
     .bind(&types)
@@ -471,9 +510,9 @@ async fn write(
     .await;
     match result {
         Ok(_) => Ok(()),
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-            Err(ExecError::Conflict(order.id))
-        }
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(ExecError::Conflict(
+            orders.first().copied().unwrap_or_default(),
+        )),
         Err(e) => Err(e.into()),
     }
 }
