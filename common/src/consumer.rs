@@ -857,28 +857,41 @@ impl<H: Handler> Inner<H> {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut refused = None;
         for (t, _) in batch {
-            let applied = AssertUnwindSafe(self.apply_in(
-                &mut tx,
-                &meter,
-                &cancels,
-                &t.envelope,
-                t.event.clone(),
-                t.delivered,
-            ))
-            .catch_unwind()
-            .await;
-            let why = match applied {
-                Ok(Ok(Some(outcome @ (Outcome::Applied(_) | Outcome::Skipped(_))))) => {
+            let cx = Applying {
+                tx: &mut tx,
+                cause: &t.envelope,
+                meter: &meter,
+                delivered: t.delivered,
+                cancels: &cancels,
+            };
+            let handled = AssertUnwindSafe(self.handler.handle(cx, t.event.clone()))
+                .catch_unwind()
+                .await;
+            let why = match handled {
+                Ok(Ok(outcome @ (Outcome::Applied(_) | Outcome::Skipped(_)))) => {
                     outcomes.push(outcome);
                     continue;
                 }
-                Ok(Ok(Some(outcome))) => format!("{outcome:?}"),
-                Ok(Ok(None)) => "already consumed".to_string(),
+                Ok(Ok(outcome)) => format!("{outcome:?}"),
                 Ok(Err(e)) => e.to_string(),
                 Err(panic) => format!("handler panicked: {}", panic_message(&*panic)),
             };
             refused = Some(format!("event {}: {why}", t.envelope.event_id));
             break;
+        }
+        // Every event's guard and emitted events in one statement.
+        if refused.is_none() {
+            let applied: Vec<(&Envelope, &[Envelope])> = batch
+                .iter()
+                .zip(&outcomes)
+                .map(|((t, _), outcome)| (&t.envelope, emitted(outcome).unwrap_or_default()))
+                .collect();
+            refused = match self.guard(&mut tx, &applied).await {
+                Ok(Some(None)) => None,
+                Ok(Some(Some(rejected))) => Some(format!("{rejected:?}")),
+                Ok(None) => Some("an event of the batch was already consumed".to_string()),
+                Err(e) => Some(e.to_string()),
+            };
         }
         match refused {
             None => {
@@ -912,27 +925,31 @@ impl<H: Handler> Inner<H> {
             cancels,
         };
         let outcome = self.handler.handle(cx, event).await?;
-        let events = match &outcome {
-            Outcome::Applied(events) => events.as_slice(),
-            Outcome::Skipped(_) => &[],
-            Outcome::NotYet(_) | Outcome::Rejected(_) | Outcome::Unhandled => {
-                return Ok(Some(outcome));
-            }
+        let Some(events) = emitted(&outcome) else {
+            return Ok(Some(outcome));
         };
-        match outbox::enqueue_once(
-            tx,
-            &self.subjects,
-            &self.name,
-            envelope,
-            events,
-            self.max_payload,
-        )
-        .await?
-        {
-            outbox::Enqueued::Done => Ok(Some(outcome)),
-            outbox::Enqueued::AlreadyConsumed => Ok(None),
-            outbox::Enqueued::TooLarge(reason) => Ok(Some(Outcome::Rejected(reason))),
-        }
+        Ok(self
+            .guard(tx, &[(envelope, events)])
+            .await?
+            .map(|refused| refused.unwrap_or(outcome)))
+    }
+
+    /// Guards the applied events and appends what they emitted
+    /// ([`outbox::enqueue_once`]): `Some(None)` done, `None` if one was
+    /// applied before, `Some(Some(rejection))` if an emitted event is too
+    /// large to publish (nothing written).
+    async fn guard(
+        &self,
+        tx: &mut PgConnection,
+        applied: &[(&Envelope, &[Envelope])],
+    ) -> Result<Option<Option<Outcome>>, sqlx::Error> {
+        let enqueued =
+            outbox::enqueue_once(tx, &self.subjects, &self.name, applied, self.max_payload).await?;
+        Ok(match enqueued {
+            outbox::Enqueued::Done => Some(None),
+            outbox::Enqueued::AlreadyConsumed => None,
+            outbox::Enqueued::TooLarge(reason) => Some(Some(Outcome::Rejected(reason))),
+        })
     }
 
     /// Commits a failed attempt's report to the outbox in a transaction of
@@ -1037,6 +1054,16 @@ pub fn max_payload(js: &jetstream::Context) -> usize {
     match js.client().server_info().max_payload {
         0 => 1024 * 1024,
         n => n,
+    }
+}
+
+/// The events an outcome emits, if it is one that is guarded (applied or
+/// skipped: skipped emits none).
+fn emitted(outcome: &Outcome) -> Option<&[Envelope]> {
+    match outcome {
+        Outcome::Applied(events) => Some(events),
+        Outcome::Skipped(_) => Some(&[]),
+        Outcome::NotYet(_) | Outcome::Rejected(_) | Outcome::Unhandled => None,
     }
 }
 

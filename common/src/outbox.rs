@@ -86,17 +86,18 @@ struct Columns {
 
 /// The rows of `events`, each serialized once and checked against
 /// `max_payload`; `Err` names the first that can never be published.
-fn columns(
+fn columns<'a>(
     subjects: &Subjects,
-    events: &[Envelope],
+    events: impl ExactSizeIterator<Item = &'a Envelope>,
     max_payload: usize,
 ) -> Result<Columns, String> {
+    let len = events.len();
     columns_on(
-        events.iter().map(|e| {
+        events.map(|e| {
             let kind = e.kind().expect("services only emit catalogued events");
             (subjects.event_of(kind, e.metadata.correlation_id), e)
         }),
-        events.len(),
+        len,
         max_payload,
     )
 }
@@ -151,7 +152,7 @@ pub async fn enqueue(
     if events.is_empty() {
         return Ok(Ok(()));
     }
-    match columns(subjects, events, max_payload) {
+    match columns(subjects, events.iter(), max_payload) {
         Ok(c) => insert(conn, &c).await.map(Ok),
         Err(reason) => Ok(Err(reason)),
     }
@@ -188,45 +189,61 @@ async fn insert(conn: &mut PgConnection, c: &Columns) -> Result<(), sqlx::Error>
 /// What [`enqueue_once`] did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Enqueued {
-    /// Guard recorded and events appended.
+    /// Guards recorded and events appended.
     Done,
-    /// The event was already applied: nothing appended; roll back.
+    /// An event was already applied: nothing appended; roll back.
     AlreadyConsumed,
     /// An event would never fit the broker's `max_payload`: nothing written.
     TooLarge(String),
 }
 
-/// Records `consumed` as applied by `consumer` (the Postgres idempotency
-/// guard) and appends the events it caused, each checked against
-/// `max_payload`, in one statement of the caller's transaction.
+/// Records each consumed event as applied by `consumer` (the Postgres
+/// idempotency guard) and appends the events each caused, in that order,
+/// each checked against `max_payload`, in one statement of the caller's
+/// transaction: a batch's guards and emitted events cost one round trip.
+/// If any of them was applied before, nothing is appended.
 pub async fn enqueue_once(
     conn: &mut PgConnection,
     subjects: &Subjects,
     consumer: &str,
-    consumed: &Envelope,
-    events: &[Envelope],
+    consumed: &[(&Envelope, &[Envelope])],
     max_payload: usize,
 ) -> Result<Enqueued, sqlx::Error> {
-    let c = match columns(subjects, events, max_payload) {
+    let emitted: Vec<&Envelope> = consumed
+        .iter()
+        .flat_map(|(_, events)| events.iter())
+        .collect();
+    let c = match columns(subjects, emitted.into_iter(), max_payload) {
         Ok(c) => c,
         Err(reason) => return Ok(Enqueued::TooLarge(reason)),
     };
+    let ids: Vec<Uuid> = consumed.iter().map(|(e, _)| e.event_id).collect();
+    let types: Vec<&str> = consumed
+        .iter()
+        .map(|(e, _)| e.event_type.as_str())
+        .collect();
     let guarded = sqlx::query(
         "WITH guard AS (
-             INSERT INTO consumed_events (consumer, event_id, event_type) VALUES ($1, $2, $3)
+             INSERT INTO consumed_events (consumer, event_id, event_type)
+             SELECT $1, g.id, g.type FROM UNNEST($2::uuid[], $3::text[]) AS g(id, type)
              ON CONFLICT DO NOTHING RETURNING 1
          ), emitted AS (
              INSERT INTO outbox (event_id, subject, aggregate_id, body)
              SELECT * FROM UNNEST($4::uuid[], $5::text[], $6::text[], $7::bytea[])
-             WHERE EXISTS (SELECT 1 FROM guard)
+             WHERE (SELECT count(*) FROM guard) = $8
          )
          SELECT count(*) FROM guard",
     )
     .bind(consumer)
-    .bind(consumed.event_id)
-    .bind(&consumed.event_type);
-    let fresh: i64 = c.bind_to(guarded).fetch_one(conn).await?.try_get(0)?;
-    Ok(if fresh == 1 {
+    .bind(&ids)
+    .bind(&types);
+    let fresh: i64 = c
+        .bind_to(guarded)
+        .bind(ids.len() as i64)
+        .fetch_one(conn)
+        .await?
+        .try_get(0)?;
+    Ok(if fresh == ids.len() as i64 {
         Enqueued::Done
     } else {
         Enqueued::AlreadyConsumed
@@ -747,7 +764,10 @@ mod tests {
     #[test]
     fn the_rows_of_a_batch_with_one_oversized_event_are_refused_whole() {
         let s = Subjects::new("saga");
-        assert!(columns(&s, &[event(10), event(5_000)], 4_000).is_err());
-        assert_eq!(columns(&s, &[event(10)], 4_000).unwrap().bodies.len(), 1);
+        assert!(columns(&s, [event(10), event(5_000)].iter(), 4_000).is_err());
+        assert_eq!(
+            columns(&s, [event(10)].iter(), 4_000).unwrap().bodies.len(),
+            1
+        );
     }
 }
