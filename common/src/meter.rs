@@ -92,7 +92,7 @@ pub const SERIES: [(&str, Kind, &str); 24] = {
         (SNAPSHOTS, Counter, "Aggregate snapshots taken, and stored ones not used (another format, or not decodable), by outcome"),
         (BATCHES, Counter, "Batches of two or more events a consumer lane took together, by outcome (committed in one transaction, or applied one by one)"),
         (BATCHED_EVENTS, Counter, "Events in those batches, by outcome"),
-        (RELAY_BATCHES, Counter, "Atomic batches of two or more events the relay published, by outcome (stored as one, or refused and published one by one)"),
+        (RELAY_BATCHES, Counter, "Atomic batches the relay published, by outcome (stored as one, or refused and published one by one)"),
         (RELAY_BATCHED_EVENTS, Counter, "Events in those batches, by outcome"),
         (JANITOR_DELETED, Counter, "Rows the janitor deleted, by table: what can no longer come back"),
         (PLACEMENT_GROUPS, Counter, "Groups of two or more placements the order service wrote together, by outcome (committed in one transaction, or written one by one)"),

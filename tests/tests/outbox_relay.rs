@@ -184,7 +184,7 @@ async fn relay_all(stack: &Stack, pool: &sqlx::PgPool, events: &[Envelope]) -> R
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_round_is_stored_as_one_batch_and_a_batch_the_broker_partly_has_goes_one_by_one()
+async fn a_round_is_stored_as_one_batch_a_few_events_and_a_batch_the_broker_partly_has_one_by_one()
 -> Result<()> {
     let (stack, pool) = outbox_only().await?;
 
@@ -229,5 +229,14 @@ async fn a_round_is_stored_as_one_batch_and_a_batch_the_broker_partly_has_goes_o
     let batch = added[0].1.clone();
     assert!(batch.is_some(), "stored as an atomic batch");
     assert!(added.iter().all(|(_, b)| *b == batch), "{added:?}");
+
+    // A round of a few events: one by one, which costs the broker less
+    // than staging a batch.
+    let third = events(3);
+    relay_all(&stack, &pool, &third).await?;
+    let added = &stored(&stack).await?[all.len()..];
+    let ids: Vec<Uuid> = added.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, third.iter().map(|e| e.event_id).collect::<Vec<_>>());
+    assert!(added.iter().all(|(_, b)| b.is_none()), "{added:?}");
     Ok(())
 }
