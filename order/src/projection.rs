@@ -35,6 +35,10 @@ const POLL: Duration = Duration::from_millis(100);
 /// How soon a woken projection that found nothing looks again: the events
 /// it was woken for may belong to a transaction still below the horizon.
 const RETRY: Duration = Duration::from_millis(5);
+/// How long a woken projection waits for more commits before it applies
+/// what they wrote, so that a trickle of commits is applied in a few
+/// transactions instead of one each.
+const LINGER: Duration = Duration::from_millis(20);
 
 /// A point in the event store's commit order.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -104,7 +108,11 @@ pub async fn follow<P: Projection>(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = woken.notified() => retries = 20,
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(wait) => continue,
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(LINGER) => {}
         }
     }
 }
