@@ -887,9 +887,11 @@ impl<H: Handler> Inner<H> {
                 .map(|((t, _), outcome)| (&t.envelope, emitted(outcome).unwrap_or_default()))
                 .collect();
             refused = match self.guard(&mut tx, &applied).await {
-                Ok(Some(None)) => None,
-                Ok(Some(Some(rejected))) => Some(format!("{rejected:?}")),
-                Ok(None) => Some("an event of the batch was already consumed".to_string()),
+                Ok(outbox::Enqueued::Done) => None,
+                Ok(outbox::Enqueued::AlreadyConsumed) => {
+                    Some("an event of the batch was already consumed".to_string())
+                }
+                Ok(outbox::Enqueued::TooLarge(reason)) => Some(reason),
                 Err(e) => Some(e.to_string()),
             };
         }
@@ -928,28 +930,21 @@ impl<H: Handler> Inner<H> {
         let Some(events) = emitted(&outcome) else {
             return Ok(Some(outcome));
         };
-        Ok(self
-            .guard(tx, &[(envelope, events)])
-            .await?
-            .map(|refused| refused.unwrap_or(outcome)))
+        Ok(match self.guard(tx, &[(envelope, events)]).await? {
+            outbox::Enqueued::Done => Some(outcome),
+            outbox::Enqueued::AlreadyConsumed => None,
+            outbox::Enqueued::TooLarge(reason) => Some(Outcome::Rejected(reason)),
+        })
     }
 
-    /// Guards the applied events and appends what they emitted
-    /// ([`outbox::enqueue_once`]): `Some(None)` done, `None` if one was
-    /// applied before, `Some(Some(rejection))` if an emitted event is too
-    /// large to publish (nothing written).
+    /// Guards the applied events and appends what they emitted, in one
+    /// statement ([`outbox::enqueue_once`]).
     async fn guard(
         &self,
         tx: &mut PgConnection,
         applied: &[(&Envelope, &[Envelope])],
-    ) -> Result<Option<Option<Outcome>>, sqlx::Error> {
-        let enqueued =
-            outbox::enqueue_once(tx, &self.subjects, &self.name, applied, self.max_payload).await?;
-        Ok(match enqueued {
-            outbox::Enqueued::Done => Some(None),
-            outbox::Enqueued::AlreadyConsumed => None,
-            outbox::Enqueued::TooLarge(reason) => Some(Some(Outcome::Rejected(reason))),
-        })
+    ) -> Result<outbox::Enqueued, sqlx::Error> {
+        outbox::enqueue_once(tx, &self.subjects, &self.name, applied, self.max_payload).await
     }
 
     /// Commits a failed attempt's report to the outbox in a transaction of
@@ -1067,7 +1062,8 @@ fn emitted(outcome: &Outcome) -> Option<&[Envelope]> {
     }
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+/// What a caught panic said.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

@@ -38,7 +38,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
         every: infra.config.snapshot_every,
         meter: infra.meter.clone(),
     };
-    let placer = place::Writer {
+    let writer = place::Writer {
         pool: infra.pool.clone(),
         subjects: infra.subjects.clone(),
         outbox: infra.outbox.clone(),
@@ -46,7 +46,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
         snapshots: snapshots.clone(),
     };
     let placer = place::Placer::start(
-        placer,
+        writer,
         place::writers(infra.config.database_max_connections),
     );
     let handler = handlers::OrderHandler {

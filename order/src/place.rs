@@ -102,13 +102,6 @@ struct Waiting {
     reply: oneshot::Sender<Result<Order, PlaceError>>,
 }
 
-/// Why a group of placements was not written together.
-enum Apart {
-    /// Nothing written: write each on its own, and its own error is its answer.
-    Db(sqlx::Error),
-    TooLarge(String),
-}
-
 impl Placer {
     /// Placements received and not yet taken by a writer.
     pub fn waiting(&self) -> usize {
@@ -203,11 +196,7 @@ impl Writer {
                 .catch_unwind()
                 .await
             {
-                let panic = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("a panic");
+                let panic = common::consumer::panic_message(&*panic);
                 tracing::error!(
                     panic,
                     "placement writer panicked; its group was not answered"
@@ -234,16 +223,9 @@ impl Writer {
                     let _ = w.reply.send(answer);
                 }
             }
-            Err(apart) => {
+            Err(why) => {
                 meter.placement_group("one_by_one", group.len());
-                match apart {
-                    Apart::Db(e) => {
-                        tracing::warn!(placements = group.len(), error = %e, "placements not written together; writing each on its own")
-                    }
-                    Apart::TooLarge(e) => {
-                        tracing::info!(placements = group.len(), error = %e, "a placement is too large to publish; writing each on its own")
-                    }
-                }
+                tracing::warn!(placements = group.len(), error = %why, "placements not written together; writing each on its own");
                 for Waiting { request, reply } in group {
                     let _ = reply.send(self.place_new(request).await);
                 }
@@ -253,19 +235,22 @@ impl Writer {
 
     /// Writes the placements in one transaction: one catalog read, one
     /// append, one outbox insert. A request the catalog or the order refuses
-    /// gets its refusal and the others are written.
+    /// gets its refusal and the others are written. `Err`: nothing written,
+    /// and why.
     async fn place_together(
         &self,
         requests: &[&PlaceOrder],
-    ) -> Result<Vec<Result<Order, PlaceError>>, Apart> {
-        let mut tx = self.pool.begin().await.map_err(Apart::Db)?;
+    ) -> Result<Vec<Result<Order, PlaceError>>, String> {
+        let mut tx = self.pool.begin().await.map_err(|e| e.to_string())?;
         let mut products: Vec<&str> = requests
             .iter()
             .flat_map(|r| r.lines.iter().map(|l| l.product_id.as_str()))
             .collect();
         products.sort_unstable();
         products.dedup();
-        let prices = prices(&mut tx, &products).await.map_err(Apart::Db)?;
+        let prices = prices(&mut tx, &products)
+            .await
+            .map_err(|e| e.to_string())?;
         let mut answers = Vec::with_capacity(requests.len());
         let mut placed = Vec::with_capacity(requests.len());
         for request in requests {
@@ -281,10 +266,7 @@ impl Writer {
             placed.iter().map(|(o, e)| (o, e.as_slice())).collect();
         if let Err(e) = store::append(&mut tx, &self.snapshots, 0, &decided).await {
             let _ = tx.rollback().await;
-            return Err(Apart::Db(match e {
-                ExecError::Db(e) => e,
-                e => sqlx::Error::Protocol(e.to_string()),
-            }));
+            return Err(e.to_string());
         }
         let emitted: Vec<Envelope> = placed
             .into_iter()
@@ -292,8 +274,8 @@ impl Writer {
             .collect();
         match self.publish(tx, &emitted).await {
             Ok(Ok(())) => {}
-            Ok(Err(too_large)) => return Err(Apart::TooLarge(too_large)),
-            Err(e) => return Err(Apart::Db(e)),
+            Ok(Err(too_large)) => return Err(too_large),
+            Err(e) => return Err(e.to_string()),
         }
         for order in answers.iter().flatten() {
             placed_log(order);
