@@ -353,13 +353,19 @@ impl Service {
         let server = axum::serve(self.listener, router)
             .with_graceful_shutdown(async move { shutdown.cancelled().await });
         let relay_stop = self.relay_stop.clone();
-        let relay = async move {
+        // Each task is a task of the runtime's, run by its worker threads:
+        // not polled by the thread that awaits `run` (under `#[tokio::main]`,
+        // the main thread, which every wake-up would have to be handed to)
+        // and not polled again whenever another of them wakes up.
+        let relay = spawned(async move {
             if let Some(relay) = self.relay {
                 relay.await;
             }
-        };
+        });
+        let tasks: Vec<_> = tasks.into_iter().map(spawned).collect();
+        let server = spawned(server.into_future());
         let drained = async move {
-            let (served, _) = tokio::join!(server.into_future(), futures::future::join_all(tasks));
+            let (served, _) = tokio::join!(server, futures::future::join_all(tasks));
             // Everything that commits events has finished: flush and stop.
             relay_stop.cancel();
             served
@@ -367,6 +373,33 @@ impl Service {
         let (served, ()) = tokio::join!(drained, relay);
         tracing::info!(service = %self.name, "service stopped");
         served
+    }
+}
+
+/// `task` spawned on the runtime, as a future of its output that behaves
+/// as `task` awaited in place would: a panic in it is resumed where it is
+/// awaited, and dropping the future (a service aborted) aborts the task.
+fn spawned<T: Send + 'static>(
+    task: impl Future<Output = T> + Send + 'static,
+) -> impl Future<Output = T> {
+    struct AbortOnDrop(tokio::task::AbortHandle);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let handle = tokio::spawn(task);
+    let guard = AbortOnDrop(handle.abort_handle());
+    async move {
+        let _guard = guard;
+        match handle.await {
+            Ok(output) => output,
+            Err(e) => match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                // Only a runtime shutting down cancels a task: it is gone.
+                Err(e) => panic!("service task cancelled: {e}"),
+            },
+        }
     }
 }
 
