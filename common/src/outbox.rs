@@ -325,6 +325,15 @@ pub struct Relay {
     pub meter: Meter,
 }
 
+/// What one round of the relay did.
+#[derive(Default)]
+struct Round {
+    /// Rows published or parked.
+    published: usize,
+    /// Whether rows were left for the next round.
+    more: bool,
+}
+
 struct Row {
     id: i64,
     event_id: Uuid,
@@ -456,9 +465,9 @@ impl Relay {
         let atomic = *atomic;
         let mut total = 0;
         loop {
-            let published = self.publish_batch(conn, atomic).await?;
-            total += published;
-            if published == 0 {
+            let round = self.publish_batch(conn, atomic).await?;
+            total += round.published;
+            if round.published == 0 || !round.more {
                 return Ok(total);
             }
         }
@@ -472,12 +481,17 @@ impl Relay {
         &self,
         conn: &mut PgConnection,
         atomic: Atomic,
-    ) -> Result<usize, RelayError> {
+    ) -> Result<Round, RelayError> {
         let read_at = std::time::Instant::now();
-        let rows: Vec<Row> = sqlx::query_as::<_, (i64, Uuid, String, Vec<u8>, f64)>(
+        // With each row, how many rows the window read held: more than it
+        // picked (an aggregate's later events) or a full window means more
+        // is pending once this round is deleted.
+        let mut window = 0;
+        let rows: Vec<Row> = sqlx::query_as::<_, (i64, Uuid, String, Vec<u8>, f64, i64)>(
             "SELECT id, event_id, subject, body,
-                    extract(epoch FROM clock_timestamp() - created_at)::float8 FROM (
-                 SELECT o.*, row_number() OVER (PARTITION BY aggregate_id ORDER BY id) AS nth
+                    extract(epoch FROM clock_timestamp() - created_at)::float8, window_rows FROM (
+                 SELECT o.*, row_number() OVER (PARTITION BY aggregate_id ORDER BY id) AS nth,
+                        count(*) OVER () AS window_rows
                  FROM (SELECT * FROM outbox ORDER BY id LIMIT $1) o
              ) ranked
              WHERE nth = 1 ORDER BY id",
@@ -486,17 +500,22 @@ impl Relay {
         .fetch_all(&mut *conn)
         .await?
         .into_iter()
-        .map(|(id, event_id, subject, body, age)| Row {
-            id,
-            event_id,
-            subject,
-            body,
-            age: Duration::try_from_secs_f64(age).unwrap_or_default(),
+        .map(|(id, event_id, subject, body, age, window_rows)| {
+            window = window_rows;
+            Row {
+                id,
+                event_id,
+                subject,
+                body,
+                age: Duration::try_from_secs_f64(age).unwrap_or_default(),
+            }
         })
         .collect();
         if rows.is_empty() {
-            return Ok(0);
+            return Ok(Round::default());
         }
+        // A commit after the read wakes the relay again: no need to look.
+        let more = window == BATCH || window > rows.len() as i64;
 
         let max = max_payload(&self.js);
         let mut parked = Vec::new();
@@ -563,12 +582,15 @@ impl Relay {
             } else {
                 tracing::warn!(error = %e, published = acked.len(), "publish failed; unacknowledged events stay in the outbox");
             }
-            return Ok(0);
+            return Ok(Round::default());
         }
         if self.health.ok(HEALTH_RELAY) {
             tracing::info!("the broker accepts events again");
         }
-        Ok(acked.len() + parked.len())
+        Ok(Round {
+            published: acked.len() + parked.len(),
+            more,
+        })
     }
 
     /// Whether `stream` says it takes atomic batches. A broker that does
