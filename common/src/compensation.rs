@@ -15,10 +15,7 @@
 //! aggregate id: the step's outcome ([`STEP_VERSION`]) and its
 //! compensation ([`COMPENSATION_VERSION`]).
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, LazyLock},
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use futures::{
     FutureExt, StreamExt,
@@ -137,33 +134,22 @@ pub async fn lock<S: Step>(tx: &mut PgConnection, order_id: Uuid) -> sqlx::Resul
 
 /// Holds `order_id` for this transaction (an advisory lock): a service's
 /// forward step for the order and the customer's cancel of it take turns.
+/// The lock is the database's `hold_orders` (a common migration), which
+/// [`Cancels::begin`] takes too.
 pub async fn hold_order(tx: &mut PgConnection, order_id: Uuid) -> sqlx::Result<()> {
-    hold_orders(tx, &[order_id]).await
-}
-
-/// [`hold_order`] for each of `orders` (sorted, without repeats), in one
-/// statement and in order of id, so that two holders of several orders never
-/// wait on each other in a cycle.
-async fn hold_orders(tx: &mut PgConnection, orders: &[Uuid]) -> sqlx::Result<()> {
-    static HOLD: LazyLock<String> = LazyLock::new(|| hold_statement("$1"));
-    sqlx::query(AssertSqlSafe(HOLD.as_str()))
-        .bind(orders)
+    sqlx::query("SELECT hold_orders($1)")
+        .bind([order_id].as_slice())
         .execute(tx)
         .await?;
     Ok(())
 }
 
-/// The statement that holds the orders of `ids` (an array of uuids in SQL:
-/// a parameter, or a literal).
-fn hold_statement(ids: &str) -> String {
-    format!(
-        "SELECT count(pg_advisory_xact_lock(hashtextextended(id::text, 11))) \
-         FROM (SELECT id FROM unnest({ids}::uuid[]) AS id ORDER BY id) held"
-    )
-}
+/// The SQLSTATE `hold_orders_not_cancelled` fails with when a cancel is
+/// recorded for an order it held.
+const CANCEL_RECORDED: &str = "SG001";
 
 /// How long asking the broker for an order's cancel may take.
-const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most questions to the broker a batch has open at once.
 const LOOKUPS_AT_ONCE: usize = 32;
 
@@ -250,43 +236,85 @@ impl Cancels {
         }
     }
 
-    /// A transaction begun on `pool` with `begin` (`BEGIN`, or `BEGIN` and
-    /// settings) that holds `orders` from its first statement (see
-    /// [`hold_orders`]), and these cancels with this service's record of
-    /// their cancels, read with one more statement once every hold is taken:
-    /// what the steps the transaction takes for them would each ask in turn.
+    /// A transaction begun on `pool` that holds `orders` from its first
+    /// statement (see [`hold_order`]), waits for no lock longer than
+    /// `lock_timeout` (`None`: as long as it takes), and these cancels with
+    /// this service's record of the orders' cancels, read once every hold
+    /// was taken: what the steps the transaction takes for them would each
+    /// ask in turn.
+    ///
+    /// One round trip when no cancel is recorded for them (the rule): the
+    /// holds and the check run before the transaction's `BEGIN`, in the
+    /// implicit transaction of the same simple query, which `BEGIN` turns
+    /// into the transaction returned, holds included. Should a hold fail
+    /// (a lock timeout, a deadlock), that implicit transaction rolls back
+    /// and `BEGIN` never runs: the connection goes back to the pool outside
+    /// any transaction. (After a `BEGIN; …` whose later statement failed it
+    /// would stay in the aborted transaction, which sqlx does not roll back,
+    /// and fail every transaction begun on it from then on.)
     ///
     /// Only for orders the transaction has nothing else to apply for: an
     /// event that records a cancel would leave the answer stale.
     pub async fn begin(
         &self,
         pool: &PgPool,
-        begin: &'static str,
+        lock_timeout: Option<Duration>,
         orders: &[Uuid],
     ) -> sqlx::Result<(Transaction<'static, Postgres>, Cancels)> {
+        let settings = match lock_timeout {
+            Some(t) => format!(
+                "SELECT set_config('lock_timeout', '{}ms', true); ",
+                t.as_millis().max(1)
+            ),
+            None => String::new(),
+        };
         let mut orders = orders.to_vec();
         orders.sort_unstable();
         orders.dedup();
         if orders.is_empty() {
-            return Ok((pool.begin_with(begin).await?, self.clone()));
+            let tx = pool.begin_with(AssertSqlSafe(format!("{settings}BEGIN")));
+            return Ok((tx.await?, self.clone()));
         }
         // The ids are uuids, printed by their type: nothing else reaches
         // the statement.
         let ids: Vec<String> = orders.iter().map(Uuid::to_string).collect();
-        let held = hold_statement(&format!("'{{{}}}'", ids.join(",")));
-        let mut tx = pool
-            .begin_with(AssertSqlSafe(format!("{begin}; {held}")))
-            .await?;
-        // A statement of its own: its snapshot is taken after the holds,
-        // so it sees every cancel committed before them.
+        let ids = format!("'{{{}}}'::uuid[]", ids.join(","));
+        let mut held: HashMap<Uuid, Option<String>> = orders.iter().map(|id| (*id, None)).collect();
+        let begun = pool
+            .begin_with(AssertSqlSafe(format!(
+                "{settings}SELECT hold_orders_not_cancelled({ids}); BEGIN"
+            )))
+            .await;
+        let mut tx = match begun {
+            Ok(tx) => {
+                let held = Arc::new(held);
+                return Ok((
+                    tx,
+                    Cancels {
+                        held,
+                        ..self.clone()
+                    },
+                ));
+            }
+            Err(e)
+                if e.as_database_error().and_then(|e| e.code()).as_deref()
+                    == Some(CANCEL_RECORDED) =>
+            {
+                pool.begin_with(AssertSqlSafe(format!(
+                    "{settings}SELECT hold_orders({ids}); BEGIN"
+                )))
+                .await?
+            }
+            Err(e) => return Err(e),
+        };
+        // A cancel is recorded for one of them: which, and why. A statement
+        // of its own, so its snapshot is taken after the holds.
         let recorded: Vec<(Uuid, String)> = sqlx::query_as(
             "SELECT order_id, reason FROM cancelled_orders WHERE order_id = ANY($1)",
         )
         .bind(&orders)
         .fetch_all(&mut *tx)
         .await?;
-        let mut held: HashMap<Uuid, Option<String>> =
-            orders.into_iter().map(|id| (id, None)).collect();
         for (id, reason) in recorded {
             held.insert(id, Some(reason));
         }

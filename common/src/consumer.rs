@@ -502,8 +502,8 @@ impl<H: Handler> Lanes<H> {
     }
 }
 
-/// How a batch's transaction begins: no lock waited for longer than this.
-const BATCH_BEGIN: &str = "BEGIN; SET LOCAL lock_timeout = '100ms'";
+/// The longest a batch's transaction waits for any one lock.
+const BATCH_LOCK_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// How long one pull waits for events before the next is issued.
 const PULL_EXPIRY: Duration = Duration::from_secs(1);
@@ -787,7 +787,7 @@ impl<H: Handler> Inner<H> {
         // A forward step's order is held from the transaction's first
         // statement on.
         let step: Vec<Uuid> = self.handler.step_of(&event).into_iter().collect();
-        let (mut tx, cancels) = cancels.begin(&self.pool, "BEGIN", &step).await?;
+        let (mut tx, cancels) = cancels.begin(&self.pool, None, &step).await?;
         let result = AssertUnwindSafe(self.apply_in(
             &mut tx,
             &self.meter,
@@ -850,7 +850,7 @@ impl<H: Handler> Inner<H> {
             .filter(|order_id| events_of.get(order_id) == Some(&1))
             .collect();
         let (mut tx, cancels) = cancels
-            .begin(&self.pool, BATCH_BEGIN, &alone)
+            .begin(&self.pool, Some(BATCH_LOCK_TIMEOUT), &alone)
             .await
             .map_err(|e| format!("holding the batch's orders: {e}"))?;
         let meter = self.meter.holding();
