@@ -38,7 +38,7 @@ pub const HEALTH_DEAD_LETTERS: &str = "timelineDeadLetters";
 /// a saga's events a few milliseconds apart are recorded together, in one
 /// transaction, instead of one each, and a timeline is this much behind at
 /// most (when the broker is not behind).
-const LINGER: Duration = Duration::from_millis(20);
+const LINGER: Duration = Duration::from_millis(100);
 
 /// Records what the watches deliver.
 pub struct Observer {

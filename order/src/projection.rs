@@ -38,7 +38,7 @@ const RETRY: Duration = Duration::from_millis(5);
 /// How long a woken projection waits for more commits before it applies
 /// what they wrote, so that a trickle of commits is applied in a few
 /// transactions instead of one each.
-const LINGER: Duration = Duration::from_millis(20);
+const LINGER: Duration = Duration::from_millis(100);
 
 /// A point in the event store's commit order.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
