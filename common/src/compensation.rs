@@ -189,16 +189,19 @@ impl Cancels {
     /// once, about `orders` (the orders whose steps are about to be taken):
     /// the answers come while the Redis claim is made and the transaction
     /// begins, instead of one by one inside it. An order the broker did not
-    /// answer for is asked again when its step asks, as if alone.
+    /// answer for is asked again when its step asks, as if alone. The
+    /// stream is not asked about `clear` (orders it cannot hold a cancel
+    /// for that was published before their steps were taken), unless they
+    /// are among `orders` too.
     ///
     /// Asking before the transaction instead of in it changes nothing a
     /// step can observe: the answer is still about the cancels published
     /// before the step was taken, and a cancel published after it (like
     /// one published after the step committed) finds the step done and
     /// undoes it.
-    pub fn ask_ahead(&self, orders: impl IntoIterator<Item = Uuid>) -> Cancels {
-        let mut orders: Vec<Uuid> = orders.into_iter().collect();
-        if orders.is_empty() {
+    pub fn ask_ahead(&self, orders: Vec<Uuid>, clear: Vec<Uuid>) -> Cancels {
+        let mut orders = orders;
+        if orders.is_empty() && clear.is_empty() {
             return Cancels {
                 answered: None,
                 ..self.clone()
@@ -206,23 +209,33 @@ impl Cancels {
         }
         orders.sort_unstable();
         orders.dedup();
-        let asking = self.clone();
-        let task = tokio::spawn(async move {
-            futures::stream::iter(orders)
-                .map(|order_id| {
-                    let asking = &asking;
-                    async move { (order_id, asking.in_stream(order_id).await) }
-                })
-                .buffer_unordered(LOOKUPS_AT_ONCE)
-                .filter_map(|(order_id, answer)| async move { Some((order_id, answer.ok()?)) })
-                .collect::<HashMap<Uuid, Option<String>>>()
-                .await
-        });
-        let answered = async move { Arc::new(task.await.unwrap_or_default()) }
-            .boxed()
-            .shared();
+        let clear: HashMap<Uuid, Option<String>> = clear
+            .into_iter()
+            .filter(|id| orders.binary_search(id).is_err())
+            .map(|id| (id, None))
+            .collect();
+        let answered = if orders.is_empty() {
+            futures::future::ready(Arc::new(clear)).boxed()
+        } else {
+            let asking = self.clone();
+            let task = tokio::spawn(async move {
+                let mut answers = clear;
+                let asked: Vec<(Uuid, Option<String>)> = futures::stream::iter(orders)
+                    .map(|order_id| {
+                        let asking = &asking;
+                        async move { (order_id, asking.in_stream(order_id).await) }
+                    })
+                    .buffer_unordered(LOOKUPS_AT_ONCE)
+                    .filter_map(|(order_id, answer)| async move { Some((order_id, answer.ok()?)) })
+                    .collect()
+                    .await;
+                answers.extend(asked);
+                answers
+            });
+            async move { Arc::new(task.await.unwrap_or_default()) }.boxed()
+        };
         Cancels {
-            answered: Some(answered),
+            answered: Some(answered.shared()),
             ..self.clone()
         }
     }

@@ -272,6 +272,10 @@ struct Taken {
     msg: jetstream::Message,
     delivered: i64,
     stream_seq: u64,
+    /// Whether the stream held nothing else for this consumer when it was
+    /// delivered, the first time: no cancel of its order can have been
+    /// waiting behind it then.
+    last_first: bool,
     /// When the broker stored it (nanoseconds since the epoch).
     published: Option<i128>,
     /// When this service took it.
@@ -514,9 +518,18 @@ impl<H: Handler> Inner<H> {
         let ids: Vec<Uuid> = taken.iter().map(|t| t.envelope.event_id).collect();
         // The stream is asked about the orders' cancels while Redis is
         // asked about the events, and answers by the time a step wants it.
-        let cancels = self
-            .cancels
-            .ask_ahead(taken.iter().filter_map(|t| self.handler.step_of(&t.event)));
+        // It is not asked about an event that was the last it held for this
+        // consumer when first delivered: a cancel published before that is
+        // delivered before it (or recorded: the step's transaction reads
+        // that once it holds the order), and one published after finds the
+        // step taken, or waits for its hold, and undoes it.
+        let (last, ask): (Vec<&Taken>, Vec<&Taken>) = taken.iter().partition(|t| t.last_first);
+        let steps = |ts: Vec<&Taken>| -> Vec<Uuid> {
+            ts.iter()
+                .filter_map(|t| self.handler.step_of(&t.event))
+                .collect()
+        };
+        let cancels = self.cancels.ask_ahead(steps(ask), steps(last));
         let claims = self.idempotency.claim_all(&ids).await;
         let mut batch = Vec::with_capacity(taken.len());
         for (t, claim) in taken.into_iter().zip(claims) {
@@ -573,13 +586,14 @@ impl<H: Handler> Inner<H> {
     /// Decodes a delivery and checks its subject; one that fails either is
     /// dead-lettered here, and `None`.
     async fn take(&self, msg: jetstream::Message, started: Instant) -> Option<Taken> {
-        let (delivered, stream_seq, published) = match msg.info() {
+        let (delivered, stream_seq, published, last_first) = match msg.info() {
             Ok(i) => (
                 i.delivered,
                 i.stream_sequence,
                 Some(i.published.unix_timestamp_nanos()),
+                i.delivered == 1 && i.pending == 0,
             ),
-            Err(_) => (1, 0, None),
+            Err(_) => (1, 0, None, false),
         };
         let d = Delivery {
             msg: &msg,
@@ -594,6 +608,7 @@ impl<H: Handler> Inner<H> {
                     return Some(Taken {
                         delivered,
                         stream_seq,
+                        last_first,
                         published,
                         started,
                         envelope,
