@@ -292,42 +292,37 @@ impl Cancels {
         // the statement.
         let ids: Vec<String> = orders.iter().map(Uuid::to_string).collect();
         let ids = format!("'{{{}}}'::uuid[]", ids.join(","));
-        let mut held: HashMap<Uuid, Option<String>> = orders.iter().map(|id| (*id, None)).collect();
         let begun = pool
             .begin_with(AssertSqlSafe(format!(
                 "{settings}SELECT hold_orders_not_cancelled({ids}); BEGIN"
             )))
             .await;
-        let mut tx = match begun {
-            Ok(tx) => {
-                let held = Arc::new(held);
-                return Ok((
-                    tx,
-                    Cancels {
-                        held,
-                        ..self.clone()
-                    },
-                ));
-            }
+        let (tx, recorded) = match begun {
+            Ok(tx) => (tx, Vec::new()),
             Err(e)
                 if e.as_database_error().and_then(|e| e.code()).as_deref()
                     == Some(CANCEL_RECORDED) =>
             {
-                pool.begin_with(AssertSqlSafe(format!(
-                    "{settings}SELECT hold_orders({ids}); BEGIN"
-                )))
-                .await?
+                // A cancel is recorded for one of them: which, and why. A
+                // statement of its own, so its snapshot is taken after the
+                // holds.
+                let mut tx = pool
+                    .begin_with(AssertSqlSafe(format!(
+                        "{settings}SELECT hold_orders({ids}); BEGIN"
+                    )))
+                    .await?;
+                let recorded: Vec<(Uuid, String)> = sqlx::query_as(
+                    "SELECT order_id, reason FROM cancelled_orders WHERE order_id = ANY($1)",
+                )
+                .bind(&orders)
+                .fetch_all(&mut *tx)
+                .await?;
+                (tx, recorded)
             }
             Err(e) => return Err(e),
         };
-        // A cancel is recorded for one of them: which, and why. A statement
-        // of its own, so its snapshot is taken after the holds.
-        let recorded: Vec<(Uuid, String)> = sqlx::query_as(
-            "SELECT order_id, reason FROM cancelled_orders WHERE order_id = ANY($1)",
-        )
-        .bind(&orders)
-        .fetch_all(&mut *tx)
-        .await?;
+        let mut held: HashMap<Uuid, Option<String>> =
+            orders.into_iter().map(|id| (id, None)).collect();
         for (id, reason) in recorded {
             held.insert(id, Some(reason));
         }
