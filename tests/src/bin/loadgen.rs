@@ -68,6 +68,13 @@ struct Args {
     inventory_url: String,
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    /// The running stack's broker monitor, for the messages it handled.
+    #[arg(
+        long,
+        env = "NATS_MONITOR_URL",
+        default_value = "http://127.0.0.1:8222"
+    )]
+    nats_monitor_url: String,
     /// The broker user to watch the sagas' ends as (`operator`), if it has users.
     #[arg(long, env = "NATS_USER")]
     nats_user: Option<String>,
@@ -112,6 +119,7 @@ impl Args {
                 "PAYMENT_URL" => &mut self.payment_url,
                 "INVENTORY_URL" => &mut self.inventory_url,
                 "NATS_URL" => &mut self.nats_url,
+                "NATS_MONITOR_URL" => &mut self.nats_monitor_url,
                 "NATS_USER" => self.nats_user.get_or_insert_default(),
                 "SUBJECT_PREFIX" => &mut self.prefix,
                 _ => continue,
@@ -437,6 +445,11 @@ async fn run(args: Args) -> Result<f64> {
         tokio::spawn(report_backlog(nats.clone(), endpoints.subjects.clone()));
     }
     let idle: Vec<Option<u64>> = processes.iter().map(|(_, pid)| rss_kib(*pid)).collect();
+    // What the sagas cost the running stack's processes and broker.
+    let costs_before = match &private {
+        Some(_) => None,
+        None => Some(Costs::now(&http, &args.nats_monitor_url, &processes, &run_dir).await),
+    };
     let peak = Arc::new(Mutex::new(idle.clone()));
     let sampling = tokio::spawn({
         let (peak, pids) = (
@@ -551,6 +564,10 @@ async fn run(args: Args) -> Result<f64> {
         .map(|((name, _), (idle, peak))| format!("{name} {} idle, {} peak", mb(*idle), mb(*peak)))
         .collect();
     println!("memory (RSS MB): {}", memory.join("; "));
+    if let Some(before) = costs_before {
+        let after = Costs::now(&http, &args.nats_monitor_url, &processes, &run_dir).await;
+        after.since(&before, latencies.len());
+    }
 
     if let Some((latency, id)) = slowest {
         print_timeline(&nats, &endpoints.subjects, id, latency).await?;
@@ -658,6 +675,124 @@ async fn print_timeline(
     }
     println!("{line}");
     Ok(())
+}
+
+/// What the running stack's processes had used at one moment: CPU time by
+/// process (the services, nats-server, every Postgres backend), and the
+/// messages the broker had taken in and sent out. Compared over a run, per
+/// saga, these vary far less with the machine's moods than sagas per
+/// second do.
+struct Costs {
+    /// Group (a service, `nats-server`, `postgres`), pid, CPU time used.
+    cpu: Vec<(String, u32, Duration)>,
+    /// The broker's `in_msgs` and `out_msgs`, if its monitor answered.
+    messages: Option<(u64, u64)>,
+}
+
+impl Costs {
+    async fn now(
+        http: &reqwest::Client,
+        monitor: &str,
+        services: &[(String, u32)],
+        run_dir: &std::path::Path,
+    ) -> Costs {
+        let mut pids: Vec<(String, u32)> = services.to_vec();
+        // Every broker node `stack up` started (`nats.pid`, `nats-2.pid`, …).
+        if let Ok(dir) = std::fs::read_dir(run_dir) {
+            for entry in dir.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with("nats") && name.ends_with(".pid") {
+                    let pid = std::fs::read_to_string(entry.path())
+                        .ok()
+                        .and_then(|t| t.lines().next()?.trim().parse().ok());
+                    pids.extend(pid.map(|pid| ("nats-server".to_string(), pid)));
+                }
+            }
+        }
+        // Postgres: every backend of the server, this stack's or not.
+        if let Ok(proc) = std::fs::read_dir("/proc") {
+            for entry in proc.flatten() {
+                let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
+                    continue;
+                };
+                let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+                if comm.trim() == "postgres" {
+                    pids.push(("postgres".to_string(), pid));
+                }
+            }
+        }
+        let cpu = pids
+            .into_iter()
+            .filter_map(|(group, pid)| Some((group, pid, cpu_time(pid)?)))
+            .collect();
+        let varz = async {
+            let v: Value = http
+                .get(format!("{monitor}/varz"))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            Some((v["in_msgs"].as_u64()?, v["out_msgs"].as_u64()?))
+        };
+        Costs {
+            cpu,
+            messages: varz.await,
+        }
+    }
+
+    /// Prints what `sagas` sagas cost since `before`: CPU milliseconds per
+    /// saga by group (a process that ended meanwhile, a Postgres backend
+    /// closed, is not counted), and the broker's messages per saga.
+    fn since(&self, before: &Costs, sagas: usize) {
+        if sagas == 0 {
+            return;
+        }
+        let mut groups: Vec<(String, Duration)> = Vec::new();
+        for (group, pid, used) in &self.cpu {
+            let earlier = before
+                .cpu
+                .iter()
+                .find(|(_, p, _)| p == pid)
+                .map_or(Duration::ZERO, |c| c.2);
+            let spent = used.saturating_sub(earlier);
+            match groups.iter_mut().find(|(g, _)| g == group) {
+                Some((_, total)) => *total += spent,
+                None => groups.push((group.clone(), spent)),
+            }
+        }
+        let per_saga = |d: Duration| d.as_secs_f64() * 1000.0 / sagas as f64;
+        let total: Duration = groups.iter().map(|g| g.1).sum();
+        let each: Vec<String> = groups
+            .iter()
+            .map(|(g, d)| format!("{g} {:.2}", per_saga(*d)))
+            .collect();
+        println!(
+            "cpu ms per saga: {}; all {:.2}",
+            each.join(", "),
+            per_saga(total)
+        );
+        if let (Some((i0, o0)), Some((i1, o1))) = (before.messages, self.messages) {
+            println!(
+                "broker messages per saga: in {:.1}, out {:.1}",
+                i1.saturating_sub(i0) as f64 / sagas as f64,
+                o1.saturating_sub(o0) as f64 / sagas as f64
+            );
+        }
+    }
+}
+
+/// CPU time (user and system) process `pid` has used, if it runs.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command (in parentheses, and it may hold blanks): utime and
+    // stime are the 12th and 13th fields, in USER_HZ, which Linux fixes at
+    // 100 per second for what it reports in /proc.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 /// Resident memory of process `pid` in KiB (`VmRSS`), if it runs.
