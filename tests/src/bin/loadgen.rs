@@ -302,11 +302,7 @@ async fn run(args: Args) -> Result<f64> {
     let processes: Vec<(String, u32)> = match &private {
         Some(_) => vec![("loadgen and the services".into(), std::process::id())],
         None => common::roster::names()
-            .filter_map(|name| {
-                let text = std::fs::read_to_string(run_dir.join(format!("{name}.pid"))).ok()?;
-                let pid = text.lines().next()?.trim().parse().ok()?;
-                Some((name.to_string(), pid))
-            })
+            .filter_map(|name| Some((name.to_string(), running(&run_dir, name)?)))
             .collect(),
     };
     // Arranging balances and stock is an operator's change: the private
@@ -701,10 +697,8 @@ impl Costs {
         if let Ok(dir) = std::fs::read_dir(run_dir) {
             for entry in dir.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with("nats") && name.ends_with(".pid") {
-                    let pid = std::fs::read_to_string(entry.path())
-                        .ok()
-                        .and_then(|t| t.lines().next()?.trim().parse().ok());
+                if let Some(node) = name.strip_suffix(".pid").filter(|n| n.starts_with("nats")) {
+                    let pid = running(run_dir, node);
                     pids.extend(pid.map(|pid| ("nats-server".to_string(), pid)));
                 }
             }
@@ -782,6 +776,12 @@ impl Costs {
             );
         }
     }
+}
+
+/// The pid of the process `stack up` started as `name`, if it still runs.
+fn running(run_dir: &std::path::Path, name: &str) -> Option<u32> {
+    let pid = stack::process::Daemon::new(run_dir, name).running()?;
+    u32::try_from(pid).ok()
 }
 
 /// CPU time (user and system) process `pid` has used, if it runs.
