@@ -44,6 +44,13 @@ struct Args {
     /// Share of orders meant to fail (declined, out of stock, bad address in turn).
     #[arg(long, default_value_t = 0.25, value_parser = parse_share_or_rate::<1>)]
     fail_ratio: f64,
+    /// Paying customers the orders are spread over: fewer make hotter
+    /// accounts (orders on one account serialize on its row lock).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    customers: u32,
+    /// Products the orders are spread over: fewer make hotter stock rows.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    products: u32,
     /// Drive the stack `scripts/up.sh` started (its settings, its processes)
     /// instead of a private one; each service's RSS is reported.
     #[arg(long)]
@@ -175,12 +182,12 @@ impl Plan {
         }
     }
 
-    /// The body of order `i`: orders are spread over [`CUSTOMERS`] paying
-    /// customers and [`PRODUCTS`] products, as real traffic is. (Orders on one
+    /// The body of order `i`: orders are spread over `customers` paying
+    /// customers and `products` products, as real traffic is. (Orders on one
     /// account serialize on its row lock, as they must.)
-    fn body(self, run: &str, i: usize) -> Value {
-        let rich = format!("{run}-rich-{}", i % CUSTOMERS);
-        let plenty = format!("{run}-plenty-{}", i % PRODUCTS);
+    fn body(self, run: &str, i: usize, customers: usize, products: usize) -> Value {
+        let rich = format!("{run}-rich-{}", i % customers);
+        let plenty = format!("{run}-plenty-{}", i % products);
         match self {
             Plan::Succeed => order_body(&rich, &[(&plenty, 1, UNIT_PRICE)], "US"),
             Plan::Declined => {
@@ -201,8 +208,6 @@ impl Plan {
     }
 }
 
-const CUSTOMERS: usize = 64;
-const PRODUCTS: usize = 64;
 const RICH_BALANCE: i64 = 1_000_000_000_000;
 const UNIT_PRICE: i64 = 500;
 const PLENTY_STOCK: i64 = 1_000_000_000;
@@ -343,14 +348,14 @@ async fn run(args: Args) -> Result<f64> {
             Ok::<_, anyhow::Error>(())
         }
     };
-    for i in 0..CUSTOMERS {
+    for i in 0..args.customers {
         put(
             format!("{}/accounts/{run_id}-rich-{i}", endpoints.payment),
             json!({"balance": RICH_BALANCE}),
         )
         .await?;
     }
-    for i in 0..PRODUCTS {
+    for i in 0..args.products {
         put(
             format!("{}/stock/{run_id}-plenty-{i}", endpoints.inventory),
             json!({"available": PLENTY_STOCK}),
@@ -369,7 +374,7 @@ async fn run(args: Args) -> Result<f64> {
     .await?;
     // Every product priced in the catalog, and the price arrived at the
     // order service, which prices the lines.
-    let products: Vec<String> = (0..PRODUCTS)
+    let products: Vec<String> = (0..args.products)
         .map(|i| format!("{run_id}-plenty-{i}"))
         .chain([format!("{run_id}-scarce")])
         .collect();
@@ -472,7 +477,7 @@ async fn run(args: Args) -> Result<f64> {
         }
         let permit = permits.clone().acquire_owned().await?;
         let plan = Plan::for_index(i, args.fail_ratio);
-        let body = plan.body(&run_id, i);
+        let body = plan.body(&run_id, i, args.customers as usize, args.products as usize);
         let (http, waiters, url, timeout) = (
             http.clone(),
             waiters.clone(),
@@ -571,11 +576,11 @@ async fn run(args: Args) -> Result<f64> {
     if let Some(stack) = &private {
         // Rows belong to this run only in a private stack: check the invariants.
         stack.settle().await?;
-        let mut balances: Vec<(String, i64)> = (0..CUSTOMERS)
+        let mut balances: Vec<(String, i64)> = (0..args.customers)
             .map(|i| (format!("{run_id}-rich-{i}"), RICH_BALANCE))
             .collect();
         balances.push((format!("{run_id}-broke"), 0));
-        let mut stock: Vec<(String, i64)> = (0..PRODUCTS)
+        let mut stock: Vec<(String, i64)> = (0..args.products)
             .map(|i| (format!("{run_id}-plenty-{i}"), PLENTY_STOCK))
             .collect();
         stock.push((format!("{run_id}-scarce"), 0));
