@@ -38,6 +38,31 @@ impl Handler for InventoryHandler {
             _ => Ok(Outcome::Unhandled),
         }
     }
+
+    /// The stock a batch reserves or releases, locked in product order
+    /// before the first is touched. (One event alone takes its rows in
+    /// order anyway.)
+    async fn lock_ahead(
+        &self,
+        tx: &mut PgConnection,
+        events: &[&Event],
+    ) -> Result<(), HandlerError> {
+        if events.len() < 2 {
+            return Ok(());
+        }
+        let mut products = Vec::new();
+        let mut releasing = Vec::new();
+        for event in events {
+            match event {
+                Event::PaymentProcessed(paid) => {
+                    products.extend(paid.lines.iter().map(|l| &l.product_id))
+                }
+                other => releasing.push(other.order_id()),
+            }
+        }
+        store::lock_stock(tx, &products, &releasing).await?;
+        Ok(())
+    }
 }
 
 async fn reserve(cx: Applying<'_>, paid: PaymentProcessed) -> Result<Outcome, HandlerError> {

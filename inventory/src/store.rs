@@ -49,6 +49,31 @@ pub async fn lock_available(
     Ok(rows.into_iter().collect())
 }
 
+/// Locks, in product order, the stock of `products` and of the lines
+/// reserved for the orders in `releasing` (a release puts them back), as a
+/// batch takes them before applying any of its events
+/// ([`common::Handler::lock_ahead`]): the order [`lock_available`] takes.
+pub async fn lock_stock(
+    tx: &mut PgConnection,
+    products: &[&String],
+    releasing: &[Uuid],
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "SELECT product_id FROM stock
+         WHERE product_id = ANY(ARRAY(
+             SELECT unnest($1::text[])
+             UNION SELECT line->>'productId'
+                   FROM reservations, jsonb_array_elements(lines) AS line
+                   WHERE order_id = ANY($2)))
+         ORDER BY product_id FOR UPDATE",
+    )
+    .bind(products)
+    .bind(releasing)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
 /// Records the order's reservation and moves `reserved` (empty for a
 /// reservation that failed) from available to reserved, in one statement;
 /// `false` if the order already has a reservation (one per order: the

@@ -53,6 +53,29 @@ impl Handler for PaymentHandler {
             _ => Ok(Outcome::Unhandled),
         }
     }
+
+    /// The accounts a batch charges or refunds, locked in customer order
+    /// before the first is touched. (One event alone takes its rows in
+    /// order anyway.)
+    async fn lock_ahead(
+        &self,
+        tx: &mut PgConnection,
+        events: &[&Event],
+    ) -> Result<(), HandlerError> {
+        if events.len() < 2 {
+            return Ok(());
+        }
+        let mut customers = Vec::new();
+        let mut refunding = Vec::new();
+        for event in events {
+            match event {
+                Event::OrderPlaced(order) => customers.push(order.customer_id.as_str()),
+                other => refunding.push(other.order_id()),
+            }
+        }
+        store::lock_accounts(tx, &customers, &refunding).await?;
+        Ok(())
+    }
 }
 
 impl PaymentHandler {

@@ -31,6 +31,29 @@ pub struct PaymentView {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Locks, in customer order, the accounts of `customers` and of whoever
+/// paid for the orders in `refunding` (a refund credits their account), as
+/// a batch takes them before applying any of its events
+/// ([`common::Handler::lock_ahead`]).
+pub async fn lock_accounts(
+    tx: &mut PgConnection,
+    customers: &[&str],
+    refunding: &[Uuid],
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "SELECT customer_id FROM accounts
+         WHERE customer_id = ANY(ARRAY(
+             SELECT unnest($1::text[])
+             UNION SELECT customer_id FROM payments WHERE order_id = ANY($2)))
+         ORDER BY customer_id FOR UPDATE",
+    )
+    .bind(customers)
+    .bind(refunding)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
 /// The account's balance, its row locked: charges to one account queue here,
 /// and each sees the balance the previous one left.
 pub async fn lock_balance(tx: &mut PgConnection, customer_id: &str) -> sqlx::Result<Option<i64>> {

@@ -7,7 +7,7 @@
 //! and the first event waits on a row lock the test holds while the others
 //! queue up behind it, so the next batch holds all of them.
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 use async_nats::jetstream;
 use common::{
     Envelope, Event, EventKind,
@@ -25,7 +25,11 @@ const BALANCE: i64 = 10_000;
 /// An OrderPlaced of one widget at `total` for `customer`, as the order
 /// service would publish it: (order id, subject, bytes).
 fn placed(stack: &Stack, customer: &str, total: i64) -> (Uuid, String, Vec<u8>) {
-    let order_id = Uuid::now_v7();
+    placed_as(stack, Uuid::now_v7(), customer, total)
+}
+
+/// The same, for `order_id`.
+fn placed_as(stack: &Stack, order_id: Uuid, customer: &str, total: i64) -> (Uuid, String, Vec<u8>) {
     let event = Event::OrderPlaced(OrderPlaced {
         order_id,
         customer_id: customer.into(),
@@ -257,20 +261,44 @@ async fn a_crash_in_the_middle_of_a_batch_loses_and_doubles_nothing() -> Result<
             .await?;
     }
 
-    // c1 holds the first event; c5 holds the batch of the eight others in
-    // its middle, after c2 to c4 are charged in its transaction.
+    // c1 holds the first event. c5's order holds the batch of the eight
+    // others in its middle, after c2 to c4 are charged in its transaction:
+    // a payment row for it, inserted and not committed, which the batch's
+    // insert of c5's payment waits on. (Not c5's account: the batch locks
+    // its accounts before it charges any.)
     let first = lock_account(&stack, "c1").await?;
-    let middle = lock_account(&stack, "c5").await?;
-    let orders = queue_behind_the_first(&stack, &consumer, &pool, &customers).await?;
+    let middle_order = Uuid::now_v7();
+    let mut middle = PgPool::connect(&stack.dbs.url("payment"))
+        .await?
+        .begin()
+        .await?;
+    sqlx::query(
+        "INSERT INTO payments (order_id, payment_id, customer_id, amount, status)
+         VALUES ($1, $2, 'c5', 0, 'failed')",
+    )
+    .bind(middle_order)
+    .bind(Uuid::now_v7())
+    .execute(&mut *middle)
+    .await?;
+    let mut orders = Vec::new();
+    for (i, c) in customers.iter().enumerate() {
+        let id = if c == "c5" {
+            middle_order
+        } else {
+            Uuid::now_v7()
+        };
+        let (id, subject, body) = placed_as(&stack, id, c, 100 + i as i64);
+        stack.publish(&subject, body).await?;
+        orders.push(id);
+        if i == 0 {
+            waiting_on_a_lock(&pool, false).await?;
+        }
+    }
+    taken(&consumer, customers.len()).await?;
     first.commit().await?;
     waiting_on_a_lock(&pool, true).await?;
-    let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM payments")
-        .fetch_one(&pool)
-        .await?;
-    ensure!(committed == 1, "only c1's charge is committed: {committed}");
-
     payment.kill().await?;
-    middle.commit().await?;
+    middle.rollback().await?;
     // The killed batch's charges went with its transaction.
     let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM payments")
         .fetch_one(&pool)
@@ -417,6 +445,69 @@ async fn cancels_queued_behind_a_batch_of_orders_keep_each_of_them_from_being_ch
     assert!(m.sum("saga_consumer_batches_total", &committed) >= 2.0);
     let retried = [("consumer", "payment"), ("disposition", "retry")];
     assert_eq!(m.sum("saga_events_total", &retried), 0.0);
+    assert!(stack.dead_letters().await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_charging_the_same_accounts_in_opposite_orders_queue_instead_of_deadlocking()
+-> Result<()> {
+    let mut stack = Stack::start_with(&["payment"]).await?;
+    let customers = ["a".to_string(), "b".to_string()];
+    for c in &customers {
+        stack.set_balance(c, BALANCE).await?;
+    }
+    stack.stop_service("payment").await?;
+
+    // While payment is away, orders for its two lanes: the first lane's
+    // charge a then b, the second's b then a, round after round. Each lane
+    // takes several at once when payment is back, so both lanes' batches
+    // want both accounts at the same time, in opposite orders.
+    const LANES: usize = 2;
+    const ROUNDS: usize = 12;
+    let on_lane = |lane: usize| loop {
+        let id = Uuid::now_v7();
+        if common::consumer::lane_of(id, LANES) == lane {
+            break id;
+        }
+    };
+    for _ in 0..ROUNDS {
+        for (lane, accounts) in [(0, ["a", "b"]), (1, ["b", "a"])] {
+            for customer in accounts {
+                let (_, subject, body) = placed_as(&stack, on_lane(lane), customer, 10);
+                stack.publish(&subject, body).await?;
+            }
+        }
+    }
+    stack
+        .start_service_with("payment", |c| {
+            c.consumer_lanes = LANES;
+            c.consumer_batch = 8;
+            c.consumer_concurrency = 64;
+        })
+        .await?;
+
+    let pool = stack.pool("payment").await?;
+    let orders = (LANES * ROUNDS * 2) as i64;
+    eventually("every order charged", DEADLINE, || async {
+        let charged: i64 = sqlx::query_scalar("SELECT count(*) FROM payments")
+            .fetch_one(&pool)
+            .await?;
+        Ok((charged == orders).then_some(()))
+    })
+    .await?;
+    stack.settle().await?;
+    let each = BALANCE - 10 * orders / 2;
+    assert_eq!(balances(&pool, &customers).await?, vec![each, each]);
+
+    // Every batch committed: none lost its transaction to a deadlock (or a
+    // lock wait given up) and went one by one.
+    let m = stack.metrics("payment").await?;
+    let by = |outcome| [("consumer", "payment"), ("outcome", outcome)];
+    assert_eq!(m.sum("saga_consumer_batches_total", &by("one_by_one")), 0.0);
+    assert!(m.sum("saga_consumer_batches_total", &by("committed")) >= 2.0);
+    let applied = [("consumer", "payment"), ("disposition", "applied")];
+    assert_eq!(m.sum("saga_events_total", &applied), orders as f64);
     assert!(stack.dead_letters().await?.is_empty());
     Ok(())
 }
