@@ -177,19 +177,22 @@ pub trait Handler: Send + Sync + 'static {
         (Some(event.kind()) == Self::STEP).then(|| event.order_id())
     }
 
-    /// Takes, before a batch's `events` are applied together in `tx`, the
-    /// row locks their steps will take (one customer's account, one
-    /// product's stock), all at once and in the one order every such
-    /// statement of the service follows (sorted by key). Lanes' batches
-    /// that touch the same rows then queue for each other instead of each
-    /// holding one row and waiting for another's (a deadlock, which costs
-    /// both batches their transaction). Default: none.
+    /// Takes, before a batch's events are applied together in `tx`, the
+    /// row locks they will take (one customer's account, one product's
+    /// stock), all at once and in the one order every such statement of
+    /// the service follows (sorted by key): `steps` are the batch's
+    /// forward-step events ([`Handler::STEP`]), `undoing` the orders of its
+    /// other events (compensations). Lanes' batches that touch the same
+    /// rows then queue for each other instead of each holding one row and
+    /// waiting for another's (a deadlock, which costs both batches their
+    /// transaction). Default: none.
     fn lock_ahead<'a>(
         &'a self,
         tx: &'a mut PgConnection,
-        events: &'a [&'a Event],
+        steps: &'a [&'a Event],
+        undoing: &'a [Uuid],
     ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a {
-        let _ = (tx, events);
+        let _ = (tx, steps, undoing);
         async { Ok(()) }
     }
 }
@@ -895,8 +898,14 @@ impl<H: Handler> Inner<H> {
             .begin(&self.pool, Some(BATCH_LOCK_TIMEOUT), &alone)
             .await
             .map_err(|e| format!("holding the batch's orders: {e}"))?;
-        let events: Vec<&Event> = batch.iter().map(|(t, _)| &t.event).collect();
-        if let Err(e) = self.handler.lock_ahead(&mut tx, &events).await {
+        let (mut steps, mut undoing) = (Vec::new(), Vec::new());
+        for (t, _) in batch {
+            match self.handler.step_of(&t.event) {
+                Some(_) => steps.push(&t.event),
+                None => undoing.push(t.event.order_id()),
+            }
+        }
+        if let Err(e) = self.handler.lock_ahead(&mut tx, &steps, &undoing).await {
             if let Err(e) = tx.rollback().await {
                 tracing::warn!(error = %e, "rollback failed; the connection is discarded");
             }

@@ -12,6 +12,7 @@ use common::{
 };
 
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 use crate::domain::{self, ReservationStatus};
 use crate::store::{self, Reservation};
@@ -40,28 +41,22 @@ impl Handler for InventoryHandler {
     }
 
     /// The stock a batch reserves or releases, locked in product order
-    /// before the first is touched. (One event alone takes its rows in
-    /// order anyway.)
+    /// before the first is touched.
     async fn lock_ahead(
         &self,
         tx: &mut PgConnection,
-        events: &[&Event],
+        steps: &[&Event],
+        undoing: &[Uuid],
     ) -> Result<(), HandlerError> {
-        if events.len() < 2 {
-            return Ok(());
-        }
-        let mut products = Vec::new();
-        let mut releasing = Vec::new();
-        for event in events {
-            match event {
-                Event::PaymentProcessed(paid) => {
-                    products.extend(paid.lines.iter().map(|l| &l.product_id))
-                }
-                other => releasing.push(other.order_id()),
-            }
-        }
-        store::lock_stock(tx, &products, &releasing).await?;
-        Ok(())
+        let products: Vec<&String> = steps
+            .iter()
+            .filter_map(|e| match e {
+                Event::PaymentProcessed(paid) => Some(paid.lines.iter().map(|l| &l.product_id)),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        Ok(store::lock_stock(tx, &products, undoing).await?)
     }
 }
 

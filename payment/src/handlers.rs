@@ -17,6 +17,7 @@ use common::{
 };
 
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 use crate::domain::{self, ChargeDecision, PaymentStatus};
 use crate::gateway::{self, Gateway, GatewayError};
@@ -55,26 +56,21 @@ impl Handler for PaymentHandler {
     }
 
     /// The accounts a batch charges or refunds, locked in customer order
-    /// before the first is touched. (One event alone takes its rows in
-    /// order anyway.)
+    /// before the first is touched.
     async fn lock_ahead(
         &self,
         tx: &mut PgConnection,
-        events: &[&Event],
+        steps: &[&Event],
+        undoing: &[Uuid],
     ) -> Result<(), HandlerError> {
-        if events.len() < 2 {
-            return Ok(());
-        }
-        let mut customers = Vec::new();
-        let mut refunding = Vec::new();
-        for event in events {
-            match event {
-                Event::OrderPlaced(order) => customers.push(order.customer_id.as_str()),
-                other => refunding.push(other.order_id()),
-            }
-        }
-        store::lock_accounts(tx, &customers, &refunding).await?;
-        Ok(())
+        let customers: Vec<&str> = steps
+            .iter()
+            .filter_map(|e| match e {
+                Event::OrderPlaced(order) => Some(order.customer_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        Ok(store::lock_accounts(tx, &customers, undoing).await?)
     }
 }
 
