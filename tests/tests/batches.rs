@@ -13,6 +13,7 @@ use common::{
     Envelope, Event, EventKind,
     event::{
         Address, InventoryReservationFailed, OrderCancelledByCustomer, OrderLine, OrderPlaced,
+        PaymentProcessed, ShipmentFailed,
     },
     topology,
 };
@@ -76,6 +77,65 @@ fn cancelled(stack: &Stack, order_id: Uuid) -> (String, Vec<u8>) {
     let subject = stack
         .subjects
         .event_of(EventKind::OrderCancelledByCustomer, order_id);
+    (subject, envelope.to_bytes())
+}
+
+/// Lanes of the services in the tests of lanes that lock the same rows.
+const LANES: usize = 2;
+
+/// A new order id whose events go down lane `lane` of [`LANES`].
+fn on_lane(lane: usize) -> Uuid {
+    loop {
+        let id = Uuid::now_v7();
+        if common::consumer::lane_of(id, LANES) == lane {
+            return id;
+        }
+    }
+}
+
+/// Payment's charge of one `product` for `order_id`, as inventory takes it:
+/// (subject, bytes).
+fn paid(stack: &Stack, order_id: Uuid, product: &str) -> (String, Vec<u8>) {
+    let event = Event::PaymentProcessed(PaymentProcessed {
+        order_id,
+        payment_id: Uuid::now_v7(),
+        customer_id: "c".into(),
+        amount: 10,
+        lines: vec![OrderLine {
+            product_id: product.into(),
+            quantity: 1,
+            unit_price: 10,
+        }],
+        shipping_address: Address::example(),
+    });
+    let envelope = Envelope::new(
+        &event,
+        Uuid::now_v7().to_string(),
+        1,
+        order_id,
+        Uuid::now_v7(),
+    );
+    let subject = stack
+        .subjects
+        .event_of(EventKind::PaymentProcessed, order_id);
+    (subject, envelope.to_bytes())
+}
+
+/// The carrier's refusal of `order_id`'s shipment: inventory releases its
+/// stock.
+fn shipment_failed(stack: &Stack, order_id: Uuid) -> (String, Vec<u8>) {
+    let event = Event::ShipmentFailed(ShipmentFailed {
+        order_id,
+        reason: "no such street".into(),
+    });
+    let envelope = Envelope::new(
+        &event,
+        Uuid::now_v7().to_string(),
+        1,
+        order_id,
+        Uuid::now_v7(),
+    );
+    let subject = stack.subjects.event_of(EventKind::ShipmentFailed, order_id);
     (subject, envelope.to_bytes())
 }
 
@@ -463,14 +523,7 @@ async fn lanes_charging_the_same_accounts_in_opposite_orders_queue_instead_of_de
     // charge a then b, the second's b then a, round after round. Each lane
     // takes several at once when payment is back, so both lanes' batches
     // want both accounts at the same time, in opposite orders.
-    const LANES: usize = 2;
     const ROUNDS: usize = 12;
-    let on_lane = |lane: usize| loop {
-        let id = Uuid::now_v7();
-        if common::consumer::lane_of(id, LANES) == lane {
-            break id;
-        }
-    };
     for _ in 0..ROUNDS {
         for (lane, accounts) in [(0, ["a", "b"]), (1, ["b", "a"])] {
             for customer in accounts {
@@ -500,14 +553,97 @@ async fn lanes_charging_the_same_accounts_in_opposite_orders_queue_instead_of_de
     let each = BALANCE - 10 * orders / 2;
     assert_eq!(balances(&pool, &customers).await?, vec![each, each]);
 
-    // Every batch committed: none lost its transaction to a deadlock (or a
-    // lock wait given up) and went one by one.
+    no_batch_went_one_by_one(&stack, "payment").await?;
     let m = stack.metrics("payment").await?;
-    let by = |outcome| [("consumer", "payment"), ("outcome", outcome)];
-    assert_eq!(m.sum("saga_consumer_batches_total", &by("one_by_one")), 0.0);
-    assert!(m.sum("saga_consumer_batches_total", &by("committed")) >= 2.0);
     let applied = [("consumer", "payment"), ("disposition", "applied")];
     assert_eq!(m.sum("saga_events_total", &applied), orders as f64);
+    assert!(stack.dead_letters().await?.is_empty());
+    Ok(())
+}
+
+/// Inventory on [`LANES`] lanes, taking up to 8 events a batch.
+async fn start_inventory(stack: &mut Stack) -> Result<()> {
+    stack
+        .start_service_with("inventory", |c| {
+            c.consumer_lanes = LANES;
+            c.consumer_batch = 8;
+            c.consumer_concurrency = 64;
+        })
+        .await
+}
+
+/// Every batch `service` took committed: none lost its transaction to a
+/// deadlock (or a lock wait given up) and went one by one.
+async fn no_batch_went_one_by_one(stack: &Stack, service: &str) -> Result<()> {
+    let m = stack.metrics(service).await?;
+    let by = |outcome| [("consumer", service), ("outcome", outcome)];
+    assert_eq!(m.sum("saga_consumer_batches_total", &by("one_by_one")), 0.0);
+    assert!(m.sum("saga_consumer_batches_total", &by("committed")) >= 2.0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_reserving_and_releasing_the_same_stock_in_opposite_orders_queue_instead_of_deadlocking()
+-> Result<()> {
+    const STOCK: i64 = 1_000;
+    const ROUNDS: usize = 24;
+    let mut stack = Stack::start_with(&["inventory"]).await?;
+    for p in ["p", "q"] {
+        stack.set_stock(p, STOCK).await?;
+    }
+    stack.stop_service("inventory").await?;
+    // While inventory is away, orders for its two lanes: the first lane's
+    // reserve p then q, the second's q then p, round after round.
+    let mut orders = Vec::new();
+    for _ in 0..ROUNDS {
+        for (lane, products) in [(0, ["p", "q"]), (1, ["q", "p"])] {
+            for product in products {
+                let id = on_lane(lane);
+                let (subject, body) = paid(&stack, id, product);
+                stack.publish(&subject, body).await?;
+                orders.push(id);
+            }
+        }
+    }
+    start_inventory(&mut stack).await?;
+    let pool = stack.pool("inventory").await?;
+    let count = |status: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations WHERE status = $1")
+                .bind(status)
+                .fetch_one(&pool)
+                .await?;
+            anyhow::Ok(n as usize)
+        }
+    };
+    eventually("every order reserved", DEADLINE, || async {
+        Ok((count("reserved").await? == orders.len()).then_some(()))
+    })
+    .await?;
+    stack.settle().await?;
+    no_batch_went_one_by_one(&stack, "inventory").await?;
+
+    // Then every shipment fails, in the same order: the first lane
+    // releases p then q, the second q then p (rows its events do not
+    // name: the batch finds them in the reservations).
+    stack.stop_service("inventory").await?;
+    for id in &orders {
+        let (subject, body) = shipment_failed(&stack, *id);
+        stack.publish(&subject, body).await?;
+    }
+    start_inventory(&mut stack).await?;
+    eventually("every reservation released", DEADLINE, || async {
+        Ok((count("released").await? == orders.len()).then_some(()))
+    })
+    .await?;
+    stack.settle().await?;
+    no_batch_went_one_by_one(&stack, "inventory").await?;
+    let available: Vec<i64> =
+        sqlx::query_scalar("SELECT available FROM stock WHERE product_id IN ('p', 'q')")
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(available, vec![STOCK, STOCK]);
     assert!(stack.dead_letters().await?.is_empty());
     Ok(())
 }
