@@ -882,9 +882,8 @@ impl<H: Handler> Inner<H> {
         // one product's stock): the handler takes them all in one order
         // before applying any event ([`Handler::lock_ahead`]), so that
         // batches queue instead of deadlocking. Should one still wait too
-        // long for a lock (a row it did not lock ahead), it gives up and
-        // goes one by one instead of waiting for Postgres to find a
-        // deadlock.
+        // long for a lock (a row it did not lock ahead, or a deadlock
+        // Postgres found), it gives up and goes one by one.
         let mut events_of: HashMap<Uuid, usize> = HashMap::new();
         for (t, _) in batch {
             *events_of.entry(t.event.order_id()).or_default() += 1;
@@ -905,16 +904,14 @@ impl<H: Handler> Inner<H> {
                 None => undoing.push(t.event.order_id()),
             }
         }
-        if let Err(e) = self.handler.lock_ahead(&mut tx, &steps, &undoing).await {
-            if let Err(e) = tx.rollback().await {
-                tracing::warn!(error = %e, "rollback failed; the connection is discarded");
-            }
-            return Err(format!("locking the batch's rows: {e}"));
-        }
+        let mut refused = (self.handler.lock_ahead(&mut tx, &steps, &undoing).await)
+            .err()
+            .map(|e| format!("locking the batch's rows: {e}"));
         let meter = self.meter.holding();
         let mut outcomes = Vec::with_capacity(batch.len());
-        let mut refused = None;
-        for (t, _) in batch {
+        // Each event in turn, until one is refused (none, if the rows could
+        // not be locked).
+        for (t, _) in batch.iter().filter(|_| refused.is_none()) {
             let cx = Applying {
                 tx: &mut tx,
                 cause: &t.envelope,
