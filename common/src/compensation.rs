@@ -424,9 +424,27 @@ pub async fn cancelled_by_customer<S: Step>(
     compensate::<S>(cx, cancelled.order_id, by).await
 }
 
+/// What undoes step `S` from outside the saga's chain of failures, for a
+/// step an operator can compensate by hand: the operator's compensation
+/// ([`By::Hand`]) or the customer's cancel ([`cancelled_by_customer`]).
+/// Any other event is not for `S`: [`Outcome::Unhandled`].
+pub async fn undone_from_outside<S: Step>(
+    cx: Applying<'_>,
+    event: Event,
+    with: &S::With,
+) -> Result<Outcome, HandlerError> {
+    match event {
+        Event::OrderManuallyCompensated(resolved) => compensated_by_hand::<S>(cx, &resolved).await,
+        Event::OrderCancelledByCustomer(cancelled) => {
+            cancelled_by_customer::<S>(cx, &cancelled, with).await
+        }
+        _ => Ok(Outcome::Unhandled),
+    }
+}
+
 /// An operator's compensation by hand reaching step `S`: recorded as undone
 /// if it was taken (see [`By::Hand`]).
-pub async fn compensated_by_hand<S: Step>(
+async fn compensated_by_hand<S: Step>(
     cx: Applying<'_>,
     resolved: &crate::event::OrderManuallyCompensated,
 ) -> Result<Outcome, HandlerError> {

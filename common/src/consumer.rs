@@ -180,21 +180,26 @@ pub trait Handler: Send + Sync + 'static {
     /// Takes, before a batch's events are applied together in `tx`, the
     /// row locks they will take (one customer's account, one product's
     /// stock), all at once and in the one order every such statement of
-    /// the service follows (sorted by key): `steps` are the batch's
-    /// forward-step events ([`Handler::STEP`]), `undoing` the orders of its
-    /// other events (compensations). Lanes' batches that touch the same
-    /// rows then queue for each other instead of each holding one row and
-    /// waiting for another's (a deadlock, which costs both batches their
-    /// transaction). Default: none.
+    /// the service follows (sorted by key). Lanes' batches that touch the
+    /// same rows then queue for each other instead of each holding one row
+    /// and waiting for another's (a deadlock, which costs both batches
+    /// their transaction). Default: none.
     fn lock_ahead<'a>(
         &'a self,
         tx: &'a mut PgConnection,
-        steps: &'a [&'a Event],
-        undoing: &'a [Uuid],
+        batch: &'a Ahead<'a>,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a {
-        let _ = (tx, steps, undoing);
+        let _ = (tx, batch);
         async { Ok(()) }
     }
+}
+
+/// A batch about to be applied, as [`Handler::lock_ahead`] sees it.
+pub struct Ahead<'a> {
+    /// Its forward-step events ([`Handler::STEP`]).
+    pub steps: Vec<&'a Event>,
+    /// The orders its other events are about (compensations).
+    pub undoing: Vec<Uuid>,
 }
 
 /// Deliveries an early event is retried for before it is dead-lettered
@@ -897,14 +902,17 @@ impl<H: Handler> Inner<H> {
             .begin(&self.pool, Some(BATCH_LOCK_TIMEOUT), &alone)
             .await
             .map_err(|e| format!("holding the batch's orders: {e}"))?;
-        let (mut steps, mut undoing) = (Vec::new(), Vec::new());
+        let mut ahead = Ahead {
+            steps: Vec::new(),
+            undoing: Vec::new(),
+        };
         for (t, _) in batch {
             match self.handler.step_of(&t.event) {
-                Some(_) => steps.push(&t.event),
-                None => undoing.push(t.event.order_id()),
+                Some(_) => ahead.steps.push(&t.event),
+                None => ahead.undoing.push(t.event.order_id()),
             }
         }
-        let mut refused = (self.handler.lock_ahead(&mut tx, &steps, &undoing).await)
+        let mut refused = (self.handler.lock_ahead(&mut tx, &ahead).await)
             .err()
             .map(|e| format!("locking the batch's rows: {e}"));
         let meter = self.meter.holding();

@@ -8,11 +8,11 @@ use std::collections::BTreeMap;
 use common::{
     Applying, Event, EventKind, Handler, HandlerError, Outcome,
     compensation::{self, By, Step, StepState},
+    consumer::Ahead,
     event::{InventoryReleased, InventoryReservationFailed, InventoryReserved, PaymentProcessed},
 };
 
 use sqlx::PgConnection;
-use uuid::Uuid;
 
 use crate::domain::{self, ReservationStatus};
 use crate::store::{self, Reservation};
@@ -30,13 +30,7 @@ impl Handler for InventoryHandler {
                 let by = By::Saga { reason, with: &() };
                 compensation::compensate::<Reservation>(cx, order_id, by).await
             }
-            Event::OrderManuallyCompensated(resolved) => {
-                compensation::compensated_by_hand::<Reservation>(cx, &resolved).await
-            }
-            Event::OrderCancelledByCustomer(cancelled) => {
-                compensation::cancelled_by_customer::<Reservation>(cx, &cancelled, &()).await
-            }
-            _ => Ok(Outcome::Unhandled),
+            other => compensation::undone_from_outside::<Reservation>(cx, other, &()).await,
         }
     }
 
@@ -45,18 +39,15 @@ impl Handler for InventoryHandler {
     async fn lock_ahead(
         &self,
         tx: &mut PgConnection,
-        steps: &[&Event],
-        undoing: &[Uuid],
+        batch: &Ahead<'_>,
     ) -> Result<(), HandlerError> {
-        let products: Vec<&String> = steps
-            .iter()
-            .filter_map(|e| match e {
-                Event::PaymentProcessed(paid) => Some(paid.lines.iter().map(|l| &l.product_id)),
-                _ => None,
-            })
-            .flatten()
-            .collect();
-        Ok(store::lock_stock(tx, &products, undoing).await?)
+        let mut reserved: Vec<&String> = Vec::new();
+        for step in &batch.steps {
+            if let Event::PaymentProcessed(paid) = step {
+                reserved.extend(paid.lines.iter().map(|l| &l.product_id));
+            }
+        }
+        Ok(store::lock_stock(tx, &reserved, &batch.undoing).await?)
     }
 }
 

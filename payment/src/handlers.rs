@@ -9,6 +9,7 @@ use std::{sync::Arc, time::Duration};
 use common::{
     Applying, Envelope, Event, EventKind, Handler, HandlerError, Outcome,
     compensation::{self, By, COMPENSATION_VERSION, Step, StepState, Undone},
+    consumer::Ahead,
     event::{
         InventoryReleased, InventoryReservationFailed, OrderPlaced, PaymentFailed,
         PaymentProcessed, PaymentRefundFailed, PaymentRefunded,
@@ -17,7 +18,6 @@ use common::{
 };
 
 use sqlx::PgConnection;
-use uuid::Uuid;
 
 use crate::domain::{self, ChargeDecision, PaymentStatus};
 use crate::gateway::{self, Gateway, GatewayError};
@@ -43,15 +43,10 @@ impl Handler for PaymentHandler {
                 let by = By::Saga { reason, with: self };
                 compensation::compensate::<Payment>(cx, order_id, by).await
             }
-            // The operator refunded by hand (in the gateway's console): the
-            // gateway is not called again.
-            Event::OrderManuallyCompensated(resolved) => {
-                compensation::compensated_by_hand::<Payment>(cx, &resolved).await
-            }
-            Event::OrderCancelledByCustomer(cancelled) => {
-                compensation::cancelled_by_customer::<Payment>(cx, &cancelled, self).await
-            }
-            _ => Ok(Outcome::Unhandled),
+            // An operator's refund by hand (in the gateway's console) is
+            // recorded, the gateway not called again; a customer's cancel
+            // refunds.
+            other => compensation::undone_from_outside::<Payment>(cx, other, self).await,
         }
     }
 
@@ -60,17 +55,15 @@ impl Handler for PaymentHandler {
     async fn lock_ahead(
         &self,
         tx: &mut PgConnection,
-        steps: &[&Event],
-        undoing: &[Uuid],
+        batch: &Ahead<'_>,
     ) -> Result<(), HandlerError> {
-        let customers: Vec<&str> = steps
-            .iter()
+        let charged: Vec<&str> = (batch.steps.iter())
             .filter_map(|e| match e {
                 Event::OrderPlaced(order) => Some(order.customer_id.as_str()),
                 _ => None,
             })
             .collect();
-        Ok(store::lock_accounts(tx, &customers, undoing).await?)
+        Ok(store::lock_accounts(tx, &charged, &batch.undoing).await?)
     }
 }
 

@@ -10,7 +10,7 @@
 use anyhow::{Context, Result};
 use async_nats::jetstream;
 use common::{
-    Envelope, Event, EventKind,
+    Envelope, Event,
     event::{
         Address, InventoryReservationFailed, OrderCancelledByCustomer, OrderLine, OrderPlaced,
         PaymentProcessed, ShipmentFailed,
@@ -22,6 +22,21 @@ use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 const BALANCE: i64 = 10_000;
+
+/// `event` as a producer publishes it, `version` of aggregate `aggregate_id`
+/// (a new id for `None`): (subject, bytes).
+fn wire(
+    stack: &Stack,
+    event: &Event,
+    aggregate_id: Option<Uuid>,
+    version: i64,
+) -> (String, Vec<u8>) {
+    let order_id = event.order_id();
+    let aggregate_id = aggregate_id.unwrap_or_else(Uuid::now_v7).to_string();
+    let envelope = Envelope::new(event, aggregate_id, version, order_id, Uuid::now_v7());
+    let subject = stack.subjects.event_of(event.kind(), order_id);
+    (subject, envelope.to_bytes())
+}
 
 /// An OrderPlaced of one widget at `total` for `customer`, as the order
 /// service would publish it: (order id, subject, bytes).
@@ -42,9 +57,8 @@ fn placed_as(stack: &Stack, order_id: Uuid, customer: &str, total: i64) -> (Uuid
         total,
         shipping_address: Address::example(),
     });
-    let envelope = Envelope::new(&event, order_id.to_string(), 1, order_id, Uuid::now_v7());
-    let subject = stack.subjects.event_of(EventKind::OrderPlaced, order_id);
-    (order_id, subject, envelope.to_bytes())
+    let (subject, body) = wire(stack, &event, Some(order_id), 1);
+    (order_id, subject, body)
 }
 
 /// Inventory's answer that it could not reserve `order_id`'s stock: payment
@@ -54,17 +68,7 @@ fn reservation_failed(stack: &Stack, order_id: Uuid) -> (String, Vec<u8>) {
         order_id,
         reason: "out of stock".into(),
     });
-    let envelope = Envelope::new(
-        &event,
-        Uuid::now_v7().to_string(),
-        1,
-        order_id,
-        Uuid::now_v7(),
-    );
-    let subject = stack
-        .subjects
-        .event_of(EventKind::InventoryReservationFailed, order_id);
-    (subject, envelope.to_bytes())
+    wire(stack, &event, None, 1)
 }
 
 /// The customer's cancel of `order_id`, as the order service publishes it.
@@ -73,11 +77,7 @@ fn cancelled(stack: &Stack, order_id: Uuid) -> (String, Vec<u8>) {
         order_id,
         reason: "changed my mind".into(),
     });
-    let envelope = Envelope::new(&event, order_id.to_string(), 2, order_id, Uuid::now_v7());
-    let subject = stack
-        .subjects
-        .event_of(EventKind::OrderCancelledByCustomer, order_id);
-    (subject, envelope.to_bytes())
+    wire(stack, &event, Some(order_id), 2)
 }
 
 /// Lanes of the services in the tests of lanes that lock the same rows.
@@ -108,17 +108,7 @@ fn paid(stack: &Stack, order_id: Uuid, product: &str) -> (String, Vec<u8>) {
         }],
         shipping_address: Address::example(),
     });
-    let envelope = Envelope::new(
-        &event,
-        Uuid::now_v7().to_string(),
-        1,
-        order_id,
-        Uuid::now_v7(),
-    );
-    let subject = stack
-        .subjects
-        .event_of(EventKind::PaymentProcessed, order_id);
-    (subject, envelope.to_bytes())
+    wire(stack, &event, None, 1)
 }
 
 /// The carrier's refusal of `order_id`'s shipment: inventory releases its
@@ -128,15 +118,7 @@ fn shipment_failed(stack: &Stack, order_id: Uuid) -> (String, Vec<u8>) {
         order_id,
         reason: "no such street".into(),
     });
-    let envelope = Envelope::new(
-        &event,
-        Uuid::now_v7().to_string(),
-        1,
-        order_id,
-        Uuid::now_v7(),
-    );
-    let subject = stack.subjects.event_of(EventKind::ShipmentFailed, order_id);
-    (subject, envelope.to_bytes())
+    wire(stack, &event, None, 1)
 }
 
 /// The payment service's durable consumer.
