@@ -6,10 +6,12 @@
 //!
 //! The customer's cancel reaches every service at once, whatever step the
 //! saga is at: a service that took its step undoes it; one that has not
-//! records that it never will ([`cancelled_before`] is what its forward step
+//! records that it never will ([`Cancels::before`] is what its forward step
 //! asks first). Both hold the order for their transaction, so a cancel and
 //! the step it races take turns, and exactly one of them finds the other's
-//! work done.
+//! work done. An operator's resolution (the order compensated by hand) is
+//! such a cancel too, for every step not yet taken: the saga is closed for
+//! good, and a dead letter redriven after it moves nothing.
 //!
 //! A step's record emits at most two events, under the record's own
 //! aggregate id: the step's outcome ([`STEP_VERSION`]) and its
@@ -30,7 +32,7 @@ use uuid::Uuid;
 
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 
-use crate::{Applying, Envelope, Event, EventKind, HandlerError, Outcome, Subjects};
+use crate::{Applying, Envelope, Event, HandlerError, Outcome, Subjects};
 
 /// Version of the event that records a step's outcome.
 pub const STEP_VERSION: i64 = 1;
@@ -94,6 +96,21 @@ pub trait Step: for<'r> FromRow<'r, PgRow> + Send + Sync + Unpin {
     /// aggregate id it is emitted under.
     fn undone(self, reason: String) -> (Event, String);
 
+    /// Makes sure the step for `order_id` never takes effect outside the
+    /// database, when the customer calls it off before its record was
+    /// written. A step that acts outside may have acted already although
+    /// its transaction never committed (a charge the gateway carried out
+    /// but whose answer was lost): payment voids the payment id. By
+    /// default a step acts in the database alone, and there is nothing to
+    /// call off.
+    fn call_off(
+        order_id: Uuid,
+        with: &Self::With,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        let _ = (order_id, with);
+        async { Ok(()) }
+    }
+
     /// Undoes the step in the open transaction of `cx` and says so. By
     /// default the step lives in the database alone:
     /// [`record_undone`](Step::record_undone), then [`undone`](Step::undone).
@@ -153,11 +170,13 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most questions to the broker a batch has open at once.
 const LOOKUPS_AT_ONCE: usize = 32;
 
-/// Where a service learns that the customer cancelled an order before it
-/// took its step: its own record (it heard of the cancel first), or the
-/// stream, which keeps every cancel under a subject of its own per order
-/// (the cancel may be queued behind the event being applied, when the
-/// service was away: it still charges, reserves or ships nothing).
+/// Where a service learns that an order ended from outside its saga before
+/// it took its step — the customer cancelled it, or an operator resolved
+/// it: its own record (it heard of it first), or the stream, which keeps
+/// every cancel and resolution under a subject of its own per order (one
+/// may be queued behind the event being applied, when the service was
+/// away, or the event may be a dead letter redriven after the resolution:
+/// it still charges, reserves or ships nothing).
 #[derive(Clone)]
 pub struct Cancels {
     js: async_nats::jetstream::Context,
@@ -364,12 +383,12 @@ impl Cancels {
         self.in_stream(order_id).await
     }
 
-    /// Why the customer cancelled `order_id`, if the stream holds their
-    /// cancel.
+    /// Why `order_id` ended from outside its saga, if the stream holds the
+    /// customer's cancel or the operator's resolution (at most one of them
+    /// exists: only a pending order is cancelled by its customer, only one
+    /// that requires intervention is resolved).
     async fn in_stream(&self, order_id: Uuid) -> Result<Option<String>, HandlerError> {
-        let subject = self
-            .subjects
-            .event_of(EventKind::OrderCancelledByCustomer, order_id);
+        let subject = self.subjects.ended_from_outside(order_id);
         let stream = self
             .js
             .get_stream_no_info(self.subjects.events_stream())
@@ -386,8 +405,13 @@ impl Cancels {
                 Ok((_, Event::OrderCancelledByCustomer(cancel))) if cancel.order_id == order_id => {
                     Ok(Some(cancel.step_reason()))
                 }
-                // Not a cancel of this order (forged or garbage): the consumer
-                // that gets it dead-letters it; it cancels nothing here.
+                Ok((_, Event::OrderManuallyCompensated(resolved)))
+                    if resolved.order_id == order_id =>
+                {
+                    Ok(Some(resolved.reason()))
+                }
+                // Not an ending of this order (forged or garbage): the
+                // consumer that gets it dead-letters it; it cancels nothing here.
                 _ => Ok(None),
             },
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
@@ -402,7 +426,10 @@ pub enum By<'a, S: Step> {
     /// with what it takes (`with`), and said so with an event.
     Saga { reason: String, with: &'a S::With },
     /// An operator, who did it by hand (OrderManuallyCompensated): only
-    /// recorded, and nothing emitted (the order has ended; nobody is to react).
+    /// recorded, and nothing emitted (the order has ended; nobody is to
+    /// react). A resolution closes the saga for good: a step not taken yet
+    /// is recorded as one never to be taken, like the customer's cancel
+    /// (a dead letter of its event, redriven later, takes nothing).
     Hand { reason: String },
     /// The customer cancelled the order (OrderCancelledByCustomer): undone
     /// like the saga's compensation if the step was taken; if not, it never
@@ -454,31 +481,45 @@ async fn compensated_by_hand<S: Step>(
     compensate::<S>(cx, resolved.order_id, by).await
 }
 
+/// Records that this service's step for `order_id` is never to be taken
+/// (the order ended from outside its saga first), for [`Cancels::before`].
+async fn never_taken(tx: &mut PgConnection, order_id: Uuid, reason: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO cancelled_orders (order_id, reason) VALUES ($1, $2)
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(order_id)
+    .bind(reason)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
 /// Undoes step `S` for `order_id`, once, and only if it took effect.
 pub async fn compensate<S: Step>(
     cx: Applying<'_>,
     order_id: Uuid,
     by: By<'_, S>,
 ) -> Result<Outcome, HandlerError> {
-    if let By::Customer { .. } = by {
+    if let By::Customer { .. } | By::Hand { .. } = by {
         hold_order(cx.tx, order_id).await?;
     }
     let Some(record) = lock::<S>(cx.tx, order_id).await? else {
         return Ok(match by {
             // The request overtook the step it undoes: retried until it is here.
             By::Saga { .. } => Outcome::NotYet(format!("no {} for order {order_id} yet", S::NAME)),
-            By::Hand { .. } => Outcome::Skipped(format!("no {} for order {order_id}", S::NAME)),
-            By::Customer { reason, .. } => {
-                sqlx::query(
-                    "INSERT INTO cancelled_orders (order_id, reason) VALUES ($1, $2)
-                     ON CONFLICT (order_id) DO NOTHING",
-                )
-                .bind(order_id)
-                .bind(&reason)
-                .execute(&mut *cx.tx)
-                .await?;
+            By::Customer { reason, with } => {
+                S::call_off(order_id, with).await?;
+                never_taken(cx.tx, order_id, &reason).await?;
                 Outcome::Skipped(format!(
                     "no {} for order {order_id}: none will be made",
+                    S::NAME
+                ))
+            }
+            By::Hand { reason } => {
+                never_taken(cx.tx, order_id, &reason).await?;
+                Outcome::Skipped(format!(
+                    "no {} for order {order_id}: none will be made (resolved by hand)",
                     S::NAME
                 ))
             }

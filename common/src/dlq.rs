@@ -144,6 +144,43 @@ pub async fn send(
     Err("dead letter kept colliding with other ids".into())
 }
 
+/// A corrected body replaces a dead letter's bytes, not the event: it keeps
+/// the dead letter's event id, type and saga where the dead letter knows
+/// them, and where it does not (its bytes were not an event), it goes to
+/// the subject the dead letter came from. Otherwise a redrive could publish
+/// any event for any saga under an old dead letter's name.
+fn keeps_what_it_replaces(d: &DeadLetter, event: &Envelope, subject: &str) -> Result<(), String> {
+    let differs = |what: &str, kept: &str, got: &str| {
+        format!("the corrected body must keep the dead letter's {what} {kept}, not {got}")
+    };
+    if let Some(id) = d.header(dlq_headers::EVENT_ID)
+        && id != event.event_id.to_string()
+    {
+        return Err(differs("event id", id, &event.event_id.to_string()));
+    }
+    if let Some(kind) = d.header(dlq_headers::EVENT_TYPE)
+        && kind != event.event_type
+    {
+        return Err(differs("event type", kind, &event.event_type));
+    }
+    if let Some(saga) = d.header(dlq_headers::CORRELATION_ID)
+        && saga != event.metadata.correlation_id.to_string()
+    {
+        return Err(differs(
+            "saga",
+            saga,
+            &event.metadata.correlation_id.to_string(),
+        ));
+    }
+    if d.header(dlq_headers::EVENT_ID).is_none() {
+        let original = d.header(dlq_headers::SUBJECT).unwrap_or_default();
+        if original != subject {
+            return Err(differs("subject", original, subject));
+        }
+    }
+    Ok(())
+}
+
 /// Bytes the headers take on the wire (`NATS/1.0`, one `K: V` line each, blank line).
 fn headers_len(h: &HeaderMap) -> usize {
     let mut n = "NATS/1.0\r\n\r\n".len();
@@ -268,6 +305,20 @@ pub struct Redrive {
     pub operator: String,
     #[serde(default)]
     pub dry_run: bool,
+    /// Redrive dead letters of sagas that have ended too, for this reason
+    /// (recorded in the audit record). Without it they are refused: a
+    /// redrive must not move a saga that was settled.
+    #[serde(default)]
+    pub force: Option<String>,
+}
+
+/// Where sagas stand, as far as redriving their dead letters goes (the
+/// order service answers from its orders).
+pub trait Sagas: Sync {
+    /// How saga `id` ended (`CONFIRMED`, `CANCELLED`,
+    /// `MANUALLY_COMPENSATED`), or `None` while it may still move (pending,
+    /// awaiting an operator) or is not known.
+    fn ended(&self, id: Uuid) -> impl Future<Output = Result<Option<String>>> + Send;
 }
 
 /// What became of one dead letter.
@@ -385,16 +436,22 @@ impl Dlq {
             Some(_) => format!("the replacement body is not a valid event: {e}"),
             None => format!("its bytes no longer decode as an event: {e}"),
         })?;
+        let subject = self.subjects.event_of(event.kind(), event.order_id());
+        if replacement.is_some() {
+            keeps_what_it_replaces(d, &envelope, &subject)?;
+        }
         Ok(Plan {
-            subject: self.subjects.event_of(event.kind(), event.order_id()),
+            subject,
             bytes,
             envelope,
         })
     }
 
     /// Redrives what `request` selects: for each dead letter, what became
-    /// of it. Stops at the first that fails (it and the rest stay).
-    pub async fn redrive(&self, request: &Redrive) -> Result<Vec<Redriven>> {
+    /// of it. Stops at the first that fails (it and the rest stay). A dead
+    /// letter of a saga that has ended, as `sagas` says, is refused unless
+    /// the request forces it with a reason.
+    pub async fn redrive(&self, request: &Redrive, sagas: &impl Sagas) -> Result<Vec<Redriven>> {
         if request.body.is_some() && request.seqs.len() != 1 {
             bail!("a corrected body replaces one dead letter: name exactly one seq");
         }
@@ -407,6 +464,9 @@ impl Dlq {
         if !request.dry_run {
             limits::check_id("operator", &request.operator).map_err(|e| anyhow!(e))?;
             limits::check_reason("note", &request.note).map_err(|e| anyhow!(e))?;
+        }
+        if let Some(why) = &request.force {
+            limits::check_reason("force", why).map_err(|e| anyhow!(e))?;
         }
         let stream = self.stream().await?;
         let selected = if request.seqs.is_empty() {
@@ -438,18 +498,35 @@ impl Dlq {
                     continue;
                 }
             };
-            let what = format!(
-                "{} {} of saga {} to {}",
-                plan.envelope.event_type,
-                plan.envelope.event_id,
-                plan.envelope.metadata.correlation_id,
-                plan.subject
+            let saga = plan.envelope.metadata.correlation_id;
+            let mut what = format!(
+                "{} {} of saga {saga} to {}",
+                plan.envelope.event_type, plan.envelope.event_id, plan.subject
             );
+            let forced = match (sagas.ended(saga).await?, &request.force) {
+                (None, _) => None,
+                (Some(status), None) => {
+                    results.push(said(
+                        d,
+                        "refused",
+                        format!(
+                            "saga {saga} has ended ({status}): redriving its {} could move it again; \
+                             to redrive it anyway, force it with a reason (sagactl: --force REASON), which the audit record keeps",
+                            plan.envelope.event_type
+                        ),
+                    ));
+                    continue;
+                }
+                (Some(status), Some(why)) => {
+                    what.push_str(&format!(", forced past the saga's end ({status}): {why}"));
+                    Some(format!("forced past the saga's end ({status}): {why}; "))
+                }
+            };
             if request.dry_run {
                 results.push(said(d, "would redrive", what));
                 continue;
             }
-            match self.republish(d, &plan, request).await {
+            match self.republish(d, &plan, request, forced.as_deref()).await {
                 Ok(()) => results.push(said(d, "redrove", what)),
                 Err(e) => {
                     results.push(said(d, "failed", format!("{e:#}; it stays in the stream")));
@@ -463,7 +540,13 @@ impl Dlq {
     /// Publishes the event and the audit record, each acknowledged, and only
     /// then deletes the dead letter: a failure at any point leaves it there,
     /// and redriving it again is harmless (the consumers' idempotency).
-    async fn republish(&self, d: &DeadLetter, plan: &Plan, request: &Redrive) -> Result<()> {
+    async fn republish(
+        &self,
+        d: &DeadLetter,
+        plan: &Plan,
+        request: &Redrive,
+        forced: Option<&str>,
+    ) -> Result<()> {
         // Stamped before the event goes out, so the record precedes every
         // consequence of it in the timeline.
         let action = OperatorAction {
@@ -474,7 +557,8 @@ impl Dlq {
             at: Utc::now(),
             correlation_id: Some(plan.envelope.metadata.correlation_id),
             effect: limits::reason(format!(
-                "redrove {} (dead letter {} of {}{}: {})",
+                "{}redrove {} (dead letter {} of {}{}: {})",
+                forced.unwrap_or_default(),
                 plan.envelope.event_type,
                 d.seq,
                 d.or_dash(dlq_headers::CONSUMER),

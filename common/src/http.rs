@@ -173,9 +173,16 @@ impl AdminToken {
     }
 }
 
-/// Equal, in time that does not depend on where they differ.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Equal, in time that depends neither on where they differ nor on the
+/// secret's length: both are hashed to 32 bytes first, and the digests are
+/// compared whole.
+pub fn same(a: &[u8], b: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(a), Sha256::digest(b));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// An `If-Match` precondition on a versioned resource, whose `ETag` is
@@ -389,4 +396,18 @@ async fn ready(State(s): State<HealthState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_the_same_only_when_every_byte_is() {
+        assert!(same(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!same(b"0123456789abcdef", b"0123456789abcdeF"));
+        assert!(!same(b"0123456789abcdef", b"0123456789abcde"));
+        assert!(!same(b"0123456789abcdef", b"0123456789abcdef0"));
+        assert!(!same(b"", b"0"));
+    }
 }

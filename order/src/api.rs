@@ -44,6 +44,9 @@ pub fn router(placer: Placer, stall_after: Duration, admin: AdminToken, dlq: Dlq
     let redriver = Redriver {
         dlq: Arc::new(dlq),
         admin: admin.clone(),
+        sagas: OrderSagas {
+            pool: placer.pool.clone(),
+        },
     };
     let resolver = Resolver {
         placer: placer.clone(),
@@ -210,19 +213,37 @@ async fn get_order(
 struct Redriver {
     dlq: Arc<Dlq>,
     admin: AdminToken,
+    sagas: OrderSagas,
+}
+
+/// The sagas as their orders tell: one has ended when its order has
+/// ([`crate::domain::Order::ended`]), read from the event store.
+#[derive(Clone)]
+struct OrderSagas {
+    pool: sqlx::PgPool,
+}
+
+impl common::dlq::Sagas for OrderSagas {
+    async fn ended(&self, id: Uuid) -> anyhow::Result<Option<String>> {
+        let mut conn = self.pool.acquire().await?;
+        let order = store::load(&mut conn, id).await?;
+        Ok(order
+            .filter(|o| o.ended())
+            .map(|o| o.status.name().to_string()))
+    }
 }
 
 /// `POST /dead-letters/redrive` (operator): publishes the selected dead
 /// letters' events again, each with an audit record, and says what became
 /// of each (see [`Dlq::redrive`]).
 async fn redrive(
-    State(Redriver { dlq, admin }): State<Redriver>,
+    State(Redriver { dlq, admin, sagas }): State<Redriver>,
     headers: HeaderMap,
     ValidJson(request): ValidJson<Redrive>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     admin.check(&headers, "POST /dead-letters/redrive")?;
     let results = dlq
-        .redrive(&request)
+        .redrive(&request, &sagas)
         .await
         .map_err(|e| ApiError::Unprocessable(format!("{e:#}")))?;
     for r in results.iter().filter(|r| r.outcome == "redrove") {

@@ -76,6 +76,16 @@ pub struct Order {
 }
 
 impl Order {
+    /// Its saga is over for good: confirmed, cancelled, or resolved by an
+    /// operator. Nothing moves it again (a dead letter of it is redriven
+    /// only when forced, and then finds nothing to do).
+    pub fn ended(&self) -> bool {
+        matches!(
+            self.status,
+            OrderStatus::Confirmed | OrderStatus::Cancelled | OrderStatus::ManuallyCompensated
+        )
+    }
+
     /// Its saga may still end normally: pending, or halted by a dead letter
     /// that an operator may redrive (its saga then goes on).
     pub fn under_way(&self) -> bool {

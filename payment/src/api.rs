@@ -6,11 +6,18 @@
 //!   balance; it composes with charges and refunds running at the same time.
 //! - `GET /accounts/{customerId}`: balance, version (also the `ETag`) and payments.
 //! - `GET /admin/gateway`, `PUT /admin/gateway` (operator): the simulated
-//!   payment gateway's rules, read and replaced at run time.
+//!   payment gateway's rules, read and replaced at run time;
+//!   `GET /admin/gateway/payments/{paymentId}` (operator): what it holds
+//!   for one payment id.
 
 use std::sync::Arc;
 
-use axum::{Json, Router, extract::State, http::HeaderMap, routing::get};
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::HeaderMap,
+    routing::get,
+};
 use common::{
     Infra,
     counter::{Counter, CounterView},
@@ -18,9 +25,10 @@ use common::{
 };
 use serde::Serialize;
 use sqlx::PgPool;
+use uuid::Uuid;
 
 use crate::{
-    gateway::{Gateway, Rules},
+    gateway::{Gateway, PaymentRecord, Rules},
     store::{self, PaymentView},
 };
 
@@ -47,6 +55,7 @@ pub fn router(infra: &Infra, gateway: Arc<Gateway>) -> Router {
         .merge(
             Router::new()
                 .route("/admin/gateway", get(gateway_rules).put(set_gateway_rules))
+                .route("/admin/gateway/payments/{id}", get(gateway_payment))
                 .with_state(control),
         )
 }
@@ -57,9 +66,30 @@ struct GatewayControl {
     admin: AdminToken,
 }
 
-/// `GET /admin/gateway`: the simulated gateway's rules now.
-async fn gateway_rules(State(control): State<GatewayControl>) -> Json<Rules> {
-    Json(control.gateway.rules())
+/// `GET /admin/gateway` (operator): the simulated gateway's rules now.
+async fn gateway_rules(
+    State(control): State<GatewayControl>,
+    headers: HeaderMap,
+) -> Result<Json<Rules>, ApiError> {
+    control.admin.check(&headers, "GET /admin/gateway")?;
+    Ok(Json(control.gateway.rules()))
+}
+
+/// `GET /admin/gateway/payments/{paymentId}` (operator): what the simulated
+/// gateway holds for a payment id, as a gateway's console would show it:
+/// charged, given back (refunded or voided), and whether it is voided.
+async fn gateway_payment(
+    State(control): State<GatewayControl>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<PaymentRecord>, ApiError> {
+    control
+        .admin
+        .check(&headers, "GET /admin/gateway/payments/{id}")?;
+    let id: Uuid = id
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("'{id}' is not a payment id (a UUID)")))?;
+    Ok(Json(control.gateway.payment(id)))
 }
 
 /// `PUT /admin/gateway` (operator): replaces the rules, from the next call on.

@@ -25,8 +25,12 @@ pub enum Mode {
     Ok,
     /// Refuses it (a charge is declined; a refund is refused and retried).
     Fail,
-    /// Never answers in time.
+    /// Never answers in time, and does nothing.
     Timeout,
+    /// Carries it out, but its answer is lost: the caller sees a timeout
+    /// although the money moved (asked again with the same payment id, it
+    /// says the call went through after all).
+    Lost,
 }
 
 /// How the gateway behaves for someone.
@@ -102,6 +106,29 @@ enum Call {
     Refund,
 }
 
+/// What a void did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Voided {
+    /// A charge under the payment id had gone through: it was given back
+    /// (now, or by an earlier void or refund of the same payment id).
+    Charge(i64),
+    /// No charge under the payment id went through: nothing to give back,
+    /// and none will ever go through now.
+    Nothing,
+}
+
+/// What the gateway holds for one payment id, as its console shows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymentRecord {
+    /// The amount charged, if a charge went through.
+    pub charged: Option<i64>,
+    /// The amount given back (a refund or a void), if any.
+    pub refunded: Option<i64>,
+    /// Voided: no charge under this payment id goes through any more.
+    pub voided: bool,
+}
+
 /// Calls the simulated gateway remembers (about 13 MB at most): a
 /// repeated call is answered from them as long as fewer than this many
 /// other calls came in between, far longer than the service retries a
@@ -110,6 +137,7 @@ enum Call {
 pub const KEPT_CALLS: usize = 200_000;
 
 /// Calls carried out, by payment id, the latest [`KEPT_CALLS`] of them.
+/// A void is kept as a refund of what was charged (0 if nothing was).
 #[derive(Debug, Default)]
 struct Done {
     amounts: HashMap<(Uuid, Call), i64>,
@@ -120,6 +148,10 @@ struct Done {
 impl Done {
     fn contains(&self, key: &(Uuid, Call)) -> bool {
         self.amounts.contains_key(key)
+    }
+
+    fn get(&self, payment_id: Uuid, call: Call) -> Option<i64> {
+        self.amounts.get(&(payment_id, call)).copied()
     }
 
     fn insert(&mut self, key: (Uuid, Call), amount: i64) {
@@ -181,6 +213,59 @@ impl Gateway {
         self.call(Call::Refund, payment_id, customer, amount).await
     }
 
+    /// Calls off `payment_id` for `customer`, whatever became of its charge:
+    /// one that went through (its answer lost, say) is given back, and none
+    /// goes through from now on. Idempotent, like every call; it follows
+    /// the refund rules (refused, unanswered or lost like a refund).
+    pub async fn void(&self, payment_id: Uuid, customer: &str) -> Result<Voided, GatewayError> {
+        let behaviour = self.rules().for_customer(customer);
+        let answer = async {
+            if behaviour.latency_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(behaviour.latency_ms)).await;
+            }
+            let outcome = {
+                let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+                let charged = done.get(payment_id, Call::Charge);
+                let voided = || match charged {
+                    Some(amount) => Voided::Charge(amount),
+                    None => Voided::Nothing,
+                };
+                match behaviour.refunds {
+                    _ if done.contains(&(payment_id, Call::Refund)) => Some(Ok(voided())),
+                    Mode::Ok | Mode::Lost => {
+                        done.insert((payment_id, Call::Refund), charged.unwrap_or(0));
+                        match behaviour.refunds {
+                            Mode::Lost => None,
+                            _ => Some(Ok(voided())),
+                        }
+                    }
+                    Mode::Fail => Some(Err(GatewayError::Refused(
+                        "void refused (simulated)".into(),
+                    ))),
+                    Mode::Timeout => None,
+                }
+            };
+            match outcome {
+                Some(answer) => answer,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::time::timeout(self.timeout, answer)
+            .await
+            .unwrap_or(Err(GatewayError::TimedOut(self.timeout)))
+    }
+
+    /// What the gateway holds for `payment_id` (while it remembers it).
+    pub fn payment(&self, payment_id: Uuid) -> PaymentRecord {
+        let done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        let refunded = done.get(payment_id, Call::Refund);
+        PaymentRecord {
+            charged: done.get(payment_id, Call::Charge),
+            refunded,
+            voided: refunded.is_some(),
+        }
+    }
+
     async fn call(
         &self,
         call: Call,
@@ -204,9 +289,20 @@ impl Gateway {
                 // The idempotency key: what was done for this payment stays done.
                 match mode {
                     _ if done.contains(&(payment_id, call)) => Some(Ok(())),
+                    // Given back already (a void, or a refund): the payment
+                    // is over, and no charge under its id goes through.
+                    _ if call == Call::Charge && done.contains(&(payment_id, Call::Refund)) => {
+                        Some(Err(GatewayError::Refused(format!(
+                            "payment {payment_id} was voided"
+                        ))))
+                    }
                     Mode::Ok => {
                         done.insert((payment_id, call), amount);
                         Some(Ok(()))
+                    }
+                    Mode::Lost => {
+                        done.insert((payment_id, call), amount);
+                        None
                     }
                     Mode::Fail => Some(Err(GatewayError::Refused(match call {
                         Call::Charge => "charge declined (simulated)".into(),
@@ -291,6 +387,60 @@ mod tests {
             g.charge(Uuid::now_v7(), "bob", 1).await,
             Err(GatewayError::TimedOut(Duration::from_millis(200)))
         );
+    }
+
+    fn charges_for(customer: &str, charges: Mode) -> Rules {
+        Rules {
+            customers: BTreeMap::from([(
+                customer.to_string(),
+                Behaviour {
+                    charges,
+                    ..Behaviour::default()
+                },
+            )]),
+            ..Rules::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lost_charge_went_through_and_a_void_gives_it_back_once() {
+        let g = gateway(charges_for("bob", Mode::Lost));
+        let id = Uuid::now_v7();
+        assert!(matches!(
+            g.charge(id, "bob", 700).await,
+            Err(GatewayError::TimedOut(_))
+        ));
+        assert_eq!(
+            g.payment(id).charged,
+            Some(700),
+            "it went through after all"
+        );
+        assert_eq!(g.void(id, "bob").await, Ok(Voided::Charge(700)));
+        assert_eq!(
+            g.void(id, "bob").await,
+            Ok(Voided::Charge(700)),
+            "idempotent"
+        );
+        assert_eq!(
+            g.payment(id),
+            PaymentRecord {
+                charged: Some(700),
+                refunded: Some(700),
+                voided: true
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_voided_payment_id_is_never_charged_afterwards() {
+        let g = gateway(Rules::default());
+        let id = Uuid::now_v7();
+        assert_eq!(g.void(id, "alice").await, Ok(Voided::Nothing));
+        assert!(matches!(
+            g.charge(id, "alice", 100).await,
+            Err(GatewayError::Refused(_))
+        ));
+        assert_eq!(g.payment(id).charged, None);
     }
 
     #[test]

@@ -18,9 +18,10 @@ use common::{
 };
 
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 use crate::domain::{self, ChargeDecision, PaymentStatus};
-use crate::gateway::{self, Gateway, GatewayError};
+use crate::gateway::{self, Gateway, GatewayError, Voided};
 use crate::store::{self, Payment};
 
 pub struct PaymentHandler {
@@ -185,6 +186,28 @@ impl Step for Payment {
         }
         self.record_undone(cx.tx, &reason).await?;
         Ok(self.undone(reason))
+    }
+
+    /// A charge the gateway did not answer may have gone through: the
+    /// payment id is voided, so whatever became of it, the customer keeps
+    /// their money (a void of a payment never charged changes nothing).
+    async fn call_off(order_id: Uuid, with: &PaymentHandler) -> Result<(), HandlerError> {
+        let payment_id = gateway::payment_id(order_id);
+        // The simulation answers per customer; a gateway of record needs
+        // only the payment id. The customer is not known here (no charge
+        // was recorded): the rules for everyone apply.
+        match with.gateway.void(payment_id, "").await {
+            Ok(Voided::Nothing) => Ok(()),
+            Ok(Voided::Charge(amount)) => {
+                tracing::warn!(%order_id, %payment_id, amount, "a charge whose answer was lost had gone through: voided");
+                Ok(())
+            }
+            Err(e) => Err(HandlerError::Unavailable {
+                reason: format!("voiding {payment_id}: {e}"),
+                retries: with.retries.clone(),
+                report: None,
+            }),
+        }
     }
 
     fn undone(self, reason: String) -> (Event, String) {

@@ -64,9 +64,35 @@ pub struct Connection {
         global = true
     )]
     pub order_url: String,
-    /// The services' admin token, for operator endpoints (resolve).
-    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true, global = true)]
+    /// A file holding the services' admin token, for operator endpoints
+    /// (redrive, retry, resolve); or set ADMIN_TOKEN. Never a flag: it
+    /// would show in the process list.
+    #[arg(long, env = "ADMIN_TOKEN_FILE", global = true)]
+    pub admin_token_file: Option<PathBuf>,
+    /// The admin token itself: from ADMIN_TOKEN or the file (see
+    /// [`Connection::with_admin_token_from_env`]), never from a flag.
+    #[arg(skip)]
     pub admin_token: Option<String>,
+}
+
+impl Connection {
+    /// This connection with the admin token read from `ADMIN_TOKEN`, or
+    /// else from `--admin-token-file` (its first line).
+    pub fn with_admin_token_from_env(mut self) -> Result<Connection> {
+        if self.admin_token.is_some() {
+            return Ok(self);
+        }
+        self.admin_token = match (std::env::var("ADMIN_TOKEN").ok(), &self.admin_token_file) {
+            (Some(token), _) if !token.is_empty() => Some(token),
+            (_, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the admin token from {}", path.display()))?;
+                Some(text.lines().next().unwrap_or_default().trim().to_string())
+            }
+            _ => None,
+        };
+        Ok(self)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -143,6 +169,11 @@ pub struct Audit {
     /// Say what would be redriven, and change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Redrive dead letters of sagas that have ended (confirmed, cancelled,
+    /// resolved by hand) too, for this reason, kept in the audit record.
+    /// Without it they are refused: a redrive must not move a settled saga.
+    #[arg(long, value_name = "REASON")]
+    pub force: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -196,7 +227,7 @@ impl Connection {
         let token = self
             .admin_token
             .as_deref()
-            .context("an operator action: set ADMIN_TOKEN (or --admin-token)")?;
+            .context("an operator action: set ADMIN_TOKEN, or point --admin-token-file (ADMIN_TOKEN_FILE) at a file holding it")?;
         let url = format!("{}{path}", self.order_url.trim_end_matches('/'));
         let response = reqwest::Client::new()
             .post(&url)
@@ -219,7 +250,8 @@ impl Connection {
 }
 
 /// Runs one command, writing what it shows to `out`.
-pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
+pub async fn run(mut cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
+    cli.connection = cli.connection.with_admin_token_from_env()?;
     let subjects = Subjects::new(cli.connection.subject_prefix.clone());
     match cli.command {
         Command::Saga { order_id, json } => {
@@ -291,6 +323,7 @@ fn redrive_request(
         note: audit.note.unwrap_or_default(),
         operator: audit.operator.unwrap_or_else(login),
         dry_run: audit.dry_run,
+        force: audit.force,
     }
 }
 

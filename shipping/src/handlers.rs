@@ -1,7 +1,8 @@
 //! Reactions to saga events: on InventoryReserved, create the shipment, or
 //! fail it when the address cannot be delivered to (which starts the
 //! compensation); call it off, or never create it, for an order the
-//! customer cancelled (OrderCancelledByCustomer, emitting ShipmentCancelled).
+//! customer cancelled (OrderCancelledByCustomer, emitting ShipmentCancelled)
+//! or an operator resolved (OrderManuallyCompensated: recorded only).
 
 use common::{
     Applying, Event, EventKind, Handler, HandlerError, Outcome,
@@ -24,10 +25,10 @@ impl Handler for ShippingHandler {
     async fn handle(&self, cx: Applying<'_>, event: Event) -> Result<Outcome, HandlerError> {
         match event {
             Event::InventoryReserved(reserved) => ship(cx, reserved).await,
-            Event::OrderCancelledByCustomer(cancelled) => {
-                compensation::cancelled_by_customer::<Shipment>(cx, &cancelled, &()).await
-            }
-            _ => Ok(Outcome::Unhandled),
+            // The customer's cancel calls the shipment off, or makes sure
+            // none is ever created; so does an operator's resolution (only
+            // recorded: they settled the order by hand).
+            other => compensation::undone_from_outside::<Shipment>(cx, other, &()).await,
         }
     }
 }

@@ -725,8 +725,6 @@ impl Stack {
             self.subjects.prefix().into(),
             "--order-url".into(),
             self.url("order", ""),
-            "--admin-token".into(),
-            ADMIN_TOKEN.into(),
         ];
         argv.extend(
             line.split('"')
@@ -737,7 +735,9 @@ impl Stack {
                 }),
         );
         let args = line;
-        let cli = sagactl::Cli::try_parse_from(&argv)?;
+        let mut cli = sagactl::Cli::try_parse_from(&argv)?;
+        // As ADMIN_TOKEN would give it (never a flag).
+        cli.connection.admin_token = Some(ADMIN_TOKEN.into());
         let mut out = Vec::new();
         let result = sagactl::run(cli, &mut out).await;
         let printed = String::from_utf8_lossy(&out).into_owned();

@@ -212,14 +212,24 @@ async fn an_operator_resolves_a_halted_refund_as_compensated_by_hand() -> Result
         1.0
     );
 
-    // The refund request still in the dead-letter stream, redriven now that
-    // the gateway works, finds nothing left to refund; a second resolution
-    // is refused.
+    // The refund request still in the dead-letter stream is refused: the
+    // saga is settled. Forced now that the gateway works, it finds nothing
+    // left to refund; a second resolution is refused.
     stack
         .put("payment", "/admin/gateway", serde_json::json!({}))
         .await?;
-    stack
+    let refused = stack
         .sagactl(&format!("retry {id} --note cleanup --operator ada"))
+        .await
+        .expect_err("a dead letter of a resolved saga is not redriven unforced");
+    assert!(
+        format!("{refused:#}").contains("has ended (MANUALLY_COMPENSATED)"),
+        "{refused:#}"
+    );
+    stack
+        .sagactl(&format!(
+            "retry {id} --note cleanup --operator ada --force \"clearing the dead-letter stream\""
+        ))
         .await?;
     stack.settle().await?;
     assert_eq!(stack.balance("alice").await?, 9_000);
@@ -264,5 +274,64 @@ async fn a_charge_the_gateway_declines_cancels_only_that_customers_saga() -> Res
     assert_eq!(alice["status"], "CONFIRMED");
     assert_eq!(stack.balance("bob").await?, 10_000);
     assert_eq!(stack.balance("alice").await?, 9_000);
+    stack.assert_invariants().await
+}
+
+/// A charge whose answer the gateway lost may have gone through; the
+/// customer's cancel, arriving while payment waits to ask again, voids the
+/// payment id, so the money comes back although no charge was ever
+/// recorded, and the charge is not made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_voids_a_charge_whose_answer_was_lost() -> Result<()> {
+    let mut stack = Stack::start_with(&["order", "inventory", "shipping"]).await?;
+    stack
+        .start_service_with("payment", |c| {
+            c.gateway_rules = Some(r#"{"customers": {"bob": {"charges": "lost"}}}"#.into());
+            c.gateway_timeout = Duration::from_millis(200);
+            // Payment asks again only after the cancel is in.
+            c.refund_retries = vec![Duration::from_secs(3); 3];
+        })
+        .await?;
+    stack.set_balance("bob", 10_000).await?;
+    stack.set_stock("widget", 5).await?;
+    let id = stack.place("bob", &[("widget", 2, 1_500)], "US").await?;
+    let payment = payment::gateway::payment_id(id);
+    let at_gateway = format!("/admin/gateway/payments/{payment}");
+    eventually("the gateway to carry the charge out", DEADLINE, || async {
+        let (_, record) = stack.get_json("payment", &at_gateway).await?;
+        Ok((record["charged"] == 3_000).then_some(()))
+    })
+    .await?;
+    assert_eq!(stack.balance("bob").await?, 10_000, "no charge recorded");
+
+    let (status, _, reply) = stack
+        .call(
+            reqwest::Method::POST,
+            "order",
+            &format!("/orders/{id}/cancel"),
+            Some(serde_json::json!({"reason": "changed my mind"})),
+            None,
+        )
+        .await?;
+    assert_eq!(status, 200, "{reply}");
+    let record = eventually("the payment id to be voided", DEADLINE, || async {
+        let (_, record) = stack.get_json("payment", &at_gateway).await?;
+        Ok((record["refunded"] == 3_000).then_some(record))
+    })
+    .await?;
+    assert_eq!(record["voided"], true, "{record}");
+
+    // Payment's next attempt finds the cancel and charges nothing.
+    eventually("payment to give up on the charge", DEADLINE, || async {
+        let (_, record) = stack.get_json("payment", &at_gateway).await?;
+        let settled = stack.is_settled().await? && record["charged"] == 3_000;
+        Ok(settled.then_some(()))
+    })
+    .await?;
+    stack.settle().await?;
+    assert_eq!(stack.order(id).await?["status"], "CANCELLED");
+    assert_eq!(stack.balance("bob").await?, 10_000);
+    let types = stack.saga_event_types(id).await?;
+    assert!(!types.iter().any(|t| t == "PaymentProcessed"), "{types:?}");
     stack.assert_invariants().await
 }

@@ -78,20 +78,25 @@ async fn operator_endpoints_need_the_admin_token_and_reads_do_not() -> Result<()
             json!({"resolution": "manually-compensated", "note": "x", "operator": "ada"}),
         ),
     ];
-    for (method, service, path, body) in &changes {
+    // The gateway's rules and what it holds for a payment are the
+    // operator's to read too: they say whose charges fail.
+    let operator_reads = [
+        (Method::GET, "payment", "/admin/gateway", Value::Null),
+        (
+            Method::GET,
+            "payment",
+            "/admin/gateway/payments/00000000-0000-0000-0000-000000000000",
+            Value::Null,
+        ),
+    ];
+    for (method, service, path, body) in changes.iter().chain(&operator_reads) {
+        let body = (!body.is_null()).then(|| body.clone());
         for (token, says) in [
             (None, "send Authorization: Bearer <ADMIN_TOKEN>"),
             (Some("not-the-token-at-all"), "wrong admin token"),
         ] {
-            let (status, challenge, reply) = send(
-                &stack,
-                method.clone(),
-                service,
-                path,
-                Some(body.clone()),
-                token,
-            )
-            .await?;
+            let (status, challenge, reply) =
+                send(&stack, method.clone(), service, path, body.clone(), token).await?;
             assert_eq!(status, 401, "{method} {path} with {token:?}: {reply}");
             assert_eq!(challenge.as_deref(), Some("Bearer"));
             assert!(
@@ -106,10 +111,14 @@ async fn operator_endpoints_need_the_admin_token_and_reads_do_not() -> Result<()
     for (service, path) in [
         ("payment", "/accounts/alice"),
         ("inventory", "/stock/widget"),
-        ("payment", "/admin/gateway"),
     ] {
         let (status, _, reply) = send(&stack, Method::GET, service, path, None, None).await?;
         assert_eq!(status, 200, "GET {path}: {reply}");
+    }
+    for (_, service, path, _) in &operator_reads {
+        let (status, _, reply) =
+            send(&stack, Method::GET, service, path, None, Some(ADMIN_TOKEN)).await?;
+        assert_eq!(status, 200, "GET {path} with the token: {reply}");
     }
 
     // With the token: the gateway is told to decline alice's charges, from

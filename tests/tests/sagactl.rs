@@ -212,7 +212,8 @@ async fn a_halted_saga_completes_when_its_dead_letter_is_redriven_and_a_second_r
     );
 
     // The same event, dead-lettered again by another consumer after it was
-    // applied: redriving it changes nothing, and the dead letter is gone.
+    // applied: the saga has ended, so it is redriven only when forced, and
+    // then it changes nothing, and the dead letter is gone.
     stack
         .publish(
             &stack.subjects.event(EventKind::PaymentProcessed),
@@ -220,8 +221,18 @@ async fn a_halted_saga_completes_when_its_dead_letter_is_redriven_and_a_second_r
         )
         .await?;
     stack.wait_for_dead_letters(1).await?;
-    stack
+    let refused = stack
         .sagactl("dlq redrive --consumer inventory --note again --operator ada")
+        .await
+        .expect_err("the saga has ended");
+    assert!(
+        format!("{refused:#}").contains("has ended (CANCELLED)"),
+        "{refused:#}"
+    );
+    stack
+        .sagactl(
+            "dlq redrive --consumer inventory --note again --operator ada --force \"a late duplicate\"",
+        )
         .await?;
     stack.settle().await?;
     assert!(stack.dead_letter_messages().await?.is_empty());

@@ -191,10 +191,15 @@ impl Envelope {
 impl EventKind {
     /// Published under a subject of its own per order (the type's subject
     /// and `.<orderId>`), so that a service can ask the stream whether one
-    /// exists for an order: the customer's cancel, which a service must
-    /// know of before it takes its step even when it waits in its queue.
+    /// exists for an order: what ends an order from outside its saga — the
+    /// customer's cancel and the operator's resolution — which a service
+    /// must know of before it takes its step even when it waits in its
+    /// queue ([`crate::Subjects::ended_from_outside`]).
     pub fn keyed_by_order(self) -> bool {
-        self == EventKind::OrderCancelledByCustomer
+        matches!(
+            self,
+            EventKind::OrderCancelledByCustomer | EventKind::OrderManuallyCompensated
+        )
     }
 }
 

@@ -46,6 +46,16 @@ impl Subjects {
         }
     }
 
+    /// Every subject an order's ending from outside its saga can be
+    /// published on (`saga.order.*.<orderId>`: the customer's cancel, the
+    /// operator's resolution; the kinds [keyed by
+    /// order](EventKind::keyed_by_order), all of them the order's): the
+    /// stream's last message on it says whether, and how, the order ended
+    /// that way.
+    pub fn ended_from_outside(&self, order_id: uuid::Uuid) -> String {
+        format!("{}.order.*.{order_id}", self.prefix)
+    }
+
     /// Everything: `saga.>` (events, dead letters and commands).
     pub fn all(&self) -> String {
         format!("{}.>", self.prefix)
@@ -151,5 +161,30 @@ mod tests {
         assert_eq!(s.events_stream(), "T_9_EVENTS");
         assert_eq!(s.rewrite_subject("saga.order.>"), "t-9.order.>");
         assert_eq!(s.dead_letter("payment"), "t-9.dlq.payment");
+    }
+
+    /// The wildcard a service asks the stream with covers every kind keyed
+    /// by order, and no other subject an event can be published on.
+    #[test]
+    fn an_order_ended_from_outside_is_found_under_one_wildcard() {
+        let s = Subjects::new("saga");
+        let order = uuid::Uuid::now_v7();
+        let pattern = s.ended_from_outside(order);
+        let matches = |subject: &str| {
+            let (p, t): (Vec<_>, Vec<_>) =
+                (pattern.split('.').collect(), subject.split('.').collect());
+            p.len() == t.len() && p.iter().zip(&t).all(|(p, t)| *p == "*" || p == t)
+        };
+        for kind in EventKind::ALL.iter().copied() {
+            assert_eq!(
+                matches(&s.event_of(kind, order)),
+                kind.keyed_by_order(),
+                "{kind:?}"
+            );
+        }
+        assert!(!matches(&s.event_of(
+            EventKind::OrderCancelledByCustomer,
+            uuid::Uuid::now_v7()
+        )));
     }
 }
