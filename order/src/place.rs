@@ -96,8 +96,13 @@ pub fn writers(max_connections: u32) -> usize {
     (max_connections as usize / 4).clamp(1, WRITERS)
 }
 
-/// A checked placement request and where its answer goes.
+/// A checked placement request, the id its order gets, and where its
+/// answer goes.
 struct Waiting {
+    /// Fixed before the first attempt to write it: every attempt writes
+    /// the same order, so one whose commit went through although its
+    /// answer was lost is found, not placed again.
+    order_id: Uuid,
     request: PlaceOrder,
     reply: oneshot::Sender<Result<Order, PlaceError>>,
 }
@@ -145,8 +150,13 @@ impl Placer {
         }
         let (reply, answer) = oneshot::channel();
         let stopping = || PlaceError::Internal(ExecError::Db(sqlx::Error::PoolClosed));
+        let order_id = Uuid::now_v7();
         self.waiting
-            .send(Waiting { request, reply })
+            .send(Waiting {
+                order_id,
+                request,
+                reply,
+            })
             .await
             .map_err(|_| stopping())?;
         let order = answer.await.map_err(|_| stopping())??;
@@ -210,11 +220,16 @@ impl Writer {
     /// fails only that one.
     async fn write_group(&self, mut group: Vec<Waiting>) {
         if group.len() == 1 {
-            let Waiting { request, reply } = group.pop().expect("one");
-            let _ = reply.send(self.place_new(request).await);
+            let Waiting {
+                order_id,
+                request,
+                reply,
+            } = group.pop().expect("one");
+            let _ = reply.send(self.place_new(order_id, request).await);
             return;
         }
-        let requests: Vec<&PlaceOrder> = group.iter().map(|w| &w.request).collect();
+        let requests: Vec<(Uuid, &PlaceOrder)> =
+            group.iter().map(|w| (w.order_id, &w.request)).collect();
         let meter = &self.snapshots.meter;
         match self.place_together(&requests).await {
             Ok(answers) => {
@@ -226,8 +241,13 @@ impl Writer {
             Err(why) => {
                 meter.placement_group("one_by_one", group.len());
                 tracing::warn!(placements = group.len(), error = %why, "placements not written together; writing each on its own");
-                for Waiting { request, reply } in group {
-                    let _ = reply.send(self.place_new(request).await);
+                for Waiting {
+                    order_id,
+                    request,
+                    reply,
+                } in group
+                {
+                    let _ = reply.send(self.place_new(order_id, request).await);
                 }
             }
         }
@@ -239,12 +259,12 @@ impl Writer {
     /// and why.
     async fn place_together(
         &self,
-        requests: &[&PlaceOrder],
+        requests: &[(Uuid, &PlaceOrder)],
     ) -> Result<Vec<Result<Order, PlaceError>>, String> {
         let mut tx = self.pool.begin().await.map_err(|e| e.to_string())?;
         let mut products: Vec<&str> = requests
             .iter()
-            .flat_map(|r| r.lines.iter().map(|l| l.product_id.as_str()))
+            .flat_map(|(_, r)| r.lines.iter().map(|l| l.product_id.as_str()))
             .collect();
         products.sort_unstable();
         products.dedup();
@@ -253,8 +273,8 @@ impl Writer {
             .map_err(|e| e.to_string())?;
         let mut answers = Vec::with_capacity(requests.len());
         let mut placed = Vec::with_capacity(requests.len());
-        for request in requests {
-            match decide_placement(Uuid::now_v7(), (*request).clone(), &prices) {
+        for (order_id, request) in requests {
+            match decide_placement(*order_id, (*request).clone(), &prices) {
                 Ok((order, emitted)) => {
                     answers.push(Ok(order.clone()));
                     placed.push((order, emitted));
@@ -283,10 +303,33 @@ impl Writer {
         Ok(answers)
     }
 
-    /// A placement without an idempotency key, on its own.
-    async fn place_new(&self, request: PlaceOrder) -> Result<Order, PlaceError> {
-        let tx = self.pool.begin().await?;
-        self.place_in(tx, Uuid::now_v7(), request).await
+    /// A placement without an idempotency key, on its own, as order
+    /// `order_id`. An earlier attempt may have written it already (its
+    /// commit went through but the answer was lost, with the connection):
+    /// then the order it wrote is the answer. So is it when this attempt's
+    /// own answer is lost but the order is there when asked again.
+    async fn place_new(&self, order_id: Uuid, request: PlaceOrder) -> Result<Order, PlaceError> {
+        let placed = match self.pool.begin().await {
+            Ok(tx) => self.place_in(tx, order_id, request).await,
+            Err(e) => Err(e.into()),
+        };
+        match placed {
+            Err(PlaceError::Internal(e)) => match self.written(order_id).await {
+                Some(order) => {
+                    tracing::warn!(%order_id, correlation_id = %order_id, error = %e, "placement already written (an answer was lost): answering with it");
+                    Ok(order)
+                }
+                None => Err(PlaceError::Internal(e)),
+            },
+            other => other,
+        }
+    }
+
+    /// Order `order_id`, if it was written (`None` if it was not, or the
+    /// database cannot say).
+    async fn written(&self, order_id: Uuid) -> Option<Order> {
+        let mut conn = self.pool.acquire().await.ok()?;
+        store::load(&mut conn, order_id).await.ok().flatten()
     }
 
     /// A placement with an idempotency key: the order the key's first

@@ -9,6 +9,7 @@
 
 pub mod exposition;
 pub mod fuzz;
+pub mod pg_proxy;
 pub mod raw_nats;
 
 use std::{

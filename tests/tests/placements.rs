@@ -9,10 +9,13 @@
 //! then sends the placements under test, which wait for a writer, and lets
 //! the store go: the first writer free takes them all as one group.
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use common::meter::names;
 use order::place::{self, GROUP};
-use saga_tests::{DEADLINE, Stack, eventually, order_body};
+use saga_tests::{
+    DEADLINE, Stack, eventually, order_body,
+    pg_proxy::{CommitAnswerLoser, Target},
+};
 use serde_json::Value;
 use sqlx::PgConnection;
 use tokio::task::JoinHandle;
@@ -236,5 +239,122 @@ async fn a_placement_the_group_transaction_cannot_take_fails_alone_and_the_other
     ensure!(m.sum(names::PLACEMENT_GROUPED, &apart) == n as f64);
     ensure!(!m.has(names::PLACEMENT_GROUPS, &[("outcome", "committed")]));
     ensure!(m.sum(names::PLACEMENTS_WAITING, &[]) == 0.0);
+    Ok(())
+}
+
+/// The order service's database URL with the host and port of `proxy`
+/// instead of the server's (and no TLS, which the proxy does not read),
+/// and the server's address.
+fn through(url: &str, proxy: std::net::SocketAddr) -> Result<(String, std::net::SocketAddr)> {
+    let (scheme, rest) = url.split_once("://").context("a URL")?;
+    let (credentials, rest) = match rest.split_once('@') {
+        Some((c, r)) => (format!("{c}@"), r),
+        None => (String::new(), rest),
+    };
+    let (host_port, path) = rest.split_once('/').context("a database")?;
+    let server = std::net::ToSocketAddrs::to_socket_addrs(host_port)?
+        .next()
+        .context("the server's address")?;
+    let separator = if path.contains('?') { '&' } else { '?' };
+    Ok((
+        format!("{scheme}://{credentials}{proxy}/{path}{separator}sslmode=disable"),
+        server,
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_commit_answer_is_lost_is_placed_once_with_the_ids_it_was_given() -> Result<()>
+{
+    // The order service reaches its database through a proxy that can
+    // lose the answer to the COMMIT of a group of placements (a transaction
+    // that carries three OrderPlaced or more): Postgres commits, the
+    // service sees its connection drop.
+    let mut stack = Stack::start_with(&["inventory"]).await?;
+    let direct = stack.config("order").database_url;
+    let (_, server) = through(&direct, "127.0.0.1:1".parse()?)?;
+    let target = Target {
+        marker: br#""eventType":"OrderPlaced""#,
+        at_least: 3,
+    };
+    let proxy = CommitAnswerLoser::start(server, target).await?;
+    let (proxied, _) = through(&direct, proxy.addr())?;
+    stack
+        .start_service_with("order", |c| c.database_url = proxied)
+        .await?;
+    stack.price("widget", PRICE).await?;
+    let (mut holder, first) = occupy_writers(&stack).await?;
+
+    let customers: Vec<String> = (0..10).map(|i| format!("lost{i}")).collect();
+    let sent: Vec<_> = customers
+        .iter()
+        .map(|c| post(&stack, order_body(c, &[("widget", 1, PRICE)], "US")))
+        .collect();
+    until_waiting(&stack, customers.len()).await?;
+    proxy.arm(1);
+    sqlx::query("ROLLBACK").execute(&mut holder).await?;
+    for placement in first {
+        let (status, reply) = placement.await??;
+        ensure!(status == 201, "{status} {reply}");
+    }
+    let mut ids = Vec::new();
+    for (customer, placement) in customers.iter().zip(sent) {
+        let (status, reply) = placement.await??;
+        ensure!(status == 201, "{customer}: {status} {reply}");
+        ids.push(
+            reply["orderId"]
+                .as_str()
+                .unwrap_or_default()
+                .parse::<Uuid>()?,
+        );
+    }
+    ensure!(proxy.lost() == 1, "the group's answer was lost");
+
+    // Each customer's order exists once, under the id its answer gave.
+    for (customer, id) in customers.iter().zip(&ids) {
+        ensure!(
+            placed_of(&stack, customer).await? == 1,
+            "{customer} placed {} times",
+            placed_of(&stack, customer).await?
+        );
+        ensure!(stack.order(*id).await?["customerId"] == customer.as_str());
+    }
+    eventually("every OrderPlaced relayed once", DEADLINE, || async {
+        let placed = stack
+            .stream_events()
+            .await?
+            .into_iter()
+            .filter(|(_, e)| e.event_type == "OrderPlaced")
+            .count();
+        let expected = writers(&stack) + customers.len();
+        ensure!(placed <= expected, "{placed} OrderPlaced in the stream");
+        Ok((placed == expected).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_placement_whose_commit_answer_is_lost_is_answered_with_the_order_it_wrote()
+-> Result<()> {
+    let mut stack = Stack::start_with(&["inventory"]).await?;
+    let direct = stack.config("order").database_url;
+    let (_, server) = through(&direct, "127.0.0.1:1".parse()?)?;
+    let target = Target {
+        marker: br#""eventType":"OrderPlaced""#,
+        at_least: 1,
+    };
+    let proxy = CommitAnswerLoser::start(server, target).await?;
+    let (proxied, _) = through(&direct, proxy.addr())?;
+    stack
+        .start_service_with("order", |c| c.database_url = proxied)
+        .await?;
+    stack.price("widget", PRICE).await?;
+    proxy.arm(1);
+    let (status, reply) = post(&stack, order_body("lone", &[("widget", 1, PRICE)], "US")).await??;
+    ensure!(status == 201, "{status} {reply}");
+    ensure!(proxy.lost() == 1, "the answer was lost");
+    let id: Uuid = reply["orderId"].as_str().unwrap_or_default().parse()?;
+    ensure!(placed_of(&stack, "lone").await? == 1);
+    ensure!(stack.order(id).await?["customerId"] == "lone");
     Ok(())
 }
