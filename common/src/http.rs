@@ -44,9 +44,13 @@ pub enum ApiError {
     PreconditionRequired(String),
     #[error("{0}")]
     TooLarge(String),
-    /// An operator endpoint without the admin token.
+    /// An operator endpoint without the admin token, or a customer's
+    /// command without its credential.
     #[error("{0}")]
     Unauthorized(String),
+    /// A credential that does not grant what was asked.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -68,6 +72,7 @@ impl IntoResponse for ApiError {
             ApiError::PreconditionRequired(_) => StatusCode::PRECONDITION_REQUIRED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Internal(e) => {
                 tracing::error!(error = ?e, "request failed");
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -152,14 +157,26 @@ impl AdminToken {
         AdminToken(token.map(Into::into))
     }
 
+    /// Whether `given` (a bearer credential) is the admin token.
+    pub fn admits(&self, given: &str) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|token| same(token.as_bytes(), given.as_bytes()))
+    }
+
+    /// The request's bearer credential (`Authorization: Bearer <it>`), if any.
+    pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+    }
+
     /// Lets a request through if it carries `Authorization: Bearer
     /// <token>`; a 401 that says what is missing otherwise. Every refusal is
     /// logged.
     pub fn check(&self, headers: &HeaderMap, what: &str) -> Result<(), ApiError> {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+        let given = AdminToken::bearer(headers);
         let refusal = match (&self.0, given) {
             (None, _) => "operator endpoints are disabled: the service has no ADMIN_TOKEN",
             (Some(_), None) => "an operator endpoint: send Authorization: Bearer <ADMIN_TOKEN>",
@@ -171,6 +188,19 @@ impl AdminToken {
         tracing::warn!(%what, %refusal, "operator request refused");
         Err(ApiError::Unauthorized(refusal.into()))
     }
+}
+
+/// A layer's function for routes only the operator may call, reads
+/// included: the request goes on only with the admin token
+/// (`axum::middleware::from_fn_with_state(admin, operator_only)`).
+pub async fn operator_only(
+    State(admin): State<AdminToken>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Result<Response, ApiError> {
+    let what = format!("{} {}", request.method(), request.uri().path());
+    admin.check(request.headers(), &what)?;
+    Ok(next.run(request).await)
 }
 
 /// Equal, in time that depends neither on where they differ nor on the

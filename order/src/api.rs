@@ -30,7 +30,7 @@ use crate::{
     catalog,
     domain::{Command, OrderStatus},
     observer,
-    place::{CommandError, PlaceError, PlaceOrder, Placer},
+    place::{Canceller, CommandError, PlaceError, PlaceOrder, Placer},
     projection,
     store::{self, EntryKind, EntryRow, ExecError, OrderView, SagaRow},
     timeline,
@@ -48,33 +48,44 @@ pub fn router(placer: Placer, stall_after: Duration, admin: AdminToken, dlq: Dlq
             pool: placer.pool.clone(),
         },
     };
-    let resolver = Resolver {
+    let commands = Commands {
         placer: placer.clone(),
-        admin,
+        admin: admin.clone(),
     };
-    Router::new()
-        .route("/orders", get(list_orders).post(place_order))
-        .route("/orders/{id}", get(get_order))
+    // Reads that show customers' orders, addresses and sagas across
+    // customers: the operator's. Anyone may place an order, read one
+    // whose id they were given, and read the catalog.
+    let operator_reads = Router::new()
+        .route("/orders", get(list_orders))
         .route("/orders/{id}/events", get(get_events))
-        .route("/orders/{id}/cancel", post(cancel))
         .route("/customers/{id}/stats", get(get_customer_stats))
-        .route("/products/{id}", get(get_product))
-        .with_state(placer)
-        .merge(
-            Router::new()
-                .route("/orders/{id}/resolution", post(resolve))
-                .with_state(resolver),
-        )
-        .merge(
-            Router::new()
-                .route("/dead-letters/redrive", post(redrive))
-                .with_state(redriver),
-        )
+        .with_state(placer.clone())
         .merge(
             Router::new()
                 .route("/sagas", get(list_sagas))
                 .route("/sagas/{id}", get(get_saga))
                 .with_state(sagas),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            admin,
+            common::http::operator_only,
+        ));
+    Router::new()
+        .route("/orders", post(place_order))
+        .route("/orders/{id}", get(get_order))
+        .route("/products/{id}", get(get_product))
+        .with_state(placer)
+        .merge(operator_reads)
+        .merge(
+            Router::new()
+                .route("/orders/{id}/cancel", post(cancel))
+                .route("/orders/{id}/resolution", post(resolve))
+                .with_state(commands),
+        )
+        .merge(
+            Router::new()
+                .route("/dead-letters/redrive", post(redrive))
+                .with_state(redriver),
         )
         .route("/ui", get(page))
 }
@@ -119,18 +130,38 @@ async fn place_order(
             })?),
             None => None,
         };
-    let (order, created) = placer.place(request, key).await?;
-    let status = if created {
+    let placed = placer.place(request, key).await?;
+    let status = if placed.created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    let location = format!("/orders/{}", order.id);
+    let location = format!("/orders/{}", placed.order.id);
     Ok((
         status,
         [(header::LOCATION, location)],
-        Json(OrderView::from(order)),
+        Json(PlacedView::from(placed)),
     ))
+}
+
+/// A placement's answer: the order, and the token its customer's cancel
+/// must present (handed out here only; kept hashed).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacedView {
+    #[serde(flatten)]
+    pub order: OrderView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancel_token: Option<String>,
+}
+
+impl From<crate::place::Placed> for PlacedView {
+    fn from(placed: crate::place::Placed) -> PlacedView {
+        PlacedView {
+            order: placed.order.into(),
+            cancel_token: placed.cancel_token.map(|t| t.as_str().to_string()),
+        }
+    }
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
@@ -252,8 +283,10 @@ async fn redrive(
     Ok(Json(serde_json::json!({ "results": results })))
 }
 
+/// Commands on an existing order that need a credential: the customer's
+/// cancel (its cancel token, or the operator's), the operator's resolution.
 #[derive(Clone)]
-struct Resolver {
+struct Commands {
     placer: Placer,
     admin: AdminToken,
 }
@@ -270,7 +303,7 @@ struct Resolution {
 /// `POST /orders/{id}/resolution` (operator): resolves an order that
 /// requires intervention. 409 for an order in any other state.
 async fn resolve(
-    State(Resolver { placer, admin }): State<Resolver>,
+    State(Commands { placer, admin }): State<Commands>,
     Path(id): Path<String>,
     headers: HeaderMap,
     ValidJson(body): ValidJson<Resolution>,
@@ -299,16 +332,29 @@ pub struct Cancel {
     pub reason: String,
 }
 
-/// `POST /orders/{id}/cancel` `{"reason": "..."}`: the customer's cancel,
-/// at any step of the saga until the order is confirmed (then 409). The
-/// answer is the order, CANCELLED; the services undo their steps after.
+/// `POST /orders/{id}/cancel` `{"reason": "..."}` with `Authorization:
+/// Bearer <cancelToken>` (from the placement's answer) or the operator's
+/// token: the customer's cancel, at any step of the saga until the order is
+/// confirmed (then 409). The answer is the order, CANCELLED; the services
+/// undo their steps after. 401 without a credential, 403 with one that does
+/// not cancel this order.
 async fn cancel(
-    State(placer): State<Placer>,
+    State(Commands { placer, admin }): State<Commands>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     ValidJson(body): ValidJson<Cancel>,
 ) -> Result<Json<OrderView>, ApiError> {
     let id = parse_id(&id)?;
-    Ok(Json(placer.cancel(id, body.reason).await?.into()))
+    let by = match AdminToken::bearer(&headers) {
+        None => {
+            return Err(ApiError::Unauthorized(
+                "a cancel needs the order's cancel token: send Authorization: Bearer <cancelToken> (from the placement's answer)".into(),
+            ));
+        }
+        Some(given) if admin.admits(given) => Canceller::Operator,
+        Some(given) => Canceller::TokenHolder(given),
+    };
+    Ok(Json(placer.cancel(id, body.reason, by).await?.into()))
 }
 
 impl From<CommandError> for ApiError {
@@ -317,6 +363,7 @@ impl From<CommandError> for ApiError {
             CommandError::NotFound(_) => ApiError::NotFound(e.to_string()),
             CommandError::Refused(m) => ApiError::Conflict(m),
             CommandError::Invalid(m) => ApiError::Unprocessable(m),
+            CommandError::Forbidden(m) => ApiError::Forbidden(m),
             CommandError::Internal(ExecError::Conflict(_)) => {
                 ApiError::Conflict(format!("{e}; read it again and retry"))
             }

@@ -4,6 +4,7 @@
 //! confirms, PaymentFailed or PaymentRefunded cancels.
 
 pub mod api;
+pub mod capability;
 pub mod catalog;
 mod dead_letters;
 pub mod domain;

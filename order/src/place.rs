@@ -17,6 +17,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::{
+    capability::{self, CancelToken},
     catalog,
     domain::{Command, DomainError, Order},
     pricing::{self, RequestedLine},
@@ -103,8 +104,22 @@ struct Waiting {
     /// the same order, so one whose commit went through although its
     /// answer was lost is found, not placed again.
     order_id: Uuid,
+    /// Its cancel token, fixed likewise (its hash is written with it).
+    token: CancelToken,
     request: PlaceOrder,
     reply: oneshot::Sender<Result<Order, PlaceError>>,
+}
+
+/// A placement's answer.
+#[derive(Debug)]
+pub struct Placed {
+    pub order: Order,
+    /// `false`: the order an earlier request with the same idempotency key
+    /// placed.
+    pub created: bool,
+    /// What the customer's cancel must present; `None` when the order has
+    /// been answered with [`capability::MAX_TOKENS_PER_ORDER`] tokens.
+    pub cancel_token: Option<CancelToken>,
 }
 
 impl Placer {
@@ -133,7 +148,7 @@ impl Placer {
         &self,
         request: PlaceOrder,
         idempotency_key: Option<&str>,
-    ) -> Result<(Order, bool), PlaceError> {
+    ) -> Result<Placed, PlaceError> {
         if let Some(key) = idempotency_key {
             limits::check_text("Idempotency-Key", key, limits::MAX_IDEMPOTENCY_KEY_CHARS)
                 .map_err(PlaceError::Invalid)?;
@@ -150,17 +165,22 @@ impl Placer {
         }
         let (reply, answer) = oneshot::channel();
         let stopping = || PlaceError::Internal(ExecError::Db(sqlx::Error::PoolClosed));
-        let order_id = Uuid::now_v7();
+        let (order_id, token) = (Uuid::now_v7(), CancelToken::new());
         self.waiting
             .send(Waiting {
                 order_id,
+                token: token.clone(),
                 request,
                 reply,
             })
             .await
             .map_err(|_| stopping())?;
         let order = answer.await.map_err(|_| stopping())??;
-        Ok((order, true))
+        Ok(Placed {
+            order,
+            created: true,
+            cancel_token: Some(token),
+        })
     }
 }
 
@@ -222,14 +242,17 @@ impl Writer {
         if group.len() == 1 {
             let Waiting {
                 order_id,
+                token,
                 request,
                 reply,
             } = group.pop().expect("one");
-            let _ = reply.send(self.place_new(order_id, request).await);
+            let _ = reply.send(self.place_new(order_id, &token, request).await);
             return;
         }
-        let requests: Vec<(Uuid, &PlaceOrder)> =
-            group.iter().map(|w| (w.order_id, &w.request)).collect();
+        let requests: Vec<(Uuid, &CancelToken, &PlaceOrder)> = group
+            .iter()
+            .map(|w| (w.order_id, &w.token, &w.request))
+            .collect();
         let meter = &self.snapshots.meter;
         match self.place_together(&requests).await {
             Ok(answers) => {
@@ -243,11 +266,12 @@ impl Writer {
                 tracing::warn!(placements = group.len(), error = %why, "placements not written together; writing each on its own");
                 for Waiting {
                     order_id,
+                    token,
                     request,
                     reply,
                 } in group
                 {
-                    let _ = reply.send(self.place_new(order_id, request).await);
+                    let _ = reply.send(self.place_new(order_id, &token, request).await);
                 }
             }
         }
@@ -259,12 +283,12 @@ impl Writer {
     /// and why.
     async fn place_together(
         &self,
-        requests: &[(Uuid, &PlaceOrder)],
+        requests: &[(Uuid, &CancelToken, &PlaceOrder)],
     ) -> Result<Vec<Result<Order, PlaceError>>, String> {
         let mut tx = self.pool.begin().await.map_err(|e| e.to_string())?;
         let mut products: Vec<&str> = requests
             .iter()
-            .flat_map(|(_, r)| r.lines.iter().map(|l| l.product_id.as_str()))
+            .flat_map(|(_, _, r)| r.lines.iter().map(|l| l.product_id.as_str()))
             .collect();
         products.sort_unstable();
         products.dedup();
@@ -273,14 +297,20 @@ impl Writer {
             .map_err(|e| e.to_string())?;
         let mut answers = Vec::with_capacity(requests.len());
         let mut placed = Vec::with_capacity(requests.len());
-        for (order_id, request) in requests {
+        let mut tokens = Vec::with_capacity(requests.len());
+        for (order_id, token, request) in requests {
             match decide_placement(*order_id, (*request).clone(), &prices) {
                 Ok((order, emitted)) => {
                     answers.push(Ok(order.clone()));
                     placed.push((order, emitted));
+                    tokens.push((*order_id, *token));
                 }
                 Err(refused) => answers.push(Err(refused)),
             }
+        }
+        if let Err(e) = capability::keep(&mut tx, &tokens).await {
+            let _ = tx.rollback().await;
+            return Err(e.to_string());
         }
         let decided: Vec<(&Order, &[Envelope])> =
             placed.iter().map(|(o, e)| (o, e.as_slice())).collect();
@@ -308,9 +338,14 @@ impl Writer {
     /// commit went through but the answer was lost, with the connection):
     /// then the order it wrote is the answer. So is it when this attempt's
     /// own answer is lost but the order is there when asked again.
-    async fn place_new(&self, order_id: Uuid, request: PlaceOrder) -> Result<Order, PlaceError> {
+    async fn place_new(
+        &self,
+        order_id: Uuid,
+        token: &CancelToken,
+        request: PlaceOrder,
+    ) -> Result<Order, PlaceError> {
         let placed = match self.pool.begin().await {
-            Ok(tx) => self.place_in(tx, order_id, request).await,
+            Ok(tx) => self.place_in(tx, order_id, token, request).await,
             Err(e) => Err(e.into()),
         };
         match placed {
@@ -334,12 +369,8 @@ impl Writer {
 
     /// A placement with an idempotency key: the order the key's first
     /// request placed if there was one (`false`), else this one (`true`).
-    async fn place_keyed(
-        &self,
-        request: PlaceOrder,
-        key: &str,
-    ) -> Result<(Order, bool), PlaceError> {
-        let order_id = Uuid::now_v7();
+    async fn place_keyed(&self, request: PlaceOrder, key: &str) -> Result<Placed, PlaceError> {
+        let (order_id, token) = (Uuid::now_v7(), CancelToken::new());
         let mut tx = self.pool.begin().await?;
         let canonical =
             serde_json::to_vec(&request).map_err(|e| PlaceError::Invalid(e.to_string()))?;
@@ -353,17 +384,35 @@ impl Writer {
                     "Idempotency-Key '{key}' was already used by this customer for a different request (order {existing})"
                 )));
             }
-            let order = store::load(&mut tx, existing).await;
-            // Explicitly: a dropped transaction ends only when its connection is reused.
-            tx.rollback().await?;
-            let order = order?.ok_or(PlaceError::Internal(ExecError::Domain(
-                DomainError::NotFound,
-            )))?;
-            return Ok((order, false));
+            let order = match store::load(&mut tx, existing).await {
+                Ok(Some(order)) => order,
+                Ok(None) => {
+                    tx.rollback().await?;
+                    return Err(PlaceError::Internal(ExecError::Domain(
+                        DomainError::NotFound,
+                    )));
+                }
+                Err(e) => {
+                    tx.rollback().await?;
+                    return Err(e.into());
+                }
+            };
+            // The repeat is answered like the first request: with a cancel
+            // token of its own (the first one's is kept only hashed).
+            let cancel_token = capability::another(&mut tx, existing).await?;
+            tx.commit().await?;
+            return Ok(Placed {
+                order,
+                created: false,
+                cancel_token,
+            });
         }
-        self.place_in(tx, order_id, request)
-            .await
-            .map(|order| (order, true))
+        let order = self.place_in(tx, order_id, &token, request).await?;
+        Ok(Placed {
+            order,
+            created: true,
+            cancel_token: Some(token),
+        })
     }
 
     /// Prices and places `request` as order `order_id` in `tx`, and commits.
@@ -371,6 +420,7 @@ impl Writer {
         &self,
         mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
         order_id: Uuid,
+        token: &CancelToken,
         request: PlaceOrder,
     ) -> Result<Order, PlaceError> {
         let products: Vec<&str> = request
@@ -390,6 +440,7 @@ impl Writer {
             tx.rollback().await?;
             return Err(e.into());
         }
+        capability::keep(&mut tx, &[(order_id, token)]).await?;
         self.publish(tx, &emitted)
             .await?
             .map_err(PlaceError::Invalid)?;
@@ -462,8 +513,20 @@ pub enum CommandError {
     /// Bad input (422).
     #[error("{0}")]
     Invalid(String),
+    /// The credential does not grant it (403).
+    #[error("{0}")]
+    Forbidden(String),
     #[error(transparent)]
     Internal(ExecError),
+}
+
+/// Who asks to cancel an order.
+#[derive(Debug, Clone, Copy)]
+pub enum Canceller<'a> {
+    /// The operator (the admin token): any order.
+    Operator,
+    /// Whoever holds a cancel token: only the order it was issued for.
+    TokenHolder(&'a str),
 }
 
 impl From<sqlx::Error> for CommandError {
@@ -517,7 +580,24 @@ impl Placer {
 
     /// The customer's cancel: the order is cancelled unless it is
     /// confirmed (or otherwise ended), and every service undoes its step.
-    pub async fn cancel(&self, order_id: Uuid, reason: String) -> Result<Order, CommandError> {
+    /// Only with the order's cancel token or as the operator; a token that
+    /// does not cancel this order is refused whether or not the order
+    /// exists (a refusal says nothing of other people's orders).
+    pub async fn cancel(
+        &self,
+        order_id: Uuid,
+        reason: String,
+        by: Canceller<'_>,
+    ) -> Result<Order, CommandError> {
+        if let Canceller::TokenHolder(token) = by {
+            let mut conn = self.pool.acquire().await?;
+            if !capability::grants(&mut conn, order_id, token).await? {
+                tracing::warn!(%order_id, "cancel refused: the token does not cancel this order");
+                return Err(CommandError::Forbidden(format!(
+                    "this cancel token does not cancel order {order_id}: present the cancelToken its placement answered with"
+                )));
+            }
+        }
         let order = self
             .run(order_id, Command::CancelByCustomer { reason })
             .await?;

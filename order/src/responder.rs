@@ -3,11 +3,13 @@
 //!
 //! - `<prefix>.cmd.order.place`: the body is the `POST /orders` body;
 //!   `Nats-Msg-Id` or `Idempotency-Key` headers make a retried request safe.
-//! - `<prefix>.cmd.order.cancel`: `{"orderId": "...", "reason": "..."}`, as
-//!   `POST /orders/{id}/cancel`.
+//! - `<prefix>.cmd.order.cancel`: `{"orderId": "...", "reason": "...",
+//!   "cancelToken": "..."}`, as `POST /orders/{id}/cancel` with the token
+//!   the placement answered with.
 //!
-//! The reply is the order as JSON, or `{"error": "..."}` with a `Saga-Error`
-//! header (`invalid`, `conflict`, `not_found`, `internal`).
+//! The reply is the order as JSON (a placement's also carries its
+//! `cancelToken`), or `{"error": "..."}` with a `Saga-Error` header
+//! (`invalid`, `conflict`, `not_found`, `forbidden`, `internal`).
 
 use std::time::Duration;
 
@@ -24,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
-    domain::Order,
-    place::{CommandError, PlaceError, PlaceOrder, Placer},
+    api::PlacedView,
+    place::{Canceller, CommandError, PlaceError, PlaceOrder, Placer},
     store::OrderView,
 };
 
@@ -113,10 +115,7 @@ async fn answer(nats: &async_nats::Client, placer: &Placer, msg: Message) {
         ))
     };
     let (headers, body) = match result {
-        Ok(order) => (
-            HeaderMap::new(),
-            serde_json::to_vec(&OrderView::from(order)),
-        ),
+        Ok(answer) => (HeaderMap::new(), serde_json::to_vec(&answer)),
         Err((kind, message)) => {
             let mut h = HeaderMap::new();
             h.insert("Saga-Error", kind);
@@ -132,7 +131,15 @@ async fn answer(nats: &async_nats::Client, placer: &Placer, msg: Message) {
 /// What a command failed with: its `Saga-Error` kind and message.
 type Refusal = (&'static str, String);
 
-async fn place(placer: &Placer, msg: &Message) -> Result<Order, Refusal> {
+/// What a command answers with.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Answer {
+    Placed(PlacedView),
+    Order(OrderView),
+}
+
+async fn place(placer: &Placer, msg: &Message) -> Result<Answer, Refusal> {
     // The library files a received Nats-Msg-Id under its own header name:
     // only its constant finds it.
     let key = msg
@@ -150,7 +157,7 @@ async fn place(placer: &Placer, msg: &Message) -> Result<Order, Refusal> {
         Ok(request) => placer.place(request, key.as_deref()).await,
     };
     match result {
-        Ok((order, _)) => Ok(order),
+        Ok(placed) => Ok(Answer::Placed(placed.into())),
         Err(e) => Err(match &e {
             PlaceError::Invalid(m) => ("invalid", m.clone()),
             PlaceError::KeyReused(m) => ("conflict", m.clone()),
@@ -162,16 +169,19 @@ async fn place(placer: &Placer, msg: &Message) -> Result<Order, Refusal> {
     }
 }
 
-async fn cancel(placer: &Placer, msg: &Message) -> Result<Order, Refusal> {
+async fn cancel(placer: &Placer, msg: &Message) -> Result<Answer, Refusal> {
     let request: CancelOrder = serde_json::from_slice(&msg.payload)
         .map_err(|e| ("invalid", format!("invalid cancel-order request: {e}")))?;
+    let by = Canceller::TokenHolder(&request.cancel_token);
     placer
-        .cancel(request.order_id, request.reason)
+        .cancel(request.order_id, request.reason, by)
         .await
+        .map(|order| Answer::Order(order.into()))
         .map_err(|e| match e {
             CommandError::NotFound(_) => ("not_found", e.to_string()),
             CommandError::Refused(m) => ("conflict", m),
             CommandError::Invalid(m) => ("invalid", m),
+            CommandError::Forbidden(m) => ("forbidden", m),
             CommandError::Internal(cause) => {
                 tracing::error!(error = ?cause, "cancel-order command failed");
                 ("internal", "internal error".to_string())
@@ -179,10 +189,12 @@ async fn cancel(placer: &Placer, msg: &Message) -> Result<Order, Refusal> {
         })
 }
 
-/// `{"orderId": "...", "reason": "..."}`.
+/// `{"orderId": "...", "reason": "...", "cancelToken": "..."}`.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct CancelOrder {
     order_id: Uuid,
     reason: String,
+    /// The token the order's placement answered with.
+    cancel_token: String,
 }

@@ -216,6 +216,13 @@ pub enum DlqCommand {
 }
 
 impl Connection {
+    /// The admin token, or an error that says where to put it.
+    pub fn admin_token(&self) -> Result<&str> {
+        self.admin_token
+            .as_deref()
+            .context("an operator command: set ADMIN_TOKEN, or point --admin-token-file (ADMIN_TOKEN_FILE) at a file holding it")
+    }
+
     /// POSTs `body` to an operator endpoint of the order service with the
     /// admin token: the JSON answer, or an error with the service's message.
     pub async fn operator_post(
@@ -224,10 +231,7 @@ impl Connection {
         body: &impl serde::Serialize,
         timeout: Duration,
     ) -> Result<serde_json::Value> {
-        let token = self
-            .admin_token
-            .as_deref()
-            .context("an operator action: set ADMIN_TOKEN, or point --admin-token-file (ADMIN_TOKEN_FILE) at a file holding it")?;
+        let token = self.admin_token()?;
         let url = format!("{}{path}", self.order_url.trim_end_matches('/'));
         let response = reqwest::Client::new()
             .post(&url)
@@ -254,9 +258,7 @@ pub async fn run(mut cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
     cli.connection = cli.connection.with_admin_token_from_env()?;
     let subjects = Subjects::new(cli.connection.subject_prefix.clone());
     match cli.command {
-        Command::Saga { order_id, json } => {
-            saga::print(&cli.connection.order_url, order_id, json, out).await
-        }
+        Command::Saga { order_id, json } => saga::print(&cli.connection, order_id, json, out).await,
         Command::Resolve {
             order_id,
             manually_compensated: _,

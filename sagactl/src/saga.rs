@@ -9,15 +9,21 @@ use uuid::Uuid;
 
 use crate::CALL_TIMEOUT;
 
+/// Prints saga `order_id` (an operator's read: the admin token).
 pub async fn print(
-    order_url: &str,
+    connection: &crate::Connection,
     order_id: Uuid,
     json: bool,
     out: &mut (dyn Write + Send),
 ) -> Result<()> {
-    let url = format!("{}/sagas/{order_id}", order_url.trim_end_matches('/'));
+    let token = connection.admin_token()?;
+    let url = format!(
+        "{}/sagas/{order_id}",
+        connection.order_url.trim_end_matches('/')
+    );
     let response = reqwest::Client::new()
         .get(&url)
+        .bearer_auth(token)
         .timeout(CALL_TIMEOUT)
         .send()
         .await

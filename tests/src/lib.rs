@@ -670,6 +670,22 @@ impl Stack {
     /// Places the order `body` (its products priced as its lines say, see
     /// [`Stack::price`]): the new order's id.
     pub async fn place_order(&self, body: &Value) -> Result<Uuid> {
+        Ok(self.place_order_for_cancel(body).await?.0)
+    }
+
+    /// Places `customer`'s order of `lines` like [`Stack::place`]: its id
+    /// and the cancel token its placement answered with.
+    pub async fn place_with_cancel_token(
+        &self,
+        customer: &str,
+        lines: &[(&str, i64, i64)],
+        country: &str,
+    ) -> Result<(Uuid, String)> {
+        self.place_order_for_cancel(&order_body(customer, lines, country))
+            .await
+    }
+
+    async fn place_order_for_cancel(&self, body: &Value) -> Result<(Uuid, String)> {
         // Held until the order is placed: its prices stay as it says.
         let _prices = self.price_lines(body).await?;
         let r = self
@@ -682,7 +698,12 @@ impl Stack {
         let text = r.text().await?;
         anyhow::ensure!(status.as_u16() == 201, "place order: {status} {text}");
         let v: Value = serde_json::from_str(&text)?;
-        Ok(v["orderId"].as_str().context("orderId")?.parse()?)
+        let id = v["orderId"].as_str().context("orderId")?.parse()?;
+        let token = v["cancelToken"]
+            .as_str()
+            .context("cancelToken")?
+            .to_string();
+        Ok((id, token))
     }
 
     // ---- observing ----
@@ -749,12 +770,23 @@ impl Stack {
     }
 
     /// The DOM of `path` on the order service once headless Chromium has run
-    /// its script to the end (the page marks `<body data-ready>`).
+    /// its script to the end (the page marks `<body data-ready>`), signed
+    /// in with the operator token (given in the link's fragment).
     pub async fn browse(&self, path: &str) -> Result<String> {
-        let url = self.url("order", path);
+        self.browse_as(path, Some(ADMIN_TOKEN), "true").await
+    }
+
+    /// The DOM of `path` signed in with `token` (none: not signed in) once
+    /// the page says it is `ready` (`true`, `signin`, `error`).
+    pub async fn browse_as(&self, path: &str, token: Option<&str>, ready: &str) -> Result<String> {
+        let mut url = self.url("order", path);
+        if let Some(token) = token {
+            url.push_str(&format!("#token={token}"));
+        }
+        let marker = format!("data-ready=\"{ready}\"");
         eventually(&format!("Chromium to render {path}"), DEADLINE, || async {
             let dom = chromium(&["--dump-dom", &url]).await?;
-            Ok(dom.contains("data-ready=\"true\"").then_some(dom))
+            Ok(dom.contains(&marker).then_some(dom))
         })
         .await
     }

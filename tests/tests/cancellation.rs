@@ -192,9 +192,11 @@ async fn a_cancel_after_the_shipment_was_created_calls_it_off_releases_and_refun
 async fn a_confirmed_order_is_not_cancelled_and_bad_cancels_are_refused_with_a_message()
 -> Result<()> {
     let stack = Stack::stocked(10_000, 5).await?;
-    let (id, order) = stack
-        .run_saga("alice", &[("widget", 1, 1_000)], "US")
+    let (id, token) = stack
+        .place_with_cancel_token("alice", &[("widget", 1, 1_000)], "US")
         .await?;
+    let order = stack.wait_for_outcome(id).await?;
+    stack.settle().await?;
     assert_eq!(order["status"], "CONFIRMED");
     let (status, body) = cancel(&stack, id, "too late").await?;
     assert_refused(
@@ -221,7 +223,7 @@ async fn a_confirmed_order_is_not_cancelled_and_bad_cancels_are_refused_with_a_m
     // nats req saga.cmd.order.cancel '{"orderId": ..., "reason": ...}'
     let mut cli = RawNats::connect(&stack.cli_url()).await?;
     let subject = stack.subjects.cancel_order_command();
-    let request = json!({"orderId": id, "reason": "too late"}).to_string();
+    let request = json!({"orderId": id, "reason": "too late", "cancelToken": token}).to_string();
     let (headers, reply) = cli
         .request(&subject, request.as_bytes(), Duration::from_secs(10))
         .await?;
@@ -234,8 +236,11 @@ async fn a_confirmed_order_is_not_cancelled_and_bad_cancels_are_refused_with_a_m
             .contains("CONFIRMED")
     );
 
-    let pending = stack.place("alice", &[("widget", 9, 1_000)], "US").await?;
-    let request = json!({"orderId": pending, "reason": "changed my mind"}).to_string();
+    let (pending, token) = stack
+        .place_with_cancel_token("alice", &[("widget", 9, 1_000)], "US")
+        .await?;
+    let request =
+        json!({"orderId": pending, "reason": "changed my mind", "cancelToken": token}).to_string();
     let (headers, reply) = cli
         .request(&subject, request.as_bytes(), Duration::from_secs(10))
         .await?;
@@ -309,5 +314,140 @@ async fn cancels_fired_into_a_burst_of_sagas_leave_one_outcome_each_with_money_a
             .is_some_and(|s| s["status"] == "created");
         assert_eq!(shipped, status == "CONFIRMED", "{order:#}");
     }
+    stack.assert_invariants().await
+}
+
+/// Only the customer who placed an order (who holds the cancel token its
+/// placement answered with) or the operator can cancel it; anyone else is
+/// refused, whether or not the order exists, and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_needs_the_orders_cancel_token_or_the_operator() -> Result<()> {
+    let mut stack = Stack::start_with(&["order", "payment", "inventory"]).await?;
+    stack.set_balance("alice", 10_000).await?;
+    stack.set_balance("bob", 10_000).await?;
+    stack.set_stock("widget", 5).await?;
+    // Shipping is away: both sagas wait after the reservation.
+    let (alice, alice_token) = stack
+        .place_with_cancel_token("alice", &[("widget", 1, 1_000)], "US")
+        .await?;
+    let (bob, bob_token) = stack
+        .place_with_cancel_token("bob", &[("widget", 1, 1_000)], "US")
+        .await?;
+    assert_ne!(alice_token, bob_token);
+    let anonymous = reqwest::Client::new();
+    let cancel_as = |id: Uuid, token: Option<String>| {
+        let (anonymous, url) = (
+            anonymous.clone(),
+            stack.url("order", &format!("/orders/{id}/cancel")),
+        );
+        async move {
+            let mut r = anonymous.post(url).json(&json!({"reason": "not mine"}));
+            if let Some(token) = token {
+                r = r.bearer_auth(token);
+            }
+            let r = r.send().await?;
+            let status = r.status().as_u16();
+            anyhow::Ok((status, r.json::<Value>().await.unwrap_or(Value::Null)))
+        }
+    };
+
+    let (status, body) = cancel_as(alice, None).await?;
+    assert_refused(status, &body, 401, "cancel token");
+    let (status, body) = cancel_as(alice, Some(bob_token.clone())).await?;
+    assert_refused(status, &body, 403, "does not cancel order");
+    let (status, body) = cancel_as(Uuid::now_v7(), Some(bob_token.clone())).await?;
+    assert_refused(status, &body, 403, "does not cancel order");
+    let mut cli = RawNats::connect(&stack.cli_url()).await?;
+    let subject = stack.subjects.cancel_order_command();
+    for request in [
+        json!({"orderId": alice, "reason": "not mine", "cancelToken": bob_token}),
+        json!({"orderId": alice, "reason": "not mine", "cancelToken": "ct_guess"}),
+    ] {
+        let (headers, reply) = cli
+            .request(
+                &subject,
+                request.to_string().as_bytes(),
+                Duration::from_secs(10),
+            )
+            .await?;
+        assert!(headers.contains("Saga-Error: forbidden"), "{headers}");
+        let reply: Value = serde_json::from_slice(&reply)?;
+        assert!(
+            reply["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("does not cancel"),
+            "{reply}"
+        );
+    }
+    let (headers, _) = cli
+        .request(
+            &subject,
+            json!({"orderId": alice, "reason": "not mine"})
+                .to_string()
+                .as_bytes(),
+            Duration::from_secs(10),
+        )
+        .await?;
+    assert!(headers.contains("Saga-Error: invalid"), "{headers}");
+    assert_eq!(
+        stack.order(alice).await?["status"],
+        "PENDING",
+        "nothing changed"
+    );
+
+    // Alice's own token cancels her order, over HTTP; bob's over NATS.
+    let (status, body) = cancel_as(alice, Some(alice_token)).await?;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("CANCELLED")),
+        "{body}"
+    );
+    let (headers, reply) = cli
+        .request(
+            &subject,
+            json!({"orderId": bob, "reason": "changed my mind", "cancelToken": bob_token})
+                .to_string()
+                .as_bytes(),
+            Duration::from_secs(10),
+        )
+        .await?;
+    assert!(!headers.contains("Saga-Error"), "{headers}");
+    let reply: Value = serde_json::from_slice(&reply)?;
+    assert_eq!(reply["status"], "CANCELLED", "{reply}");
+
+    // A placement answered again for its Idempotency-Key carries a token
+    // of its own, which cancels the same order.
+    let body = saga_tests::order_body("alice", &[("widget", 1, 1_000)], "US");
+    let mut tokens = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let r = anonymous
+            .post(stack.url("order", "/orders"))
+            .header("Idempotency-Key", "k-1")
+            .json(&body)
+            .send()
+            .await?;
+        let reply: Value = r.json().await?;
+        ids.push(reply["orderId"].clone());
+        tokens.push(
+            reply["cancelToken"]
+                .as_str()
+                .context("cancelToken")?
+                .to_string(),
+        );
+    }
+    assert_eq!(ids[0], ids[1]);
+    assert_ne!(tokens[0], tokens[1]);
+    let keyed: Uuid = ids[0].as_str().context("orderId")?.parse()?;
+    let (status, body) = cancel_as(keyed, Some(tokens[1].clone())).await?;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("CANCELLED")),
+        "{body}"
+    );
+    stack.start_service("shipping").await?;
+    stack.settle().await?;
+    assert_eq!(stack.shipments_created().await?, 0);
     stack.assert_invariants().await
 }

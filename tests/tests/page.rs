@@ -206,3 +206,40 @@ async fn event_text_is_shown_as_text_never_run_as_markup() -> Result<()> {
     );
     Ok(())
 }
+
+/// The sagas are the operator's: without the operator token the page shows
+/// its sign-in form and no saga, and the JSON behind it answers 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_asks_for_the_operator_token_and_shows_nothing_without_it() -> Result<()> {
+    let stack = Stack::stocked(10_000, 5).await?;
+    let (id, _) = stack
+        .run_saga("alice", &[("widget", 1, 1_000)], "US")
+        .await?;
+    let signed_in = stack.browse("/ui").await?;
+    assert!(signed_in.contains(&id.to_string()), "{signed_in}");
+
+    for (token, says) in [
+        (None, "sign in with the operator token"),
+        (Some("not-the-token-at-all"), "wrong admin token"),
+    ] {
+        for path in ["/ui".to_string(), format!("/ui?saga={id}")] {
+            let dom = stack.browse_as(&path, token, "signin").await?;
+            assert!(dom.contains("id=\"signin\""), "{path}: {dom}");
+            assert!(dom.contains(says), "{path} with {token:?}: {dom}");
+            assert!(
+                !dom.contains(&id.to_string()),
+                "{path} shows the saga: {dom}"
+            );
+        }
+    }
+    let anonymous = reqwest::Client::new();
+    for path in [
+        "/sagas".to_string(),
+        format!("/sagas/{id}"),
+        "/orders?customerId=alice".into(),
+    ] {
+        let r = anonymous.get(stack.url("order", &path)).send().await?;
+        assert_eq!(r.status().as_u16(), 401, "GET {path}");
+    }
+    Ok(())
+}
