@@ -52,6 +52,9 @@ pub struct Counter {
     /// Whether an addition may be negative (stock written off) or must be
     /// positive (a deposit).
     pub removals: bool,
+    /// Whether reading one needs the admin token too (a customer's
+    /// account and payments) or is public (a product's stock).
+    pub operator_reads: bool,
 }
 
 /// What `GET` shows of one counter.
@@ -256,9 +259,17 @@ async fn add<V: CounterView>(
 }
 
 async fn read<V: CounterView>(
-    State(Shared { pool, counter, .. }): State<Shared>,
+    State(Shared {
+        pool,
+        counter,
+        admin,
+    }): State<Shared>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    if counter.operator_reads {
+        admin.check(&headers, &format!("GET {}/{{id}}", counter.base))?;
+    }
     counter.check_id(&id)?;
     respond::<V>(&pool, counter, &id, StatusCode::OK).await
 }

@@ -48,6 +48,7 @@ static STOCK: Counter = Counter {
     delta_name: "delta",
     noun: "stock of",
     removals: true,
+    operator_reads: false,
 };
 
 pub fn router(infra: &Infra) -> Router {

@@ -43,6 +43,7 @@ static ACCOUNTS: Counter = Counter {
     delta_name: "amount",
     noun: "account",
     removals: false,
+    operator_reads: true,
 };
 
 pub fn router(infra: &Infra, gateway: Arc<Gateway>) -> Router {
