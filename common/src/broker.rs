@@ -42,14 +42,18 @@ pub async fn connect(
     Ok(options.connect(seeds).await?)
 }
 
-/// `options` with a user and password, when both are given.
+/// `options` with a user and password, when both are given, and that
+/// user's own inbox prefix ([`crate::permissions::inbox_prefix`]): the
+/// only one it may subscribe to, so no user sees another's replies.
 pub fn with_credentials(
     options: async_nats::ConnectOptions,
     user: Option<&str>,
     password: Option<&str>,
 ) -> async_nats::ConnectOptions {
     match (user, password) {
-        (Some(user), Some(password)) => options.user_and_password(user.into(), password.into()),
+        (Some(user), Some(password)) => options
+            .user_and_password(user.into(), password.into())
+            .custom_inbox_prefix(crate::permissions::inbox_prefix(user)),
         _ => options,
     }
 }

@@ -362,22 +362,40 @@ impl<H: Handler> ConsumerRuntime<H> {
     /// during shutdown. Nothing is left in a dead inbox to wait out the ack wait.
     /// Each event taken is decoded and handed to its [`Lanes`] lane.
     ///
-    /// A consumer that keeps failing to pull is re-applied from the topology,
-    /// which re-creates it if someone deleted it; meanwhile the service
-    /// reports itself unready.
+    /// A consumer that is missing (`None`, not provisioned yet, or deleted)
+    /// or keeps failing to pull is looked up again, never created: the
+    /// service reports itself unready, naming it and how to provision it,
+    /// until it is there.
     pub async fn run(
         self,
-        mut consumer: jetstream::consumer::Consumer<pull::Config>,
+        consumer: Option<jetstream::consumer::Consumer<pull::Config>>,
         shutdown: CancellationToken,
     ) {
         let name = self.inner.name.clone();
         let health = self.inner.health.clone();
-        health.ok(HEALTH_CONSUMER);
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let mut lanes = Lanes::new(self.inner.clone(), self.concurrency);
         let mut failures = 0u32;
+        let mut consumer = consumer;
+        match &consumer {
+            Some(_) => health.ok(HEALTH_CONSUMER),
+            None => health.report(
+                HEALTH_CONSUMER,
+                Condition::Failing(format!(
+                    "consumer '{name}' is missing: {}",
+                    topology::PROVISION_HINT
+                )),
+            ),
+        };
         while !shutdown.is_cancelled() {
-            let pulled = match consumer
+            let Some(bound) = consumer.as_mut() else {
+                consumer = self.rebind(&shutdown, &mut failures).await;
+                if consumer.is_some() && health.ok(HEALTH_CONSUMER) {
+                    tracing::info!(consumer = %name, "consumer found; pulling");
+                }
+                continue;
+            };
+            let pulled = match bound
                 .batch()
                 .max_messages(self.concurrency)
                 .expires(PULL_EXPIRY)
@@ -431,21 +449,10 @@ impl<H: Handler> ConsumerRuntime<H> {
                             HEALTH_CONSUMER,
                             Condition::Failing(format!("cannot pull from consumer '{name}': {e}")),
                         );
-                        match topology::apply_consumer(
-                            &self.inner.js,
-                            &self.inner.subjects,
-                            topology::Durable::Service(&name),
-                        )
-                        .await
-                        {
-                            Ok(c) => {
-                                consumer = c;
-                                tracing::warn!(consumer = %name, "consumer re-applied from the topology (re-created if it was deleted)");
-                            }
-                            Err(e) => {
-                                tracing::warn!(consumer = %name, error = %e, "cannot re-apply the consumer");
-                            }
-                        }
+                        // Looked up again (it may have been deleted and
+                        // provisioned again); never created here.
+                        consumer = None;
+                        continue;
                     }
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
@@ -457,6 +464,46 @@ impl<H: Handler> ConsumerRuntime<H> {
         // Graceful drain: every event already taken is applied and acked.
         lanes.drain().await;
         tracing::info!(consumer = %name, "consumer drained");
+    }
+}
+
+impl<H: Handler> ConsumerRuntime<H> {
+    /// Looks the consumer up, after a backoff that grows with `failures`;
+    /// `None` (and readiness saying why) while it is missing or not as its
+    /// file says, or the broker does not answer.
+    async fn rebind(
+        &self,
+        shutdown: &CancellationToken,
+        failures: &mut u32,
+    ) -> Option<jetstream::consumer::Consumer<pull::Config>> {
+        let name = &self.inner.name;
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(backoff(*failures as i64, Duration::from_secs(2))) => {}
+        }
+        *failures = failures.saturating_add(1);
+        let bound = topology::bind_consumer(
+            &self.inner.js,
+            &self.inner.subjects,
+            topology::Durable::Service(name),
+        )
+        .await;
+        match bound {
+            Ok(c) => {
+                *failures = 0;
+                Some(c)
+            }
+            Err(e) => {
+                if self
+                    .inner
+                    .health
+                    .report(HEALTH_CONSUMER, Condition::Failing(e.to_string()))
+                {
+                    tracing::error!(consumer = %name, error = %e, "cannot use the consumer");
+                }
+                None
+            }
+        }
     }
 }
 

@@ -1,7 +1,6 @@
 //! Dead letters as an operator sees them: read from the dead-letter stream
-//! without consuming them, and redriven. The order service redrives on an
-//! operator's request (`POST /dead-letters/redrive`, admin token); `sagactl`
-//! reads and asks.
+//! without consuming them, and redriven under the operator's broker
+//! identity (`sagactl`): no service may publish another service's events.
 
 use std::time::Duration;
 

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Config,
     consumer::{ConsumerRuntime, Handler, RuntimeParts},
-    health::Health,
+    health::{Condition, Health},
     http::{HealthState, health_router},
     idempotency::{IdempotencyStore, Redis},
     meter::{self, Meter, Probe, Scrape, Watched},
@@ -139,7 +139,9 @@ impl Infra {
         .map_err(|e| StartError::Nats(e.to_string()))?;
         let js = jetstream::new(nats.clone());
         let subjects = Subjects::new(config.subject_prefix.clone());
-        topology::apply_streams(&js, &subjects, config.nats_stream_replicas).await?;
+        // The streams are provisioned by a step of their own; a service
+        // only finds out whether they are there, and says so until they are.
+        tokio::spawn(watch_streams(js.clone(), subjects.clone(), health.clone()));
 
         Ok(Infra {
             meter: Meter::new(&config.service),
@@ -171,6 +173,25 @@ impl Infra {
     /// What operator endpoints require.
     pub fn admin(&self) -> crate::http::AdminToken {
         crate::http::AdminToken::new(self.config.admin_token.as_deref())
+    }
+}
+
+/// The part of readiness that says whether the streams are there.
+pub const HEALTH_STREAMS: &str = "streams";
+
+/// Checks the streams until they are as their files say (every 5 s),
+/// reporting under [`HEALTH_STREAMS`]; then stops.
+async fn watch_streams(js: jetstream::Context, subjects: Subjects, health: Health) {
+    loop {
+        let problems = topology::check_streams(&js, &subjects).await;
+        if problems.is_empty() {
+            health.ok(HEALTH_STREAMS);
+            return;
+        }
+        if health.report(HEALTH_STREAMS, Condition::Failing(problems.join("; "))) {
+            tracing::error!(problems = %problems.join("; "), "the streams are not as provisioned");
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 
@@ -229,12 +250,16 @@ impl Service {
         let listener = TcpListener::bind(config.http_addr)
             .await
             .map_err(|e| StartError::Bind(config.http_addr, e))?;
-        let consumer = topology::apply_consumer(
+        // Not there yet (or not as its file says): the consumer says so in
+        // readiness and looks again until it is.
+        let consumer = topology::bind_consumer(
             &infra.js,
             &infra.subjects,
             topology::Durable::Service(&config.service),
         )
-        .await?;
+        .await
+        .inspect_err(|e| tracing::error!(error = %e, "the service's consumer cannot be used yet"))
+        .ok();
         let runtime = ConsumerRuntime::new(
             handler,
             RuntimeParts {

@@ -1,8 +1,13 @@
 //! JetStream streams and consumers, read from the declarative files in `nats/`
-//! (the same files a `nats` CLI user applies with `--config`) and applied
-//! idempotently by every service at start-up.
+//! (the same files a `nats` CLI user applies with `--config`), provisioned
+//! by a separate step with its own identity ([`provision`]) and only
+//! checked by the services, which may not change them.
 
-use async_nats::jetstream::{self, consumer::pull, stream};
+use async_nats::jetstream::{
+    self,
+    consumer::{self, pull},
+    stream,
+};
 
 use std::time::Duration;
 
@@ -99,6 +104,10 @@ pub enum TopologyError {
     Stream(String, String),
     #[error("applying consumer {0}: {1}")]
     Consumer(String, String),
+    #[error("{0} is missing: {PROVISION_HINT}")]
+    Missing(String),
+    #[error("consumer {0} is not as its file says ({1}): {PROVISION_HINT}")]
+    Different(String, String),
 }
 
 /// Every stream, rewritten for the prefix.
@@ -148,27 +157,59 @@ fn parse_consumer(
     Ok(config)
 }
 
-/// Creates or updates every stream, each kept in `replicas` copies (1 on a
-/// single server; `NATS_STREAM_REPLICAS`, 3 on a 3-node cluster); safe to
-/// run from every service at once. Consumers keep as many copies as their
-/// stream.
-pub async fn apply_streams(
+/// How an operator (re-)creates what a service finds missing or changed.
+pub const PROVISION_HINT: &str =
+    "provision the broker (`stack provision`, or the compose `provision` service)";
+
+/// Creates every stream and durable consumer that is missing, and brings
+/// existing ones in line with the files, each stream kept in `replicas`
+/// copies (1 on a single server; 3 on a 3-node cluster). A limit an
+/// operator raised on a running stream (`max_age`, `max_bytes`,
+/// `max_msgs`, …) is kept, never lowered back to the file's. Returns what
+/// it changed, one line each.
+///
+/// The provisioning identity runs it (`stack provision`, the compose
+/// `provision` service, the test harness); the services may not create or
+/// update streams and consumers, and only check them ([`check_streams`],
+/// [`bind_consumer`]).
+pub async fn provision(
     js: &jetstream::Context,
     subjects: &Subjects,
     replicas: usize,
-) -> Result<(), TopologyError> {
+) -> Result<Vec<String>, TopologyError> {
+    let mut changed = Vec::new();
     for mut config in stream_configs(subjects)? {
         config.num_replicas = replicas;
         let name = config.name.clone();
+        let existing = match js.get_stream(&name).await {
+            Ok(mut stream) => Some(
+                stream
+                    .info()
+                    .await
+                    .map_err(|e| TopologyError::Stream(name.clone(), e.to_string()))?
+                    .config
+                    .clone(),
+            ),
+            Err(_) => None,
+        };
+        let wanted = match &existing {
+            Some(running) => {
+                let file = keeping_raised_limits(config, running);
+                let wanted = overlaid(running, &file, &file_keys(&name, subjects)?)
+                    .map_err(|e| TopologyError::Stream(name.clone(), e.to_string()))?;
+                if &wanted == running {
+                    continue;
+                }
+                wanted
+            }
+            None => config,
+        };
         let mut failures = 0;
         loop {
-            match js.create_or_update_stream(config.clone()).await {
+            match js.create_or_update_stream(wanted.clone()).await {
                 Ok(_) => break,
-                // Services starting together on a fresh broker race to create
-                // the same stream, and the server may count a create still in
-                // flight against the store of the others ("insufficient
-                // storage resources"). Once the first create is done, the
-                // others' updates succeed: retry, briefly.
+                // The server may still count a create in flight against the
+                // store ("insufficient storage resources"): retry, briefly.
                 Err(_) if failures < STREAM_ATTEMPTS => {
                     failures += 1;
                     tokio::time::sleep(backoff(failures, Duration::from_secs(1))).await;
@@ -176,8 +217,144 @@ pub async fn apply_streams(
                 Err(e) => return Err(TopologyError::Stream(name, e.to_string())),
             }
         }
+        changed.push(match existing {
+            Some(_) => format!("stream {name} updated"),
+            None => format!("stream {name} created"),
+        });
     }
-    Ok(())
+    let durables = crate::roster::names()
+        .map(Durable::Service)
+        .chain(WATCHES.iter().map(Durable::Watch));
+    for durable in durables {
+        let (name, config, stream) = definition(subjects, durable)?;
+        let err = |e: &dyn std::fmt::Display| TopologyError::Consumer(name.into(), e.to_string());
+        let stream = js.get_stream(&stream).await.map_err(|e| err(&e))?;
+        match stream.get_consumer::<pull::Config>(name).await {
+            Ok(mut running) => {
+                let info = running.info().await.map_err(|e| err(&e))?;
+                if differences(&config, &info.config).is_empty() {
+                    continue;
+                }
+                stream.update_consumer(config).await.map_err(|e| err(&e))?;
+                changed.push(format!("consumer {name} updated"));
+            }
+            Err(_) => {
+                stream.create_consumer(config).await.map_err(|e| err(&e))?;
+                changed.push(format!("consumer {name} created"));
+            }
+        }
+    }
+    Ok(changed)
+}
+
+/// The settings a stream's file names (its JSON keys), with `name`,
+/// `subjects` and `num_replicas`, which provisioning always sets.
+fn file_keys(stream: &str, subjects: &Subjects) -> Result<Vec<String>, TopologyError> {
+    for (name, text) in [
+        ("events", EVENTS_STREAM),
+        ("dlq", DLQ_STREAM),
+        ("catalog", CATALOG_STREAM),
+    ] {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| TopologyError::Parse(name.into(), e))?;
+        let file_name = value["name"].as_str().unwrap_or_default();
+        if subjects.stream_name(file_name) == stream {
+            let mut keys: Vec<String> = value
+                .as_object()
+                .map(|o| o.keys().cloned().collect())
+                .unwrap_or_default();
+            keys.extend(["name", "subjects", "num_replicas"].map(String::from));
+            return Ok(keys);
+        }
+    }
+    Ok(Vec::new())
+}
+
+/// `running` with the settings of `file` that its file names (`keys`):
+/// what an operator set that the file says nothing of stays as it is.
+fn overlaid(
+    running: &stream::Config,
+    file: &stream::Config,
+    keys: &[String],
+) -> serde_json::Result<stream::Config> {
+    let mut merged = serde_json::to_value(running)?;
+    let file = serde_json::to_value(file)?;
+    for key in keys {
+        match file.get(key) {
+            Some(v) => merged[key.as_str()] = v.clone(),
+            None => {
+                if let Some(o) = merged.as_object_mut() {
+                    o.remove(key);
+                }
+            }
+        }
+    }
+    serde_json::from_value(merged)
+}
+
+/// `config` with every limit `running` has raised above it kept (a limit
+/// of 0 or -1 is none at all: the highest).
+fn keeping_raised_limits(mut config: stream::Config, running: &stream::Config) -> stream::Config {
+    fn unlimited(v: i64) -> bool {
+        v <= 0
+    }
+    let raise = |file: i64, running: i64| {
+        if unlimited(running) || (!unlimited(file) && running > file) {
+            running
+        } else {
+            file
+        }
+    };
+    config.max_bytes = raise(config.max_bytes, running.max_bytes);
+    config.max_messages = raise(config.max_messages, running.max_messages);
+    config.max_messages_per_subject = raise(
+        config.max_messages_per_subject,
+        running.max_messages_per_subject,
+    );
+    config.max_message_size = raise(
+        config.max_message_size as i64,
+        running.max_message_size as i64,
+    ) as i32;
+    if running.max_age.is_zero() || (!config.max_age.is_zero() && running.max_age > config.max_age)
+    {
+        config.max_age = running.max_age;
+    }
+    if running.duplicate_window > config.duplicate_window {
+        config.duplicate_window = running.duplicate_window;
+    }
+    config
+}
+
+/// What is wrong with the streams as this service finds them: each one
+/// missing, or not taking the subjects its file says (empty: nothing).
+/// Limits are not compared: an operator may raise them.
+pub async fn check_streams(js: &jetstream::Context, subjects: &Subjects) -> Vec<String> {
+    let Ok(configs) = stream_configs(subjects) else {
+        return vec!["the stream files do not parse".into()];
+    };
+    let mut problems = Vec::new();
+    for config in configs {
+        let name = &config.name;
+        match js.get_stream(name).await {
+            Ok(mut stream) => match stream.info().await {
+                Ok(info) => {
+                    let missing: Vec<&String> = config
+                        .subjects
+                        .iter()
+                        .filter(|s| !info.config.subjects.contains(s))
+                        .collect();
+                    if !missing.is_empty() {
+                        problems.push(format!(
+                            "stream {name} does not take {missing:?}: {PROVISION_HINT}"
+                        ));
+                    }
+                }
+                Err(e) => problems.push(format!("stream {name}: {e}")),
+            },
+            Err(e) => problems.push(format!("stream {name} is missing ({e}): {PROVISION_HINT}")),
+        }
+    }
+    problems
 }
 
 /// One of our durable consumers: a service's inputs, or a watch.
@@ -187,13 +364,12 @@ pub enum Durable<'a> {
     Watch(&'a WatchSpec),
 }
 
-/// Creates (or updates) a durable consumer and returns it.
-pub async fn apply_consumer(
-    js: &jetstream::Context,
+/// A durable consumer's name, definition and stream.
+fn definition<'a>(
     subjects: &Subjects,
-    durable: Durable<'_>,
-) -> Result<PullConsumer, TopologyError> {
-    let (name, config, stream) = match durable {
+    durable: Durable<'a>,
+) -> Result<(&'a str, pull::Config, String), TopologyError> {
+    Ok(match durable {
         Durable::Service(service) => (
             service,
             consumer_config(subjects, service)?,
@@ -204,26 +380,75 @@ pub async fn apply_consumer(
             watch_config(subjects, watch)?,
             watch.stream(subjects),
         ),
+    })
+}
+
+/// How a running consumer's wiring differs from its file: what it filters
+/// on, how it is acknowledged, where it starts. Limits (ack wait, pending)
+/// are not compared: an operator may change them.
+fn differences(file: &pull::Config, running: &consumer::Config) -> Vec<String> {
+    let file = consumer::IntoConsumerConfig::into_consumer_config(file.clone());
+    let file = &file;
+    let sorted = |c: &consumer::Config| {
+        let mut f = c.filter_subjects.clone();
+        if !c.filter_subject.is_empty() {
+            f.push(c.filter_subject.clone());
+        }
+        f.sort();
+        f
     };
-    create_or_update(js, stream, config, name).await
+    let mut out = Vec::new();
+    if sorted(file) != sorted(running) {
+        out.push(format!(
+            "filters on {:?}, not {:?}",
+            sorted(running),
+            sorted(file)
+        ));
+    }
+    if file.ack_policy != running.ack_policy {
+        out.push(format!(
+            "acks {:?}, not {:?}",
+            running.ack_policy, file.ack_policy
+        ));
+    }
+    if file.deliver_policy != running.deliver_policy {
+        out.push(format!(
+            "delivers {:?}, not {:?}",
+            running.deliver_policy, file.deliver_policy
+        ));
+    }
+    out
+}
+
+/// The durable consumer as the broker has it, checked against its file: a
+/// service reads through it and never creates or changes it. Missing, or
+/// wired differently, is an error that says so and how to fix it.
+pub async fn bind_consumer(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    durable: Durable<'_>,
+) -> Result<PullConsumer, TopologyError> {
+    let (name, config, stream) = definition(subjects, durable)?;
+    let stream = js
+        .get_stream(&stream)
+        .await
+        .map_err(|e| TopologyError::Missing(format!("stream {stream} ({e})")))?;
+    let mut consumer = stream
+        .get_consumer::<pull::Config>(name)
+        .await
+        .map_err(|e| TopologyError::Missing(format!("consumer {name} ({e})")))?;
+    let info = consumer
+        .info()
+        .await
+        .map_err(|e| TopologyError::Consumer(name.into(), e.to_string()))?;
+    let differs = differences(&config, &info.config);
+    if !differs.is_empty() {
+        return Err(TopologyError::Different(name.into(), differs.join("; ")));
+    }
+    Ok(consumer)
 }
 
 type PullConsumer = jetstream::consumer::Consumer<pull::Config>;
-
-/// Create is idempotent for an identical config; update covers a changed file.
-async fn create_or_update(
-    js: &jetstream::Context,
-    stream: String,
-    config: pull::Config,
-    name: &str,
-) -> Result<PullConsumer, TopologyError> {
-    let err = |e: &dyn std::fmt::Display| TopologyError::Consumer(name.into(), e.to_string());
-    let stream = js.get_stream(&stream).await.map_err(|e| err(&e))?;
-    match stream.create_consumer(config.clone()).await {
-        Ok(c) => Ok(c),
-        Err(_) => stream.update_consumer(config).await.map_err(|e| err(&e)),
-    }
-}
 
 /// A watch's durable consumer, rewritten for the prefix.
 pub fn watch_config(subjects: &Subjects, watch: &WatchSpec) -> Result<pull::Config, TopologyError> {

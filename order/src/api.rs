@@ -18,12 +18,11 @@ use axum::{
 use chrono::{DateTime, Utc};
 use common::{
     Envelope, EventKind,
-    dlq::{Dlq, Redrive},
     http::{AdminToken, ApiError, ValidJson, ValidQuery},
     limits,
 };
 use serde::{Deserialize, Serialize};
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 use uuid::Uuid;
 
 use crate::{
@@ -36,17 +35,10 @@ use crate::{
     timeline,
 };
 
-pub fn router(placer: Placer, stall_after: Duration, admin: AdminToken, dlq: Dlq) -> Router {
+pub fn router(placer: Placer, stall_after: Duration, admin: AdminToken) -> Router {
     let sagas = Sagas {
         pool: placer.pool.clone(),
         stall_after,
-    };
-    let redriver = Redriver {
-        dlq: Arc::new(dlq),
-        admin: admin.clone(),
-        sagas: OrderSagas {
-            pool: placer.pool.clone(),
-        },
     };
     let commands = Commands {
         placer: placer.clone(),
@@ -81,11 +73,6 @@ pub fn router(placer: Placer, stall_after: Duration, admin: AdminToken, dlq: Dlq
                 .route("/orders/{id}/cancel", post(cancel))
                 .route("/orders/{id}/resolution", post(resolve))
                 .with_state(commands),
-        )
-        .merge(
-            Router::new()
-                .route("/dead-letters/redrive", post(redrive))
-                .with_state(redriver),
         )
         .route("/ui", get(page))
 }
@@ -238,49 +225,6 @@ async fn get_order(
         ))),
         None => Err(not_found()),
     }
-}
-
-#[derive(Clone)]
-struct Redriver {
-    dlq: Arc<Dlq>,
-    admin: AdminToken,
-    sagas: OrderSagas,
-}
-
-/// The sagas as their orders tell: one has ended when its order has
-/// ([`crate::domain::Order::ended`]), read from the event store.
-#[derive(Clone)]
-struct OrderSagas {
-    pool: sqlx::PgPool,
-}
-
-impl common::dlq::Sagas for OrderSagas {
-    async fn ended(&self, id: Uuid) -> anyhow::Result<Option<String>> {
-        let mut conn = self.pool.acquire().await?;
-        let order = store::load(&mut conn, id).await?;
-        Ok(order
-            .filter(|o| o.ended())
-            .map(|o| o.status.name().to_string()))
-    }
-}
-
-/// `POST /dead-letters/redrive` (operator): publishes the selected dead
-/// letters' events again, each with an audit record, and says what became
-/// of each (see [`Dlq::redrive`]).
-async fn redrive(
-    State(Redriver { dlq, admin, sagas }): State<Redriver>,
-    headers: HeaderMap,
-    ValidJson(request): ValidJson<Redrive>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    admin.check(&headers, "POST /dead-letters/redrive")?;
-    let results = dlq
-        .redrive(&request, &sagas)
-        .await
-        .map_err(|e| ApiError::Unprocessable(format!("{e:#}")))?;
-    for r in results.iter().filter(|r| r.outcome == "redrove") {
-        tracing::warn!(seq = r.seq, operator = %request.operator, detail = %r.detail, "operator redrove a dead letter");
-    }
-    Ok(Json(serde_json::json!({ "results": results })))
 }
 
 /// Commands on an existing order that need a credential: the customer's

@@ -83,18 +83,39 @@ fn newer_wins(table: &str) -> String {
     )
 }
 
+/// The furthest a product's version may be ahead of the one the catalog
+/// holds (0 for a product it does not have): inventory counts a product's
+/// versions up one by one, so an event further ahead is forged or broken,
+/// and would otherwise pin its price for good (no later version could
+/// ever be newer).
+pub const MAX_VERSION_JUMP: i64 = 1_000_000;
+
+/// What applying a catalog event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    Changed,
+    /// The catalog holds this version or a newer one already.
+    Unchanged,
+    /// Its version is more than [`MAX_VERSION_JUMP`] past the one held.
+    TooFarAhead {
+        held: i64,
+    },
+}
+
 /// Applies one event to `table` (the catalog or its rebuild copy) unless
-/// the row already holds this version or a newer one: `true` if it changed.
+/// the row already holds this version or a newer one, or the version jumps
+/// too far ahead of it.
 async fn apply(
     conn: &mut PgConnection,
     table: &str,
     envelope: &Envelope,
     product: &ProductPriced,
     stream_seq: u64,
-) -> sqlx::Result<bool> {
+) -> sqlx::Result<Applied> {
     let done = sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO {table} (product_id, name, unit_price, version, event_id, priced_at, stream_seq)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         SELECT $1, $2, $3, $4, $5, $6, $7
+         WHERE $4 <= COALESCE((SELECT version FROM {table} WHERE product_id = $1), 0) + $8
          {}",
         newer_wins(table)
     )))
@@ -105,9 +126,26 @@ async fn apply(
     .bind(envelope.event_id)
     .bind(envelope.timestamp)
     .bind(i64::try_from(stream_seq).unwrap_or(i64::MAX))
-    .execute(conn)
+    .bind(MAX_VERSION_JUMP)
+    .execute(&mut *conn)
     .await?;
-    Ok(done.rows_affected() == 1)
+    if done.rows_affected() == 1 {
+        return Ok(Applied::Changed);
+    }
+    let held: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT version FROM {table} WHERE product_id = $1"
+    )))
+    .bind(&product.product_id)
+    .fetch_optional(conn)
+    .await?;
+    let held = held.unwrap_or(0);
+    Ok(
+        if envelope.version > held.saturating_add(MAX_VERSION_JUMP) {
+            Applied::TooFarAhead { held }
+        } else {
+            Applied::Unchanged
+        },
+    )
 }
 
 /// A catalog event read from the wire, or why it is not one: the bytes must
@@ -161,8 +199,15 @@ impl Watcher for Watch {
         }
         .await;
         match applied {
-            Ok(changed) => {
-                if changed {
+            Ok(Applied::TooFarAhead { held }) => {
+                let reason = format!(
+                    "{PRODUCT_PRICED} of product '{}' has version {}, more than {MAX_VERSION_JUMP} past the catalog's {held}",
+                    product.product_id, envelope.version
+                );
+                self.dead_letter(msg, delivered, stream_seq, reason).await
+            }
+            Ok(applied) => {
+                if applied == Applied::Changed {
                     tracing::info!(product_id = %product.product_id, unit_price = product.unit_price, version = envelope.version, "catalog priced a product");
                 } else {
                     tracing::debug!(product_id = %product.product_id, version = envelope.version, "catalog already has this version or a newer one");

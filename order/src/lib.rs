@@ -91,8 +91,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
     }
     .start(source, shutdown.clone())
     .await?;
-    let dlq = common::dlq::Dlq::new(infra.js.clone(), infra.subjects.clone());
-    let routes = api::router(placer.clone(), stall_after, infra.admin(), dlq);
+    let routes = api::router(placer.clone(), stall_after, infra.admin());
     let mut service = Service::build(&infra, handler, routes, shutdown.clone()).await?;
     service.spawn_with(responder);
     service.spawn_with(watch);

@@ -73,18 +73,36 @@ impl Source {
         F: Fn(Vec<jetstream::Message>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let consumer =
-            topology::apply_consumer(&self.js, &self.subjects, topology::Durable::Watch(&spec))
-                .await?;
-        self.health.ok(health_name);
+        // Provisioned by a step of its own: until it is there (and as its
+        // file says), the watch says so in readiness and looks again.
+        let consumer = match self.bind(&spec).await {
+            Ok(c) => {
+                self.health.ok(health_name);
+                Some(c)
+            }
+            Err(e) => {
+                tracing::error!(watch = spec.name, error = %e, "the watch's consumer cannot be used yet");
+                self.health
+                    .report(health_name, Condition::Failing(e.to_string()));
+                None
+            }
+        };
         Ok(self.run(spec, health_name, consumer, shutdown, linger, process))
+    }
+
+    /// The watch's durable consumer as the broker has it (never created here).
+    async fn bind(
+        &self,
+        spec: &WatchSpec,
+    ) -> Result<jetstream::consumer::Consumer<pull::Config>, topology::TopologyError> {
+        topology::bind_consumer(&self.js, &self.subjects, topology::Durable::Watch(spec)).await
     }
 
     async fn run<F, Fut>(
         self,
         spec: WatchSpec,
         health_name: &'static str,
-        mut consumer: jetstream::consumer::Consumer<pull::Config>,
+        mut consumer: Option<jetstream::consumer::Consumer<pull::Config>>,
         shutdown: CancellationToken,
         linger: Duration,
         process: F,
@@ -94,8 +112,27 @@ impl Source {
     {
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
+            let Some(bound) = consumer.as_mut() else {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff(failures as i64, Duration::from_secs(2))) => {}
+                }
+                failures = failures.saturating_add(1);
+                match self.bind(&spec).await {
+                    Ok(c) => {
+                        consumer = Some(c);
+                        failures = 0;
+                        self.health.ok(health_name);
+                    }
+                    Err(e) => {
+                        self.health
+                            .report(health_name, Condition::Failing(e.to_string()));
+                    }
+                }
+                continue;
+            };
             let result = async {
-                let mut batch = consumer
+                let mut batch = bound
                     .batch()
                     .max_messages(PULL)
                     .expires(Duration::from_secs(1))
@@ -154,15 +191,10 @@ impl Source {
                             health_name,
                             Condition::Failing(format!("{} cannot pull: {e}", spec.name)),
                         );
-                        if let Ok(c) = topology::apply_consumer(
-                            &self.js,
-                            &self.subjects,
-                            topology::Durable::Watch(&spec),
-                        )
-                        .await
-                        {
-                            consumer = c;
-                        }
+                        // Looked up again (it may have been deleted and
+                        // provisioned again); never created here.
+                        consumer = None;
+                        continue;
                     }
                     tokio::select! {
                         _ = shutdown.cancelled() => break,

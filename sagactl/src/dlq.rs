@@ -1,13 +1,14 @@
-//! Dead letters in the terminal: listed and shown straight from the
-//! dead-letter stream; redriven by the order service on the operator's
-//! request (`POST /dead-letters/redrive`, with the admin token).
+//! Dead letters in the terminal: listed, shown and redriven straight from
+//! the dead-letter stream, under the operator's broker identity (no service
+//! may publish another service's events). Whether a dead letter's saga has
+//! ended is asked of the order service (`GET /orders/{id}`).
 
 use std::io::Write;
 
 use anyhow::{Context, Result, bail};
 use common::{
     consumer::dlq_headers,
-    dlq::{Dlq, Filter, Redrive, Redriven},
+    dlq::{Dlq, Filter, Redrive, Redriven, Sagas},
 };
 use serde_json::Value;
 
@@ -72,18 +73,61 @@ pub async fn show(dlq: &Dlq, seq: u64, out: &mut (dyn Write + Send)) -> Result<(
     Ok(())
 }
 
-/// Asks the order service to redrive, and prints what became of each.
+/// The sagas as the order service tells them: one has ended when its
+/// order is confirmed, cancelled or resolved by hand.
+struct OrderService<'a> {
+    connection: &'a Connection,
+    http: reqwest::Client,
+}
+
+/// The statuses of an order whose saga has ended.
+const ENDED: [&str; 3] = ["CONFIRMED", "CANCELLED", "MANUALLY_COMPENSATED"];
+
+impl Sagas for OrderService<'_> {
+    async fn ended(&self, id: uuid::Uuid) -> Result<Option<String>> {
+        let url = format!(
+            "{}/orders/{id}",
+            self.connection.order_url.trim_end_matches('/')
+        );
+        let response = self
+            .http
+            .get(&url)
+            .timeout(CALL_TIMEOUT)
+            .send()
+            .await
+            .with_context(|| format!("GET {url} (is the saga over?)"))?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let status = response.status();
+        let order: Value = response
+            .json()
+            .await
+            .with_context(|| format!("GET {url}: the answer is not JSON"))?;
+        if !status.is_success() {
+            bail!(
+                "GET {url}: {status}: {}",
+                order["error"].as_str().unwrap_or("no message")
+            );
+        }
+        let state = order["status"].as_str().unwrap_or_default();
+        Ok(ENDED.contains(&state).then(|| state.to_string()))
+    }
+}
+
+/// Redrives under the operator's broker identity, and prints what became
+/// of each dead letter.
 pub async fn redrive(
+    dlq: &Dlq,
     connection: &Connection,
     request: &Redrive,
     out: &mut (dyn Write + Send),
 ) -> Result<()> {
-    let url = "/dead-letters/redrive";
-    let body = connection
-        .operator_post(url, request, CALL_TIMEOUT * 3)
-        .await?;
-    let results: Vec<Redriven> = serde_json::from_value(body["results"].clone())
-        .with_context(|| format!("POST {url}: an answer without results"))?;
+    let sagas = OrderService {
+        connection,
+        http: reqwest::Client::new(),
+    };
+    let results: Vec<Redriven> = dlq.redrive(request, &sagas).await?;
     if results.is_empty() {
         writeln!(out, "no dead letter selected")?;
     }

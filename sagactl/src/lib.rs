@@ -125,6 +125,16 @@ pub enum Command {
         #[arg(long, env = "SAGACTL_OPERATOR")]
         operator: Option<String>,
     },
+    /// Create the streams and durable consumers that are missing, and bring
+    /// the others in line with the definitions compiled in (`nats/`),
+    /// keeping any limit an operator raised: as the provisioning identity
+    /// (NATS_USER=provisioner). The services may only check them. The
+    /// compose `provision` service runs it before the services start.
+    Provision {
+        /// Copies of each stream: 1 on one server, 3 on a cluster.
+        #[arg(long, env = "NATS_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=5))]
+        replicas: u64,
+    },
     /// Check the invariants across the services, from each one's own
     /// database: money charged minus refunded equals the confirmed orders'
     /// total per customer, stock held equals the confirmed quantities per
@@ -193,8 +203,10 @@ pub enum DlqCommand {
     },
     /// Publish dead letters again, to their event's subject, with a fresh
     /// message id, then remove them from the dead-letter stream (only after
-    /// the broker has stored the event and the audit record). The order
-    /// service does it (an operator endpoint: ADMIN_TOKEN).
+    /// the broker has stored the event and the audit record), under the
+    /// operator's broker identity (NATS_USER, NATS_PASSWORD). A dead letter
+    /// of a saga that has ended (the order service says) is refused unless
+    /// forced.
     ///
     /// An event a consumer already applied is dropped by its idempotency
     /// check: redriving it changes nothing. A dead letter whose bytes are
@@ -290,7 +302,8 @@ pub async fn run(mut cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
                 None => None,
             };
             let request = redrive_request(seqs, &filter, body, audit);
-            dlq::redrive(&cli.connection, &request, out).await
+            let dlq = connect(&cli.connection, subjects).await?;
+            dlq::redrive(&dlq, &cli.connection, &request, out).await
         }
         Command::Audit {
             in_flight_for,
@@ -301,13 +314,26 @@ pub async fn run(mut cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
             let report = audit::run(&databases_of(databases), in_flight_for, page_size).await?;
             audit::print(&report, in_flight_for, out)
         }
+        Command::Provision { replicas } => {
+            let nats = nats_client(&cli.connection).await?;
+            let js = async_nats::jetstream::new(nats);
+            let changed = common::topology::provision(&js, &subjects, replicas as usize).await?;
+            if changed.is_empty() {
+                writeln!(out, "streams and consumers as provisioned: nothing changed")?;
+            }
+            for line in changed {
+                writeln!(out, "{line}")?;
+            }
+            Ok(())
+        }
         Command::Retry { order_id, audit } => {
             let saga = Filter {
                 saga: Some(order_id),
                 ..Filter::default()
             };
             let request = redrive_request(Vec::new(), &saga, None, audit);
-            dlq::redrive(&cli.connection, &request, out).await
+            let dlq = connect(&cli.connection, subjects).await?;
+            dlq::redrive(&dlq, &cli.connection, &request, out).await
         }
     }
 }
@@ -330,7 +356,15 @@ fn redrive_request(
 }
 
 async fn connect(connection: &Connection, subjects: Subjects) -> Result<common::dlq::Dlq> {
-    let nats = tokio::time::timeout(
+    let nats = nats_client(connection).await?;
+    Ok(common::dlq::Dlq::new(
+        async_nats::jetstream::new(nats),
+        subjects,
+    ))
+}
+
+async fn nats_client(connection: &Connection) -> Result<async_nats::Client> {
+    tokio::time::timeout(
         CALL_TIMEOUT,
         common::broker::connect(
             common::broker::with_credentials(
@@ -351,11 +385,7 @@ async fn connect(connection: &Connection, subjects: Subjects) -> Result<common::
             connection.nats_url
         )
     })?
-    .with_context(|| format!("connecting to {}", connection.nats_url))?;
-    Ok(common::dlq::Dlq::new(
-        async_nats::jetstream::new(nats),
-        subjects,
-    ))
+    .with_context(|| format!("connecting to {}", connection.nats_url))
 }
 
 /// `SERVICE=URL`, for a service of the roster.

@@ -182,7 +182,10 @@ pub struct Users {
 impl Users {
     pub fn random(subjects: &common::Subjects) -> Users {
         let passwords: std::collections::BTreeMap<String, String> = common::roster::names()
-            .chain([common::permissions::OPERATOR])
+            .chain([
+                common::permissions::OPERATOR,
+                common::permissions::PROVISIONER,
+            ])
             .map(|u| (u.to_string(), Uuid::new_v4().simple().to_string()))
             .collect();
         let conf = common::permissions::authorization(subjects, |u| format!("{:?}", passwords[u]));
@@ -207,6 +210,37 @@ impl Users {
         let (user, password) = self.operator();
         options.user_and_password(user, password)
     }
+
+    /// `options` as `user` (with its own inbox prefix, as the services connect).
+    pub fn as_user(
+        &self,
+        user: &str,
+        options: async_nats::ConnectOptions,
+    ) -> async_nats::ConnectOptions {
+        let (user, password) = self.credentials(user).expect("a known user");
+        common::broker::with_credentials(options, Some(&user), Some(&password))
+    }
+}
+
+/// Provisions the streams and consumers of `subjects` on the broker at
+/// `url` as the provisioning identity (`users`' provisioner, or no user on a
+/// broker without users), each stream in `replicas` copies: what it changed.
+pub async fn provision(
+    url: &str,
+    users: Option<&Users>,
+    subjects: &common::Subjects,
+    replicas: usize,
+) -> Result<Vec<String>> {
+    let options = async_nats::ConnectOptions::new().name("provision");
+    let options = match users {
+        Some(users) => users.as_user(common::permissions::PROVISIONER, options),
+        None => options,
+    };
+    let client = common::broker::connect(options, url)
+        .await
+        .context("connect as the provisioner")?;
+    let js = async_nats::jetstream::new(client);
+    Ok(common::topology::provision(&js, subjects, replicas).await?)
 }
 
 /// A private JetStream broker on a random port with a temporary store.

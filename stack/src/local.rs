@@ -300,6 +300,7 @@ pub async fn up(local: &Local, exe: &Path, replicas: usize, cluster: bool) -> Re
     };
     let broker = ensure_nats(local, &mut started, nodes).await?;
     let nats_url = broker.url();
+    provision(local, &nats_url, broker.stream_replicas()).await?;
 
     let admin_token = local.admin_token()?;
     let mut children: Vec<(Daemon, Child)> = Vec::new();
@@ -362,6 +363,36 @@ pub async fn up(local: &Local, exe: &Path, replicas: usize, cluster: bool) -> Re
     write_scrape_targets(local, replicas)?;
     started.done = true;
     Ok(nats_url)
+}
+
+/// Provisions the streams and consumers on the broker at `url` as the
+/// provisioning identity, each stream in `replicas` copies, and says what
+/// it changed: the services may only check them.
+pub async fn provision(local: &Local, url: &str, replicas: usize) -> Result<()> {
+    let user = permissions::PROVISIONER;
+    let options = common::broker::with_credentials(
+        async_nats::ConnectOptions::new().name("stack provision"),
+        Some(user),
+        Some(&local.nats_password(user)?),
+    )
+    .connection_timeout(Duration::from_secs(5));
+    let client = tokio::time::timeout(
+        Duration::from_secs(15),
+        common::broker::connect(options, url),
+    )
+    .await
+    .with_context(|| format!("no answer from {url} within 15 s"))?
+    .with_context(|| format!("connecting to {url} as {user}"))?;
+    let js = async_nats::jetstream::new(client);
+    let subjects = common::Subjects::new(local.subject_prefix.clone());
+    let changed = common::topology::provision(&js, &subjects, replicas).await?;
+    if changed.is_empty() {
+        println!("==> streams and consumers as provisioned");
+    }
+    for line in changed {
+        println!("==> provisioned: {line}");
+    }
+    Ok(())
 }
 
 /// Waits for `/health/ready`; a ready answer counts only while our process
@@ -483,7 +514,7 @@ async fn ensure_nats(local: &Local, started: &mut Started<'_>, nodes: usize) -> 
         let conf = local.run_dir.join(format!("{name}-server.conf"));
         std::fs::write(&conf, with_store_dir(&shipped, &shipped_text, &node_store)?)?;
         let mut command = Command::new(&local.nats_server_bin);
-        for user in roster::names().chain([permissions::OPERATOR]) {
+        for user in roster::names().chain([permissions::OPERATOR, permissions::PROVISIONER]) {
             command.env(
                 permissions::password_variable(user),
                 local.nats_password(user)?,

@@ -47,6 +47,18 @@ enum Cmd {
         #[arg(long)]
         cluster: bool,
     },
+    /// Create the streams and durable consumers that are missing on the
+    /// running broker, and bring the others in line with `nats/` (keeping
+    /// any limit an operator raised), as the provisioning identity. `up`
+    /// does it before it starts the services, which may not.
+    Provision {
+        /// The broker (a cluster's seeds separated by commas).
+        #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+        nats_url: String,
+        /// Copies of each stream: 1 on one server, 3 on a cluster.
+        #[arg(long, env = "NATS_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=5))]
+        replicas: u64,
+    },
     /// Stop the services and our nats-server (Postgres and Redis keep running).
     Down {
         /// Also remove RUN_DIR and drop the services' databases.
@@ -145,6 +157,11 @@ async fn main() -> Result<ExitCode> {
         }
         Cmd::Down { purge } => {
             stack::local::down(&Local::from_env(&root)?, purge).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Provision { nats_url, replicas } => {
+            let local = Local::from_env(&root)?;
+            stack::local::provision(&local, &nats_url, replicas as usize).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status => Ok(if stack::local::status(&Local::from_env(&root)?).await? {

@@ -123,8 +123,7 @@ fn shipment_failed(stack: &Stack, order_id: Uuid) -> (String, Vec<u8>) {
 
 /// The payment service's durable consumer.
 async fn payment_consumer(stack: &Stack) -> Result<jetstream::consumer::PullConsumer> {
-    topology::apply_streams(&stack.js, &stack.subjects, stack.nats.stream_replicas()).await?;
-    Ok(topology::apply_consumer(
+    Ok(topology::bind_consumer(
         &stack.js,
         &stack.subjects,
         topology::Durable::Service("payment"),

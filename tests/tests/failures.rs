@@ -182,12 +182,11 @@ async fn different_dead_letters_never_share_an_id_even_after_the_stream_is_recre
     assert_eq!(letters.len(), 2, "{letters:?}");
     assert_ne!(letters[0].1, letters[1].1);
 
-    // The events stream is deleted and recreated (sequences start again at
-    // 1); the consumers are re-created by the services themselves.
+    // The events stream is deleted and provisioned again (sequences start
+    // again at 1, with its consumers); the services find them by themselves.
     let events = stack.subjects.events_stream();
     stack.js.delete_stream(&events).await?;
-    common::topology::apply_streams(&stack.js, &stack.subjects, stack.nats.stream_replicas())
-        .await?;
+    stack.provision().await?;
     stack
         .publish(
             &stack.subjects.event(EventKind::OrderPlaced),

@@ -71,14 +71,12 @@ async fn a_service_starts_and_works_while_redis_is_down() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broker_store_too_small_for_the_streams_is_a_clear_start_up_error() -> Result<()> {
+async fn a_broker_store_too_small_for_the_streams_is_a_clear_provisioning_error() -> Result<()> {
     let stack = Stack::start_with(&[]).await?;
     let small = NatsServer::start_with_store("64MB").await?;
-    let mut config = stack.config("order");
-    config.nats_url = small.url();
-    let err = match order::build(config, Default::default()).await {
-        Ok(_) => anyhow::bail!("the service started on a store that cannot hold its streams"),
-        Err(e) => e.to_string(),
+    let err = match stack::infra::provision(&small.url(), None, &stack.subjects, 1).await {
+        Ok(_) => anyhow::bail!("streams provisioned on a store that cannot hold them"),
+        Err(e) => format!("{e:#}"),
     };
     assert!(err.contains("insufficient storage"), "{err}");
     Ok(())
@@ -154,13 +152,32 @@ async fn a_full_stream_makes_the_service_unready_naming_it_and_nothing_is_lost()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deleted_consumer_is_recreated_and_a_missing_stream_makes_the_service_unready()
+async fn a_deleted_consumer_makes_its_service_unready_until_provisioned_and_so_does_a_missing_stream()
 -> Result<()> {
     let stack = Stack::stocked(10_000, 5).await?;
     let events = stack.js.get_stream(stack.subjects.events_stream()).await?;
     events.delete_consumer("payment").await?;
 
+    // Payment may not create it again: it says so, and the saga waits.
+    let ready = eventually(
+        "payment to report its consumer missing",
+        DEADLINE,
+        || async {
+            let (status, ready) = stack.ready("payment").await?;
+            let failing = ready["failing"].to_string();
+            let missing = failing.contains("is missing") && failing.contains("consumer payment");
+            Ok((status == 503 && missing).then_some(ready))
+        },
+    )
+    .await?;
+    let failing = ready["failing"].to_string();
+    assert!(
+        failing.contains("consumer payment") && failing.contains("stack provision"),
+        "{ready}"
+    );
     let id = stack.place("alice", &[("widget", 1, 1_000)], "US").await?;
+    let changed = stack.provision().await?;
+    assert_eq!(changed, vec!["consumer payment created".to_string()]);
     assert_eq!(stack.wait_for_outcome(id).await?["status"], "CONFIRMED");
 
     // Without its stream the consumer cannot come back: readiness says so.
@@ -174,10 +191,9 @@ async fn a_deleted_consumer_is_recreated_and_a_missing_stream_makes_the_service_
     })
     .await?;
     assert!(ready["failing"].to_string().contains("consumer"), "{ready}");
-    common::topology::apply_streams(&stack.js, &stack.subjects, stack.nats.stream_replicas())
-        .await?;
-    // Every consumer comes back on its own once the stream is there again,
-    // each after its own backoff.
+    stack.provision().await?;
+    // Every service finds its consumer again once the stream and the
+    // consumers are provisioned again, each after its own backoff.
     for service in SERVICES {
         let ready = eventually(
             &format!("{service} to be ready again"),
@@ -214,5 +230,47 @@ async fn a_graceful_stop_publishes_what_its_drain_commits() -> Result<()> {
         0,
         "events committed during the drain were left in the outbox"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_again_keeps_a_limit_an_operator_raised_and_services_change_none() -> Result<()>
+{
+    let mut stack = Stack::stocked(10_000, 5).await?;
+    // The operator keeps events for 30 days instead of 7, and more bytes.
+    let name = stack.subjects.events_stream();
+    let mut config = stack
+        .js
+        .get_stream(&name)
+        .await?
+        .info()
+        .await?
+        .config
+        .clone();
+    let (age, bytes) = (
+        Duration::from_secs(30 * 86_400),
+        config.max_bytes + (1 << 20),
+    );
+    config.max_age = age;
+    config.max_bytes = bytes;
+    stack.js.update_stream(config).await?;
+
+    // A service restarted, and the provisioning run again, leave them.
+    stack.stop_service("payment").await?;
+    stack.start_service("payment").await?;
+    let changed = stack.provision().await?;
+    assert!(changed.is_empty(), "{changed:?}");
+    let running = stack
+        .js
+        .get_stream(&name)
+        .await?
+        .info()
+        .await?
+        .config
+        .clone();
+    assert_eq!((running.max_age, running.max_bytes), (age, bytes));
+    stack
+        .run_saga("alice", &[("widget", 1, 1_000)], "US")
+        .await?;
     Ok(())
 }

@@ -69,12 +69,6 @@ async fn operator_endpoints_and_customers_data_need_the_admin_token_and_stock_do
         (
             Method::POST,
             "order",
-            "/dead-letters/redrive",
-            json!({"note": "x", "operator": "ada"}),
-        ),
-        (
-            Method::POST,
-            "order",
             "/orders/00000000-0000-0000-0000-000000000000/resolution",
             json!({"resolution": "manually-compensated", "note": "x", "operator": "ada"}),
         ),

@@ -22,8 +22,6 @@ async fn outbox_only() -> Result<(Stack, sqlx::PgPool)> {
     let stack = Stack::start_with(&[]).await?;
     let pool = stack.pool("payment").await?;
     common::service::COMMON_MIGRATIONS.run(&pool).await?;
-    common::topology::apply_streams(&stack.js, &stack.subjects, stack.nats.stream_replicas())
-        .await?;
     Ok((stack, pool))
 }
 

@@ -169,7 +169,7 @@ async fn every_other_endpoint_that_takes_a_body_answers_ten_thousand_generated_o
     // If-Match, a resolution an order in REQUIRES_INTERVENTION, a cancel a
     // pending order, so there every valid body is refused after validation).
     type Endpoint<'a> = (&'a str, Method, &'a str, &'static [&'static str], bool);
-    let endpoints: [Endpoint; 8] = [
+    let endpoints: [Endpoint; 7] = [
         ("order", Method::POST, &cancel, &["reason"], false),
         (
             "order",
@@ -177,13 +177,6 @@ async fn every_other_endpoint_that_takes_a_body_answers_ten_thousand_generated_o
             &resolution,
             &["resolution", "operator", "note"],
             false,
-        ),
-        (
-            "order",
-            Method::POST,
-            "/dead-letters/redrive",
-            &["seqs", "filter", "body", "note", "operator", "dryRun"],
-            true,
         ),
         (
             "payment",
