@@ -266,6 +266,20 @@ impl NatsServer {
         Self::start_conf("4GB", &users.conf).await
     }
 
+    /// A broker that lets in only `users`, each with its permissions, and
+    /// only over TLS with `certs`' server certificate.
+    pub async fn start_with_users_and_tls(
+        users: &Users,
+        certs: &TestCertificates,
+    ) -> Result<NatsServer> {
+        let tls = format!(
+            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  timeout: 5\n}}\n",
+            certs.cert.display().to_string(),
+            certs.key.display().to_string()
+        );
+        Self::start_conf("4GB", &format!("{tls}{}", users.conf)).await
+    }
+
     async fn start_conf(max_file_store: &str, extra: &str) -> Result<NatsServer> {
         let dir = scratch_dir("nats")?;
         let conf = dir.join("nats-server.conf");
@@ -307,6 +321,185 @@ impl Drop for NatsServer {
     }
 }
 
+/// The user cluster routes authenticate as: a server that does not present
+/// its password is refused as a route, so nothing that reaches a route port
+/// joins the cluster (and so bypasses every user's permissions).
+pub const ROUTE_USER: &str = "route";
+
+/// A node's `cluster` block: listening for routes on `listen`, soliciting
+/// `routes` (`host:port` each), every route authenticated with `password`.
+/// Written into the node's own configuration file (mode 0600 where it
+/// holds a password), not passed on the command line.
+pub fn cluster_block(listen: &str, routes: &[String], password: &str) -> String {
+    let routes: Vec<String> = routes
+        .iter()
+        .map(|r| format!("\"nats://{ROUTE_USER}:{password}@{r}\""))
+        .collect();
+    format!(
+        "cluster {{\n  name: saga\n  listen: \"{listen}\"\n  authorization {{\n    user: {ROUTE_USER}\n    password: \"{password}\"\n  }}\n  routes: [{}]\n}}\n",
+        routes.join(", ")
+    )
+}
+
+/// A certificate authority and a server certificate it signed for
+/// `localhost` and 127.0.0.1, made with openssl for one test: what the
+/// TLS tests' servers present and their clients trust.
+pub struct TestCertificates {
+    dir: PathBuf,
+    /// The authority's certificate (PEM): what clients trust.
+    pub ca: PathBuf,
+    /// The server's certificate and key (PEM).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestCertificates {
+    pub fn create() -> Result<TestCertificates> {
+        let dir = scratch_dir("certs")?;
+        let openssl = |args: &[&str]| -> Result<()> {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .context("run openssl (Debian's openssl package)")?;
+            anyhow::ensure!(
+                out.status.success(),
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"],
+                &ec[..],
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=saga test authority",
+                ],
+            ]
+            .concat(),
+        )?;
+        openssl(
+            &[
+                &["req"],
+                &ec[..],
+                &[
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                    "-subj",
+                    "/CN=localhost",
+                ],
+            ]
+            .concat(),
+        )?;
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ])?;
+        use std::os::unix::fs::PermissionsExt;
+        for f in ["server.key", "ca.key"] {
+            std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o600))?;
+        }
+        // The servers run as other users (Postgres as postgres) and read them.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        Ok(TestCertificates {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+            dir,
+        })
+    }
+}
+
+impl Drop for TestCertificates {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Where a TLS-only redis-server listens, and with what.
+struct RedisTls {
+    port: u16,
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+}
+
+/// Configures the data directory `data` for TLS only: the server's
+/// certificate and key copied in (the key readable by postgres alone),
+/// `ssl = on`, and every TCP line of pg_hba made `hostssl`, with plain TCP
+/// connections rejected.
+fn require_tls(data: &std::path::Path, certs: &TestCertificates) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::copy(&certs.cert, data.join("server.pem"))?;
+    std::fs::copy(&certs.key, data.join("server.key"))?;
+    std::fs::set_permissions(
+        data.join("server.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )?;
+    if nix::unistd::Uid::effective().is_root() {
+        for f in ["server.pem", "server.key"] {
+            let status = std::process::Command::new("chown")
+                .arg("postgres")
+                .arg(data.join(f))
+                .status()?;
+            anyhow::ensure!(status.success(), "chown postgres {f}");
+        }
+    }
+    let conf = data.join("postgresql.conf");
+    let mut text = std::fs::read_to_string(&conf)?;
+    text += "\nssl = on\nssl_cert_file = 'server.pem'\nssl_key_file = 'server.key'\n";
+    std::fs::write(&conf, text)?;
+    let hba = data.join("pg_hba.conf");
+    let lines: Vec<String> = std::fs::read_to_string(&hba)?
+        .lines()
+        .map(|l| match l.strip_prefix("host ") {
+            Some(rest) => format!("hostssl {rest}"),
+            None => l.to_string(),
+        })
+        .chain([
+            "hostnossl all all 0.0.0.0/0 reject".to_string(),
+            "hostnossl all all ::/0 reject".to_string(),
+        ])
+        .collect();
+    std::fs::write(&hba, lines.join("\n") + "\n")?;
+    Ok(())
+}
+
 /// Nodes of a [`NatsCluster`]: as many as `stack up --cluster` runs.
 pub use crate::local::CLUSTER_NODES;
 
@@ -321,6 +514,10 @@ pub struct NatsCluster {
     dir: PathBuf,
     /// Who it lets in, if not everyone.
     users: Option<Users>,
+    /// Where its nodes take routes (`127.0.0.1:port`), and the password a
+    /// route must present.
+    routes: Vec<String>,
+    route_password: String,
 }
 
 struct ClusterNode {
@@ -369,12 +566,15 @@ impl NatsCluster {
         let routes_ports = free_ports(CLUSTER_NODES)?;
         let routes: Vec<String> = routes_ports
             .iter()
-            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .map(|p| format!("127.0.0.1:{p}"))
             .collect();
+        let route_password = Uuid::new_v4().simple().to_string();
         let cluster = NatsCluster {
             nodes: Default::default(),
             dir: dir.clone(),
             users: users.cloned(),
+            routes: routes.clone(),
+            route_password: route_password.clone(),
         };
         let auth = users.map_or("", |u| u.conf.as_str());
         for (k, route_port) in routes_ports.iter().enumerate() {
@@ -383,8 +583,8 @@ impl NatsCluster {
             std::fs::create_dir_all(&node_dir)?;
             let conf = node_dir.join("nats-server.conf");
             let extra = format!(
-                "server_name: {name}\ncluster {{\n  name: saga\n  listen: \"127.0.0.1:{route_port}\"\n  routes: [{}]\n}}\n{auth}",
-                routes.join(", ")
+                "server_name: {name}\n{}{auth}",
+                cluster_block(&format!("127.0.0.1:{route_port}"), &routes, &route_password)
             );
             std::fs::write(
                 &conf,
@@ -401,6 +601,16 @@ impl NatsCluster {
         }
         cluster.jetstream_ready(Duration::from_secs(30)).await?;
         Ok(cluster)
+    }
+
+    /// Where its nodes take routes (`127.0.0.1:port`).
+    pub fn routes(&self) -> &[String] {
+        &self.routes
+    }
+
+    /// The password a route must present to join.
+    pub fn route_password(&self) -> &str {
+        &self.route_password
     }
 
     /// Waits until JetStream answers an account query through any node.
@@ -574,35 +784,70 @@ impl Broker {
 pub struct RedisServer {
     child: Child,
     dir: PathBuf,
+    /// Its TLS port, when it takes connections only over TLS.
+    tls: Option<RedisTls>,
 }
 
 impl RedisServer {
     pub async fn start() -> Result<RedisServer> {
         let dir = scratch_dir("redis")?;
-        let child = Self::spawn(&dir)?;
-        let server = RedisServer { child, dir };
+        let child = Self::spawn(&dir, None)?;
+        let server = RedisServer {
+            child,
+            dir,
+            tls: None,
+        };
         server.accepting().await?;
         Ok(server)
     }
 
-    /// redis-server on a socket in `dir`, without persistence.
-    fn spawn(dir: &std::path::Path) -> Result<Child> {
+    /// A redis-server that takes connections only on a TLS port of
+    /// loopback, with `certs`' server certificate (`rediss://`).
+    pub async fn start_tls(certs: &TestCertificates) -> Result<RedisServer> {
+        let dir = scratch_dir("redis")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let tls = RedisTls {
+            port,
+            cert: certs.cert.clone(),
+            key: certs.key.clone(),
+            ca: certs.ca.clone(),
+        };
+        let child = Self::spawn(&dir, Some(&tls))?;
+        let server = RedisServer {
+            child,
+            dir,
+            tls: Some(tls),
+        };
+        server.accepting().await?;
+        Ok(server)
+    }
+
+    /// redis-server on a socket in `dir` (or, with `tls`, on its TLS port
+    /// only), without persistence.
+    fn spawn(dir: &std::path::Path, tls: Option<&RedisTls>) -> Result<Child> {
         let mut command = Command::new(
             std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".into()),
         );
-        command
-            .args([
-                "--port",
-                "0",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--unixsocket",
-            ])
-            .arg(dir.join("redis.sock"))
-            .arg("--dir")
-            .arg(dir);
+        command.args(["--port", "0", "--save", "", "--appendonly", "no"]);
+        match tls {
+            None => {
+                command.arg("--unixsocket").arg(dir.join("redis.sock"));
+            }
+            Some(tls) => {
+                command
+                    .args(["--bind", "127.0.0.1", "--tls-port", &tls.port.to_string()])
+                    .arg("--tls-cert-file")
+                    .arg(&tls.cert)
+                    .arg("--tls-key-file")
+                    .arg(&tls.key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&tls.ca)
+                    .args(["--tls-auth-clients", "no"]);
+            }
+        }
+        command.arg("--dir").arg(dir);
         spawn_quiet(&mut command).context("spawn redis-server (install it: scripts/test.sh does)")
     }
 
@@ -631,12 +876,15 @@ impl RedisServer {
     pub async fn restart(&mut self) -> Result<()> {
         self.child.kill()?;
         self.child.wait()?;
-        self.child = Self::spawn(&self.dir)?;
+        self.child = Self::spawn(&self.dir, self.tls.as_ref())?;
         self.accepting().await
     }
 
     pub fn url(&self) -> String {
-        format!("redis+unix://{}", self.dir.join("redis.sock").display())
+        match &self.tls {
+            Some(tls) => format!("rediss://127.0.0.1:{}", tls.port),
+            None => format!("redis+unix://{}", self.dir.join("redis.sock").display()),
+        }
     }
 
     /// The redis-server's process id (to stop or freeze it).
@@ -702,6 +950,17 @@ fn as_postgres(bin: &std::path::Path, args: &[&str]) -> Command {
 
 impl PostgresServer {
     pub async fn start() -> Result<PostgresServer> {
+        Self::start_configured(None).await
+    }
+
+    /// A private Postgres server that takes TCP connections over TLS only
+    /// (`ssl = on` with `certs`' server certificate; `hostssl` in pg_hba,
+    /// every plain TCP connection rejected).
+    pub async fn start_tls(certs: &TestCertificates) -> Result<PostgresServer> {
+        Self::start_configured(Some(certs)).await
+    }
+
+    async fn start_configured(tls: Option<&TestCertificates>) -> Result<PostgresServer> {
         let dir = scratch_dir("postgres")?;
         if nix::unistd::Uid::effective().is_root() {
             let status = Command::new("chown").arg("postgres").arg(&dir).status()?;
@@ -733,6 +992,9 @@ impl PostgresServer {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some(certs) = tls {
+            require_tls(std::path::Path::new(data), certs)?;
+        }
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();

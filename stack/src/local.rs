@@ -493,8 +493,9 @@ async fn ensure_nats(local: &Local, started: &mut Started<'_>, nodes: usize) -> 
         crate::compose::auth_conf(&common::Subjects::new(local.subject_prefix.clone())),
     )?;
     let routes: Vec<String> = (0..nodes)
-        .map(|k| format!("nats://127.0.0.1:{}", local.nats_cluster_port + k as u16))
+        .map(|k| format!("127.0.0.1:{}", local.nats_cluster_port + k as u16))
         .collect();
+    let route_password = local.nats_password(crate::infra::ROUTE_USER)?;
     let mut children = Vec::new();
     for (k, (name, port, monitor)) in broker.node_ports().enumerate() {
         let node_store = if nodes == 1 {
@@ -512,7 +513,12 @@ async fn ensure_nats(local: &Local, started: &mut Started<'_>, nodes: usize) -> 
             node_store.display()
         );
         let conf = local.run_dir.join(format!("{name}-server.conf"));
-        std::fs::write(&conf, with_store_dir(&shipped, &shipped_text, &node_store)?)?;
+        let mut text = with_store_dir(&shipped, &shipped_text, &node_store)?;
+        if nodes > 1 {
+            // Routes authenticate; the block holds their password.
+            text += &crate::infra::cluster_block(&routes[k], &routes, &route_password);
+        }
+        write_private(&conf, &text)?;
         let mut command = Command::new(&local.nats_server_bin);
         for user in roster::names().chain([permissions::OPERATOR, permissions::PROVISIONER]) {
             command.env(
@@ -527,12 +533,7 @@ async fn ensure_nats(local: &Local, started: &mut Started<'_>, nodes: usize) -> 
             .args(["-m", &monitor.to_string()]);
         if nodes > 1 {
             // Routes to every node, itself included (it skips its own).
-            command
-                .args(["--server_name", &name, "--cluster_name", "saga"])
-                .arg("--cluster")
-                .arg(&routes[k])
-                .arg("--routes")
-                .arg(routes.join(","));
+            command.args(["--server_name", &name]);
         }
         let daemon = Daemon::new(&local.run_dir, &name);
         let child = daemon.spawn(&mut command)?;
@@ -564,6 +565,22 @@ async fn ensure_nats(local: &Local, started: &mut Started<'_>, nodes: usize) -> 
 
 /// The shipped configuration with the store moved into the run directory
 /// (the server refuses a second store_dir on its command line).
+/// Writes `text` to `path`, readable by its owner only.
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::io::Write::write_all(&mut file, text.as_bytes())?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
 fn with_store_dir(shipped: &Path, text: &str, store: &Path) -> Result<String> {
     let mut moved = false;
     let lines: Vec<String> = text

@@ -31,7 +31,10 @@ use uuid::Uuid;
 
 pub use stack::{
     eventually,
-    infra::{Broker, NatsCluster, NatsServer, PostgresServer, RedisServer, TestDatabases, Users},
+    infra::{
+        Broker, NatsCluster, NatsServer, PostgresServer, RedisServer, TestCertificates,
+        TestDatabases, Users,
+    },
 };
 
 /// The names of the roster's services.
@@ -134,6 +137,8 @@ pub struct Stack {
     /// Its own Postgres server, if it was started on one (dropped last: the
     /// databases and services go first).
     pub postgres: Option<PostgresServer>,
+    /// The certificates its servers present, when they take TLS only.
+    pub certs: Option<TestCertificates>,
 }
 
 /// The number in environment variable `variable` (10 to 100,000), else
@@ -231,6 +236,31 @@ impl Stack {
         Self::start_on(&SERVICES, None, true).await
     }
 
+    /// A whole stack whose Postgres (its own), Redis and nats-server take
+    /// connections over TLS only, with certificates made for the test: the
+    /// clients must trust `certs.ca` (a test sets `SSL_CERT_FILE`,
+    /// `PGSSLMODE` and `PGSSLROOTCERT` before it starts one).
+    pub async fn start_with_tls(certs: TestCertificates) -> Result<Stack> {
+        common::telemetry::init_for_tests();
+        let postgres = PostgresServer::start_tls(&certs).await?;
+        let dbs = TestDatabases::create_on(&postgres.admin_url(), &SERVICES).await?;
+        let prefix = format!("t{}", &Uuid::new_v4().simple().to_string()[..10]);
+        let users = Users::random(&Subjects::new(prefix.clone()));
+        let nats = Broker::Single(NatsServer::start_with_users_and_tls(&users, &certs).await?);
+        let redis = RedisServer::start_tls(&certs).await?;
+        Self::assemble(
+            &SERVICES,
+            Some(postgres),
+            nats,
+            redis,
+            dbs,
+            users,
+            prefix,
+            Some(certs),
+        )
+        .await
+    }
+
     async fn start_on(
         services: &[&'static str],
         postgres: Option<PostgresServer>,
@@ -253,6 +283,21 @@ impl Stack {
             })
         };
         let (nats, redis, dbs) = tokio::try_join!(broker, RedisServer::start(), databases)?;
+        Self::assemble(services, postgres, nats, redis, dbs, users, prefix, None).await
+    }
+
+    /// A stack of these parts, provisioned, with `services` started.
+    #[allow(clippy::too_many_arguments)]
+    async fn assemble(
+        services: &[&'static str],
+        postgres: Option<PostgresServer>,
+        nats: Broker,
+        redis: RedisServer,
+        dbs: TestDatabases,
+        users: Users,
+        prefix: String,
+        certs: Option<TestCertificates>,
+    ) -> Result<Stack> {
         let client = common::broker::connect(
             users.as_operator(async_nats::ConnectOptions::new()),
             &nats.url(),
@@ -275,6 +320,7 @@ impl Stack {
             arranged: Default::default(),
             prices: Default::default(),
             postgres,
+            certs,
         };
         stack.provision().await?;
         for s in services {
