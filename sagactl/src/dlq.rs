@@ -12,7 +12,7 @@ use common::{
 };
 use serde_json::Value;
 
-use crate::{CALL_TIMEOUT, Connection};
+use crate::Connection;
 
 pub async fn list(
     dlq: &Dlq,
@@ -85,31 +85,10 @@ const ENDED: [&str; 3] = ["CONFIRMED", "CANCELLED", "MANUALLY_COMPENSATED"];
 
 impl Sagas for OrderService<'_> {
     async fn ended(&self, id: uuid::Uuid) -> Result<Option<String>> {
-        let url = format!(
-            "{}/orders/{id}",
-            self.connection.order_url.trim_end_matches('/')
-        );
-        let response = self
-            .http
-            .get(&url)
-            .timeout(CALL_TIMEOUT)
-            .send()
-            .await
-            .with_context(|| format!("GET {url} (is the saga over?)"))?;
-        if response.status() == reqwest::StatusCode::NOT_FOUND {
+        let path = format!("/orders/{id}");
+        let Some(order) = self.connection.order_get(&self.http, &path, None).await? else {
             return Ok(None);
-        }
-        let status = response.status();
-        let order: Value = response
-            .json()
-            .await
-            .with_context(|| format!("GET {url}: the answer is not JSON"))?;
-        if !status.is_success() {
-            bail!(
-                "GET {url}: {status}: {}",
-                order["error"].as_str().unwrap_or("no message")
-            );
-        }
+        };
         let state = order["status"].as_str().unwrap_or_default();
         Ok(ENDED.contains(&state).then(|| state.to_string()))
     }

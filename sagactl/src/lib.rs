@@ -235,6 +235,37 @@ impl Connection {
             .context("an operator command: set ADMIN_TOKEN, or point --admin-token-file (ADMIN_TOKEN_FILE) at a file holding it")
     }
 
+    /// GETs `path` of the order service (with `token` as the bearer, if
+    /// given): its JSON, `None` for a 404, or an error with its message.
+    pub async fn order_get(
+        &self,
+        http: &reqwest::Client,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<Option<serde_json::Value>> {
+        let url = format!("{}{path}", self.order_url.trim_end_matches('/'));
+        let mut request = http.get(&url).timeout(CALL_TIMEOUT);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.with_context(|| format!("GET {url}"))?;
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let body: serde_json::Value = response
+            .json()
+            .await
+            .with_context(|| format!("GET {url}: the answer is not JSON"))?;
+        if !status.is_success() {
+            anyhow::bail!(
+                "GET {url}: {status}: {}",
+                body["error"].as_str().unwrap_or("no message")
+            );
+        }
+        Ok(Some(body))
+    }
+
     /// POSTs `body` to an operator endpoint of the order service with the
     /// admin token: the JSON answer, or an error with the service's message.
     pub async fn operator_post(

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -17,28 +17,11 @@ pub async fn print(
     out: &mut (dyn Write + Send),
 ) -> Result<()> {
     let token = connection.admin_token()?;
-    let url = format!(
-        "{}/sagas/{order_id}",
-        connection.order_url.trim_end_matches('/')
-    );
-    let response = reqwest::Client::new()
-        .get(&url)
-        .bearer_auth(token)
-        .timeout(CALL_TIMEOUT)
-        .send()
-        .await
-        .with_context(|| format!("GET {url}"))?;
-    let status = response.status();
-    let body: Value = response
-        .json()
-        .await
-        .with_context(|| format!("GET {url}: the answer is not JSON"))?;
-    if !status.is_success() {
-        bail!(
-            "GET {url}: {status}: {}",
-            body["error"].as_str().unwrap_or("no message")
-        );
-    }
+    let path = format!("/sagas/{order_id}");
+    let body = connection
+        .order_get(&reqwest::Client::new(), &path, Some(token))
+        .await?
+        .with_context(|| format!("no saga {order_id}"))?;
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&body)?)?;
         return Ok(());

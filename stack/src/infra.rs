@@ -531,7 +531,7 @@ struct ClusterNode {
 
 /// Free ports of 127.0.0.1, as the system hands them out (to give the
 /// nodes their route ports before any of them starts).
-fn free_ports(n: usize) -> Result<Vec<u16>> {
+pub fn free_ports(n: usize) -> Result<Vec<u16>> {
     let listeners: Vec<std::net::TcpListener> = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
         .collect::<std::io::Result<_>>()?;

@@ -13,21 +13,10 @@ use anyhow::{Context, Result};
 use saga_tests::{DEADLINE, NatsCluster};
 use tokio::process::{Child, Command};
 
-/// Free ports of 127.0.0.1.
-fn free_ports(n: usize) -> Result<Vec<u16>> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<_>>()?;
-    Ok(listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<std::io::Result<_>>()?)
-}
-
 /// A server outside the cluster that solicits a route to `route`, logging
 /// to `log`; its monitoring port.
 fn outsider(route: &str, log: &Path) -> Result<(Child, u16)> {
-    let ports = free_ports(3)?;
+    let ports = stack::infra::free_ports(3)?;
     let child = Command::new(stack::infra::nats_server_bin())
         .args(["-a", "127.0.0.1", "-p", &ports[0].to_string()])
         .args(["-m", &ports[1].to_string()])

@@ -262,19 +262,16 @@ fn through(url: &str, proxy: std::net::SocketAddr) -> Result<(String, std::net::
     ))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_group_whose_commit_answer_is_lost_is_placed_once_with_the_ids_it_was_given() -> Result<()>
-{
-    // The order service reaches its database through a proxy that can
-    // lose the answer to the COMMIT of a group of placements (a transaction
-    // that carries three OrderPlaced or more): Postgres commits, the
-    // service sees its connection drop.
+/// A stack whose order service reaches its database through a proxy that
+/// can lose the answer to the COMMIT of a transaction carrying `at_least`
+/// OrderPlaced (widget priced at [`PRICE`]), and the proxy, not armed yet.
+async fn order_behind_a_proxy(at_least: usize) -> Result<(Stack, CommitAnswerLoser)> {
     let mut stack = Stack::start_with(&["inventory"]).await?;
     let direct = stack.config("order").database_url;
     let (_, server) = through(&direct, "127.0.0.1:1".parse()?)?;
     let target = Target {
         marker: br#""eventType":"OrderPlaced""#,
-        at_least: 3,
+        at_least,
     };
     let proxy = CommitAnswerLoser::start(server, target).await?;
     let (proxied, _) = through(&direct, proxy.addr())?;
@@ -282,6 +279,17 @@ async fn a_group_whose_commit_answer_is_lost_is_placed_once_with_the_ids_it_was_
         .start_service_with("order", |c| c.database_url = proxied)
         .await?;
     stack.price("widget", PRICE).await?;
+    Ok((stack, proxy))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_commit_answer_is_lost_is_placed_once_with_the_ids_it_was_given() -> Result<()>
+{
+    // The order service reaches its database through a proxy that can
+    // lose the answer to the COMMIT of a group of placements (a transaction
+    // that carries three OrderPlaced or more): Postgres commits, the
+    // service sees its connection drop.
+    let (stack, proxy) = order_behind_a_proxy(3).await?;
     let (mut holder, first) = occupy_writers(&stack).await?;
 
     let customers: Vec<String> = (0..10).map(|i| format!("lost{i}")).collect();
@@ -336,19 +344,7 @@ async fn a_group_whose_commit_answer_is_lost_is_placed_once_with_the_ids_it_was_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_placement_whose_commit_answer_is_lost_is_answered_with_the_order_it_wrote()
 -> Result<()> {
-    let mut stack = Stack::start_with(&["inventory"]).await?;
-    let direct = stack.config("order").database_url;
-    let (_, server) = through(&direct, "127.0.0.1:1".parse()?)?;
-    let target = Target {
-        marker: br#""eventType":"OrderPlaced""#,
-        at_least: 1,
-    };
-    let proxy = CommitAnswerLoser::start(server, target).await?;
-    let (proxied, _) = through(&direct, proxy.addr())?;
-    stack
-        .start_service_with("order", |c| c.database_url = proxied)
-        .await?;
-    stack.price("widget", PRICE).await?;
+    let (stack, proxy) = order_behind_a_proxy(1).await?;
     proxy.arm(1);
     let (status, reply) = post(&stack, order_body("lone", &[("widget", 1, PRICE)], "US")).await??;
     ensure!(status == 201, "{status} {reply}");
