@@ -50,6 +50,11 @@ pub struct Config {
     /// `OUTBOX_RELAY`: `on` (default) or `off`. Off keeps committed events in
     /// the outbox unpublished, for maintenance and for crash tests.
     pub outbox_relay_enabled: bool,
+    /// `RELAY_LEASE_MS`, default 10000 (1000 to 600000): how long the relay
+    /// leader's lease lasts without a renewal (renewed every fifth of it); a
+    /// standby leads within about this long of a frozen or hung leader's
+    /// last renewal, and at once when the leader's database session is gone.
+    pub relay_lease: Duration,
     /// `DATABASE_MAX_CONNECTIONS`, default 16.
     pub database_max_connections: u32,
     /// `SAGA_STALL_AFTER_MS`, default 30 s: how long a saga may wait at one
@@ -114,6 +119,7 @@ impl Config {
             consumer_max_deliveries: 100,
             outbox_poll: Duration::from_millis(1000),
             outbox_relay_enabled: true,
+            relay_lease: crate::outbox::LEASE,
             database_max_connections: 16,
             stall_after: Duration::from_secs(30),
             admin_token: None,
@@ -209,6 +215,11 @@ impl Config {
                     )));
                 }
             };
+        }
+        if let Some(v) = lookup("RELAY_LEASE_MS") {
+            c.relay_lease = Duration::from_millis(
+                parse_num("RELAY_LEASE_MS", &v)?.clamp(1_000, 600_000) as u64,
+            );
         }
         if let Some(v) = lookup("DATABASE_MAX_CONNECTIONS") {
             c.database_max_connections = parse_num("DATABASE_MAX_CONNECTIONS", &v)?.max(1) as u32;

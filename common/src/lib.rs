@@ -19,6 +19,7 @@ pub mod janitor;
 pub mod meter;
 pub mod outbox;
 pub mod permissions;
+pub mod relay_lease;
 pub mod roster;
 pub mod service;
 pub mod sql;

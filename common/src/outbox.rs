@@ -7,7 +7,10 @@
 //! between commit and publish loses nothing; the broker deduplicates the
 //! republish by `Nats-Msg-Id` = event id.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use async_nats::{
     HeaderMap, header,
@@ -28,6 +31,7 @@ use crate::{
     event::Envelope,
     health::{Condition, Health},
     meter::Meter,
+    relay_lease::{self, Asked, Lead},
     subjects::Subjects,
 };
 
@@ -56,6 +60,8 @@ fn fits(event: &Envelope, body_len: usize, max_payload: usize) -> Result<(), Str
 /// Names of the relay in the health board.
 pub const HEALTH_RELAY: &str = "relay";
 pub const HEALTH_PARKED: &str = "outboxParked";
+/// Whether the relay's leader (this replica or another) is heard from.
+pub const HEALTH_LEAD: &str = "relayLeader";
 
 /// Longest wait between two attempts of a relay that keeps failing.
 const RELAY_BACKOFF_CAP: Duration = Duration::from_millis(6_400);
@@ -79,9 +85,9 @@ const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
 const BATCH_COMMIT: &str = "Nats-Batch-Commit";
 /// How long asking the broker about a stream may take.
 const STREAM_INFO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Makes one relay of a service's replicas the leader, so they do not all
-/// publish the same events.
-const RELAY_LOCK: i64 = 0x5a6a_0007_0075_7462;
+/// Default length of the relay lease: a standby leads within about this
+/// long of the leader going silent.
+pub const LEASE: Duration = Duration::from_secs(10);
 
 /// Columns of `events` as arrays, for one multi-row insert.
 struct Columns {
@@ -304,16 +310,21 @@ pub enum RelayError {
 /// the next event of that aggregate cannot be picked (by this relay or any
 /// other) before the previous one is in the stream.
 ///
-/// One relay per service database leads at a time (a session advisory lock
-/// on its own connection), so replicas do not publish the same events twice
-/// over; a standby takes over as soon as the leader's connection closes. The
-/// connection commits asynchronously: losing a relay's delete in a crash only
-/// means events are published again, and the broker (`Nats-Msg-Id`) and the
-/// consumers (idempotency) drop the copies.
+/// One relay per service database leads at a time (it holds the database's
+/// relay lease, see [`crate::relay_lease`]), so replicas do not publish the
+/// same events twice over; a standby takes over as soon as the leader's
+/// session is gone, or once the lease of a frozen or hung leader expires.
+/// The connection commits asynchronously: losing a relay's delete in a
+/// crash only means events are published again, and the broker
+/// (`Nats-Msg-Id`) and the consumers (idempotency) drop the copies.
 #[derive(Clone)]
 pub struct Relay {
+    /// Who it is, in the lease and the logs (`<service> relay, pid <pid>`).
+    pub name: String,
     /// How to reach the service's database.
     pub options: PgConnectOptions,
+    /// How long its lead lasts without a renewal ([`LEASE`]).
+    pub lease: Duration,
     pub js: jetstream::Context,
     /// Which stream an event goes to (an atomic batch goes to one).
     pub subjects: Subjects,
@@ -332,6 +343,8 @@ struct Round {
     published: usize,
     /// Whether rows were left for the next round.
     more: bool,
+    /// Whether the broker refused what it was sent.
+    refused: bool,
 }
 
 struct Row {
@@ -353,10 +366,15 @@ impl Row {
     }
 }
 
-/// The relay that leads: its connection, which holds the lock, and what
-/// the streams take.
-struct Leader {
+/// A relay's connection, and its lead while it has one.
+struct Session {
     conn: PgConnection,
+    lead: Option<Leading>,
+}
+
+/// The lead, and what the streams take.
+struct Leading {
+    lease: Lead,
     atomic: Atomic,
 }
 
@@ -402,73 +420,164 @@ fn atomic_chunks<'a, 'r>(rows: &'a [&'r Row]) -> impl Iterator<Item = &'a [&'r R
 }
 
 impl Relay {
-    /// Runs until `shutdown`, then flushes what is already committed. The
-    /// service cancels `shutdown` only once its consumers and request
-    /// handlers have drained, so the flush includes their last commits.
+    /// Runs until `shutdown`, then flushes what is already committed and
+    /// gives its lead up. The service cancels `shutdown` only once its
+    /// consumers and request handlers have drained, so the flush includes
+    /// their last commits.
     pub async fn run(self, shutdown: CancellationToken) {
+        let holder = format!(
+            "{} ({})",
+            self.name,
+            &Uuid::new_v4().simple().to_string()[..8]
+        );
         let mut failures = 0u32;
-        let mut leader: Option<Leader> = None;
+        let mut session: Option<Session> = None;
         self.health.ok(HEALTH_RELAY);
+        self.health.ok(HEALTH_LEAD);
         loop {
-            match self.lead(&mut leader).await {
-                Ok(_) => failures = 0,
-                Err(e) => {
+            // A round that outlives half the lease is hung (a publish or a
+            // query that never ends): its lead is given up with its
+            // connection, and a standby leads.
+            match tokio::time::timeout(self.lease / 2, self.round(&holder, &mut session)).await {
+                Ok(Ok(refused)) => {
+                    failures = 0;
+                    // A standby, or a leader with nothing to publish, is
+                    // working again after a failure.
+                    if !refused && self.health.ok(HEALTH_RELAY) {
+                        tracing::info!("the outbox relay works again");
+                    }
+                }
+                Ok(Err(e)) => {
                     failures += 1;
-                    leader = None; // closing the connection releases the lock
+                    session = None;
                     self.health.report(
                         HEALTH_RELAY,
                         Condition::Failing(format!("cannot read the outbox: {e}")),
                     );
                     tracing::warn!(error = %e, failures, "outbox relay failed; retrying");
                 }
+                Err(_) => {
+                    failures += 1;
+                    session = None;
+                    let detail = format!(
+                        "a round of the relay took longer than {:?}; it gave its lead up",
+                        self.lease / 2
+                    );
+                    self.health
+                        .report(HEALTH_RELAY, Condition::Failing(detail.clone()));
+                    tracing::error!(failures, "{detail}");
+                }
             }
+            // Renewals (a leader) and asking (a standby) happen at rounds.
             let wait = if failures == 0 {
                 self.poll
             } else {
                 backoff(failures as i64, RELAY_BACKOFF_CAP)
-            };
+            }
+            .min(Lead::renew_every(self.lease));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.signal.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
         }
-        if let Err(e) = self.lead(&mut leader).await {
+        if let Err(e) = self.round(&holder, &mut session).await {
             tracing::warn!(error = %e, "outbox not flushed at shutdown; it is published on next start");
+        }
+        if let Some(Session { mut conn, .. }) = session
+            && let Err(e) = relay_lease::release(&mut conn, &holder).await
+        {
+            tracing::warn!(error = %e, "relay lease not given up; a standby leads when it expires");
         }
     }
 
-    /// Becomes leader if no one is, then publishes everything pending.
-    async fn lead(&self, leader: &mut Option<Leader>) -> Result<usize, RelayError> {
-        if leader.is_none() {
+    /// Leads if it may, then publishes everything pending: whether the
+    /// broker refused events.
+    async fn round(&self, holder: &str, session: &mut Option<Session>) -> Result<bool, RelayError> {
+        if session.is_none() {
             let options = self
                 .options
                 .clone()
                 .options([("synchronous_commit", "off")]);
-            let mut conn = PgConnection::connect_with(&options).await?;
-            let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(RELAY_LOCK)
-                .fetch_one(&mut conn)
-                .await?;
-            if !held {
-                // Another replica leads; try again at the next wake-up.
-                return Ok(0);
-            }
-            self.report_parked(&mut conn).await?;
-            let atomic = Atomic {
-                events: self.takes_atomic(&self.subjects.events_stream()).await,
-                catalog: self.takes_atomic(&self.subjects.catalog_stream()).await,
-            };
-            *leader = Some(Leader { conn, atomic });
+            let conn = PgConnection::connect_with(&options).await?;
+            *session = Some(Session { conn, lead: None });
         }
-        let Leader { conn, atomic } = leader.as_mut().expect("leader connection");
-        let atomic = *atomic;
-        let mut total = 0;
+        let Session { conn, lead } = session.as_mut().expect("relay session");
         loop {
-            let round = self.publish_batch(conn, atomic).await?;
-            total += round.published;
-            if round.published == 0 || !round.more {
-                return Ok(total);
+            if !self.keep_lead(conn, holder, lead).await? {
+                return Ok(false);
+            }
+            let Some(leading) = lead.as_ref() else {
+                return Ok(false);
+            };
+            let round = self.publish_batch(conn, leading).await?;
+            if round.refused {
+                return Ok(true);
+            }
+            if !round.more || (round.published == 0 && leading.lease.fresh()) {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Renews the lead when due, or asks for it as a standby: whether this
+    /// relay leads now.
+    async fn keep_lead(
+        &self,
+        conn: &mut PgConnection,
+        holder: &str,
+        lead: &mut Option<Leading>,
+    ) -> Result<bool, RelayError> {
+        if lead.as_ref().is_some_and(|l| !l.lease.due()) {
+            return Ok(true);
+        }
+        let asked = Instant::now();
+        match relay_lease::ask(conn, holder, self.lease).await? {
+            Asked::Held { epoch } => {
+                let lease = Lead {
+                    epoch,
+                    asked,
+                    length: self.lease,
+                };
+                match lead {
+                    Some(l) => l.lease = lease,
+                    None => {
+                        tracing::info!(holder, epoch, "leads the outbox relay");
+                        self.report_parked(conn).await?;
+                        let atomic = Atomic {
+                            events: self.takes_atomic(&self.subjects.events_stream()).await,
+                            catalog: self.takes_atomic(&self.subjects.catalog_stream()).await,
+                        };
+                        *lead = Some(Leading { lease, atomic });
+                    }
+                }
+                self.health.ok(HEALTH_LEAD);
+                Ok(true)
+            }
+            Asked::Standby { leader, silent } => {
+                if lead.take().is_some() {
+                    tracing::warn!(holder, leader = ?leader, "lost the outbox relay's lead; a standby now");
+                }
+                let leader = leader.unwrap_or_else(|| "nobody".into());
+                if relay_lease::silent_too_long(silent, self.lease) {
+                    let detail = format!(
+                        "standby: the relay's leader, {leader}, has been silent for {}s; \
+                         this replica leads once its lease of {}s runs out",
+                        silent.as_secs(),
+                        self.lease.as_secs()
+                    );
+                    let was_silent = matches!(
+                        self.health.condition(HEALTH_LEAD),
+                        Some(Condition::Degraded(_))
+                    );
+                    self.health.report(HEALTH_LEAD, Condition::Degraded(detail));
+                    if !was_silent {
+                        tracing::warn!(%leader, ?silent, "the outbox relay's leader is silent");
+                    }
+                } else if self.health.ok(HEALTH_LEAD) {
+                    tracing::info!(%leader, "the outbox relay's leader is heard from");
+                }
+                Ok(false)
             }
         }
     }
@@ -480,9 +589,10 @@ impl Relay {
     async fn publish_batch(
         &self,
         conn: &mut PgConnection,
-        atomic: Atomic,
+        leading: &Leading,
     ) -> Result<Round, RelayError> {
-        let read_at = std::time::Instant::now();
+        let atomic = leading.atomic;
+        let read_at = Instant::now();
         // With each row, how many rows the window read held: more than it
         // picked (an aggregate's later events) or a full window means more
         // is pending once this round is deleted.
@@ -539,8 +649,14 @@ impl Relay {
             .partition(|row| self.subjects.is_catalog(&row.subject));
         let mut acked = Vec::with_capacity(rows.len());
         let mut failure = None;
+        let mut fenced = false;
         'streams: for (rows, atomic) in [(events, atomic.events), (catalog, atomic.catalog)] {
             for chunk in atomic_chunks(&rows) {
+                // Frozen past half its lease: a standby may lead by now.
+                if !leading.lease.fresh() {
+                    fenced = true;
+                    break 'streams;
+                }
                 let (published, failed) = self.publish_chunk(chunk, atomic).await;
                 for row in published {
                     self.meter.published(row.age + read_at.elapsed());
@@ -582,14 +698,18 @@ impl Relay {
             } else {
                 tracing::warn!(error = %e, published = acked.len(), "publish failed; unacknowledged events stay in the outbox");
             }
-            return Ok(Round::default());
+            return Ok(Round {
+                refused: true,
+                ..Round::default()
+            });
         }
         if self.health.ok(HEALTH_RELAY) {
             tracing::info!("the broker accepts events again");
         }
         Ok(Round {
             published: acked.len() + parked.len(),
-            more,
+            more: more || fenced,
+            refused: false,
         })
     }
 

@@ -297,11 +297,12 @@ impl Service {
         // The relay stops after everything else has drained (see `run`).
         let relay_stop = CancellationToken::new();
         let relay: Option<Task> = if config.outbox_relay_enabled {
+            let name = format!("{} relay, pid {}", config.service, std::process::id());
             let relay = Relay {
-                // Which process leads is in pg_stat_activity.
-                options: PgConnectOptions::from_str(&config.database_url)?.application_name(
-                    &format!("{} relay, pid {}", config.service, std::process::id()),
-                ),
+                // Which process leads is in `relay_lease` and pg_stat_activity.
+                options: PgConnectOptions::from_str(&config.database_url)?.application_name(&name),
+                name,
+                lease: config.relay_lease,
                 js: infra.js.clone(),
                 subjects: infra.subjects.clone(),
                 signal: infra.outbox.clone(),

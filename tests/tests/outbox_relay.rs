@@ -28,6 +28,8 @@ async fn outbox_only() -> Result<(Stack, sqlx::PgPool)> {
 /// A relay of the outbox database, woken by nothing but its `poll`.
 fn relay(stack: &Stack, poll: Duration) -> Result<Relay> {
     Ok(Relay {
+        name: "payment relay".into(),
+        lease: outbox::LEASE,
         options: PgConnectOptions::from_str(&stack.dbs.url("payment"))?,
         js: stack.js.clone(),
         subjects: stack.subjects.clone(),
