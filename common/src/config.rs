@@ -82,6 +82,11 @@ pub struct Config {
     /// janitor deletes guard rows and cancel records older than the
     /// streams keep events ([`crate::janitor`]).
     pub janitor_every: Duration,
+    /// `JANITOR_MARGIN_MS`, default 2 h (0 to 30 days): how much longer than
+    /// the streams hold events the janitor keeps guard rows and cancel
+    /// records (clocks differ; an event is dead-lettered up to about 45
+    /// minutes after the other consumers applied it).
+    pub janitor_margin: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +133,7 @@ impl Config {
             refund_retries: [1, 2, 4, 8, 16].map(Duration::from_secs).to_vec(),
             snapshot_every: 100,
             janitor_every: Duration::from_secs(3600),
+            janitor_margin: crate::janitor::MARGIN,
         }
     }
 
@@ -258,6 +264,10 @@ impl Config {
         if let Some(v) = lookup("JANITOR_EVERY_MS") {
             let ms = parse_num("JANITOR_EVERY_MS", &v)?.clamp(1_000, 86_400_000);
             c.janitor_every = Duration::from_millis(ms as u64);
+        }
+        if let Some(v) = lookup("JANITOR_MARGIN_MS") {
+            let ms = parse_num("JANITOR_MARGIN_MS", &v)?.min(30 * 86_400_000);
+            c.janitor_margin = Duration::from_millis(ms as u64);
         }
         let valid_prefix = |p: &str| {
             !p.is_empty()

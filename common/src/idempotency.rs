@@ -15,7 +15,10 @@
 //! service reports itself degraded meanwhile and reconnects by itself.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -32,8 +35,37 @@ use crate::{
 /// transaction should take, and no longer than the consumer's ack wait
 /// (10 s), so the redelivery of an event whose process died can claim it.
 pub const STARTED_TTL: Duration = Duration::from_secs(10);
-/// How long an applied event is remembered in Redis (the broker keeps events 7 days).
+/// The longest an applied event is remembered in Redis (the events stream
+/// keeps events 7 days at most).
 pub const DONE_TTL: Duration = Duration::from_secs(8 * 24 * 3600);
+/// How long an applied event is remembered in Redis until the janitor has
+/// asked the broker how long the events stream holds events.
+pub const DONE_TTL_UNMEASURED: Duration = Duration::from_secs(3600);
+
+/// How long an applied event is remembered in Redis: as long as the events
+/// stream holds events ([`crate::janitor::Horizon::redis`]), set by the
+/// janitor. Cheap to clone; every clone sees the latest.
+#[derive(Clone)]
+pub struct DoneTtl(Arc<AtomicU64>);
+
+impl Default for DoneTtl {
+    fn default() -> Self {
+        DoneTtl(Arc::new(AtomicU64::new(
+            DONE_TTL_UNMEASURED.as_millis() as u64
+        )))
+    }
+}
+
+impl DoneTtl {
+    pub fn set(&self, ttl: Duration) {
+        let ms = ttl.clamp(STARTED_TTL, DONE_TTL).as_millis() as u64;
+        self.0.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> Duration {
+        Duration::from_millis(self.0.load(Ordering::Relaxed))
+    }
+}
 /// Deadline of one Redis command.
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 /// After a failed call, Redis is not asked again for this long.
@@ -193,13 +225,20 @@ impl Redis {
 pub struct IdempotencyStore {
     redis: Redis,
     prefix: String,
+    done_ttl: DoneTtl,
 }
 
 impl IdempotencyStore {
-    pub fn new(redis: Redis, key_prefix: &str, consumer: &str) -> IdempotencyStore {
+    pub fn new(
+        redis: Redis,
+        key_prefix: &str,
+        consumer: &str,
+        done_ttl: DoneTtl,
+    ) -> IdempotencyStore {
         IdempotencyStore {
             redis,
             prefix: format!("{key_prefix}:idem:{consumer}:"),
+            done_ttl,
         }
     }
 
@@ -243,13 +282,14 @@ impl IdempotencyStore {
         if event_ids.is_empty() {
             return Ok(());
         }
+        let ttl = self.done_ttl.get().as_millis() as u64;
         let mut pipe = redis::pipe();
         for id in event_ids {
             pipe.cmd("SET")
                 .arg(self.key(*id))
                 .arg("done")
                 .arg("PX")
-                .arg(DONE_TTL.as_millis() as u64)
+                .arg(ttl)
                 .ignore();
         }
         self.redis.pipe::<()>(&pipe).await

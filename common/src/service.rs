@@ -20,7 +20,8 @@ use crate::{
     consumer::{ConsumerRuntime, Handler, RuntimeParts},
     health::{Condition, Health},
     http::{HealthState, health_router},
-    idempotency::{IdempotencyStore, Redis},
+    idempotency::{DoneTtl, IdempotencyStore, Redis},
+    janitor::Janitor,
     meter::{self, Meter, Probe, Scrape, Watched},
     outbox::{OutboxSignal, Relay},
     subjects::Subjects,
@@ -260,6 +261,7 @@ impl Service {
         .await
         .inspect_err(|e| tracing::error!(error = %e, "the service's consumer cannot be used yet"))
         .ok();
+        let done_ttl = DoneTtl::default();
         let runtime = ConsumerRuntime::new(
             handler,
             RuntimeParts {
@@ -270,6 +272,7 @@ impl Service {
                     infra.redis.clone(),
                     &config.redis_key_prefix,
                     &config.service,
+                    done_ttl.clone(),
                 ),
                 subjects: infra.subjects.clone(),
                 outbox: infra.outbox.clone(),
@@ -282,14 +285,16 @@ impl Service {
                 max_payload: infra.max_payload(),
             },
         );
-        let janitor = crate::janitor::run(
-            infra.pool.clone(),
-            infra.js.clone(),
-            infra.subjects.clone(),
-            config.janitor_every,
-            infra.meter.clone(),
-            shutdown.clone(),
-        );
+        let janitor = Janitor {
+            pool: infra.pool.clone(),
+            js: infra.js.clone(),
+            subjects: infra.subjects.clone(),
+            every: config.janitor_every,
+            margin: config.janitor_margin,
+            done: done_ttl.clone(),
+            meter: infra.meter.clone(),
+        }
+        .run(shutdown.clone());
         let tasks: Vec<Task> = vec![
             Box::pin(runtime.run(consumer, shutdown.clone())),
             Box::pin(janitor),

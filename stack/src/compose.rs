@@ -99,7 +99,10 @@ pub fn compose_file() -> String {
 
   redis:
     image: {REDIS_IMAGE}
-    command: ["redis-server", "--save", "", "--appendonly", "no"]
+    # Redis only speeds up what the Postgres guard decides, and every key it
+    # holds expires: under its memory limit it evicts the least recently
+    # used, which costs a Postgres lookup, never a second effect.
+    command: ["redis-server", "--save", "", "--appendonly", "no", "--maxmemory", "256mb", "--maxmemory-policy", "volatile-lru"]
     healthcheck:
       test: ["CMD", "redis-cli", "ping"]
       interval: 5s

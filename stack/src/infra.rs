@@ -831,6 +831,8 @@ impl RedisServer {
             std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".into()),
         );
         command.args(["--port", "0", "--save", "", "--appendonly", "no"]);
+        // As shipped: a memory limit, and eviction of expiring keys (all of ours).
+        command.args(["--maxmemory", "256mb", "--maxmemory-policy", "volatile-lru"]);
         match tls {
             None => {
                 command.arg("--unixsocket").arg(dir.join("redis.sock"));
