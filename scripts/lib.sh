@@ -160,8 +160,7 @@ redis_answers() { [ "$(redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" ping 2>/dev/n
 ensure_redis() {
     redis_answers && return 0
     log "starting redis-server on $REDIS_HOST:$REDIS_PORT"
-    redis-server --daemonize yes --bind "$REDIS_HOST" --port "$REDIS_PORT" --save "" --appendonly no \
-        --maxmemory 256mb --maxmemory-policy volatile-lru >/dev/null
+    redis-server --daemonize yes --bind "$REDIS_HOST" --port "$REDIS_PORT" --save "" --appendonly no --maxmemory 256mb --maxmemory-policy volatile-lru >/dev/null
     WAIT_TIMEOUT=30 wait_for redis_answers || die "Redis does not answer on $REDIS_HOST:$REDIS_PORT"
 }
 
