@@ -134,6 +134,15 @@ impl Local {
         format!("{}_{}", self.database_prefix, spec.name)
     }
 
+    /// Where a service's database is (and `sagactl audit` reads it).
+    pub fn database_url(&self, spec: &ServiceSpec) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{}",
+            self.pg_port,
+            self.database(spec)
+        )
+    }
+
     fn admin_url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.pg_port)
     }
@@ -319,14 +328,7 @@ pub async fn up(local: &Local, exe: &Path, replicas: usize, cluster: bool) -> Re
         let mut command = Command::new(exe);
         command
             .args(["serve", spec.name])
-            .env(
-                "DATABASE_URL",
-                format!(
-                    "postgres://postgres@127.0.0.1:{}/{}",
-                    local.pg_port,
-                    local.database(spec)
-                ),
-            )
+            .env("DATABASE_URL", local.database_url(spec))
             .env(
                 "REDIS_URL",
                 format!("redis://127.0.0.1:{}", local.redis_port),
@@ -749,12 +751,11 @@ fn write_env_file(local: &Local, broker: &NatsLayout) -> Result<()> {
             local.run_dir.join("admin-token").display()
         );
     }
-    for name in roster::names() {
-        text += &format!(
-            "export {}_URL={}\n",
-            name.to_ascii_uppercase(),
-            local.service_url(name)
-        );
+    for spec in &roster::SERVICES {
+        let name = spec.name.to_ascii_uppercase();
+        text += &format!("export {name}_URL={}\n", local.service_url(spec.name));
+        // Where sagactl audit finds this stack's databases.
+        text += &format!("export {name}_DATABASE_URL={}\n", local.database_url(spec));
     }
     std::fs::write(local.run_dir.join("stack.env"), text)?;
     Ok(())
