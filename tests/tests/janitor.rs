@@ -173,6 +173,18 @@ const STREAM_HOLDS: i64 = 1_500;
 /// After this wave the stream is full and discards its oldest.
 const FULL_AFTER: usize = 3;
 
+/// Places `sagas` sagas one every `every` and waits until every one has
+/// ended and the system has settled: their ids.
+async fn sagas_through(stack: &Stack, sagas: u64, every: Duration) -> Result<Vec<Uuid>> {
+    let placed = stack
+        .place_steadily(sagas, every, std::time::Instant::now())
+        .await;
+    let placed: Vec<Uuid> = placed.into_iter().collect::<Result<_>>()?;
+    stack.every_saga_ended(&placed, DEADLINE).await?;
+    stack.settle().await?;
+    Ok(placed)
+}
+
 /// Guard rows over the four databases.
 async fn guard_rows(stack: &Stack) -> Result<i64> {
     let mut total = 0;
@@ -246,16 +258,7 @@ async fn under_sustained_load_the_guard_and_redis_stay_as_large_as_the_stream_ho
 
     let mut full = None;
     for wave in 1..=WAVES {
-        let placed = stack
-            .place_steadily(
-                PER_WAVE,
-                Duration::from_millis(10),
-                std::time::Instant::now(),
-            )
-            .await;
-        let placed: Vec<Uuid> = placed.into_iter().collect::<Result<_>>()?;
-        stack.every_saga_ended(&placed, DEADLINE).await?;
-        stack.settle().await?;
+        sagas_through(&stack, PER_WAVE, Duration::from_millis(10)).await?;
         let (guard, (keys, memory)) = (guard_rows(&stack).await?, redis_keys(&stack).await?);
         eprintln!("wave {wave}: {guard} guard rows, {keys} redis keys, redis uses {memory} bytes");
         match (wave, full) {
@@ -307,16 +310,7 @@ async fn redis_at_its_memory_limit_evicts_markers_and_no_step_is_taken_twice() -
         .await?;
     assert_eq!(policy.get(1).map(String::as_str), Some("volatile-lru"));
 
-    let placed = stack
-        .place_steadily(
-            2 * PER_WAVE,
-            Duration::from_millis(5),
-            std::time::Instant::now(),
-        )
-        .await;
-    let placed: Vec<Uuid> = placed.into_iter().collect::<Result<_>>()?;
-    stack.every_saga_ended(&placed, DEADLINE).await?;
-    stack.settle().await?;
+    let placed = sagas_through(&stack, 2 * PER_WAVE, Duration::from_millis(5)).await?;
     let stats: String = redis::cmd("INFO")
         .arg("stats")
         .query_async(&mut conn)
