@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # One image with every service binary and the operator's sagactl, built
 # once; docker-compose.yml runs each service from it by name
 # (command: ["order"], ...):
@@ -9,8 +7,17 @@
 #
 # cargo-chef builds the dependencies in a layer of their own, so a change to
 # the project's code rebuilds only the project's crates.
+#
+# Behind a proxy that presents its own certificate authority, pass it (PEM
+# text) so the builder can fetch crates: compose takes EXTRA_CA_CERTS from
+# .env or the shell, `docker build` as --build-arg EXTRA_CA_CERTS="$(cat ca.crt)".
 
 FROM rust:1.95-bookworm AS chef
+ARG EXTRA_CA_CERTS=""
+RUN if [ -n "$EXTRA_CA_CERTS" ]; then \
+        printf '%s\n' "$EXTRA_CA_CERTS" > /usr/local/share/ca-certificates/extra.crt \
+        && update-ca-certificates; \
+    fi
 RUN cargo install cargo-chef --locked --version 0.1.77
 WORKDIR /app
 

@@ -29,4 +29,6 @@ log "docker-compose.yml and docker-compose.cluster.yml against the Compose speci
 export TEST_DATABASE_URL="${TEST_DATABASE_URL:-postgres://postgres@$PG_HOST:$PG_PORT/postgres}"
 cargo nextest --version >/dev/null 2>&1 || { log "installing cargo-nextest" && cargo install --locked cargo-nextest; }
 log "unit and integration tests (live JetStream, Postgres, Redis)"
-cargo nextest run --workspace --locked --profile ci
+cargo nextest run --workspace --locked --profile ci -E 'not binary(compose)'
+log "the container deployment (Docker; the first run builds the images)"
+cargo nextest run --workspace --locked --profile ci -E 'binary(compose)'

@@ -77,7 +77,7 @@ enum Cmd {
     Serve { service: String },
     /// Print docker-compose.yml as the roster generates it.
     Compose {
-        /// Rewrite docker-compose.yml and docker/postgres/init-databases.sql.
+        /// Rewrite docker-compose.yml and the other files generated from the roster.
         #[arg(long)]
         write: bool,
     },
