@@ -58,6 +58,14 @@ pub fn with_credentials(
     }
 }
 
+/// The broker's `max_payload` as it announced it (1 MiB if it did not).
+pub fn max_payload(js: &async_nats::jetstream::Context) -> usize {
+    match js.client().server_info().max_payload {
+        0 => 1024 * 1024,
+        n => n,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

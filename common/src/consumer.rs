@@ -215,25 +215,6 @@ const PERMANENT_BACKOFF_CAP: Duration = Duration::from_secs(1);
 /// Longest wait between two deliveries of an event failing transiently.
 pub const TRANSIENT_BACKOFF_CAP: Duration = Duration::from_secs(30);
 
-/// Names the dead-letter headers; the body is the original bytes, unchanged
-/// (unless they no longer fit with the headers: see [`BODY_OMITTED`](dlq_headers::BODY_OMITTED)).
-pub mod dlq_headers {
-    pub const REASON: &str = "Saga-Dlq-Reason";
-    pub const CONSUMER: &str = "Saga-Dlq-Consumer";
-    pub const SUBJECT: &str = "Saga-Dlq-Subject";
-    pub const STREAM_SEQUENCE: &str = "Saga-Dlq-Stream-Sequence";
-    pub const DELIVERIES: &str = "Saga-Dlq-Deliveries";
-    /// The `Nats-Msg-Id` the original was published with.
-    pub const MSG_ID: &str = "Saga-Dlq-Msg-Id";
-    /// Set when the body decoded: the event's id, type and saga.
-    pub const EVENT_ID: &str = "Saga-Dlq-Event-Id";
-    pub const EVENT_TYPE: &str = "Saga-Dlq-Event-Type";
-    pub const CORRELATION_ID: &str = "Saga-Dlq-Correlation-Id";
-    /// Set when the original with these headers would exceed the broker's
-    /// `max_payload`: the body is left out and this says where it is.
-    pub const BODY_OMITTED: &str = "Saga-Dlq-Body-Omitted";
-}
-
 /// Names of this runtime's parts in the health board.
 pub const HEALTH_CONSUMER: &str = "consumer";
 pub const HEALTH_DEAD_LETTERS: &str = "deadLetters";
@@ -1151,14 +1132,6 @@ impl<H: Handler> Inner<H> {
             reason,
         };
         crate::dlq::send(&self.js, &self.subjects, self.max_payload, letter).await
-    }
-}
-
-/// The broker's `max_payload` as it announced it (1 MiB if it did not).
-pub fn max_payload(js: &jetstream::Context) -> usize {
-    match js.client().server_info().max_payload {
-        0 => 1024 * 1024,
-        n => n,
     }
 }
 

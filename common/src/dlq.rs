@@ -15,7 +15,26 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{Envelope, Subjects, consumer::dlq_headers, limits, operator::OperatorAction};
+use crate::{Envelope, Subjects, limits, operator::OperatorAction};
+
+/// Names the dead-letter headers; the body is the original bytes, unchanged
+/// (unless they no longer fit with the headers: see [`BODY_OMITTED`](dlq_headers::BODY_OMITTED)).
+pub mod dlq_headers {
+    pub const REASON: &str = "Saga-Dlq-Reason";
+    pub const CONSUMER: &str = "Saga-Dlq-Consumer";
+    pub const SUBJECT: &str = "Saga-Dlq-Subject";
+    pub const STREAM_SEQUENCE: &str = "Saga-Dlq-Stream-Sequence";
+    pub const DELIVERIES: &str = "Saga-Dlq-Deliveries";
+    /// The `Nats-Msg-Id` the original was published with.
+    pub const MSG_ID: &str = "Saga-Dlq-Msg-Id";
+    /// Set when the body decoded: the event's id, type and saga.
+    pub const EVENT_ID: &str = "Saga-Dlq-Event-Id";
+    pub const EVENT_TYPE: &str = "Saga-Dlq-Event-Type";
+    pub const CORRELATION_ID: &str = "Saga-Dlq-Correlation-Id";
+    /// Set when the original with these headers would exceed the broker's
+    /// `max_payload`: the body is left out and this says where it is.
+    pub const BODY_OMITTED: &str = "Saga-Dlq-Body-Omitted";
+}
 
 /// What a dead letter says about the event it holds, when the bytes were one.
 #[derive(Debug, Clone, Copy)]

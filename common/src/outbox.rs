@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::{
     backoff::backoff,
-    consumer::max_payload,
+    broker::max_payload,
     event::Envelope,
     health::{Condition, Health},
     meter::Meter,

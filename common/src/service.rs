@@ -166,9 +166,9 @@ impl Infra {
         }
     }
 
-    /// The broker's `max_payload` (see [`crate::consumer::max_payload`]).
+    /// The broker's `max_payload` (see [`crate::broker::max_payload`]).
     pub fn max_payload(&self) -> usize {
-        crate::consumer::max_payload(&self.js)
+        crate::broker::max_payload(&self.js)
     }
 
     /// What operator endpoints require.

@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
-use common::{Subjects, consumer::dlq_headers, limits, outbox, topology::DEAD_LETTER_WATCH};
+use common::{Subjects, dlq::dlq_headers, limits, outbox, topology::DEAD_LETTER_WATCH};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;

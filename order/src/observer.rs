@@ -14,7 +14,7 @@ use async_nats::jetstream::{self, AckKind};
 use chrono::{DateTime, Utc};
 use common::{
     Envelope, EventKind,
-    consumer::dlq_headers,
+    dlq::dlq_headers,
     limits,
     meter::Meter,
     operator::OperatorAction,

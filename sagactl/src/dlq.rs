@@ -7,7 +7,7 @@ use std::io::Write;
 
 use anyhow::{Context, Result, bail};
 use common::{
-    consumer::dlq_headers,
+    dlq::dlq_headers,
     dlq::{Dlq, Filter, Redrive, Redriven, Sagas},
 };
 use serde_json::Value;

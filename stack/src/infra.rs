@@ -500,8 +500,9 @@ fn require_tls(data: &std::path::Path, certs: &TestCertificates) -> Result<()> {
     Ok(())
 }
 
-/// Nodes of a [`NatsCluster`]: as many as `stack up --cluster` runs.
-pub use crate::local::CLUSTER_NODES;
+/// Nodes of a [`NatsCluster`], and of the broker `stack up --cluster` and
+/// the compose cluster run.
+pub const CLUSTER_NODES: usize = 3;
 
 /// A private 3-node JetStream cluster on loopback (the same pinned
 /// nats-server), each node with its own store and a client port of its own.

@@ -195,7 +195,7 @@ impl Local {
 pub const MAX_REPLICAS: usize = 8;
 
 /// Nodes of the broker `up --cluster` runs.
-pub const CLUSTER_NODES: usize = 3;
+pub use crate::infra::CLUSTER_NODES;
 
 /// Where the broker listens: node k (from 1) on `port` and `monitor` plus
 /// k − 1.
@@ -492,7 +492,7 @@ async fn ensure_nats(local: &Local, started: &mut Started<'_>, nodes: usize) -> 
     // the copy of it, for this stack's subject prefix.
     std::fs::write(
         local.run_dir.join("auth.conf"),
-        crate::compose::auth_conf(&common::Subjects::new(local.subject_prefix.clone())),
+        crate::auth_conf::auth_conf(&common::Subjects::new(local.subject_prefix.clone())),
     )?;
     let routes: Vec<String> = (0..nodes)
         .map(|k| format!("127.0.0.1:{}", local.nats_cluster_port + k as u16))

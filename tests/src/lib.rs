@@ -1110,8 +1110,8 @@ impl Stack {
                         .unwrap_or_default()
                 };
                 (
-                    h(common::consumer::dlq_headers::REASON),
-                    h(common::consumer::dlq_headers::CONSUMER),
+                    h(common::dlq::dlq_headers::REASON),
+                    h(common::dlq::dlq_headers::CONSUMER),
                     body,
                 )
             })

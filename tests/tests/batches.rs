@@ -254,7 +254,7 @@ async fn a_poison_event_in_the_middle_of_a_batch_is_dead_lettered_alone() -> Res
 
     let reason = letters[0]
         .0
-        .get(common::consumer::dlq_headers::REASON)
+        .get(common::dlq::dlq_headers::REASON)
         .map(|v| v.to_string())
         .unwrap_or_default();
     assert!(

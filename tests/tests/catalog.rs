@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use common::{
-    consumer::dlq_headers,
+    dlq::dlq_headers,
     product::{self, ProductPriced},
 };
 use reqwest::Method;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use common::{
     Applying, Config, Envelope, Event, EventKind, Handler, HandlerError, Infra, Outcome, Service,
-    consumer::dlq_headers,
+    dlq::dlq_headers,
     event::{OrderPlaced, PaymentRefunded},
 };
 use saga_tests::{DEADLINE, Stack, eventually, order_body, raw_nats::RawNats};

@@ -163,13 +163,13 @@ async fn a_near_limit_message_is_dead_lettered_without_its_body_rather_than_jamm
     let letters = stack.wait_for_dead_letters(1).await?;
     let (headers, dead_body) = &letters[0];
     let omitted = headers
-        .get(common::consumer::dlq_headers::BODY_OMITTED)
+        .get(common::dlq::dlq_headers::BODY_OMITTED)
         .context("body omitted header")?;
     assert!(omitted.as_str().contains("sequence 1"), "{omitted:?}");
     assert!(dead_body.is_empty());
     assert!(
         headers
-            .get(common::consumer::dlq_headers::REASON)
+            .get(common::dlq::dlq_headers::REASON)
             .unwrap()
             .as_str()
             .contains("not a valid event envelope")
@@ -190,7 +190,7 @@ async fn quantities_that_would_overflow_are_dead_lettered_and_create_no_stock() 
     let letters = stack.wait_for_dead_letters(1).await?;
     let reason = letters[0]
         .0
-        .get(common::consumer::dlq_headers::REASON)
+        .get(common::dlq::dlq_headers::REASON)
         .unwrap()
         .as_str()
         .to_string();
@@ -278,7 +278,7 @@ async fn a_forged_payment_for_an_order_nobody_placed_is_dead_lettered_and_ships_
     let reasons: Vec<String> = letters
         .iter()
         .map(|(h, _)| {
-            h.get(common::consumer::dlq_headers::REASON)
+            h.get(common::dlq::dlq_headers::REASON)
                 .unwrap()
                 .as_str()
                 .to_string()

@@ -9,7 +9,7 @@
 use std::{collections::HashSet, time::Duration};
 
 use anyhow::{Context, Result};
-use common::{Envelope, Event, consumer::dlq_headers, event, limits};
+use common::{Envelope, Event, dlq::dlq_headers, event, limits};
 use futures::{StreamExt, stream};
 use proptest::test_runner::TestCaseError;
 use saga_tests::{Stack, eventually, fuzz};
