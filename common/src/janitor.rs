@@ -88,19 +88,15 @@ struct Held {
 
 async fn held(js: &async_nats::jetstream::Context, name: &str) -> Option<(Stream, Held)> {
     let info = tokio::time::timeout(ASK_TIMEOUT, js.get_stream(name)).await;
-    let Ok(Ok(mut stream)) = info else {
+    let Ok(Ok(stream)) = info else {
         tracing::warn!(
             stream = name,
             "janitor: the broker did not say what it holds"
         );
         return None;
     };
-    // Fresh state: `get_stream`'s is as of the call, but be exact.
-    let info = tokio::time::timeout(ASK_TIMEOUT, stream.info())
-        .await
-        .ok()?
-        .ok()?
-        .clone();
+    // As of the call: `get_stream` asks the broker for the stream's info.
+    let info = stream.cached_info().clone();
     let oldest = if info.state.messages == 0 {
         Duration::ZERO
     } else {

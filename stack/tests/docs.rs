@@ -8,12 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
+use stack::repo_root;
 
 /// The lines of a Markdown text outside its fenced code blocks.
 fn prose(text: &str) -> Vec<&str> {

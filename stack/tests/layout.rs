@@ -5,15 +5,10 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::{Path, PathBuf},
+    path::Path,
 };
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
+use stack::repo_root;
 
 /// Circles known and not yet undone, each as its modules in order: the
 /// test fails on any other, and on one of these once it is gone (so the

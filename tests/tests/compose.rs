@@ -13,7 +13,6 @@
 //! built as a stand-in: tests/compose/stand-ins/README.md).
 
 use std::{
-    path::PathBuf,
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -29,12 +28,7 @@ const BUILD: Duration = Duration::from_secs(40 * 60);
 const UP: Duration = Duration::from_secs(180);
 const SAGA: Duration = Duration::from_secs(60);
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
+use stack::repo_root;
 
 fn text(out: &Output) -> String {
     format!(
