@@ -12,6 +12,7 @@ source "$HERE/../../scripts/lib.sh"
 exec 3>&1 1>&2 # progress on stderr; the answer on stdout
 
 PULL_TIMEOUT="${PULL_TIMEOUT:-30}"
+DOCKERD_LOG="${DOCKERD_LOG:-/var/log/saga-dockerd.log}"
 
 engine_answers() { docker info >/dev/null 2>&1; }
 
@@ -27,9 +28,16 @@ ensure_engine() {
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
     engine_answers && return 0
-    log "starting dockerd (log: /var/log/saga-dockerd.log)"
-    as_root sh -c 'nohup dockerd >/var/log/saga-dockerd.log 2>&1 &'
-    WAIT_TIMEOUT=60 wait_for engine_answers || die "dockerd does not answer: see /var/log/saga-dockerd.log"
+    log "starting dockerd (log: $DOCKERD_LOG)"
+    # The engine outlives this script: in a session of its own (a test
+    # runner that kills a timed-out test's process group leaves it be), and
+    # holding none of this script's descriptors (a caller reading our
+    # output until it closes would otherwise wait for the engine to end).
+    as_root setsid dockerd </dev/null >"$DOCKERD_LOG" 2>&1 3>&- &
+    if ! WAIT_TIMEOUT=90 wait_for engine_answers; then
+        tail -n 30 "$DOCKERD_LOG" >&2 || true
+        die "dockerd does not answer after 90 s (the log's last lines above: $DOCKERD_LOG)"
+    fi
 }
 
 # The authorities this machine trusts beyond Debian's, for builds whose
