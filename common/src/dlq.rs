@@ -231,27 +231,26 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most dead letters one redrive takes on (the rest wait for the next).
 pub const MAX_REDRIVE: usize = 200;
 
-/// Which dead letters (also `sagactl`'s options, with the `cli` feature).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::Args))]
+/// Which dead letters (also `sagactl`'s options).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, clap::Args)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Filter {
     /// Only this consumer's (the service that gave up: order, payment, …).
     #[serde(default)]
-    #[cfg_attr(feature = "cli", arg(long))]
+    #[arg(long)]
     pub consumer: Option<String>,
     /// Only those whose reason contains this text (case-insensitive).
     #[serde(default)]
-    #[cfg_attr(feature = "cli", arg(long))]
+    #[arg(long)]
     pub reason_contains: Option<String>,
     /// Only those dead-lettered at or after this time (RFC 3339, e.g.
     /// 2026-11-26T10:00:00Z).
     #[serde(default)]
-    #[cfg_attr(feature = "cli", arg(long))]
+    #[arg(long)]
     pub since: Option<DateTime<Utc>>,
     /// Only this saga's (its order id).
     #[serde(default)]
-    #[cfg_attr(feature = "cli", arg(long))]
+    #[arg(long)]
     pub saga: Option<Uuid>,
 }
 

@@ -7,6 +7,7 @@
 
 pub mod backoff;
 pub mod broker;
+pub mod cli;
 pub mod compensation;
 pub mod config;
 pub mod consumer;
@@ -26,7 +27,7 @@ pub mod sql;
 pub mod telemetry;
 pub mod topology;
 
-pub use config::Config;
+pub use config::{Config, ConfigArgs};
 pub use consumer::{Applying, Handler, HandlerError, Outcome};
 pub use contracts::{
     Envelope, Event, EventKind, Subjects, event, limits, operator, product, subjects,

@@ -451,14 +451,13 @@ pub async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
-/// What a service's `main` does: config from the environment, logs, build,
-/// run until a signal.
-pub async fn main_with<F, Fut>(service: &str, build: F) -> anyhow::Result<()>
+/// Runs a service configured by `config`: logs, build, run until a signal,
+/// then drain ([`crate::cli::main_with`] reads the configuration first).
+pub async fn run<F, Fut>(config: Config, build: F) -> anyhow::Result<()>
 where
     F: FnOnce(Config, CancellationToken) -> Fut,
     Fut: Future<Output = Result<Service, StartError>>,
 {
-    let config = Config::from_env(service)?;
     crate::telemetry::init(config.log_format);
     let shutdown = CancellationToken::new();
     let service = build(config, shutdown.clone()).await?;

@@ -1,4 +1,4 @@
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    common::service::main_with("inventory", inventory::build).await
+    inventory::main(std::env::args_os()).await
 }

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod capability;
 pub mod catalog;
+pub mod cli;
 mod dead_letters;
 pub mod domain;
 mod handlers;
@@ -14,6 +15,7 @@ pub mod place;
 pub mod pricing;
 pub mod projection;
 mod responder;
+pub mod settings;
 pub mod snapshot;
 pub mod store;
 pub mod timeline;
@@ -32,11 +34,18 @@ use tokio_util::sync::CancellationToken;
 
 pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations");
 
+pub use cli::{command, main};
+pub use settings::Settings;
+
 /// Connects, migrates and builds the service, ready to run.
-pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Service, StartError> {
+pub async fn build(
+    config: Config,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> Result<Service, StartError> {
     let infra = Infra::connect(config, &MIGRATIONS).await?;
     let snapshots = store::Snapshots {
-        every: infra.config.snapshot_every,
+        every: settings.snapshot_every,
         meter: infra.meter.clone(),
     };
     let writer = place::Writer {
@@ -83,7 +92,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
     }
     .start(source.clone(), shutdown.clone())
     .await?;
-    let stall_after = infra.config.stall_after;
+    let stall_after = settings.stall_after;
     let observer = observer::Observer {
         pool: infra.pool.clone(),
         meter: infra.meter.clone(),
@@ -109,7 +118,7 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
         infra.outbox.follower(),
         shutdown,
     ));
-    report_metrics(&mut service, &infra, placer);
+    report_metrics(&mut service, &infra, placer, stall_after);
     Ok(service)
 }
 
@@ -117,7 +126,12 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
 /// backlog of every service's consumer (a stopped service cannot report its
 /// own, which is when it grows), its watches' (the timeline's as a
 /// projection lag), the stalled sagas and the placements waiting.
-fn report_metrics(service: &mut Service, infra: &Infra, placer: place::Placer) {
+fn report_metrics(
+    service: &mut Service,
+    infra: &Infra,
+    placer: place::Placer,
+    stall_after: std::time::Duration,
+) {
     for name in roster::names().filter(|n| *n != infra.config.service) {
         service.watch_metrics(Watched {
             stream: infra.subjects.events_stream(),
@@ -133,7 +147,6 @@ fn report_metrics(service: &mut Service, infra: &Infra, placer: place::Placer) {
         });
     }
     let pool = infra.pool.clone();
-    let stall_after = infra.config.stall_after;
     service.probe_metrics(Arc::new(move |meter| {
         let pool = pool.clone();
         let waiting = placer.waiting();

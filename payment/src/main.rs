@@ -1,4 +1,4 @@
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    common::service::main_with("payment", payment::build).await
+    payment::main(std::env::args_os()).await
 }

@@ -7,6 +7,7 @@
 
 pub mod auth_conf;
 pub mod compose;
+pub mod config_reference;
 pub mod demo;
 pub mod infra;
 pub mod local;

@@ -72,9 +72,23 @@ enum Cmd {
         #[arg(long, env = "DEMO_TIMEOUT", default_value_t = 30)]
         demo_timeout: u64,
     },
-    /// Run one service of the roster in the foreground, configured by the
-    /// environment exactly as its own binary is.
-    Serve { service: String },
+    /// Run one service of the roster in the foreground, configured by its
+    /// flags and the environment exactly as its own binary is
+    /// (`stack serve payment --help` lists them).
+    #[command(disable_help_flag = true)]
+    Serve {
+        service: String,
+        /// The service's own flags.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+    /// Print the configuration reference (docs/configuration.md), as the
+    /// services' command lines generate it.
+    ConfigReference {
+        /// Rewrite docs/configuration.md.
+        #[arg(long)]
+        write: bool,
+    },
     /// Print docker-compose.yml as the roster generates it.
     Compose {
         /// Rewrite docker-compose.yml and the other files generated from the roster.
@@ -113,8 +127,19 @@ async fn main() -> Result<ExitCode> {
     let cli = Cli::parse();
     let root = root();
     match cli.command {
-        Cmd::Serve { service } => {
-            services::serve(&service).await?;
+        Cmd::Serve { service, args } => {
+            services::serve(&service, args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::ConfigReference { write } => {
+            let text = stack::config_reference::markdown();
+            if write {
+                let path = stack::config_reference::PATH;
+                std::fs::write(root.join(path), text).with_context(|| format!("write {path}"))?;
+                println!("wrote {path}");
+            } else {
+                print!("{text}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Compose { write } => {

@@ -426,3 +426,49 @@ fn compose_env_writes_every_secret_once_for_its_owner_only() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// A service's command line: `--help` lists the shared and the service's
+/// own settings with their variables and exits without starting anything
+/// (the database and broker named here do not exist); a bad value is a
+/// usage error that names it, before any connection is tried.
+#[test]
+fn a_service_answers_help_and_refuses_a_bad_setting_without_starting() -> Result<()> {
+    let serve = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_stack"))
+            .arg("serve")
+            .args(args)
+            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+            .env("NATS_URL", "nats://127.0.0.1:1")
+            .env_remove("ADMIN_TOKEN")
+            .output()
+    };
+    let help = serve(&["payment", "--help"])?;
+    let shown = text(&help);
+    assert!(help.status.success(), "{shown}");
+    for expected in [
+        "payment service",
+        "--consumer-lanes",
+        "CONSUMER_LANES",
+        "--gateway-timeout-ms",
+        "GATEWAY_TIMEOUT_MS",
+    ] {
+        assert!(shown.contains(expected), "{expected}: {shown}");
+    }
+    assert!(!shown.contains("SNAPSHOT_EVERY"), "order's own: {shown}");
+
+    let help = serve(&["order", "--help"])?;
+    let shown = text(&help);
+    assert!(help.status.success(), "{shown}");
+    assert!(shown.contains("rebuild-projection"), "{shown}");
+    assert!(shown.contains("SNAPSHOT_EVERY"), "{shown}");
+
+    let bad = serve(&["inventory", "--consumer-lanes=0"])?;
+    let shown = text(&bad);
+    assert_eq!(bad.status.code(), Some(2), "{shown}");
+    assert!(shown.contains("CONSUMER_LANES"), "{shown}");
+
+    let version = serve(&["shipping", "--version"])?;
+    assert!(version.status.success(), "{}", text(&version));
+    assert!(text(&version).contains(env!("CARGO_PKG_VERSION")));
+    Ok(())
+}

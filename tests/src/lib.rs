@@ -25,6 +25,7 @@ use common::{Config, Envelope, Subjects};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use sqlx::PgPool;
+pub use stack::services::Launch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -413,8 +414,6 @@ impl Stack {
         c.subject_prefix = self.prefix.clone();
         c.redis_key_prefix = self.prefix.clone();
         c.consumer_concurrency = 32;
-        // Short enough for a test to see a stall come and go.
-        c.stall_after = Duration::from_secs(2);
         c.admin_token = Some(ADMIN_TOKEN.into());
         // Four tests run at once, each with four services (pool plus the
         // relay's own connection) and the assertion pools: about 20
@@ -450,21 +449,29 @@ impl Stack {
         ]
     }
 
+    /// What an in-process `service` of this stack is started with.
+    pub fn launch(&self, service: &str) -> Launch {
+        let mut launch = Launch::new(self.config(service));
+        // Short enough for a test to see a stall come and go.
+        launch.order.stall_after = Duration::from_secs(2);
+        launch
+    }
+
     pub async fn start_service(&mut self, name: &'static str) -> Result<()> {
         self.start_service_with(name, |_| {}).await
     }
 
-    /// Starts `name` with its configuration changed by `adjust`.
+    /// Starts `name` with its configuration and settings changed by `adjust`.
     pub async fn start_service_with(
         &mut self,
         name: &'static str,
-        adjust: impl FnOnce(&mut Config),
+        adjust: impl FnOnce(&mut Launch),
     ) -> Result<()> {
-        let mut config = self.config(name);
-        adjust(&mut config);
+        let mut launch = self.launch(name);
+        adjust(&mut launch);
         self.started.lock().expect("lock").insert(name.to_string());
         let shutdown = CancellationToken::new();
-        let Some(building) = stack::services::build(name, config, shutdown.clone()) else {
+        let Some(building) = stack::services::build(name, launch, shutdown.clone()) else {
             bail!("no service named {name}");
         };
         let service = building.await.with_context(|| format!("start {name}"))?;

@@ -225,7 +225,7 @@ async fn a_poison_event_in_the_middle_of_a_batch_is_dead_lettered_alone() -> Res
     let mut stack = Stack::start_with(&[]).await?;
     let consumer = payment_consumer(&stack).await?;
     stack
-        .start_service_with("payment", |c| c.consumer_lanes = 1)
+        .start_service_with("payment", |l| l.config.consumer_lanes = 1)
         .await?;
     let customers: Vec<String> = (1..=9).map(|i| format!("c{i}")).collect();
     for c in &customers {
@@ -387,10 +387,10 @@ async fn one_orders_events_keep_their_order_across_batches_and_lanes() -> Result
         orders.push(id);
     }
     stack
-        .start_service_with("payment", |c| {
-            c.consumer_lanes = 3;
-            c.consumer_batch = 4;
-            c.consumer_concurrency = 64;
+        .start_service_with("payment", |l| {
+            l.config.consumer_lanes = 3;
+            l.config.consumer_batch = 4;
+            l.config.consumer_concurrency = 64;
         })
         .await?;
 
@@ -449,9 +449,9 @@ async fn cancels_queued_behind_a_batch_of_orders_keep_each_of_them_from_being_ch
         }
     }
     stack
-        .start_service_with("payment", |c| {
-            c.consumer_lanes = 1;
-            c.consumer_batch = 8;
+        .start_service_with("payment", |l| {
+            l.config.consumer_lanes = 1;
+            l.config.consumer_batch = 8;
         })
         .await?;
 
@@ -514,10 +514,10 @@ async fn lanes_charging_the_same_accounts_in_opposite_orders_queue_instead_of_de
         }
     }
     stack
-        .start_service_with("payment", |c| {
-            c.consumer_lanes = LANES;
-            c.consumer_batch = 8;
-            c.consumer_concurrency = 64;
+        .start_service_with("payment", |l| {
+            l.config.consumer_lanes = LANES;
+            l.config.consumer_batch = 8;
+            l.config.consumer_concurrency = 64;
         })
         .await?;
 
@@ -545,10 +545,10 @@ async fn lanes_charging_the_same_accounts_in_opposite_orders_queue_instead_of_de
 /// Inventory on [`LANES`] lanes, taking up to 8 events a batch.
 async fn start_inventory(stack: &mut Stack) -> Result<()> {
     stack
-        .start_service_with("inventory", |c| {
-            c.consumer_lanes = LANES;
-            c.consumer_batch = 8;
-            c.consumer_concurrency = 64;
+        .start_service_with("inventory", |l| {
+            l.config.consumer_lanes = LANES;
+            l.config.consumer_batch = 8;
+            l.config.consumer_concurrency = 64;
         })
         .await
 }

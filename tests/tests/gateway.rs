@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use chrono::{DateTime, Utc};
-use common::{Config, meter::names};
-use saga_tests::{DEADLINE, Stack, eventually};
+use common::meter::names;
+use payment::settings::Schedule;
+use saga_tests::{DEADLINE, Launch, Stack, eventually};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -17,9 +18,9 @@ use uuid::Uuid;
 /// divided by ten.
 const SCHEDULE_MS: [u64; 5] = [100, 200, 400, 800, 1_600];
 
-fn refunds_refused(c: &mut Config) {
-    c.gateway_rules = Some(r#"{"all": {"refunds": "fail"}}"#.into());
-    c.refund_retries = SCHEDULE_MS.map(Duration::from_millis).to_vec();
+fn refunds_refused(l: &mut Launch) {
+    l.payment.gateway_rules = Some(r#"{"all": {"refunds": "fail"}}"#.into());
+    l.payment.refund_retries = Schedule(SCHEDULE_MS.map(Duration::from_millis).to_vec());
 }
 
 /// A stack whose gateway refuses refunds; alice has 10 000, and product
@@ -252,8 +253,8 @@ async fn an_operator_resolves_a_halted_refund_as_compensated_by_hand() -> Result
 async fn a_charge_the_gateway_declines_cancels_only_that_customers_saga() -> Result<()> {
     let mut stack = Stack::start_with(&["order", "inventory", "shipping"]).await?;
     stack
-        .start_service_with("payment", |c| {
-            c.gateway_rules = Some(r#"{"customers": {"bob": {"charges": "fail"}}}"#.into());
+        .start_service_with("payment", |l| {
+            l.payment.gateway_rules = Some(r#"{"customers": {"bob": {"charges": "fail"}}}"#.into());
         })
         .await?;
     stack.set_balance("alice", 10_000).await?;
@@ -285,11 +286,11 @@ async fn a_charge_the_gateway_declines_cancels_only_that_customers_saga() -> Res
 async fn a_cancel_voids_a_charge_whose_answer_was_lost() -> Result<()> {
     let mut stack = Stack::start_with(&["order", "inventory", "shipping"]).await?;
     stack
-        .start_service_with("payment", |c| {
-            c.gateway_rules = Some(r#"{"customers": {"bob": {"charges": "lost"}}}"#.into());
-            c.gateway_timeout = Duration::from_millis(200);
+        .start_service_with("payment", |l| {
+            l.payment.gateway_rules = Some(r#"{"customers": {"bob": {"charges": "lost"}}}"#.into());
+            l.payment.gateway_timeout = Duration::from_millis(200);
             // Payment asks again only after the cancel is in.
-            c.refund_retries = vec![Duration::from_secs(3); 3];
+            l.payment.refund_retries = Schedule(vec![Duration::from_secs(3); 3]);
         })
         .await?;
     stack.set_balance("bob", 10_000).await?;

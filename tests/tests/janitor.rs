@@ -145,7 +145,9 @@ async fn a_running_service_sweeps_by_itself_and_counts_what_it_deleted() -> Resu
     recorded(&pool, 0.0).await?;
     stack.stop_service("payment").await?;
     stack
-        .start_service_with("payment", |c| c.janitor_every = Duration::from_secs(1))
+        .start_service_with("payment", |l| {
+            l.config.janitor_every = Duration::from_secs(1)
+        })
         .await?;
     eventually("the janitor to sweep", DEADLINE, || async {
         Ok((kept(&pool).await? == (1, 1)).then_some(()))
@@ -249,9 +251,9 @@ async fn under_sustained_load_the_guard_and_redis_stay_as_large_as_the_stream_ho
     for service in saga_tests::SERVICES {
         stack.stop_service(service).await?;
         stack
-            .start_service_with(service, |c| {
-                c.janitor_every = Duration::from_secs(1);
-                c.janitor_margin = Duration::ZERO;
+            .start_service_with(service, |l| {
+                l.config.janitor_every = Duration::from_secs(1);
+                l.config.janitor_margin = Duration::ZERO;
             })
             .await?;
     }

@@ -159,7 +159,7 @@ async fn operator_endpoints_and_customers_data_need_the_admin_token_and_stock_do
 async fn a_service_without_an_admin_token_refuses_every_operator() -> Result<()> {
     let mut stack = Stack::start_with(&[]).await?;
     stack
-        .start_service_with("inventory", |c| c.admin_token = None)
+        .start_service_with("inventory", |l| l.config.admin_token = None)
         .await?;
     let (status, _, reply) = send(
         &stack,

@@ -276,7 +276,7 @@ async fn order_behind_a_proxy(at_least: usize) -> Result<(Stack, CommitAnswerLos
     let proxy = CommitAnswerLoser::start(server, target).await?;
     let (proxied, _) = through(&direct, proxy.addr())?;
     stack
-        .start_service_with("order", |c| c.database_url = proxied)
+        .start_service_with("order", |l| l.config.database_url = proxied)
         .await?;
     stack.price("widget", PRICE).await?;
     Ok((stack, proxy))

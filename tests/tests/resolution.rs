@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use payment::settings::Schedule;
 use saga_tests::{DEADLINE, Stack, eventually};
 use serde_json::Value;
 use uuid::Uuid;
@@ -86,10 +87,12 @@ async fn a_charge_redriven_after_the_saga_was_resolved_moves_no_money_or_goods()
     // then dead-letters her OrderPlaced, which halts the saga.
     let mut stack = Stack::start_with(&["order", "inventory", "shipping"]).await?;
     stack
-        .start_service_with("payment", |c| {
-            c.gateway_rules = Some(r#"{"customers": {"carol": {"charges": "timeout"}}}"#.into());
-            c.gateway_timeout = Duration::from_millis(200);
-            c.refund_retries = vec![Duration::from_millis(100), Duration::from_millis(200)];
+        .start_service_with("payment", |l| {
+            l.payment.gateway_rules =
+                Some(r#"{"customers": {"carol": {"charges": "timeout"}}}"#.into());
+            l.payment.gateway_timeout = Duration::from_millis(200);
+            l.payment.refund_retries =
+                Schedule(vec![Duration::from_millis(100), Duration::from_millis(200)]);
         })
         .await?;
     stack.set_balance("carol", 10_000).await?;

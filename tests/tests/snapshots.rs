@@ -12,7 +12,7 @@ use uuid::Uuid;
 async fn snapshotting_every_event() -> Result<Stack> {
     let mut stack = Stack::start_with(&["payment", "inventory", "shipping"]).await?;
     stack
-        .start_service_with("order", |c| c.snapshot_every = 1)
+        .start_service_with("order", |l| l.order.snapshot_every = 1)
         .await?;
     stack.set_balance("alice", 10_000).await?;
     stack.set_stock("widget", 2).await?;

@@ -4,6 +4,7 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let name = std::env::args().nth(1).unwrap_or_default();
-    stack::services::serve(&name).await
+    let mut args = std::env::args_os().skip(1);
+    let name = args.next().unwrap_or_default();
+    stack::services::serve(&name.to_string_lossy(), args.collect()).await
 }
