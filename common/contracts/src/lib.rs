@@ -2,11 +2,13 @@
 //! the event envelope and catalog ([`event`]), the bounds every input is
 //! held to ([`limits`]), the operator audit record ([`operator`]), the product catalog's events
 //! ([`product`]), subject
-//! and stream names ([`subjects`]), and how older schema versions of an
-//! event read as the current one ([`upcast`]). An
+//! and stream names ([`subjects`]), how older schema versions of an
+//! event read as the current one ([`upcast`]), and decoding, which brings
+//! them up ([`decode`]). An
 //! outside producer, or a test that only speaks the protocol, depends on
 //! this crate alone; the runtime (`common`) builds on it.
 
+pub mod decode;
 pub mod event;
 pub mod limits;
 pub mod operator;
