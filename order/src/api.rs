@@ -31,8 +31,8 @@ use crate::{
     observer,
     place::{Canceller, CommandError, PlaceError, PlaceOrder, Placer},
     projection,
-    store::{self, EntryKind, EntryRow, ExecError, OrderView, SagaRow},
-    timeline,
+    store::{self, ExecError, OrderView},
+    timeline::{self, EntryKind, EntryRow, SagaRow},
 };
 
 pub fn router(placer: Placer, stall_after: Duration, admin: AdminToken) -> Router {
@@ -496,12 +496,14 @@ async fn get_saga(
     Path(id): Path<String>,
 ) -> Result<Json<SagaStory>, ApiError> {
     let id = parse_id(&id)?;
-    let saga = store::saga(&sagas.pool, id).await?.ok_or_else(|| {
-        ApiError::NotFound(format!(
-            "no saga {id} recorded (yet): no event of it was seen"
-        ))
-    })?;
-    let entries = store::timeline(&sagas.pool, id).await?;
+    let saga = timeline::store::saga(&sagas.pool, id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no saga {id} recorded (yet): no event of it was seen"
+            ))
+        })?;
+    let entries = timeline::store::timeline(&sagas.pool, id).await?;
     let mut previous: Option<DateTime<Utc>> = None;
     let timeline = entries
         .into_iter()
@@ -551,14 +553,14 @@ async fn list_sagas(
 ) -> Result<Json<SagaPage>, ApiError> {
     let limit = page_limit(q.limit)?;
     let stalled_before = observer::stalled_before(sagas.stall_after);
-    let filter = store::SagaFilter {
+    let filter = timeline::SagaFilter {
         status: q.status.as_deref().map(parse_status).transpose()?,
         stalled_before: q.stalled.unwrap_or(false).then_some(stalled_before),
         since: q.since,
         before: q.before,
         limit: limit + 1,
     };
-    let mut rows = store::list_sagas(&sagas.pool, &filter).await?;
+    let mut rows = timeline::store::list_sagas(&sagas.pool, &filter).await?;
     let more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
     let next_before = more.then(|| rows.last().map(|r| r.last_event_at)).flatten();

@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use common::{
+    Envelope,
     event::{
         self, Address, Event, Money, OrderCancelled, OrderCancelledByCustomer, OrderConfirmed,
         OrderLine, OrderManuallyCompensated, OrderPlaced, OrderRequiresIntervention,
@@ -372,6 +373,37 @@ pub fn evolve(state: Option<Order>, event: &OrderEvent, at: DateTime<Utc>) -> Op
     order.version += 1;
     order.updated_at = at;
     Some(order)
+}
+
+/// What `command` decides for the order as loaded (`state`), without
+/// reading or writing anything ([`decide`], then [`evolve`] with each event
+/// enveloped): the order afterwards and the events it
+/// emitted, enveloped in order after its version. No events: nothing to
+/// write, the state as it was.
+pub fn decide_enveloped(
+    state: Option<Order>,
+    order_id: Uuid,
+    command: Command,
+    correlation_id: Uuid,
+    causation_id: Uuid,
+) -> Result<(Option<Order>, Vec<Envelope>), DomainError> {
+    let events = decide(state.as_ref(), command)?;
+    let mut version = state.as_ref().map_or(0, |o| o.version);
+    let mut state = state;
+    let mut envelopes = Vec::with_capacity(events.len());
+    for event in events {
+        version += 1;
+        let env = Envelope::new(
+            &Event::from(event.clone()),
+            order_id.to_string(),
+            version,
+            correlation_id,
+            causation_id,
+        );
+        state = evolve(state, &event, env.timestamp);
+        envelopes.push(env);
+    }
+    Ok((state, envelopes))
 }
 
 #[cfg(test)]

@@ -153,7 +153,7 @@ fn report_metrics(
         Box::pin(async move {
             meter.gauge(names::PLACEMENTS_WAITING, &[], waiting as f64);
             let before = observer::stalled_before(stall_after);
-            let stalled = store::count_stalled(&pool, before).await?;
+            let stalled = timeline::store::count_stalled(&pool, before).await?;
             meter.gauge(names::SAGAS_STALLED, &[], stalled as f64);
             for name in [OrdersView::NAME, CustomerStats::NAME] {
                 let lag = projection::lag(&pool, name).await?;

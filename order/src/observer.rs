@@ -25,8 +25,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
-    store::{self, EntryKind, NewEntry},
-    timeline,
+    timeline::{self, EntryKind, NewEntry},
     watch::{Source, Started, ack, header},
 };
 
@@ -86,7 +85,7 @@ impl Observer {
         let kind = if entries.is_empty() {
             AckKind::Ack
         } else {
-            match store::record_entries(&self.pool, &entries).await {
+            match timeline::store::record_entries(&self.pool, &entries).await {
                 Ok(fresh) => {
                     for (entry, fresh) in entries.iter().zip(fresh) {
                         // Counted once: a redelivered or replayed event is not fresh.
@@ -122,7 +121,7 @@ impl Observer {
                 _ = tick.tick() => {}
             }
             let before = stalled_before(self.stall_after);
-            match store::report_stalls(&self.pool, before).await {
+            match timeline::store::report_stalls(&self.pool, before).await {
                 Ok(stalled) => {
                     self.meter.stalls(stalled.len() as u64);
                     for s in stalled {

@@ -19,7 +19,7 @@ use uuid::Uuid;
 use crate::{
     capability::{self, CancelToken},
     catalog,
-    domain::{Command, DomainError, Order},
+    domain::{self, Command, DomainError, Order},
     pricing::{self, RequestedLine},
     store::{self, ExecError, Snapshots},
 };
@@ -484,7 +484,7 @@ fn decide_placement(
         shipping_address: request.shipping_address,
     };
     // The placement request is the cause of OrderPlaced.
-    match store::decide(None, order_id, command, order_id, order_id) {
+    match domain::decide_enveloped(None, order_id, command, order_id, order_id) {
         Ok((Some(order), emitted)) => Ok((order, emitted)),
         Ok((None, _)) => Err(PlaceError::Internal(ExecError::Domain(
             DomainError::NotFound,

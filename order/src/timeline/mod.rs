@@ -1,15 +1,17 @@
 //! A saga's story as its observer tells it: what each event did, where the
 //! saga stands after it and who owes the next event. Pure: the observer
-//! (`observer.rs`) records, this module reads.
+//! (`observer.rs`) records, this module reads; the SQL of both is in
+//! [`store`].
 
 use chrono::{DateTime, Utc};
 use common::{Event, EventKind, event::OrderLine};
 use uuid::Uuid;
 
-use crate::{
-    domain::OrderStatus,
-    store::{EntryKind, SagaRow},
-};
+use crate::domain::OrderStatus;
+
+pub mod store;
+
+pub use store::{EntryKind, EntryRow, NewEntry, SagaFilter, SagaRow};
 
 /// Who owes the saga's next event, and what it is waiting for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
