@@ -7,6 +7,7 @@
 
 pub mod backoff;
 pub mod broker;
+pub mod cancels;
 pub mod cli;
 pub mod compensation;
 pub mod config;

@@ -153,22 +153,30 @@ impl Columns {
     }
 }
 
+/// Why events were not appended to the outbox.
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    /// An event can never be published: it does not fit the broker's
+    /// `max_payload` ([`check_fits`] says which). Nothing was written.
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
 /// Appends `events` to the outbox inside the caller's transaction, after
-/// checking each fits `max_payload` ([`check_fits`]; `Err` names the first
-/// that does not, and nothing is written).
+/// checking each fits `max_payload` (nothing is written if one does not).
 pub async fn enqueue(
     conn: &mut PgConnection,
     subjects: &Subjects,
     events: &[Envelope],
     max_payload: usize,
-) -> Result<Result<(), String>, sqlx::Error> {
+) -> Result<(), EnqueueError> {
     if events.is_empty() {
-        return Ok(Ok(()));
+        return Ok(());
     }
-    match columns(subjects, events.iter(), max_payload) {
-        Ok(c) => insert(conn, &c).await.map(Ok),
-        Err(reason) => Ok(Err(reason)),
-    }
+    let c = columns(subjects, events.iter(), max_payload).map_err(EnqueueError::TooLarge)?;
+    Ok(insert(conn, &c).await?)
 }
 
 /// Appends events that are not the saga's (a product's catalog events),
@@ -178,12 +186,10 @@ pub async fn enqueue_on(
     conn: &mut PgConnection,
     events: &[(String, Envelope)],
     max_payload: usize,
-) -> Result<Result<(), String>, sqlx::Error> {
+) -> Result<(), EnqueueError> {
     let rows = events.iter().map(|(subject, e)| (subject.clone(), e));
-    match columns_on(rows, events.len(), max_payload) {
-        Ok(c) => insert(conn, &c).await.map(Ok),
-        Err(reason) => Ok(Err(reason)),
-    }
+    let c = columns_on(rows, events.len(), max_payload).map_err(EnqueueError::TooLarge)?;
+    Ok(insert(conn, &c).await?)
 }
 
 async fn insert(conn: &mut PgConnection, c: &Columns) -> Result<(), sqlx::Error> {

@@ -225,16 +225,18 @@ pub struct Service {
 }
 
 impl Service {
-    /// Connects, migrates and builds a service whose HTTP routes are made
-    /// from its connections: what payment, inventory and shipping are.
+    /// Connects, migrates and builds a service whose handler and HTTP
+    /// routes are made from its connections: what payment, inventory and
+    /// shipping are.
     pub async fn start<H: Handler>(
         config: Config,
         migrations: &'static Migrator,
-        handler: H,
+        handler: impl FnOnce(&Infra) -> H,
         routes: impl FnOnce(&Infra) -> Router,
         shutdown: CancellationToken,
     ) -> Result<Service, StartError> {
         let infra = Infra::connect(config, migrations).await?;
+        let handler = handler(&infra);
         let routes = routes(&infra);
         Service::build(&infra, handler, routes, shutdown).await
     }
@@ -259,8 +261,7 @@ impl Service {
             topology::Durable::Service(&config.service),
         )
         .await
-        .inspect_err(|e| tracing::error!(error = %e, "the service's consumer cannot be used yet"))
-        .ok();
+        .inspect_err(|e| tracing::error!(error = %e, "the service's consumer cannot be used yet"));
         let done_ttl = DoneTtl::default();
         let runtime = ConsumerRuntime::new(
             handler,

@@ -23,3 +23,8 @@ where
     .fetch_optional(conn)
     .await
 }
+
+/// One field of every item, as a column to bind as an array (`UNNEST($1::…[])`).
+pub fn column<T, R>(items: &[T], field: impl Fn(&T) -> R) -> Vec<R> {
+    items.iter().map(field).collect()
+}

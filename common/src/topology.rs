@@ -364,6 +364,16 @@ pub enum Durable<'a> {
     Watch(&'a WatchSpec),
 }
 
+impl<'a> Durable<'a> {
+    /// Its durable name.
+    pub fn name(&self) -> &'a str {
+        match self {
+            Durable::Service(service) => service,
+            Durable::Watch(spec) => spec.name,
+        }
+    }
+}
+
 /// A durable consumer's name, definition and stream.
 fn definition<'a>(
     subjects: &Subjects,

@@ -28,7 +28,7 @@ use common::{
     counter::{Counter, CounterView},
     http::{AdminToken, ApiError, ValidJson, Version, VersionedPut},
     limits,
-    outbox::{self, OutboxSignal},
+    outbox::{self, EnqueueError, OutboxSignal},
     product::ProductPriced,
 };
 use serde::Deserialize;
@@ -114,9 +114,11 @@ impl Catalog {
             let subject = self.subjects.product(&product.product_id);
             let envelope = event.envelope(product.version, Uuid::now_v7());
             let events = [(subject, envelope)];
-            if let Err(reason) = outbox::enqueue_on(&mut tx, &events, self.max_payload).await? {
+            match outbox::enqueue_on(&mut tx, &events, self.max_payload).await {
+                Ok(()) => {}
+                Err(EnqueueError::Db(e)) => return Err(e.into()),
                 // Bounded ids and names keep far below any broker's limit.
-                return Err(ApiError::Unprocessable(reason));
+                Err(EnqueueError::TooLarge(reason)) => return Err(ApiError::Unprocessable(reason)),
             }
         }
         tx.commit().await?;

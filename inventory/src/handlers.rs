@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 
 use common::{
-    Applying, Event, EventKind, Handler, HandlerError, Outcome,
-    compensation::{self, By, Step, StepState},
-    consumer::Ahead,
+    Applying, Event, Handler, HandlerError, Outcome,
+    cancels::{BeforeStep, Cancels, LockRows},
+    compensation::{self, Step, StepState, Undone, UndoneBy},
     event::{InventoryReleased, InventoryReservationFailed, InventoryReserved, PaymentProcessed},
 };
 
@@ -17,44 +17,62 @@ use sqlx::PgConnection;
 use crate::domain::{self, ReservationStatus};
 use crate::store::{self, Reservation};
 
-pub struct InventoryHandler;
+pub struct InventoryHandler {
+    pub before: BeforeStep<StockLocks>,
+}
 
-impl Handler for InventoryHandler {
-    const STEP: Option<EventKind> = Some(EventKind::PaymentProcessed);
+/// The stock a batch reserves or releases, locked in product order before
+/// the first is touched.
+pub struct StockLocks;
 
-    async fn handle(&self, cx: Applying<'_>, event: Event) -> Result<Outcome, HandlerError> {
-        match event {
-            Event::PaymentProcessed(paid) => reserve(cx, paid).await,
-            Event::ShipmentFailed(failed) => {
-                let (order_id, reason) = (failed.order_id, failed.reason);
-                let by = By::Saga { reason, with: &() };
-                compensation::compensate::<Reservation>(cx, order_id, by).await
-            }
-            other => compensation::undone_from_outside::<Reservation>(cx, other, &()).await,
-        }
-    }
-
-    /// The stock a batch reserves or releases, locked in product order
-    /// before the first is touched.
-    async fn lock_ahead(
+impl LockRows for StockLocks {
+    async fn lock(
         &self,
         tx: &mut PgConnection,
-        batch: &Ahead<'_>,
+        steps: &[&Event],
+        undoing: &[uuid::Uuid],
     ) -> Result<(), HandlerError> {
         let mut reserved: Vec<&String> = Vec::new();
-        for step in &batch.steps {
+        for step in steps {
             if let Event::PaymentProcessed(paid) = step {
                 reserved.extend(paid.lines.iter().map(|l| &l.product_id));
             }
         }
-        Ok(store::lock_stock(tx, &reserved, &batch.undoing).await?)
+        Ok(store::lock_stock(tx, &reserved, undoing).await?)
     }
 }
 
-async fn reserve(cx: Applying<'_>, paid: PaymentProcessed) -> Result<Outcome, HandlerError> {
+impl Handler for InventoryHandler {
+    type Before = BeforeStep<StockLocks>;
+
+    fn before(&self) -> &Self::Before {
+        &self.before
+    }
+
+    async fn handle(
+        &self,
+        cx: Applying<'_, Cancels>,
+        event: Event,
+    ) -> Result<Outcome, HandlerError> {
+        match event {
+            Event::PaymentProcessed(paid) => reserve(cx, paid).await,
+            Event::ShipmentFailed(failed) => {
+                let (order_id, reason) = (failed.order_id, failed.reason);
+                let by = UndoneBy::Saga { reason, with: &() };
+                compensation::compensate::<Reservation, _>(cx, order_id, by).await
+            }
+            other => compensation::undone_from_outside::<Reservation, _>(cx, other, &()).await,
+        }
+    }
+}
+
+async fn reserve(
+    cx: Applying<'_, Cancels>,
+    paid: PaymentProcessed,
+) -> Result<Outcome, HandlerError> {
     let tx = &mut *cx.tx;
     let order_id = paid.order_id;
-    if let Some(reason) = cx.cancels.before(tx, order_id).await? {
+    if let Some(reason) = cx.prepared.ended(tx, order_id).await? {
         return Ok(Outcome::Skipped(format!(
             "order cancelled before its stock was reserved ({reason}): nothing reserved"
         )));
@@ -97,7 +115,11 @@ async fn reserve(cx: Applying<'_>, paid: PaymentProcessed) -> Result<Outcome, Ha
             Event::InventoryReservationFailed(InventoryReservationFailed { order_id, reason })
         }
     };
-    Ok(cx.emit(&event, order_id.to_string()))
+    Ok(compensation::step_taken(
+        cx.cause,
+        &event,
+        order_id.to_string(),
+    ))
 }
 
 /// The release: inventory's compensation, under the order's id.
@@ -115,12 +137,15 @@ impl Step for Reservation {
         Ok(())
     }
 
-    fn undone(self, reason: String) -> (Event, String) {
+    fn undone(self, reason: String) -> Undone {
         let event = Event::InventoryReleased(InventoryReleased {
             order_id: self.order_id,
             lines: self.lines,
             reason,
         });
-        (event, self.order_id.to_string())
+        Undone {
+            event,
+            aggregate_id: self.order_id.to_string(),
+        }
     }
 }

@@ -6,7 +6,7 @@ pub mod domain;
 mod handlers;
 mod store;
 
-use common::{Config, Service, StartError, cli::NoSettings};
+use common::{Config, EventKind, Service, StartError, cancels::BeforeStep, cli::NoSettings};
 use sqlx::migrate::Migrator;
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +36,9 @@ pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Servic
     Service::start(
         config,
         &MIGRATIONS,
-        handlers::InventoryHandler,
+        |infra| handlers::InventoryHandler {
+            before: BeforeStep::new(infra, EventKind::PaymentProcessed, handlers::StockLocks),
+        },
         api::router,
         shutdown,
     )

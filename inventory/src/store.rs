@@ -52,7 +52,7 @@ pub async fn lock_available(
 /// Locks, in product order, the stock of `products` and of the lines
 /// reserved for the orders in `releasing` (a release puts them back), as a
 /// batch takes them before applying any of its events
-/// ([`common::Handler::lock_ahead`]): the order [`lock_available`] takes.
+/// ([`common::cancels::LockRows`]): the order [`lock_available`] takes.
 pub async fn lock_stock(
     tx: &mut PgConnection,
     products: &[&String],

@@ -31,7 +31,8 @@ use crate::{
     observer,
     place::{Canceller, CommandError, PlaceError, PlaceOrder, Placer},
     projection,
-    store::{self, ExecError, OrderView},
+    read_model::{self, OrderView},
+    store::{self, ExecError},
     timeline::{self, EntryKind, EntryRow, SagaRow},
 };
 
@@ -211,7 +212,7 @@ async fn get_order(
     }
     let min = q.min_version.unwrap_or(0);
     limits::check_range("minVersion", min, 0, MAX_VERSION).map_err(ApiError::BadRequest)?;
-    let view = store::order_view(&mut *conn, id).await?;
+    let view = read_model::order_view(&mut *conn, id).await?;
     if let Some(view) = view.filter(|v| v.version >= min) {
         return Ok(Json(view));
     }
@@ -393,7 +394,7 @@ async fn list_orders(
         limits::check_id("customerId", customer).map_err(ApiError::BadRequest)?;
     }
     let status = q.status.as_deref().map(parse_status).transpose()?;
-    let mut orders = store::list_orders(
+    let mut orders = read_model::list_orders(
         &placer.pool,
         q.customer_id.as_deref(),
         status,

@@ -167,14 +167,14 @@ fn read(
 }
 
 /// The watch that keeps the catalog.
-pub struct Watch {
+pub struct CatalogWatch {
     pub pool: PgPool,
     pub js: jetstream::Context,
     pub subjects: Subjects,
     pub max_payload: usize,
 }
 
-impl Watch {
+impl CatalogWatch {
     /// Creates the durable consumer now, then returns the loop to run.
     pub async fn start(self, source: Source, shutdown: CancellationToken) -> Started {
         source
@@ -183,7 +183,7 @@ impl Watch {
     }
 }
 
-impl Watcher for Watch {
+impl Watcher for CatalogWatch {
     async fn process(&self, msg: &jetstream::Message) {
         let (delivered, stream_seq) = msg
             .info()
@@ -222,7 +222,7 @@ impl Watcher for Watch {
     }
 }
 
-impl Watch {
+impl CatalogWatch {
     async fn dead_letter(
         &self,
         msg: &jetstream::Message,

@@ -14,7 +14,13 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
-use common::{Subjects, dlq::dlq_headers, limits, outbox, topology::DEAD_LETTER_WATCH};
+use common::{
+    Subjects,
+    dlq::dlq_headers,
+    limits,
+    outbox::{self, EnqueueError},
+    topology::DEAD_LETTER_WATCH,
+};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -29,7 +35,7 @@ use crate::{
 pub const HEALTH_WATCH: &str = "deadLetterWatch";
 
 /// Everything the watch needs besides its source.
-pub struct Watch {
+pub struct DeadLetterWatch {
     pub pool: PgPool,
     pub subjects: Subjects,
     pub max_payload: usize,
@@ -37,7 +43,7 @@ pub struct Watch {
     pub snapshots: Snapshots,
 }
 
-impl Watch {
+impl DeadLetterWatch {
     /// Creates the durable consumer now, then returns the loop to run.
     pub async fn start(self, source: Source, shutdown: CancellationToken) -> Started {
         source
@@ -46,7 +52,7 @@ impl Watch {
     }
 }
 
-impl Watcher for Watch {
+impl Watcher for DeadLetterWatch {
     async fn process(&self, msg: &jetstream::Message) {
         let header = |name: &str| crate::watch::header(msg, name);
         let Some(order_id) =
@@ -84,7 +90,7 @@ impl Watcher for Watch {
     }
 }
 
-impl Watch {
+impl DeadLetterWatch {
     /// Moves a pending order to REQUIRES_INTERVENTION; `true` if it did.
     async fn halt(&self, order_id: Uuid, reason: String) -> Result<bool, ExecError> {
         let mut tx = self.pool.begin().await?;
@@ -99,13 +105,15 @@ impl Watch {
         .await;
         match result {
             Ok((_, emitted)) if !emitted.is_empty() => {
-                if let Err(too_large) =
-                    outbox::enqueue(&mut tx, &self.subjects, &emitted, self.max_payload).await?
-                {
-                    // Cannot happen for a bounded reason; refuse rather than jam.
-                    let _ = tx.rollback().await;
-                    tracing::error!(%order_id, reason = %too_large, "intervention event too large");
-                    return Ok(false);
+                match outbox::enqueue(&mut tx, &self.subjects, &emitted, self.max_payload).await {
+                    Ok(()) => {}
+                    Err(EnqueueError::Db(e)) => return Err(e.into()),
+                    Err(EnqueueError::TooLarge(too_large)) => {
+                        // Cannot happen for a bounded reason; refuse rather than jam.
+                        let _ = tx.rollback().await;
+                        tracing::error!(%order_id, reason = %too_large, "intervention event too large");
+                        return Ok(false);
+                    }
                 }
                 tx.commit().await?;
                 Ok(true)

@@ -1,7 +1,7 @@
 //! Reactions to the saga's outcome: ShipmentCreated confirms the order;
 //! PaymentFailed or PaymentRefunded cancels it with the reason that started it.
 
-use common::{Applying, Event, Handler, HandlerError, Outcome};
+use common::{Applying, Event, Handler, HandlerError, Outcome, consumer::NothingBefore};
 
 use crate::{
     domain::{Command, DomainError, PaymentClaim},
@@ -13,6 +13,12 @@ pub struct OrderHandler {
 }
 
 impl Handler for OrderHandler {
+    type Before = NothingBefore;
+
+    fn before(&self) -> &NothingBefore {
+        &NothingBefore
+    }
+
     async fn handle(&self, cx: Applying<'_>, event: Event) -> Result<Outcome, HandlerError> {
         let order_id = event.order_id();
         let command = match event {

@@ -12,8 +12,10 @@ pub mod domain;
 mod handlers;
 pub mod observer;
 pub mod place;
+pub mod placement_keys;
 pub mod pricing;
 pub mod projection;
+pub mod read_model;
 mod responder;
 pub mod settings;
 pub mod snapshot;
@@ -75,7 +77,7 @@ pub async fn build(
         subjects: infra.subjects.clone(),
         health: infra.health.clone(),
     };
-    let watch = dead_letters::Watch {
+    let watch = dead_letters::DeadLetterWatch {
         pool: infra.pool.clone(),
         subjects: infra.subjects.clone(),
         max_payload: infra.max_payload(),
@@ -84,7 +86,7 @@ pub async fn build(
     }
     .start(source.clone(), shutdown.clone())
     .await?;
-    let catalog = catalog::Watch {
+    let catalog = catalog::CatalogWatch {
         pool: infra.pool.clone(),
         js: infra.js.clone(),
         subjects: infra.subjects.clone(),

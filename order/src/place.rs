@@ -8,7 +8,7 @@ use common::{
     Envelope, Subjects,
     event::Address,
     limits,
-    outbox::{self, OutboxSignal},
+    outbox::{self, EnqueueError, OutboxSignal},
 };
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
@@ -20,6 +20,7 @@ use crate::{
     capability::{self, CancelToken},
     catalog,
     domain::{self, Command, DomainError, Order},
+    placement_keys,
     pricing::{self, RequestedLine},
     store::{self, ExecError, Snapshots},
 };
@@ -186,21 +187,19 @@ impl Placer {
 
 impl Writer {
     /// Puts what a command emitted in the outbox and commits, then wakes the
-    /// relay; `Err(reason)`, rolled back, for an event too large to publish.
+    /// relay; rolled back if an event is too large to publish.
     async fn publish(
         &self,
         mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
         emitted: &[Envelope],
-    ) -> sqlx::Result<Result<(), String>> {
-        if let Err(too_large) =
-            outbox::enqueue(&mut tx, &self.subjects, emitted, self.max_payload).await?
-        {
+    ) -> Result<(), EnqueueError> {
+        if let Err(e) = outbox::enqueue(&mut tx, &self.subjects, emitted, self.max_payload).await {
             tx.rollback().await?;
-            return Ok(Err(too_large));
+            return Err(e);
         }
         tx.commit().await?;
         self.outbox.notify();
-        Ok(Ok(()))
+        Ok(())
     }
 
     /// Takes whatever placements wait (at least one, at most [`GROUP`]) and
@@ -322,11 +321,9 @@ impl Writer {
             .into_iter()
             .flat_map(|(_, emitted)| emitted)
             .collect();
-        match self.publish(tx, &emitted).await {
-            Ok(Ok(())) => {}
-            Ok(Err(too_large)) => return Err(too_large),
-            Err(e) => return Err(e.to_string()),
-        }
+        self.publish(tx, &emitted)
+            .await
+            .map_err(|e| e.to_string())?;
         for order in answers.iter().flatten() {
             placed_log(order);
         }
@@ -375,8 +372,7 @@ impl Writer {
         let canonical =
             serde_json::to_vec(&request).map_err(|e| PlaceError::Invalid(e.to_string()))?;
         let (existing, same_request) =
-            store::claim_placement_key(&mut tx, &request.customer_id, key, order_id, &canonical)
-                .await?;
+            placement_keys::claim(&mut tx, &request.customer_id, key, order_id, &canonical).await?;
         if existing != order_id {
             if !same_request {
                 tx.rollback().await?;
@@ -441,9 +437,10 @@ impl Writer {
             return Err(e.into());
         }
         capability::keep(&mut tx, &[(order_id, token)]).await?;
-        self.publish(tx, &emitted)
-            .await?
-            .map_err(PlaceError::Invalid)?;
+        self.publish(tx, &emitted).await.map_err(|e| match e {
+            EnqueueError::TooLarge(reason) => PlaceError::Invalid(reason),
+            EnqueueError::Db(e) => e.into(),
+        })?;
         placed_log(&order);
         Ok(order)
     }
@@ -571,9 +568,10 @@ impl Placer {
                     }
                 }
             };
-            self.publish(tx, &emitted)
-                .await?
-                .map_err(CommandError::Invalid)?;
+            self.publish(tx, &emitted).await.map_err(|e| match e {
+                EnqueueError::TooLarge(reason) => CommandError::Invalid(reason),
+                EnqueueError::Db(e) => e.into(),
+            })?;
             return state.ok_or(CommandError::NotFound(order_id));
         }
     }

@@ -24,7 +24,8 @@ use uuid::Uuid;
 
 use crate::{
     domain::OrderEvent,
-    store::{self, OrderView},
+    read_model::{self, OrderView},
+    store,
 };
 
 /// Events applied per transaction.
@@ -393,7 +394,7 @@ impl Projection for OrdersView {
                 }
             }
         }
-        store::insert_views(tx, &tables[0], &views).await
+        read_model::insert_views(tx, &tables[0], &views).await
     }
 }
 

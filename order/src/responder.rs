@@ -28,7 +28,7 @@ use uuid::Uuid;
 use crate::{
     api::PlacedView,
     place::{Canceller, CommandError, PlaceError, PlaceOrder, Placer},
-    store::OrderView,
+    read_model::OrderView,
 };
 
 /// Name of the responder in the health board.

@@ -1,18 +1,18 @@
-//! The loop behind each of the order service's watches (the dead-letter
-//! watch, the timeline observer): pull a batch from a durable consumer,
-//! process each message, and survive a broker that comes and goes, saying
-//! so on the health board.
+//! The order service's watches (the dead-letter watch, the timeline
+//! observer, the catalog): the runtime's pull loop
+//! ([`common::consumer::pull`]) on a durable consumer of a whole stream,
+//! handing each message, or each batch of them, to the watch.
 
 use std::{future::Future, time::Duration};
 
-use async_nats::jetstream::{self, AckKind, consumer::pull};
+use async_nats::jetstream::{self, AckKind};
 use common::{
     Subjects,
-    backoff::backoff,
-    health::{Condition, Health},
-    topology::{self, WatchSpec},
+    consumer::pull::{PullLoop, Pulled, Receive},
+    health::Health,
+    topology::{self, Durable, WatchSpec},
 };
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 
 /// A watch whose consumers exist, as the loop to run (or why they could not
@@ -75,132 +75,72 @@ impl Source {
     {
         // Provisioned by a step of its own: until it is there (and as its
         // file says), the watch says so in readiness and looks again.
-        let consumer = match self.bind(&spec).await {
-            Ok(c) => {
-                self.health.ok(health_name);
-                Some(c)
+        let consumer =
+            topology::bind_consumer(&self.js, &self.subjects, Durable::Watch(&spec)).await;
+        if let Err(e) = &consumer {
+            tracing::error!(watch = spec.name, error = %e, "the watch's consumer cannot be used yet");
+        }
+        Ok(async move {
+            let mut batches = Batches { linger, process };
+            PullLoop {
+                js: &self.js,
+                subjects: &self.subjects,
+                durable: Durable::Watch(&spec),
+                health: &self.health,
+                health_part: health_name,
+                max_messages: PULL,
             }
-            Err(e) => {
-                tracing::error!(watch = spec.name, error = %e, "the watch's consumer cannot be used yet");
-                self.health
-                    .report(health_name, Condition::Failing(e.to_string()));
-                None
-            }
-        };
-        Ok(self.run(spec, health_name, consumer, shutdown, linger, process))
+            .run(consumer, &shutdown, &mut batches)
+            .await
+        })
     }
+}
 
-    /// The watch's durable consumer as the broker has it (never created here).
-    async fn bind(
-        &self,
-        spec: &WatchSpec,
-    ) -> Result<jetstream::consumer::Consumer<pull::Config>, topology::TopologyError> {
-        topology::bind_consumer(&self.js, &self.subjects, topology::Durable::Watch(spec)).await
-    }
+/// Hands a pull's messages over in batches (see [`Source::watch_batches`]).
+struct Batches<F> {
+    linger: Duration,
+    process: F,
+}
 
-    async fn run<F, Fut>(
-        self,
-        spec: WatchSpec,
-        health_name: &'static str,
-        mut consumer: Option<jetstream::consumer::Consumer<pull::Config>>,
-        shutdown: CancellationToken,
-        linger: Duration,
-        process: F,
-    ) where
-        F: Fn(Vec<jetstream::Message>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let mut failures = 0u32;
-        while !shutdown.is_cancelled() {
-            let Some(bound) = consumer.as_mut() else {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(backoff(failures as i64, Duration::from_secs(2))) => {}
-                }
-                failures = failures.saturating_add(1);
-                match self.bind(&spec).await {
-                    Ok(c) => {
-                        consumer = Some(c);
-                        failures = 0;
-                        self.health.ok(health_name);
-                    }
-                    Err(e) => {
-                        self.health
-                            .report(health_name, Condition::Failing(e.to_string()));
-                    }
-                }
-                continue;
+impl<F, Fut> Receive for Batches<F>
+where
+    F: Fn(Vec<jetstream::Message>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    async fn receive(&mut self, pulled: &mut Pulled) -> Result<(), String> {
+        loop {
+            let Some(first) = pulled.next().await else {
+                return Ok(());
             };
-            let result = async {
-                let mut batch = bound
-                    .batch()
-                    .max_messages(PULL)
-                    .expires(Duration::from_secs(1))
-                    .messages()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                loop {
-                    let Some(first) = batch.next().await else {
-                        return Ok(());
-                    };
-                    let mut msgs = vec![first.map_err(|e| e.to_string())?];
-                    let mut failed = None;
-                    let mut ended = false;
-                    let until = tokio::time::Instant::now() + linger;
-                    while msgs.len() < BATCH {
-                        let next = if linger.is_zero() {
-                            batch.next().now_or_never()
-                        } else {
-                            tokio::time::timeout_at(until, batch.next()).await.ok()
-                        };
-                        match next {
-                            Some(Some(Ok(msg))) => msgs.push(msg),
-                            Some(Some(Err(e))) => {
-                                failed = Some(e.to_string());
-                                break;
-                            }
-                            Some(None) => {
-                                ended = true;
-                                break;
-                            }
-                            None => break,
-                        }
+            let mut msgs = vec![first?];
+            let mut failed = None;
+            let mut ended = false;
+            let until = tokio::time::Instant::now() + self.linger;
+            while msgs.len() < BATCH {
+                let next = if self.linger.is_zero() {
+                    pulled.next().now_or_never()
+                } else {
+                    tokio::time::timeout_at(until, pulled.next()).await.ok()
+                };
+                match next {
+                    Some(Some(Ok(msg))) => msgs.push(msg),
+                    Some(Some(Err(e))) => {
+                        failed = Some(e);
+                        break;
                     }
-                    process(msgs).await;
-                    if let Some(e) = failed {
-                        return Err(e);
+                    Some(None) => {
+                        ended = true;
+                        break;
                     }
-                    if ended {
-                        return Ok::<_, String>(());
-                    }
+                    None => break,
                 }
             }
-            .await;
-            match result {
-                Ok(()) => {
-                    if failures > 0 {
-                        self.health.ok(health_name);
-                    }
-                    failures = 0;
-                }
-                Err(e) => {
-                    failures += 1;
-                    tracing::warn!(watch = spec.name, error = %e, failures, "cannot pull; retrying");
-                    if failures >= 2 {
-                        self.health.report(
-                            health_name,
-                            Condition::Failing(format!("{} cannot pull: {e}", spec.name)),
-                        );
-                        // Looked up again (it may have been deleted and
-                        // provisioned again); never created here.
-                        consumer = None;
-                        continue;
-                    }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff(failures as i64, Duration::from_secs(2))) => {}
-                    }
-                }
+            (self.process)(msgs).await;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            if ended {
+                return Ok(());
             }
         }
     }

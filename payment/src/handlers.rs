@@ -7,9 +7,9 @@
 use std::{sync::Arc, time::Duration};
 
 use common::{
-    Applying, Envelope, Event, EventKind, Handler, HandlerError, Outcome,
-    compensation::{self, By, COMPENSATION_VERSION, Step, StepState, Undone},
-    consumer::Ahead,
+    Applying, Envelope, Event, Handler, HandlerError, Outcome,
+    cancels::{BeforeStep, Cancels, LockRows},
+    compensation::{self, COMPENSATION_VERSION, Step, StepState, Undone, UndoneBy},
     event::{
         InventoryReleased, InventoryReservationFailed, OrderPlaced, PaymentFailed,
         PaymentProcessed, PaymentRefundFailed, PaymentRefunded,
@@ -29,49 +29,67 @@ pub struct PaymentHandler {
     /// Delays between attempts of a gateway call that did not go through
     /// (a refund refused, a call unanswered), before it is dead-lettered.
     pub retries: Vec<Duration>,
+    pub before: BeforeStep<AccountLocks>,
+}
+
+/// The accounts a batch charges or refunds, locked in customer order
+/// before the first is touched.
+pub struct AccountLocks;
+
+impl LockRows for AccountLocks {
+    async fn lock(
+        &self,
+        tx: &mut PgConnection,
+        steps: &[&Event],
+        undoing: &[Uuid],
+    ) -> Result<(), HandlerError> {
+        let charged: Vec<&str> = (steps.iter())
+            .filter_map(|e| match e {
+                Event::OrderPlaced(order) => Some(order.customer_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        Ok(store::lock_accounts(tx, &charged, undoing).await?)
+    }
 }
 
 impl Handler for PaymentHandler {
-    const STEP: Option<EventKind> = Some(EventKind::OrderPlaced);
+    type Before = BeforeStep<AccountLocks>;
 
-    async fn handle(&self, cx: Applying<'_>, event: Event) -> Result<Outcome, HandlerError> {
+    fn before(&self) -> &Self::Before {
+        &self.before
+    }
+
+    async fn handle(
+        &self,
+        cx: Applying<'_, Cancels>,
+        event: Event,
+    ) -> Result<Outcome, HandlerError> {
         match event {
             Event::OrderPlaced(order) => self.charge(cx, order).await,
             Event::InventoryReservationFailed(InventoryReservationFailed { order_id, reason })
             | Event::InventoryReleased(InventoryReleased {
                 order_id, reason, ..
             }) => {
-                let by = By::Saga { reason, with: self };
-                compensation::compensate::<Payment>(cx, order_id, by).await
+                let by = UndoneBy::Saga { reason, with: self };
+                compensation::compensate::<Payment, _>(cx, order_id, by).await
             }
             // An operator's refund by hand (in the gateway's console) is
             // recorded, the gateway not called again; a customer's cancel
             // refunds.
-            other => compensation::undone_from_outside::<Payment>(cx, other, self).await,
+            other => compensation::undone_from_outside::<Payment, _>(cx, other, self).await,
         }
-    }
-
-    /// The accounts a batch charges or refunds, locked in customer order
-    /// before the first is touched.
-    async fn lock_ahead(
-        &self,
-        tx: &mut PgConnection,
-        batch: &Ahead<'_>,
-    ) -> Result<(), HandlerError> {
-        let charged: Vec<&str> = (batch.steps.iter())
-            .filter_map(|e| match e {
-                Event::OrderPlaced(order) => Some(order.customer_id.as_str()),
-                _ => None,
-            })
-            .collect();
-        Ok(store::lock_accounts(tx, &charged, &batch.undoing).await?)
     }
 }
 
 impl PaymentHandler {
-    async fn charge(&self, cx: Applying<'_>, order: OrderPlaced) -> Result<Outcome, HandlerError> {
+    async fn charge(
+        &self,
+        cx: Applying<'_, Cancels>,
+        order: OrderPlaced,
+    ) -> Result<Outcome, HandlerError> {
         let tx = &mut *cx.tx;
-        if let Some(reason) = cx.cancels.before(tx, order.order_id).await? {
+        if let Some(reason) = cx.prepared.ended(tx, order.order_id).await? {
             return Ok(Outcome::Skipped(format!(
                 "order cancelled before it was charged ({reason}): nothing charged"
             )));
@@ -138,7 +156,11 @@ impl PaymentHandler {
                 reason,
             }),
         };
-        Ok(cx.emit(&event, payment.payment_id.to_string()))
+        Ok(compensation::step_taken(
+            cx.cause,
+            &event,
+            payment.payment_id.to_string(),
+        ))
     }
 }
 
@@ -156,7 +178,12 @@ impl Step for Payment {
         Ok(())
     }
 
-    async fn undo(self, cx: Applying<'_>, reason: String, with: &PaymentHandler) -> Undone {
+    async fn undo<P: Sync>(
+        self,
+        cx: Applying<'_, P>,
+        reason: String,
+        with: &PaymentHandler,
+    ) -> Result<Undone, HandlerError> {
         let refunded = with
             .gateway
             .refund(self.payment_id, &self.customer_id, self.amount)
@@ -210,7 +237,7 @@ impl Step for Payment {
         }
     }
 
-    fn undone(self, reason: String) -> (Event, String) {
+    fn undone(self, reason: String) -> Undone {
         let event = Event::PaymentRefunded(PaymentRefunded {
             order_id: self.order_id,
             payment_id: self.payment_id,
@@ -218,6 +245,9 @@ impl Step for Payment {
             amount: self.amount,
             reason,
         });
-        (event, self.payment_id.to_string())
+        Undone {
+            event,
+            aggregate_id: self.payment_id.to_string(),
+        }
     }
 }

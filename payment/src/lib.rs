@@ -10,7 +10,7 @@ mod store;
 
 use std::sync::Arc;
 
-use common::{Config, Service, StartError};
+use common::{Config, EventKind, Service, StartError, cancels::BeforeStep};
 pub use settings::Settings;
 use sqlx::migrate::Migrator;
 use tokio_util::sync::CancellationToken;
@@ -45,9 +45,11 @@ pub async fn build(
             .map_err(|e| StartError::Config(format!("GATEWAY_RULES: {e}")))?,
     };
     let gateway = Arc::new(gateway::Gateway::new(rules, settings.gateway_timeout));
-    let handler = handlers::PaymentHandler {
-        gateway: gateway.clone(),
+    let charging = gateway.clone();
+    let handler = |infra: &common::Infra| handlers::PaymentHandler {
+        gateway: charging,
         retries: settings.refund_retries.0,
+        before: BeforeStep::new(infra, EventKind::OrderPlaced, handlers::AccountLocks),
     };
     let routes = |infra: &common::Infra| api::router(infra, gateway);
     Service::start(config, &MIGRATIONS, handler, routes, shutdown).await

@@ -34,7 +34,7 @@ pub struct PaymentView {
 /// Locks, in customer order, the accounts of `customers` and of whoever
 /// paid for the orders in `refunding` (a refund credits their account), as
 /// a batch takes them before applying any of its events
-/// ([`common::Handler::lock_ahead`]).
+/// ([`common::cancels::LockRows`]).
 pub async fn lock_accounts(
     tx: &mut PgConnection,
     customers: &[&str],

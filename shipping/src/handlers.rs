@@ -5,8 +5,9 @@
 //! or an operator resolved (OrderManuallyCompensated: recorded only).
 
 use common::{
-    Applying, Event, EventKind, Handler, HandlerError, Outcome,
-    compensation::{self, Step, StepState},
+    Applying, Event, Handler, HandlerError, Outcome,
+    cancels::{BeforeStep, Cancels},
+    compensation::{self, Step, StepState, Undone},
     event::{InventoryReserved, ShipmentCancelled, ShipmentCreated, ShipmentFailed},
 };
 use sqlx::{PgConnection, types::Json};
@@ -17,18 +18,28 @@ use crate::{
     store::{self, Shipment},
 };
 
-pub struct ShippingHandler;
+pub struct ShippingHandler {
+    pub before: BeforeStep,
+}
 
 impl Handler for ShippingHandler {
-    const STEP: Option<EventKind> = Some(EventKind::InventoryReserved);
+    type Before = BeforeStep;
 
-    async fn handle(&self, cx: Applying<'_>, event: Event) -> Result<Outcome, HandlerError> {
+    fn before(&self) -> &BeforeStep {
+        &self.before
+    }
+
+    async fn handle(
+        &self,
+        cx: Applying<'_, Cancels>,
+        event: Event,
+    ) -> Result<Outcome, HandlerError> {
         match event {
             Event::InventoryReserved(reserved) => ship(cx, reserved).await,
             // The customer's cancel calls the shipment off, or makes sure
             // none is ever created; so does an operator's resolution (only
             // recorded: they settled the order by hand).
-            other => compensation::undone_from_outside::<Shipment>(cx, other, &()).await,
+            other => compensation::undone_from_outside::<Shipment, _>(cx, other, &()).await,
         }
     }
 }
@@ -47,19 +58,25 @@ impl Step for Shipment {
         Ok(())
     }
 
-    fn undone(self, reason: String) -> (Event, String) {
+    fn undone(self, reason: String) -> Undone {
         let event = Event::ShipmentCancelled(ShipmentCancelled {
             order_id: self.order_id,
             shipment_id: self.shipment_id,
             reason,
         });
-        (event, self.shipment_id.to_string())
+        Undone {
+            event,
+            aggregate_id: self.shipment_id.to_string(),
+        }
     }
 }
 
-async fn ship(cx: Applying<'_>, reserved: InventoryReserved) -> Result<Outcome, HandlerError> {
+async fn ship(
+    cx: Applying<'_, Cancels>,
+    reserved: InventoryReserved,
+) -> Result<Outcome, HandlerError> {
     let order_id = reserved.order_id;
-    if let Some(reason) = cx.cancels.before(cx.tx, order_id).await? {
+    if let Some(reason) = cx.prepared.ended(cx.tx, order_id).await? {
         return Ok(Outcome::Skipped(format!(
             "order cancelled before it was shipped ({reason}): no shipment"
         )));
@@ -94,5 +111,9 @@ async fn ship(cx: Applying<'_>, reserved: InventoryReserved) -> Result<Outcome, 
             reason: reason.unwrap_or_default(),
         }),
     };
-    Ok(cx.emit(&event, shipment_id.to_string()))
+    Ok(compensation::step_taken(
+        cx.cause,
+        &event,
+        shipment_id.to_string(),
+    ))
 }

@@ -157,3 +157,42 @@ fn the_configuration_reference_is_generated_from_the_code() {
         path.display()
     );
 }
+
+/// README's Layout section names every folder git holds at the top of the
+/// repository, and every module folder of a crate (`src/<module>/`): a
+/// folder added or moved without the map fails here.
+#[test]
+fn the_readme_layout_names_every_folder() {
+    let root = repo_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let section = readme
+        .split("\n## Layout\n")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("README has a Layout section");
+    let files = std::process::Command::new("git")
+        .arg("ls-files")
+        .current_dir(&root)
+        .output()
+        .expect("git ls-files");
+    let mut folders = BTreeSet::new();
+    for path in String::from_utf8_lossy(&files.stdout).lines() {
+        let parts: Vec<&str> = path.split('/').collect();
+        if parts.len() > 1 {
+            folders.insert(format!("{}/", parts[0]));
+        }
+        if let Some(at) = parts.iter().position(|p| *p == "src")
+            && parts.len() > at + 2
+        {
+            folders.insert(format!("{}/", parts[at + 1]));
+        }
+    }
+    let missing: Vec<&String> = folders
+        .iter()
+        .filter(|f| !section.contains(f.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "README's Layout does not name {missing:?}"
+    );
+}

@@ -27,6 +27,12 @@ fn header(h: &async_nats::HeaderMap, name: &str) -> String {
 struct Panics;
 
 impl Handler for Panics {
+    type Before = common::consumer::NothingBefore;
+
+    fn before(&self) -> &Self::Before {
+        &common::consumer::NothingBefore
+    }
+
     async fn handle(&self, _cx: Applying<'_>, _event: Event) -> Result<Outcome, HandlerError> {
         panic!("carrier API returned nonsense")
     }

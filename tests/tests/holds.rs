@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use common::{compensation::Cancels, service};
+use common::{cancels::Cancels, service};
 use saga_tests::{DEADLINE, Stack};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
@@ -35,7 +35,7 @@ async fn held_elsewhere() -> Result<Held> {
     let cancels = Cancels::new(stack.js.clone(), stack.subjects.clone());
     let order_id = Uuid::now_v7();
     sqlx::query("BEGIN").execute(&mut other).await?;
-    common::compensation::hold_order(&mut other, order_id).await?;
+    common::cancels::hold_order(&mut other, order_id).await?;
     Ok(Held {
         _stack: stack,
         pool,
@@ -51,7 +51,7 @@ async fn a_transaction_whose_hold_times_out_leaves_its_connection_usable() -> Re
 
     let begun = h
         .cancels
-        .begin(&h.pool, BATCH_LOCK_TIMEOUT, &[h.order_id])
+        .begin_holding(&h.pool, BATCH_LOCK_TIMEOUT, &[h.order_id])
         .await;
     ensure!(begun.is_err(), "the hold should have timed out");
     drop(begun);
@@ -64,7 +64,7 @@ async fn a_transaction_whose_hold_times_out_leaves_its_connection_usable() -> Re
     ensure!(one == 1);
     let (tx, _) = h
         .cancels
-        .begin(&h.pool, BATCH_LOCK_TIMEOUT, &[h.order_id])
+        .begin_holding(&h.pool, BATCH_LOCK_TIMEOUT, &[h.order_id])
         .await?;
     tx.rollback().await?;
     Ok(())
@@ -83,8 +83,8 @@ async fn a_cancel_recorded_while_the_hold_was_awaited_is_seen() -> Result<()> {
     let step = tokio::spawn({
         let (pool, cancels, order_id) = (h.pool.clone(), h.cancels.clone(), h.order_id);
         async move {
-            let (mut tx, cancels) = cancels.begin(&pool, None, &[order_id]).await?;
-            let recorded = cancels.before(&mut tx, order_id).await?;
+            let (mut tx, cancels) = cancels.begin_holding(&pool, None, &[order_id]).await?;
+            let recorded = cancels.ended(&mut tx, order_id).await?;
             tx.rollback().await?;
             anyhow::Ok(recorded)
         }

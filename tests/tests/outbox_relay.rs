@@ -54,9 +54,7 @@ async fn two_relays_on_one_database_publish_each_event_once_in_per_aggregate_ord
         });
         let version = (i / AGGREGATES + 1) as i64;
         let env = Envelope::new(&event, aggregate, version, Uuid::nil(), Uuid::nil());
-        outbox::enqueue(&mut conn, &stack.subjects, &[env], 1 << 20)
-            .await?
-            .map_err(anyhow::Error::msg)?;
+        outbox::enqueue(&mut conn, &stack.subjects, &[env], 1 << 20).await?;
     }
     drop(conn);
 
@@ -114,8 +112,7 @@ async fn events_committed_while_no_relay_ran_are_published_when_one_starts() -> 
         std::slice::from_ref(&env),
         1 << 20,
     )
-    .await?
-    .map_err(anyhow::Error::msg)?;
+    .await?;
     drop(conn);
 
     // No wake-up signal: only the start-up pass (and the poll) can find it.
@@ -165,9 +162,7 @@ fn events(n: usize) -> Vec<Envelope> {
 /// Commits `events` to the outbox and runs a relay until it is empty.
 async fn relay_all(stack: &Stack, pool: &sqlx::PgPool, events: &[Envelope]) -> Result<()> {
     let mut conn = pool.acquire().await?;
-    outbox::enqueue(&mut conn, &stack.subjects, events, 1 << 20)
-        .await?
-        .map_err(anyhow::Error::msg)?;
+    outbox::enqueue(&mut conn, &stack.subjects, events, 1 << 20).await?;
     drop(conn);
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(relay(stack, Duration::from_millis(20))?.run(shutdown.clone()));

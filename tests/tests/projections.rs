@@ -162,9 +162,9 @@ async fn assert_read_model_is_the_replay(stack: &Stack) -> Result<usize> {
         .await?;
     for id in &ids {
         let replayed = order::store::fold(&order::store::load_events(&mut conn, *id).await?)
-            .map(order::store::OrderView::from)
+            .map(order::read_model::OrderView::from)
             .map(|v| serde_json::to_value(v).unwrap());
-        let row = order::store::order_view(&mut *conn, *id)
+        let row = order::read_model::order_view(&mut *conn, *id)
             .await?
             .map(|v| serde_json::to_value(v).unwrap());
         assert_eq!(row, replayed, "order {id}");

@@ -10,7 +10,9 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::{Seen, fold_onto};
-use crate::{domain::OrderStatus, store::column};
+use common::sql::column;
+
+use crate::domain::OrderStatus;
 
 /// One entry of a saga's timeline: an event, or a dead letter of the saga.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
