@@ -362,6 +362,51 @@ struct Row {
     age: Duration,
 }
 
+/// What a round published.
+#[derive(Default)]
+struct Sent {
+    /// The ids of the rows the broker acknowledged.
+    acked: Vec<i64>,
+    /// Why publishing stopped early, if it failed.
+    failure: Option<String>,
+    /// Whether it stopped because the lease was no longer fresh.
+    fenced: bool,
+}
+
+/// The earliest pending row of each aggregate among the oldest
+/// [`BATCH`], in order; and whether more is pending than these (an
+/// aggregate's later events, or a full window), to be read once these are
+/// deleted. A commit after the read wakes the relay again: no need to look.
+async fn read_window(conn: &mut PgConnection) -> sqlx::Result<(Vec<Row>, bool)> {
+    let mut window = 0;
+    let rows: Vec<Row> = sqlx::query_as::<_, (i64, Uuid, String, Vec<u8>, f64, i64)>(
+        "SELECT id, event_id, subject, body,
+                extract(epoch FROM clock_timestamp() - created_at)::float8, window_rows FROM (
+             SELECT o.*, row_number() OVER (PARTITION BY aggregate_id ORDER BY id) AS nth,
+                    count(*) OVER () AS window_rows
+             FROM (SELECT * FROM outbox ORDER BY id LIMIT $1) o
+         ) ranked
+         WHERE nth = 1 ORDER BY id",
+    )
+    .bind(BATCH)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|(id, event_id, subject, body, age, window_rows)| {
+        window = window_rows;
+        Row {
+            id,
+            event_id,
+            subject,
+            body,
+            age: Duration::try_from_secs_f64(age).unwrap_or_default(),
+        }
+    })
+    .collect();
+    let more = window == BATCH || window > rows.len() as i64;
+    Ok((rows, more))
+}
+
 impl Row {
     /// The headers it is published with: its event id as `Nats-Msg-Id`,
     /// which the broker deduplicates a republish by.
@@ -597,86 +642,16 @@ impl Relay {
         conn: &mut PgConnection,
         leading: &Leading,
     ) -> Result<Round, RelayError> {
-        let atomic = leading.atomic;
         let read_at = Instant::now();
-        // With each row, how many rows the window read held: more than it
-        // picked (an aggregate's later events) or a full window means more
-        // is pending once this round is deleted.
-        let mut window = 0;
-        let rows: Vec<Row> = sqlx::query_as::<_, (i64, Uuid, String, Vec<u8>, f64, i64)>(
-            "SELECT id, event_id, subject, body,
-                    extract(epoch FROM clock_timestamp() - created_at)::float8, window_rows FROM (
-                 SELECT o.*, row_number() OVER (PARTITION BY aggregate_id ORDER BY id) AS nth,
-                        count(*) OVER () AS window_rows
-                 FROM (SELECT * FROM outbox ORDER BY id LIMIT $1) o
-             ) ranked
-             WHERE nth = 1 ORDER BY id",
-        )
-        .bind(BATCH)
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .map(|(id, event_id, subject, body, age, window_rows)| {
-            window = window_rows;
-            Row {
-                id,
-                event_id,
-                subject,
-                body,
-                age: Duration::try_from_secs_f64(age).unwrap_or_default(),
-            }
-        })
-        .collect();
+        let (rows, more) = read_window(conn).await?;
         if rows.is_empty() {
             return Ok(Round::default());
         }
-        // A commit after the read wakes the relay again: no need to look.
-        let more = window == BATCH || window > rows.len() as i64;
-
-        let max = max_payload(&self.js);
-        let mut parked = Vec::new();
-        let mut sendable = Vec::with_capacity(rows.len());
-        for row in &rows {
-            // Never hand the client a message the server must refuse: it
-            // would close the whole connection, consumers and all.
-            let size = row.body.len() + PUBLISH_OVERHEAD;
-            if size > max {
-                parked.push((
-                    row.id,
-                    format!("{size} bytes on the wire, over the broker's max_payload of {max}"),
-                ));
-                continue;
-            }
-            sendable.push(row);
-        }
-        // An atomic batch goes to one stream: the catalog's events apart.
-        let (catalog, events): (Vec<&Row>, Vec<&Row>) = sendable
-            .into_iter()
-            .partition(|row| self.subjects.is_catalog(&row.subject));
-        let mut acked = Vec::with_capacity(rows.len());
-        let mut failure = None;
-        let mut fenced = false;
-        'streams: for (rows, atomic) in [(events, atomic.events), (catalog, atomic.catalog)] {
-            for chunk in atomic_chunks(&rows) {
-                // Frozen past half its lease: a standby may lead by now.
-                if !leading.lease.fresh() {
-                    fenced = true;
-                    break 'streams;
-                }
-                let (published, failed) = self.publish_chunk(chunk, atomic).await;
-                for row in published {
-                    self.meter.published(row.age + read_at.elapsed());
-                    acked.push(row.id);
-                }
-                if let Some(e) = failed {
-                    failure = Some(e);
-                    break 'streams;
-                }
-            }
-        }
-        if !acked.is_empty() {
+        let (sendable, parked) = self.sendable(&rows);
+        let sent = self.publish_rows(sendable, leading, read_at).await;
+        if !sent.acked.is_empty() {
             sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-                .bind(&acked)
+                .bind(&sent.acked)
                 .execute(&mut *conn)
                 .await?;
         }
@@ -686,24 +661,8 @@ impl Relay {
         if !parked.is_empty() {
             self.report_parked(conn).await?;
         }
-        if let Some(e) = failure {
-            let (waiting, oldest): (i64, Option<f64>) = sqlx::query_as(
-                "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 FROM outbox",
-            )
-            .fetch_one(&mut *conn)
-            .await?;
-            let detail = format!(
-                "the broker refuses events ({e}); {waiting} waiting in the outbox, the oldest for {:.0}s",
-                oldest.unwrap_or(0.0)
-            );
-            if self
-                .health
-                .report(HEALTH_RELAY, Condition::Failing(detail.clone()))
-            {
-                tracing::error!(error = %e, waiting, "cannot publish; events stay in the outbox");
-            } else {
-                tracing::warn!(error = %e, published = acked.len(), "publish failed; unacknowledged events stay in the outbox");
-            }
+        if let Some(e) = sent.failure {
+            self.refused(conn, &e, sent.acked.len()).await?;
             return Ok(Round {
                 refused: true,
                 ..Round::default()
@@ -713,10 +672,86 @@ impl Relay {
             tracing::info!("the broker accepts events again");
         }
         Ok(Round {
-            published: acked.len() + parked.len(),
-            more: more || fenced,
+            published: sent.acked.len() + parked.len(),
+            more: more || sent.fenced,
             refused: false,
         })
+    }
+
+    /// The rows the broker can take, and the ids of those it must refuse
+    /// (larger than its `max_payload`) with why, to be parked. Never hand
+    /// the client a message the server must refuse: it would close the
+    /// whole connection, consumers and all.
+    fn sendable<'r>(&self, rows: &'r [Row]) -> (Vec<&'r Row>, Vec<(i64, String)>) {
+        let max = max_payload(&self.js);
+        let mut parked = Vec::new();
+        let mut sendable = Vec::with_capacity(rows.len());
+        for row in rows {
+            let size = row.body.len() + PUBLISH_OVERHEAD;
+            if size > max {
+                let why =
+                    format!("{size} bytes on the wire, over the broker's max_payload of {max}");
+                parked.push((row.id, why));
+            } else {
+                sendable.push(row);
+            }
+        }
+        (sendable, parked)
+    }
+
+    /// Publishes `rows` in atomic chunks where the stream takes them (the
+    /// catalog's events apart: an atomic batch goes to one stream), until
+    /// one fails or the lease is no longer fresh.
+    async fn publish_rows(&self, rows: Vec<&Row>, leading: &Leading, read_at: Instant) -> Sent {
+        let (catalog, events): (Vec<&Row>, Vec<&Row>) = rows
+            .into_iter()
+            .partition(|row| self.subjects.is_catalog(&row.subject));
+        let atomic = leading.atomic;
+        let mut sent = Sent::default();
+        for (rows, atomic) in [(events, atomic.events), (catalog, atomic.catalog)] {
+            for chunk in atomic_chunks(&rows) {
+                // Frozen past half its lease: a standby may lead by now.
+                if !leading.lease.fresh() {
+                    sent.fenced = true;
+                    return sent;
+                }
+                let (published, failed) = self.publish_chunk(chunk, atomic).await;
+                for row in published {
+                    self.meter.published(row.age + read_at.elapsed());
+                    sent.acked.push(row.id);
+                }
+                if failed.is_some() {
+                    sent.failure = failed;
+                    return sent;
+                }
+            }
+        }
+        sent
+    }
+
+    /// Says on the health board (and in the log, once) that the broker
+    /// refuses events, and how many wait.
+    async fn refused(
+        &self,
+        conn: &mut PgConnection,
+        e: &str,
+        published: usize,
+    ) -> Result<(), RelayError> {
+        let (waiting, oldest): (i64, Option<f64>) = sqlx::query_as(
+            "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8 FROM outbox",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        let detail = format!(
+            "the broker refuses events ({e}); {waiting} waiting in the outbox, the oldest for {:.0}s",
+            oldest.unwrap_or(0.0)
+        );
+        if (self.health).report(HEALTH_RELAY, Condition::Failing(detail)) {
+            tracing::error!(error = %e, waiting, "cannot publish; events stay in the outbox");
+        } else {
+            tracing::warn!(error = %e, published, "publish failed; unacknowledged events stay in the outbox");
+        }
+        Ok(())
     }
 
     /// Whether `stream` says it takes atomic batches. A broker that does

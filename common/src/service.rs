@@ -111,6 +111,53 @@ pub fn pool_options(max_connections: u32) -> PgPoolOptions {
 }
 
 impl Infra {
+    /// What the consumer runtime needs besides the handler, from the
+    /// configuration and these connections.
+    fn runtime_parts(&self, done_ttl: DoneTtl) -> RuntimeParts {
+        let config = &self.config;
+        RuntimeParts {
+            name: config.service.clone(),
+            pool: self.pool.clone(),
+            js: self.js.clone(),
+            idempotency: IdempotencyStore::new(
+                self.redis.clone(),
+                &config.redis_key_prefix,
+                &config.service,
+                done_ttl,
+            ),
+            subjects: self.subjects.clone(),
+            outbox: self.outbox.clone(),
+            health: self.health.clone(),
+            meter: self.meter.clone(),
+            concurrency: config.consumer_concurrency,
+            lanes: config.consumer_lanes,
+            batch: config.consumer_batch,
+            max_deliveries: config.consumer_max_deliveries,
+            max_payload: self.max_payload(),
+        }
+    }
+
+    /// The outbox relay of this process, unless `OUTBOX_RELAY=off`.
+    fn relay(&self) -> Result<Option<Relay>, StartError> {
+        let config = &self.config;
+        if !config.outbox_relay_enabled {
+            return Ok(None);
+        }
+        let name = format!("{} relay, pid {}", config.service, std::process::id());
+        Ok(Some(Relay {
+            // Which process leads is in `relay_lease` and pg_stat_activity.
+            options: PgConnectOptions::from_str(&config.database_url)?.application_name(&name),
+            name,
+            lease: config.relay_lease,
+            js: self.js.clone(),
+            subjects: self.subjects.clone(),
+            signal: self.outbox.clone(),
+            poll: config.outbox_poll,
+            health: self.health.clone(),
+            meter: self.meter.clone(),
+        }))
+    }
+
     /// Connects (waiting up to a minute for Postgres and NATS), runs the
     /// common and the service's migrations, and applies the streams. Redis
     /// is connected in the background: the service runs without it, on the
@@ -263,36 +310,14 @@ impl Service {
         .await
         .inspect_err(|e| tracing::error!(error = %e, "the service's consumer cannot be used yet"));
         let done_ttl = DoneTtl::default();
-        let runtime = ConsumerRuntime::new(
-            handler,
-            RuntimeParts {
-                name: config.service.clone(),
-                pool: infra.pool.clone(),
-                js: infra.js.clone(),
-                idempotency: IdempotencyStore::new(
-                    infra.redis.clone(),
-                    &config.redis_key_prefix,
-                    &config.service,
-                    done_ttl.clone(),
-                ),
-                subjects: infra.subjects.clone(),
-                outbox: infra.outbox.clone(),
-                health: infra.health.clone(),
-                meter: infra.meter.clone(),
-                concurrency: config.consumer_concurrency,
-                lanes: config.consumer_lanes,
-                batch: config.consumer_batch,
-                max_deliveries: config.consumer_max_deliveries,
-                max_payload: infra.max_payload(),
-            },
-        );
+        let runtime = ConsumerRuntime::new(handler, infra.runtime_parts(done_ttl.clone()));
         let janitor = Janitor {
             pool: infra.pool.clone(),
             js: infra.js.clone(),
             subjects: infra.subjects.clone(),
             every: config.janitor_every,
             margin: config.janitor_margin,
-            done: done_ttl.clone(),
+            done: done_ttl,
             meter: infra.meter.clone(),
         }
         .run(shutdown.clone());
@@ -302,24 +327,12 @@ impl Service {
         ];
         // The relay stops after everything else has drained (see `run`).
         let relay_stop = CancellationToken::new();
-        let relay: Option<Task> = if config.outbox_relay_enabled {
-            let name = format!("{} relay, pid {}", config.service, std::process::id());
-            let relay = Relay {
-                // Which process leads is in `relay_lease` and pg_stat_activity.
-                options: PgConnectOptions::from_str(&config.database_url)?.application_name(&name),
-                name,
-                lease: config.relay_lease,
-                js: infra.js.clone(),
-                subjects: infra.subjects.clone(),
-                signal: infra.outbox.clone(),
-                poll: config.outbox_poll,
-                health: infra.health.clone(),
-                meter: infra.meter.clone(),
-            };
-            Some(Box::pin(relay.run(relay_stop.clone())))
-        } else {
-            tracing::warn!("OUTBOX_RELAY=off: committed events stay in the outbox");
-            None
+        let relay: Option<Task> = match infra.relay()? {
+            Some(relay) => Some(Box::pin(relay.run(relay_stop.clone()))),
+            None => {
+                tracing::warn!("OUTBOX_RELAY=off: committed events stay in the outbox");
+                None
+            }
         };
         Ok(Service {
             name: config.service.clone(),

@@ -277,62 +277,32 @@ async fn bench(args: Args) -> Result<()> {
 }
 
 /// Places the orders: the completed sagas per second.
-async fn run(args: Args) -> Result<f64> {
-    let private = if args.stack {
-        None
-    } else {
-        Some(Stack::start().await.context("start private stack")?)
-    };
-    let endpoints = match &private {
-        Some(s) => Endpoints {
-            order: s.url("order", ""),
-            payment: s.url("payment", ""),
-            inventory: s.url("inventory", ""),
-            nats: s.nats.url(),
-            nats_user: Some(s.users.operator()),
-            subjects: s.subjects.clone(),
-        },
-        None => Endpoints {
-            order: args.order_url.clone(),
-            payment: args.payment_url.clone(),
-            inventory: args.inventory_url.clone(),
-            nats: args.nats_url.clone(),
-            nats_user: args.nats_user.clone().zip(args.nats_password.clone()),
-            subjects: Subjects::new(args.prefix.clone()),
-        },
-    };
-    let run_dir = run_dir();
-    // Each service's process: the running stack's, or this one (a private
-    // stack runs the services in this process).
-    let processes: Vec<(String, u32)> = match &private {
-        Some(_) => vec![("loadgen and the services".into(), std::process::id())],
-        None => common::roster::names()
-            .filter_map(|name| Some((name.to_string(), running(&run_dir, name)?)))
-            .collect(),
-    };
+/// The admin token: arranging balances and stock is an operator's change.
+fn admin_token(private: bool, run_dir: &std::path::Path) -> Result<String> {
     // Arranging balances and stock is an operator's change: the private
     // stack's token, or the running stack's (ADMIN_TOKEN, or what `stack
     // up` keeps in .run/admin-token).
-    let token = match &private {
-        Some(_) => saga_tests::ADMIN_TOKEN.to_string(),
-        None => std::env::var("ADMIN_TOKEN")
+    Ok(match private {
+        true => saga_tests::ADMIN_TOKEN.to_string(),
+        false => std::env::var("ADMIN_TOKEN")
             .ok()
             .filter(|t| !t.is_empty())
             .or_else(|| std::fs::read_to_string(run_dir.join("admin-token")).ok())
             .map(|t| t.trim().to_string())
             .context("the stack's admin token: set ADMIN_TOKEN, or run scripts/up.sh (it keeps one in .run/admin-token)")?,
-    };
-    let mut operator = reqwest::header::HeaderMap::new();
-    operator.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {token}").parse()?,
-    );
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.concurrency as usize)
-        .default_headers(operator)
-        .build()?;
-    let run_id = format!("load{}", &Uuid::new_v4().simple().to_string()[..6]);
+    })
+}
 
+/// Arranges the run: a customer who can pay for everything, one who
+/// cannot, a product there is plenty of and one there is none of; every
+/// product priced in the catalog, and the price arrived at the order
+/// service, which prices the lines.
+async fn arrange(
+    http: &reqwest::Client,
+    endpoints: &Endpoints,
+    args: &Args,
+    run_id: &str,
+) -> Result<()> {
     // Arrange: a customer who can pay for everything, one who cannot, a
     // product there is plenty of and one there is none of.
     let put = |url: String, body: Value| {
@@ -397,20 +367,15 @@ async fn run(args: Args) -> Result<f64> {
         )
         .await?;
     }
+    Ok(())
+}
 
-    // Watch the saga's final events on the broker.
-    let (user, password) = endpoints.nats_user.clone().unzip();
-    let options = common::broker::with_credentials(
-        async_nats::ConnectOptions::new(),
-        user.as_deref(),
-        password.as_deref(),
-    );
-    let nats = common::broker::connect(options, &endpoints.nats)
-        .await
-        .context("connect to NATS")?;
+/// Who waits for which saga's end: each saga's final event on the broker
+/// (OrderConfirmed or OrderCancelled) is handed to its waiter.
+async fn watch_endings(nats: &async_nats::Client, subjects: &Subjects) -> Result<Waiters> {
     let waiters: Waiters = Arc::default();
     for kind in [EventKind::OrderConfirmed, EventKind::OrderCancelled] {
-        let mut sub = nats.subscribe(endpoints.subjects.event(kind)).await?;
+        let mut sub = nats.subscribe(subjects.event(kind)).await?;
         let waiters = waiters.clone();
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
@@ -424,6 +389,68 @@ async fn run(args: Args) -> Result<f64> {
             }
         });
     }
+    nats.flush().await?;
+    Ok(waiters)
+}
+
+async fn run(args: Args) -> Result<f64> {
+    let private = if args.stack {
+        None
+    } else {
+        Some(Stack::start().await.context("start private stack")?)
+    };
+    let endpoints = match &private {
+        Some(s) => Endpoints {
+            order: s.url("order", ""),
+            payment: s.url("payment", ""),
+            inventory: s.url("inventory", ""),
+            nats: s.nats.url(),
+            nats_user: Some(s.users.operator()),
+            subjects: s.subjects.clone(),
+        },
+        None => Endpoints {
+            order: args.order_url.clone(),
+            payment: args.payment_url.clone(),
+            inventory: args.inventory_url.clone(),
+            nats: args.nats_url.clone(),
+            nats_user: args.nats_user.clone().zip(args.nats_password.clone()),
+            subjects: Subjects::new(args.prefix.clone()),
+        },
+    };
+    let run_dir = run_dir();
+    // Each service's process: the running stack's, or this one (a private
+    // stack runs the services in this process).
+    let processes: Vec<(String, u32)> = match &private {
+        Some(_) => vec![("loadgen and the services".into(), std::process::id())],
+        None => common::roster::names()
+            .filter_map(|name| Some((name.to_string(), running(&run_dir, name)?)))
+            .collect(),
+    };
+    let token = admin_token(private.is_some(), &run_dir)?;
+    let mut operator = reqwest::header::HeaderMap::new();
+    operator.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse()?,
+    );
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency as usize)
+        .default_headers(operator)
+        .build()?;
+    let run_id = format!("load{}", &Uuid::new_v4().simple().to_string()[..6]);
+
+    arrange(&http, &endpoints, &args, &run_id).await?;
+
+    // Watch the saga's final events on the broker.
+    let (user, password) = endpoints.nats_user.clone().unzip();
+    let options = common::broker::with_credentials(
+        async_nats::ConnectOptions::new(),
+        user.as_deref(),
+        password.as_deref(),
+    );
+    let nats = common::broker::connect(options, &endpoints.nats)
+        .await
+        .context("connect to NATS")?;
+    let waiters = watch_endings(&nats, &endpoints.subjects).await?;
     nats.flush().await?;
 
     println!(
@@ -503,57 +530,12 @@ async fn run(args: Args) -> Result<f64> {
         });
     }
 
-    let mut latencies = Vec::with_capacity(args.orders);
-    let mut slowest: Option<(Duration, Uuid)> = None;
-    let (mut confirmed, mut cancelled, mut unfinished, mut wrong) = (0, 0, 0, 0);
-    let mut last = started;
+    let mut tally = Tally::default();
     while let Some(joined) = tasks.join_next().await {
         let (plan, outcome, at, id) = joined??;
-        last = last.max(at);
-        match outcome {
-            Some((event, latency)) => {
-                if slowest.is_none_or(|(l, _)| latency > l) {
-                    slowest = Some((latency, id));
-                }
-                latencies.push(latency);
-                if event == "OrderConfirmed" {
-                    confirmed += 1
-                } else {
-                    cancelled += 1
-                }
-                if event != plan.expected() {
-                    wrong += 1;
-                }
-            }
-            None => unfinished += 1,
-        }
+        tally.add(&plan, outcome, at, id);
     }
-    let elapsed = last - started;
-    latencies.sort();
-    let pct = |p: f64| -> f64 {
-        if latencies.is_empty() {
-            return f64::NAN;
-        }
-        let idx = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
-        latencies[idx].as_secs_f64() * 1000.0
-    };
-    println!(
-        "completed: {} of {} (confirmed {confirmed}, cancelled {cancelled}, unfinished {unfinished}, unexpected outcome {wrong})",
-        latencies.len(),
-        args.orders
-    );
-    let throughput = latencies.len() as f64 / elapsed.as_secs_f64();
-    println!(
-        "throughput: {throughput:.0} sagas/s over {:.2} s",
-        elapsed.as_secs_f64()
-    );
-    println!(
-        "latency ms: p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}",
-        pct(0.50),
-        pct(0.95),
-        pct(0.99),
-        pct(1.0)
-    );
+    let throughput = tally.print(args.orders, started);
 
     sampling.abort();
     let peak = peak.lock().unwrap().clone();
@@ -567,32 +549,117 @@ async fn run(args: Args) -> Result<f64> {
     println!("memory (RSS MB): {}", memory.join("; "));
     if let Some(before) = costs_before {
         let after = Costs::now(&http, &args.nats_monitor_url, &processes, &run_dir).await;
-        after.since(&before, latencies.len());
+        after.since(&before, tally.latencies.len());
     }
 
-    if let Some((latency, id)) = slowest {
+    if let Some((latency, id)) = tally.slowest {
         print_timeline(&nats, &endpoints.subjects, id, latency).await?;
     }
     if let Some(stack) = &private {
-        // Rows belong to this run only in a private stack: check the invariants.
-        stack.settle().await?;
-        let mut balances: Vec<(String, i64)> = (0..args.customers)
-            .map(|i| (format!("{run_id}-rich-{i}"), RICH_BALANCE))
-            .collect();
-        balances.push((format!("{run_id}-broke"), 0));
-        let mut stock: Vec<(String, i64)> = (0..args.products)
-            .map(|i| (format!("{run_id}-plenty-{i}"), PLENTY_STOCK))
-            .collect();
-        stock.push((format!("{run_id}-scarce"), 0));
-        let balances: Vec<(&str, i64)> = balances.iter().map(|(k, n)| (k.as_str(), *n)).collect();
-        let stock: Vec<(&str, i64)> = stock.iter().map(|(k, n)| (k.as_str(), *n)).collect();
-        stack.assert_invariants_from(&balances, &stock).await?;
-        println!("invariants: hold (money, stock, every saga finished)");
+        check_invariants(stack, &args, &run_id).await?;
     }
+    let Tally {
+        unfinished, wrong, ..
+    } = tally;
     if unfinished > 0 || wrong > 0 {
         bail!("{unfinished} sagas unfinished, {wrong} ended otherwise than planned");
     }
     Ok(throughput)
+}
+
+/// What the sagas of a run came to.
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<Duration>,
+    slowest: Option<(Duration, Uuid)>,
+    confirmed: usize,
+    cancelled: usize,
+    unfinished: usize,
+    wrong: usize,
+    /// When the last saga ended.
+    last: Option<Instant>,
+}
+
+impl Tally {
+    /// One saga, planned as `plan`, ended with `outcome` (its final event
+    /// and latency) at `at`; `None` if it did not end in time.
+    fn add(&mut self, plan: &Plan, outcome: Option<(String, Duration)>, at: Instant, id: Uuid) {
+        self.last = Some(self.last.map_or(at, |last| last.max(at)));
+        let Some((event, latency)) = outcome else {
+            self.unfinished += 1;
+            return;
+        };
+        if self.slowest.is_none_or(|(l, _)| latency > l) {
+            self.slowest = Some((latency, id));
+        }
+        self.latencies.push(latency);
+        if event == "OrderConfirmed" {
+            self.confirmed += 1
+        } else {
+            self.cancelled += 1
+        }
+        if event != plan.expected() {
+            self.wrong += 1;
+        }
+    }
+
+    /// Prints the outcomes, the throughput and the latencies of `orders`
+    /// sagas placed from `started`; the throughput in sagas per second.
+    fn print(&mut self, orders: usize, started: Instant) -> f64 {
+        let elapsed = self.last.unwrap_or(started) - started;
+        let latencies = &mut self.latencies;
+        latencies.sort();
+        let pct = |p: f64| -> f64 {
+            if latencies.is_empty() {
+                return f64::NAN;
+            }
+            let idx = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+            latencies[idx].as_secs_f64() * 1000.0
+        };
+        let Tally {
+            confirmed,
+            cancelled,
+            unfinished,
+            wrong,
+            ..
+        } = self;
+        println!(
+            "completed: {} of {orders} (confirmed {confirmed}, cancelled {cancelled}, unfinished {unfinished}, unexpected outcome {wrong})",
+            latencies.len(),
+        );
+        let throughput = latencies.len() as f64 / elapsed.as_secs_f64();
+        println!(
+            "throughput: {throughput:.0} sagas/s over {:.2} s",
+            elapsed.as_secs_f64()
+        );
+        println!(
+            "latency ms: p50 {:.1}  p95 {:.1}  p99 {:.1}  max {:.1}",
+            pct(0.50),
+            pct(0.95),
+            pct(0.99),
+            pct(1.0)
+        );
+        throughput
+    }
+}
+
+/// In a private stack, where every row belongs to this run: money, stock
+/// and every saga finished, as the invariants say.
+async fn check_invariants(stack: &Stack, args: &Args, run_id: &str) -> Result<()> {
+    stack.settle().await?;
+    let mut balances: Vec<(String, i64)> = (0..args.customers)
+        .map(|i| (format!("{run_id}-rich-{i}"), RICH_BALANCE))
+        .collect();
+    balances.push((format!("{run_id}-broke"), 0));
+    let mut stock: Vec<(String, i64)> = (0..args.products)
+        .map(|i| (format!("{run_id}-plenty-{i}"), PLENTY_STOCK))
+        .collect();
+    stock.push((format!("{run_id}-scarce"), 0));
+    let balances: Vec<(&str, i64)> = balances.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+    let stock: Vec<(&str, i64)> = stock.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+    stack.assert_invariants_from(&balances, &stock).await?;
+    println!("invariants: hold (money, stock, every saga finished)");
+    Ok(())
 }
 
 /// Prints, every second, what each consumer has waiting (pending) and in
