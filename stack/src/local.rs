@@ -521,18 +521,7 @@ async fn ensure_nats(local: &Local, started: &mut Started<'_>, nodes: usize) -> 
             text += &crate::infra::cluster_block(&routes[k], &routes, &route_password);
         }
         write_private(&conf, &text)?;
-        let mut command = Command::new(&local.nats_server_bin);
-        for user in roster::names().chain([permissions::OPERATOR, permissions::PROVISIONER]) {
-            command.env(
-                permissions::password_variable(user),
-                local.nats_password(user)?,
-            );
-        }
-        command
-            .arg("-c")
-            .arg(&conf)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .args(["-m", &monitor.to_string()]);
+        let mut command = nats_command(local, &conf, port, monitor)?;
         if nodes > 1 {
             // Routes to every node, itself included (it skips its own).
             command.args(["--server_name", &name]);
@@ -546,8 +535,34 @@ async fn ensure_nats(local: &Local, started: &mut Started<'_>, nodes: usize) -> 
         local.run_dir.join("nats.ports"),
         format!("{} {} {nodes}\n", broker.port, broker.monitor),
     )?;
+    wait_for_nats(&mut children).await?;
+    Ok(broker)
+}
+
+/// The command that starts one nats-server node with `conf`, listening on
+/// `port` and `monitor`, every user's password in its environment (the
+/// shipped configuration reads them from there).
+fn nats_command(local: &Local, conf: &Path, port: u16, monitor: u16) -> Result<Command> {
+    let mut command = Command::new(&local.nats_server_bin);
+    for user in roster::names().chain([permissions::OPERATOR, permissions::PROVISIONER]) {
+        command.env(
+            permissions::password_variable(user),
+            local.nats_password(user)?,
+        );
+    }
+    command
+        .arg("-c")
+        .arg(conf)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-m", &monitor.to_string()]);
+    Ok(command)
+}
+
+/// Waits until every node just started says it is healthy (30 s at most),
+/// or one of them exits.
+async fn wait_for_nats(nodes: &mut [(Daemon, std::process::Child, u16)]) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    for (daemon, child, monitor) in &mut children {
+    for (daemon, child, monitor) in nodes {
         while !nats_healthy(*monitor).await {
             if let Some(status) = child.try_wait()? {
                 return Err(exited(daemon, status));
@@ -562,7 +577,7 @@ async fn ensure_nats(local: &Local, started: &mut Started<'_>, nodes: usize) -> 
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    Ok(broker)
+    Ok(())
 }
 
 /// The shipped configuration with the store moved into the run directory

@@ -494,47 +494,8 @@ async fn run(args: Args) -> Result<f64> {
             }
         }
     });
-    let permits = Arc::new(Semaphore::new(args.concurrency as usize));
     let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..args.orders {
-        if args.rate > 0.0 {
-            let due = started + Duration::from_secs_f64(i as f64 / args.rate);
-            tokio::time::sleep_until(due.into()).await;
-        }
-        let permit = permits.clone().acquire_owned().await?;
-        let plan = Plan::for_index(i, args.fail_ratio);
-        let body = plan.body(&run_id, i, args.customers as usize, args.products as usize);
-        let (http, waiters, url, timeout) = (
-            http.clone(),
-            waiters.clone(),
-            format!("{}/orders", endpoints.order),
-            Duration::from_secs(args.timeout),
-        );
-        tasks.spawn(async move {
-            let _permit = permit;
-            let t0 = Instant::now();
-            let r = http.post(&url).json(&body).send().await?;
-            anyhow::ensure!(r.status().as_u16() == 201, "POST /orders: {}", r.status());
-            let v: Value = r.json().await?;
-            let id: Uuid = v["orderId"].as_str().context("orderId")?.parse()?;
-            let (tx, rx) = oneshot::channel();
-            waiters.lock().unwrap().insert(id, tx);
-            // The final event may already have gone by while we registered.
-            let outcome = tokio::time::timeout(timeout, rx).await;
-            waiters.lock().unwrap().remove(&id);
-            match outcome {
-                Ok(Ok((event, at))) => Ok((plan, Some((event, at - t0)), at, id)),
-                _ => Ok((plan, None, Instant::now(), id)),
-            }
-        });
-    }
-
-    let mut tally = Tally::default();
-    while let Some(joined) = tasks.join_next().await {
-        let (plan, outcome, at, id) = joined??;
-        tally.add(&plan, outcome, at, id);
-    }
+    let mut tally = place_all(&args, &http, &endpoints.order, &waiters, &run_id).await?;
     let throughput = tally.print(args.orders, started);
 
     sampling.abort();
@@ -565,6 +526,60 @@ async fn run(args: Args) -> Result<f64> {
         bail!("{unfinished} sagas unfinished, {wrong} ended otherwise than planned");
     }
     Ok(throughput)
+}
+
+/// Places `args.orders` orders (at `args.rate` per second, or as fast as
+/// `args.concurrency` allows), each waiting for its saga's end, and tallies
+/// what they came to.
+async fn place_all(
+    args: &Args,
+    http: &reqwest::Client,
+    order_url: &str,
+    waiters: &Waiters,
+    run_id: &str,
+) -> Result<Tally> {
+    let started = Instant::now();
+    let permits = Arc::new(Semaphore::new(args.concurrency as usize));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..args.orders {
+        if args.rate > 0.0 {
+            let due = started + Duration::from_secs_f64(i as f64 / args.rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let permit = permits.clone().acquire_owned().await?;
+        let plan = Plan::for_index(i, args.fail_ratio);
+        let body = plan.body(run_id, i, args.customers as usize, args.products as usize);
+        let (http, waiters, url, timeout) = (
+            http.clone(),
+            waiters.clone(),
+            format!("{order_url}/orders"),
+            Duration::from_secs(args.timeout),
+        );
+        tasks.spawn(async move {
+            let _permit = permit;
+            let t0 = Instant::now();
+            let r = http.post(&url).json(&body).send().await?;
+            anyhow::ensure!(r.status().as_u16() == 201, "POST /orders: {}", r.status());
+            let v: Value = r.json().await?;
+            let id: Uuid = v["orderId"].as_str().context("orderId")?.parse()?;
+            let (tx, rx) = oneshot::channel();
+            waiters.lock().unwrap().insert(id, tx);
+            // The final event may already have gone by while we registered.
+            let outcome = tokio::time::timeout(timeout, rx).await;
+            waiters.lock().unwrap().remove(&id);
+            match outcome {
+                Ok(Ok((event, at))) => Ok((plan, Some((event, at - t0)), at, id)),
+                _ => Ok((plan, None, Instant::now(), id)),
+            }
+        });
+    }
+
+    let mut tally = Tally::default();
+    while let Some(joined) = tasks.join_next().await {
+        let (plan, outcome, at, id) = joined??;
+        tally.add(&plan, outcome, at, id);
+    }
+    Ok(tally)
 }
 
 /// What the sagas of a run came to.
