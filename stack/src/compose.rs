@@ -82,8 +82,18 @@ pub fn compose_file() -> String {
         .split_once("services:\n")
         .expect("the header ends with the services");
     let mut out = format!("{head}{}\nservices:\n{services}", broker_passwords());
-    write!(
-        out,
+    out += &infrastructure();
+    out += &provisioning();
+    for spec in &roster::SERVICES {
+        out += &service(spec);
+    }
+    out += &tools();
+    out
+}
+
+/// The broker, Postgres and Redis.
+fn infrastructure() -> String {
+    format!(
         r#"{nats}  postgres:
     image: {POSTGRES_IMAGE}
     restart: unless-stopped
@@ -124,9 +134,11 @@ pub fn compose_file() -> String {
         nats = broker_service(1, r#"["-c", "/etc/nats/nats-server.conf"]"#),
         database_passwords = database_passwords(),
     )
-    .expect("writing to a String");
-    write!(
-        out,
+}
+
+/// The one-shot provisioning of streams and consumers.
+fn provisioning() -> String {
+    format!(
         r#"
   # Creates the streams and durable consumers (and brings them in line with
   # nats/, keeping any limit an operator raised) as the provisioning
@@ -151,11 +163,12 @@ pub fn compose_file() -> String {
 "#,
         provisioner_password = permissions::password_variable(PROVISIONER),
     )
-    .expect("writing to a String");
-    for spec in &roster::SERVICES {
-        write!(
-            out,
-            r#"
+}
+
+/// One service of the roster, and its replicas (none unless asked for).
+fn service(spec: &roster::ServiceSpec) -> String {
+    format!(
+        r#"
   {name}:
     <<: *service
     command: ["{name}"]
@@ -177,21 +190,22 @@ pub fn compose_file() -> String {
     environment: *{name}-env
     profiles: ["replicas"]
 "#,
-            name = spec.name,
-            database = spec.database(),
-            port = spec.default_port,
-            port_variable = spec.port_variable(),
-            variable = permissions::password_variable(spec.name),
-            database_variable = database_password_variable(spec.name),
-            unset = UNSET,
-        )
-        .expect("writing to a String");
-    }
+        name = spec.name,
+        database = spec.database(),
+        port = spec.default_port,
+        port_variable = spec.port_variable(),
+        variable = permissions::password_variable(spec.name),
+        database_variable = database_password_variable(spec.name),
+        unset = UNSET,
+    )
+}
+
+/// Prometheus, the operator's tools and the volumes.
+fn tools() -> String {
     let depends: String = roster::names()
         .map(|name| format!("      - {name}\n"))
         .collect();
-    write!(
-        out,
+    format!(
         r#"
   prometheus:
     image: {PROMETHEUS_IMAGE}
@@ -244,8 +258,6 @@ volumes:
         operator_password = permissions::password_variable(OPERATOR),
         auditor_urls = auditor_urls(),
     )
-    .expect("writing to a String");
-    out
 }
 
 /// The compose service of broker node k (from 1): `nats`, `nats-2`, …,
