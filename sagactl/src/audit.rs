@@ -214,72 +214,27 @@ impl Audit {
             known: &known,
             open: &open,
         };
-        let payments = agreement.judge(PAYMENTS, "payment", &records.payments, |o, p| {
-            match (standing(&o.status), p) {
-                (Standing::Confirmed, Some((_, amount, status)))
-                    if status == "charged" && *amount == o.total =>
-                {
-                    None
-                }
-                (Standing::Confirmed, Some((_, amount, status))) => Some(format!(
-                    "order CONFIRMED for {}, payment {status} ({amount})",
-                    o.total
-                )),
-                (Standing::Confirmed, None) => {
-                    Some(format!("order CONFIRMED for {}, no payment", o.total))
-                }
-                (_, Some((_, amount, status))) if status == "charged" => Some(format!(
-                    "order {}, yet {amount} charged and not refunded",
-                    o.status
-                )),
-                _ => None,
-            }
-        });
+        let payments = agreement.judge(PAYMENTS, "payment", &records.payments, payment_mismatch);
         let reservations = agreement.judge(
             RESERVATIONS,
             "reservation",
             &records.reservations,
-            |o, r| match (standing(&o.status), r) {
-                (Standing::Confirmed, Some((lines, status)))
-                    if status == "reserved" && *lines == o.lines =>
-                {
-                    None
-                }
-                (Standing::Confirmed, Some((lines, status))) => Some(format!(
-                    "order CONFIRMED for {}, reservation {status} of {}",
-                    quantities(&o.lines),
-                    quantities(lines)
-                )),
-                (Standing::Confirmed, None) => Some(format!(
-                    "order CONFIRMED for {}, no reservation",
-                    quantities(&o.lines)
-                )),
-                (_, Some((lines, status))) if status == "reserved" => Some(format!(
-                    "order {}, yet {} still reserved",
-                    o.status,
-                    quantities(lines)
-                )),
-                _ => None,
-            },
+            reservation_mismatch,
         );
-        let shipments = agreement.judge(SHIPMENTS, "shipment", &records.shipments, |o, s| {
-            match (standing(&o.status), s.map(String::as_str)) {
-                (Standing::Confirmed, Some("created")) => None,
-                (Standing::Confirmed, s) => Some(format!(
-                    "order CONFIRMED, shipment {}",
-                    s.unwrap_or("missing")
-                )),
-                (_, Some("created")) => Some(format!("order {}, yet a shipment", o.status)),
-                _ => None,
-            }
-        });
+        let shipments =
+            agreement.judge(SHIPMENTS, "shipment", &records.shipments, shipment_mismatch);
         for (check, checked, found) in [payments, reservations, shipments] {
             self.counted(check, checked);
             self.report.findings.extend(found);
         }
 
-        // The totals the invariants speak of, over sagas that ended; and
-        // what every reservation still holds, for inventory's counters.
+        self.add_totals(records, &open);
+    }
+
+    /// Adds the totals the invariants speak of, over sagas that ended
+    /// (not `open`); and what every reservation still holds, for
+    /// inventory's counters.
+    fn add_totals(&mut self, records: &Records, open: &dyn Fn(&Uuid) -> bool) {
         let ended = |id: &Uuid| !open(id);
         for (id, (customer, amount, status)) in &records.payments {
             if status == "charged" && ended(id) {
@@ -633,6 +588,66 @@ pub fn print(report: &Report, in_flight_for: Duration, out: &mut (dyn Write + Se
         "{} mismatch(es) between the services' records",
         report.findings.len()
     )
+}
+
+/// How an order's payment disagrees with its status, if it does.
+fn payment_mismatch(o: &Order, p: Option<&(String, i64, String)>) -> Option<String> {
+    match (standing(&o.status), p) {
+        (Standing::Confirmed, Some((_, amount, status)))
+            if status == "charged" && *amount == o.total =>
+        {
+            None
+        }
+        (Standing::Confirmed, Some((_, amount, status))) => Some(format!(
+            "order CONFIRMED for {}, payment {status} ({amount})",
+            o.total
+        )),
+        (Standing::Confirmed, None) => Some(format!("order CONFIRMED for {}, no payment", o.total)),
+        (_, Some((_, amount, status))) if status == "charged" => Some(format!(
+            "order {}, yet {amount} charged and not refunded",
+            o.status
+        )),
+        _ => None,
+    }
+}
+
+/// How an order's reservation disagrees with its status, if it does.
+fn reservation_mismatch(o: &Order, r: Option<&(BTreeMap<String, i64>, String)>) -> Option<String> {
+    match (standing(&o.status), r) {
+        (Standing::Confirmed, Some((lines, status)))
+            if status == "reserved" && *lines == o.lines =>
+        {
+            None
+        }
+        (Standing::Confirmed, Some((lines, status))) => Some(format!(
+            "order CONFIRMED for {}, reservation {status} of {}",
+            quantities(&o.lines),
+            quantities(lines)
+        )),
+        (Standing::Confirmed, None) => Some(format!(
+            "order CONFIRMED for {}, no reservation",
+            quantities(&o.lines)
+        )),
+        (_, Some((lines, status))) if status == "reserved" => Some(format!(
+            "order {}, yet {} still reserved",
+            o.status,
+            quantities(lines)
+        )),
+        _ => None,
+    }
+}
+
+/// How an order's shipment disagrees with its status, if it does.
+fn shipment_mismatch(o: &Order, s: Option<&String>) -> Option<String> {
+    match (standing(&o.status), s.map(String::as_str)) {
+        (Standing::Confirmed, Some("created")) => None,
+        (Standing::Confirmed, s) => Some(format!(
+            "order CONFIRMED, shipment {}",
+            s.unwrap_or("missing")
+        )),
+        (_, Some("created")) => Some(format!("order {}, yet a shipment", o.status)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
