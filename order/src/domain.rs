@@ -201,109 +201,141 @@ pub fn decide(state: Option<&Order>, command: Command) -> Result<Vec<OrderEvent>
                 lines,
                 shipping_address,
             },
-        ) => {
-            limits::check_id("customerId", &customer_id).map_err(DomainError::Invalid)?;
-            event::validate_lines(&lines).map_err(DomainError::Invalid)?;
-            event::validate_address("shippingAddress", &shipping_address)
-                .map_err(DomainError::Invalid)?;
-            let total = event::lines_total(&lines)
-                .ok_or_else(|| DomainError::Invalid("order total overflows".into()))?;
-            Ok(vec![OrderEvent::Placed(OrderPlaced {
-                order_id,
-                customer_id,
-                lines,
-                total,
-                shipping_address,
-            })])
-        }
+        ) => place(order_id, customer_id, lines, shipping_address),
         (Some(_), Command::Place { .. }) => Err(DomainError::AlreadyExists),
         (None, _) => Err(DomainError::NotFound),
-        (Some(order), Command::Confirm { shipment_id }) => Ok(match order.status {
-            _ if order.under_way() => vec![OrderEvent::Confirmed(OrderConfirmed {
-                order_id: order.id,
-                shipment_id,
-            })],
-            OrderStatus::Pending | OrderStatus::Confirmed | OrderStatus::RequiresIntervention => {
-                vec![]
-            }
-            // Shipping calls it off on hearing of the cancellation, or
-            // records it as called off by hand on hearing of the resolution
-            // (a saga resolved while a redriven event was under way): the
-            // resolved saga does not move again.
-            OrderStatus::Cancelled if order.cancelled_by_customer => vec![],
-            OrderStatus::ManuallyCompensated => vec![],
-            OrderStatus::Cancelled => intervention(
-                order,
-                format!(
-                    "shipment {shipment_id} was created for an order already cancelled ({})",
-                    order.failure_reason.as_deref().unwrap_or("no reason")
-                ),
-            ),
-        }),
+        (Some(order), Command::Confirm { shipment_id }) => Ok(confirm(order, shipment_id)),
         (Some(order), Command::RequireIntervention { reason }) => Ok(match order.status {
             OrderStatus::Pending => intervention(order, reason),
             _ => vec![],
         }),
         (Some(order), Command::ResolveManually { operator, note }) => {
-            limits::check_id("operator", &operator).map_err(DomainError::Invalid)?;
-            limits::check_reason("note", &note).map_err(DomainError::Invalid)?;
-            match order.status {
-                OrderStatus::RequiresIntervention => Ok(vec![OrderEvent::ManuallyCompensated(
-                    OrderManuallyCompensated {
-                        order_id: order.id,
-                        operator,
-                        note,
-                    },
-                )]),
-                status => Err(DomainError::Refused(format!(
-                    "order {} is {}: only an order that requires intervention can be resolved",
-                    order.id,
-                    status.name()
-                ))),
-            }
+            resolve_manually(order, operator, note)
         }
-        (Some(order), Command::CancelByCustomer { reason }) => {
-            limits::check_reason("reason", &reason).map_err(DomainError::Invalid)?;
-            match order.status {
-                OrderStatus::Pending => Ok(vec![OrderEvent::CancelledByCustomer(
-                    OrderCancelledByCustomer {
-                        order_id: order.id,
-                        reason,
-                    },
-                )]),
-                // Cancelled already (by the customer or by its saga): so be it.
-                OrderStatus::Cancelled => Ok(vec![]),
-                status => Err(DomainError::Refused(format!(
-                    "order {} is {}: it can no longer be cancelled",
-                    order.id,
-                    status.name()
-                ))),
-            }
-        }
-        (Some(order), Command::Cancel { reason, payment }) => {
-            if let Some(p) = payment
-                && (p.customer_id != order.customer_id || p.amount != order.total)
-            {
-                return Err(DomainError::Invalid(limits::reason(format!(
-                    "{} for customer '{}' and amount {} does not match order {} (customer '{}', total {})",
-                    p.event_type, p.customer_id, p.amount, order.id, order.customer_id, order.total
-                ))));
-            }
-            Ok(match order.status {
-                _ if order.under_way() => vec![OrderEvent::Cancelled(OrderCancelled {
-                    order_id: order.id,
-                    reason,
-                })],
-                OrderStatus::Pending
-                | OrderStatus::Cancelled
-                | OrderStatus::RequiresIntervention
-                | OrderStatus::ManuallyCompensated => vec![],
-                OrderStatus::Confirmed => {
-                    intervention(order, format!("confirmed order was compensated: {reason}"))
-                }
-            })
-        }
+        (Some(order), Command::CancelByCustomer { reason }) => cancel_by_customer(order, reason),
+        (Some(order), Command::Cancel { reason, payment }) => cancel(order, reason, payment),
     }
+}
+
+/// A new order, if its customer, lines and address are valid.
+fn place(
+    order_id: Uuid,
+    customer_id: String,
+    lines: Vec<OrderLine>,
+    shipping_address: Address,
+) -> Result<Vec<OrderEvent>, DomainError> {
+    limits::check_id("customerId", &customer_id).map_err(DomainError::Invalid)?;
+    event::validate_lines(&lines).map_err(DomainError::Invalid)?;
+    event::validate_address("shippingAddress", &shipping_address).map_err(DomainError::Invalid)?;
+    let total = event::lines_total(&lines)
+        .ok_or_else(|| DomainError::Invalid("order total overflows".into()))?;
+    Ok(vec![OrderEvent::Placed(OrderPlaced {
+        order_id,
+        customer_id,
+        lines,
+        total,
+        shipping_address,
+    })])
+}
+
+/// The shipment's creation reaching the order.
+fn confirm(order: &Order, shipment_id: Uuid) -> Vec<OrderEvent> {
+    match order.status {
+        _ if order.under_way() => vec![OrderEvent::Confirmed(OrderConfirmed {
+            order_id: order.id,
+            shipment_id,
+        })],
+        OrderStatus::Pending | OrderStatus::Confirmed | OrderStatus::RequiresIntervention => {
+            vec![]
+        }
+        // Shipping calls it off on hearing of the cancellation, or records
+        // it as called off by hand on hearing of the resolution (a saga
+        // resolved while a redriven event was under way): the resolved
+        // saga does not move again.
+        OrderStatus::Cancelled if order.cancelled_by_customer => vec![],
+        OrderStatus::ManuallyCompensated => vec![],
+        OrderStatus::Cancelled => intervention(
+            order,
+            format!(
+                "shipment {shipment_id} was created for an order already cancelled ({})",
+                order.failure_reason.as_deref().unwrap_or("no reason")
+            ),
+        ),
+    }
+}
+
+/// An operator's resolution: only of an order that requires intervention.
+fn resolve_manually(
+    order: &Order,
+    operator: String,
+    note: String,
+) -> Result<Vec<OrderEvent>, DomainError> {
+    limits::check_id("operator", &operator).map_err(DomainError::Invalid)?;
+    limits::check_reason("note", &note).map_err(DomainError::Invalid)?;
+    match order.status {
+        OrderStatus::RequiresIntervention => Ok(vec![OrderEvent::ManuallyCompensated(
+            OrderManuallyCompensated {
+                order_id: order.id,
+                operator,
+                note,
+            },
+        )]),
+        status => Err(DomainError::Refused(format!(
+            "order {} is {}: only an order that requires intervention can be resolved",
+            order.id,
+            status.name()
+        ))),
+    }
+}
+
+/// The customer's cancel: only of a pending order.
+fn cancel_by_customer(order: &Order, reason: String) -> Result<Vec<OrderEvent>, DomainError> {
+    limits::check_reason("reason", &reason).map_err(DomainError::Invalid)?;
+    match order.status {
+        OrderStatus::Pending => Ok(vec![OrderEvent::CancelledByCustomer(
+            OrderCancelledByCustomer {
+                order_id: order.id,
+                reason,
+            },
+        )]),
+        // Cancelled already (by the customer or by its saga): so be it.
+        OrderStatus::Cancelled => Ok(vec![]),
+        status => Err(DomainError::Refused(format!(
+            "order {} is {}: it can no longer be cancelled",
+            order.id,
+            status.name()
+        ))),
+    }
+}
+
+/// The saga's failure reaching the order, with the payment event that
+/// says so (which must be about this order's customer and total).
+fn cancel(
+    order: &Order,
+    reason: String,
+    payment: Option<PaymentClaim>,
+) -> Result<Vec<OrderEvent>, DomainError> {
+    if let Some(p) = payment
+        && (p.customer_id != order.customer_id || p.amount != order.total)
+    {
+        return Err(DomainError::Invalid(limits::reason(format!(
+            "{} for customer '{}' and amount {} does not match order {} (customer '{}', total {})",
+            p.event_type, p.customer_id, p.amount, order.id, order.customer_id, order.total
+        ))));
+    }
+    Ok(match order.status {
+        _ if order.under_way() => vec![OrderEvent::Cancelled(OrderCancelled {
+            order_id: order.id,
+            reason,
+        })],
+        OrderStatus::Pending
+        | OrderStatus::Cancelled
+        | OrderStatus::RequiresIntervention
+        | OrderStatus::ManuallyCompensated => vec![],
+        OrderStatus::Confirmed => {
+            intervention(order, format!("confirmed order was compensated: {reason}"))
+        }
+    })
 }
 
 fn intervention(order: &Order, reason: String) -> Vec<OrderEvent> {
