@@ -65,3 +65,16 @@ where
     let own = cli.own;
     crate::service::run(config, |config, shutdown| build(config, own, shutdown)).await
 }
+
+/// A service's own settings `S` from `flags` alone, the environment left
+/// out: what its tests of defaults and ranges parse.
+pub fn settings_from_flags<S: Args + FromArgMatches>(
+    service: &'static str,
+    flags: &[&str],
+) -> Result<S, String> {
+    let matches = S::augment_args(clap::Command::new(service))
+        .mut_args(|a| a.env(None::<&str>))
+        .try_get_matches_from(std::iter::once(service).chain(flags.iter().copied()))
+        .map_err(|e| e.to_string())?;
+    S::from_arg_matches(&matches).map_err(|e| e.to_string())
+}

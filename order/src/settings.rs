@@ -33,24 +33,10 @@ impl Default for Settings {
 
 #[cfg(test)]
 mod tests {
-    use clap::{CommandFactory, FromArgMatches, Parser};
-
     use super::*;
 
-    #[derive(Parser)]
-    struct Only {
-        #[command(flatten)]
-        settings: Settings,
-    }
-
     fn parse(flags: &[&str]) -> Result<Settings, String> {
-        let matches = Only::command()
-            .mut_args(|a| a.env(None::<&str>))
-            .try_get_matches_from(std::iter::once("order").chain(flags.iter().copied()))
-            .map_err(|e| e.to_string())?;
-        Ok(Only::from_arg_matches(&matches)
-            .map_err(|e| e.to_string())?
-            .settings)
+        common::cli::settings_from_flags("order", flags)
     }
 
     #[test]
