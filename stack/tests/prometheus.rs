@@ -1,6 +1,7 @@
 //! The Prometheus files shipped for operators: the scrape configurations
 //! (generated from the roster) load, and every alert fires past its
-//! threshold and stays quiet at it (`prometheus/alerts.test.yml`).
+//! threshold and stays quiet at it (`prometheus/alerts.test.yml`), and
+//! each has a description and a runbook section in docs/operating.md.
 
 use std::collections::BTreeSet;
 
@@ -15,7 +16,7 @@ fn read(path: &str) -> Result<String> {
 #[tokio::test]
 async fn the_scrape_configurations_and_the_alert_rules_load() -> Result<()> {
     let out = promtool(&["check", "config", "prometheus/prometheus.yml"], b"").await?;
-    assert!(out.contains("SUCCESS: 8 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 11 rules found"), "{out}");
     // Its rule file is where the compose file mounts it, not here.
     promtool(
         &[
@@ -39,7 +40,7 @@ async fn every_alert_fires_past_its_threshold_and_not_at_it() -> Result<()> {
         .lines()
         .filter_map(|l| l.trim().strip_prefix("- alert: "))
         .collect();
-    assert_eq!(defined.len(), 8, "{defined:?}");
+    assert_eq!(defined.len(), 11, "{defined:?}");
     for alert in defined {
         assert!(
             tests.contains(&format!("alertname: {alert}\n")),
@@ -75,6 +76,35 @@ fn the_rules_use_only_series_the_services_export() -> Result<()> {
         assert!(
             exported.contains(series.as_str()),
             "alerts.yml uses {series}, which no service exports"
+        );
+    }
+    Ok(())
+}
+
+/// Every alert says what it means and links its runbook: a section of
+/// docs/operating.md named after it, which exists.
+#[test]
+fn every_alert_has_a_description_and_a_runbook_section() -> Result<()> {
+    let alerts = read("prometheus/alerts.yml")?;
+    let operating = read("docs/operating.md")?;
+    let headings: BTreeSet<String> = operating
+        .lines()
+        .filter_map(|l| l.strip_prefix("#### "))
+        .map(|h| h.trim().to_lowercase())
+        .collect();
+    let blocks: Vec<&str> = alerts.split("- alert: ").skip(1).collect();
+    assert_eq!(blocks.len(), 11);
+    for block in blocks {
+        let name = block.lines().next().unwrap_or_default().trim();
+        assert!(
+            block.contains("description: \""),
+            "{name} has no description"
+        );
+        let runbook = format!("runbook: \"docs/operating.md#{}\"", name.to_lowercase());
+        assert!(block.contains(&runbook), "{name} does not link {runbook}");
+        assert!(
+            headings.contains(&name.to_lowercase()),
+            "docs/operating.md has no runbook section `#### {name}`"
         );
     }
     Ok(())
