@@ -109,3 +109,23 @@ fn every_alert_has_a_description_and_a_runbook_section() -> Result<()> {
     }
     Ok(())
 }
+
+/// The rules about processes name every service of the roster: one added
+/// to the roster and not to the rules would go unwatched.
+#[test]
+fn the_process_rules_name_every_service_of_the_roster() -> Result<()> {
+    let alerts = read("prometheus/alerts.yml")?;
+    let jobs = common::roster::names().collect::<Vec<_>>().join("|");
+    assert_eq!(
+        alerts.matches(&format!("up{{job=~\"{jobs}\"}}")).count(),
+        2,
+        "SagaServiceDown and SagaMetricsAbsent watch up{{job=~\"{jobs}\"}}"
+    );
+    for name in common::roster::names() {
+        assert!(
+            alerts.contains(&format!("absent(up{{job=\"{name}\"}})")),
+            "SagaServiceAbsent does not watch {name}"
+        );
+    }
+    Ok(())
+}
