@@ -97,6 +97,12 @@ impl Connection {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Print a completion script for a shell: `source <(sagactl completions
+    /// bash)`, or write it where the shell loads completions from.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Dead letters: events a service could not apply and gave up on.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -298,9 +304,17 @@ impl Connection {
 
 /// Runs one command, writing what it shows to `out`.
 pub async fn run(mut cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
-    cli.connection = cli.connection.with_admin_token_from_env()?;
+    // Completions need nothing of the system, not even its token.
+    if !matches!(cli.command, Command::Completions { .. }) {
+        cli.connection = cli.connection.with_admin_token_from_env()?;
+    }
     let subjects = Subjects::new(cli.connection.subject_prefix.clone());
     match cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "sagactl", out);
+            Ok(())
+        }
         Command::Saga { order_id, json } => saga::print(&cli.connection, order_id, json, out).await,
         Command::Resolve {
             order_id,
@@ -478,5 +492,46 @@ mod tests {
             parse(&["--body", "x.json", "--note", "fixed"]).is_err(),
             "--body needs --seq"
         );
+    }
+
+    /// Completions for every shell; bash's parses and completes every
+    /// command, and none needs the system (an unreadable token file is not
+    /// read).
+    #[tokio::test]
+    async fn completions_name_every_command_and_need_nothing_of_the_system() {
+        for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+            let cli = Cli::try_parse_from([
+                "sagactl",
+                "--admin-token-file",
+                "/nonexistent/token",
+                "completions",
+                shell,
+            ])
+            .unwrap();
+            let mut out = Vec::new();
+            run(cli, &mut out).await.unwrap();
+            let script = String::from_utf8(out).unwrap();
+            for command in Cli::command().get_subcommands() {
+                let name = command.get_name();
+                assert!(script.contains(name), "{shell} completions miss {name}");
+            }
+            if shell == "bash" {
+                let path =
+                    std::env::temp_dir().join(format!("sagactl-{}.bash", std::process::id()));
+                std::fs::write(&path, &script).unwrap();
+                let checked = std::process::Command::new("bash")
+                    .arg("-n")
+                    .arg(&path)
+                    .output()
+                    .unwrap();
+                std::fs::remove_file(&path).unwrap();
+                assert!(
+                    checked.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&checked.stderr)
+                );
+            }
+        }
+        assert!(Cli::try_parse_from(["sagactl", "completions", "tcsh"]).is_err());
     }
 }
