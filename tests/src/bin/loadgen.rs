@@ -761,7 +761,7 @@ async fn print_timeline(
 }
 
 /// What the running stack's processes had used at one moment: CPU time by
-/// process (the services, nats-server, every Postgres backend), and the
+/// process (the services, nats-server, every Postgres backend, Redis), and the
 /// messages the broker had taken in and sent out. Compared over a run, per
 /// saga, these vary far less with the machine's moods than sagas per
 /// second do.
@@ -790,15 +790,16 @@ impl Costs {
                 }
             }
         }
-        // Postgres: every backend of the server, this stack's or not.
+        // Postgres (every backend of the server) and Redis: the shared
+        // servers, this stack's use of them or not.
         if let Ok(proc) = std::fs::read_dir("/proc") {
             for entry in proc.flatten() {
                 let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
                     continue;
                 };
                 let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-                if comm.trim() == "postgres" {
-                    pids.push(("postgres".to_string(), pid));
+                if let name @ ("postgres" | "redis-server") = comm.trim() {
+                    pids.push((name.to_string(), pid));
                 }
             }
         }
