@@ -109,7 +109,7 @@ pub struct ConfigArgs {
     pub consumer_concurrency: u64,
     /// Lanes applying events side by side; one order's events always share a
     /// lane, in order (1 to 256)
-    #[arg(long, env = "CONSUMER_LANES", default_value_t = 8,
+    #[arg(long, env = "CONSUMER_LANES", default_value_t = 2,
           value_parser = clap::value_parser!(u64).range(1..=256))]
     pub consumer_lanes: u64,
     /// Most events a lane applies in one transaction when several are
@@ -323,7 +323,7 @@ mod tests {
         );
         assert_eq!(c.http_addr.port(), 8082);
         assert_eq!(c.subject_prefix, "saga");
-        assert_eq!(c.consumer_lanes, 8);
+        assert_eq!(c.consumer_lanes, 2);
         assert_eq!(c.relay_lease, crate::outbox::LEASE);
         assert!(c.outbox_relay_enabled);
         assert_eq!(Config::local("payment").database_url, c.database_url);
