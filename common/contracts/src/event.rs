@@ -210,8 +210,8 @@ fn decode_payload<T: DeserializeOwned + Validate>(env: &Envelope) -> Result<T, D
         event_type: env.event_type.clone(),
         reason,
     };
-    let payload: T =
-        serde_json::from_value(env.payload.clone()).map_err(|e| payload_error(e.to_string()))?;
+    // Read from the tree in place: no copy of it.
+    let payload = T::deserialize(&env.payload).map_err(|e| payload_error(e.to_string()))?;
     payload.validate().map_err(payload_error)?;
     Ok(payload)
 }

@@ -358,14 +358,23 @@ impl<H: Handler> Applier<H> {
         )
     }
 
-    /// Logs and meters what became of one delivery.
+    /// Logs and meters what became of one delivery. An event applied,
+    /// skipped or a duplicate is logged at debug (the metrics count them;
+    /// at info every event would cost a log line): its span is made only
+    /// when that level is on.
     fn record(&self, r: &Received, disposition: &Disposition) {
-        let _in = self.span(r).entered();
-        match disposition {
-            Disposition::Applied => tracing::info!("applied"),
-            Disposition::Skipped | Disposition::Duplicate => tracing::debug!(?disposition),
-            Disposition::Retry(reason) => tracing::warn!(%reason, "will retry"),
-            Disposition::DeadLettered(reason) => tracing::error!(%reason, "dead-lettered"),
+        let routine = matches!(
+            disposition,
+            Disposition::Applied | Disposition::Skipped | Disposition::Duplicate
+        );
+        if !routine || tracing::enabled!(tracing::Level::DEBUG) {
+            let _in = self.span(r).entered();
+            match disposition {
+                Disposition::Applied => tracing::debug!("applied"),
+                Disposition::Skipped | Disposition::Duplicate => tracing::debug!(?disposition),
+                Disposition::Retry(reason) => tracing::warn!(%reason, "will retry"),
+                Disposition::DeadLettered(reason) => tracing::error!(%reason, "dead-lettered"),
+            }
         }
         let since_publish = match disposition {
             Disposition::Applied => r.published.map(meter::age),
