@@ -177,7 +177,6 @@ fn event_entry(msg: &jetstream::Message) -> Option<NewEntry> {
         stream_seq: stream_seq(msg),
         effect: timeline::effect(&event),
         reason: timeline::reason(&event).map(str::to_string),
-        payload: Some(env.payload),
     })
 }
 
@@ -199,7 +198,6 @@ fn operator_entry(msg: &jetstream::Message) -> Option<NewEntry> {
         stream_seq: stream_seq(msg),
         effect: limits::reason(format!("{} (by {})", action.effect, action.operator)),
         reason: Some(action.note.clone()),
-        payload: serde_json::to_value(&action).ok(),
     })
 }
 
@@ -230,6 +228,5 @@ fn dead_letter_entry(msg: &jetstream::Message) -> Option<NewEntry> {
         occurred_at,
         stream_seq: seq,
         reason: header(msg, dlq_headers::REASON).map(limits::reason),
-        payload: None,
     })
 }

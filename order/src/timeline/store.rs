@@ -35,8 +35,6 @@ pub struct NewEntry {
     pub stream_seq: i64,
     pub effect: String,
     pub reason: Option<String>,
-    #[serde(skip)]
-    pub payload: Option<serde_json::Value>,
 }
 
 /// Declared in the order of the names they are stored as, so that they
@@ -100,10 +98,10 @@ pub async fn record_entries(pool: &PgPool, entries: &[NewEntry]) -> sqlx::Result
     let inserted: Vec<String> = sqlx::query_scalar(
         "INSERT INTO saga_timeline (entry_key, correlation_id, kind, service, event_type,
              event_id, causation_id, aggregate_id, version, occurred_at, stream_seq, effect,
-             reason, payload)
+             reason)
          SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[],
              $6::uuid[], $7::uuid[], $8::text[], $9::int8[], $10::timestamptz[], $11::int8[],
-             $12::text[], $13::text[], $14::jsonb[])
+             $12::text[], $13::text[])
          ON CONFLICT (entry_key) DO NOTHING
          RETURNING entry_key",
     )
@@ -120,7 +118,6 @@ pub async fn record_entries(pool: &PgPool, entries: &[NewEntry]) -> sqlx::Result
     .bind(column(entries, |e| e.stream_seq))
     .bind(column(entries, |e| e.effect.clone()))
     .bind(column(entries, |e| e.reason.clone()))
-    .bind(column(entries, |e| e.payload.clone()))
     .fetch_all(&mut *tx)
     .await?;
     let mut new: std::collections::HashSet<String> = inserted.into_iter().collect();
@@ -228,8 +225,7 @@ async fn fold_sagas(tx: &mut PgConnection, mut recorded: Vec<&NewEntry>) -> sqlx
 async fn timeline_in(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Vec<EntryRow>> {
     sqlx::query_as(
         "SELECT entry_key, correlation_id, kind, service, event_type, event_id, causation_id,
-                aggregate_id, version, occurred_at, recorded_at, stream_seq, effect, reason,
-                NULL::jsonb AS payload
+                aggregate_id, version, occurred_at, recorded_at, stream_seq, effect, reason
          FROM saga_timeline WHERE correlation_id = $1
          ORDER BY occurred_at, kind, stream_seq",
     )
