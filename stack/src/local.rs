@@ -134,17 +134,24 @@ impl Local {
         format!("{}_{}", self.database_prefix, spec.name)
     }
 
-    /// Where a service's database is (and `sagactl audit` reads it).
+    /// Where a service's database is (and `sagactl audit` reads it). On
+    /// loopback, in plain TCP: a server with `ssl = on` (Debian's default)
+    /// would otherwise be spoken to in TLS, which protects nothing that
+    /// never leaves the machine and costs both ends CPU on every statement
+    /// (docs/security.md says how to require TLS where it matters).
     pub fn database_url(&self, spec: &ServiceSpec) -> String {
         format!(
-            "postgres://postgres@127.0.0.1:{}/{}",
+            "postgres://postgres@127.0.0.1:{}/{}?sslmode=disable",
             self.pg_port,
             self.database(spec)
         )
     }
 
     fn admin_url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.pg_port)
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            self.pg_port
+        )
     }
 
     /// The broker's daemons: `nats`, and `nats-2`, `nats-3` of a cluster.

@@ -184,7 +184,7 @@ fn up_runs_the_demo_status_sees_every_process_and_down_stops_them_all() -> Resul
             .find_map(|l| l.strip_prefix(line.as_str()))
             .unwrap_or_else(|| panic!("no {line}… in {env_file}"));
         assert!(
-            url.ends_with(&format!("/{}_{}", stack.tag, spec.name)),
+            url.ends_with(&format!("/{}_{}?sslmode=disable", stack.tag, spec.name)),
             "{url}"
         );
     }
