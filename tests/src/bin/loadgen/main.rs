@@ -6,12 +6,16 @@
 //! four services in this process, the broker without an fsync per write), so
 //! a run is reproducible anywhere; with `--stack` it drives the stack started
 //! by `scripts/up.sh` instead, on the settings it ships with, and reports each
-//! service's memory; `--bench` runs the three standard measures there.
+//! service's memory; `--bench` runs the three standard measures there, and
+//! `--vs-reference DIR` measures them against the reference saga in `DIR`
+//! back to back (see vs_reference.rs).
 //!
 //! ```text
 //! cargo run --release -p saga-tests --bin loadgen -- --orders 3000 --rate 0 --concurrency 256
 //! cargo run --release -p saga-tests --bin loadgen -- --orders 300 --concurrency 1
 //! ```
+
+mod vs_reference;
 
 use std::{
     collections::HashMap,
@@ -66,6 +70,24 @@ struct Args {
     /// How long `--bench`'s open loop runs.
     #[arg(long, default_value_t = 20, value_parser = parse_secs)]
     seconds: u64,
+    /// Measure against the reference saga in this folder (a cargo project
+    /// whose `sagabench` binary drives it): on a fresh local stack
+    /// (`scripts/down.sh --purge`, `scripts/up.sh --no-demo`) and the
+    /// reference on its own broker, Redis and database, saturation and one
+    /// saga in flight for both, ours in an open loop at half the
+    /// reference's saturation for `--seconds`; prints one table of ratios.
+    /// Ours at saturation places as many orders as the reference finished
+    /// in its 15 s (`--orders` is not used).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["bench", "stack"])]
+    vs_reference: Option<std::path::PathBuf>,
+    /// A copy of the reference whose driver places at a fixed rate (`RATE`
+    /// sagas per second) instead of keeping sagas in flight: with it,
+    /// `--vs-reference` runs the reference's open loop at ours' rate too.
+    #[arg(long, value_name = "DIR", requires = "vs_reference")]
+    fixed_rate_reference: Option<std::path::PathBuf>,
+    /// How many pairs of runs `--vs-reference` alternates.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10))]
+    pairs: u32,
     /// The running stack's services and broker (`.run/stack.env` exports them).
     #[arg(long, env = "ORDER_URL", default_value = "http://127.0.0.1:8081")]
     order_url: String,
@@ -232,6 +254,9 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if let Some(reference) = args.vs_reference.clone() {
+        return runtime.block_on(vs_reference::compare(args, &reference));
+    }
     if !args.bench {
         return runtime.block_on(run(args)).map(drop);
     }
@@ -261,7 +286,7 @@ async fn bench(args: Args) -> Result<()> {
         ..base.clone()
     })
     .await?;
-    let rate = (saturation * 0.8).floor().max(1.0);
+    let rate = (saturation.throughput * 0.8).floor().max(1.0);
     println!(
         "\n==> open loop at 80% of saturation: {rate} sagas/s for {} s",
         base.seconds
@@ -276,7 +301,6 @@ async fn bench(args: Args) -> Result<()> {
     .map(drop)
 }
 
-/// Places the orders: the completed sagas per second.
 /// The admin token: arranging balances and stock is an operator's change.
 fn admin_token(private: bool, run_dir: &std::path::Path) -> Result<String> {
     // Arranging balances and stock is an operator's change: the private
@@ -393,7 +417,23 @@ async fn watch_endings(nats: &async_nats::Client, subjects: &Subjects) -> Result
     Ok(waiters)
 }
 
-async fn run(args: Args) -> Result<f64> {
+/// What one run measured.
+#[derive(Debug, Clone, Default)]
+struct Report {
+    /// Completed sagas per second.
+    throughput: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    /// Sagas that ended.
+    completed: usize,
+    /// Against the running stack: CPU milliseconds per saga by group (each
+    /// service, nats-server, postgres, redis-server).
+    cpu_ms_per_saga: Vec<(String, f64)>,
+    /// Each process's resident memory in MB: name, idle, peak.
+    memory: Vec<(String, Option<f64>, Option<f64>)>,
+}
+
+async fn run(args: Args) -> Result<Report> {
     let private = if args.stack {
         None
     } else {
@@ -496,21 +536,26 @@ async fn run(args: Args) -> Result<f64> {
     });
     let started = Instant::now();
     let mut tally = place_all(&args, &http, &endpoints.order, &waiters, &run_id).await?;
-    let throughput = tally.print(args.orders, started);
+    let mut report = tally.print(args.orders, started);
 
     sampling.abort();
     let peak = peak.lock().unwrap().clone();
-    let mb =
-        |kib: Option<u64>| kib.map_or("?".to_string(), |k| format!("{:.1}", k as f64 / 1024.0));
-    let memory: Vec<String> = processes
+    let mb = |kib: &Option<u64>| kib.map(|k| k as f64 / 1024.0);
+    report.memory = processes
         .iter()
         .zip(idle.iter().zip(&peak))
-        .map(|((name, _), (idle, peak))| format!("{name} {} idle, {} peak", mb(*idle), mb(*peak)))
+        .map(|((name, _), (idle, peak))| (name.clone(), mb(idle), mb(peak)))
+        .collect();
+    let shown = |v: &Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.1}"));
+    let memory: Vec<String> = report
+        .memory
+        .iter()
+        .map(|(name, idle, peak)| format!("{name} {} idle, {} peak", shown(idle), shown(peak)))
         .collect();
     println!("memory (RSS MB): {}", memory.join("; "));
     if let Some(before) = costs_before {
         let after = Costs::now(&http, &args.nats_monitor_url, &processes, &run_dir).await;
-        after.since(&before, tally.latencies.len());
+        report.cpu_ms_per_saga = after.since(&before, tally.latencies.len());
     }
 
     if let Some((latency, id)) = tally.slowest {
@@ -525,7 +570,7 @@ async fn run(args: Args) -> Result<f64> {
     if unfinished > 0 || wrong > 0 {
         bail!("{unfinished} sagas unfinished, {wrong} ended otherwise than planned");
     }
-    Ok(throughput)
+    Ok(report)
 }
 
 /// Places `args.orders` orders (at `args.rate` per second, or as fast as
@@ -619,8 +664,8 @@ impl Tally {
     }
 
     /// Prints the outcomes, the throughput and the latencies of `orders`
-    /// sagas placed from `started`; the throughput in sagas per second.
-    fn print(&mut self, orders: usize, started: Instant) -> f64 {
+    /// sagas placed from `started`, and returns them.
+    fn print(&mut self, orders: usize, started: Instant) -> Report {
         let elapsed = self.last.unwrap_or(started) - started;
         let latencies = &mut self.latencies;
         latencies.sort();
@@ -654,7 +699,13 @@ impl Tally {
             pct(0.99),
             pct(1.0)
         );
-        throughput
+        Report {
+            throughput,
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            completed: latencies.len(),
+            ..Report::default()
+        }
     }
 }
 
@@ -827,10 +878,11 @@ impl Costs {
 
     /// Prints what `sagas` sagas cost since `before`: CPU milliseconds per
     /// saga by group (a process that ended meanwhile, a Postgres backend
-    /// closed, is not counted), and the broker's messages per saga.
-    fn since(&self, before: &Costs, sagas: usize) {
+    /// closed, is not counted), and the broker's messages per saga;
+    /// returns the CPU milliseconds per saga by group.
+    fn since(&self, before: &Costs, sagas: usize) -> Vec<(String, f64)> {
         if sagas == 0 {
-            return;
+            return Vec::new();
         }
         let mut groups: Vec<(String, Duration)> = Vec::new();
         for (group, pid, used) in &self.cpu {
@@ -863,6 +915,7 @@ impl Costs {
                 o1.saturating_sub(o0) as f64 / sagas as f64
             );
         }
+        groups.into_iter().map(|(g, d)| (g, per_saga(d))).collect()
     }
 }
 
