@@ -385,9 +385,12 @@ async fn connect(databases: &Databases, service: &str) -> Result<PgConnection> {
         .with_context(|| format!("no database given for {service}"))?;
     tokio::time::timeout(CALL_TIMEOUT, PgConnection::connect(url))
         .await
-        .ok()
-        .with_context(|| format!("{service}'s database: no answer within {CALL_TIMEOUT:?}"))?
-        .with_context(|| format!("connecting to {service}'s database"))
+        .map_err(|_| {
+            crate::Failure::Unreachable(format!(
+                "{service}'s database: no answer within {CALL_TIMEOUT:?}"
+            ))
+        })?
+        .map_err(|e| crate::failure::of_database(e, &format!("connecting to {service}'s database")))
 }
 
 /// `query`, with [`CALL_TIMEOUT`]; `what` names it in the error.
@@ -543,11 +546,58 @@ async fn read(db: &mut Connections, range: Range) -> Result<Records> {
 
 /// Prints the report: a table of checks, the sagas not held to an end
 /// state, and every finding with its id. An error when anything disagrees.
-pub fn print(report: &Report, in_flight_for: Duration, out: &mut (dyn Write + Send)) -> Result<()> {
+pub fn print(
+    report: &Report,
+    in_flight_for: Duration,
+    json: bool,
+    out: &mut (dyn Write + Send),
+) -> Result<()> {
     let mut wrong: BTreeMap<&str, usize> = BTreeMap::new();
     for f in &report.findings {
         *wrong.entry(f.check).or_default() += 1;
     }
+    if json {
+        let checks: Vec<serde_json::Value> = CHECKS
+            .iter()
+            .map(|check| {
+                serde_json::json!({
+                    "check": check,
+                    "checked": report.checked.get(check).copied().unwrap_or(0),
+                    "mismatches": wrong.get(check).copied().unwrap_or(0),
+                })
+            })
+            .collect();
+        let findings: Vec<serde_json::Value> = report
+            .findings
+            .iter()
+            .map(|f| serde_json::json!({"check": f.check, "id": f.id, "detail": f.detail}))
+            .collect();
+        let shown = serde_json::json!({
+            "invariantsHold": report.findings.is_empty(),
+            "checks": checks,
+            "findings": findings,
+            "inFlightForSeconds": in_flight_for.as_secs(),
+            "inFlight": report.in_flight,
+            "awaitingOperator": report.awaiting_operator,
+        });
+        writeln!(out, "{shown}")?;
+    } else {
+        print_table(report, &wrong, in_flight_for, out)?;
+    }
+    match report.findings.len() {
+        0 => Ok(()),
+        n => Err(crate::Failure::Mismatch(n).into()),
+    }
+}
+
+/// The audit as a table, then the sagas awaiting an operator and every
+/// mismatch.
+fn print_table(
+    report: &Report,
+    wrong: &BTreeMap<&str, usize>,
+    in_flight_for: Duration,
+    out: &mut (dyn Write + Send),
+) -> Result<()> {
     writeln!(out, "{:<32} {:>9} {:>11}", "CHECK", "CHECKED", "MISMATCHES")?;
     for check in CHECKS {
         let n = wrong.get(check).copied().unwrap_or(0);
@@ -584,10 +634,7 @@ pub fn print(report: &Report, in_flight_for: Duration, out: &mut (dyn Write + Se
     for f in &report.findings {
         writeln!(out, "  {}: {}: {}", f.check, f.id, f.detail)?;
     }
-    anyhow::bail!(
-        "{} mismatch(es) between the services' records",
-        report.findings.len()
-    )
+    Ok(())
 }
 
 /// How an order's payment disagrees with its status, if it does.
@@ -862,7 +909,7 @@ mod tests {
     #[test]
     fn the_table_names_every_check_and_a_mismatch_is_an_error() {
         let mut out = Vec::new();
-        print(&check(&consistent(), MINUTE), MINUTE, &mut out).unwrap();
+        print(&check(&consistent(), MINUTE), MINUTE, false, &mut out).unwrap();
         let printed = String::from_utf8(out).unwrap();
         for c in CHECKS {
             assert!(printed.contains(c), "{printed}");
@@ -871,9 +918,27 @@ mod tests {
         let mut records = consistent();
         records.shipments.clear();
         let mut out = Vec::new();
-        let err = print(&check(&records, MINUTE), MINUTE, &mut out).unwrap_err();
+        let err = print(&check(&records, MINUTE), MINUTE, false, &mut out).unwrap_err();
         assert!(err.to_string().contains("1 mismatch"), "{err}");
+        assert_eq!(crate::exit_code(&err), 5);
         let printed = String::from_utf8(out).unwrap();
         assert!(printed.contains(&id(1).to_string()), "{printed}");
+    }
+
+    #[test]
+    fn as_json_the_audit_says_each_check_and_each_mismatch() {
+        let mut out = Vec::new();
+        print(&check(&consistent(), MINUTE), MINUTE, true, &mut out).unwrap();
+        let shown: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(shown["invariantsHold"], true);
+        assert_eq!(shown["checks"].as_array().unwrap().len(), CHECKS.len());
+        let mut records = consistent();
+        records.shipments.clear();
+        let mut out = Vec::new();
+        let err = print(&check(&records, MINUTE), MINUTE, true, &mut out).unwrap_err();
+        assert_eq!(crate::exit_code(&err), 5);
+        let shown: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(shown["invariantsHold"], false);
+        assert_eq!(shown["findings"][0]["id"], id(1).to_string());
     }
 }

@@ -5,22 +5,46 @@
 
 use std::io::Write;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use common::{
     dlq::dlq_headers,
     dlq::{Dlq, Filter, Redrive, Redriven, Sagas},
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use crate::Connection;
+use crate::{Connection, Failure};
+
+/// A dead letter as `--json` prints it in a list.
+fn summary(d: &common::dlq::DeadLetter) -> Value {
+    json!({
+        "seq": d.seq,
+        "deadLetteredAt": d.at.to_rfc3339(),
+        "consumer": d.header(dlq_headers::CONSUMER),
+        "eventType": d.header(dlq_headers::EVENT_TYPE),
+        "eventId": d.header(dlq_headers::EVENT_ID),
+        "saga": d.header(dlq_headers::CORRELATION_ID),
+        "subject": d.header(dlq_headers::SUBJECT),
+        "reason": d.header(dlq_headers::REASON),
+    })
+}
 
 pub async fn list(
     dlq: &Dlq,
     filter: &Filter,
     limit: usize,
+    json: bool,
     out: &mut (dyn Write + Send),
 ) -> Result<()> {
     let all = dlq.read(filter).await?;
+    if json {
+        let listed: Vec<Value> = all.iter().take(limit).map(summary).collect();
+        writeln!(
+            out,
+            "{}",
+            json!({ "deadLetters": listed, "total": all.len() })
+        )?;
+        return Ok(());
+    }
     writeln!(
         out,
         "{:>6}  {:<24}  {:<10}  {:<26}  {:<36}  REASON",
@@ -48,11 +72,28 @@ pub async fn list(
     Ok(())
 }
 
-pub async fn show(dlq: &Dlq, seq: u64, out: &mut (dyn Write + Send)) -> Result<()> {
-    let d = dlq
-        .one(seq)
-        .await?
-        .with_context(|| format!("no dead letter {seq} (redriven, or never there)"))?;
+pub async fn show(dlq: &Dlq, seq: u64, json: bool, out: &mut (dyn Write + Send)) -> Result<()> {
+    let d = dlq.one(seq).await?.ok_or_else(|| {
+        Failure::NotFound(format!("no dead letter {seq} (redriven, or never there)"))
+    })?;
+    if json {
+        let mut shown = summary(&d);
+        let headers: serde_json::Map<String, Value> = d
+            .headers
+            .iter()
+            .map(|(k, vs)| {
+                let values: Vec<&str> = vs.iter().map(|v| v.as_str()).collect();
+                (k.to_string(), json!(values))
+            })
+            .collect();
+        shown["headers"] = Value::Object(headers);
+        shown["bodyBytes"] = json!(d.body.len());
+        // The body as the JSON it is, or as text when it is not JSON.
+        shown["body"] = serde_json::from_slice(&d.body)
+            .unwrap_or_else(|_| json!(String::from_utf8_lossy(&d.body)));
+        writeln!(out, "{shown}")?;
+        return Ok(());
+    }
     writeln!(out, "dead letter {seq}, {}", d.at.to_rfc3339())?;
     writeln!(out, "reason: {}", d.or_dash(dlq_headers::REASON))?;
     writeln!(out, "headers:")?;
@@ -100,6 +141,7 @@ pub async fn redrive(
     dlq: &Dlq,
     connection: &Connection,
     request: &Redrive,
+    json: bool,
     out: &mut (dyn Write + Send),
 ) -> Result<()> {
     let sagas = OrderService {
@@ -107,16 +149,24 @@ pub async fn redrive(
         http: reqwest::Client::new(),
     };
     let results: Vec<Redriven> = dlq.redrive(request, &sagas).await?;
-    if results.is_empty() {
-        writeln!(out, "no dead letter selected")?;
-    }
-    for r in &results {
-        writeln!(out, "{} {}: {}", r.outcome, r.seq, r.detail)?;
-    }
     let left = results
         .iter()
         .filter(|r| r.outcome == "refused" || r.outcome == "failed")
         .count();
+    if json {
+        writeln!(
+            out,
+            "{}",
+            json!({ "results": results, "notRedriven": left })
+        )?;
+    } else {
+        for r in &results {
+            writeln!(out, "{} {}: {}", r.outcome, r.seq, r.detail)?;
+        }
+    }
+    if results.is_empty() {
+        return Err(Failure::NotFound("no dead letter selected".into()).into());
+    }
     if left > 0 {
         bail!(
             "{left} of {} dead letter(s) not redriven (see above)",

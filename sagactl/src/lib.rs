@@ -5,14 +5,19 @@
 //! has dead letters redriven or a saga resolved when an operator says so,
 //! each leaving an audit record that the saga's timeline shows. `audit`
 //! reads the four services' databases and checks the invariants across them.
+//! Every command prints JSON with `--json`, and its exit code says what
+//! went wrong ([`failure`]).
 
 pub mod audit;
 pub mod dlq;
+pub mod failure;
 pub mod saga;
+
+pub use failure::{Failure, exit_code};
 
 use std::{io::Write, path::PathBuf, time::Duration};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use common::{Subjects, dlq::Filter};
 use uuid::Uuid;
@@ -26,6 +31,10 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Cli {
     #[command(flatten)]
     pub connection: Connection,
+    /// Print JSON instead of tables and lines (an error too, on stderr:
+    /// its kind, message and exit code).
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -85,8 +94,12 @@ impl Connection {
         self.admin_token = match (std::env::var("ADMIN_TOKEN").ok(), &self.admin_token_file) {
             (Some(token), _) if !token.is_empty() => Some(token),
             (_, Some(path)) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading the admin token from {}", path.display()))?;
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    Failure::Usage(format!(
+                        "reading the admin token from {}: {e}",
+                        path.display()
+                    ))
+                })?;
                 Some(text.lines().next().unwrap_or_default().trim().to_string())
             }
             _ => None,
@@ -146,8 +159,8 @@ pub enum Command {
     /// total per customer, stock held equals the confirmed quantities per
     /// product, a shipment for every confirmed order and no other, every
     /// saga ended (or younger than --in-flight-for). Prints a table and
-    /// every mismatch with its order, customer or product; exits non-zero
-    /// on any mismatch.
+    /// every mismatch with its order, customer or product; exits 5 on any
+    /// mismatch.
     Audit {
         /// A saga not ended and older than this (seconds) is stuck.
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -167,9 +180,6 @@ pub enum Command {
     Saga {
         /// The order id (the saga's correlation id).
         order_id: Uuid,
-        /// Print the order service's JSON instead of a table.
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -236,9 +246,13 @@ pub enum DlqCommand {
 impl Connection {
     /// The admin token, or an error that says where to put it.
     pub fn admin_token(&self) -> Result<&str> {
-        self.admin_token
-            .as_deref()
-            .context("an operator command: set ADMIN_TOKEN, or point --admin-token-file (ADMIN_TOKEN_FILE) at a file holding it")
+        self.admin_token.as_deref().ok_or_else(|| {
+            Failure::Unauthorized(
+                "an operator command: set ADMIN_TOKEN, or point --admin-token-file (ADMIN_TOKEN_FILE) at a file holding it"
+                    .into(),
+            )
+            .into()
+        })
     }
 
     /// GETs `path` of the order service (with `token` as the bearer, if
@@ -254,21 +268,23 @@ impl Connection {
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
-        let response = request.send().await.with_context(|| format!("GET {url}"))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| failure::of_request(e, &format!("GET {url}")))?;
         let status = response.status();
         if status == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        let body: serde_json::Value = response
-            .json()
-            .await
-            .with_context(|| format!("GET {url}: the answer is not JSON"))?;
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
         if !status.is_success() {
-            anyhow::bail!(
-                "GET {url}: {status}: {}",
-                body["error"].as_str().unwrap_or("no message")
-            );
+            let message = body["error"].as_str().unwrap_or("no message");
+            return Err(failure::of_status(
+                status,
+                format!("GET {url}: {status}: {message}"),
+            ));
         }
+        anyhow::ensure!(body.is_object(), "GET {url}: the answer is not JSON");
         Ok(Some(body))
     }
 
@@ -289,14 +305,15 @@ impl Connection {
             .json(body)
             .send()
             .await
-            .with_context(|| format!("POST {url}"))?;
+            .map_err(|e| failure::of_request(e, &format!("POST {url}")))?;
         let status = response.status();
         let answer: serde_json::Value = response.json().await.unwrap_or_default();
         if !status.is_success() {
-            anyhow::bail!(
-                "POST {url}: {status}: {}",
-                answer["error"].as_str().unwrap_or("no message")
-            );
+            let message = answer["error"].as_str().unwrap_or("no message");
+            return Err(failure::of_status(
+                status,
+                format!("POST {url}: {status}: {message}"),
+            ));
         }
         Ok(answer)
     }
@@ -309,13 +326,14 @@ pub async fn run(mut cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
         cli.connection = cli.connection.with_admin_token_from_env()?;
     }
     let subjects = Subjects::new(cli.connection.subject_prefix.clone());
+    let json = cli.json;
     match cli.command {
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "sagactl", out);
             Ok(())
         }
-        Command::Saga { order_id, json } => saga::print(&cli.connection, order_id, json, out).await,
+        Command::Saga { order_id } => saga::print(&cli.connection, order_id, json, out).await,
         Command::Resolve {
             order_id,
             manually_compensated: _,
@@ -323,15 +341,15 @@ pub async fn run(mut cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
             operator,
         } => {
             let operator = operator.unwrap_or_else(login);
-            saga::resolve(&cli.connection, order_id, &operator, &note, out).await
+            saga::resolve(&cli.connection, order_id, &operator, &note, json, out).await
         }
         Command::Dlq(DlqCommand::List { filter, limit }) => {
             let dlq = connect(&cli.connection, subjects).await?;
-            dlq::list(&dlq, &filter, limit, out).await
+            dlq::list(&dlq, &filter, limit, json, out).await
         }
         Command::Dlq(DlqCommand::Show { seq }) => {
             let dlq = connect(&cli.connection, subjects).await?;
-            dlq::show(&dlq, seq, out).await
+            dlq::show(&dlq, seq, json, out).await
         }
         Command::Dlq(DlqCommand::Redrive {
             seqs,
@@ -342,13 +360,13 @@ pub async fn run(mut cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
             let body = match body {
                 Some(path) => Some(
                     std::fs::read_to_string(&path)
-                        .with_context(|| format!("reading {}", path.display()))?,
+                        .map_err(|e| Failure::Usage(format!("reading {}: {e}", path.display())))?,
                 ),
                 None => None,
             };
             let request = redrive_request(seqs, &filter, body, audit);
             let dlq = connect(&cli.connection, subjects).await?;
-            dlq::redrive(&dlq, &cli.connection, &request, out).await
+            dlq::redrive(&dlq, &cli.connection, &request, json, out).await
         }
         Command::Audit {
             in_flight_for,
@@ -357,12 +375,16 @@ pub async fn run(mut cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
         } => {
             let in_flight_for = Duration::from_secs(in_flight_for);
             let report = audit::run(&databases_of(databases), in_flight_for, page_size).await?;
-            audit::print(&report, in_flight_for, out)
+            audit::print(&report, in_flight_for, json, out)
         }
         Command::Provision { replicas } => {
             let nats = nats_client(&cli.connection).await?;
             let js = async_nats::jetstream::new(nats);
             let changed = common::topology::provision(&js, &subjects, replicas as usize).await?;
+            if json {
+                writeln!(out, "{}", serde_json::json!({ "changed": changed }))?;
+                return Ok(());
+            }
             if changed.is_empty() {
                 writeln!(out, "streams and consumers as provisioned: nothing changed")?;
             }
@@ -378,7 +400,7 @@ pub async fn run(mut cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
             };
             let request = redrive_request(Vec::new(), &saga, None, audit);
             let dlq = connect(&cli.connection, subjects).await?;
-            dlq::redrive(&dlq, &cli.connection, &request, out).await
+            dlq::redrive(&dlq, &cli.connection, &request, json, out).await
         }
     }
 }
@@ -423,14 +445,13 @@ async fn nats_client(connection: &Connection) -> Result<async_nats::Client> {
         ),
     )
     .await
-    .ok()
-    .with_context(|| {
-        format!(
+    .map_err(|_| {
+        Failure::Unreachable(format!(
             "no answer from {} within {CALL_TIMEOUT:?}",
             connection.nats_url
-        )
+        ))
     })?
-    .with_context(|| format!("connecting to {}", connection.nats_url))
+    .map_err(|e| failure::of_broker(e, &connection.nats_url))
 }
 
 /// `SERVICE=URL`, for a service of the roster.
@@ -479,6 +500,29 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_command_takes_json() {
+        let id = "01a24960-19da-7164-be6e-6f8edb39d29e";
+        for line in [
+            "dlq list",
+            "dlq show 3",
+            "dlq redrive --seq 3 --dry-run",
+            &format!("retry {id} --dry-run"),
+            &format!("resolve {id} --manually-compensated --note n"),
+            "provision",
+            "audit",
+            &format!("saga {id}"),
+        ] {
+            let argv: Vec<&str> = ["sagactl"]
+                .into_iter()
+                .chain(line.split(' '))
+                .chain(["--json"])
+                .collect();
+            let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert!(cli.json, "{line}");
+        }
     }
 
     #[test]

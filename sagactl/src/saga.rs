@@ -3,11 +3,11 @@
 
 use std::io::Write;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::CALL_TIMEOUT;
+use crate::{CALL_TIMEOUT, Failure};
 
 /// Prints saga `order_id` (an operator's read: the admin token).
 pub async fn print(
@@ -21,7 +21,7 @@ pub async fn print(
     let body = connection
         .order_get(&reqwest::Client::new(), &path, Some(token))
         .await?
-        .with_context(|| format!("no saga {order_id}"))?;
+        .ok_or_else(|| Failure::NotFound(format!("no saga {order_id}")))?;
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&body)?)?;
         return Ok(());
@@ -35,6 +35,7 @@ pub async fn resolve(
     order_id: Uuid,
     operator: &str,
     note: &str,
+    json: bool,
     out: &mut (dyn Write + Send),
 ) -> Result<()> {
     let request = serde_json::json!({
@@ -49,6 +50,10 @@ pub async fn resolve(
             CALL_TIMEOUT,
         )
         .await?;
+    if json {
+        writeln!(out, "{body}")?;
+        return Ok(());
+    }
     writeln!(
         out,
         "order {order_id}: {} (by {operator}: {note})",

@@ -810,20 +810,35 @@ impl Stack {
     /// as a shell would (double quotes group): what it printed, or its
     /// error, with what it printed as context.
     pub async fn sagactl(&self, line: &str) -> Result<String> {
+        self.sagactl_as(line, &[], Some(ADMIN_TOKEN)).await
+    }
+
+    /// `sagactl <line>` as [`Stack::sagactl`] runs it, with some of its
+    /// connection flags given other values (`("--order-url", …)`) and
+    /// `token` as the admin token (`None`: none set).
+    pub async fn sagactl_as(
+        &self,
+        line: &str,
+        overrides: &[(&str, &str)],
+        token: Option<&str>,
+    ) -> Result<String> {
         use clap::Parser;
-        let mut argv = vec![
-            "sagactl".to_string(),
-            "--nats-url".into(),
-            self.nats.url(),
-            "--nats-user".into(),
-            self.users.operator().0,
-            "--nats-password".into(),
-            self.users.operator().1,
-            "--subject-prefix".into(),
-            self.subjects.prefix().into(),
-            "--order-url".into(),
-            self.url("order", ""),
+        let (user, password) = self.users.operator();
+        let flags = [
+            ("--nats-url", self.nats.url()),
+            ("--nats-user", user),
+            ("--nats-password", password),
+            ("--subject-prefix", self.subjects.prefix().to_string()),
+            ("--order-url", self.url("order", "")),
         ];
+        let mut argv = vec!["sagactl".to_string()];
+        for (flag, value) in flags {
+            let value = overrides
+                .iter()
+                .find(|(f, _)| *f == flag)
+                .map_or(value, |(_, v)| v.to_string());
+            argv.extend([flag.to_string(), value]);
+        }
         argv.extend(
             line.split('"')
                 .enumerate()
@@ -835,7 +850,7 @@ impl Stack {
         let args = line;
         let mut cli = sagactl::Cli::try_parse_from(&argv)?;
         // As ADMIN_TOKEN would give it (never a flag).
-        cli.connection.admin_token = Some(ADMIN_TOKEN.into());
+        cli.connection.admin_token = token.map(str::to_string);
         let mut out = Vec::new();
         let result = sagactl::run(cli, &mut out).await;
         let printed = String::from_utf8_lossy(&out).into_owned();

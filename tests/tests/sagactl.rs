@@ -345,3 +345,102 @@ async fn the_audit_counts_a_young_saga_in_flight_and_names_it_stuck_past_the_thr
     );
     Ok(())
 }
+
+/// `sagactl <line>`'s exit code: 0 when it succeeded.
+async fn exit_code(run: impl Future<Output = Result<String>>) -> u8 {
+    match run.await {
+        Ok(_) => 0,
+        Err(e) => sagactl::exit_code(&e),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_answers_in_json_and_its_exit_code_says_what_went_wrong() -> Result<()> {
+    let (stack, id) = Stack::waiting_for_shipping().await?;
+    // A ShipmentFailed without its reason: a dead letter.
+    let mut broken: Value = serde_json::from_slice(&shipment_failed(id).to_bytes())?;
+    broken["payload"]
+        .as_object_mut()
+        .expect("payload")
+        .remove("reason");
+    stack
+        .publish(
+            &stack.subjects.event(EventKind::ShipmentFailed),
+            serde_json::to_vec(&broken)?,
+        )
+        .await?;
+    stack.wait_for_dead_letters(1).await?;
+
+    let listed: Value = serde_json::from_str(&stack.sagactl("dlq list --json").await?)?;
+    assert_eq!(listed["total"], 1, "{listed}");
+    let letter = &listed["deadLetters"][0];
+    assert_eq!(letter["consumer"], "inventory", "{listed}");
+    assert!(
+        letter["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("missing field `reason`"),
+        "{listed}"
+    );
+    let seq = letter["seq"].as_u64().expect("a sequence");
+    let shown: Value =
+        serde_json::from_str(&stack.sagactl(&format!("dlq show {seq} --json")).await?)?;
+    assert_eq!(
+        shown["headers"]["Saga-Dlq-Consumer"][0], "inventory",
+        "{shown}"
+    );
+    assert_eq!(
+        shown["body"]["metadata"]["correlationId"],
+        id.to_string(),
+        "{shown}"
+    );
+    let story: Value = serde_json::from_str(&stack.sagactl(&format!("saga {id} --json")).await?)?;
+    assert_eq!(story["correlationId"], id.to_string(), "{story}");
+    // Nothing found: 6.
+    let unknown = Uuid::now_v7();
+    assert_eq!(exit_code(stack.sagactl("dlq show 999999 --json")).await, 6);
+    assert_eq!(
+        exit_code(stack.sagactl(&format!("saga {unknown}"))).await,
+        6
+    );
+    let none = stack
+        .sagactl(&format!("retry {unknown} --dry-run --json"))
+        .await;
+    let none = none.expect_err("no dead letter of that saga");
+    assert_eq!(sagactl::exit_code(&none), 6, "{none:#}");
+    assert!(format!("{none:#}").contains(r#""results":[]"#), "{none:#}");
+    // A redrive refused (bytes that are not an event): 1.
+    let line = format!("dlq redrive --seq {seq} --note retry --json");
+    assert_eq!(exit_code(stack.sagactl(&line)).await, 1);
+
+    // Authorization: no token, a wrong one, a refused broker password: 4.
+    let saga = format!("saga {id}");
+    assert_eq!(exit_code(stack.sagactl_as(&saga, &[], None)).await, 4);
+    assert_eq!(
+        exit_code(stack.sagactl_as(&saga, &[], Some("not-the-token"))).await,
+        4
+    );
+    let wrong_password = [("--nats-password", "not-the-password")];
+    assert_eq!(
+        exit_code(stack.sagactl_as("dlq list", &wrong_password, Some(saga_tests::ADMIN_TOKEN)))
+            .await,
+        4
+    );
+
+    // Connection: nobody listening: 3.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let order_url = format!("http://127.0.0.1:{closed}");
+    let nats_url = format!("nats://127.0.0.1:{closed}");
+    let token = Some(saga_tests::ADMIN_TOKEN);
+    assert_eq!(
+        exit_code(stack.sagactl_as(&saga, &[("--order-url", &order_url)], token)).await,
+        3
+    );
+    assert_eq!(
+        exit_code(stack.sagactl_as("dlq list", &[("--nats-url", &nats_url)], token)).await,
+        3
+    );
+    Ok(())
+}
