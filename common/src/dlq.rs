@@ -468,7 +468,14 @@ impl Dlq {
     /// of it. Stops at the first that fails (it and the rest stay). A dead
     /// letter of a saga that has ended, as `sagas` says, is refused unless
     /// the request forces it with a reason.
-    pub async fn redrive(&self, request: &Redrive, sagas: &impl Sagas) -> Result<Vec<Redriven>> {
+    /// `progress` hears after each dead letter how many of the selected
+    /// ones were dealt with.
+    pub async fn redrive(
+        &self,
+        request: &Redrive,
+        sagas: &impl Sagas,
+        progress: &mut (dyn FnMut(usize, usize) + Send),
+    ) -> Result<Vec<Redriven>> {
         if request.body.is_some() && request.seqs.len() != 1 {
             bail!("a corrected body replaces one dead letter: name exactly one seq");
         }
@@ -507,7 +514,8 @@ impl Dlq {
             outcome: outcome.into(),
             detail,
         };
-        for d in &selected {
+        for (i, d) in selected.iter().enumerate() {
+            progress(i, selected.len());
             let plan = match self.plan(d, request.body.as_deref().map(str::as_bytes)) {
                 Ok(plan) => plan,
                 Err(why) => {
@@ -551,6 +559,7 @@ impl Dlq {
                 }
             }
         }
+        progress(results.len(), selected.len());
         Ok(results)
     }
 

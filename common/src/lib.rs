@@ -21,6 +21,7 @@ pub mod janitor;
 pub mod meter;
 pub mod outbox;
 pub mod permissions;
+pub mod progress;
 pub mod relay_lease;
 pub mod roster;
 pub mod service;

@@ -1,10 +1,7 @@
 //! The order service's command line: the service (the shared settings and
 //! [`Settings`]), or a maintenance task on its database.
 
-use std::{
-    ffi::OsString,
-    io::{IsTerminal, Write},
-};
+use std::ffi::OsString;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use common::ConfigArgs;
@@ -71,18 +68,18 @@ async fn rebuild(config: common::Config, projection: &str) -> anyhow::Result<()>
     common::service::combined(&crate::MIGRATIONS)
         .run(&pool)
         .await?;
-    let terminal = std::io::stderr().is_terminal();
-    let mut shown: Option<u64> = None;
+    // A bar on a terminal, a line at every tenth otherwise.
+    let unit = if projection == "catalog" {
+        "catalog events"
+    } else {
+        "events"
+    };
+    let mut shown = common::progress::Progress::stderr(projection, unit, 0);
     let mut progress = |done: u64, total: u64| {
-        let percent = (done * 100).checked_div(total).unwrap_or(100);
-        if terminal {
-            let bar = "#".repeat((percent / 4) as usize);
-            eprint!("\r{projection}: [{bar:<25}] {done}/{total}");
-            let _ = std::io::stderr().flush();
-        } else if shown.is_none_or(|s| percent >= s + 10 || (percent == 100 && s < 100)) {
-            shown = Some(percent);
-            eprintln!("{projection}: {done}/{total} ({percent}%)");
+        if total != shown.total() {
+            shown.set_total(total);
         }
+        shown.set(done);
     };
     let (done, unit) = match projection {
         "orders" => (
@@ -119,9 +116,7 @@ async fn rebuild(config: common::Config, projection: &str) -> anyhow::Result<()>
             "events",
         ),
     };
-    if terminal {
-        eprintln!();
-    }
+    shown.finish();
     println!("rebuilt {projection} from {done} {unit} and swapped it in");
     Ok(())
 }

@@ -446,6 +446,14 @@ pub async fn run(databases: &Databases, in_flight_for: Duration, page: u32) -> R
     };
     let mut audit = Audit::new(in_flight_for);
     let mut after = None;
+    // Its progress, by orders read (a bar on a terminal, lines otherwise).
+    let total: i64 = within(
+        "orders",
+        sqlx::query_scalar("SELECT count(*) FROM orders").fetch_one(&mut db.order),
+    )
+    .await?;
+    let mut progress = common::progress::Progress::stderr("audit", "orders", total as u64);
+    let mut read_so_far = 0;
     loop {
         // The page ends at the page-th order id after the last page; the
         // last page takes everything after.
@@ -456,12 +464,16 @@ pub async fn run(databases: &Databases, in_flight_for: Duration, page: u32) -> R
             .bind(i64::from(page.max(1)) - 1);
         let upto: Option<Uuid> = within("orders", query.fetch_optional(&mut db.order)).await?;
         let range = Range { after, upto };
-        audit.page(&read(&mut db, range).await?);
+        let records = read(&mut db, range).await?;
+        read_so_far += records.orders.len() as u64;
+        progress.set(read_so_far);
+        audit.page(&records);
         match upto {
             Some(id) => after = Some(id),
             None => break,
         }
     }
+    progress.finish();
     let sql = "SELECT product_id, reserved FROM stock";
     let reserved: Vec<(String, i64)> =
         within("stock", sqlx::query_as(sql).fetch_all(&mut db.inventory)).await?;

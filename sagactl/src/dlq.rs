@@ -148,7 +148,26 @@ pub async fn redrive(
         connection,
         http: reqwest::Client::new(),
     };
-    let results: Vec<Redriven> = dlq.redrive(request, &sagas).await?;
+    // A bar (or lines) once there is more than one to go through.
+    let mut shown: Option<common::progress::Progress> = None;
+    let mut progress = |done: usize, total: usize| {
+        if total > 1 {
+            let label = if request.dry_run {
+                "dry run"
+            } else {
+                "redrive"
+            };
+            shown
+                .get_or_insert_with(|| {
+                    common::progress::Progress::stderr(label, "dead letters", total as u64)
+                })
+                .set(done as u64);
+        }
+    };
+    let results: Vec<Redriven> = dlq.redrive(request, &sagas, &mut progress).await?;
+    if let Some(shown) = shown {
+        shown.finish();
+    }
     let left = results
         .iter()
         .filter(|r| r.outcome == "refused" || r.outcome == "failed")

@@ -386,3 +386,37 @@ async fn an_event_committed_late_is_not_passed_over() -> Result<()> {
     );
     Ok(())
 }
+
+/// `order rebuild-projection`, run as an operator runs it with its output
+/// going to a log: its progress on stderr as plain lines (no bar, no
+/// carriage returns), its result alone on stdout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_run_from_the_command_line_shows_its_progress_as_plain_lines() -> Result<()> {
+    let (stack, _) = Stack::one_saga_of_each_kind(1_000).await?;
+    stack.projected().await?;
+    let output = tokio::process::Command::new(saga_tests::workspace_binary("saga-service"))
+        .args(["order", "rebuild-projection", "orders"])
+        .envs(stack.env("order"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.starts_with("rebuilt orders from ") && stdout.lines().count() == 1,
+        "{stdout}"
+    );
+    let progress: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("orders: "))
+        .collect();
+    assert!(!stderr.contains('\r'), "{stderr:?}");
+    let last = progress
+        .last()
+        .unwrap_or_else(|| panic!("no progress: {stderr}"));
+    assert!(last.ends_with(" events (100%)"), "{stderr}");
+    Ok(())
+}

@@ -586,6 +586,24 @@ async fn place_all(
     let started = Instant::now();
     let permits = Arc::new(Semaphore::new(args.concurrency as usize));
     let mut tasks = tokio::task::JoinSet::new();
+    // Sagas ended (or given up on), shown as they go: a bar on a
+    // terminal, a line at every tenth otherwise.
+    let ended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let shown = tokio::spawn({
+        let (ended, orders) = (ended.clone(), args.orders);
+        async move {
+            let mut progress = common::progress::Progress::stderr("sagas", "ended", orders as u64);
+            loop {
+                let now = ended.load(std::sync::atomic::Ordering::Relaxed);
+                progress.set(now as u64);
+                if now >= orders {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            progress.finish();
+        }
+    });
     for i in 0..args.orders {
         if args.rate > 0.0 {
             let due = started + Duration::from_secs_f64(i as f64 / args.rate);
@@ -600,8 +618,10 @@ async fn place_all(
             format!("{order_url}/orders"),
             Duration::from_secs(args.timeout),
         );
+        let ended = ended.clone();
         tasks.spawn(async move {
             let _permit = permit;
+            let _counted = Ended(ended);
             let t0 = Instant::now();
             let r = http.post(&url).json(&body).send().await?;
             anyhow::ensure!(r.status().as_u16() == 201, "POST /orders: {}", r.status());
@@ -624,7 +644,17 @@ async fn place_all(
         let (plan, outcome, at, id) = joined??;
         tally.add(&plan, outcome, at, id);
     }
+    let _ = shown.await;
     Ok(tally)
+}
+
+/// Counts one saga as ended when its task ends, however it ends.
+struct Ended(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// What the sagas of a run came to.
