@@ -5,6 +5,7 @@
 //! roster ([`compose`]). The integration tests' harness builds on the same
 //! code.
 
+pub mod asyncapi;
 pub mod auth_conf;
 pub mod compose;
 pub mod config_reference;

@@ -89,6 +89,14 @@ enum Cmd {
         #[arg(long)]
         write: bool,
     },
+    /// List the event contracts generated from the code: the JSON Schema
+    /// of every event type and version and the AsyncAPI document
+    /// (common/contracts/).
+    Contracts {
+        /// Rewrite them.
+        #[arg(long)]
+        write: bool,
+    },
     /// Print docker-compose.yml as the roster generates it.
     Compose {
         /// Rewrite docker-compose.yml and the other files generated from the roster.
@@ -139,6 +147,28 @@ async fn main() -> Result<ExitCode> {
                 println!("wrote {path}");
             } else {
                 print!("{text}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Contracts { write } => {
+            if write {
+                let dir = root.join(contracts::schema::DIR);
+                // A version no longer generated goes with the rewrite.
+                if let Ok(old) = std::fs::read_dir(&dir) {
+                    for entry in old.flatten() {
+                        std::fs::remove_file(entry.path())?;
+                    }
+                }
+                std::fs::create_dir_all(&dir)?;
+            }
+            for (path, text) in stack::asyncapi::generated_files() {
+                if write {
+                    std::fs::write(root.join(&path), text)
+                        .with_context(|| format!("write {path}"))?;
+                    println!("wrote {path}");
+                } else {
+                    println!("{path}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

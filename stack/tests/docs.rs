@@ -196,3 +196,32 @@ fn the_readme_layout_names_every_folder() {
         "README's Layout does not name {missing:?}"
     );
 }
+
+/// The event contracts under common/contracts/ are what the code
+/// generates: an event type, version or field changed in the code and not
+/// in the files (or a file left over) fails here.
+#[test]
+fn the_event_contracts_are_generated_from_the_code() {
+    let root = repo_root();
+    let generated = stack::asyncapi::generated_files();
+    let stale = "run `cargo run -p stack -- contracts --write`";
+    for (path, text) in &generated {
+        let committed = std::fs::read_to_string(root.join(path)).unwrap_or_default();
+        assert!(
+            committed == *text,
+            "{path} is not what the code generates: {stale}"
+        );
+    }
+    let dir = root.join(contracts::schema::DIR);
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        let path = format!(
+            "{}/{}",
+            contracts::schema::DIR,
+            entry.file_name().to_string_lossy()
+        );
+        assert!(
+            generated.iter().any(|(p, _)| *p == path),
+            "{path} is no longer generated: {stale}"
+        );
+    }
+}

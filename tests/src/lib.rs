@@ -11,6 +11,7 @@ pub mod exposition;
 pub mod fuzz;
 pub mod pg_proxy;
 pub mod raw_nats;
+pub mod schemas;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -910,6 +911,60 @@ impl Stack {
         Ok(())
     }
 
+    /// Every event the services (and sagactl) published to the events and
+    /// catalog streams validates against its JSON Schema
+    /// ([`schemas::check`]). What they published is told apart from what
+    /// a test published by hand (a broken event, on purpose) by its
+    /// `Nats-Msg-Id`: the relay's is the event id, sagactl's the action id.
+    /// Returns how many it checked, by event type.
+    pub async fn assert_published_events_match_their_schemas(
+        &self,
+    ) -> Result<BTreeMap<String, usize>> {
+        let mut checked: BTreeMap<String, usize> = BTreeMap::new();
+        for name in [
+            self.subjects.events_stream(),
+            self.subjects.catalog_stream(),
+        ] {
+            let stream = self.js.get_stream(&name).await?;
+            let last = stream.get_info().await?.state.last_sequence;
+            for seq in 1..=last {
+                let m = match stream.get_raw_message(seq).await {
+                    Ok(m) => m,
+                    Err(e)
+                        if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+                    {
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let Ok(body) = serde_json::from_slice::<serde_json::Value>(&m.payload) else {
+                    continue;
+                };
+                let operator = self.subjects.is_operator(&m.subject);
+                let id = if operator {
+                    &body["actionId"]
+                } else {
+                    &body["eventId"]
+                };
+                let msg_id = m.headers.get("Nats-Msg-Id").map(|v| v.as_str());
+                if id.as_str().is_none() || msg_id != id.as_str() {
+                    continue;
+                }
+                schemas::check(&m.payload, operator).with_context(|| {
+                    format!(
+                        "{} on {} does not match its schema: {}",
+                        body["eventType"].as_str().unwrap_or("an operator action"),
+                        m.subject,
+                        String::from_utf8_lossy(&m.payload)
+                    )
+                })?;
+                let kind = body["eventType"].as_str().unwrap_or("OperatorAction");
+                *checked.entry(kind.to_string()).or_default() += 1;
+            }
+        }
+        Ok(checked)
+    }
+
     /// Dead letters with all their headers: (headers, body) per message.
     pub async fn dead_letter_messages(&self) -> Result<Vec<(async_nats::HeaderMap, Vec<u8>)>> {
         let stream = self
@@ -1245,6 +1300,7 @@ impl Stack {
         initial_stock: &[(&str, i64)],
     ) -> Result<()> {
         self.projected().await?;
+        self.assert_published_events_match_their_schemas().await?;
         let order_pool = self.pool("order").await?;
         let rows: Vec<(
             String,

@@ -14,6 +14,7 @@ use crate::limits;
 /// (`eventId`, `eventType`, `aggregateId`, `version`, `timestamp`,
 /// `metadata.correlationId` / `metadata.causationId`, `payload`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Envelope {
     pub event_id: Uuid,
@@ -29,6 +30,7 @@ pub struct Envelope {
 
 /// Tracing ids that tie every event of one saga together.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Metadata {
     /// The saga: always the order id.
@@ -159,6 +161,11 @@ macro_rules! catalog {
             pub fn from_name(name: &str) -> Option<EventKind> {
                 match name { $(stringify!($variant) => Some(EventKind::$variant),)* _ => None }
             }
+            /// The JSON Schema of its current payload.
+            #[cfg(feature = "schema")]
+            pub fn payload_schema(self) -> schemars::Schema {
+                match self { $(EventKind::$variant => schemars::schema_for!($payload)),* }
+            }
         }
 
         /// A decoded event with its typed payload.
@@ -227,6 +234,7 @@ pub trait Validate {
 pub type Money = i64;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OrderLine {
     pub product_id: String,
@@ -236,6 +244,7 @@ pub struct OrderLine {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Address {
     pub name: String,
@@ -373,6 +382,7 @@ fn validate_amount(field: &str, amount: Money) -> Result<(), String> {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OrderPlaced {
     pub order_id: Uuid,
@@ -394,6 +404,7 @@ macro_rules! reason_payloads {
     ($( $(#[$doc:meta])* $name:ident; )*) => {$(
         $(#[$doc])*
         #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+        #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
         #[serde(rename_all = "camelCase", deny_unknown_fields)]
         pub struct $name {
             pub order_id: Uuid,
@@ -423,6 +434,7 @@ reason_payloads! {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OrderConfirmed {
     pub order_id: Uuid,
@@ -432,6 +444,7 @@ impl Validate for OrderConfirmed {}
 
 /// Carries the order context forward so the next step needs no lookup.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PaymentProcessed {
     pub order_id: Uuid,
@@ -450,6 +463,7 @@ impl Validate for PaymentProcessed {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PaymentFailed {
     pub order_id: Uuid,
@@ -464,6 +478,7 @@ impl Validate for PaymentFailed {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PaymentRefunded {
     pub order_id: Uuid,
@@ -484,6 +499,7 @@ impl Validate for PaymentRefunded {
 /// gateway's console, stock put back). Payment records the charge as
 /// refunded, inventory releases what it still holds; neither calls anyone.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OrderManuallyCompensated {
     pub order_id: Uuid,
@@ -519,6 +535,7 @@ impl Validate for OrderManuallyCompensated {
 /// every attempt (the delivery is retried on a schedule, then
 /// dead-lettered); nothing acts on it, the timeline and operators read it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PaymentRefundFailed {
     pub order_id: Uuid,
@@ -545,6 +562,7 @@ fn validate_payment_outcome(customer_id: &str, amount: Money, reason: &str) -> R
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InventoryReserved {
     pub order_id: Uuid,
@@ -559,6 +577,7 @@ impl Validate for InventoryReserved {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InventoryReleased {
     pub order_id: Uuid,
@@ -574,6 +593,7 @@ impl Validate for InventoryReleased {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ShipmentCreated {
     pub order_id: Uuid,
@@ -589,6 +609,7 @@ impl Validate for ShipmentCreated {
 /// A shipment called off: the customer cancelled the order after it was
 /// created (shipping's compensation).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ShipmentCancelled {
     pub order_id: Uuid,

@@ -4,7 +4,8 @@
 //! ([`product`]), subject
 //! and stream names ([`subjects`]), how older schema versions of an
 //! event read as the current one ([`upcast`]), and decoding, which brings
-//! them up ([`decode`]). An
+//! them up ([`decode`]); with the `schema` feature, the JSON Schema of
+//! every event type and version ([`schema`]). An
 //! outside producer, or a test that only speaks the protocol, depends on
 //! this crate alone; the runtime (`common`) builds on it.
 
@@ -13,6 +14,8 @@ pub mod event;
 pub mod limits;
 pub mod operator;
 pub mod product;
+#[cfg(feature = "schema")]
+pub mod schema;
 pub mod subjects;
 pub mod upcast;
 

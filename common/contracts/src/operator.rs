@@ -11,6 +11,7 @@ use crate::limits;
 
 /// One operator action.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OperatorAction {
     /// Unique per action: redelivery and replay record it once.

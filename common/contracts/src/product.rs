@@ -30,6 +30,7 @@ pub const AGGREGATE_TYPE: &str = "product";
 
 /// A product's catalog data as of one version: what an order line of it costs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProductPriced {
     pub product_id: String,
