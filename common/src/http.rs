@@ -6,10 +6,7 @@ use std::{future::Future, time::Duration};
 
 use axum::{
     Json, Router,
-    extract::{
-        DefaultBodyLimit, FromRequest, FromRequestParts, Query, Request, State,
-        rejection::JsonRejection,
-    },
+    extract::{FromRequest, FromRequestParts, Query, Request, State, rejection::JsonRejection},
     http::request::Parts,
     http::{HeaderMap, StatusCode, header, header::IF_MATCH},
     response::{IntoResponse, Response},
@@ -19,7 +16,6 @@ use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use sqlx::PgPool;
-use tower_http::timeout::TimeoutLayer;
 
 use crate::{
     health::{Condition, Health},
@@ -337,18 +333,6 @@ pub fn health_router(state: HealthState) -> Router {
         )
         .route("/health/ready", get(ready))
         .with_state(state)
-}
-
-/// The shell every service's routes get: bounded request bodies and a
-/// deadline per request (408), so no client can make a handler hold a
-/// connection or memory indefinitely.
-pub fn limit(router: Router) -> Router {
-    router
-        .layer(DefaultBodyLimit::max(crate::limits::MAX_BODY_BYTES))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            REQUEST_TIMEOUT,
-        ))
 }
 
 /// Longest a request may take.

@@ -16,6 +16,7 @@ pub mod counter;
 pub mod dlq;
 pub mod health;
 pub mod http;
+pub mod http_shell;
 pub mod idempotency;
 pub mod janitor;
 pub mod meter;

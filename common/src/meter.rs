@@ -58,6 +58,8 @@ pub mod names {
     pub const PLACEMENT_GROUPS: &str = "saga_placement_groups_total";
     pub const PLACEMENT_GROUPED: &str = "saga_placement_grouped_orders_total";
     pub const PLACEMENTS_WAITING: &str = "saga_placements_waiting";
+    pub const HTTP_REQUESTS: &str = "saga_http_requests_total";
+    pub const HTTP_SECONDS: &str = "saga_http_request_seconds";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +72,7 @@ pub enum Kind {
 /// Every series: its name, kind and `# HELP` text. A `_seconds` series is
 /// in seconds.
 #[rustfmt::skip]
-pub const SERIES: [(&str, Kind, &str); 24] = {
+pub const SERIES: [(&str, Kind, &str); 26] = {
     use Kind::*;
     use names::*;
     [
@@ -98,6 +100,8 @@ pub const SERIES: [(&str, Kind, &str); 24] = {
         (PLACEMENT_GROUPS, Counter, "Groups of two or more placements the order service wrote together, by outcome (committed in one transaction, or written one by one)"),
         (PLACEMENT_GROUPED, Counter, "Placements in those groups, by outcome"),
         (PLACEMENTS_WAITING, Gauge, "Placements received and waiting for a writer of the order service"),
+        (HTTP_REQUESTS, Counter, "HTTP requests answered, by method, route and status"),
+        (HTTP_SECONDS, Histogram, "Time to answer an HTTP request, by method, route and status"),
     ]
 };
 

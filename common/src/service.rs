@@ -337,7 +337,10 @@ impl Service {
         Ok(Service {
             name: config.service.clone(),
             listener,
-            router: crate::http::limit(routes.merge(health_router(infra.health()))),
+            router: crate::http_shell::shell(
+                routes.merge(health_router(infra.health())),
+                &config.service,
+            ),
             tasks,
             relay,
             relay_stop,
@@ -392,7 +395,9 @@ impl Service {
     pub async fn run(self) -> std::io::Result<()> {
         tracing::info!(service = %self.name, addr = %self.local_addr(), "service started");
         let shutdown = self.shutdown.clone();
-        let router = self.router.merge(crate::http::limit(self.scrape.router()));
+        let router = self
+            .router
+            .merge(crate::http_shell::shell(self.scrape.router(), &self.name));
         let mut tasks = self.tasks;
         tasks.push(Box::pin(meter::upkeep(shutdown.clone())));
         let server = axum::serve(self.listener, router)

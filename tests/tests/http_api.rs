@@ -274,3 +274,70 @@ async fn an_oversized_body_gets_a_413_not_a_reset() -> Result<()> {
     }
     Ok(())
 }
+
+/// Every answer carries a request id: the caller's when it is a sane one,
+/// else a new one; and every request is counted and timed by route (its
+/// pattern, not its path) and status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_has_an_id_and_is_counted_by_route_and_status() -> Result<()> {
+    let stack = Stack::start().await?;
+    let unknown = uuid::Uuid::now_v7();
+    let get = |path: String, id: Option<String>| {
+        let mut request = stack.http.get(stack.url("order", &path));
+        if let Some(id) = id {
+            request = request.header("x-request-id", id);
+        }
+        async move {
+            let r = request.send().await?;
+            let id = r
+                .headers()
+                .get("x-request-id")
+                .context("no x-request-id in the answer")?
+                .to_str()?
+                .to_string();
+            Ok::<_, anyhow::Error>((r.status().as_u16(), id))
+        }
+    };
+    let (status, id) = get(format!("/orders/{unknown}"), Some("trace-me-42".into())).await?;
+    assert_eq!((status, id.as_str()), (404, "trace-me-42"));
+    let (_, made) = get("/health/live".into(), None).await?;
+    assert!(uuid::Uuid::parse_str(&made).is_ok(), "{made}");
+    for forged in ["x".repeat(129), "a b".into(), "<script>".into()] {
+        let (_, replaced) = get("/health/live".into(), Some(forged.clone())).await?;
+        assert_ne!(replaced, forged);
+        assert!(uuid::Uuid::parse_str(&replaced).is_ok(), "{replaced}");
+    }
+
+    let metrics = stack.metrics("order").await?;
+    let by = |route: &str, status: &str| {
+        metrics.sum(
+            "saga_http_requests_total",
+            &[
+                ("service", "order"),
+                ("method", "GET"),
+                ("route", route),
+                ("status", status),
+            ],
+        )
+    };
+    assert_eq!(by("/orders/{id}", "404"), 1.0);
+    assert!(by("/health/live", "200") >= 4.0);
+    assert!(
+        metrics.has(
+            "saga_http_request_seconds_count",
+            &[("route", "/orders/{id}"), ("status", "404")]
+        ),
+        "the latency histogram"
+    );
+    // An unknown path is counted as unmatched: paths never become labels.
+    let r = stack
+        .http
+        .get(stack.url("order", &format!("/nope/{unknown}")))
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 404);
+    let metrics = stack.metrics("order").await?;
+    assert!(metrics.has("saga_http_requests_total", &[("route", "unmatched")]));
+    assert!(!format!("{metrics:?}").contains(&unknown.to_string()));
+    Ok(())
+}
