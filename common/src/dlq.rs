@@ -338,6 +338,11 @@ pub trait Sagas: Sync {
     fn ended(&self, id: Uuid) -> impl Future<Output = Result<Option<String>>> + Send;
 }
 
+/// A redrive named a dead letter the stream does not hold.
+#[derive(Debug, thiserror::Error)]
+#[error("no dead letter {0} (redriven, or never there)")]
+pub struct NoSuchDeadLetter(pub u64);
+
 /// What became of one dead letter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -500,10 +505,7 @@ impl Dlq {
         } else {
             let mut selected = Vec::new();
             for &seq in &request.seqs {
-                let d = self
-                    .get(&stream, seq)
-                    .await?
-                    .with_context(|| format!("no dead letter {seq} (redriven, or never there)"))?;
+                let d = self.get(&stream, seq).await?.ok_or(NoSuchDeadLetter(seq))?;
                 selected.push(d);
             }
             selected

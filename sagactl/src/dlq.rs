@@ -164,7 +164,15 @@ pub async fn redrive(
                 .set(done as u64);
         }
     };
-    let results: Vec<Redriven> = dlq.redrive(request, &sagas, &mut progress).await?;
+    let results: Vec<Redriven> =
+        dlq.redrive(request, &sagas, &mut progress)
+            .await
+            .map_err(
+                |e| match e.downcast_ref::<common::dlq::NoSuchDeadLetter>() {
+                    Some(missing) => Failure::NotFound(missing.to_string()).into(),
+                    None => e,
+                },
+            )?;
     if let Some(shown) = shown {
         shown.finish();
     }

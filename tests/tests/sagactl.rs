@@ -394,11 +394,21 @@ async fn every_command_answers_in_json_and_its_exit_code_says_what_went_wrong() 
         id.to_string(),
         "{shown}"
     );
-    let story: Value = serde_json::from_str(&stack.sagactl(&format!("saga {id} --json")).await?)?;
+    // Once the timeline has recorded the saga (its observer batches).
+    let story: Value = eventually("the saga in its timeline", DEADLINE, || async {
+        match stack.sagactl(&format!("saga {id} --json")).await {
+            Ok(printed) => Ok(Some(serde_json::from_str(&printed)?)),
+            Err(e) if sagactl::exit_code(&e) == 6 => Ok(None),
+            Err(e) => Err(e),
+        }
+    })
+    .await?;
     assert_eq!(story["correlationId"], id.to_string(), "{story}");
     // Nothing found: 6.
     let unknown = Uuid::now_v7();
     assert_eq!(exit_code(stack.sagactl("dlq show 999999 --json")).await, 6);
+    let line = "dlq redrive --seq 999999 --note gone --json";
+    assert_eq!(exit_code(stack.sagactl(line)).await, 6);
     assert_eq!(
         exit_code(stack.sagactl(&format!("saga {unknown}"))).await,
         6
