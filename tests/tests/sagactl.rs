@@ -18,6 +18,24 @@ fn shipment_failed(id: Uuid) -> Envelope {
     Envelope::new(&event, id.to_string(), 1, id, Uuid::now_v7())
 }
 
+/// Publishes order `id`'s ShipmentFailed by hand without its reason, and
+/// waits for it to be dead-lettered.
+async fn publish_without_its_reason(stack: &Stack, id: Uuid) -> Result<()> {
+    let mut broken: Value = serde_json::from_slice(&shipment_failed(id).to_bytes())?;
+    broken["payload"]
+        .as_object_mut()
+        .expect("payload")
+        .remove("reason");
+    stack
+        .publish(
+            &stack.subjects.event(EventKind::ShipmentFailed),
+            serde_json::to_vec(&broken)?,
+        )
+        .await?;
+    stack.wait_for_dead_letters(1).await?;
+    Ok(())
+}
+
 async fn status_becomes(stack: &Stack, id: Uuid, status: &str) -> Result<Value> {
     eventually(&format!("order {id} to be {status}"), DEADLINE, || async {
         let order = stack.order(id).await?;
@@ -66,18 +84,7 @@ async fn a_malformed_event_is_listed_refused_as_it_is_and_redriven_once_correcte
     let (stack, id) = Stack::waiting_for_shipping().await?;
     // The operator's hand-published ShipmentFailed lacks its reason.
     let good = shipment_failed(id);
-    let mut broken: Value = serde_json::from_slice(&good.to_bytes())?;
-    broken["payload"]
-        .as_object_mut()
-        .expect("payload")
-        .remove("reason");
-    stack
-        .publish(
-            &stack.subjects.event(EventKind::ShipmentFailed),
-            serde_json::to_vec(&broken)?,
-        )
-        .await?;
-    stack.wait_for_dead_letters(1).await?;
+    publish_without_its_reason(&stack, id).await?;
 
     let listing = stack.sagactl("dlq list").await?;
     let seq = first_seq(&listing)?;
@@ -357,19 +364,7 @@ async fn exit_code(run: impl Future<Output = Result<String>>) -> u8 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_command_answers_in_json_and_its_exit_code_says_what_went_wrong() -> Result<()> {
     let (stack, id) = Stack::waiting_for_shipping().await?;
-    // A ShipmentFailed without its reason: a dead letter.
-    let mut broken: Value = serde_json::from_slice(&shipment_failed(id).to_bytes())?;
-    broken["payload"]
-        .as_object_mut()
-        .expect("payload")
-        .remove("reason");
-    stack
-        .publish(
-            &stack.subjects.event(EventKind::ShipmentFailed),
-            serde_json::to_vec(&broken)?,
-        )
-        .await?;
-    stack.wait_for_dead_letters(1).await?;
+    publish_without_its_reason(&stack, id).await?;
 
     let listed: Value = serde_json::from_str(&stack.sagactl("dlq list --json").await?)?;
     assert_eq!(listed["total"], 1, "{listed}");
