@@ -15,7 +15,8 @@ use uuid::Uuid;
 
 use crate::{eventually, repo_root};
 
-fn scratch_dir(kind: &str) -> Result<PathBuf> {
+/// A new empty directory under the system's temporary one, named for `kind`.
+pub fn scratch_dir(kind: &str) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("saga-{kind}-{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)

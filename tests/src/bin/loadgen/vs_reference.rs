@@ -321,7 +321,7 @@ impl Reference {
         rate: Option<f64>,
         seconds: u32,
     ) -> Result<ReferenceRun> {
-        let work = tempdir()?;
+        let work = stack::infra::scratch_dir("reference")?;
         let ports = stack::infra::free_ports(2)?;
         let (nats_port, redis_port) = (ports[0], ports[1]);
         let conf = work.join("nats.conf");
@@ -421,16 +421,6 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn tempdir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!(
-        "vs-reference-{}-{}",
-        std::process::id(),
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }
 
 /// The postmaster's pid (from its data directory's `postmaster.pid`): the
