@@ -28,6 +28,7 @@ use contracts::limits;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use sqlx::PgPool;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::http::{AdminToken, ApiError, ValidJson, Version, VersionedPut};
 
@@ -57,29 +58,193 @@ pub struct Counter {
     pub operator_reads: bool,
 }
 
-/// What `GET` shows of one counter.
-pub trait CounterView: Serialize + Sized + Send + 'static {
+/// What `GET` shows of one counter (its schema is the document's).
+pub trait CounterView: Serialize + utoipa::ToSchema + Sized + Send + 'static {
     fn version(&self) -> i64;
     fn load(pool: &PgPool, id: &str) -> impl Future<Output = sqlx::Result<Option<Self>>> + Send;
 }
 
 impl Counter {
     /// The routes, over `pool`; changes need `admin`'s token.
-    pub fn router<V: CounterView>(&'static self, pool: PgPool, admin: AdminToken) -> Router {
-        Router::new()
-            .route(
-                &format!("{}/{{id}}", self.base),
-                get(read::<V>).put(put::<V>),
-            )
-            .route(
-                &format!("{}/{{id}}/{}", self.base, self.additions),
-                post(add::<V>),
-            )
+    pub fn router<V: CounterView>(&'static self, pool: PgPool, admin: AdminToken) -> OpenApiRouter {
+        let router = Router::new()
+            .route(&self.path(), get(read::<V>).put(put::<V>))
+            .route(&self.additions_path(), post(add::<V>))
             .with_state(Shared {
                 pool,
                 counter: self,
                 admin,
-            })
+            });
+        let mut routes = OpenApiRouter::from(router);
+        routes.get_openapi_mut().merge(self.openapi::<V>());
+        routes
+    }
+
+    /// `{base}/{<id name>}`.
+    fn path(&self) -> String {
+        format!("{}/{{{}}}", self.base, self.id_name)
+    }
+
+    /// `{base}/{<id name>}/{additions}`.
+    fn additions_path(&self) -> String {
+        format!("{}/{}", self.path(), self.additions)
+    }
+
+    /// The document of the routes: generic over the names, so made here
+    /// rather than by a handler's `#[utoipa::path]`.
+    pub fn openapi<V: CounterView>(&self) -> utoipa::openapi::OpenApi {
+        use crate::api_doc::{OPERATOR, refusal};
+        use utoipa::openapi::{
+            ContentBuilder, ObjectBuilder, OpenApiBuilder, Ref, RefOr, ResponseBuilder, Type,
+            path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn, PathItem},
+            request_body::RequestBodyBuilder,
+            security::SecurityRequirement,
+        };
+        let Counter {
+            noun,
+            id_name,
+            value_name,
+            delta_name,
+            base,
+            additions,
+            ..
+        } = self;
+        let view = V::name();
+        let tag = base.trim_start_matches('/');
+        let id = ParameterBuilder::new()
+            .name(*id_name)
+            .parameter_in(ParameterIn::Path)
+            .required(utoipa::openapi::Required::True)
+            .schema(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .min_length(Some(1))
+                    .max_length(Some(limits::MAX_ID_CHARS)),
+            ))
+            .build();
+        let if_match = ParameterBuilder::new()
+            .name("If-Match")
+            .parameter_in(ParameterIn::Header)
+            .description(Some(
+                "The ETag of a GET (`\"<version>\"`), or `*`: needed to overwrite an existing one",
+            ))
+            .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+            .build();
+        let shown = |description: String| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .header(
+                        "ETag",
+                        utoipa::openapi::HeaderBuilder::new()
+                            .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                            .description(Some("The version, for If-Match"))
+                            .build(),
+                    )
+                    .content(
+                        "application/json",
+                        ContentBuilder::new()
+                            .schema(Some(Ref::from_schema_name(view.clone())))
+                            .build(),
+                    )
+                    .build(),
+            )
+        };
+        let body = |field: &str, minimum: i64, description: String| {
+            RequestBodyBuilder::new()
+                .required(Some(utoipa::openapi::Required::True))
+                .description(Some(description))
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(
+                            ObjectBuilder::new()
+                                .property(
+                                    field,
+                                    ObjectBuilder::new()
+                                        .schema_type(Type::Integer)
+                                        .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                                            utoipa::openapi::KnownFormat::Int64,
+                                        )))
+                                        .minimum(Some(minimum))
+                                        .maximum(Some(limits::MAX_AMOUNT)),
+                                )
+                                .required(field)
+                                .additional_properties(Some(
+                                    utoipa::openapi::schema::AdditionalProperties::FreeForm(false),
+                                )),
+                        ))
+                        .build(),
+                )
+                .build()
+        };
+        let operator = || SecurityRequirement::new(OPERATOR, Vec::<String>::new());
+        let mut read = OperationBuilder::new()
+            .tag(tag)
+            .operation_id(Some(format!("get_{tag}")))
+            .summary(Some(format!("The {noun} one, with its version as ETag")))
+            .parameter(id.clone())
+            .response("200", shown(format!("The {noun} one")))
+            .response("404", refusal(&format!("No such {noun} one")));
+        if self.operator_reads {
+            read = read.security(operator());
+        }
+        let put = OperationBuilder::new()
+            .tag(tag)
+            .operation_id(Some(format!("put_{tag}")))
+            .summary(Some(format!(
+                "Creates the {noun} one (201), or overwrites it with If-Match (200)"
+            )))
+            .parameter(id.clone())
+            .parameter(if_match)
+            .request_body(Some(body(
+                value_name,
+                0,
+                format!("`{value_name}`: the value to set"),
+            )))
+            .response("200", shown("Overwritten".into()))
+            .response("201", shown("Created".into()))
+            .response("412", refusal("It changed since it was read (If-Match)"))
+            .response("428", refusal("It exists: overwriting it needs If-Match"))
+            .response("422", refusal("A value out of bounds"))
+            .security(operator());
+        let lowest = if self.removals {
+            -limits::MAX_AMOUNT
+        } else {
+            1
+        };
+        let add = OperationBuilder::new()
+            .tag(tag)
+            .operation_id(Some(format!("add_{tag}_{additions}")))
+            .summary(Some(format!(
+                "Adds `{delta_name}` (never zero; negative where removals are allowed), composing with the saga's own changes"
+            )))
+            .parameter(id)
+            .request_body(Some(body(
+                delta_name,
+                lowest,
+                format!("`{delta_name}`: what to add"),
+            )))
+            .response("200", shown("Changed".into()))
+            .response("404", refusal(&format!("No such {noun} one: create it with PUT")))
+            .response("409", refusal("A removal of more than there is"))
+            .response("422", refusal("Zero, or past the bounds"))
+            .security(operator());
+        let mut paths = utoipa::openapi::Paths::new();
+        let mut item = PathItem::new(HttpMethod::Get, read);
+        item.merge_operations(PathItem::new(HttpMethod::Put, put));
+        paths.paths.insert(self.path(), item);
+        paths
+            .paths
+            .insert(self.additions_path(), PathItem::new(HttpMethod::Post, add));
+        let mut doc = OpenApiBuilder::new().paths(paths).build();
+        let mut schemas = vec![(view.to_string(), V::schema())];
+        V::schemas(&mut schemas);
+        doc.components
+            .get_or_insert_with(Default::default)
+            .schemas
+            .extend(schemas);
+        doc
     }
 
     fn what(&self, id: &str) -> String {

@@ -5,17 +5,18 @@
 use std::{future::Future, time::Duration};
 
 use axum::{
-    Json, Router,
+    Json,
     extract::{FromRequest, FromRequestParts, Query, Request, State, rejection::JsonRejection},
     http::request::Parts,
     http::{HeaderMap, StatusCode, header, header::IF_MATCH},
     response::{IntoResponse, Response},
-    routing::get,
 };
 use futures::StreamExt;
-use serde::de::DeserializeOwned;
+use serde::{Serialize, de::DeserializeOwned};
 use serde_json::json;
 use sqlx::PgPool;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     health::{Condition, Health},
@@ -325,14 +326,44 @@ pub struct HealthState {
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `GET /health/live` (the process answers) and `GET /health/ready`.
-pub fn health_router(state: HealthState) -> Router {
-    Router::new()
-        .route(
-            "/health/live",
-            get(|| async { Json(json!({ "status": "ok" })) }),
-        )
-        .route("/health/ready", get(ready))
-        .with_state(state)
+pub fn health_routes() -> OpenApiRouter<HealthState> {
+    OpenApiRouter::new()
+        .routes(routes!(live))
+        .routes(routes!(ready))
+}
+
+/// What `GET /health/live` answers.
+#[derive(Serialize, ToSchema)]
+struct Live {
+    /// Always `ok`: the process answers.
+    status: String,
+}
+
+/// `GET /health/live`: the process answers (liveness).
+#[utoipa::path(get, path = "/health/live", tag = "health",
+    responses((status = 200, description = "The process answers", body = Live)))]
+async fn live() -> Json<Live> {
+    Json(Live {
+        status: "ok".into(),
+    })
+}
+
+/// What `GET /health/ready` answers.
+#[derive(Serialize, ToSchema)]
+struct Readiness {
+    /// `ready`, `degraded` (Redis down, or a part working with less than it
+    /// should) or `unavailable`.
+    status: String,
+    /// `ok`, or what is wrong with each dependency.
+    #[schema(value_type = std::collections::BTreeMap<String, String>)]
+    checks: serde_json::Value,
+    /// `part: detail` of each failing part.
+    failing: Vec<String>,
+    /// `part: detail` of what needs a person.
+    alerts: Vec<String>,
+    /// What each background part last reported.
+    #[schema(value_type = Object)]
+    parts: serde_json::Value,
 }
 
 /// Longest a request may take.
@@ -344,6 +375,11 @@ async fn within<F: Future<Output = Result<(), String>>>(check: F) -> Result<(), 
         .unwrap_or_else(|_| Err(format!("no answer within {CHECK_TIMEOUT:?}")))
 }
 
+#[utoipa::path(get, path = "/health/ready", tag = "health",
+    responses(
+        (status = 200, description = "Ready (or degraded): takes work", body = Readiness),
+        (status = 503, description = "Unavailable: names what is wrong", body = Readiness),
+    ))]
 /// 200 when Postgres and NATS answer and no part of the service is failing
 /// (`status` "ready", or "degraded" when Redis is down or a part works with
 /// less than it should), 503 naming what is wrong otherwise. `parts` shows
@@ -397,13 +433,13 @@ async fn ready(State(s): State<HealthState>) -> Response {
         (true, true) => "degraded",
         (true, false) => "ready",
     };
-    let body = json!({
-        "status": status,
-        "checks": { "postgres": show(&pg), "redis": redis_shown, "nats": show(&nats) },
-        "failing": failing,
-        "alerts": alerts,
-        "parts": parts,
-    });
+    let body = Readiness {
+        status: status.into(),
+        checks: json!({ "postgres": show(&pg), "redis": redis_shown, "nats": show(&nats) }),
+        failing,
+        alerts,
+        parts: json!(parts),
+    };
     let code = if ok {
         StatusCode::OK
     } else {

@@ -11,7 +11,7 @@ use std::{sync::Arc, time::Instant};
 use axum::{
     Router,
     extract::{DefaultBodyLimit, MatchedPath, Request},
-    http::{HeaderName, HeaderValue, Method, StatusCode},
+    http::{HeaderName, HeaderValue, Method, StatusCode, header},
     middleware::{self, Next},
     response::Response,
 };
@@ -44,6 +44,7 @@ pub fn shell(router: Router, service: &str) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
+        .layer(middleware::from_fn(with_message))
         .layer(middleware::from_fn(move |request: Request, next: Next| {
             measured(service.clone(), request, next)
         }))
@@ -67,6 +68,61 @@ pub fn shell(router: Router, service: &str) -> Router {
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .layer(middleware::from_fn(sane_request_id))
+}
+
+/// Longest text of a refusal made outside the handlers (axum's, the
+/// shell's) that is carried into its message.
+const MAX_REFUSAL_TEXT: usize = 1024;
+
+/// Gives every 4xx and 5xx an [`ErrorBody`](crate::api_doc::ErrorBody):
+/// the handlers' own already are one; the refusals of the router (no
+/// such route, a method it does not take, a path it cannot decode) and of
+/// the shell (past the deadline, too large) are plain text or empty, and
+/// become one saying what they said, or what their status means.
+async fn with_message(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    let status = response.status();
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let said = axum::body::to_bytes(body, MAX_REFUSAL_TEXT)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let reason = status.canonical_reason().unwrap_or("refused");
+    let error = match status {
+        StatusCode::NOT_FOUND if said.is_empty() => {
+            let path: String = path.chars().take(MAX_REFUSAL_TEXT).collect();
+            format!("no route {method} {path}")
+        }
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allowed = parts
+                .headers
+                .get(header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            format!("{method} is not allowed here; allowed: {allowed}")
+        }
+        StatusCode::REQUEST_TIMEOUT => {
+            format!("no answer within {REQUEST_TIMEOUT:?}")
+        }
+        _ if said.is_empty() => reason.to_lowercase(),
+        _ => format!("{}: {said}", reason.to_lowercase()),
+    };
+    let body = serde_json::to_vec(&crate::api_doc::ErrorBody { error }).unwrap_or_default();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 /// Drops a caller's request id that is too long or holds other than

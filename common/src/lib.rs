@@ -5,6 +5,7 @@
 //! the `contracts` crate in `common/contracts/`, re-exported here so a
 //! service depends on one crate.
 
+pub mod api_doc;
 pub mod backoff;
 pub mod broker;
 pub mod cancels;

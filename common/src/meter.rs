@@ -434,7 +434,10 @@ impl Scrape {
     }
 }
 
-async fn render(State(scrape): State<Arc<Scrape>>) -> Response {
+/// `GET /metrics`: every series, in Prometheus' text format.
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain; version=0.0.4; charset=utf-8", body = String)))]
+pub(crate) async fn render(State(scrape): State<Arc<Scrape>>) -> Response {
     scrape.refresh().await;
     (
         StatusCode::OK,

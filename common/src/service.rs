@@ -14,12 +14,13 @@ use sqlx::{
 use std::str::FromStr;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::{
     config::Config,
     consumer::{ConsumerRuntime, Handler, RuntimeParts},
     health::{Condition, Health},
-    http::{HealthState, health_router},
+    http::HealthState,
     idempotency::{DoneTtl, IdempotencyStore, Redis},
     janitor::Janitor,
     meter::{self, Meter, Probe, Scrape, Watched},
@@ -279,7 +280,7 @@ impl Service {
         config: Config,
         migrations: &'static Migrator,
         handler: impl FnOnce(&Infra) -> H,
-        routes: impl FnOnce(&Infra) -> Router,
+        routes: impl FnOnce(&Infra) -> OpenApiRouter,
         shutdown: CancellationToken,
     ) -> Result<Service, StartError> {
         let infra = Infra::connect(config, migrations).await?;
@@ -289,11 +290,12 @@ impl Service {
     }
 
     /// Binds `config.http_addr` (port 0 picks one), creates the service's
-    /// durable consumer and prepares the relay.
+    /// durable consumer and prepares the relay. `routes` are served with
+    /// health and `GET /openapi.json` (the document they make).
     pub async fn build<H: Handler>(
         infra: &Infra,
         handler: H,
-        routes: Router,
+        routes: OpenApiRouter,
         shutdown: CancellationToken,
     ) -> Result<Service, StartError> {
         let config = &infra.config;
@@ -338,7 +340,7 @@ impl Service {
             name: config.service.clone(),
             listener,
             router: crate::http_shell::shell(
-                routes.merge(health_router(infra.health())),
+                crate::api_doc::serve(routes, infra.health(), &config.service),
                 &config.service,
             ),
             tasks,

@@ -17,14 +17,14 @@
 //! - `GET /products/{productId}`: name, unit price and version (the `ETag`).
 
 use axum::{
-    Json, Router,
+    Json,
     extract::{Path, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::get,
 };
 use common::{
     Infra, Subjects,
+    api_doc::ErrorBody,
     counter::{Counter, CounterView},
     http::{AdminToken, ApiError, ValidJson, Version, VersionedPut},
     limits,
@@ -33,6 +33,7 @@ use common::{
 };
 use serde::Deserialize;
 use sqlx::PgPool;
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use crate::store::{self, Product, Stock};
@@ -51,7 +52,7 @@ static STOCK: Counter = Counter {
     operator_reads: false,
 };
 
-pub fn router(infra: &Infra) -> Router {
+pub fn router(infra: &Infra) -> OpenApiRouter {
     let catalog = Catalog {
         pool: infra.pool.clone(),
         subjects: infra.subjects.clone(),
@@ -61,11 +62,19 @@ pub fn router(infra: &Infra) -> Router {
     };
     STOCK
         .router::<Stock>(infra.pool.clone(), infra.admin())
-        .merge(
-            Router::new()
-                .route("/products/{id}", get(get_product).put(put_product))
-                .with_state(catalog),
-        )
+        .merge(catalog_routes().with_state(catalog))
+}
+
+/// The catalog's routes, documented.
+fn catalog_routes() -> OpenApiRouter<Catalog> {
+    OpenApiRouter::new().routes(routes!(get_product, put_product))
+}
+
+/// The document of the API: what `GET /openapi.json` serves.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut routes = STOCK.openapi::<Stock>();
+    routes.merge(catalog_routes().into_openapi());
+    common::api_doc::document(routes, "inventory")
 }
 
 impl CounterView for Stock {
@@ -88,11 +97,14 @@ struct Catalog {
     admin: AdminToken,
 }
 
-/// `PUT /products/{id}` body.
-#[derive(Deserialize)]
+/// `PUT /products/{productId}` body.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct PutProduct {
+    #[schema(min_length = 1, max_length = 200)]
     name: String,
+    /// Minor units.
+    #[schema(minimum = 1, maximum = 1_000_000_000)]
     unit_price: i64,
 }
 
@@ -129,6 +141,22 @@ impl Catalog {
     }
 }
 
+/// Creates a product (201), or changes its name and price with `If-Match`
+/// (200); each change publishes `ProductPriced`.
+#[utoipa::path(put, path = "/products/{productId}", tag = "products",
+    security(("operator" = [])),
+    params(
+        ("productId" = String, Path, min_length = 1, max_length = 128),
+        ("If-Match" = Option<String>, Header, description = "The ETag of a GET, or `*`: needed to change an existing one"),
+    ),
+    request_body = PutProduct,
+    responses(
+        (status = 200, description = "Changed (or already so)", body = Product, headers(("ETag" = String, description = "The version"))),
+        (status = 201, description = "Created", body = Product, headers(("ETag" = String, description = "The version"))),
+        (status = 412, description = "It changed since it was read (If-Match)", body = ErrorBody),
+        (status = 428, description = "It exists: changing it needs If-Match", body = ErrorBody),
+        (status = 422, description = "A name or price out of bounds", body = ErrorBody),
+    ))]
 async fn put_product(
     State(catalog): State<Catalog>,
     Path(id): Path<String>,
@@ -185,6 +213,13 @@ async fn put_product(
     Ok(reply(status, product))
 }
 
+/// A product's name, price and version (also its `ETag`).
+#[utoipa::path(get, path = "/products/{productId}", tag = "products",
+    params(("productId" = String, Path, min_length = 1, max_length = 128)),
+    responses(
+        (status = 200, description = "The product", body = Product, headers(("ETag" = String, description = "The version"))),
+        (status = 404, description = "Not in the catalog", body = ErrorBody),
+    ))]
 async fn get_product(
     State(catalog): State<Catalog>,
     Path(id): Path<String>,

@@ -1,7 +1,7 @@
 //! Inventory service: stock per product; reserves every line of an order or none
 //! on PaymentProcessed, releases the reservation when shipping fails.
 
-mod api;
+pub mod api;
 pub mod domain;
 mod handlers;
 mod store;

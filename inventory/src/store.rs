@@ -21,7 +21,7 @@ pub struct Reservation {
 }
 
 /// A product's stock, as the API shows it.
-#[derive(Serialize, sqlx::FromRow)]
+#[derive(Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Stock {
     pub product_id: String,
@@ -160,7 +160,7 @@ pub async fn stock(pool: &PgPool, product_id: &str) -> sqlx::Result<Option<Stock
 }
 
 /// A product's catalog data, as the API shows it and as it was published.
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Product {
     pub product_id: String,

@@ -9,20 +9,22 @@
 //! first; `before` is the next page's cursor).
 
 use axum::{
-    Json, Router,
-    extract::{Path, State},
+    Json,
+    extract::{FromRef, Path, State},
     http::{HeaderMap, StatusCode, header},
     response::IntoResponse,
-    routing::{get, post},
 };
 use chrono::{DateTime, Utc};
 use common::{
     Envelope, EventKind,
+    api_doc::ErrorBody,
     http::{AdminToken, ApiError, ValidJson, ValidQuery},
     limits,
 };
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
+use utoipa::IntoParams;
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use crate::{
@@ -36,52 +38,130 @@ use crate::{
     timeline::{self, EntryKind, EntryRow, SagaRow},
 };
 
-pub fn router(placer: Placer, stall_after: Duration, admin: AdminToken) -> Router {
-    let sagas = Sagas {
-        pool: placer.pool.clone(),
-        stall_after,
+pub fn router(placer: Placer, stall_after: Duration, admin: AdminToken) -> OpenApiRouter {
+    let api = Api {
+        sagas: Sagas {
+            pool: placer.pool.clone(),
+            stall_after,
+        },
+        commands: Commands {
+            placer: placer.clone(),
+            admin: admin.clone(),
+        },
+        placer,
     };
-    let commands = Commands {
-        placer: placer.clone(),
-        admin: admin.clone(),
+    let mut routes = public_routes()
+        .merge(
+            operator_reads().route_layer(axum::middleware::from_fn_with_state(
+                admin,
+                common::http::operator_only,
+            )),
+        )
+        .with_state(api);
+    link_placement(routes.get_openapi_mut());
+    routes
+}
+
+/// Anyone may place an order, read one whose id they were given, cancel
+/// one with its cancel token, read the catalog and the page; a resolution
+/// is the operator's (checked by its handler).
+fn public_routes() -> OpenApiRouter<Api> {
+    OpenApiRouter::new()
+        .routes(routes!(place_order))
+        .routes(routes!(get_order))
+        .routes(routes!(get_product))
+        .routes(routes!(cancel))
+        .routes(routes!(resolve))
+        .routes(routes!(page))
+}
+
+/// Reads that show customers' orders, addresses and sagas across
+/// customers: the operator's (the admin token, checked before them).
+fn operator_reads() -> OpenApiRouter<Api> {
+    OpenApiRouter::new()
+        .routes(routes!(list_orders))
+        .routes(routes!(get_events))
+        .routes(routes!(get_customer_stats))
+        .routes(routes!(list_sagas))
+        .routes(routes!(get_saga))
+}
+
+/// The document of the API: what `GET /openapi.json` serves.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut routes = public_routes().merge(operator_reads()).into_openapi();
+    link_placement(&mut routes);
+    common::api_doc::document(routes, "order")
+}
+
+/// Links from a placement's answer to what can be done with the order
+/// (OpenAPI links: what a client, or a fuzzer's stateful phase, follows).
+fn link_placement(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{RefOr, link::LinkBuilder};
+    let Some(placement) = doc
+        .paths
+        .paths
+        .get_mut("/orders")
+        .and_then(|item| item.post.as_mut())
+    else {
+        return;
     };
-    // Reads that show customers' orders, addresses and sagas across
-    // customers: the operator's. Anyone may place an order, read one
-    // whose id they were given, and read the catalog.
-    let operator_reads = Router::new()
-        .route("/orders", get(list_orders))
-        .route("/orders/{id}/events", get(get_events))
-        .route("/customers/{id}/stats", get(get_customer_stats))
-        .with_state(placer.clone())
-        .merge(
-            Router::new()
-                .route("/sagas", get(list_sagas))
-                .route("/sagas/{id}", get(get_saga))
-                .with_state(sagas),
-        )
-        .route_layer(axum::middleware::from_fn_with_state(
-            admin,
-            common::http::operator_only,
-        ));
-    Router::new()
-        .route("/orders", post(place_order))
-        .route("/orders/{id}", get(get_order))
-        .route("/products/{id}", get(get_product))
-        .with_state(placer)
-        .merge(operator_reads)
-        .merge(
-            Router::new()
-                .route("/orders/{id}/cancel", post(cancel))
-                .route("/orders/{id}/resolution", post(resolve))
-                .with_state(commands),
-        )
-        .route("/ui", get(page))
+    let links = [
+        ("GetOrder", "get_order", "The order"),
+        ("GetOrderEvents", "get_events", "Its events"),
+        ("GetSaga", "get_saga", "Its saga"),
+        ("CancelOrder", "cancel", "Cancel it"),
+        (
+            "ResolveOrder",
+            "resolve",
+            "Resolve it (when it requires intervention)",
+        ),
+    ];
+    for status in ["200", "201"] {
+        if let Some(RefOr::T(response)) = placement.responses.responses.get_mut(status) {
+            for (name, operation, description) in links {
+                let link = LinkBuilder::new()
+                    .operation_id(operation)
+                    .parameter("orderId", "$response.body#/orderId")
+                    .description(description)
+                    .build();
+                response.links.insert(name.into(), RefOr::T(link));
+            }
+        }
+    }
+}
+
+/// What the routes read and run.
+#[derive(Clone)]
+struct Api {
+    placer: Placer,
+    sagas: Sagas,
+    commands: Commands,
+}
+
+impl FromRef<Api> for Placer {
+    fn from_ref(api: &Api) -> Placer {
+        api.placer.clone()
+    }
+}
+
+impl FromRef<Api> for Sagas {
+    fn from_ref(api: &Api) -> Sagas {
+        api.sagas.clone()
+    }
+}
+
+impl FromRef<Api> for Commands {
+    fn from_ref(api: &Api) -> Commands {
+        api.commands.clone()
+    }
 }
 
 /// The saga page: a list of sagas and, with `?saga=<id>`, one saga's
 /// timeline across the services. One static file that reads the JSON
 /// endpoints; it sets every value as text, and the policy forbids anything
 /// but its own inline script and style and requests to this service.
+#[utoipa::path(get, path = "/ui", tag = "page",
+    responses((status = 200, description = "The page", content_type = "text/html; charset=utf-8", body = String)))]
 async fn page() -> impl IntoResponse {
     (
         [
@@ -106,6 +186,20 @@ impl From<PlaceError> for ApiError {
     }
 }
 
+/// Places an order: prices its lines from the catalog, records
+/// `OrderPlaced` and starts its saga. The same `Idempotency-Key` with the
+/// same request answers the first placement again (200).
+#[utoipa::path(post, path = "/orders", tag = "orders",
+    params(("Idempotency-Key" = Option<String>, Header, max_length = 200,
+        description = "Makes a retried placement answer the first one")),
+    request_body = PlaceOrder,
+    responses(
+        (status = 201, description = "Placed; `cancelToken` is handed out here only", body = PlacedView,
+            headers(("Location" = String, description = "The order's URL"))),
+        (status = 200, description = "Placed before under this Idempotency-Key", body = PlacedView,
+            headers(("Location" = String, description = "The order's URL"))),
+        (status = 422, description = "Lines, prices or address refused, or the key reused with another request", body = ErrorBody),
+    ))]
 async fn place_order(
     State(placer): State<Placer>,
     headers: HeaderMap,
@@ -134,7 +228,7 @@ async fn place_order(
 
 /// A placement's answer: the order, and the token its customer's cancel
 /// must present (handed out here only; kept hashed).
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PlacedView {
     #[serde(flatten)]
@@ -158,21 +252,33 @@ fn parse_id(id: &str) -> Result<Uuid, ApiError> {
 }
 
 /// Which state of an order `GET /orders/{id}` answers with; at most one.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct OrderQuery {
     /// The state after its first N events.
+    #[param(minimum = 1, maximum = 1_000_000_000)]
     at_version: Option<i64>,
     /// The state after every event that occurred by then (RFC 3339).
     as_of: Option<DateTime<Utc>>,
     /// At least this new (read-your-writes): the read model if it has
     /// caught up, else the event store; 409 if no such version was written.
+    #[param(minimum = 0, maximum = 1_000_000_000)]
     min_version: Option<i64>,
 }
 
 /// The latest version any order can reach, for bounds on the query.
 const MAX_VERSION: i64 = 1_000_000_000;
 
+/// An order, from the read model (or the event store when the read model
+/// is behind what was asked); or as it was, with `atVersion` or `asOf`.
+#[utoipa::path(get, path = "/orders/{orderId}", tag = "orders",
+    params(("orderId" = Uuid, Path), OrderQuery),
+    responses(
+        (status = 200, description = "The order", body = OrderView),
+        (status = 404, description = "No such order, or not at that version or time", body = ErrorBody),
+        (status = 409, description = "minVersion has not been written", body = ErrorBody),
+    ))]
 async fn get_order(
     State(placer): State<Placer>,
     Path(id): Path<String>,
@@ -236,17 +342,36 @@ struct Commands {
     admin: AdminToken,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Resolution {
     /// `manually-compensated`: the operator undid by hand what the saga could not.
+    #[schema(pattern = "^manually-compensated$", example = "manually-compensated")]
     resolution: String,
+    /// Who resolved it.
+    #[schema(min_length = 1, max_length = 128, example = "ops-alice")]
     operator: String,
+    /// What was done by hand.
+    #[schema(
+        min_length = 1,
+        max_length = 2000,
+        example = "refunded by hand, ticket 4711"
+    )]
     note: String,
 }
 
 /// `POST /orders/{id}/resolution` (operator): resolves an order that
 /// requires intervention. 409 for an order in any other state.
+#[utoipa::path(post, path = "/orders/{orderId}/resolution", tag = "orders",
+    security(("operator" = [])),
+    params(("orderId" = Uuid, Path)),
+    request_body = Resolution,
+    responses(
+        (status = 200, description = "Resolved: MANUALLY_COMPENSATED", body = OrderView),
+        (status = 404, description = "No such order", body = ErrorBody),
+        (status = 409, description = "The order does not require intervention", body = ErrorBody),
+        (status = 422, description = "An unknown resolution, or a note or operator out of bounds", body = ErrorBody),
+    ))]
 async fn resolve(
     State(Commands { placer, admin }): State<Commands>,
     Path(id): Path<String>,
@@ -270,10 +395,11 @@ async fn resolve(
     Ok(Json(order.into()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Cancel {
     /// Why, in the customer's words (shown as the order's failure reason).
+    #[schema(min_length = 1, max_length = 2000, example = "changed my mind")]
     pub reason: String,
 }
 
@@ -283,6 +409,17 @@ pub struct Cancel {
 /// confirmed (then 409). The answer is the order, CANCELLED; the services
 /// undo their steps after. 401 without a credential, 403 with one that does
 /// not cancel this order.
+#[utoipa::path(post, path = "/orders/{orderId}/cancel", tag = "orders",
+    security(("cancelToken" = []), ("operator" = [])),
+    params(("orderId" = Uuid, Path)),
+    request_body = Cancel,
+    responses(
+        (status = 200, description = "Cancelled; the services undo their steps after", body = OrderView),
+        (status = 403, description = "A credential that does not cancel this order", body = ErrorBody),
+        (status = 404, description = "No such order", body = ErrorBody),
+        (status = 409, description = "Too late: the order is confirmed or ended", body = ErrorBody),
+        (status = 422, description = "A reason out of bounds", body = ErrorBody),
+    ))]
 async fn cancel(
     State(Commands { placer, admin }): State<Commands>,
     Path(id): Path<String>,
@@ -320,6 +457,13 @@ impl From<CommandError> for ApiError {
 /// `GET /customers/{id}/stats`: the `customer-stats` projection's row (it
 /// follows the event store a moment behind; `saga_projection_lag_seconds`
 /// says how far).
+#[utoipa::path(get, path = "/customers/{customerId}/stats", tag = "customers",
+    security(("operator" = [])),
+    params(("customerId" = String, Path, min_length = 1, max_length = 128)),
+    responses(
+        (status = 200, description = "The customer's statistics", body = projection::CustomerStatsView),
+        (status = 404, description = "No orders of the customer (yet)", body = ErrorBody),
+    ))]
 async fn get_customer_stats(
     State(placer): State<Placer>,
     Path(id): Path<String>,
@@ -333,6 +477,12 @@ async fn get_customer_stats(
 
 /// `GET /products/{id}`: the product as this service prices it, from its
 /// catalog (inventory's `ProductPriced` events, a moment behind inventory).
+#[utoipa::path(get, path = "/products/{productId}", tag = "catalog",
+    params(("productId" = String, Path, min_length = 1, max_length = 128)),
+    responses(
+        (status = 200, description = "The product as orders are priced", body = catalog::Entry),
+        (status = 404, description = "Not in the catalog (yet)", body = ErrorBody),
+    ))]
 async fn get_product(
     State(placer): State<Placer>,
     Path(id): Path<String>,
@@ -349,6 +499,13 @@ async fn get_product(
 }
 
 /// The order's own events, oldest first: its history as the event store has it.
+#[utoipa::path(get, path = "/orders/{orderId}/events", tag = "orders",
+    security(("operator" = [])),
+    params(("orderId" = Uuid, Path)),
+    responses(
+        (status = 200, description = "Its events (envelopes; payloads as in common/contracts/schemas)", body = Vec<Envelope>),
+        (status = 404, description = "No such order", body = ErrorBody),
+    ))]
 async fn get_events(
     State(placer): State<Placer>,
     Path(id): Path<String>,
@@ -364,16 +521,24 @@ async fn get_events(
     Ok(Json(events.into_iter().map(|(env, _)| env).collect()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// Only this customer's.
+    #[param(min_length = 1, max_length = 128)]
     customer_id: Option<String>,
+    /// Only orders in this status.
+    #[param(value_type = Option<OrderStatus>)]
     status: Option<String>,
+    /// Page size, 50 unless given.
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
+    #[param(minimum = 0, maximum = 1_000_000)]
     offset: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct OrderPage {
     orders: Vec<OrderView>,
@@ -383,6 +548,11 @@ struct OrderPage {
     next_offset: Option<i64>,
 }
 
+/// Orders, newest first, by customer and status.
+#[utoipa::path(get, path = "/orders", tag = "orders",
+    security(("operator" = [])),
+    params(ListQuery),
+    responses((status = 200, description = "A page of orders", body = OrderPage)))]
 async fn list_orders(
     State(placer): State<Placer>,
     ValidQuery(q): ValidQuery<ListQuery>,
@@ -445,7 +615,7 @@ struct Sagas {
 }
 
 /// A saga as listed: where it stands, and whether it is stalled.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct SagaSummary {
     #[serde(flatten)]
@@ -471,7 +641,7 @@ impl SagaSummary {
 }
 
 /// One entry of a timeline, with the time since the one before.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct TimelineEntry {
     #[serde(flatten)]
@@ -483,7 +653,7 @@ struct TimelineEntry {
     failure: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct SagaStory {
     #[serde(flatten)]
@@ -492,6 +662,15 @@ struct SagaStory {
     timeline: Vec<TimelineEntry>,
 }
 
+/// A saga's timeline across the services, where it stands and who owes
+/// the next event.
+#[utoipa::path(get, path = "/sagas/{orderId}", tag = "sagas",
+    security(("operator" = [])),
+    params(("orderId" = Uuid, Path, description = "The saga's order id")),
+    responses(
+        (status = 200, description = "The saga", body = SagaStory),
+        (status = 404, description = "No event of the saga seen (yet)", body = ErrorBody),
+    ))]
 async fn get_saga(
     State(sagas): State<Sagas>,
     Path(id): Path<String>,
@@ -529,17 +708,25 @@ async fn get_saga(
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct SagaQuery {
+    /// Only sagas in this status.
+    #[param(value_type = Option<OrderStatus>)]
     status: Option<String>,
+    /// Only pending sagas with no event for longer than the stall threshold.
     stalled: Option<bool>,
+    /// Only sagas with activity since then (RFC 3339).
     since: Option<DateTime<Utc>>,
+    /// The next page's cursor (`nextBefore`).
     before: Option<DateTime<Utc>>,
+    /// Page size, 50 unless given.
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct SagaPage {
     sagas: Vec<SagaSummary>,
@@ -548,6 +735,11 @@ struct SagaPage {
     next_before: Option<DateTime<Utc>>,
 }
 
+/// Sagas, newest activity first.
+#[utoipa::path(get, path = "/sagas", tag = "sagas",
+    security(("operator" = [])),
+    params(SagaQuery),
+    responses((status = 200, description = "A page of sagas", body = SagaPage)))]
 async fn list_sagas(
     State(sagas): State<Sagas>,
     ValidQuery(q): ValidQuery<SagaQuery>,

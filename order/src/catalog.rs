@@ -35,8 +35,9 @@ pub const HEALTH_WATCH: &str = "catalog";
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One product as the order service prices it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = CatalogEntry)]
 pub struct Entry {
     pub product_id: String,
     pub name: String,

@@ -30,8 +30,13 @@ use crate::{
 /// `unitPrice` must be the catalog's. Unknown fields are refused at every
 /// level (the line and address types refuse them too); the bounds are in
 /// [`common::limits`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(example = json!({
+    "customerId": "alice",
+    "lines": [{"productId": "widget", "quantity": 2}],
+    "shippingAddress": {"name": "Ada", "street": "1 Main St", "city": "Springfield", "postalCode": "12345", "country": "US"}
+}))]
 pub struct PlaceOrder {
     pub customer_id: String,
     pub lines: Vec<RequestedLine>,

@@ -14,13 +14,14 @@ use common::event::{self, Money, OrderLine};
 use serde::{Deserialize, Serialize};
 
 /// One line of a placement request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RequestedLine {
     pub product_id: String,
     pub quantity: i64,
     /// If sent, must be the catalog's price (minor units).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<i64>)]
     pub unit_price: Option<Money>,
 }
 

@@ -497,7 +497,7 @@ impl Projection for CustomerStats {
 }
 
 /// A customer's statistics as the projection has them.
-#[derive(Debug, Serialize, sqlx::FromRow, PartialEq, Eq)]
+#[derive(Debug, Serialize, sqlx::FromRow, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CustomerStatsView {
     pub customer_id: String,

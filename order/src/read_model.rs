@@ -15,14 +15,16 @@ use uuid::Uuid;
 use crate::domain::{Order, OrderStatus};
 
 /// An order as the read model holds it and the API shows it.
-#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderView {
     pub order_id: Uuid,
     pub customer_id: String,
     pub status: OrderStatus,
+    #[schema(value_type = Vec<OrderLine>)]
     pub lines: Json<Vec<OrderLine>>,
     pub total: i64,
+    #[schema(value_type = Address)]
     pub shipping_address: Json<Address>,
     pub failure_reason: Option<String>,
     pub shipment_id: Option<Uuid>,

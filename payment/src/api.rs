@@ -13,18 +13,19 @@
 use std::sync::Arc;
 
 use axum::{
-    Json, Router,
+    Json,
     extract::{Path, State},
     http::HeaderMap,
-    routing::get,
 };
 use common::{
     Infra,
+    api_doc::ErrorBody,
     counter::{Counter, CounterView},
     http::{AdminToken, ApiError, ValidJson},
 };
 use serde::Serialize;
 use sqlx::PgPool;
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use crate::{
@@ -46,19 +47,28 @@ static ACCOUNTS: Counter = Counter {
     operator_reads: true,
 };
 
-pub fn router(infra: &Infra, gateway: Arc<Gateway>) -> Router {
+pub fn router(infra: &Infra, gateway: Arc<Gateway>) -> OpenApiRouter {
     let control = GatewayControl {
         gateway,
         admin: infra.admin(),
     };
     ACCOUNTS
         .router::<AccountView>(infra.pool.clone(), infra.admin())
-        .merge(
-            Router::new()
-                .route("/admin/gateway", get(gateway_rules).put(set_gateway_rules))
-                .route("/admin/gateway/payments/{id}", get(gateway_payment))
-                .with_state(control),
-        )
+        .merge(gateway_routes().with_state(control))
+}
+
+/// The gateway's routes, documented.
+fn gateway_routes() -> OpenApiRouter<GatewayControl> {
+    OpenApiRouter::new()
+        .routes(routes!(gateway_rules, set_gateway_rules))
+        .routes(routes!(gateway_payment))
+}
+
+/// The document of the API: what `GET /openapi.json` serves.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut routes = ACCOUNTS.openapi::<AccountView>();
+    routes.merge(gateway_routes().into_openapi());
+    common::api_doc::document(routes, "payment")
 }
 
 #[derive(Clone)]
@@ -68,6 +78,9 @@ struct GatewayControl {
 }
 
 /// `GET /admin/gateway` (operator): the simulated gateway's rules now.
+#[utoipa::path(get, path = "/admin/gateway", tag = "gateway",
+    security(("operator" = [])),
+    responses((status = 200, description = "The rules now", body = Rules)))]
 async fn gateway_rules(
     State(control): State<GatewayControl>,
     headers: HeaderMap,
@@ -79,6 +92,13 @@ async fn gateway_rules(
 /// `GET /admin/gateway/payments/{paymentId}` (operator): what the simulated
 /// gateway holds for a payment id, as a gateway's console would show it:
 /// charged, given back (refunded or voided), and whether it is voided.
+#[utoipa::path(get, path = "/admin/gateway/payments/{paymentId}", tag = "gateway",
+    security(("operator" = [])),
+    params(("paymentId" = Uuid, Path, description = "A payment id")),
+    responses(
+        (status = 200, description = "What the gateway holds for it (nothing yet: all empty)", body = PaymentRecord),
+        (status = 400, description = "Not a payment id", body = ErrorBody),
+    ))]
 async fn gateway_payment(
     State(control): State<GatewayControl>,
     Path(id): Path<String>,
@@ -86,7 +106,7 @@ async fn gateway_payment(
 ) -> Result<Json<PaymentRecord>, ApiError> {
     control
         .admin
-        .check(&headers, "GET /admin/gateway/payments/{id}")?;
+        .check(&headers, "GET /admin/gateway/payments/{paymentId}")?;
     let id: Uuid = id
         .parse()
         .map_err(|_| ApiError::BadRequest(format!("'{id}' is not a payment id (a UUID)")))?;
@@ -94,6 +114,13 @@ async fn gateway_payment(
 }
 
 /// `PUT /admin/gateway` (operator): replaces the rules, from the next call on.
+#[utoipa::path(put, path = "/admin/gateway", tag = "gateway",
+    security(("operator" = [])),
+    request_body = Rules,
+    responses(
+        (status = 200, description = "The rules now", body = Rules),
+        (status = 422, description = "Rules out of bounds", body = ErrorBody),
+    ))]
 async fn set_gateway_rules(
     State(control): State<GatewayControl>,
     headers: HeaderMap,
@@ -106,7 +133,8 @@ async fn set_gateway_rules(
     Ok(Json(control.gateway.rules()))
 }
 
-#[derive(Serialize)]
+/// A customer's account.
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct AccountView {
     customer_id: String,

@@ -34,7 +34,7 @@ pub fn decide_charge(customer_id: &str, balance: Option<Money>, amount: Money) -
 }
 
 /// State of the payment of one order, stored as its lowercase name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, sqlx::Type)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, sqlx::Type, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 #[sqlx(type_name = "text", rename_all = "lowercase")]
 pub enum PaymentStatus {

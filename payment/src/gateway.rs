@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// What the gateway does with one kind of call.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Carries it out.
@@ -34,7 +34,7 @@ pub enum Mode {
 }
 
 /// How the gateway behaves for someone.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Behaviour {
     #[serde(default)]
@@ -43,12 +43,13 @@ pub struct Behaviour {
     pub refunds: Mode,
     /// Added to every call, in milliseconds (at most a minute).
     #[serde(default)]
+    #[schema(maximum = 60_000)]
     pub latency_ms: u64,
 }
 
 /// The simulation's rules: a behaviour for everyone, and exceptions per
 /// customer.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rules {
     #[serde(default)]
@@ -118,7 +119,7 @@ pub enum Voided {
 }
 
 /// What the gateway holds for one payment id, as its console shows it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PaymentRecord {
     /// The amount charged, if a charge went through.

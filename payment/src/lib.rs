@@ -1,7 +1,7 @@
 //! Payment service: customer accounts; charges on OrderPlaced, refunds as a
 //! compensation when inventory cannot reserve or releases a reservation.
 
-mod api;
+pub mod api;
 pub mod domain;
 pub mod gateway;
 mod handlers;

@@ -19,7 +19,7 @@ pub struct Payment {
 }
 
 /// A payment as an account shows it.
-#[derive(Serialize, sqlx::FromRow)]
+#[derive(Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PaymentView {
     pub order_id: Uuid,

@@ -1,22 +1,38 @@
 //! `GET /shipments/{orderId}`.
 
 use axum::{
-    Json, Router,
+    Json,
     extract::{Path, State},
-    routing::get,
 };
-use common::{Infra, http::ApiError};
+use common::{Infra, api_doc::ErrorBody, http::ApiError};
 use sqlx::PgPool;
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use crate::store::{self, Shipment};
 
-pub fn router(infra: &Infra) -> Router {
-    Router::new()
-        .route("/shipments/{order_id}", get(get_shipment))
-        .with_state(infra.pool.clone())
+pub fn router(infra: &Infra) -> OpenApiRouter {
+    routes().with_state(infra.pool.clone())
 }
 
+/// The routes, documented.
+pub fn routes() -> OpenApiRouter<PgPool> {
+    OpenApiRouter::new().routes(routes!(get_shipment))
+}
+
+/// The document of the API: what `GET /openapi.json` serves.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    common::api_doc::document(routes().into_openapi(), "shipping")
+}
+
+/// The order's shipment, once shipping has seen its payment go through.
+#[utoipa::path(get, path = "/shipments/{orderId}", tag = "shipments",
+    params(("orderId" = Uuid, Path, description = "The order's id")),
+    responses(
+        (status = 200, description = "The order's shipment", body = Shipment),
+        (status = 400, description = "Not an order id", body = ErrorBody),
+        (status = 404, description = "No shipment for the order (yet)", body = ErrorBody),
+    ))]
 async fn get_shipment(
     State(pool): State<PgPool>,
     Path(order_id): Path<String>,

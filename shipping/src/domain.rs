@@ -10,7 +10,7 @@ pub const SUPPORTED_COUNTRIES: &[&str] = &[
 ];
 
 /// State of an order's shipment, stored as its lowercase name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, sqlx::Type)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, sqlx::Type, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 #[sqlx(type_name = "text", rename_all = "lowercase")]
 pub enum ShipmentStatus {

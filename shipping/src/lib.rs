@@ -1,7 +1,7 @@
 //! Shipping service: one shipment per order, created on InventoryReserved; an
 //! address that cannot be delivered to fails the shipment and starts compensation.
 
-mod api;
+pub mod api;
 pub mod domain;
 mod handlers;
 mod store;

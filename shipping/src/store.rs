@@ -9,13 +9,14 @@ use uuid::Uuid;
 use crate::domain::ShipmentStatus;
 
 /// A shipment as recorded and as the API shows it.
-#[derive(Serialize, sqlx::FromRow)]
+#[derive(Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Shipment {
     pub order_id: Uuid,
     pub shipment_id: Uuid,
     pub status: ShipmentStatus,
     pub tracking_number: Option<String>,
+    #[schema(value_type = Address)]
     pub address: Json<Address>,
     pub reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

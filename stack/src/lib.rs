@@ -12,6 +12,7 @@ pub mod config_reference;
 pub mod demo;
 pub mod infra;
 pub mod local;
+pub mod openapi;
 pub mod process;
 pub mod services;
 

@@ -89,9 +89,9 @@ enum Cmd {
         #[arg(long)]
         write: bool,
     },
-    /// List the event contracts generated from the code: the JSON Schema
-    /// of every event type and version and the AsyncAPI document
-    /// (common/contracts/).
+    /// List the contracts generated from the code: the JSON Schema of
+    /// every event type and version, the AsyncAPI document and each
+    /// service's OpenAPI document (common/contracts/).
     Contracts {
         /// Rewrite them.
         #[arg(long)]
@@ -160,8 +160,11 @@ async fn main() -> Result<ExitCode> {
                     }
                 }
                 std::fs::create_dir_all(&dir)?;
+                std::fs::create_dir_all(root.join(stack::openapi::DIR))?;
             }
-            for (path, text) in stack::asyncapi::generated_files() {
+            let mut files = stack::asyncapi::generated_files();
+            files.extend(stack::openapi::generated_files());
+            for (path, text) in files {
                 if write {
                     std::fs::write(root.join(&path), text)
                         .with_context(|| format!("write {path}"))?;

@@ -203,7 +203,8 @@ fn the_readme_layout_names_every_folder() {
 #[test]
 fn the_event_contracts_are_generated_from_the_code() {
     let root = repo_root();
-    let generated = stack::asyncapi::generated_files();
+    let mut generated = stack::asyncapi::generated_files();
+    generated.extend(stack::openapi::generated_files());
     let stale = "run `cargo run -p stack -- contracts --write`";
     for (path, text) in &generated {
         let committed = std::fs::read_to_string(root.join(path)).unwrap_or_default();

@@ -7,6 +7,7 @@
 //! when a test needs to kill one. Everything is torn down on drop, so tests
 //! run in parallel and twice in a row.
 
+pub mod api_fuzz;
 pub mod exposition;
 pub mod fuzz;
 pub mod pg_proxy;

@@ -42,7 +42,8 @@ async fn start_panicking_shipping(stack: &Stack) -> Result<CancellationToken> {
     let config: Config = stack.config("shipping");
     let infra = Infra::connect(config, &shipping::MIGRATIONS).await?;
     let shutdown = CancellationToken::new();
-    let service = Service::build(&infra, Panics, axum::Router::new(), shutdown.clone()).await?;
+    let service =
+        Service::build(&infra, Panics, axum::Router::new().into(), shutdown.clone()).await?;
     tokio::spawn(service.run());
     Ok(shutdown)
 }

@@ -320,12 +320,12 @@ async fn every_request_has_an_id_and_is_counted_by_route_and_status() -> Result<
             ],
         )
     };
-    assert_eq!(by("/orders/{id}", "404"), 1.0);
+    assert_eq!(by("/orders/{orderId}", "404"), 1.0);
     assert!(by("/health/live", "200") >= 4.0);
     assert!(
         metrics.has(
             "saga_http_request_seconds_count",
-            &[("route", "/orders/{id}"), ("status", "404")]
+            &[("route", "/orders/{orderId}"), ("status", "404")]
         ),
         "the latency histogram"
     );

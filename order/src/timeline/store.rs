@@ -15,7 +15,7 @@ use common::sql::column;
 use crate::domain::OrderStatus;
 
 /// One entry of a saga's timeline: an event, or a dead letter of the saga.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NewEntry {
     /// The event id, or `dlq:<stream sequence>`: a redelivery records nothing.
@@ -39,7 +39,9 @@ pub struct NewEntry {
 
 /// Declared in the order of the names they are stored as, so that they
 /// sort as the timeline does (`ORDER BY occurred_at, kind, …`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, sqlx::Type)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, sqlx::Type, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 #[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum EntryKind {
@@ -50,7 +52,7 @@ pub enum EntryKind {
 }
 
 /// An entry as recorded: what was seen, and when the observer saw it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EntryRow {
     #[serde(flatten)]
@@ -60,7 +62,7 @@ pub struct EntryRow {
 }
 
 /// Where a saga stands, as the observer last folded it.
-#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SagaRow {
     pub correlation_id: Uuid,
