@@ -44,6 +44,8 @@ pub struct Config {
     pub admin_token: Option<String>,
     pub janitor_every: Duration,
     pub janitor_margin: Duration,
+    /// OTLP/HTTP endpoint traces are exported to, if any.
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +163,22 @@ pub struct ConfigArgs {
     #[arg(long, env = "JANITOR_MARGIN_MS", default_value_t = crate::janitor::MARGIN.as_millis() as u64,
           value_parser = clap::value_parser!(u64).range(0..=30 * 86_400_000))]
     pub janitor_margin_ms: u64,
+    /// Where to export traces: an OpenTelemetry collector's OTLP/HTTP
+    /// endpoint (`http://host:4318`; `/v1/traces` is added). Unset, trace
+    /// context is still carried (and logged) but nothing is exported
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_parser = otlp_endpoint)]
+    pub otel_exporter_otlp_endpoint: Option<String>,
+}
+
+fn otlp_endpoint(v: &str) -> Result<String, String> {
+    let rest = v.strip_prefix("http://").ok_or_else(|| {
+        "use http://host:port (OTLP over HTTP/protobuf, as a collector on the same network takes it)"
+            .to_string()
+    })?;
+    if rest.is_empty() || v.len() > 512 || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("use http://host:port, at most 512 characters".into());
+    }
+    Ok(v.to_string())
 }
 
 /// The secrets a service reads, from its environment only: name, meaning.
@@ -270,6 +288,7 @@ impl ConfigArgs {
             admin_token,
             janitor_every: Duration::from_millis(self.janitor_every_ms),
             janitor_margin: Duration::from_millis(self.janitor_margin_ms),
+            otlp_endpoint: self.otel_exporter_otlp_endpoint,
         })
     }
 }

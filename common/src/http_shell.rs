@@ -22,7 +22,12 @@ use tower_http::{
 };
 use tracing::Level;
 
-use crate::meter::names;
+use opentelemetry::{KeyValue, trace::SpanKind};
+
+use crate::{
+    meter::names,
+    trace::{self, Trace, Tracing},
+};
 
 /// Longest a request may take.
 pub use crate::http::REQUEST_TIMEOUT;
@@ -34,8 +39,9 @@ pub const REQUEST_ID: &str = "x-request-id";
 /// than letters, digits and `-_.:`) is replaced.
 pub const MAX_REQUEST_ID: usize = 128;
 
-/// `router` in the shell, for `service`'s metrics.
-pub fn shell(router: Router, service: &str) -> Router {
+/// `router` in the shell, for `service`'s metrics, its requests traced by
+/// `tracing`.
+pub fn shell(router: Router, service: &str, tracing: Tracing) -> Router {
     let service: Arc<str> = service.into();
     let request_id = HeaderName::from_static(REQUEST_ID);
     router
@@ -60,11 +66,19 @@ pub fn shell(router: Router, service: &str) -> Router {
                         .get(REQUEST_ID)
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or_default();
-                    tracing::info_span!("request", method = %request.method(), route, request_id = id)
+                    let trace_id = request
+                        .extensions()
+                        .get::<Trace>()
+                        .map(Trace::trace_id)
+                        .unwrap_or_default();
+                    tracing::info_span!("request", method = %request.method(), route, request_id = id, trace_id)
                 })
                 .on_request(())
                 .on_response(DefaultOnResponse::new().level(Level::DEBUG)),
         )
+        .layer(middleware::from_fn(move |request: Request, next: Next| {
+            traced(tracing.clone(), request, next)
+        }))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .layer(middleware::from_fn(sane_request_id))
@@ -125,6 +139,44 @@ async fn with_message(request: Request, next: Next) -> Response {
     Response::from_parts(parts, axum::body::Body::from(body))
 }
 
+/// Serves the request as a unit of work of its trace: the caller's
+/// (`traceparent`), or a new one. What it writes to the outbox carries the
+/// trace on; with an exporter, it is a server span with the route and
+/// status.
+async fn traced(tracing: Tracing, mut request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let parent = request
+        .headers()
+        .get(trace::TRACEPARENT)
+        .and_then(|v| v.to_str().ok());
+    let method = request.method().to_string();
+    let work = tracing.start(
+        format!("{method} {route}"),
+        SpanKind::Server,
+        trace::parse(parent),
+        vec![
+            KeyValue::new("http.request.method", method),
+            KeyValue::new("http.route", route),
+        ],
+    );
+    request.extensions_mut().insert(work.trace.clone());
+    let response = trace::within(work.trace.clone(), next.run(request)).await;
+    let status = response.status();
+    work.end(
+        status
+            .is_server_error()
+            .then(|| status.canonical_reason().unwrap_or("server error")),
+        vec![KeyValue::new(
+            "http.response.status_code",
+            i64::from(status.as_u16()),
+        )],
+    );
+    response
+}
+
 /// Drops a caller's request id that is too long or holds other than
 /// letters, digits and `-_.:`, so that a new one is made: it goes into
 /// every log line of the request.
@@ -172,4 +224,79 @@ async fn measured(service: Arc<str>, request: Request, next: Next) -> Response {
     metrics::counter!(names::HTTP_REQUESTS, &labels).increment(1);
     metrics::histogram!(names::HTTP_SECONDS, &labels).record(started.elapsed().as_secs_f64());
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tracing_subscriber::prelude::*;
+
+    use super::*;
+
+    /// Collects what is logged, for one test.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lines").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for Lines {
+        type Writer = Lines;
+        fn make_writer(&'w self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    /// What a handler logs carries its request's id, route and the trace id
+    /// of the caller's `traceparent`, in the JSON lines the services write.
+    #[tokio::test]
+    async fn a_handlers_log_line_carries_the_request_id_and_trace_id() {
+        let lines = Lines::default();
+        let subscriber =
+            tracing_subscriber::registry().with(crate::telemetry::json_lines(lines.clone()));
+        let _scope = tracing::subscriber::set_default(subscriber);
+        let routes = Router::new().route(
+            "/things/{id}",
+            get(|| async {
+                tracing::info!("handled the thing");
+                "ok"
+            }),
+        );
+        let app = shell(routes, "test", Tracing::off());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let request = "GET /things/7 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\
+             x-request-id: req-42\r\n\
+             traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n";
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        server.abort();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let written = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let line: serde_json::Value = written
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .find(|l: &serde_json::Value| l["fields"]["message"] == "handled the thing")
+            .unwrap_or_else(|| panic!("the handler's line is not among {written}"));
+        let span = &line["span"];
+        assert_eq!(span["request_id"], "req-42", "{line}");
+        assert_eq!(span["route"], "/things/{id}", "{line}");
+        assert_eq!(
+            span["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
+            "{line}"
+        );
+    }
 }

@@ -30,6 +30,7 @@ pub mod service;
 pub mod sql;
 pub mod telemetry;
 pub mod topology;
+pub mod trace;
 
 pub use config::{Config, ConfigArgs};
 pub use consumer::{Applying, Handler, HandlerError, Outcome};

@@ -33,10 +33,12 @@ use crate::{
     meter::Meter,
     relay_lease::{self, Asked, Lead},
     subjects::Subjects,
+    trace::{self, Trace},
 };
 
 /// Bytes the relay adds to an event on the wire besides its body: the
-/// `Nats-Msg-Id` header (a UUID) and the header framing, with room to spare.
+/// `Nats-Msg-Id` header (a UUID), the `traceparent` header (55 bytes) and
+/// the header framing, with room to spare.
 pub const PUBLISH_OVERHEAD: usize = 256;
 
 /// Whether `event` can ever be published to a broker whose `max_payload`
@@ -95,20 +97,21 @@ struct Columns {
     subjects: Vec<String>,
     aggregates: Vec<String>,
     bodies: Vec<Vec<u8>>,
+    traces: Vec<Option<String>>,
 }
 
 /// The rows of `events`, each serialized once and checked against
 /// `max_payload`; `Err` names the first that can never be published.
 fn columns<'a>(
     subjects: &Subjects,
-    events: impl ExactSizeIterator<Item = &'a Envelope>,
+    events: impl ExactSizeIterator<Item = (&'a Envelope, Option<&'a Trace>)>,
     max_payload: usize,
 ) -> Result<Columns, String> {
     let len = events.len();
     columns_on(
-        events.map(|e| {
+        events.map(|(e, trace)| {
             let kind = e.kind().expect("services only emit catalogued events");
-            (subjects.event_of(kind, e.metadata.correlation_id), e)
+            (subjects.event_of(kind, e.metadata.correlation_id), e, trace)
         }),
         len,
         max_payload,
@@ -117,7 +120,7 @@ fn columns<'a>(
 
 /// The rows of events each on its own subject.
 fn columns_on<'a>(
-    rows: impl Iterator<Item = (String, &'a Envelope)>,
+    rows: impl Iterator<Item = (String, &'a Envelope, Option<&'a Trace>)>,
     len: usize,
     max_payload: usize,
 ) -> Result<Columns, String> {
@@ -126,21 +129,23 @@ fn columns_on<'a>(
         subjects: Vec::with_capacity(len),
         aggregates: Vec::with_capacity(len),
         bodies: Vec::with_capacity(len),
+        traces: Vec::with_capacity(len),
     };
-    for (subject, e) in rows {
+    for (subject, e, trace) in rows {
         let body = e.to_bytes();
         fits(e, body.len(), max_payload)?;
         c.ids.push(e.event_id);
         c.subjects.push(subject);
         c.aggregates.push(e.aggregate_id.clone());
         c.bodies.push(body);
+        c.traces.push(trace.map(Trace::traceparent));
     }
     Ok(c)
 }
 
 impl Columns {
-    /// Binds the columns as the statement's last four parameters, the
-    /// arrays of `UNNEST(..uuid[], ..text[], ..text[], ..bytea[])`.
+    /// Binds the columns as the statement's last five parameters, the
+    /// arrays of `UNNEST(..uuid[], ..text[], ..text[], ..bytea[], ..text[])`.
     fn bind_to<'q>(
         &'q self,
         query: Query<'q, Postgres, PgArguments>,
@@ -150,6 +155,7 @@ impl Columns {
             .bind(&self.subjects)
             .bind(&self.aggregates)
             .bind(&self.bodies)
+            .bind(&self.traces)
     }
 }
 
@@ -165,17 +171,32 @@ pub enum EnqueueError {
 }
 
 /// Appends `events` to the outbox inside the caller's transaction, after
-/// checking each fits `max_payload` (nothing is written if one does not).
+/// checking each fits `max_payload` (nothing is written if one does not);
+/// each carries the trace of the work this task is doing
+/// ([`trace::current`]).
 pub async fn enqueue(
     conn: &mut PgConnection,
     subjects: &Subjects,
     events: &[Envelope],
     max_payload: usize,
 ) -> Result<(), EnqueueError> {
+    let trace = trace::current();
+    let traced: Vec<_> = events.iter().map(|e| (e, trace.as_ref())).collect();
+    enqueue_traced(conn, subjects, &traced, max_payload).await
+}
+
+/// As [`enqueue`], each event with the trace it carries.
+pub async fn enqueue_traced(
+    conn: &mut PgConnection,
+    subjects: &Subjects,
+    events: &[(&Envelope, Option<&Trace>)],
+    max_payload: usize,
+) -> Result<(), EnqueueError> {
     if events.is_empty() {
         return Ok(());
     }
-    let c = columns(subjects, events.iter(), max_payload).map_err(EnqueueError::TooLarge)?;
+    let c =
+        columns(subjects, events.iter().copied(), max_payload).map_err(EnqueueError::TooLarge)?;
     Ok(insert(conn, &c).await?)
 }
 
@@ -187,7 +208,10 @@ pub async fn enqueue_on(
     events: &[(String, Envelope)],
     max_payload: usize,
 ) -> Result<(), EnqueueError> {
-    let rows = events.iter().map(|(subject, e)| (subject.clone(), e));
+    let trace = trace::current();
+    let rows = events
+        .iter()
+        .map(|(subject, e)| (subject.clone(), e, trace.as_ref()));
     let c = columns_on(rows, events.len(), max_payload).map_err(EnqueueError::TooLarge)?;
     Ok(insert(conn, &c).await?)
 }
@@ -197,8 +221,8 @@ async fn insert(conn: &mut PgConnection, c: &Columns) -> Result<(), sqlx::Error>
         return Ok(());
     }
     c.bind_to(sqlx::query(
-        "INSERT INTO outbox (event_id, subject, aggregate_id, body)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bytea[])",
+        "INSERT INTO outbox (event_id, subject, aggregate_id, body, traceparent)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[])",
     ))
     .execute(conn)
     .await?;
@@ -216,6 +240,10 @@ pub enum Enqueued {
     TooLarge(String),
 }
 
+/// An event consumed: what it was, the trace of its applying (which what
+/// it caused carries), and what it caused.
+pub type Consumed<'a> = (&'a Envelope, Option<&'a Trace>, &'a [Envelope]);
+
 /// Records each consumed event as applied by `consumer` (the Postgres
 /// idempotency guard) and appends the events each caused, in that order,
 /// each checked against `max_payload`, in one statement of the caller's
@@ -225,21 +253,21 @@ pub async fn enqueue_once(
     conn: &mut PgConnection,
     subjects: &Subjects,
     consumer: &str,
-    consumed: &[(&Envelope, &[Envelope])],
+    consumed: &[Consumed<'_>],
     max_payload: usize,
 ) -> Result<Enqueued, sqlx::Error> {
-    let emitted: Vec<&Envelope> = consumed
+    let emitted: Vec<(&Envelope, Option<&Trace>)> = consumed
         .iter()
-        .flat_map(|(_, events)| events.iter())
+        .flat_map(|(_, trace, events)| events.iter().map(move |e| (e, *trace)))
         .collect();
     let c = match columns(subjects, emitted.into_iter(), max_payload) {
         Ok(c) => c,
         Err(reason) => return Ok(Enqueued::TooLarge(reason)),
     };
-    let ids: Vec<Uuid> = consumed.iter().map(|(e, _)| e.event_id).collect();
+    let ids: Vec<Uuid> = consumed.iter().map(|(e, _, _)| e.event_id).collect();
     let types: Vec<&str> = consumed
         .iter()
-        .map(|(e, _)| e.event_type.as_str())
+        .map(|(e, _, _)| e.event_type.as_str())
         .collect();
     let guarded = sqlx::query(
         "WITH guard AS (
@@ -247,9 +275,9 @@ pub async fn enqueue_once(
              SELECT $1, g.id, g.type FROM UNNEST($2::uuid[], $3::text[]) AS g(id, type)
              ON CONFLICT DO NOTHING RETURNING 1
          ), emitted AS (
-             INSERT INTO outbox (event_id, subject, aggregate_id, body)
-             SELECT * FROM UNNEST($4::uuid[], $5::text[], $6::text[], $7::bytea[])
-             WHERE (SELECT count(*) FROM guard) = $8
+             INSERT INTO outbox (event_id, subject, aggregate_id, body, traceparent)
+             SELECT * FROM UNNEST($4::uuid[], $5::text[], $6::text[], $7::bytea[], $8::text[])
+             WHERE (SELECT count(*) FROM guard) = $9
          )
          SELECT count(*) FROM guard",
     )
@@ -358,6 +386,8 @@ struct Row {
     event_id: Uuid,
     subject: String,
     body: Vec<u8>,
+    /// The trace of the work that wrote it, published as `traceparent`.
+    traceparent: Option<String>,
     /// Since its commit, when it was read.
     age: Duration,
 }
@@ -379,40 +409,49 @@ struct Sent {
 /// deleted. A commit after the read wakes the relay again: no need to look.
 async fn read_window(conn: &mut PgConnection) -> sqlx::Result<(Vec<Row>, bool)> {
     let mut window = 0;
-    let rows: Vec<Row> = sqlx::query_as::<_, (i64, Uuid, String, Vec<u8>, f64, i64)>(
-        "SELECT id, event_id, subject, body,
+    let rows: Vec<Row> =
+        sqlx::query_as::<_, (i64, Uuid, String, Vec<u8>, Option<String>, f64, i64)>(
+            "SELECT id, event_id, subject, body, traceparent,
                 extract(epoch FROM clock_timestamp() - created_at)::float8, window_rows FROM (
              SELECT o.*, row_number() OVER (PARTITION BY aggregate_id ORDER BY id) AS nth,
                     count(*) OVER () AS window_rows
              FROM (SELECT * FROM outbox ORDER BY id LIMIT $1) o
          ) ranked
          WHERE nth = 1 ORDER BY id",
-    )
-    .bind(BATCH)
-    .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .map(|(id, event_id, subject, body, age, window_rows)| {
-        window = window_rows;
-        Row {
-            id,
-            event_id,
-            subject,
-            body,
-            age: Duration::try_from_secs_f64(age).unwrap_or_default(),
-        }
-    })
-    .collect();
+        )
+        .bind(BATCH)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(
+            |(id, event_id, subject, body, traceparent, age, window_rows)| {
+                window = window_rows;
+                Row {
+                    id,
+                    event_id,
+                    subject,
+                    body,
+                    traceparent,
+                    age: Duration::try_from_secs_f64(age).unwrap_or_default(),
+                }
+            },
+        )
+        .collect();
     let more = window == BATCH || window > rows.len() as i64;
     Ok((rows, more))
 }
 
 impl Row {
     /// The headers it is published with: its event id as `Nats-Msg-Id`,
-    /// which the broker deduplicates a republish by.
+    /// which the broker deduplicates a republish by, and the trace context
+    /// of the work that wrote it (`traceparent`), which the consumers
+    /// continue.
     fn headers(&self) -> HeaderMap {
         let mut headers = HeaderMap::new();
         headers.insert(header::NATS_MESSAGE_ID, self.event_id.to_string().as_str());
+        if let Some(traceparent) = &self.traceparent {
+            headers.insert(trace::TRACEPARENT, traceparent.as_str());
+        }
         headers
     }
 }
@@ -954,9 +993,19 @@ mod tests {
     #[test]
     fn the_rows_of_a_batch_with_one_oversized_event_are_refused_whole() {
         let s = Subjects::new("saga");
-        assert!(columns(&s, [event(10), event(5_000)].iter(), 4_000).is_err());
+        assert!(
+            columns(
+                &s,
+                [event(10), event(5_000)].iter().map(|e| (e, None)),
+                4_000
+            )
+            .is_err()
+        );
         assert_eq!(
-            columns(&s, [event(10)].iter(), 4_000).unwrap().bodies.len(),
+            columns(&s, [event(10)].iter().map(|e| (e, None)), 4_000)
+                .unwrap()
+                .bodies
+                .len(),
             1
         );
     }

@@ -27,6 +27,7 @@ use crate::{
     outbox::{OutboxSignal, Relay},
     subjects::Subjects,
     topology,
+    trace::Tracing,
 };
 
 /// Tables every service has: outbox and consumed-event guard.
@@ -62,6 +63,8 @@ pub struct Infra {
     pub outbox: OutboxSignal,
     pub health: Health,
     pub meter: Meter,
+    /// Where its spans go (trace context is carried either way).
+    pub tracing: Tracing,
 }
 
 /// How long start-up waits for infrastructure that is still coming up.
@@ -135,6 +138,7 @@ impl Infra {
             batch: config.consumer_batch,
             max_deliveries: config.consumer_max_deliveries,
             max_payload: self.max_payload(),
+            tracing: self.tracing.clone(),
         }
     }
 
@@ -191,8 +195,15 @@ impl Infra {
         // The streams are provisioned by a step of their own; a service
         // only finds out whether they are there, and says so until they are.
         tokio::spawn(watch_streams(js.clone(), subjects.clone(), health.clone()));
+        let tracing = match &config.otlp_endpoint {
+            Some(endpoint) => {
+                Tracing::exporting(&config.service, endpoint).map_err(StartError::Config)?
+            }
+            None => Tracing::off(),
+        };
 
         Ok(Infra {
+            tracing,
             meter: Meter::new(&config.service),
             config,
             pool,
@@ -270,6 +281,7 @@ pub struct Service {
     relay_stop: CancellationToken,
     shutdown: CancellationToken,
     scrape: Scrape,
+    tracing: Tracing,
 }
 
 impl Service {
@@ -342,11 +354,13 @@ impl Service {
             router: crate::http_shell::shell(
                 crate::api_doc::serve(routes, infra.health(), &config.service),
                 &config.service,
+                infra.tracing.clone(),
             ),
             tasks,
             relay,
             relay_stop,
             shutdown,
+            tracing: infra.tracing.clone(),
             scrape: Scrape {
                 meter: infra.meter.clone(),
                 pool: infra.pool.clone(),
@@ -397,9 +411,11 @@ impl Service {
     pub async fn run(self) -> std::io::Result<()> {
         tracing::info!(service = %self.name, addr = %self.local_addr(), "service started");
         let shutdown = self.shutdown.clone();
-        let router = self
-            .router
-            .merge(crate::http_shell::shell(self.scrape.router(), &self.name));
+        let router = self.router.merge(crate::http_shell::shell(
+            self.scrape.router(),
+            &self.name,
+            Tracing::off(),
+        ));
         let mut tasks = self.tasks;
         tasks.push(Box::pin(meter::upkeep(shutdown.clone())));
         let server = axum::serve(self.listener, router)
@@ -423,6 +439,8 @@ impl Service {
             served
         };
         let (served, ()) = tokio::join!(drained, relay);
+        let traces = self.tracing;
+        let _ = tokio::task::spawn_blocking(move || traces.flush()).await;
         tracing::info!(service = %self.name, "service stopped");
         served
     }

@@ -9,6 +9,7 @@ use common::{
     event::Address,
     limits,
     outbox::{self, EnqueueError, OutboxSignal},
+    trace::{self, Trace},
 };
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
@@ -103,6 +104,10 @@ pub fn writers(max_connections: u32) -> usize {
     (max_connections as usize / 4).clamp(1, WRITERS)
 }
 
+/// A placement written in a group: its order id, cancel token, request
+/// and the trace of the request that asked for it.
+type Requested<'a> = (Uuid, &'a CancelToken, &'a PlaceOrder, Option<&'a Trace>);
+
 /// A checked placement request, the id its order gets, and where its
 /// answer goes.
 struct Waiting {
@@ -113,6 +118,8 @@ struct Waiting {
     /// Its cancel token, fixed likewise (its hash is written with it).
     token: CancelToken,
     request: PlaceOrder,
+    /// The trace of the request that asked for it (its OrderPlaced carries it).
+    trace: Option<Trace>,
     reply: oneshot::Sender<Result<Order, PlaceError>>,
 }
 
@@ -177,6 +184,7 @@ impl Placer {
                 order_id,
                 token: token.clone(),
                 request,
+                trace: trace::current(),
                 reply,
             })
             .await
@@ -192,13 +200,27 @@ impl Placer {
 
 impl Writer {
     /// Puts what a command emitted in the outbox and commits, then wakes the
-    /// relay; rolled back if an event is too large to publish.
+    /// relay; rolled back if an event is too large to publish. The events
+    /// carry the trace of the request being served.
     async fn publish(
         &self,
-        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        tx: sqlx::Transaction<'_, sqlx::Postgres>,
         emitted: &[Envelope],
     ) -> Result<(), EnqueueError> {
-        if let Err(e) = outbox::enqueue(&mut tx, &self.subjects, emitted, self.max_payload).await {
+        let trace = trace::current();
+        let traced: Vec<_> = emitted.iter().map(|e| (e, trace.as_ref())).collect();
+        self.publish_traced(tx, &traced).await
+    }
+
+    /// As [`Writer::publish`], each event with the trace it carries.
+    async fn publish_traced(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        emitted: &[(&Envelope, Option<&Trace>)],
+    ) -> Result<(), EnqueueError> {
+        if let Err(e) =
+            outbox::enqueue_traced(&mut tx, &self.subjects, emitted, self.max_payload).await
+        {
             tx.rollback().await?;
             return Err(e);
         }
@@ -248,14 +270,18 @@ impl Writer {
                 order_id,
                 token,
                 request,
+                trace,
                 reply,
             } = group.pop().expect("one");
-            let _ = reply.send(self.place_new(order_id, &token, request).await);
+            let _ = reply.send(
+                self.place_new_traced(order_id, &token, request, trace)
+                    .await,
+            );
             return;
         }
-        let requests: Vec<(Uuid, &CancelToken, &PlaceOrder)> = group
+        let requests: Vec<Requested> = group
             .iter()
-            .map(|w| (w.order_id, &w.token, &w.request))
+            .map(|w| (w.order_id, &w.token, &w.request, w.trace.as_ref()))
             .collect();
         let meter = &self.snapshots.meter;
         match self.place_together(&requests).await {
@@ -272,10 +298,14 @@ impl Writer {
                     order_id,
                     token,
                     request,
+                    trace,
                     reply,
                 } in group
                 {
-                    let _ = reply.send(self.place_new(order_id, &token, request).await);
+                    let _ = reply.send(
+                        self.place_new_traced(order_id, &token, request, trace)
+                            .await,
+                    );
                 }
             }
         }
@@ -287,12 +317,12 @@ impl Writer {
     /// and why.
     async fn place_together(
         &self,
-        requests: &[(Uuid, &CancelToken, &PlaceOrder)],
+        requests: &[Requested<'_>],
     ) -> Result<Vec<Result<Order, PlaceError>>, String> {
         let mut tx = self.pool.begin().await.map_err(|e| e.to_string())?;
         let mut products: Vec<&str> = requests
             .iter()
-            .flat_map(|(_, _, r)| r.lines.iter().map(|l| l.product_id.as_str()))
+            .flat_map(|(_, _, r, _)| r.lines.iter().map(|l| l.product_id.as_str()))
             .collect();
         products.sort_unstable();
         products.dedup();
@@ -302,11 +332,11 @@ impl Writer {
         let mut answers = Vec::with_capacity(requests.len());
         let mut placed = Vec::with_capacity(requests.len());
         let mut tokens = Vec::with_capacity(requests.len());
-        for (order_id, token, request) in requests {
+        for (order_id, token, request, trace) in requests {
             match decide_placement(*order_id, (*request).clone(), &prices) {
                 Ok((order, emitted)) => {
                     answers.push(Ok(order.clone()));
-                    placed.push((order, emitted));
+                    placed.push((order, emitted, *trace));
                     tokens.push((*order_id, *token));
                 }
                 Err(refused) => answers.push(Err(refused)),
@@ -317,16 +347,16 @@ impl Writer {
             return Err(e.to_string());
         }
         let decided: Vec<(&Order, &[Envelope])> =
-            placed.iter().map(|(o, e)| (o, e.as_slice())).collect();
+            placed.iter().map(|(o, e, _)| (o, e.as_slice())).collect();
         if let Err(e) = store::append(&mut tx, &self.snapshots, 0, &decided).await {
             let _ = tx.rollback().await;
             return Err(e.to_string());
         }
-        let emitted: Vec<Envelope> = placed
-            .into_iter()
-            .flat_map(|(_, emitted)| emitted)
+        let emitted: Vec<(&Envelope, Option<&Trace>)> = placed
+            .iter()
+            .flat_map(|(_, emitted, trace)| emitted.iter().map(move |e| (e, *trace)))
             .collect();
-        self.publish(tx, &emitted)
+        self.publish_traced(tx, &emitted)
             .await
             .map_err(|e| e.to_string())?;
         for order in answers.iter().flatten() {
@@ -340,6 +370,20 @@ impl Writer {
     /// commit went through but the answer was lost, with the connection):
     /// then the order it wrote is the answer. So is it when this attempt's
     /// own answer is lost but the order is there when asked again.
+    /// [`Writer::place_new`] as part of `trace` (the request's).
+    async fn place_new_traced(
+        &self,
+        order_id: Uuid,
+        token: &CancelToken,
+        request: PlaceOrder,
+        trace: Option<Trace>,
+    ) -> Result<Order, PlaceError> {
+        match trace {
+            Some(trace) => trace::within(trace, self.place_new(order_id, token, request)).await,
+            None => self.place_new(order_id, token, request).await,
+        }
+    }
+
     async fn place_new(
         &self,
         order_id: Uuid,

@@ -10,6 +10,7 @@
 pub mod api_fuzz;
 pub mod exposition;
 pub mod fuzz;
+pub mod otlp;
 pub mod pg_proxy;
 pub mod raw_nats;
 pub mod schemas;

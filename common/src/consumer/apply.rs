@@ -26,6 +26,7 @@ use crate::{
     idempotency::{self, Claim},
     meter,
     outbox::{self, Enqueued},
+    trace::Trace,
 };
 
 /// The longest a batch's transaction waits for any one lock. A batch's
@@ -184,10 +185,13 @@ impl<H: Handler> Applier<H> {
         }
         // Every event's guard and emitted events in one statement.
         if refused.is_none() {
-            let applied: Vec<(&Envelope, &[Envelope])> = batch
+            let applied: Vec<outbox::Consumed> = batch
                 .iter()
                 .zip(&outcomes)
-                .map(|((r, _), outcome)| (&r.envelope, outcome.committed().unwrap_or_default()))
+                .map(|((r, _), outcome)| {
+                    let emitted = outcome.committed().unwrap_or_default();
+                    (&r.envelope, Some(&r.work.trace), emitted)
+                })
                 .collect();
             refused = match self.guard(&mut tx, &applied).await {
                 Ok(Enqueued::Done) => None,
@@ -286,7 +290,7 @@ impl<H: Handler> Applier<H> {
                 report,
             }) => {
                 if let Some(report) = report {
-                    self.report(&report).await;
+                    self.report(&report, &r.work.trace).await;
                 }
                 let Some(delay) = usize::try_from(delivered - 1)
                     .ok()
@@ -325,7 +329,7 @@ impl<H: Handler> Applier<H> {
     async fn guard(
         &self,
         tx: &mut PgConnection,
-        applied: &[(&Envelope, &[Envelope])],
+        applied: &[outbox::Consumed<'_>],
     ) -> Result<Enqueued, sqlx::Error> {
         outbox::enqueue_once(tx, &self.subjects, &self.name, applied, self.max_payload).await
     }
@@ -333,11 +337,11 @@ impl<H: Handler> Applier<H> {
     /// Commits a failed attempt's report to the outbox in a transaction of
     /// its own. Best effort: the attempt is retried whether or not this
     /// lands, and a lost report is logged.
-    async fn report(&self, report: &Envelope) {
+    async fn report(&self, report: &Envelope, trace: &Trace) {
         let written = async {
             let mut conn = self.pool.acquire().await?;
-            let report = std::slice::from_ref(report);
-            outbox::enqueue(&mut conn, &self.subjects, report, self.max_payload).await
+            let report = [(report, Some(trace))];
+            outbox::enqueue_traced(&mut conn, &self.subjects, &report, self.max_payload).await
         }
         .await;
         match written {
@@ -354,6 +358,7 @@ impl<H: Handler> Applier<H> {
             event_type = %r.envelope.event_type,
             event_id = %r.envelope.event_id,
             correlation_id = %r.envelope.metadata.correlation_id,
+            trace_id = %r.work.trace.trace_id(),
             delivered = r.delivered,
         )
     }
@@ -376,6 +381,17 @@ impl<H: Handler> Applier<H> {
                 Disposition::DeadLettered(reason) => tracing::error!(%reason, "dead-lettered"),
             }
         }
+        let failed = match disposition {
+            Disposition::Retry(reason) | Disposition::DeadLettered(reason) => Some(reason.as_str()),
+            _ => None,
+        };
+        r.work.end(
+            failed,
+            vec![opentelemetry::KeyValue::new(
+                "saga.disposition",
+                disposition.label(),
+            )],
+        );
         let since_publish = match disposition {
             Disposition::Applied => r.published.map(meter::age),
             _ => None,

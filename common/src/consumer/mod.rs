@@ -89,6 +89,9 @@ pub struct RuntimeParts {
     /// The broker's `max_payload` ([`crate::broker::max_payload`]): no
     /// event larger is written, no dead letter larger is published.
     pub max_payload: usize,
+    /// Where each applied event's span goes (its trace context is carried
+    /// on either way).
+    pub tracing: crate::trace::Tracing,
 }
 
 /// What the lanes share: the handler and the runtime's parts.

@@ -5,8 +5,13 @@ use std::time::Instant;
 
 use async_nats::jetstream;
 
+use opentelemetry::{KeyValue, trace::SpanKind};
+
 use super::{Applier, Arriving, Handler};
-use crate::event::{DecodeError, Envelope, Event};
+use crate::{
+    event::{DecodeError, Envelope, Event},
+    trace::{self, Work},
+};
 
 /// One delivery of a message: how many times it has been delivered, and
 /// where it is in the stream.
@@ -30,6 +35,8 @@ pub(super) struct Received {
     pub started: Instant,
     pub envelope: Envelope,
     pub event: Event,
+    /// Its applying, in the trace its message carried (`traceparent`).
+    pub work: Work,
 }
 
 impl Received {
@@ -68,7 +75,29 @@ impl<H: Handler> Applier<H> {
             Ok((envelope, event)) => {
                 let expected = self.subjects.event_of(event.kind(), event.order_id());
                 if msg.subject.as_str() == expected {
+                    let parent = msg
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(trace::TRACEPARENT))
+                        .map(|v| v.as_str());
+                    let work = self.tracing.start(
+                        format!("apply {}", envelope.event_type),
+                        SpanKind::Consumer,
+                        trace::parse(parent),
+                        vec![
+                            KeyValue::new("messaging.system", "nats"),
+                            KeyValue::new("messaging.destination.name", msg.subject.to_string()),
+                            KeyValue::new("messaging.message.id", envelope.event_id.to_string()),
+                            KeyValue::new("messaging.consumer.group.name", self.name.clone()),
+                            KeyValue::new(
+                                "saga.correlation_id",
+                                envelope.metadata.correlation_id.to_string(),
+                            ),
+                            KeyValue::new("saga.delivered", delivered),
+                        ],
+                    );
                     return Some(Received {
+                        work,
                         delivered,
                         stream_seq,
                         nothing_behind,
