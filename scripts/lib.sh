@@ -61,7 +61,7 @@ as_postgres() {
 # psql_admin ARGS...: psql as the postgres role over TCP.
 psql_admin() { psql -X -q -v ON_ERROR_STOP=1 -h "$PG_HOST" -p "$PG_PORT" -U postgres "$@"; }
 
-# ensure_packages [CMD...]: the Debian packages the stack needs, and CMD's, if missing.
+# ensure_packages [CMD[:PACKAGE]...]: the Debian packages the stack needs, and CMD's, if missing.
 ensure_packages() {
     local missing=()
     if ! have psql || ! have pg_ctlcluster || ! have pg_isready ||
@@ -70,7 +70,8 @@ ensure_packages() {
     fi
     have redis-server && have redis-cli || missing+=(redis-server)
     have curl || missing+=(curl)
-    for extra in "$@"; do have "$extra" || missing+=("$extra"); done
+    # An extra is a command that its package names, or COMMAND:PACKAGE.
+    for extra in "$@"; do have "${extra%%:*}" || missing+=("${extra#*:}"); done
     if ! have python3; then
         missing+=(python3 python3-venv)
     elif [ "$(command -v python3)" = /usr/bin/python3 ] && have dpkg-query &&

@@ -8,7 +8,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
-bootstrap chromium spin # the saga page is tested in headless Chromium; the saga protocol's model (model/saga.pml) is checked by spin
+bootstrap chromium chromedriver:chromium-driver spin # the saga page is tested in headless Chromium (driven by chromedriver); the saga protocol's model (model/saga.pml) is checked by spin
 for component in rustfmt clippy; do
     if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
         have rustup || die "cargo $component is missing and rustup is not there to add it"

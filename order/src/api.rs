@@ -84,6 +84,7 @@ fn operator_reads() -> OpenApiRouter<Api> {
         .routes(routes!(get_customer_stats))
         .routes(routes!(list_sagas))
         .routes(routes!(get_saga))
+        .routes(routes!(list_dead_letters))
 }
 
 /// The document of the API: what `GET /openapi.json` serves.
@@ -705,6 +706,59 @@ async fn get_saga(
         summary: SagaSummary::new(saga, observer::stalled_before(sagas.stall_after)),
         stall_after_ms: sagas.stall_after.as_millis(),
         timeline,
+    }))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct DeadLetterQuery {
+    /// The next page's cursor (`nextBefore`): dead letters before this
+    /// dead-letter stream sequence.
+    #[param(minimum = 1)]
+    before: Option<i64>,
+    /// Page size, 50 unless given.
+    #[param(minimum = 1, maximum = 500)]
+    limit: Option<i64>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct DeadLetterPage {
+    dead_letters: Vec<timeline::store::DeadLetterRow>,
+    limit: i64,
+    /// Pass as `before` for the next page; absent on the last one.
+    next_before: Option<i64>,
+}
+
+/// The dead letters of sagas, newest first, as the timeline recorded them:
+/// which consumer gave up on which event and why, its sequence in the
+/// dead-letter stream (what `sagactl dlq redrive --seq` takes) and where
+/// its saga stands now.
+#[utoipa::path(get, path = "/dead-letters", tag = "sagas",
+    security(("operator" = [])),
+    params(DeadLetterQuery),
+    responses((status = 200, description = "A page of dead letters", body = DeadLetterPage)))]
+async fn list_dead_letters(
+    State(sagas): State<Sagas>,
+    ValidQuery(q): ValidQuery<DeadLetterQuery>,
+) -> Result<Json<DeadLetterPage>, ApiError> {
+    let limit = page_limit(q.limit)?;
+    if let Some(before) = q.before
+        && before < 1
+    {
+        return Err(ApiError::BadRequest(format!(
+            "before must be a dead-letter stream sequence (1 or more), got {before}"
+        )));
+    }
+    let mut rows = timeline::store::list_dead_letters(&sagas.pool, q.before, limit + 1).await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let next_before = more.then(|| rows.last().map(|r| r.dlq_seq)).flatten();
+    Ok(Json(DeadLetterPage {
+        dead_letters: rows,
+        limit,
+        next_before,
     }))
 }
 

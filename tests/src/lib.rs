@@ -10,10 +10,12 @@
 pub mod api_fuzz;
 pub mod exposition;
 pub mod fuzz;
+pub mod halted;
 pub mod otlp;
 pub mod pg_proxy;
 pub mod raw_nats;
 pub mod schemas;
+pub mod webdriver;
 
 use std::{
     collections::{BTreeMap, HashMap},

@@ -10,72 +10,11 @@ use anyhow::Result;
 use chrono::{DateTime, Utc};
 use common::meter::names;
 use payment::settings::Schedule;
-use saga_tests::{DEADLINE, Launch, Stack, eventually};
+use saga_tests::{
+    DEADLINE, Stack, eventually,
+    halted::{SCHEDULE_MS, halted_refund, refunds_refused_stack, timeline_until},
+};
 use serde_json::Value;
-use uuid::Uuid;
-
-/// The refund schedule of these tests: the shipped one (1, 2, 4, 8, 16 s)
-/// divided by ten.
-const SCHEDULE_MS: [u64; 5] = [100, 200, 400, 800, 1_600];
-
-fn refunds_refused(l: &mut Launch) {
-    l.payment.gateway_rules = Some(r#"{"all": {"refunds": "fail"}}"#.into());
-    l.payment.refund_retries = Schedule(SCHEDULE_MS.map(Duration::from_millis).to_vec());
-}
-
-/// A stack whose gateway refuses refunds; alice has 10 000, and product
-/// `rare` no stock (an order of it is charged, then refunded).
-async fn refunds_refused_stack() -> Result<Stack> {
-    let mut stack = Stack::start_with(&["order", "inventory", "shipping"]).await?;
-    stack.start_service_with("payment", refunds_refused).await?;
-    stack.set_balance("alice", 10_000).await?;
-    stack.set_stock("rare", 0).await?;
-    Ok(stack)
-}
-
-/// Alice's order of `rare` (2 500), charged and then not refunded: its id
-/// and timeline once the saga is halted.
-/// The halt and the dead letter that caused it are recorded by two
-/// watches, in either order: the timeline is read once it has both.
-async fn halted_refund(stack: &Stack) -> Result<(Uuid, Vec<Value>)> {
-    let order = saga_tests::order_body("alice", &[("rare", 1, 2_500)], "US");
-    let id = stack.place_order(&order).await?;
-    let entries = timeline_where(
-        stack,
-        id,
-        "the halt and its dead letter in the timeline",
-        |entries| {
-            entries
-                .last()
-                .is_some_and(|e| e["eventType"] == "OrderRequiresIntervention")
-                && entries.iter().any(|e| e["kind"] == "dead_letter")
-        },
-    )
-    .await?;
-    Ok((id, entries))
-}
-
-async fn timeline_until(stack: &Stack, id: Uuid, last: &str) -> Result<Vec<Value>> {
-    timeline_where(stack, id, &format!("{last} in the timeline"), |entries| {
-        entries.last().is_some_and(|e| e["eventType"] == last)
-    })
-    .await
-}
-
-/// The timeline of saga `id` once `done` holds for its entries.
-async fn timeline_where(
-    stack: &Stack,
-    id: Uuid,
-    what: &str,
-    done: impl Fn(&[Value]) -> bool,
-) -> Result<Vec<Value>> {
-    eventually(&format!("{what} of {id}"), DEADLINE, || async {
-        let (_, story) = stack.get_json("order", &format!("/sagas/{id}")).await?;
-        let entries = story["timeline"].as_array().cloned().unwrap_or_default();
-        Ok(done(&entries).then_some(entries))
-    })
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_refund_is_retried_on_schedule_then_halts_the_saga_until_retried() -> Result<()> {

@@ -277,6 +277,45 @@ pub async fn list_sagas(pool: &PgPool, f: &SagaFilter) -> sqlx::Result<Vec<SagaR
     .await
 }
 
+/// A dead letter of a saga, with where its saga stands now.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterRow {
+    pub correlation_id: Uuid,
+    /// The consumer that gave up on the event.
+    pub service: String,
+    pub event_type: String,
+    pub event_id: Option<Uuid>,
+    /// When it was dead-lettered.
+    pub occurred_at: DateTime<Utc>,
+    /// Its sequence in the dead-letter stream (`sagactl dlq redrive --seq`).
+    pub dlq_seq: i64,
+    pub reason: Option<String>,
+    /// The saga's status now.
+    pub saga_status: Option<OrderStatus>,
+}
+
+/// Dead letters of sagas, newest first: those before dead-letter stream
+/// sequence `before` if given, at most `limit`.
+pub async fn list_dead_letters(
+    pool: &PgPool,
+    before: Option<i64>,
+    limit: i64,
+) -> sqlx::Result<Vec<DeadLetterRow>> {
+    sqlx::query_as(
+        "SELECT t.correlation_id, t.service, t.event_type, t.event_id, t.occurred_at,
+                t.stream_seq AS dlq_seq, t.reason, s.status AS saga_status
+         FROM saga_timeline t LEFT JOIN sagas s USING (correlation_id)
+         WHERE t.kind = 'dead_letter' AND ($1::bigint IS NULL OR t.stream_seq < $1)
+         ORDER BY t.stream_seq DESC
+         LIMIT $2",
+    )
+    .bind(before)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
 /// How many pending sagas have waited since before `before`.
 pub async fn count_stalled(pool: &PgPool, before: DateTime<Utc>) -> sqlx::Result<i64> {
     sqlx::query_scalar("SELECT count(*) FROM sagas WHERE status = 'PENDING' AND last_event_at < $1")
