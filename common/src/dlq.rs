@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{Envelope, Subjects, limits, operator::OperatorAction};
+use crate::{Envelope, Subjects, limits, operator::OperatorAction, trace};
 
 /// Names the dead-letter headers; the body is the original bytes, unchanged
 /// (unless they no longer fit with the headers: see [`BODY_OMITTED`](dlq_headers::BODY_OMITTED)).
@@ -108,6 +108,17 @@ pub async fn send(
     headers.insert(dlq_headers::DELIVERIES, delivered.to_string().as_str());
     if let Some(original) = msg.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)) {
         headers.insert(dlq_headers::MSG_ID, header_safe(original.as_str()).as_str());
+    }
+    // The saga's trace goes with its dead letter (the timeline shows it, a
+    // redrive carries it on); a header that is not a valid one is left.
+    if let Some(traceparent) = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(trace::TRACEPARENT))
+        .map(|v| v.as_str())
+        .filter(|v| trace::parse(Some(v)).is_some())
+    {
+        headers.insert(trace::TRACEPARENT, traceparent);
     }
     if let Some(a) = about {
         headers.insert(dlq_headers::EVENT_ID, a.event_id.to_string().as_str());
@@ -604,6 +615,12 @@ impl Dlq {
             NATS_MESSAGE_ID,
             format!("redrive.{}.{}", d.seq, Uuid::new_v4()).as_str(),
         );
+        if let Some(traceparent) = d
+            .header(trace::TRACEPARENT)
+            .filter(|v| trace::parse(Some(v)).is_some())
+        {
+            headers.insert(trace::TRACEPARENT, traceparent);
+        }
         self.publish(plan.subject.clone(), headers, plan.bytes.clone())
             .await
             .context("publishing the event")?;

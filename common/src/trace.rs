@@ -67,6 +67,11 @@ pub fn parse(traceparent: Option<&str>) -> Option<SpanContext> {
     parent.is_valid().then_some(parent)
 }
 
+/// The trace id (32 hex digits) a `traceparent` value names, if valid.
+pub fn trace_id(traceparent: Option<&str>) -> Option<String> {
+    parse(traceparent).map(|parent| parent.trace_id().to_string())
+}
+
 tokio::task_local! {
     static CURRENT: Trace;
 }

@@ -153,6 +153,11 @@ fn stream_seq(msg: &jetstream::Message) -> i64 {
         .unwrap_or_default()
 }
 
+/// The trace a message belongs to, from its `traceparent` header.
+fn trace_id(msg: &jetstream::Message) -> Option<String> {
+    common::trace::trace_id(header(msg, common::trace::TRACEPARENT).as_deref())
+}
+
 /// The entry for an event, if it decodes (bytes that are not an event
 /// belong to no saga; the consumers dead-letter them, and the dead letter
 /// is recorded if it names a saga).
@@ -177,6 +182,7 @@ fn event_entry(msg: &jetstream::Message) -> Option<NewEntry> {
         stream_seq: stream_seq(msg),
         effect: timeline::effect(&event),
         reason: timeline::reason(&event).map(str::to_string),
+        trace_id: trace_id(msg),
     })
 }
 
@@ -198,6 +204,7 @@ fn operator_entry(msg: &jetstream::Message) -> Option<NewEntry> {
         stream_seq: stream_seq(msg),
         effect: limits::reason(format!("{} (by {})", action.effect, action.operator)),
         reason: Some(action.note.clone()),
+        trace_id: None,
     })
 }
 
@@ -228,5 +235,6 @@ fn dead_letter_entry(msg: &jetstream::Message) -> Option<NewEntry> {
         occurred_at,
         stream_seq: seq,
         reason: header(msg, dlq_headers::REASON).map(limits::reason),
+        trace_id: trace_id(msg),
     })
 }

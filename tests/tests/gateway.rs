@@ -98,11 +98,14 @@ async fn a_refused_refund_is_retried_on_schedule_then_halts_the_saga_until_retri
     assert_eq!(stack.order(id).await?["status"], "CANCELLED");
     stack.settle().await?;
     assert_eq!(stack.balance("alice").await?, 10_000);
-    let refunds = entries
+    let refunds: Vec<&Value> = entries
         .iter()
         .filter(|e| e["eventType"] == "PaymentRefunded")
-        .count();
-    assert_eq!(refunds, 1, "{entries:#?}");
+        .collect();
+    assert_eq!(refunds.len(), 1, "{entries:#?}");
+    // The redrive carries the saga's trace on to the refund it caused.
+    assert!(entries[0]["traceId"].is_string(), "{entries:#?}");
+    assert_eq!(refunds[0]["traceId"], entries[0]["traceId"], "{entries:#?}");
     assert!(entries.iter().any(|e| e["kind"] == "operator"));
     stack.assert_invariants().await
 }

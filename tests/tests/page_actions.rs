@@ -146,6 +146,14 @@ async fn the_dead_letter_view_lists_each_dead_letter_with_its_redrive_and_refuse
         .collect();
     ensure!(dead.len() == 1, "{entries:#?}");
     let seq = dead[0]["streamSeq"].as_i64().unwrap_or_default();
+    // The dead letter stays in the saga's trace (the placement's request).
+    let placed = &entries[0];
+    ensure!(placed["eventType"] == "OrderPlaced", "{entries:#?}");
+    ensure!(
+        placed["traceId"].as_str().is_some_and(|t| t.len() == 32),
+        "{placed}"
+    );
+    ensure!(dead[0]["traceId"] == placed["traceId"], "{entries:#?}");
 
     let (status, page) = stack.get_json("order", "/dead-letters").await?;
     ensure!(status == 200, "{status} {page}");

@@ -218,7 +218,12 @@ async fn a_frozen_relay_leader_is_replaced_within_its_lease_and_applies_nothing_
         DEADLINE,
         || async {
             let (status, lead) = relay_leader_seen_by(&stack, leader_port).await?;
-            Ok((status == "ready" && lead["state"] == "ok").then_some(()))
+            // Kept as the last error, so that a timeout says what it saw.
+            anyhow::ensure!(
+                status == "ready" && lead["state"] == "ok",
+                "the thawed replica is {status}, its relay leader part {lead}"
+            );
+            Ok(Some(()))
         },
     )
     .await?;

@@ -118,6 +118,20 @@ async fn one_trace_from_request_to_outcome(
         spans.len() == seen.len(),
         "each event is caused by a span of its own: {seen:?}"
     );
+    // The timeline names the trace of every event, and the page the saga's.
+    eventually("the timeline to name the trace", DEADLINE, || async {
+        let (_, story) = stack.get_json("order", &format!("/sagas/{id}")).await?;
+        let entries = story["timeline"].as_array().cloned().unwrap_or_default();
+        let traced = entries.len() >= wanted.len()
+            && entries
+                .iter()
+                .all(|e| e["kind"] != "event" || e["traceId"] == TRACE_ID);
+        Ok(traced.then_some(()))
+    })
+    .await?;
+    let page = stack.browse(&format!("/ui?saga={id}")).await?;
+    let summary = page.split("id=\"summary\"").nth(1).unwrap_or_default();
+    ensure!(summary.contains(TRACE_ID), "{page}");
     stack.assert_invariants().await?;
     Ok(())
 }

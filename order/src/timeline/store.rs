@@ -35,6 +35,8 @@ pub struct NewEntry {
     pub stream_seq: i64,
     pub effect: String,
     pub reason: Option<String>,
+    /// The trace it belongs to (W3C trace id), when its message carried one.
+    pub trace_id: Option<String>,
 }
 
 /// Declared in the order of the names they are stored as, so that they
@@ -100,10 +102,10 @@ pub async fn record_entries(pool: &PgPool, entries: &[NewEntry]) -> sqlx::Result
     let inserted: Vec<String> = sqlx::query_scalar(
         "INSERT INTO saga_timeline (entry_key, correlation_id, kind, service, event_type,
              event_id, causation_id, aggregate_id, version, occurred_at, stream_seq, effect,
-             reason)
+             reason, trace_id)
          SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[],
              $6::uuid[], $7::uuid[], $8::text[], $9::int8[], $10::timestamptz[], $11::int8[],
-             $12::text[], $13::text[])
+             $12::text[], $13::text[], $14::text[])
          ON CONFLICT (entry_key) DO NOTHING
          RETURNING entry_key",
     )
@@ -120,6 +122,7 @@ pub async fn record_entries(pool: &PgPool, entries: &[NewEntry]) -> sqlx::Result
     .bind(column(entries, |e| e.stream_seq))
     .bind(column(entries, |e| e.effect.clone()))
     .bind(column(entries, |e| e.reason.clone()))
+    .bind(column(entries, |e| e.trace_id.clone()))
     .fetch_all(&mut *tx)
     .await?;
     let mut new: std::collections::HashSet<String> = inserted.into_iter().collect();
@@ -227,7 +230,8 @@ async fn fold_sagas(tx: &mut PgConnection, mut recorded: Vec<&NewEntry>) -> sqlx
 async fn timeline_in(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Vec<EntryRow>> {
     sqlx::query_as(
         "SELECT entry_key, correlation_id, kind, service, event_type, event_id, causation_id,
-                aggregate_id, version, occurred_at, recorded_at, stream_seq, effect, reason
+                aggregate_id, version, occurred_at, recorded_at, stream_seq, effect, reason,
+                trace_id
          FROM saga_timeline WHERE correlation_id = $1
          ORDER BY occurred_at, kind, stream_seq",
     )
