@@ -213,9 +213,11 @@ async fn a_frozen_relay_leader_is_replaced_within_its_lease_and_applies_nothing_
 
     every_saga_ended_once(&stack, &placed).await?;
     // The thawed replica is a standby that hears its leader again.
+    // Twice the usual deadline: a process thawed under the suite's load
+    // catches up on every part before it says ready (it once took over 30 s).
     eventually(
         "the thawed replica to be a standby that hears the leader",
-        DEADLINE,
+        2 * DEADLINE,
         || async {
             let (status, lead) = relay_leader_seen_by(&stack, leader_port).await?;
             // Kept as the last error, so that a timeout says what it saw.
