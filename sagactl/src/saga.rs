@@ -62,7 +62,8 @@ pub async fn resolve(
     Ok(())
 }
 
-/// The summary line, then one line per entry: time, time since the one
+/// The summary line (with the saga's trace, when its events carried one),
+/// then one line per entry: time, time since the one
 /// before, a mark (`->` a step, `<-` a compensation, `!!` a failure, `xx` a
 /// dead letter, `op` an operator), the service, the event and its effect.
 pub fn write_story(story: &Value, out: &mut (dyn Write + Send)) -> Result<()> {
@@ -77,6 +78,15 @@ pub fn write_story(story: &Value, out: &mut (dyn Write + Send)) -> Result<()> {
     }
     if story["stalled"] == true {
         head.push_str(" (STALLED)");
+    }
+    // The trace it was placed in, to look its spans up by.
+    let traced = story["timeline"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|e| e["traceId"].as_str());
+    if let Some(trace) = traced {
+        head.push_str(&format!(", trace {trace}"));
     }
     writeln!(out, "{head}")?;
     for entry in story["timeline"].as_array().into_iter().flatten() {
@@ -154,6 +164,28 @@ mod tests {
         assert!(
             lines[4].contains("op operator") && lines[4].contains("(fixed)"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn the_summary_names_the_trace_the_saga_was_placed_in() {
+        let story = json!({
+            "correlationId": "0198",
+            "status": "CONFIRMED",
+            "timeline": [
+                {"kind": "operator", "service": "operator", "eventType": "dlq-redrive",
+                 "occurredAt": "2026-11-26T10:00:00.000Z", "effect": "redrove X (by ada)"},
+                {"kind": "event", "service": "order", "eventType": "OrderPlaced",
+                 "occurredAt": "2026-11-26T10:00:00.001Z", "effect": "placed",
+                 "traceId": "4bf92f3577b34da6a3ce929d0e0e4736"}
+            ]
+        });
+        let mut out = Vec::new();
+        write_story(&story, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text.lines().next(),
+            Some("saga 0198: CONFIRMED, trace 4bf92f3577b34da6a3ce929d0e0e4736")
         );
     }
 }
