@@ -152,16 +152,16 @@ async fn traced(tracing: Tracing, mut request: Request, next: Next) -> Response 
         .headers()
         .get(trace::TRACEPARENT)
         .and_then(|v| v.to_str().ok());
-    let method = request.method().to_string();
-    let work = tracing.start(
-        format!("{method} {route}"),
-        SpanKind::Server,
-        trace::parse(parent),
-        vec![
-            KeyValue::new("http.request.method", method),
-            KeyValue::new("http.route", route),
-        ],
-    );
+    let work = tracing.start(SpanKind::Server, trace::parse(parent), || {
+        let method = request.method().to_string();
+        (
+            format!("{method} {route}"),
+            vec![
+                KeyValue::new("http.request.method", method),
+                KeyValue::new("http.route", route.clone()),
+            ],
+        )
+    });
     request.extensions_mut().insert(work.trace.clone());
     let response = trace::within(work.trace.clone(), next.run(request)).await;
     let status = response.status();
@@ -169,10 +169,12 @@ async fn traced(tracing: Tracing, mut request: Request, next: Next) -> Response 
         status
             .is_server_error()
             .then(|| status.canonical_reason().unwrap_or("server error")),
-        vec![KeyValue::new(
-            "http.response.status_code",
-            i64::from(status.as_u16()),
-        )],
+        || {
+            vec![KeyValue::new(
+                "http.response.status_code",
+                i64::from(status.as_u16()),
+            )]
+        },
     );
     response
 }

@@ -132,12 +132,14 @@ impl Tracing {
     }
 
     /// Starts a unit of work whose parent is `parent` (none: a new trace).
-    pub fn start(
+    /// `describe` gives its span's name and attributes; it runs only when
+    /// spans are exported, so work that is not exported allocates nothing
+    /// for them (every event goes through here).
+    pub fn start<N: Into<Cow<'static, str>>>(
         &self,
-        name: impl Into<Cow<'static, str>>,
         kind: SpanKind,
         parent: Option<SpanContext>,
-        attributes: Vec<KeyValue>,
+        describe: impl FnOnce() -> (N, Vec<KeyValue>),
     ) -> Work {
         let Some((_, tracer)) = &self.exporting else {
             let ids = RandomIdGenerator::default();
@@ -161,6 +163,7 @@ impl Tracing {
             Some(p) => Context::new().with_remote_span_context(p),
             None => Context::new(),
         };
+        let (name, attributes) = describe();
         let span = tracer
             .span_builder(name)
             .with_kind(kind)
@@ -194,11 +197,12 @@ pub struct Work {
 
 impl Work {
     /// Ends the work's span (once; later calls do nothing), with what it
-    /// came to: `error` marks it failed.
-    pub fn end(&self, error: Option<&str>, attributes: Vec<KeyValue>) {
+    /// came to: `error` marks it failed, `attributes` (asked only when the
+    /// span is exported) are added.
+    pub fn end(&self, error: Option<&str>, attributes: impl FnOnce() -> Vec<KeyValue>) {
         let span = self.span.lock().ok().and_then(|mut s| s.take());
         if let Some(mut span) = span {
-            span.set_attributes(attributes);
+            span.set_attributes(attributes());
             if let Some(why) = error {
                 span.set_status(Status::error(why.to_string()));
             }
@@ -209,7 +213,7 @@ impl Work {
 
 impl Drop for Work {
     fn drop(&mut self) {
-        self.end(None, Vec::new());
+        self.end(None, Vec::new);
     }
 }
 
@@ -222,7 +226,7 @@ mod tests {
     #[test]
     fn a_valid_traceparent_is_the_parent_and_the_work_keeps_its_trace() {
         let parent = parse(Some(PARENT)).expect("valid");
-        let work = Tracing::off().start("x", SpanKind::Server, Some(parent.clone()), vec![]);
+        let work = Tracing::off().start(SpanKind::Server, Some(parent.clone()), || ("x", vec![]));
         assert_eq!(work.trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         let own = work.trace.traceparent();
         assert!(
@@ -251,8 +255,8 @@ mod tests {
         }
         let long = format!("{PARENT}-{}", "a".repeat(MAX_TRACEPARENT));
         assert!(parse(Some(&long)).is_none());
-        let a = Tracing::off().start("x", SpanKind::Server, None, vec![]);
-        let b = Tracing::off().start("x", SpanKind::Server, None, vec![]);
+        let a = Tracing::off().start(SpanKind::Server, None, || ("x", vec![]));
+        let b = Tracing::off().start(SpanKind::Server, None, || ("x", vec![]));
         assert_ne!(a.trace.trace_id(), b.trace.trace_id());
         assert_eq!(a.trace.trace_id().len(), 32);
     }

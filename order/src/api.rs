@@ -584,6 +584,15 @@ async fn list_orders(
 }
 
 /// A page's size: 50 unless asked, at most 500.
+/// A page of `rows` read with one more than `limit`: the first `limit`,
+/// and the key of the last of them when there is a next page.
+fn keyset_page<T, K>(mut rows: Vec<T>, limit: i64, key: impl Fn(&T) -> K) -> (Vec<T>, Option<K>) {
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let next = more.then(|| rows.last().map(key)).flatten();
+    (rows, next)
+}
+
 fn page_limit(asked: Option<i64>) -> Result<i64, ApiError> {
     let limit = asked.unwrap_or(50);
     if !(1..=500).contains(&limit) {
@@ -744,17 +753,11 @@ async fn list_dead_letters(
     ValidQuery(q): ValidQuery<DeadLetterQuery>,
 ) -> Result<Json<DeadLetterPage>, ApiError> {
     let limit = page_limit(q.limit)?;
-    if let Some(before) = q.before
-        && before < 1
-    {
-        return Err(ApiError::BadRequest(format!(
-            "before must be a dead-letter stream sequence (1 or more), got {before}"
-        )));
+    if let Some(before) = q.before {
+        limits::check_range("before", before, 1, i64::MAX).map_err(ApiError::BadRequest)?;
     }
-    let mut rows = timeline::store::list_dead_letters(&sagas.pool, q.before, limit + 1).await?;
-    let more = rows.len() as i64 > limit;
-    rows.truncate(limit as usize);
-    let next_before = more.then(|| rows.last().map(|r| r.dlq_seq)).flatten();
+    let rows = timeline::store::list_dead_letters(&sagas.pool, q.before, limit + 1).await?;
+    let (rows, next_before) = keyset_page(rows, limit, |r| r.dlq_seq);
     Ok(Json(DeadLetterPage {
         dead_letters: rows,
         limit,
@@ -807,10 +810,8 @@ async fn list_sagas(
         before: q.before,
         limit: limit + 1,
     };
-    let mut rows = timeline::store::list_sagas(&sagas.pool, &filter).await?;
-    let more = rows.len() as i64 > limit;
-    rows.truncate(limit as usize);
-    let next_before = more.then(|| rows.last().map(|r| r.last_event_at)).flatten();
+    let rows = timeline::store::list_sagas(&sagas.pool, &filter).await?;
+    let (rows, next_before) = keyset_page(rows, limit, |r| r.last_event_at);
     Ok(Json(SagaPage {
         sagas: rows
             .into_iter()

@@ -5,7 +5,7 @@
 
 use anyhow::{Result, ensure};
 use saga_tests::{
-    ADMIN_TOKEN, DEADLINE, Stack, eventually,
+    ADMIN_TOKEN, DEADLINE, Stack, assert_refused, eventually,
     halted::{halted_refund, refunds_refused_stack, timeline_until},
     webdriver::Browser,
 };
@@ -162,6 +162,10 @@ async fn the_dead_letter_view_lists_each_dead_letter_with_its_redrive_and_refuse
     ensure!(listed["dlqSeq"] == seq, "{page}");
     ensure!(listed["service"] == "payment", "{page}");
     ensure!(listed["sagaStatus"] == "REQUIRES_INTERVENTION", "{page}");
+    let (status, body) = stack.get_json("order", "/dead-letters?before=0").await?;
+    assert_refused(status, &body, 400, "before must be positive");
+    let (status, body) = stack.get_json("order", "/dead-letters?limit=501").await?;
+    assert_refused(status, &body, 400, "limit must be between 1 and 500");
     let anonymous = reqwest::Client::new()
         .get(stack.url("order", "/dead-letters"))
         .send()

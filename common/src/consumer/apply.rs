@@ -385,13 +385,12 @@ impl<H: Handler> Applier<H> {
             Disposition::Retry(reason) | Disposition::DeadLettered(reason) => Some(reason.as_str()),
             _ => None,
         };
-        r.work.end(
-            failed,
+        r.work.end(failed, || {
             vec![opentelemetry::KeyValue::new(
                 "saga.disposition",
                 disposition.label(),
-            )],
-        );
+            )]
+        });
         let since_publish = match disposition {
             Disposition::Applied => r.published.map(meter::age),
             _ => None,

@@ -80,22 +80,33 @@ impl<H: Handler> Applier<H> {
                         .as_ref()
                         .and_then(|h| h.get(trace::TRACEPARENT))
                         .map(|v| v.as_str());
-                    let work = self.tracing.start(
-                        format!("apply {}", envelope.event_type),
-                        SpanKind::Consumer,
-                        trace::parse(parent),
-                        vec![
-                            KeyValue::new("messaging.system", "nats"),
-                            KeyValue::new("messaging.destination.name", msg.subject.to_string()),
-                            KeyValue::new("messaging.message.id", envelope.event_id.to_string()),
-                            KeyValue::new("messaging.consumer.group.name", self.name.clone()),
-                            KeyValue::new(
-                                "saga.correlation_id",
-                                envelope.metadata.correlation_id.to_string(),
-                            ),
-                            KeyValue::new("saga.delivered", delivered),
-                        ],
-                    );
+                    let work = self
+                        .tracing
+                        .start(SpanKind::Consumer, trace::parse(parent), || {
+                            (
+                                format!("apply {}", envelope.event_type),
+                                vec![
+                                    KeyValue::new("messaging.system", "nats"),
+                                    KeyValue::new(
+                                        "messaging.destination.name",
+                                        msg.subject.to_string(),
+                                    ),
+                                    KeyValue::new(
+                                        "messaging.message.id",
+                                        envelope.event_id.to_string(),
+                                    ),
+                                    KeyValue::new(
+                                        "messaging.consumer.group.name",
+                                        self.name.clone(),
+                                    ),
+                                    KeyValue::new(
+                                        "saga.correlation_id",
+                                        envelope.metadata.correlation_id.to_string(),
+                                    ),
+                                    KeyValue::new("saga.delivered", delivered),
+                                ],
+                            )
+                        });
                     return Some(Received {
                         work,
                         delivered,
