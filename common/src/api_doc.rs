@@ -77,14 +77,25 @@ pub fn document(routes: openapi::OpenApi, service: &str) -> openapi::OpenApi {
     doc.merge(health_routes().into_openapi());
     doc.merge(Metrics::openapi());
     doc.merge(served_routes().into_openapi());
-    doc.info = openapi::InfoBuilder::new()
-        .title(format!("{service} service"))
-        .version(env!("CARGO_PKG_VERSION"))
-        .description(Some(format!(
+    completed(
+        doc,
+        &format!("{service} service"),
+        &format!(
             "The HTTP API of the saga's {service} service. Every refusal (4xx) and \
              internal error (5xx) carries an ErrorBody; every answer echoes the \
              caller's x-request-id (or a new one)."
-        )))
+        ),
+    )
+}
+
+/// `doc` (routes served in the shell) with its title and description,
+/// the credentials, the [`ErrorBody`] schema, and the shell's answers on
+/// every operation.
+pub fn completed(mut doc: openapi::OpenApi, title: &str, description: &str) -> openapi::OpenApi {
+    doc.info = openapi::InfoBuilder::new()
+        .title(title)
+        .version(env!("CARGO_PKG_VERSION"))
+        .description(Some(description))
         .license(Some(openapi::LicenseBuilder::new().name("MIT").build()))
         .build();
     let components = doc.components.get_or_insert_with(Default::default);

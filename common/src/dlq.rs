@@ -355,13 +355,15 @@ pub trait Sagas: Sync {
 pub struct NoSuchDeadLetter(pub u64);
 
 /// What became of one dead letter.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Redriven {
+    /// Its sequence in the dead-letter stream.
     pub seq: u64,
     /// `redrove`, `would redrive`, `refused` (with why), or `failed` (it
     /// stays in the stream).
     pub outcome: String,
+    /// What was (or would be) published, or why not.
     pub detail: String,
 }
 

@@ -48,6 +48,10 @@ pub enum ApiError {
     /// A credential that does not grant what was asked.
     #[error("{0}")]
     Forbidden(String),
+    /// What this service relies on (the broker, another service) failed
+    /// or did not answer: the message says which, and what it said.
+    #[error("{0}")]
+    BadGateway(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -70,6 +74,10 @@ impl IntoResponse for ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::BadGateway(m) => {
+                tracing::warn!(error = %m, "a dependency failed");
+                StatusCode::BAD_GATEWAY
+            }
             ApiError::Internal(e) => {
                 tracing::error!(error = ?e, "request failed");
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -210,6 +218,47 @@ pub fn same(a: &[u8], b: &[u8]) -> bool {
         .zip(b.iter())
         .fold(0u8, |acc, (x, y)| acc | (x ^ y))
         == 0
+}
+
+/// A web origin, as a browser names the page it runs (`Origin`) and as
+/// CORS and a content security policy name it: `http://` or `https://`,
+/// a host of letters, digits, `.` and `-` (or a bracketed IPv6 address)
+/// and an optional port, nothing else. Returned lowercased, without a
+/// trailing `/`.
+pub fn origin(text: &str) -> Result<String, String> {
+    let refused = |why: &str| format!("{text:?} is not an origin (http://host[:port]): {why}");
+    let uri: axum::http::Uri = text.parse().map_err(|e| refused(&format!("{e}")))?;
+    let scheme = uri
+        .scheme_str()
+        .filter(|s| *s == "http" || *s == "https")
+        .ok_or_else(|| refused("the scheme must be http or https"))?;
+    let authority = uri.authority().ok_or_else(|| refused("no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(refused("no user or password"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(refused("no path or query"));
+    }
+    let host = authority.host();
+    let plain = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+    let ipv6 = host.len() > 2
+        && host.starts_with('[')
+        && host.ends_with(']')
+        && host[1..host.len() - 1]
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.');
+    if !(plain || ipv6) {
+        return Err(refused("the host has characters no host name has"));
+    }
+    let port = match (authority.as_str().len() > host.len(), authority.port_u16()) {
+        (false, _) => String::new(),
+        (true, Some(port)) => format!(":{port}"),
+        (true, None) => return Err(refused("the port is not a number from 0 to 65535")),
+    };
+    Ok(format!("{scheme}://{}{port}", host.to_ascii_lowercase()))
 }
 
 /// An `If-Match` precondition on a versioned resource, whose `ETag` is
@@ -450,6 +499,33 @@ async fn ready(State(s): State<HealthState>) -> Response {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_origin_is_a_scheme_a_host_and_a_port_and_nothing_else() {
+        for (given, expected) in [
+            ("http://127.0.0.1:8081", "http://127.0.0.1:8081"),
+            (
+                "https://Console.Example.com/",
+                "https://console.example.com",
+            ),
+            ("http://[::1]:8090", "http://[::1]:8090"),
+        ] {
+            assert_eq!(super::origin(given).as_deref(), Ok(expected), "{given}");
+        }
+        for refused in [
+            "ftp://example.com",
+            "127.0.0.1:8090",
+            "http://user:pw@example.com",
+            "http://example.com/path",
+            "http://example.com/?q=1",
+            "http://exa;mple.com",
+            "http://exa'mple.com",
+            "http://example.com:99999",
+            "",
+        ] {
+            assert!(super::origin(refused).is_err(), "{refused} taken");
+        }
+    }
+
     use super::*;
 
     #[test]

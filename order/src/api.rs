@@ -38,8 +38,14 @@ use crate::{
     timeline::{self, EntryKind, EntryRow, SagaRow},
 };
 
-pub fn router(placer: Placer, stall_after: Duration, admin: AdminToken) -> OpenApiRouter {
+pub fn router(
+    placer: Placer,
+    stall_after: Duration,
+    admin: AdminToken,
+    page: crate::page::Page,
+) -> OpenApiRouter {
     let api = Api {
+        page,
         sagas: Sagas {
             pool: placer.pool.clone(),
             stall_after,
@@ -72,7 +78,7 @@ fn public_routes() -> OpenApiRouter<Api> {
         .routes(routes!(get_product))
         .routes(routes!(cancel))
         .routes(routes!(resolve))
-        .routes(routes!(page))
+        .routes(routes!(crate::page::page))
 }
 
 /// Reads that show customers' orders, addresses and sagas across
@@ -134,6 +140,7 @@ fn link_placement(doc: &mut utoipa::openapi::OpenApi) {
 /// What the routes read and run.
 #[derive(Clone)]
 struct Api {
+    page: crate::page::Page,
     placer: Placer,
     sagas: Sagas,
     commands: Commands,
@@ -142,6 +149,12 @@ struct Api {
 impl FromRef<Api> for Placer {
     fn from_ref(api: &Api) -> Placer {
         api.placer.clone()
+    }
+}
+
+impl FromRef<Api> for crate::page::Page {
+    fn from_ref(api: &Api) -> crate::page::Page {
+        api.page.clone()
     }
 }
 
@@ -155,26 +168,6 @@ impl FromRef<Api> for Commands {
     fn from_ref(api: &Api) -> Commands {
         api.commands.clone()
     }
-}
-
-/// The saga page: a list of sagas and, with `?saga=<id>`, one saga's
-/// timeline across the services. One static file that reads the JSON
-/// endpoints; it sets every value as text, and the policy forbids anything
-/// but its own inline script and style and requests to this service.
-#[utoipa::path(get, path = "/ui", tag = "page",
-    responses((status = 200, description = "The page", content_type = "text/html; charset=utf-8", body = String)))]
-async fn page() -> impl IntoResponse {
-    (
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
-                 connect-src 'self'; form-action 'self'; base-uri 'none'",
-            ),
-        ],
-        include_str!("ui.html"),
-    )
 }
 
 impl From<PlaceError> for ApiError {

@@ -11,6 +11,7 @@ mod dead_letters;
 pub mod domain;
 mod handlers;
 pub mod observer;
+mod page;
 pub mod place;
 pub mod placement_keys;
 pub mod pricing;
@@ -102,7 +103,8 @@ pub async fn build(
     }
     .start(source, shutdown.clone())
     .await?;
-    let routes = api::router(placer.clone(), stall_after, infra.admin());
+    let page = page::Page::new(settings.operator_console_url.as_deref());
+    let routes = api::router(placer.clone(), stall_after, infra.admin(), page);
     let mut service = Service::build(&infra, handler, routes, shutdown.clone()).await?;
     service.spawn_with(responder);
     service.spawn_with(watch);

@@ -20,6 +20,12 @@ pub struct Settings {
           value_name = "SAGA_STALL_AFTER_MS", default_value = "30000",
           value_parser = clap::value_parser!(u64).range(100..=86_400_000).map(Duration::from_millis))]
     pub stall_after: Duration,
+    /// The operator console (`sagactl console`) the saga page sends
+    /// redrives and retries to, as the operator's browser reaches it (an
+    /// origin, e.g. http://127.0.0.1:8090); unset, the page shows the
+    /// sagactl commands instead
+    #[arg(long, env = "OPERATOR_CONSOLE_URL", value_parser = common::http::origin)]
+    pub operator_console_url: Option<String>,
 }
 
 impl Default for Settings {
@@ -27,6 +33,7 @@ impl Default for Settings {
         Settings {
             snapshot_every: 100,
             stall_after: Duration::from_secs(30),
+            operator_console_url: None,
         }
     }
 }

@@ -116,15 +116,24 @@ pub async fn show(dlq: &Dlq, seq: u64, json: bool, out: &mut (dyn Write + Send))
 
 /// The sagas as the order service tells them: one has ended when its
 /// order is confirmed, cancelled or resolved by hand.
-struct OrderService<'a> {
-    connection: &'a Connection,
+pub(crate) struct OrderService {
+    connection: Connection,
     http: reqwest::Client,
+}
+
+impl OrderService {
+    pub(crate) fn new(connection: Connection) -> OrderService {
+        OrderService {
+            connection,
+            http: reqwest::Client::new(),
+        }
+    }
 }
 
 /// The statuses of an order whose saga has ended.
 const ENDED: [&str; 3] = ["CONFIRMED", "CANCELLED", "MANUALLY_COMPENSATED"];
 
-impl Sagas for OrderService<'_> {
+impl Sagas for OrderService {
     async fn ended(&self, id: uuid::Uuid) -> Result<Option<String>> {
         let path = format!("/orders/{id}");
         let Some(order) = self.connection.order_get(&self.http, &path, None).await? else {
@@ -144,10 +153,7 @@ pub async fn redrive(
     json: bool,
     out: &mut (dyn Write + Send),
 ) -> Result<()> {
-    let sagas = OrderService {
-        connection,
-        http: reqwest::Client::new(),
-    };
+    let sagas = OrderService::new(connection.clone());
     // A bar (or lines) once there is more than one to go through.
     let mut shown: Option<common::progress::Progress> = None;
     let mut progress = |done: usize, total: usize| {

@@ -9,13 +9,14 @@
 //! went wrong ([`failure`]).
 
 pub mod audit;
+pub mod console;
 pub mod dlq;
 pub mod failure;
 pub mod saga;
 
 pub use failure::{Failure, exit_code};
 
-use std::{io::Write, path::PathBuf, time::Duration};
+use std::{io::Write, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
@@ -174,6 +175,25 @@ pub enum Command {
         #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         page_size: u32,
     },
+    /// Serve the operator's actions to the saga page over HTTP: redrive a
+    /// dead letter and retry a halted saga, each with a dry run, under the
+    /// operator's broker identity (NATS_USER, NATS_PASSWORD) and behind the
+    /// admin token (ADMIN_TOKEN or --admin-token-file, required). The page
+    /// finds it when the order service is given its address
+    /// (OPERATOR_CONSOLE_URL). Runs until interrupted.
+    Console {
+        /// Where it listens: loopback unless it must be reached from elsewhere.
+        #[arg(long, env = "CONSOLE_ADDR", default_value = "127.0.0.1:8090")]
+        listen: SocketAddr,
+        /// The origin of the page that may call it (the order service's
+        /// address as the browser reaches it); several separated by commas.
+        #[arg(long, env = "PAGE_ORIGIN", default_value = "http://127.0.0.1:8081",
+              value_delimiter = ',', value_parser = common::http::origin)]
+        page_origin: Vec<String>,
+        /// Log lines for people (`pretty`) or for a log pipeline (`json`).
+        #[arg(long, env = "LOG_FORMAT", default_value = "pretty", value_parser = ["pretty", "text", "json"])]
+        log_format: String,
+    },
     /// A saga's timeline, in order: every event with the service that
     /// emitted it and its effect, dead letters, operator actions, and the
     /// step it waits at.
@@ -319,6 +339,25 @@ impl Connection {
     }
 }
 
+/// `sagactl` as its binary runs: `args` parsed (a usage error exits 2,
+/// as clap does), the command run, an error printed on stderr (as JSON
+/// with `--json`), and the exit code that says what went wrong.
+pub async fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> std::process::ExitCode {
+    let cli = Cli::parse_from(args);
+    let json = cli.json;
+    let mut out = std::io::stdout();
+    match run(cli, &mut out).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            match json {
+                true => eprintln!("{}", failure::as_json(&e)),
+                false => eprintln!("error: {e:#}"),
+            }
+            std::process::ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
 /// Runs one command, writing what it shows to `out`.
 pub async fn run(mut cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
     // Completions need nothing of the system, not even its token.
@@ -392,6 +431,33 @@ pub async fn run(mut cli: Cli, out: &mut (dyn Write + Send)) -> Result<()> {
                 writeln!(out, "{line}")?;
             }
             Ok(())
+        }
+        Command::Console {
+            listen,
+            page_origin,
+            log_format,
+        } => {
+            common::telemetry::init(match log_format.as_str() {
+                "json" => common::config::LogFormat::Json,
+                _ => common::config::LogFormat::Pretty,
+            });
+            let nats = nats_client(&cli.connection).await?;
+            let console = console::Console::new(nats, &cli.connection)?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| Failure::Usage(format!("listening on {listen}: {e}")))?;
+            tracing::info!(
+                addr = %listener.local_addr()?,
+                page_origins = %page_origin.join(","),
+                "console listening"
+            );
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                common::service::shutdown_signal().await;
+                stop.cancel();
+            });
+            console::serve(console, listener, &page_origin, shutdown).await
         }
         Command::Retry { order_id, audit } => {
             let saga = Filter {
@@ -513,6 +579,7 @@ mod tests {
             &format!("resolve {id} --manually-compensated --note n"),
             "provision",
             "audit",
+            "console",
             &format!("saga {id}"),
         ] {
             let argv: Vec<&str> = ["sagactl"]

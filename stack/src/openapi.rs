@@ -1,7 +1,8 @@
 //! The OpenAPI documents of the services' HTTP APIs, as the handlers
 //! generate them (`common::api_doc`), committed under
 //! common/contracts/openapi/ by `cargo run -p stack -- contracts --write`.
-//! Each service serves its own at `GET /openapi.json`.
+//! Each service serves its own at `GET /openapi.json`, and so does the
+//! operator console (`sagactl console`).
 
 /// Where the documents are committed.
 pub const DIR: &str = "common/contracts/openapi";
@@ -13,6 +14,7 @@ pub fn generated_files() -> Vec<(String, String)> {
         ("payment", payment::api::openapi()),
         ("inventory", inventory::api::openapi()),
         ("shipping", shipping::api::openapi()),
+        ("console", sagactl::console::openapi()),
     ]
     .into_iter()
     .map(|(service, doc)| {

@@ -46,6 +46,13 @@ fn bin() -> PathBuf {
 /// Runs schemathesis against `service` of `stack`, with the operator's
 /// token on every request (`ignored_auth` drops it on purpose).
 pub async fn schemathesis(stack: &Stack, service: &str) -> Result<Report> {
+    schemathesis_at(&stack.url(service, ""), service).await
+}
+
+/// [`schemathesis`] against the HTTP API at `base` (which serves its
+/// document at `/openapi.json`), named `name` in what it reports.
+pub async fn schemathesis_at(base: &str, name: &str) -> Result<Report> {
+    let service = name;
     let bin = bin();
     if !bin.exists() {
         bail!(
@@ -59,8 +66,8 @@ pub async fn schemathesis(stack: &Stack, service: &str) -> Result<Report> {
     let mut command = tokio::process::Command::new(&bin);
     command
         .arg("run")
-        .arg(stack.url(service, "/openapi.json"))
-        .args(["--url", &stack.url(service, "")])
+        .arg(format!("{base}/openapi.json"))
+        .args(["--url", base])
         .args(["--checks", CHECKS])
         .args(["--max-examples", MAX_EXAMPLES])
         .args(["--seed", &seed])

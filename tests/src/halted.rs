@@ -32,6 +32,22 @@ pub async fn refunds_refused_stack() -> Result<Stack> {
     Ok(stack)
 }
 
+/// [`refunds_refused_stack`] with the operator console beside it, the
+/// order service's page sending its actions there.
+pub async fn refunds_refused_stack_with_console() -> Result<(Stack, crate::console::Console)> {
+    let at = crate::console::reserve().await?;
+    let mut stack = Stack::start_with(&["inventory", "shipping"]).await?;
+    let url = at.url.clone();
+    stack
+        .start_service_with("order", |l| l.order.operator_console_url = Some(url))
+        .await?;
+    stack.start_service_with("payment", refunds_refused).await?;
+    stack.set_balance("alice", 10_000).await?;
+    stack.set_stock("rare", 0).await?;
+    let console = stack.start_console(at).await?;
+    Ok((stack, console))
+}
+
 /// Alice's order of `rare` (2 500), charged and then not refunded: its id
 /// and timeline once the saga is halted.
 /// The halt and the dead letter that caused it are recorded by two

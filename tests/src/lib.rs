@@ -8,6 +8,7 @@
 //! run in parallel and twice in a row.
 
 pub mod api_fuzz;
+pub mod console;
 pub mod exposition;
 pub mod fuzz;
 pub mod halted;

@@ -1,12 +1,15 @@
 //! The saga page as an operator uses it, in headless Chromium driven
 //! through WebDriver: signing in (and being refused), searching by order id
 //! and by customer, watching sagas arrive live, reading the dead letters
-//! with what redrives them, and resolving a halted saga with a note.
+//! with what redrives them, resolving a halted saga with a note, and
+//! retrying or redriving through the operator console.
 
 use anyhow::{Result, ensure};
 use saga_tests::{
     ADMIN_TOKEN, DEADLINE, Stack, assert_refused, eventually,
-    halted::{halted_refund, refunds_refused_stack, timeline_until},
+    halted::{
+        halted_refund, refunds_refused_stack, refunds_refused_stack_with_console, timeline_until,
+    },
     webdriver::Browser,
 };
 use serde_json::Value;
@@ -235,5 +238,136 @@ async fn the_page_shows_new_sagas_as_they_come_and_how_old_its_view_is() -> Resu
         )
         .await;
     ensure!(aged.is_ok(), "{aged:?}");
+    stack.assert_invariants().await
+}
+
+/// With the operator console beside the stack, a halted saga is dry-run
+/// from its page, its dead letter redriven from the dead-letter view once
+/// the gateway is back, and the saga ends with exactly one refund; the
+/// action is not offered twice, and the console, asked again, finds
+/// nothing left to redrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_dry_runs_a_retry_then_redrives_the_dead_letter_from_the_page() -> Result<()> {
+    let (stack, console) = refunds_refused_stack_with_console().await?;
+    let (id, entries) = halted_refund(&stack).await?;
+    let seq = entries
+        .iter()
+        .find(|e| e["kind"] == "dead_letter")
+        .and_then(|e| e["streamSeq"].as_i64())
+        .expect("a dead letter");
+    let browser = signed_in(&stack).await?;
+
+    // The saga's page offers a retry; its dry run says what would go out
+    // and moves nothing.
+    browser
+        .goto(&stack.url("order", &format!("/ui?saga={id}")))
+        .await?;
+    ready(&browser, "true").await?;
+    let offered = browser
+        .eval("return document.querySelector('#retry button.act').disabled;")
+        .await?;
+    ensure!(
+        offered == Value::Bool(true),
+        "retry offered before a dry run"
+    );
+    browser.click("#retry button.dry-run").await?;
+    let said = browser
+        .until(
+            "the retry's dry run",
+            "const f = document.getElementById('retry'); return f.dataset.outcome === 'dry-run' && f.querySelector('.outcome').textContent;",
+        )
+        .await?;
+    let said = said.as_str().unwrap_or_default();
+    ensure!(
+        said.starts_with(&format!("would redrive {seq}: InventoryReservationFailed")),
+        "{said}"
+    );
+    let offered = browser
+        .eval("return document.querySelector('#retry button.act').disabled;")
+        .await?;
+    ensure!(offered == Value::Bool(false), "no retry after the dry run");
+    ensure!(stack.balance("alice").await? == 7_500);
+    ensure!(stack.order(id).await?["status"] == "REQUIRES_INTERVENTION");
+
+    // The gateway is back; the dead letter is redriven from its row.
+    let (status, rules) = stack
+        .put("payment", "/admin/gateway", serde_json::json!({}))
+        .await?;
+    ensure!(status == 200, "{rules}");
+    browser.click("#nav-dead-letters").await?;
+    ready(&browser, "true").await?;
+    let form = format!("#redrive-{seq}");
+    browser.click(&format!("{form} button.dry-run")).await?;
+    browser
+        .until(
+            "the redrive's dry run",
+            &format!(
+                "return document.querySelector('{form}').dataset.outcome === 'dry-run' && document.querySelector('{form} li[data-outcome=\"would redrive\"]') !== null;"
+            ),
+        )
+        .await?;
+    // Without a note the form asks for one and sends nothing.
+    browser
+        .type_into(&format!("{form} input[name=operator]"), "ada")
+        .await?;
+    browser.click(&format!("{form} button.act")).await?;
+    let missing = browser
+        .eval(&format!(
+            "return document.querySelector('{form} textarea').validity.valueMissing && document.querySelector('{form}').dataset.outcome === 'dry-run';"
+        ))
+        .await?;
+    ensure!(missing == Value::Bool(true), "sent without a note");
+    browser
+        .type_into(&format!("{form} textarea[name=note]"), "gateway back")
+        .await?;
+    browser.click(&format!("{form} button.act")).await?;
+    let done = browser
+        .until(
+            "the redrive",
+            &format!(
+                "const f = document.querySelector('{form}'); return f.dataset.outcome === 'done' && f.querySelector('.outcome').textContent;"
+            ),
+        )
+        .await?;
+    let done = done.as_str().unwrap_or_default();
+    ensure!(done.starts_with(&format!("redrove {seq}:")), "{done}");
+    let again = browser
+        .eval(&format!(
+            "return document.querySelector('{form} button.act').disabled;"
+        ))
+        .await?;
+    ensure!(again == Value::Bool(true), "the redrive is offered twice");
+
+    // The saga ends as it would have, with one refund, the redrive on record.
+    let entries = timeline_until(&stack, id, "OrderCancelled").await?;
+    let refunds = entries
+        .iter()
+        .filter(|e| e["eventType"] == "PaymentRefunded")
+        .count();
+    ensure!(refunds == 1, "{entries:#?}");
+    let by_ada = entries
+        .iter()
+        .any(|e| e["kind"] == "operator" && e["reason"] == "gateway back");
+    ensure!(by_ada, "{entries:#?}");
+    browser
+        .goto(&stack.url("order", &format!("/ui?saga={id}")))
+        .await?;
+    browser
+        .until(
+            "the page to show the saga cancelled",
+            "const s = document.querySelector('#summary [data-status]'); return s && s.dataset.status === 'CANCELLED' && document.getElementById('retry') === null;",
+        )
+        .await?;
+
+    // Asked again, the console has nothing left to redrive.
+    let again = stack
+        .http
+        .post(console.url(&format!("/sagas/{id}/retry")))
+        .json(&serde_json::json!({ "operator": "ada", "note": "once more" }))
+        .send()
+        .await?;
+    ensure!(again.status() == 404, "{}", again.status());
+    stack.settle().await?;
+    ensure!(stack.balance("alice").await? == 10_000);
     stack.assert_invariants().await
 }
