@@ -1,6 +1,7 @@
-//! The local stack `stack up` starts: our nats-server and one process per
-//! roster service, each with a pid file and a log in the run directory, on
-//! the shared Postgres and Redis. A start-up that fails stops whatever it
+//! The local stack `stack up` starts: our nats-server, one process per
+//! roster service and the operator console (`sagactl console`, which the
+//! saga page acts through), each with a pid file and a log in the run
+//! directory, on the shared Postgres and Redis. A start-up that fails stops whatever it
 //! started and names the log to read; nothing is left half-started.
 
 use std::{
@@ -31,6 +32,8 @@ pub struct Local {
     /// `NATS_CLUSTER_PORT`, default 6222: the route port of a cluster's
     /// first node (node k: plus k − 1).
     pub nats_cluster_port: u16,
+    /// Each service's port, and the console's ([`CONSOLE`]; `CONSOLE_PORT`,
+    /// default 8090).
     pub service_ports: BTreeMap<&'static str, u16>,
     pub pg_port: u16,
     pub redis_port: u16,
@@ -58,6 +61,7 @@ impl Local {
         for s in &roster::SERVICES {
             service_ports.insert(s.name, port(&s.port_variable(), s.default_port)?);
         }
+        service_ports.insert(CONSOLE, port("CONSOLE_PORT", 8090)?);
         Ok(Local {
             root: root.to_path_buf(),
             run_dir: var("RUN_DIR").map_or_else(|| root.join(".run"), PathBuf::from),
@@ -162,9 +166,11 @@ impl Local {
             .collect()
     }
 
-    /// Every service's first process, and the other replicas started.
+    /// The console, if started, then every service's first process and
+    /// the other replicas started.
     fn services(&self) -> Vec<Daemon> {
-        let mut out = Vec::new();
+        let console = Daemon::new(&self.run_dir, CONSOLE);
+        let mut out: Vec<Daemon> = Some(console).filter(Daemon::recorded).into_iter().collect();
         for name in roster::names() {
             out.push(Daemon::new(&self.run_dir, name));
             let others = (2..=MAX_REPLICAS).map(|k| Daemon::new(&self.run_dir, &replica(name, k)));
@@ -236,6 +242,9 @@ impl NatsLayout {
         self.nodes
     }
 }
+
+/// The operator console's daemon name (and its entry in the ports).
+pub const CONSOLE: &str = "console";
 
 /// The daemon name of replica `k` (from 1) of service `name`: `name`,
 /// then `name-2`, `name-3`, ….
@@ -352,10 +361,45 @@ pub async fn up(local: &Local, exe: &Path, replicas: usize, cluster: bool) -> Re
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             );
+        if spec.name == "order" {
+            // Where the saga page sends the operator's redrives and retries.
+            command.env("OPERATOR_CONSOLE_URL", local.service_url(CONSOLE));
+        }
         let child = daemon.spawn(&mut command)?;
         started.daemons.push((daemon.clone(), child.id() as i32));
         children.push((daemon, child));
     }
+    // The operator console: the operator's broker identity, nothing else.
+    let port = local.daemon_port(CONSOLE);
+    if port_in_use(port) {
+        bail!(
+            "port {port} (for the operator console) is already in use by another process; set CONSOLE_PORT to use another"
+        );
+    }
+    let daemon = Daemon::new(&local.run_dir, CONSOLE);
+    let page = local.service_url("order");
+    let mut command = Command::new(exe);
+    command
+        .args(["sagactl", "console"])
+        .env("NATS_URL", &nats_url)
+        .env("NATS_USER", permissions::OPERATOR)
+        .env("NATS_PASSWORD", local.nats_password(permissions::OPERATOR)?)
+        .env("SUBJECT_PREFIX", &local.subject_prefix)
+        .env("ORDER_URL", &page)
+        .env("ADMIN_TOKEN", &admin_token)
+        .env("CONSOLE_ADDR", format!("127.0.0.1:{port}"))
+        .env(
+            "PAGE_ORIGIN",
+            format!("{page},{}", page.replace("127.0.0.1", "localhost")),
+        )
+        .env("LOG_FORMAT", "json")
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        );
+    let child = daemon.spawn(&mut command)?;
+    started.daemons.push((daemon.clone(), child.id() as i32));
+    children.push((daemon, child));
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()?;
@@ -779,6 +823,7 @@ fn write_env_file(local: &Local, broker: &NatsLayout) -> Result<()> {
         // Where sagactl audit finds this stack's databases.
         text += &format!("export {name}_DATABASE_URL={}\n", local.database_url(spec));
     }
+    text += &format!("export CONSOLE_URL={}\n", local.service_url(CONSOLE));
     std::fs::write(local.run_dir.join("stack.env"), text)?;
     Ok(())
 }

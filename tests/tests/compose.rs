@@ -3,7 +3,8 @@
 //! Debian's docker-compose 1.29, whichever the engine has), and used as a
 //! user would: the demo, one saga of each outcome, a service container
 //! killed mid-load and started again, more replicas of a service, the
-//! operator's `sagactl audit` and `dlq list` from a container, each
+//! operator's `sagactl audit` and `dlq list` from a container, the
+//! operator console as the page reaches it, each
 //! service's database role reaching its own database only and Redis wanting
 //! its password, Prometheus scraping every service with its rules loaded;
 //! then `down -v`.
@@ -128,6 +129,7 @@ impl Project {
                 "NATS_3_PORT",
                 "NATS_3_MONITOR_PORT",
                 "PROMETHEUS_PORT",
+                "CONSOLE_PORT",
             ]
             .map(String::from),
         );
@@ -440,6 +442,58 @@ async fn the_compose_stack_builds_runs_sagas_survives_a_killed_service_and_is_op
         Duration::from_secs(120),
     )?;
     eprintln!("{dlq}");
+
+    // The operator console, as the saga page reaches it: named in the
+    // page's policy, answering CORS for the page's origin, acting only with
+    // the admin token.
+    let console = format!("http://127.0.0.1:{}", p.ports["CONSOLE_PORT"]);
+    eventually("the console to be healthy", UP, || async {
+        let r = reqwest::get(format!("{console}/health/ready")).await;
+        Ok(r.ok().filter(|r| r.status().is_success()).map(|_| ()))
+    })
+    .await?;
+    let page = http.get(p.url("order", "/ui")).send().await?;
+    let policy = page.headers()["content-security-policy"]
+        .to_str()?
+        .to_string();
+    ensure!(policy.contains(&console), "{policy}");
+    let retry = format!("{console}/sagas/{}/retry", Uuid::now_v7());
+    let page_origin = p.url("order", "");
+    let preflight = reqwest::Client::new()
+        .request(reqwest::Method::OPTIONS, &retry)
+        .header("origin", &page_origin)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type",
+        )
+        .send()
+        .await?;
+    ensure!(
+        preflight.headers().get("access-control-allow-origin") == Some(&page_origin.parse()?),
+        "{:?}",
+        preflight.headers()
+    );
+    let anonymous = reqwest::Client::new()
+        .post(&retry)
+        .json(&json!({ "dryRun": true }))
+        .send()
+        .await?;
+    ensure!(anonymous.status() == 401, "{}", anonymous.status());
+    let nothing = http
+        .post(&retry)
+        .json(&json!({ "dryRun": true }))
+        .send()
+        .await?;
+    let status = nothing.status();
+    let said: Value = nothing.json().await?;
+    ensure!(
+        status == 404
+            && said["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("no dead letter")),
+        "{status} {said}"
+    );
 
     // Least privilege: each service's role reaches its own database only,
     // with its password; the auditor only reads; Redis wants its password.
