@@ -83,7 +83,11 @@ pub fn compose_file() -> String {
     let (head, services) = HEADER
         .split_once("services:\n")
         .expect("the header ends with the services");
-    let mut out = format!("{head}{}\nservices:\n{services}", broker_passwords());
+    let mut out = format!(
+        "{head}{}\n{}\nservices:\n{services}",
+        broker_passwords(),
+        operator_env()
+    );
     out += &infrastructure();
     out += &provisioning();
     for spec in &roster::SERVICES {
@@ -236,12 +240,7 @@ fn console() -> String {
     command: ["sagactl", "console"]
     restart: unless-stopped
     environment:
-      NATS_URL: nats://nats:4222
-      NATS_USER: {OPERATOR}
-      NATS_PASSWORD: ${{{operator_password}:?{UNSET}}}
-      SUBJECT_PREFIX: saga
-      ORDER_URL: http://order:8080
-      ADMIN_TOKEN: ${{ADMIN_TOKEN:?{UNSET}}}
+      <<: *operator-env
       CONSOLE_ADDR: 0.0.0.0:{CONSOLE_DEFAULT_PORT}
       PAGE_ORIGIN: {local},{localhost}
       LOG_FORMAT: json
@@ -259,7 +258,6 @@ fn console() -> String {
       provision:
         condition: service_completed_successfully
 "#,
-        operator_password = permissions::password_variable(OPERATOR),
         local = page("127.0.0.1"),
         localhost = page("localhost"),
     )
@@ -292,12 +290,7 @@ fn tools() -> String {
     entrypoint: ["sagactl"]
     command: ["--help"]
     environment:
-      NATS_URL: nats://nats:4222
-      NATS_USER: {OPERATOR}
-      NATS_PASSWORD: ${{{operator_password}:?{UNSET}}}
-      SUBJECT_PREFIX: saga
-      ORDER_URL: http://order:8080
-      ADMIN_TOKEN: ${{ADMIN_TOKEN:?{UNSET}}}
+      <<: *operator-env
 {auditor_urls}    depends_on:
       nats:
         condition: service_healthy
@@ -437,6 +430,22 @@ fn broker_passwords() -> String {
         writeln!(out, "  {variable}: ${{{variable}:?{UNSET}}}").expect("writing to a String");
     }
     out
+}
+
+/// What the operator's processes (the console, sagactl) read: the broker
+/// as the operator, the order service, the admin token.
+fn operator_env() -> String {
+    format!(
+        "x-operator-env: &operator-env
+  NATS_URL: nats://nats:4222
+  NATS_USER: {OPERATOR}
+  NATS_PASSWORD: ${{{}:?{UNSET}}}
+  SUBJECT_PREFIX: saga
+  ORDER_URL: http://order:8080
+  ADMIN_TOKEN: ${{ADMIN_TOKEN:?{UNSET}}}
+",
+        permissions::password_variable(OPERATOR)
+    )
 }
 
 /// Nodes of the compose cluster (`nats`, `nats-2`, `nats-3`), as

@@ -78,6 +78,9 @@ impl Private {
         for (i, spec) in common::roster::SERVICES.iter().enumerate() {
             env.push((spec.port_variable(), (base + 2 + i as u16).to_string()));
         }
+        // The operator console: the block's last port, above the replicas'
+        // and the cluster's.
+        env.push(("CONSOLE_PORT".into(), (base + BLOCK - 1).to_string()));
         Ok(Private { run, tag, env })
     }
 
@@ -192,11 +195,13 @@ fn up_runs_the_demo_status_sees_every_process_and_down_stops_them_all() -> Resul
     let status = stack.stack(&["status"], &[])?;
     let shown = text(&status);
     assert!(status.status.success(), "{shown}");
+    // Every service and the operator console.
     assert_eq!(
         shown.matches(" ready").count(),
-        common::roster::SERVICES.len(),
+        common::roster::SERVICES.len() + 1,
         "{shown}"
     );
+    assert!(shown.contains("console "), "{shown}");
     assert!(shown.contains("healthy"), "{shown}");
 
     // Again: running services are restarted, the broker is kept.
@@ -235,7 +240,7 @@ fn up_with_replicas_runs_each_service_twice_the_demo_goes_through_and_down_stops
     assert!(status.status.success(), "{shown}");
     assert_eq!(
         shown.matches(" ready").count(),
-        2 * common::roster::SERVICES.len(),
+        2 * common::roster::SERVICES.len() + 1,
         "{shown}"
     );
     // Prometheus is told of both processes of every service.
