@@ -259,6 +259,12 @@ struct OrderQuery {
     /// caught up, else the event store; 409 if no such version was written.
     #[param(minimum = 0, maximum = 1_000_000_000)]
     min_version: Option<i64>,
+    /// The state its last committed event left it in, from the event
+    /// store, never the read model (which may be a moment behind): what a
+    /// decision that must not act on a stale state asks for (whether a
+    /// saga has ended, before a redrive).
+    #[serde(default)]
+    latest: bool,
 }
 
 /// The latest version any order can reach, for bounds on the query.
@@ -280,6 +286,17 @@ async fn get_order(
 ) -> Result<Json<OrderView>, ApiError> {
     let id = parse_id(&id)?;
     let not_found = || ApiError::NotFound(format!("order {id} not found"));
+    let given = [
+        q.at_version.is_some(),
+        q.as_of.is_some(),
+        q.min_version.is_some(),
+        q.latest,
+    ];
+    if given.into_iter().filter(|g| *g).count() > 1 {
+        return Err(ApiError::BadRequest(
+            "give at most one of atVersion, asOf, minVersion and latest".into(),
+        ));
+    }
     let past = match (q.at_version, q.as_of, q.min_version) {
         (None, None, _) => None,
         (Some(n), None, None) => {
@@ -289,12 +306,16 @@ async fn get_order(
         (None, Some(t), None) => Some(store::At::Time(t)),
         _ => {
             return Err(ApiError::BadRequest(
-                "give at most one of atVersion, asOf and minVersion".into(),
+                "give at most one of atVersion, asOf, minVersion and latest".into(),
             ));
         }
     };
     let mut conn = placer.pool.acquire().await?;
     let internal = |e: ExecError| ApiError::Internal(e.into());
+    if q.latest {
+        let order = store::load(&mut conn, id).await.map_err(internal)?;
+        return order.map(|o| Json(o.into())).ok_or_else(not_found);
+    }
     if let Some(at) = past {
         let (state, latest) = store::load_at(&mut conn, id, at).await.map_err(internal)?;
         return match (state, at) {

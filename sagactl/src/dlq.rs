@@ -135,7 +135,9 @@ const ENDED: [&str; 3] = ["CONFIRMED", "CANCELLED", "MANUALLY_COMPENSATED"];
 
 impl Sagas for OrderService {
     async fn ended(&self, id: uuid::Uuid) -> Result<Option<String>> {
-        let path = format!("/orders/{id}");
+        // From the event store: the read model may not show a resolution
+        // made a moment ago, and a redrive must not move a settled saga.
+        let path = format!("/orders/{id}?latest=true");
         let Some(order) = self.connection.order_get(&self.http, &path, None).await? else {
             return Ok(None);
         };

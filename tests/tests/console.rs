@@ -195,6 +195,41 @@ async fn a_dead_letter_of_a_saga_resolved_by_hand_is_refused_unless_forced() -> 
             "resolve {id} --manually-compensated --note \"refunded by hand\" --operator ada"
         ))
         .await?;
+    // At once, before the read model has caught up: the order service
+    // answers from its event store when asked for the latest state, and
+    // the console asks for it, so the redrive is refused, dry run or not.
+    let (status, latest) = stack
+        .get_json("order", &format!("/orders/{id}?latest=true"))
+        .await?;
+    assert_eq!(
+        (status, &latest["status"]),
+        (200, &json!("MANUALLY_COMPENSATED")),
+        "{latest}"
+    );
+    let (status, body) = stack
+        .get_json("order", &format!("/orders/{id}?latest=true&minVersion=1"))
+        .await?;
+    assert_refused(
+        status,
+        &body,
+        400,
+        "at most one of atVersion, asOf, minVersion and latest",
+    );
+    let redrive = console.url(&format!("/dead-letters/{seq}/redrive"));
+    for ask in [
+        json!({ "dryRun": true }),
+        json!({ "operator": "ada", "note": "again" }),
+    ] {
+        let (status, answer) = post(&redrive, Some(ADMIN_TOKEN), &ask).await?;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(
+            answer["results"][0]["outcome"], "refused",
+            "{ask}: {answer}"
+        );
+        assert_eq!(answer["notRedriven"], 1, "{answer}");
+        let why = answer["results"][0]["detail"].as_str().unwrap_or_default();
+        assert!(why.contains("has ended (MANUALLY_COMPENSATED)"), "{why}");
+    }
     eventually("the refund by hand to be recorded", DEADLINE, || async {
         Ok((stack.balance("alice").await? == 10_000).then_some(()))
     })
@@ -202,18 +237,6 @@ async fn a_dead_letter_of_a_saga_resolved_by_hand_is_refused_unless_forced() -> 
     // The gateway is back: a redrive now would refund a second time.
     let (status, rules) = stack.put("payment", "/admin/gateway", json!({})).await?;
     assert_eq!(status, 200, "{rules}");
-    let redrive = console.url(&format!("/dead-letters/{seq}/redrive"));
-    let (status, answer) = post(
-        &redrive,
-        Some(ADMIN_TOKEN),
-        &json!({ "operator": "ada", "note": "again" }),
-    )
-    .await?;
-    assert_eq!(status, 200, "{answer}");
-    assert_eq!(answer["results"][0]["outcome"], "refused", "{answer}");
-    assert_eq!(answer["notRedriven"], 1, "{answer}");
-    let why = answer["results"][0]["detail"].as_str().unwrap_or_default();
-    assert!(why.contains("has ended (MANUALLY_COMPENSATED)"), "{why}");
     // Forced, the redrive goes out; the payment service, which recorded the
     // refund by hand, refunds nothing more.
     let (status, answer) = post(

@@ -72,7 +72,7 @@ async fn an_order_is_read_as_it_was_at_each_version_and_at_each_moment() -> Resu
         status,
         &body,
         400,
-        "at most one of atVersion, asOf and minVersion",
+        "at most one of atVersion, asOf, minVersion and latest",
     );
     let (status, body) = get("atVersion=0".into()).await?;
     assert_refused(status, &body, 400, "atVersion");
