@@ -10,6 +10,9 @@ use fantoccini::{Client, ClientBuilder, Locator, elements::Element};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// What chromedriver prints, line by line.
+type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
 use uuid::Uuid;
 
 use crate::{DEADLINE, eventually};
@@ -29,29 +32,75 @@ pub struct Browser {
 impl Browser {
     /// Starts chromedriver on a port of its choosing and opens a session.
     pub async fn start() -> Result<Browser> {
+        // Now and then chromedriver exits before it listens when several
+        // start at once: it is started again, up to three times, and what
+        // it said is in the error if it never listens.
+        let mut said = Vec::new();
+        let (driver, port, lines) = loop {
+            match Browser::driver().await? {
+                Ok(started) => break started,
+                Err(why) if said.len() < 2 => said.push(why),
+                Err(why) => {
+                    said.push(why);
+                    bail!(
+                        "chromedriver ended before it listened, three times:\n{}",
+                        said.join("\n")
+                    );
+                }
+            }
+        };
+        Browser::session(driver, port, lines).await
+    }
+
+    /// chromedriver started, with the port it listens on and the rest of
+    /// its output; or what it said before it ended without listening.
+    async fn driver() -> Result<Result<(tokio::process::Child, u16, Lines), String>> {
         let bin = std::env::var("CHROMEDRIVER_BIN").unwrap_or_else(|_| "chromedriver".into());
         let mut driver = tokio::process::Command::new(&bin)
             .arg("--port=0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .with_context(|| {
                 format!("running {bin}: scripts/test.sh installs Debian's chromium-driver, or set CHROMEDRIVER_BIN")
             })?;
         let mut lines = BufReader::new(driver.stdout.take().expect("piped")).lines();
+        let mut stderr = driver.stderr.take().expect("piped");
         let port = tokio::time::timeout(START_TIMEOUT, async {
+            let mut seen = Vec::new();
             while let Some(line) = lines.next_line().await? {
                 // "ChromeDriver was started successfully on port 35989."
                 if let Some(rest) = line.split("successfully on port ").nth(1) {
-                    return Ok(rest.trim_end_matches('.').trim().parse::<u16>()?);
+                    return Ok(Ok(rest.trim_end_matches('.').trim().parse::<u16>()?));
                 }
+                seen.push(line);
             }
-            bail!("{bin} ended before it listened")
+            let mut errors = String::new();
+            let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut errors).await;
+            let status = driver.wait().await?;
+            anyhow::Ok(Err(format!(
+                "{bin} ({status}): {} {}",
+                seen.join(" / "),
+                errors.trim()
+            )))
         })
         .await
         .context("chromedriver did not listen within 30 s")??;
+        // Its error output is read and dropped, so it never blocks on a full pipe.
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await;
+        });
+        Ok(port.map(|port| (driver, port, lines)))
+    }
+
+    /// A session on the chromedriver at `port`.
+    async fn session(
+        driver: tokio::process::Child,
+        port: u16,
+        mut lines: Lines,
+    ) -> Result<Browser> {
         // What it logs later is read and dropped, so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let profile = std::env::temp_dir().join(format!("chromedriver-{}", Uuid::now_v7()));
