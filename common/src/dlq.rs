@@ -367,6 +367,13 @@ pub struct Redriven {
     pub detail: String,
 }
 
+impl Redriven {
+    /// Whether it stays in the stream: refused, or its redrive failed.
+    pub fn stays(&self) -> bool {
+        self.outcome == "refused" || self.outcome == "failed"
+    }
+}
+
 /// What one dead letter's redrive would publish.
 struct Plan {
     subject: String,

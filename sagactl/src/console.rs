@@ -157,10 +157,7 @@ impl Console {
         for r in &results {
             tracing::info!(seq = r.seq, outcome = %r.outcome, operator = %request.operator, dry_run = request.dry_run, "{}", r.detail);
         }
-        let not_redriven = results
-            .iter()
-            .filter(|r| r.outcome == "refused" || r.outcome == "failed")
-            .count();
+        let not_redriven = results.iter().filter(|r| r.stays()).count();
         Ok(Outcome {
             results,
             not_redriven,
@@ -268,13 +265,17 @@ async fn health(State(console): State<Arc<Console>>) -> Response {
         .into_response()
 }
 
+/// The console's OpenAPI document, serialized once.
+static DOCUMENT: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| openapi().to_pretty_json().unwrap_or_default());
+
 /// `GET /openapi.json`: this document.
 #[utoipa::path(get, path = "/openapi.json", tag = "meta",
     responses((status = 200, description = "The OpenAPI 3.1 document of the console's HTTP API", content_type = "application/json", body = Object)))]
 async fn openapi_json() -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
-        openapi().to_pretty_json().unwrap_or_default(),
+        DOCUMENT.as_str(),
     )
         .into_response()
 }

@@ -184,10 +184,7 @@ pub async fn redrive(
     if let Some(shown) = shown {
         shown.finish();
     }
-    let left = results
-        .iter()
-        .filter(|r| r.outcome == "refused" || r.outcome == "failed")
-        .count();
+    let left = results.iter().filter(|r| r.stays()).count();
     if json {
         writeln!(
             out,
