@@ -90,6 +90,14 @@ const STREAM_INFO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default length of the relay lease: a standby leads within about this
 /// long of the leader going silent.
 pub const LEASE: Duration = Duration::from_secs(10);
+/// Rows the leading relay deletes before it vacuums the outbox, at the end
+/// of the round that passes it. The outbox is a queue: every row is
+/// inserted once and deleted once, so without a vacuum its pages and index
+/// fill with dead rows that every read of it walks through, and a plan
+/// made when it was small (a scan of the whole table) is kept while it
+/// grows. Autovacuum may be off, or behind on a table this busy; a vacuum
+/// of a nearly empty outbox takes a few milliseconds and blocks no writer.
+pub const VACUUM_AFTER: u64 = 1_000;
 
 /// Columns of `events` as arrays, for one multi-row insert.
 struct Columns {
@@ -368,6 +376,8 @@ pub struct Relay {
     pub poll: Duration,
     pub health: Health,
     pub meter: Meter,
+    /// Rows deleted between two vacuums of the outbox ([`VACUUM_AFTER`]).
+    pub vacuum_after: u64,
 }
 
 /// What one round of the relay did.
@@ -441,6 +451,28 @@ async fn read_window(conn: &mut PgConnection) -> sqlx::Result<(Vec<Row>, bool)> 
     Ok((rows, more))
 }
 
+/// Vacuums the outbox (see [`VACUUM_AFTER`]), for at most `limit` (a
+/// round of the relay must end well within its lease). A vacuum that fails
+/// or runs out of time is logged: the relay works on, on a larger table,
+/// and tries again after as many rows. (A role that does not own the table
+/// is only warned by Postgres.)
+async fn vacuum(conn: &mut PgConnection, limit: Duration) -> Result<(), RelayError> {
+    let started = Instant::now();
+    // Not in a transaction (VACUUM cannot be), so set and reset around it.
+    let timeout = format!("SET statement_timeout = {}", limit.as_millis().max(1));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(timeout))
+        .execute(&mut *conn)
+        .await?;
+    match sqlx::raw_sql("VACUUM outbox").execute(&mut *conn).await {
+        Ok(_) => tracing::debug!(took = ?started.elapsed(), "outbox vacuumed"),
+        Err(e) => tracing::warn!(error = %e, "the outbox was not vacuumed"),
+    }
+    sqlx::raw_sql("SET statement_timeout = 0")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 impl Row {
     /// The headers it is published with: its event id as `Nats-Msg-Id`,
     /// which the broker deduplicates a republish by, and the trace context
@@ -460,6 +492,8 @@ impl Row {
 struct Session {
     conn: PgConnection,
     lead: Option<Leading>,
+    /// Rows deleted (published or parked) since the outbox was last vacuumed.
+    deleted: u64,
 }
 
 /// The lead, and what the streams take.
@@ -590,9 +624,17 @@ impl Relay {
                 .clone()
                 .options([("synchronous_commit", "off")]);
             let conn = PgConnection::connect_with(&options).await?;
-            *session = Some(Session { conn, lead: None });
+            *session = Some(Session {
+                conn,
+                lead: None,
+                deleted: 0,
+            });
         }
-        let Session { conn, lead } = session.as_mut().expect("relay session");
+        let Session {
+            conn,
+            lead,
+            deleted,
+        } = session.as_mut().expect("relay session");
         loop {
             if !self.keep_lead(conn, holder, lead).await? {
                 return Ok(false);
@@ -601,13 +643,19 @@ impl Relay {
                 return Ok(false);
             };
             let round = self.publish_batch(conn, leading).await?;
+            *deleted = deleted.saturating_add(round.published as u64);
             if round.refused {
                 return Ok(true);
             }
             if !round.more || (round.published == 0 && leading.lease.fresh()) {
-                return Ok(false);
+                break;
             }
         }
+        if *deleted >= self.vacuum_after {
+            *deleted = 0;
+            vacuum(conn, self.lease / 4).await?;
+        }
+        Ok(false)
     }
 
     /// Renews the lead when due, or asks for it as a standby: whether this

@@ -160,6 +160,7 @@ impl Infra {
             poll: config.outbox_poll,
             health: self.health.clone(),
             meter: self.meter.clone(),
+            vacuum_after: crate::outbox::VACUUM_AFTER,
         }))
     }
 

@@ -37,6 +37,7 @@ fn relay(stack: &Stack, poll: Duration) -> Result<Relay> {
         poll,
         health: Default::default(),
         meter: common::meter::Meter::new("payment"),
+        vacuum_after: outbox::VACUUM_AFTER,
     })
 }
 
@@ -233,5 +234,48 @@ async fn a_round_is_stored_as_one_batch_a_few_events_and_a_batch_the_broker_part
     let ids: Vec<Uuid> = added.iter().map(|(id, _)| *id).collect();
     assert_eq!(ids, third.iter().map(|e| e.event_id).collect::<Vec<_>>());
     assert!(added.iter().all(|(_, b)| b.is_none()), "{added:?}");
+    Ok(())
+}
+
+/// The outbox's size in pages, and how often it was vacuumed by hand (not
+/// by autovacuum).
+async fn outbox_pages_and_vacuums(pool: &sqlx::PgPool) -> Result<(i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT pg_relation_size('outbox') / current_setting('block_size')::int8,
+                vacuum_count
+         FROM pg_stat_user_tables WHERE relname = 'outbox'",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_vacuums_its_outbox_so_a_drained_outbox_gives_its_pages_back() -> Result<()> {
+    let (stack, pool) = outbox_only().await?;
+    let mut conn = pool.acquire().await?;
+    outbox::enqueue(&mut conn, &stack.subjects, &events(600), 1 << 20).await?;
+    drop(conn);
+    let (filled, _) = outbox_pages_and_vacuums(&pool).await?;
+    assert!(filled > 0, "600 events take pages");
+
+    // Every 500 rows deleted: once in this run.
+    let shutdown = CancellationToken::new();
+    let mut relay = relay(&stack, Duration::from_millis(20))?;
+    relay.vacuum_after = 500;
+    let handle = tokio::spawn(relay.run(shutdown.clone()));
+    // Dead rows would keep every page (autovacuum may be off, and is
+    // never this quick): only the relay's vacuum gives them back.
+    let vacuums = eventually("the outbox to drain and shrink", DEADLINE, || async {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(&pool)
+            .await?;
+        let (pages, vacuums) = outbox_pages_and_vacuums(&pool).await?;
+        Ok((left == 0 && pages == 0).then_some(vacuums))
+    })
+    .await?;
+    assert_eq!(vacuums, 1, "vacuumed once, after 500 rows or more");
+    shutdown.cancel();
+    handle.await?;
+    assert_eq!(stack.stream_events().await?.len(), 600, "all published");
     Ok(())
 }
