@@ -58,6 +58,17 @@ pub async fn lock_stock(
     products: &[&String],
     releasing: &[Uuid],
 ) -> sqlx::Result<()> {
+    if releasing.is_empty() {
+        // The usual batch: no reservations to look up.
+        sqlx::query(
+            "SELECT product_id FROM stock WHERE product_id = ANY($1)
+             ORDER BY product_id FOR UPDATE",
+        )
+        .bind(products)
+        .execute(tx)
+        .await?;
+        return Ok(());
+    }
     sqlx::query(
         "SELECT product_id FROM stock
          WHERE product_id = ANY(ARRAY(
@@ -69,6 +80,9 @@ pub async fn lock_stock(
     )
     .bind(products)
     .bind(releasing)
+    // Planned for `reservations` as it is each time: a plan kept from when
+    // it was small reads all of it.
+    .persistent(false)
     .execute(tx)
     .await?;
     Ok(())

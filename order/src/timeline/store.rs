@@ -156,6 +156,9 @@ async fn fold_sagas(tx: &mut PgConnection, mut recorded: Vec<&NewEntry>) -> sqlx
         format!("SELECT {SAGA_COLUMNS} FROM sagas WHERE correlation_id = ANY($1)"),
     ))
     .bind(&ids)
+    // Planned for the table as it is each time (as below): a plan kept
+    // from when it was small reads all of it, for every batch.
+    .persistent(false)
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
