@@ -146,6 +146,10 @@ fn usage(local: &Local, nats_url: &str) {
     );
 }
 
+// The services it serves allocate as their own binaries do (see order/src/main.rs).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> Result<ExitCode> {
     let cli = Cli::parse();
