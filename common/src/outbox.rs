@@ -98,6 +98,11 @@ pub const LEASE: Duration = Duration::from_secs(10);
 /// grows. Autovacuum may be off, or behind on a table this busy; a vacuum
 /// of a nearly empty outbox takes a few milliseconds and blocks no writer.
 pub const VACUUM_AFTER: u64 = 1_000;
+/// Longest a published row waits for its delete. The relay deletes the rows
+/// the broker acknowledged in the statement that reads its next window
+/// (one round trip a round instead of two); when no commit wakes it
+/// sooner, it deletes them on their own after this long.
+pub const DELETE_LINGER: Duration = Duration::from_millis(50);
 
 /// Columns of `events` as arrays, for one multi-row insert.
 struct Columns {
@@ -378,6 +383,9 @@ pub struct Relay {
     pub meter: Meter,
     /// Rows deleted between two vacuums of the outbox ([`VACUUM_AFTER`]).
     pub vacuum_after: u64,
+    /// Longest published rows wait to be deleted with the next read
+    /// ([`DELETE_LINGER`]).
+    pub delete_linger: Duration,
 }
 
 /// What one round of the relay did.
@@ -413,23 +421,28 @@ struct Sent {
     fenced: bool,
 }
 
-/// The earliest pending row of each aggregate among the oldest
-/// [`BATCH`], in order; and whether more is pending than these (an
+/// Deletes the rows `published` (the broker has them), and reads the
+/// earliest pending row of each aggregate among the oldest [`BATCH`] of
+/// the others, in order; and whether more is pending than these (an
 /// aggregate's later events, or a full window), to be read once these are
-/// deleted. A commit after the read wakes the relay again: no need to look.
-async fn read_window(conn: &mut PgConnection) -> sqlx::Result<(Vec<Row>, bool)> {
+/// published. A commit after the read wakes the relay again: no need to
+/// look. One statement: its read does not see its own delete, so it leaves
+/// the deleted rows out by their ids.
+async fn read_window(conn: &mut PgConnection, published: &[i64]) -> sqlx::Result<(Vec<Row>, bool)> {
     let mut window = 0;
     let rows: Vec<Row> =
         sqlx::query_as::<_, (i64, Uuid, String, Vec<u8>, Option<String>, f64, i64)>(
-            "SELECT id, event_id, subject, body, traceparent,
+            "WITH deleted AS (DELETE FROM outbox WHERE id = ANY($2))
+             SELECT id, event_id, subject, body, traceparent,
                 extract(epoch FROM clock_timestamp() - created_at)::float8, window_rows FROM (
              SELECT o.*, row_number() OVER (PARTITION BY aggregate_id ORDER BY id) AS nth,
                     count(*) OVER () AS window_rows
-             FROM (SELECT * FROM outbox ORDER BY id LIMIT $1) o
+             FROM (SELECT * FROM outbox WHERE id <> ALL($2) ORDER BY id LIMIT $1) o
          ) ranked
          WHERE nth = 1 ORDER BY id",
         )
         .bind(BATCH)
+        .bind(published)
         .fetch_all(&mut *conn)
         .await?
         .into_iter()
@@ -494,6 +507,25 @@ struct Session {
     lead: Option<Leading>,
     /// Rows deleted (published or parked) since the outbox was last vacuumed.
     deleted: u64,
+    /// Rows the broker acknowledged, deleted with the next read of the
+    /// outbox (or on their own: see [`Session::delete_published`]). Lost
+    /// with the connection, they are published again, and the broker
+    /// (`Nats-Msg-Id`) and the consumers drop the copies.
+    published: Vec<i64>,
+}
+
+impl Session {
+    /// Deletes the rows published and not deleted yet.
+    async fn delete_published(&mut self) -> Result<(), RelayError> {
+        if !self.published.is_empty() {
+            sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+                .bind(&self.published)
+                .execute(&mut self.conn)
+                .await?;
+            self.published.clear();
+        }
+        Ok(())
+    }
 }
 
 /// The lead, and what the streams take.
@@ -599,6 +631,12 @@ impl Relay {
                 backoff(failures as i64, RELAY_BACKOFF_CAP)
             }
             .min(Lead::renew_every(self.lease));
+            // Published rows wait for the next read to be deleted with it,
+            // but not for long.
+            let wait = match &session {
+                Some(s) if !s.published.is_empty() => wait.min(self.delete_linger),
+                _ => wait,
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.signal.notified() => {}
@@ -608,9 +646,11 @@ impl Relay {
         if let Err(e) = self.round(&holder, &mut session).await {
             tracing::warn!(error = %e, "outbox not flushed at shutdown; it is published on next start");
         }
-        if let Some(Session { mut conn, .. }) = session
-            && let Err(e) = relay_lease::release(&mut conn, &holder).await
-        {
+        let Some(mut session) = session else { return };
+        if let Err(e) = session.delete_published().await {
+            tracing::warn!(error = %e, "published events not deleted at shutdown; they are published again on next start, and dropped as copies");
+        }
+        if let Err(e) = relay_lease::release(&mut session.conn, &holder).await {
             tracing::warn!(error = %e, "relay lease not given up; a standby leads when it expires");
         }
     }
@@ -628,32 +668,40 @@ impl Relay {
                 conn,
                 lead: None,
                 deleted: 0,
+                published: Vec::new(),
             });
         }
-        let Session {
-            conn,
-            lead,
-            deleted,
-        } = session.as_mut().expect("relay session");
+        let session = session.as_mut().expect("relay session");
         loop {
-            if !self.keep_lead(conn, holder, lead).await? {
+            if !self
+                .keep_lead(&mut session.conn, holder, &mut session.lead)
+                .await?
+            {
+                // A standby now: what it published as the leader is
+                // deleted all the same (the broker has it).
+                session.delete_published().await?;
                 return Ok(false);
             }
-            let Some(leading) = lead.as_ref() else {
+            let Some(leading) = session.lead.take() else {
                 return Ok(false);
             };
-            let round = self.publish_batch(conn, leading).await?;
-            *deleted = deleted.saturating_add(round.published as u64);
+            let round = self.publish_batch(session, &leading).await;
+            session.lead = Some(leading);
+            let round = round?;
+            session.deleted = session.deleted.saturating_add(round.published as u64);
             if round.refused {
                 return Ok(true);
             }
-            if !round.more || (round.published == 0 && leading.lease.fresh()) {
+            let fresh = session.lead.as_ref().is_some_and(|l| l.lease.fresh());
+            if !round.more || (round.published == 0 && fresh) {
                 break;
             }
         }
-        if *deleted >= self.vacuum_after {
-            *deleted = 0;
-            vacuum(conn, self.lease / 4).await?;
+        if session.deleted >= self.vacuum_after {
+            session.deleted = 0;
+            // What it gives back must be deleted first.
+            session.delete_published().await?;
+            vacuum(&mut session.conn, self.lease / 4).await?;
         }
         Ok(false)
     }
@@ -720,28 +768,27 @@ impl Relay {
         }
     }
 
-    /// Publishes the earliest pending event of each aggregate among the
-    /// oldest rows, pipelined, then deletes the acknowledged ones. With at
-    /// most one event per aggregate in flight, a partial failure can never
-    /// reorder an aggregate's events: what was not acknowledged stays first.
+    /// Deletes what the last round published, publishes the earliest
+    /// pending event of each aggregate among the oldest rows, pipelined,
+    /// and keeps the acknowledged ones to be deleted with the next read.
+    /// With at most one event per aggregate in flight, a partial failure can
+    /// never reorder an aggregate's events: what was not acknowledged stays
+    /// first.
     async fn publish_batch(
         &self,
-        conn: &mut PgConnection,
+        session: &mut Session,
         leading: &Leading,
     ) -> Result<Round, RelayError> {
         let read_at = Instant::now();
-        let (rows, more) = read_window(conn).await?;
+        let (rows, more) = read_window(&mut session.conn, &session.published).await?;
+        session.published.clear();
         if rows.is_empty() {
             return Ok(Round::default());
         }
         let (sendable, parked) = self.sendable(&rows);
         let sent = self.publish_rows(sendable, leading, read_at).await;
-        if !sent.acked.is_empty() {
-            sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-                .bind(&sent.acked)
-                .execute(&mut *conn)
-                .await?;
-        }
+        session.published.extend_from_slice(&sent.acked);
+        let conn = &mut session.conn;
         for (id, reason) in &parked {
             self.park(conn, *id, reason).await?;
         }
@@ -749,7 +796,10 @@ impl Relay {
             self.report_parked(conn).await?;
         }
         if let Some(e) = sent.failure {
-            self.refused(conn, &e, sent.acked.len()).await?;
+            // What is counted as waiting is what was not published.
+            session.delete_published().await?;
+            self.refused(&mut session.conn, &e, sent.acked.len())
+                .await?;
             return Ok(Round {
                 refused: true,
                 ..Round::default()

@@ -161,6 +161,7 @@ impl Infra {
             health: self.health.clone(),
             meter: self.meter.clone(),
             vacuum_after: crate::outbox::VACUUM_AFTER,
+            delete_linger: crate::outbox::DELETE_LINGER,
         }))
     }
 

@@ -38,6 +38,7 @@ fn relay(stack: &Stack, poll: Duration) -> Result<Relay> {
         health: Default::default(),
         meter: common::meter::Meter::new("payment"),
         vacuum_after: outbox::VACUUM_AFTER,
+        delete_linger: outbox::DELETE_LINGER,
     })
 }
 
@@ -279,5 +280,81 @@ async fn the_relay_vacuums_its_outbox_so_a_drained_outbox_gives_its_pages_back()
     shutdown.cancel();
     handle.await?;
     assert_eq!(stack.stream_events().await?.len(), 600, "all published");
+    Ok(())
+}
+
+async fn outbox_rows(pool: &sqlx::PgPool) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(pool)
+        .await?)
+}
+
+/// What the broker acknowledged is deleted with the relay's next read of
+/// the outbox (one statement for both), after its linger when nothing else
+/// wakes it, and before it stops: nothing is left to publish twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_rows_are_deleted_with_the_next_read_after_a_linger_or_when_the_relay_stops()
+-> Result<()> {
+    let (stack, pool) = outbox_only().await?;
+    let enqueue = |events: Vec<Envelope>| {
+        let (pool, subjects) = (pool.clone(), stack.subjects.clone());
+        async move {
+            let mut conn = pool.acquire().await?;
+            outbox::enqueue(&mut conn, &subjects, &events, 1 << 20).await?;
+            anyhow::Ok(())
+        }
+    };
+    let published = |n: usize| {
+        let stack = &stack;
+        eventually("the events in the stream", DEADLINE, move || async move {
+            Ok((stack.stream_events().await?.len() == n).then_some(()))
+        })
+    };
+
+    // Woken by commits alone: no poll, no lease renewal, no linger in time.
+    let shutdown = CancellationToken::new();
+    let mut lingering = relay(&stack, Duration::from_secs(3600))?;
+    lingering.lease = Duration::from_secs(3600);
+    lingering.delete_linger = Duration::from_secs(3600);
+    let signal = lingering.signal.clone();
+    // Published by its first round, which is not woken.
+    enqueue(events(3)).await?;
+    let handle = tokio::spawn(lingering.run(shutdown.clone()));
+    published(3).await?;
+    assert_eq!(outbox_rows(&pool).await?, 3, "kept for the next read");
+    enqueue(events(2)).await?;
+    signal.notify();
+    published(5).await?;
+    assert_eq!(
+        outbox_rows(&pool).await?,
+        2,
+        "the first three deleted by the second read"
+    );
+    // Published by its last round, as it stops, and deleted after it.
+    enqueue(events(1)).await?;
+    shutdown.cancel();
+    handle.await?;
+    assert_eq!(
+        stack.stream_events().await?.len(),
+        6,
+        "flushed as it stopped"
+    );
+    assert_eq!(outbox_rows(&pool).await?, 0, "deleted before it stopped");
+
+    // Nothing wakes it after a round: the linger does.
+    let shutdown = CancellationToken::new();
+    let mut relay = relay(&stack, Duration::from_secs(3600))?;
+    relay.lease = Duration::from_secs(3600);
+    relay.delete_linger = Duration::from_millis(50);
+    enqueue(events(4)).await?;
+    let handle = tokio::spawn(relay.run(shutdown.clone()));
+    published(10).await?;
+    eventually("the published rows deleted", DEADLINE, || async {
+        Ok((outbox_rows(&pool).await? == 0).then_some(()))
+    })
+    .await?;
+    shutdown.cancel();
+    handle.await?;
+    assert_eq!(stack.stream_events().await?.len(), 10, "each event once");
     Ok(())
 }
