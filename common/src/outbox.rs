@@ -508,24 +508,25 @@ struct Session {
     /// Rows deleted (published or parked) since the outbox was last vacuumed.
     deleted: u64,
     /// Rows the broker acknowledged, deleted with the next read of the
-    /// outbox (or on their own: see [`Session::delete_published`]). Lost
-    /// with the connection, they are published again, and the broker
-    /// (`Nats-Msg-Id`) and the consumers drop the copies.
+    /// outbox (or on their own: see [`delete_published`]). Lost with the
+    /// connection, they are published again, and the broker (`Nats-Msg-Id`)
+    /// and the consumers drop the copies.
     published: Vec<i64>,
 }
 
-impl Session {
-    /// Deletes the rows published and not deleted yet.
-    async fn delete_published(&mut self) -> Result<(), RelayError> {
-        if !self.published.is_empty() {
-            sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-                .bind(&self.published)
-                .execute(&mut self.conn)
-                .await?;
-            self.published.clear();
-        }
-        Ok(())
+/// Deletes the rows `published` and not deleted yet.
+async fn delete_published(
+    conn: &mut PgConnection,
+    published: &mut Vec<i64>,
+) -> Result<(), RelayError> {
+    if !published.is_empty() {
+        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+            .bind(&*published)
+            .execute(conn)
+            .await?;
+        published.clear();
     }
+    Ok(())
 }
 
 /// The lead, and what the streams take.
@@ -647,7 +648,7 @@ impl Relay {
             tracing::warn!(error = %e, "outbox not flushed at shutdown; it is published on next start");
         }
         let Some(mut session) = session else { return };
-        if let Err(e) = session.delete_published().await {
+        if let Err(e) = delete_published(&mut session.conn, &mut session.published).await {
             tracing::warn!(error = %e, "published events not deleted at shutdown; they are published again on next start, and dropped as copies");
         }
         if let Err(e) = relay_lease::release(&mut session.conn, &holder).await {
@@ -671,37 +672,36 @@ impl Relay {
                 published: Vec::new(),
             });
         }
-        let session = session.as_mut().expect("relay session");
+        let Session {
+            conn,
+            lead,
+            deleted,
+            published,
+        } = session.as_mut().expect("relay session");
         loop {
-            if !self
-                .keep_lead(&mut session.conn, holder, &mut session.lead)
-                .await?
-            {
+            if !self.keep_lead(conn, holder, lead).await? {
                 // A standby now: what it published as the leader is
                 // deleted all the same (the broker has it).
-                session.delete_published().await?;
+                delete_published(conn, published).await?;
                 return Ok(false);
             }
-            let Some(leading) = session.lead.take() else {
+            let Some(leading) = lead.as_ref() else {
                 return Ok(false);
             };
-            let round = self.publish_batch(session, &leading).await;
-            session.lead = Some(leading);
-            let round = round?;
-            session.deleted = session.deleted.saturating_add(round.published as u64);
+            let round = self.publish_batch(conn, published, leading).await?;
+            *deleted = deleted.saturating_add(round.published as u64);
             if round.refused {
                 return Ok(true);
             }
-            let fresh = session.lead.as_ref().is_some_and(|l| l.lease.fresh());
-            if !round.more || (round.published == 0 && fresh) {
+            if !round.more || (round.published == 0 && leading.lease.fresh()) {
                 break;
             }
         }
-        if session.deleted >= self.vacuum_after {
-            session.deleted = 0;
+        if *deleted >= self.vacuum_after {
+            *deleted = 0;
             // What it gives back must be deleted first.
-            session.delete_published().await?;
-            vacuum(&mut session.conn, self.lease / 4).await?;
+            delete_published(conn, published).await?;
+            vacuum(conn, self.lease / 4).await?;
         }
         Ok(false)
     }
@@ -776,19 +776,19 @@ impl Relay {
     /// first.
     async fn publish_batch(
         &self,
-        session: &mut Session,
+        conn: &mut PgConnection,
+        published: &mut Vec<i64>,
         leading: &Leading,
     ) -> Result<Round, RelayError> {
         let read_at = Instant::now();
-        let (rows, more) = read_window(&mut session.conn, &session.published).await?;
-        session.published.clear();
+        let (rows, more) = read_window(conn, published).await?;
+        published.clear();
         if rows.is_empty() {
             return Ok(Round::default());
         }
         let (sendable, parked) = self.sendable(&rows);
         let sent = self.publish_rows(sendable, leading, read_at).await;
-        session.published.extend_from_slice(&sent.acked);
-        let conn = &mut session.conn;
+        published.extend_from_slice(&sent.acked);
         for (id, reason) in &parked {
             self.park(conn, *id, reason).await?;
         }
@@ -797,9 +797,8 @@ impl Relay {
         }
         if let Some(e) = sent.failure {
             // What is counted as waiting is what was not published.
-            session.delete_published().await?;
-            self.refused(&mut session.conn, &e, sent.acked.len())
-                .await?;
+            delete_published(conn, published).await?;
+            self.refused(conn, &e, sent.acked.len()).await?;
             return Ok(Round {
                 refused: true,
                 ..Round::default()
