@@ -68,9 +68,7 @@ async fn two_relays_on_one_database_publish_each_event_once_in_per_aggregate_ord
         relays.push(tokio::spawn(relay.run(shutdown.clone())));
     }
     eventually("the outbox to drain", DEADLINE, || async {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-            .fetch_one(&pool)
-            .await?;
+        let left = outbox_rows(&pool).await?;
         Ok((left == 0).then_some(()))
     })
     .await?;
@@ -169,9 +167,7 @@ async fn relay_all(stack: &Stack, pool: &sqlx::PgPool, events: &[Envelope]) -> R
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(relay(stack, Duration::from_millis(20))?.run(shutdown.clone()));
     eventually("the outbox to drain", DEADLINE, || async {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-            .fetch_one(pool)
-            .await?;
+        let left = outbox_rows(pool).await?;
         Ok((left == 0).then_some(()))
     })
     .await?;
@@ -269,9 +265,7 @@ async fn the_relay_vacuums_its_outbox_so_a_drained_outbox_gives_its_pages_back()
     // truncates the table before it counts itself in the statistics, so
     // both are waited for.
     let vacuums = eventually("the outbox to drain and shrink", DEADLINE, || async {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-            .fetch_one(&pool)
-            .await?;
+        let left = outbox_rows(&pool).await?;
         let (pages, vacuums) = outbox_pages_and_vacuums(&pool).await?;
         Ok((left == 0 && pages == 0 && vacuums > 0).then_some(vacuums))
     })
@@ -283,6 +277,7 @@ async fn the_relay_vacuums_its_outbox_so_a_drained_outbox_gives_its_pages_back()
     Ok(())
 }
 
+/// Rows in the outbox, published or not.
 async fn outbox_rows(pool: &sqlx::PgPool) -> Result<i64> {
     Ok(sqlx::query_scalar("SELECT count(*) FROM outbox")
         .fetch_one(pool)
