@@ -98,6 +98,25 @@ async fn with_retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
 /// failure.
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(5);
 
+/// Worker threads a service's runtime has, unless `TOKIO_WORKER_THREADS`
+/// says otherwise. A service spends its time waiting on round trips
+/// (Postgres, the broker, Redis), not computing: at saturation each of
+/// ours uses well under one core. A second worker only adds the wake-ups
+/// of two threads handing tasks to each other: one worker took a fifth
+/// of the services' context switches and about 8% of their CPU per saga
+/// away at saturation, in alternated runs (docs/benchmarks.md).
+pub const WORKER_THREADS: usize = 1;
+
+/// The runtime a service runs on: [`WORKER_THREADS`] worker threads, or
+/// as many as `TOKIO_WORKER_THREADS` asks for (tokio reads it).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        builder.worker_threads(WORKER_THREADS);
+    }
+    builder.enable_all().build()
+}
+
 /// The pool every service uses.
 pub fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
@@ -509,4 +528,21 @@ where
     });
     service.run().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_runs_on_one_worker_thread_unless_the_environment_asks_for_more() {
+        let asked = std::env::var("TOKIO_WORKER_THREADS")
+            .ok()
+            .and_then(|n| n.parse().ok());
+        let runtime = runtime().expect("runtime");
+        assert_eq!(
+            runtime.metrics().num_workers(),
+            asked.unwrap_or(WORKER_THREADS)
+        );
+    }
 }

@@ -2,7 +2,8 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    order::cli::main(std::env::args_os()).await
+// One worker thread unless TOKIO_WORKER_THREADS says otherwise
+// (common::service::WORKER_THREADS).
+fn main() -> anyhow::Result<()> {
+    common::service::runtime()?.block_on(order::cli::main(std::env::args_os()))
 }

@@ -37,6 +37,15 @@ const TAIL: &str = "
 its `correlation_id`, so `grep <order id> .run/*.log` shows one saga across
 all four services. SIGTERM drains: HTTP requests and events in flight finish,
 the outbox is flushed.
+
+## Threads
+
+`TOKIO_WORKER_THREADS` (default `1`) is how many threads run a service's
+work. A service waits on Postgres, the broker and Redis far more than it
+computes (at saturation each uses well under one core), and one thread
+spares it the wake-ups of threads handing work to each other: fewer
+context switches and less CPU per saga ([benchmarks](benchmarks.md)).
+Raise it only for a service that keeps one core busy.
 ";
 
 fn cell(text: &str) -> String {

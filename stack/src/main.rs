@@ -150,9 +150,13 @@ fn usage(local: &Local, nats_url: &str) {
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[tokio::main]
-async fn main() -> Result<ExitCode> {
-    let cli = Cli::parse();
+// The services it serves run on their binaries' runtime
+// (common::service::runtime); so does the rest of it.
+fn main() -> Result<ExitCode> {
+    common::service::runtime()?.block_on(run(Cli::parse()))
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
     let root = root();
     match cli.command {
         Cmd::Serve { service, args } => {

@@ -5,9 +5,12 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+// On the runtime the service's own binary runs on.
+fn main() -> anyhow::Result<()> {
     let mut args = std::env::args_os().skip(1);
     let name = args.next().unwrap_or_default();
-    stack::services::serve(&name.to_string_lossy(), args.collect()).await
+    common::service::runtime()?.block_on(stack::services::serve(
+        &name.to_string_lossy(),
+        args.collect(),
+    ))
 }
