@@ -9,7 +9,7 @@
 //! with one saga in flight, then ours; ours in an open loop at half the
 //! reference's saturation rate, then (with `--fixed-rate-reference`, a copy
 //! of the reference whose driver places at a fixed rate) the reference's
-//! open loop at the same rate. Per saga,
+//! open loop at the same rate; the same at a quarter of it. Per saga,
 //! for both: CPU by part, counted the same way (per-process CPU time of
 //! Postgres's backends, nats-server, Redis and the services; the
 //! reference's one process holds its driver too), Postgres statements sent
@@ -29,6 +29,10 @@ use super::{Args, Report, run};
 
 /// In flight at saturation, for both systems.
 const SATURATION: u32 = 256;
+/// The open loops' rates, as shares of the reference's saturation rate:
+/// half (where the reference still has a third of the machine to spare),
+/// and a quarter (where neither system is short of CPU).
+const OPEN_LOOP_SHARES: [(f64, &str); 2] = [(0.5, "half"), (0.25, "a quarter")];
 
 /// Runs the pairs and prints the table.
 pub(crate) async fn compare(args: Args, reference_dir: &Path) -> Result<()> {
@@ -83,36 +87,43 @@ pub(crate) async fn compare(args: Args, reference_dir: &Path) -> Result<()> {
         let ref_one = reference.run(&mut pg, 1, None, 10).await?;
         println!("==> ours: one saga in flight (300 sagas)");
         let one = pg.measure(&ours_like, run(ours(300, 0.0, 1))).await?;
-        let rate = (ref_saturation.report.throughput / 2.0).floor().max(1.0);
-        println!(
-            "==> ours: open loop at {rate} sagas/s (half the reference's saturation) for {} s",
-            args.seconds
-        );
-        let open = run(ours(rate as usize * args.seconds as usize, rate, 4096)).await?;
-        let reference_open = match &fixed_rate {
-            Some(fixed_rate) => {
-                println!(
-                    "==> reference: open loop at {rate} sagas/s for {} s",
-                    args.seconds
-                );
-                let seconds = u32::try_from(args.seconds)?;
-                Some(
-                    fixed_rate
-                        .run(&mut pg, 1, Some(rate), seconds)
-                        .await?
-                        .report,
-                )
-            }
-            None => None,
-        };
+        let mut open_loops = Vec::new();
+        for (share, named) in OPEN_LOOP_SHARES {
+            let rate = (ref_saturation.report.throughput * share).floor().max(1.0);
+            println!(
+                "==> ours: open loop at {rate} sagas/s ({named} the reference's saturation) for {} s",
+                args.seconds
+            );
+            let ours = run(ours(rate as usize * args.seconds as usize, rate, 4096)).await?;
+            let reference = match &fixed_rate {
+                Some(fixed_rate) => {
+                    println!(
+                        "==> reference: open loop at {rate} sagas/s for {} s",
+                        args.seconds
+                    );
+                    let seconds = u32::try_from(args.seconds)?;
+                    Some(
+                        fixed_rate
+                            .run(&mut pg, 1, Some(rate), seconds)
+                            .await?
+                            .report,
+                    )
+                }
+                None => None,
+            };
+            open_loops.push(OpenLoop {
+                named,
+                rate,
+                ours,
+                reference,
+            });
+        }
         pairs.push(Pair {
             ours: saturation,
             reference: ref_saturation,
             ours_one: one.0,
             reference_one: ref_one.report,
-            open_rate: rate,
-            open,
-            reference_open,
+            open_loops,
         });
     }
     script(&root, "down.sh", &[])?;
@@ -127,10 +138,18 @@ struct Pair {
     reference: ReferenceRun,
     ours_one: Report,
     reference_one: Report,
-    open_rate: f64,
-    open: Report,
-    /// The fixed-rate copy of the reference at the same rate, if given.
-    reference_open: Option<Report>,
+    /// At each of [`OPEN_LOOP_SHARES`].
+    open_loops: Vec<OpenLoop>,
+}
+
+/// One open loop at a fixed rate, ours and (if given the fixed-rate copy)
+/// the reference's.
+struct OpenLoop {
+    /// Which share of the reference's saturation its rate is, in words.
+    named: &'static str,
+    rate: f64,
+    ours: Report,
+    reference: Option<Report>,
 }
 
 /// Postgres statements (if counted) and rows written per saga.
@@ -495,6 +514,52 @@ fn parse_reference(text: &str) -> Result<Report> {
     })
 }
 
+/// An open loop's rows: latency, and CPU per saga in all and by part (at
+/// a rate below saturation, CPU per saga is what decides how much of the
+/// machine is left, and so how long work waits for it).
+fn print_open_loop(open: &OpenLoop) {
+    let latency = |r: &Report| {
+        format!(
+            "{} / {}",
+            number(Some(r.p50_ms), 0),
+            number(Some(r.p99_ms), 0)
+        )
+    };
+    let (ours_cpu, ours_parts) = cpu(&open.ours.cpu_ms_per_saga);
+    let (reference_latency, latency_ratio, reference_cpu, reference_parts) = match &open.reference {
+        Some(r) => {
+            let (cpu, parts) = cpu(&r.cpu_ms_per_saga);
+            let ratios = format!(
+                "{} / {}",
+                ratio(Some(open.ours.p50_ms), Some(r.p50_ms)),
+                ratio(Some(open.ours.p99_ms), Some(r.p99_ms))
+            );
+            (latency(r), ratios, cpu, parts)
+        }
+        None => (
+            "(--fixed-rate-reference not given)".into(),
+            String::new(),
+            None,
+            String::new(),
+        ),
+    };
+    let at = format!(
+        "open loop at {:.0}/s ({} the reference's saturation)",
+        open.rate, open.named
+    );
+    println!(
+        "| {at}: p50 / p99 ms | {} | {reference_latency} | {latency_ratio} |",
+        latency(&open.ours)
+    );
+    println!(
+        "| {at}: CPU ms per saga | {} | {} | {} |",
+        number(ours_cpu, 2),
+        number(reference_cpu, 2),
+        ratio(ours_cpu, reference_cpu)
+    );
+    println!("| {at}: CPU ms per saga by part | {ours_parts} | {reference_parts} | |");
+}
+
 /// CPU per saga in all, and by part (the services summed as one part).
 fn cpu(parts: &[(String, f64)]) -> (Option<f64>, String) {
     if parts.is_empty() {
@@ -589,29 +654,9 @@ fn print_table(pairs: &[Pair]) {
             );
         }
         println!("| CPU ms per saga by part | {us_parts} | {ref_parts} | |");
-        let open = |r: &Report| {
-            format!(
-                "{} / {}",
-                number(Some(r.p50_ms), 0),
-                number(Some(r.p99_ms), 0)
-            )
-        };
-        let (reference_open, open_ratio) = match &p.reference_open {
-            Some(r) => (
-                open(r),
-                format!(
-                    "{} / {}",
-                    ratio(Some(p.open.p50_ms), Some(r.p50_ms)),
-                    ratio(Some(p.open.p99_ms), Some(r.p99_ms))
-                ),
-            ),
-            None => ("(--fixed-rate-reference not given)".into(), String::new()),
-        };
-        println!(
-            "| open loop at {:.0}/s (half the reference's saturation): p50 / p99 ms | {} | {reference_open} | {open_ratio} |",
-            p.open_rate,
-            open(&p.open),
-        );
+        for open in &p.open_loops {
+            print_open_loop(open);
+        }
         let rss: Vec<String> = us
             .memory
             .iter()
