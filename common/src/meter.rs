@@ -85,7 +85,7 @@ pub const SERIES: [(&str, Kind, &str); 26] = {
         (DEAD_LETTERS, Gauge, "Dead letters of the consumer in the dead-letter stream"),
         (OUTBOX_DEPTH, Gauge, "Events committed and not yet published"),
         (OUTBOX_OLDEST, Gauge, "Age of the oldest unpublished event"),
-        (RELAY_PUBLISH, Histogram, "From an event's commit to the broker's acknowledgement"),
+        (RELAY_PUBLISH, Histogram, "From an event's write to the outbox to the broker's acknowledgement"),
         (COMPENSATIONS, Counter, "Compensation attempts, by step and result (undone, failed)"),
         (SAGAS_ENDED, Counter, "Sagas that ended, by outcome (confirmed, cancelled, intervention, manually_compensated)"),
         (SAGAS_STALLED, Gauge, "Sagas waiting at one step longer than the stall threshold"),

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use common::{EventKind, meter::names, roster};
-use saga_tests::Stack;
+use saga_tests::{DEADLINE, Stack, eventually};
 
 const PRICE: i64 = 1_250;
 
@@ -156,5 +156,45 @@ async fn the_projection_lag_grows_while_the_timeline_cannot_record_and_clears_af
     stack
         .metrics_until("order", "the projection to catch up", |m| lag(m) == 0.0)
         .await?;
+    Ok(())
+}
+
+/// How long the test keeps a step of the saga waiting inside its
+/// transaction, before the step writes its event.
+const HELD: std::time::Duration = std::time::Duration::from_secs(2);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relays_latency_counts_from_the_events_write_not_from_its_transactions_start()
+-> Result<()> {
+    let stack = Stack::stocked(10_000, 5).await?;
+    // The payments table held: payment's step begins its transaction, then
+    // waits to record the payment, before it writes PaymentProcessed.
+    let mut holder = stack.hold_table("payment", "payments").await?;
+    let id = stack.place("alice", &[("widget", 1, 100)], "US").await?;
+    let payment = stack.pool("payment").await?;
+    eventually("payment's step to wait on the table", DEADLINE, || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&payment)
+        .await?;
+        Ok((waiting > 0).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(HELD).await;
+    sqlx::query("ROLLBACK").execute(&mut holder).await?;
+    assert_eq!(stack.wait_for_outcome(id).await?["status"], "CONFIRMED");
+
+    let m = stack.metrics("payment").await?;
+    let own = [("service", "payment")];
+    let series = |part| format!("{}_{part}", names::RELAY_PUBLISH);
+    assert_eq!(m.sum(&series("count"), &own), 1.0, "one event relayed");
+    // Its time in the outbox, not the step's wait before it was written.
+    let relayed = m.sum(&series("sum"), &own);
+    assert!(
+        relayed < HELD.as_secs_f64() / 2.0,
+        "PaymentProcessed took {relayed:.3} s from the outbox to the broker"
+    );
     Ok(())
 }
