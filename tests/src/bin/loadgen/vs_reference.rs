@@ -3,13 +3,15 @@
 //! both ship (the broker's `sync_interval: always`, Postgres's
 //! `synchronous_commit = on`), printed as one table of ratios.
 //!
-//! Each pair of runs: our stack started afresh (`scripts/down.sh --purge`,
-//! `scripts/up.sh --no-demo`); the reference at saturation (256 in flight)
-//! on a broker, Redis and database of its own, then ours; the reference
-//! with one saga in flight, then ours; ours in an open loop at half the
+//! Each pair of runs: the reference at saturation (256 in flight) on a
+//! broker, Redis and database of its own, then ours; the reference with
+//! one saga in flight, then ours; ours in an open loop at half the
 //! reference's saturation rate, then (with `--fixed-rate-reference`, a copy
 //! of the reference whose driver places at a fixed rate) the reference's
-//! open loop at the same rate; the same at a quarter of it. Per saga,
+//! open loop at the same rate; the same at a quarter of it. As the
+//! reference gets a new broker, Redis and database for each run, ours is
+//! started afresh for each (`scripts/down.sh --purge`, `scripts/up.sh
+//! --no-demo`), warmed up, measured and stopped. Per saga,
 //! for both: CPU by part, counted the same way (per-process CPU time of
 //! Postgres's backends, nats-server, Redis and the services; the
 //! reference's one process holds its driver too), Postgres statements sent
@@ -51,42 +53,30 @@ pub(crate) async fn compare(args: Args, reference_dir: &Path) -> Result<()> {
     let ours_like = format!("{}\\_%", local.database_prefix);
     let mut pairs = Vec::new();
     for pair in 1..=args.pairs {
-        println!(
-            "==> pair {pair} of {}: our stack, started afresh",
-            args.pairs
-        );
-        script(&root, "down.sh", &["--purge"])?;
-        script(&root, "up.sh", &["--no-demo"])?;
-        // The stack's addresses as `stack up` wrote them this time.
-        let mut base = Args {
-            stack: true,
-            bench: false,
-            vs_reference: None,
-            fail_ratio: 0.0,
-            rate: 0.0,
-            ..args.clone()
-        };
-        base.find_the_stack();
-        let ours = |orders: usize, rate: f64, concurrency: u32| Args {
-            orders,
-            rate,
-            concurrency,
-            ..base.clone()
-        };
-
+        println!("==> pair {pair} of {}", args.pairs);
         println!("==> reference: saturation ({SATURATION} in flight, 15 s)");
         let ref_saturation = reference.run(&mut pg, SATURATION, None, 15).await?;
         // As many sagas as the reference finished in its window, so that
         // ours runs about as long and its start and end weigh as little.
         let orders = (ref_saturation.report.completed).max(1000);
         println!("==> ours: saturation ({orders} sagas, {SATURATION} in flight)");
-        let saturation = pg
-            .measure(&ours_like, run(ours(orders, 0.0, SATURATION)))
-            .await?;
+        let saturation = {
+            let ours = Fresh::start(&root, &args).await?;
+            let measured = pg
+                .measure(&ours_like, run(ours.args(orders, 0.0, SATURATION)))
+                .await?;
+            ours.stop()?;
+            measured
+        };
         println!("==> reference: one saga in flight (10 s)");
         let ref_one = reference.run(&mut pg, 1, None, 10).await?;
         println!("==> ours: one saga in flight (300 sagas)");
-        let one = pg.measure(&ours_like, run(ours(300, 0.0, 1))).await?;
+        let one = {
+            let ours = Fresh::start(&root, &args).await?;
+            let measured = pg.measure(&ours_like, run(ours.args(300, 0.0, 1))).await?;
+            ours.stop()?;
+            measured
+        };
         let mut open_loops = Vec::new();
         for (share, named) in OPEN_LOOP_SHARES {
             let rate = (ref_saturation.report.throughput * share).floor().max(1.0);
@@ -94,7 +84,13 @@ pub(crate) async fn compare(args: Args, reference_dir: &Path) -> Result<()> {
                 "==> ours: open loop at {rate} sagas/s ({named} the reference's saturation) for {} s",
                 args.seconds
             );
-            let ours = run(ours(rate as usize * args.seconds as usize, rate, 4096)).await?;
+            let ours = {
+                let ours = Fresh::start(&root, &args).await?;
+                let orders = rate as usize * args.seconds as usize;
+                let measured = run(ours.args(orders, rate, 4096)).await?;
+                ours.stop()?;
+                measured
+            };
             let reference = match &fixed_rate {
                 Some(fixed_rate) => {
                     println!(
@@ -126,9 +122,62 @@ pub(crate) async fn compare(args: Args, reference_dir: &Path) -> Result<()> {
             open_loops,
         });
     }
-    script(&root, "down.sh", &[])?;
     print_table(&pairs);
     Ok(())
+}
+
+/// Sagas placed to warm a fresh stack up before it is measured (the
+/// reference measures after three seconds of its own load).
+const WARM_UP_SAGAS: usize = 300;
+
+/// Our stack, started afresh for one measure, as the reference's broker,
+/// Redis and database are for each of its runs: with Postgres's autovacuum
+/// off, or behind, a stack that has run the measures before this one
+/// would carry their tables' dead rows into it.
+struct Fresh {
+    root: PathBuf,
+    /// The arguments that reach it, as `stack up` wrote its addresses.
+    base: Args,
+}
+
+impl Fresh {
+    /// Purges the last stack, starts one, and warms it up.
+    async fn start(root: &Path, args: &Args) -> Result<Fresh> {
+        script(root, "down.sh", &["--purge"])?;
+        script(root, "up.sh", &["--no-demo"])?;
+        let mut base = Args {
+            stack: true,
+            bench: false,
+            vs_reference: None,
+            fail_ratio: 0.0,
+            rate: 0.0,
+            ..args.clone()
+        };
+        base.find_the_stack();
+        let fresh = Fresh {
+            root: root.to_path_buf(),
+            base,
+        };
+        println!("==> ours: warm-up ({WARM_UP_SAGAS} sagas, 16 in flight)");
+        run(fresh.args(WARM_UP_SAGAS, 0.0, 16)).await?;
+        Ok(fresh)
+    }
+
+    /// The arguments of a run of `orders` sagas at `rate` per second (0:
+    /// as fast as `concurrency` in flight allows).
+    fn args(&self, orders: usize, rate: f64, concurrency: u32) -> Args {
+        Args {
+            orders,
+            rate,
+            concurrency,
+            ..self.base.clone()
+        }
+    }
+
+    /// Stops it, so the reference's next run has the machine to itself.
+    fn stop(self) -> Result<()> {
+        script(&self.root, "down.sh", &[])
+    }
 }
 
 /// What one pair of runs measured.
