@@ -95,6 +95,8 @@ struct Args {
     payment_url: String,
     #[arg(long, env = "INVENTORY_URL", default_value = "http://127.0.0.1:8083")]
     inventory_url: String,
+    #[arg(long, env = "SHIPPING_URL", default_value = "http://127.0.0.1:8084")]
+    shipping_url: String,
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
     /// The running stack's broker monitor, for the messages it handled.
@@ -147,6 +149,7 @@ impl Args {
                 "ORDER_URL" => &mut self.order_url,
                 "PAYMENT_URL" => &mut self.payment_url,
                 "INVENTORY_URL" => &mut self.inventory_url,
+                "SHIPPING_URL" => &mut self.shipping_url,
                 "NATS_URL" => &mut self.nats_url,
                 "NATS_MONITOR_URL" => &mut self.nats_monitor_url,
                 "NATS_USER" => self.nats_user.get_or_insert_default(),
@@ -514,9 +517,26 @@ async fn run(args: Args) -> Result<Report> {
     }
     let idle: Vec<Option<u64>> = processes.iter().map(|(_, pid)| rss_kib(*pid)).collect();
     // What the sagas cost the running stack's processes and broker.
+    // Each running service's metrics, for how long its relay kept events.
+    let metrics: Vec<(String, String)> = [
+        ("order", &args.order_url),
+        ("payment", &args.payment_url),
+        ("inventory", &args.inventory_url),
+        ("shipping", &args.shipping_url),
+    ]
+    .into_iter()
+    .map(|(name, url)| (name.to_string(), format!("{url}/metrics")))
+    .collect();
+    let observe = |http| Observed {
+        http,
+        monitor: &args.nats_monitor_url,
+        services: &processes,
+        metrics: &metrics,
+        run_dir: &run_dir,
+    };
     let costs_before = match &private {
         Some(_) => None,
-        None => Some(Costs::now(&http, &args.nats_monitor_url, &processes, &run_dir).await),
+        None => Some(Costs::now(observe(&http)).await),
     };
     let peak = Arc::new(Mutex::new(idle.clone()));
     let sampling = tokio::spawn({
@@ -554,7 +574,7 @@ async fn run(args: Args) -> Result<Report> {
         .collect();
     println!("memory (RSS MB): {}", memory.join("; "));
     if let Some(before) = costs_before {
-        let after = Costs::now(&http, &args.nats_monitor_url, &processes, &run_dir).await;
+        let after = Costs::now(observe(&http)).await;
         report.cpu_ms_per_saga = after.since(&before, tally.latencies.len());
     }
 
@@ -842,24 +862,43 @@ async fn print_timeline(
 }
 
 /// What the running stack's processes had used at one moment: CPU time by
-/// process (the services, nats-server, every Postgres backend, Redis), and the
-/// messages the broker had taken in and sent out. Compared over a run, per
-/// saga, these vary far less with the machine's moods than sagas per
-/// second do.
+/// process (the services, nats-server, every Postgres backend, Redis), the
+/// messages the broker had taken in and sent out, and how long each
+/// service's relay had kept its events. Compared over a run, per saga,
+/// these vary far less with the machine's moods than sagas per second do.
 struct Costs {
     /// Group (a service, `nats-server`, `postgres`), pid, CPU time used.
     cpu: Vec<(String, u32, Duration)>,
     /// The broker's `in_msgs` and `out_msgs`, if its monitor answered.
     messages: Option<(u64, u64)>,
+    /// Each service's relay: the seconds its published events had waited
+    /// from their write to the outbox to the broker's acknowledgement, and
+    /// how many
+    /// events (`saga_relay_publish_seconds`), if its metrics answered.
+    relayed: Vec<(String, Option<(f64, f64)>)>,
+}
+
+/// Where [`Costs`] are read from.
+struct Observed<'a> {
+    http: &'a reqwest::Client,
+    /// The broker's monitor.
+    monitor: &'a str,
+    /// The services' processes.
+    services: &'a [(String, u32)],
+    /// The services' metrics endpoints, by name.
+    metrics: &'a [(String, String)],
+    run_dir: &'a std::path::Path,
 }
 
 impl Costs {
-    async fn now(
-        http: &reqwest::Client,
-        monitor: &str,
-        services: &[(String, u32)],
-        run_dir: &std::path::Path,
-    ) -> Costs {
+    async fn now(at: Observed<'_>) -> Costs {
+        let Observed {
+            http,
+            monitor,
+            services,
+            metrics,
+            run_dir,
+        } = at;
         let mut pids: Vec<(String, u32)> = services.to_vec();
         // Every broker node `stack up` started (`nats.pid`, `nats-2.pid`, …).
         if let Ok(dir) = std::fs::read_dir(run_dir) {
@@ -900,9 +939,14 @@ impl Costs {
                 .ok()?;
             Some((v["in_msgs"].as_u64()?, v["out_msgs"].as_u64()?))
         };
+        let mut relayed = Vec::with_capacity(metrics.len());
+        for (name, url) in metrics {
+            relayed.push((name.clone(), relay_waits(http, url).await));
+        }
         Costs {
             cpu,
             messages: varz.await,
+            relayed,
         }
     }
 
@@ -945,8 +989,47 @@ impl Costs {
                 o1.saturating_sub(o0) as f64 / sagas as f64
             );
         }
+        let waits: Vec<String> = self
+            .relayed
+            .iter()
+            .filter_map(|(name, after)| {
+                let (s0, n0) = before.relayed.iter().find(|(n, _)| n == name)?.1?;
+                let (s1, n1) = (*after)?;
+                (n1 > n0).then(|| format!("{name} {:.1}", (s1 - s0) * 1000.0 / (n1 - n0)))
+            })
+            .collect();
+        if !waits.is_empty() {
+            println!(
+                "outbox to broker, mean ms per event (from its write to the broker's ack): {}",
+                waits.join(", ")
+            );
+        }
         groups.into_iter().map(|(g, d)| (g, per_saga(d))).collect()
     }
+}
+
+/// The sum and count of `saga_relay_publish_seconds` in the metrics at
+/// `url` (all its series), if they answered.
+async fn relay_waits(http: &reqwest::Client, url: &str) -> Option<(f64, f64)> {
+    let text = http
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let total = |metric: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(metric))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    Some((
+        total("saga_relay_publish_seconds_sum"),
+        total("saga_relay_publish_seconds_count"),
+    ))
 }
 
 /// The pid of the process `stack up` started as `name`, if it still runs.
