@@ -516,7 +516,6 @@ async fn run(args: Args) -> Result<Report> {
         tokio::spawn(report_backlog(nats.clone(), endpoints.subjects.clone()));
     }
     let idle: Vec<Option<u64>> = processes.iter().map(|(_, pid)| rss_kib(*pid)).collect();
-    // What the sagas cost the running stack's processes and broker.
     // Each running service's metrics, for how long its relay kept events.
     let metrics: Vec<(String, String)> = [
         ("order", &args.order_url),
@@ -527,6 +526,7 @@ async fn run(args: Args) -> Result<Report> {
     .into_iter()
     .map(|(name, url)| (name.to_string(), format!("{url}/metrics")))
     .collect();
+    // What the sagas cost the running stack's processes and broker.
     let observe = |http| Observed {
         http,
         monitor: &args.nats_monitor_url,
@@ -873,8 +873,8 @@ struct Costs {
     messages: Option<(u64, u64)>,
     /// Each service's relay: the seconds its published events had waited
     /// from their write to the outbox to the broker's acknowledgement, and
-    /// how many
-    /// events (`saga_relay_publish_seconds`), if its metrics answered.
+    /// how many events (`saga_relay_publish_seconds`), if its metrics
+    /// answered.
     relayed: Vec<(String, Option<(f64, f64)>)>,
 }
 

@@ -60,23 +60,18 @@ pub(crate) async fn compare(args: Args, reference_dir: &Path) -> Result<()> {
         // ours runs about as long and its start and end weigh as little.
         let orders = (ref_saturation.report.completed).max(1000);
         println!("==> ours: saturation ({orders} sagas, {SATURATION} in flight)");
-        let saturation = {
-            let ours = Fresh::start(&root, &args).await?;
-            let measured = pg
-                .measure(&ours_like, run(ours.args(orders, 0.0, SATURATION)))
-                .await?;
-            ours.stop()?;
-            measured
-        };
+        let saturation = Fresh::measure(&root, &args, async |ours| {
+            pg.measure(&ours_like, run(ours.args(orders, 0.0, SATURATION)))
+                .await
+        })
+        .await?;
         println!("==> reference: one saga in flight (10 s)");
         let ref_one = reference.run(&mut pg, 1, None, 10).await?;
         println!("==> ours: one saga in flight (300 sagas)");
-        let one = {
-            let ours = Fresh::start(&root, &args).await?;
-            let measured = pg.measure(&ours_like, run(ours.args(300, 0.0, 1))).await?;
-            ours.stop()?;
-            measured
-        };
+        let one = Fresh::measure(&root, &args, async |ours| {
+            pg.measure(&ours_like, run(ours.args(300, 0.0, 1))).await
+        })
+        .await?;
         let mut open_loops = Vec::new();
         for (share, named) in OPEN_LOOP_SHARES {
             let rate = (ref_saturation.report.throughput * share).floor().max(1.0);
@@ -84,13 +79,11 @@ pub(crate) async fn compare(args: Args, reference_dir: &Path) -> Result<()> {
                 "==> ours: open loop at {rate} sagas/s ({named} the reference's saturation) for {} s",
                 args.seconds
             );
-            let ours = {
-                let ours = Fresh::start(&root, &args).await?;
-                let orders = rate as usize * args.seconds as usize;
-                let measured = run(ours.args(orders, rate, 4096)).await?;
-                ours.stop()?;
-                measured
-            };
+            let orders = rate as usize * args.seconds as usize;
+            let ours = Fresh::measure(&root, &args, async |ours| {
+                run(ours.args(orders, rate, 4096)).await
+            })
+            .await?;
             let reference = match &fixed_rate {
                 Some(fixed_rate) => {
                     println!(
@@ -141,6 +134,19 @@ struct Fresh {
 }
 
 impl Fresh {
+    /// What `measure` makes of a stack started afresh, stopped afterwards
+    /// whether or not it measured.
+    async fn measure<T>(
+        root: &Path,
+        args: &Args,
+        measure: impl AsyncFnOnce(&Fresh) -> Result<T>,
+    ) -> Result<T> {
+        let fresh = Fresh::start(root, args).await?;
+        let measured = measure(&fresh).await;
+        fresh.stop()?;
+        measured
+    }
+
     /// Purges the last stack, starts one, and warms it up.
     async fn start(root: &Path, args: &Args) -> Result<Fresh> {
         script(root, "down.sh", &["--purge"])?;
