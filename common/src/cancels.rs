@@ -156,17 +156,21 @@ impl Cancels {
     ///
     /// Only for orders the transaction has nothing else to apply for: an
     /// event that records a cancel would leave the answer stale.
-    pub async fn begin_holding(
+    ///
+    /// Begun on `conn`; when a cancel is recorded, on a connection from
+    /// `pool` (the first attempt left `conn` outside any transaction).
+    pub async fn begin_holding<'c>(
         &self,
         pool: &PgPool,
+        conn: &'c mut PgConnection,
         lock_timeout: Option<Duration>,
         orders: &[Uuid],
-    ) -> sqlx::Result<(Transaction<'static, Postgres>, Cancels)> {
+    ) -> sqlx::Result<(Transaction<'c, Postgres>, Cancels)> {
         let mut orders = orders.to_vec();
         orders.sort_unstable();
         orders.dedup();
         if orders.is_empty() {
-            let tx = consumer::begin(pool, lock_timeout, "").await?;
+            let tx = consumer::begin(conn, lock_timeout, "").await?;
             return Ok((tx, self.clone()));
         }
         // The ids are uuids, printed by their type: nothing else reaches
@@ -174,7 +178,7 @@ impl Cancels {
         let ids: Vec<String> = orders.iter().map(Uuid::to_string).collect();
         let ids = format!("'{{{}}}'::uuid[]", ids.join(","));
         let hold_unless_cancelled = format!("SELECT hold_orders_not_cancelled({ids});");
-        let begun = consumer::begin(pool, lock_timeout, &hold_unless_cancelled).await;
+        let begun = consumer::begin(conn, lock_timeout, &hold_unless_cancelled).await;
         let (tx, recorded) = match begun {
             Ok(tx) => (tx, Vec::new()),
             Err(e)
@@ -185,7 +189,7 @@ impl Cancels {
                 // statement of its own, so its snapshot is taken after the
                 // holds.
                 let hold = format!("SELECT hold_orders({ids});");
-                let mut tx = consumer::begin(pool, lock_timeout, &hold).await?;
+                let mut tx = consumer::begin_pooled(pool, lock_timeout, &hold).await?;
                 let recorded: Vec<(Uuid, String)> = sqlx::query_as(
                     "SELECT order_id, reason FROM cancelled_orders WHERE order_id = ANY($1)",
                 )
@@ -361,13 +365,14 @@ impl<R: LockRows> BeforeApply for BeforeStep<R> {
     /// then holds the orders whose steps the batch takes (an order the
     /// batch has another event for, its cancel say, is asked in its turn),
     /// then locks the batch's rows.
-    async fn begin(
-        &self,
-        pool: &PgPool,
+    async fn begin<'a>(
+        &'a self,
+        pool: &'a PgPool,
+        conn: &'a mut PgConnection,
         lock_timeout: Option<Duration>,
-        batch: &[&Event],
-        cancels: &Cancels,
-    ) -> Result<(Transaction<'static, Postgres>, Cancels), HandlerError> {
+        batch: &'a [&'a Event],
+        cancels: &'a Cancels,
+    ) -> Result<(Transaction<'a, Postgres>, Cancels), HandlerError> {
         cancels.answers().await;
         let mut events_of: HashMap<Uuid, usize> = HashMap::new();
         for event in batch {
@@ -377,7 +382,9 @@ impl<R: LockRows> BeforeApply for BeforeStep<R> {
             .filter(|e| self.is_step(e) && events_of.get(&e.order_id()) == Some(&1))
             .map(|e| e.order_id())
             .collect();
-        let (mut tx, cancels) = cancels.begin_holding(pool, lock_timeout, &alone).await?;
+        let (mut tx, cancels) = cancels
+            .begin_holding(pool, conn, lock_timeout, &alone)
+            .await?;
         if batch.len() > 1 {
             let (steps, others): (Vec<&Event>, Vec<&Event>) =
                 batch.iter().copied().partition(|e| self.is_step(e));

@@ -18,6 +18,7 @@ use super::{
     Applier, BeforeApply, Handler, HandlerError, MAX_NOT_YET_DELIVERIES,
     PERMANENT_FAILURE_DELIVERIES, Prepared, TRANSIENT_BACKOFF_CAP,
     handler::{Applying, Outcome},
+    lane_connection::LaneConnection,
     received::Received,
 };
 use crate::{
@@ -88,7 +89,7 @@ type Claimed = (Received, Claim);
 
 impl<H: Handler> Applier<H> {
     /// Disposes of what a lane took.
-    pub(super) async fn apply_all(&self, received: Vec<Received>) {
+    pub(super) async fn apply_all(&self, received: Vec<Received>, conn: &mut LaneConnection) {
         let arriving: Vec<_> = received.iter().map(Received::arriving).collect();
         // Started now, answered by the time the transaction begins.
         let prepared = self.handler.before().arrived(&arriving);
@@ -113,7 +114,7 @@ impl<H: Handler> Applier<H> {
             }
         }
         if batch.len() > 1 {
-            match self.transact(&batch, &prepared).await {
+            match self.transact(conn, &batch, &prepared).await {
                 Ok(outcomes) => {
                     self.meter.batch(&self.name, "committed", batch.len());
                     return self.committed(&batch, outcomes).await;
@@ -128,7 +129,7 @@ impl<H: Handler> Applier<H> {
             let span = self.span(&one.0);
             let one = [one];
             async {
-                match self.transact(&one, &prepared).await {
+                match self.transact(conn, &one, &prepared).await {
                     Ok(outcomes) => self.committed(&one, outcomes).await,
                     Err(refusal) => {
                         let [(received, claim)] = one;
@@ -141,11 +142,27 @@ impl<H: Handler> Applier<H> {
         }
     }
 
-    /// `batch`'s events applied in order in one transaction, with their
-    /// guards and emitted events: committed only if each was applied or
-    /// skipped; otherwise all of it is rolled back, and why.
+    /// `batch`'s events applied in order in one transaction on the lane's
+    /// connection, with their guards and emitted events: committed only if
+    /// each was applied or skipped; otherwise all of it is rolled back, and
+    /// why.
     async fn transact(
         &self,
+        conn: &mut LaneConnection,
+        batch: &[Claimed],
+        prepared: &Prepared<H>,
+    ) -> Result<Vec<Outcome>, (Uuid, Refusal)> {
+        let first = batch.first().map(|(r, _)| r.envelope.event_id);
+        let mut taken = (conn.take().await)
+            .map_err(|e| (first.unwrap_or_default(), Refusal::Failed(e.into())))?;
+        let transacted = self.transact_on(&mut taken, batch, prepared).await;
+        conn.give_back(taken, transacted.is_ok());
+        transacted
+    }
+
+    async fn transact_on(
+        &self,
+        conn: &mut PgConnection,
         batch: &[Claimed],
         prepared: &Prepared<H>,
     ) -> Result<Vec<Outcome>, (Uuid, Refusal)> {
@@ -154,7 +171,7 @@ impl<H: Handler> Applier<H> {
         let events: Vec<_> = batch.iter().map(|(r, _)| &r.event).collect();
         let lock_timeout = (batch.len() > 1).then_some(BATCH_LOCK_TIMEOUT);
         let (mut tx, prepared) = (self.handler.before())
-            .begin(&self.pool, lock_timeout, &events, prepared)
+            .begin(&self.pool, conn, lock_timeout, &events, prepared)
             .await
             .map_err(whole)?;
         let meter = self.meter.holding();

@@ -4,7 +4,7 @@
 
 use std::{future::Future, time::Duration};
 
-use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Postgres, Transaction};
 
 use crate::event::{Envelope, Event};
 use crate::meter::Meter;
@@ -185,16 +185,18 @@ pub trait BeforeApply: Send + Sync + 'static {
     fn arrived(&self, batch: &[Arriving<'_>]) -> Self::Prepared;
 
     /// Begins the transaction the events of `batch` (those not applied
-    /// already) are applied in, on `pool`, waiting for no lock longer than
+    /// already) are applied in, on `conn` (the lane's connection; `pool`
+    /// is for what cannot be done on it), waiting for no lock longer than
     /// `lock_timeout` (`None`: as long as it takes); with what the events
     /// are to be applied with, starting from what `arrived` prepared.
     fn begin<'a>(
         &'a self,
         pool: &'a PgPool,
+        conn: &'a mut PgConnection,
         lock_timeout: Option<Duration>,
         batch: &'a [&'a Event],
         prepared: &'a Self::Prepared,
-    ) -> impl Future<Output = Result<(Transaction<'static, Postgres>, Self::Prepared), HandlerError>>
+    ) -> impl Future<Output = Result<(Transaction<'a, Postgres>, Self::Prepared), HandlerError>>
     + Send
     + 'a;
 }
@@ -207,32 +209,49 @@ impl BeforeApply for NothingBefore {
 
     fn arrived(&self, _batch: &[Arriving<'_>]) {}
 
-    async fn begin(
-        &self,
-        pool: &PgPool,
+    async fn begin<'a>(
+        &'a self,
+        _pool: &'a PgPool,
+        conn: &'a mut PgConnection,
         lock_timeout: Option<Duration>,
-        _batch: &[&Event],
-        _prepared: &(),
-    ) -> Result<(Transaction<'static, Postgres>, ()), HandlerError> {
-        Ok((begin(pool, lock_timeout, "").await?, ()))
+        _batch: &'a [&'a Event],
+        _prepared: &'a (),
+    ) -> Result<(Transaction<'a, Postgres>, ()), HandlerError> {
+        Ok((begin(conn, lock_timeout, "").await?, ()))
     }
 }
 
-/// A transaction begun on `pool` with `lock_timeout`, after `first` (SQL
+/// A transaction begun on `conn` with `lock_timeout`, after `first` (SQL
 /// statements ending in `;`, or nothing) ran in the same round trip, in
 /// the implicit transaction that `BEGIN` turns into the one returned. Should
-/// `first` fail, `BEGIN` never runs: the connection goes back to the pool
-/// outside any transaction. (After a `BEGIN; …` whose later statement
+/// `first` fail, `BEGIN` never runs: the connection is left outside any
+/// transaction. (After a `BEGIN; …` whose later statement
 /// failed it would stay in the aborted transaction, which sqlx does not
 /// roll back, and fail every transaction begun on it from then on.)
 ///
 /// `first` is the caller's SQL: constants, and values printed by their
 /// types (uuids), never input.
-pub async fn begin(
+pub async fn begin<'c>(
+    conn: &'c mut PgConnection,
+    lock_timeout: Option<Duration>,
+    first: &str,
+) -> sqlx::Result<Transaction<'c, Postgres>> {
+    conn.begin_with(AssertSqlSafe(begin_sql(lock_timeout, first)))
+        .await
+}
+
+/// As [`begin`], on a connection from `pool` (given back to it when the
+/// transaction ends).
+pub async fn begin_pooled(
     pool: &PgPool,
     lock_timeout: Option<Duration>,
     first: &str,
 ) -> sqlx::Result<Transaction<'static, Postgres>> {
+    pool.begin_with(AssertSqlSafe(begin_sql(lock_timeout, first)))
+        .await
+}
+
+fn begin_sql(lock_timeout: Option<Duration>, first: &str) -> String {
     let settings = match lock_timeout {
         Some(t) => format!(
             "SELECT set_config('lock_timeout', '{}ms', true); ",
@@ -240,8 +259,7 @@ pub async fn begin(
         ),
         None => String::new(),
     };
-    pool.begin_with(AssertSqlSafe(format!("{settings}{first} BEGIN")))
-        .await
+    format!("{settings}{first} BEGIN")
 }
 
 #[cfg(test)]

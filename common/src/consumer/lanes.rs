@@ -12,7 +12,11 @@ use tokio::{
 };
 use uuid::Uuid;
 
-use super::{Applier, Handler, received::Received};
+use super::{
+    Applier, Handler,
+    lane_connection::{IDLE_FOR, LaneConnection},
+    received::Received,
+};
 
 pub(super) struct Lanes<H> {
     applier: Arc<Applier<H>>,
@@ -52,8 +56,22 @@ impl<H: Handler> Lanes<H> {
         let (sender, mut receiver) = mpsc::channel::<InFlight>(self.capacity);
         let applier = self.applier.clone();
         let most = applier.batch.max(1);
+        let lanes = self.applier.lanes.max(1);
         self.tasks.spawn(async move {
-            while let Some(first) = receiver.recv().await {
+            let mut conn = LaneConnection::new(applier.pool.clone(), lanes);
+            loop {
+                let next = if conn.keeps_one() {
+                    match tokio::time::timeout(IDLE_FOR, receiver.recv()).await {
+                        Ok(next) => next,
+                        Err(_) => {
+                            conn.release();
+                            continue;
+                        }
+                    }
+                } else {
+                    receiver.recv().await
+                };
+                let Some(first) = next else { break };
                 let mut batch = vec![first];
                 while batch.len() < most {
                     match receiver.try_recv() {
@@ -63,7 +81,7 @@ impl<H: Handler> Lanes<H> {
                 }
                 let (received, places): (Vec<_>, Vec<_>) =
                     batch.into_iter().map(|f| (f.received, f.place)).unzip();
-                applier.apply_all(received).await;
+                applier.apply_all(received, &mut conn).await;
                 drop(places);
             }
         });

@@ -10,13 +10,15 @@
 //!   order service's watches);
 //! - `received`: a delivery decoded and checked against its subject;
 //! - `lanes`: events of different orders applied side by side, one
-//!   order's in order;
+//!   order's in order; `lane_connection`: the connection a lane keeps
+//!   from one batch to the next;
 //! - `apply`: the one apply path (a single event is a batch of one);
 //! - `dead_letter`: what can never be applied, with its reason.
 
 mod apply;
 mod dead_letter;
 mod handler;
+mod lane_connection;
 mod lanes;
 pub mod pull;
 mod received;
@@ -31,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 pub use apply::{Disposition, panic_message};
 pub use handler::{
     Applying, Arriving, BeforeApply, Handler, HandlerError, NothingBefore, Outcome, Prepared,
-    begin, db_error_is_permanent,
+    begin, begin_pooled, db_error_is_permanent,
 };
 pub use lanes::lane_of;
 
