@@ -172,6 +172,43 @@ impl Columns {
     }
 }
 
+/// Events to append to the outbox as part of a statement of the caller's: a
+/// write whose rows and events must commit together in a single statement,
+/// with no transaction around it (one round trip instead of three).
+pub struct OutboxRows(Columns);
+
+impl OutboxRows {
+    /// The rows of `events`, each with the trace it carries, each checked
+    /// against `max_payload` like [`enqueue`]; `Err` names the first that
+    /// can never be published.
+    pub fn traced(
+        subjects: &Subjects,
+        events: &[(&Envelope, Option<&Trace>)],
+        max_payload: usize,
+    ) -> Result<OutboxRows, String> {
+        columns(subjects, events.iter().copied(), max_payload).map(OutboxRows)
+    }
+
+    /// The insert of the rows, with their arrays as the statement's
+    /// parameters `$first` to `$first + 4` (bound by [`OutboxRows::bind_to`]
+    /// after the statement's first `first - 1`).
+    pub fn insert_sql(first: usize) -> String {
+        let [a, b, c, d, e] = [first, first + 1, first + 2, first + 3, first + 4];
+        format!(
+            "INSERT INTO outbox (event_id, subject, aggregate_id, body, traceparent)
+             SELECT * FROM UNNEST(${a}::uuid[], ${b}::text[], ${c}::text[], ${d}::bytea[], ${e}::text[])"
+        )
+    }
+
+    /// Binds the rows' arrays as the next five parameters of `query`.
+    pub fn bind_to<'q>(
+        &'q self,
+        query: Query<'q, Postgres, PgArguments>,
+    ) -> Query<'q, Postgres, PgArguments> {
+        self.0.bind_to(query)
+    }
+}
+
 /// Why events were not appended to the outbox.
 #[derive(Debug, thiserror::Error)]
 pub enum EnqueueError {
@@ -233,12 +270,9 @@ async fn insert(conn: &mut PgConnection, c: &Columns) -> Result<(), sqlx::Error>
     if c.ids.is_empty() {
         return Ok(());
     }
-    c.bind_to(sqlx::query(
-        "INSERT INTO outbox (event_id, subject, aggregate_id, body, traceparent)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[])",
-    ))
-    .execute(conn)
-    .await?;
+    c.bind_to(sqlx::query(sqlx::AssertSqlSafe(OutboxRows::insert_sql(1))))
+        .execute(conn)
+        .await?;
     Ok(())
 }
 

@@ -58,20 +58,41 @@ fn hash(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
 }
 
-/// Keeps the hashes of `tokens` (each with its order) in the transaction
-/// that places the orders.
-pub async fn keep(conn: &mut PgConnection, tokens: &[(Uuid, &CancelToken)]) -> sqlx::Result<()> {
-    let orders: Vec<Uuid> = tokens.iter().map(|(id, _)| *id).collect();
-    let hashes: Vec<Vec<u8>> = tokens.iter().map(|(_, t)| t.hash()).collect();
-    sqlx::query(
-        "INSERT INTO cancel_capabilities (token_hash, order_id)
-         SELECT * FROM UNNEST($1::bytea[], $2::uuid[])",
-    )
-    .bind(&hashes)
-    .bind(&orders)
-    .execute(conn)
-    .await?;
-    Ok(())
+/// The hashes of cancel tokens (each with its order), kept by the
+/// statement that places the orders ([`Kept::cte`]).
+pub struct Kept {
+    hashes: Vec<Vec<u8>>,
+    orders: Vec<Uuid>,
+}
+
+impl Kept {
+    pub fn of(tokens: &[(Uuid, &CancelToken)]) -> Kept {
+        Kept {
+            hashes: tokens.iter().map(|(_, t)| t.hash()).collect(),
+            orders: tokens.iter().map(|(id, _)| *id).collect(),
+        }
+    }
+
+    /// A common table expression, `kept`, that inserts the hashes, with
+    /// their arrays as the statement's parameters `$first` and `$first + 1`
+    /// (bound by [`Kept::bind_to`]).
+    pub fn cte(first: usize) -> String {
+        let second = first + 1;
+        format!(
+            "kept AS (
+                 INSERT INTO cancel_capabilities (token_hash, order_id)
+                 SELECT * FROM UNNEST(${first}::bytea[], ${second}::uuid[])
+             )"
+        )
+    }
+
+    /// Binds the arrays as the next two parameters of `query`.
+    pub fn bind_to<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query.bind(&self.hashes).bind(&self.orders)
+    }
 }
 
 /// Another token for `order_id` (a placement answered again), unless it

@@ -2,13 +2,17 @@
 //! command; and every other command a person gives an existing order (the
 //! customer's cancel, an operator's resolution).
 
-use std::{collections::HashMap, panic::AssertUnwindSafe, sync::Arc};
+use std::{
+    collections::HashMap,
+    panic::AssertUnwindSafe,
+    sync::{Arc, LazyLock},
+};
 
 use common::{
     Envelope, Subjects,
     event::Address,
     limits,
-    outbox::{self, EnqueueError, OutboxSignal},
+    outbox::{self, EnqueueError, OutboxRows, OutboxSignal},
     trace::{self, Trace},
 };
 use futures::FutureExt;
@@ -73,10 +77,10 @@ pub struct Writer {
 }
 
 /// Places orders and runs commands on them. Placements that arrive while
-/// others are being written wait and are then written together, in one
-/// transaction ([`GROUP`] at most, [`writers`] transactions at once): under
-/// load a placement costs a share of a transaction instead of one of its
-/// own, and a lone placement is written at once, as before. A placement with
+/// others are being written wait and are then written together, by one
+/// statement ([`GROUP`] at most, [`writers`] writing at once): under load a
+/// placement costs a share of a statement instead of one of its own, and a
+/// lone placement is written at once, as before. A placement with
 /// an idempotency key is written on its own (it may have to wait for the
 /// first request of its key).
 #[derive(Clone)]
@@ -92,12 +96,12 @@ impl std::ops::Deref for Placer {
     }
 }
 
-/// Most placements written in one transaction.
+/// Most placements written by one statement.
 pub const GROUP: usize = 64;
-/// Most placement transactions at once, each writing whatever waited.
+/// Most placement writers at once, each writing whatever waited.
 pub const WRITERS: usize = 4;
 
-/// Placement transactions at once on a pool of `max_connections`: a
+/// Placement writers at once on a pool of `max_connections`: a
 /// quarter of it (1 to [`WRITERS`]), so that the consumer, the watches and
 /// the API always have connections too.
 pub fn writers(max_connections: u32) -> usize {
@@ -204,23 +208,10 @@ impl Writer {
     /// carry the trace of the request being served.
     async fn publish(
         &self,
-        tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
         emitted: &[Envelope],
     ) -> Result<(), EnqueueError> {
-        let trace = trace::current();
-        let traced: Vec<_> = emitted.iter().map(|e| (e, trace.as_ref())).collect();
-        self.publish_traced(tx, &traced).await
-    }
-
-    /// As [`Writer::publish`], each event with the trace it carries.
-    async fn publish_traced(
-        &self,
-        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
-        emitted: &[(&Envelope, Option<&Trace>)],
-    ) -> Result<(), EnqueueError> {
-        if let Err(e) =
-            outbox::enqueue_traced(&mut tx, &self.subjects, emitted, self.max_payload).await
-        {
+        if let Err(e) = outbox::enqueue(&mut tx, &self.subjects, emitted, self.max_payload).await {
             tx.rollback().await?;
             return Err(e);
         }
@@ -261,8 +252,8 @@ impl Writer {
         }
     }
 
-    /// One placement on its own; several in one transaction, or, if that
-    /// transaction fails, each on its own again, so that what fails one
+    /// One placement on its own; several by one statement, or, if that
+    /// statement fails, each on its own again, so that what fails one
     /// fails only that one.
     async fn write_group(&self, mut group: Vec<Waiting>) {
         if group.len() == 1 {
@@ -311,22 +302,22 @@ impl Writer {
         }
     }
 
-    /// Writes the placements in one transaction: one catalog read, one
-    /// append, one outbox insert. A request the catalog or the order refuses
+    /// Writes the placements together: one catalog read, then one
+    /// statement ([`Writer::write_placed`]). A request the catalog or the order refuses
     /// gets its refusal and the others are written. `Err`: nothing written,
     /// and why.
     async fn place_together(
         &self,
         requests: &[Requested<'_>],
     ) -> Result<Vec<Result<Order, PlaceError>>, String> {
-        let mut tx = self.pool.begin().await.map_err(|e| e.to_string())?;
+        let mut conn = self.pool.acquire().await.map_err(|e| e.to_string())?;
         let mut products: Vec<&str> = requests
             .iter()
             .flat_map(|(_, _, r, _)| r.lines.iter().map(|l| l.product_id.as_str()))
             .collect();
         products.sort_unstable();
         products.dedup();
-        let prices = prices(&mut tx, &products)
+        let prices = prices(&mut conn, &products)
             .await
             .map_err(|e| e.to_string())?;
         let mut answers = Vec::with_capacity(requests.len());
@@ -342,23 +333,16 @@ impl Writer {
                 Err(refused) => answers.push(Err(refused)),
             }
         }
-        if let Err(e) = capability::keep(&mut tx, &tokens).await {
-            let _ = tx.rollback().await;
-            return Err(e.to_string());
+        if !placed.is_empty() {
+            let placed: Vec<Placement> = placed
+                .iter()
+                .map(|(order, emitted, trace)| (order, emitted.as_slice(), *trace))
+                .collect();
+            self.write_placed(&mut conn, &placed, &tokens)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.outbox.notify();
         }
-        let decided: Vec<(&Order, &[Envelope])> =
-            placed.iter().map(|(o, e, _)| (o, e.as_slice())).collect();
-        if let Err(e) = store::append(&mut tx, &self.snapshots, 0, &decided).await {
-            let _ = tx.rollback().await;
-            return Err(e.to_string());
-        }
-        let emitted: Vec<(&Envelope, Option<&Trace>)> = placed
-            .iter()
-            .flat_map(|(_, emitted, trace)| emitted.iter().map(move |e| (e, *trace)))
-            .collect();
-        self.publish_traced(tx, &emitted)
-            .await
-            .map_err(|e| e.to_string())?;
         for order in answers.iter().flatten() {
             placed_log(order);
         }
@@ -390,14 +374,19 @@ impl Writer {
         token: &CancelToken,
         request: PlaceOrder,
     ) -> Result<Order, PlaceError> {
-        let placed = match self.pool.begin().await {
-            Ok(tx) => self.place_in(tx, order_id, token, request).await,
+        let placed = match self.pool.acquire().await {
+            Ok(mut conn) => self.place_in(&mut conn, order_id, token, request).await,
             Err(e) => Err(e.into()),
         };
+        if let Ok(order) = &placed {
+            self.outbox.notify();
+            placed_log(order);
+        }
         match placed {
             Err(PlaceError::Internal(e)) => match self.written(order_id).await {
                 Some(order) => {
                     tracing::warn!(%order_id, correlation_id = %order_id, error = %e, "placement already written (an answer was lost): answering with it");
+                    self.outbox.notify();
                     Ok(order)
                 }
                 None => Err(PlaceError::Internal(e)),
@@ -452,7 +441,16 @@ impl Writer {
                 cancel_token,
             });
         }
-        let order = self.place_in(tx, order_id, &token, request).await?;
+        let order = match self.place_in(&mut tx, order_id, &token, request).await {
+            Ok(order) => order,
+            Err(e) => {
+                tx.rollback().await?;
+                return Err(e);
+            }
+        };
+        tx.commit().await?;
+        self.outbox.notify();
+        placed_log(&order);
         Ok(Placed {
             order,
             created: true,
@@ -460,10 +458,12 @@ impl Writer {
         })
     }
 
-    /// Prices and places `request` as order `order_id` in `tx`, and commits.
+    /// Prices and places `request` as order `order_id` on `conn` (on its
+    /// own, or in the caller's transaction); the caller wakes the relay
+    /// once it is committed.
     async fn place_in(
         &self,
-        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        conn: &mut PgConnection,
         order_id: Uuid,
         token: &CancelToken,
         request: PlaceOrder,
@@ -473,27 +473,60 @@ impl Writer {
             .iter()
             .map(|l| l.product_id.as_str())
             .collect();
-        let prices = prices(&mut tx, &products).await?;
-        let (order, emitted) = match decide_placement(order_id, request, &prices) {
-            Ok(placed) => placed,
-            Err(refused) => {
-                tx.rollback().await?;
-                return Err(refused);
-            }
-        };
-        if let Err(e) = store::append(&mut tx, &self.snapshots, 0, &[(&order, &emitted)]).await {
-            tx.rollback().await?;
-            return Err(e.into());
-        }
-        capability::keep(&mut tx, &[(order_id, token)]).await?;
-        self.publish(tx, &emitted).await.map_err(|e| match e {
-            EnqueueError::TooLarge(reason) => PlaceError::Invalid(reason),
-            EnqueueError::Db(e) => e.into(),
-        })?;
-        placed_log(&order);
+        let prices = prices(conn, &products).await?;
+        let (order, emitted) = decide_placement(order_id, request, &prices)?;
+        let trace = trace::current();
+        self.write_placed(
+            conn,
+            &[(&order, &emitted, trace.as_ref())],
+            &[(order_id, token)],
+        )
+        .await?;
         Ok(order)
     }
+
+    /// Writes placed orders to the event store, the hashes of their cancel
+    /// tokens, and their events (each with the trace it carries) to the
+    /// outbox, in one statement: atomic on its own, so a placement needs no
+    /// transaction around it (two round trips with the catalog's read,
+    /// instead of six). Refused whole if an event can never be published.
+    async fn write_placed(
+        &self,
+        conn: &mut PgConnection,
+        placed: &[Placement<'_>],
+        tokens: &[(Uuid, &CancelToken)],
+    ) -> Result<(), PlaceError> {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "WITH {}, {} {}",
+                store::Appended::ctes(1),
+                capability::Kept::cte(12),
+                OutboxRows::insert_sql(14)
+            )
+        });
+        let decided: Vec<(&Order, &[Envelope])> = placed
+            .iter()
+            .map(|(order, emitted, _)| (*order, *emitted))
+            .collect();
+        let emitted: Vec<(&Envelope, Option<&Trace>)> = placed
+            .iter()
+            .flat_map(|(_, emitted, trace)| emitted.iter().map(move |e| (e, *trace)))
+            .collect();
+        let events = OutboxRows::traced(&self.subjects, &emitted, self.max_payload)
+            .map_err(PlaceError::Invalid)?;
+        let appended = store::Appended::of(&self.snapshots, 0, &decided);
+        let kept = capability::Kept::of(tokens);
+        let query = sqlx::query(sqlx::AssertSqlSafe(SQL.as_str()));
+        let result = events
+            .bind_to(kept.bind_to(appended.bind_to(query)))
+            .execute(conn)
+            .await;
+        Ok(appended.written(result.map(drop))?)
+    }
 }
+
+/// An order placed, its events and the trace of the request that placed it.
+type Placement<'a> = (&'a Order, &'a [Envelope], Option<&'a Trace>);
 
 /// The catalog's price of each of `products` it has, as of now: a later
 /// change of the catalog does not change an order priced with it, whose

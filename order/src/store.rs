@@ -274,75 +274,131 @@ pub async fn append(
     snapshot: i64,
     decided: &[(&Order, &[Envelope])],
 ) -> Result<(), ExecError> {
-    write(conn, decided).await?;
-    for (order, _) in decided {
-        if snapshot::due(snapshot, order.version, snapshots.every) {
-            save_snapshot(conn, order).await?;
-            snapshots.meter.snapshot("taken");
+    let appended = Appended::of(snapshots, snapshot, decided);
+    let sql = format!("WITH {} SELECT 1", Appended::ctes(1));
+    let result = appended
+        .bind_to(sqlx::query(sqlx::AssertSqlSafe(sql)))
+        .execute(conn)
+        .await;
+    appended.written(result.map(drop))
+}
+
+/// What several orders decided as the event store keeps it: their events,
+/// and the snapshot of each whose last one is [`snapshot::due`]; written
+/// by one statement, [`append`]'s or one that writes more with them
+/// ([`Appended::ctes`]). The read model follows the event store
+/// ([`crate::projection::OrdersView`]).
+pub struct Appended {
+    orders: Vec<Uuid>,
+    versions: Vec<i64>,
+    ids: Vec<Uuid>,
+    types: Vec<String>,
+    schemas: Vec<i32>,
+    bodies: Vec<Vec<u8>>,
+    times: Vec<DateTime<Utc>>,
+    snapshot_orders: Vec<Uuid>,
+    snapshot_versions: Vec<i64>,
+    snapshot_states: Vec<String>,
+    meter: Meter,
+}
+
+impl Appended {
+    /// The rows of `decided`; `snapshot` is the version of the last
+    /// snapshot of each (0: none).
+    pub fn of(snapshots: &Snapshots, snapshot: i64, decided: &[(&Order, &[Envelope])]) -> Appended {
+        let envelopes = || {
+            decided
+                .iter()
+                .flat_map(|(order, envs)| envs.iter().map(move |e| (order.id, e)))
+        };
+        let due: Vec<&Order> = decided
+            .iter()
+            .map(|(order, _)| *order)
+            .filter(|order| snapshot::due(snapshot, order.version, snapshots.every))
+            .collect();
+        Appended {
+            orders: envelopes().map(|(id, _)| id).collect(),
+            versions: envelopes().map(|(_, e)| e.version).collect(),
+            ids: envelopes().map(|(_, e)| e.event_id).collect(),
+            types: envelopes().map(|(_, e)| e.event_type.clone()).collect(),
+            schemas: envelopes().map(|(_, e)| e.schema_version as i32).collect(),
+            bodies: envelopes().map(|(_, e)| e.to_bytes()).collect(),
+            times: envelopes().map(|(_, e)| e.timestamp).collect(),
+            snapshot_orders: due.iter().map(|o| o.id).collect(),
+            snapshot_versions: due.iter().map(|o| o.version).collect(),
+            snapshot_states: due.iter().map(|o| snapshot::encode(o)).collect(),
+            meter: snapshots.meter.clone(),
         }
     }
-    Ok(())
-}
 
-/// Keeps `order` as its latest snapshot, unless a newer one in the current
-/// format is there already.
-async fn save_snapshot(conn: &mut PgConnection, order: &Order) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO order_snapshots (order_id, version, format, state)
-         VALUES ($1, $2, $3, $4::text::jsonb)
-         ON CONFLICT (order_id) DO UPDATE SET
-             version = EXCLUDED.version, format = EXCLUDED.format,
-             state = EXCLUDED.state, taken_at = now()
-         WHERE order_snapshots.version < EXCLUDED.version
-            OR order_snapshots.format <> EXCLUDED.format",
-    )
-    .bind(order.id)
-    .bind(order.version)
-    .bind(snapshot::format())
-    .bind(snapshot::encode(order))
-    .execute(conn)
-    .await?;
-    Ok(())
-}
+    /// Two common table expressions, `appended` and `snapshotted`, that
+    /// write the rows, with their arrays as the statement's parameters
+    /// `$first` to `$first + 10` (bound by [`Appended::bind_to`]). A
+    /// snapshot is kept unless a newer one in the current format is there
+    /// already.
+    pub fn ctes(first: usize) -> String {
+        let p: Vec<String> = (first..first + 11).map(|i| format!("${i}")).collect();
+        format!(
+            "appended AS (
+                 INSERT INTO order_events (order_id, version, event_id, event_type, schema_version, envelope, recorded_at)
+                 SELECT e.order_id, e.version, e.id, e.type, e.schema, convert_from(e.body, 'UTF8')::jsonb, e.at
+                 FROM UNNEST({}::uuid[], {}::bigint[], {}::uuid[], {}::text[], {}::int[], {}::bytea[], {}::timestamptz[])
+                      AS e(order_id, version, id, type, schema, body, at)
+             ), snapshotted AS (
+                 INSERT INTO order_snapshots (order_id, version, format, state)
+                 SELECT s.order_id, s.version, {}, s.state::jsonb
+                 FROM UNNEST({}::uuid[], {}::bigint[], {}::text[]) AS s(order_id, version, state)
+                 ON CONFLICT (order_id) DO UPDATE SET
+                     version = EXCLUDED.version, format = EXCLUDED.format,
+                     state = EXCLUDED.state, taken_at = now()
+                 WHERE order_snapshots.version < EXCLUDED.version
+                    OR order_snapshots.format <> EXCLUDED.format
+             )",
+            p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10]
+        )
+    }
 
-/// Appends the events of each order. The read model follows the event
-/// store ([`crate::projection::OrdersView`]).
-async fn write(
-    conn: &mut PgConnection,
-    decided: &[(&Order, &[Envelope])],
-) -> Result<(), ExecError> {
-    let envelopes = || {
-        decided
-            .iter()
-            .flat_map(|(order, envs)| envs.iter().map(move |e| (order.id, e)))
-    };
-    let orders: Vec<Uuid> = envelopes().map(|(id, _)| id).collect();
-    let versions: Vec<i64> = envelopes().map(|(_, e)| e.version).collect();
-    let ids: Vec<Uuid> = envelopes().map(|(_, e)| e.event_id).collect();
-    let types: Vec<&str> = envelopes().map(|(_, e)| e.event_type.as_str()).collect();
-    let schemas: Vec<i32> = envelopes().map(|(_, e)| e.schema_version as i32).collect();
-    let times: Vec<_> = envelopes().map(|(_, e)| e.timestamp).collect();
-    let bodies: Vec<Vec<u8>> = envelopes().map(|(_, e)| e.to_bytes()).collect();
-    let result = sqlx::query(
-        "INSERT INTO order_events (order_id, version, event_id, event_type, schema_version, envelope, recorded_at)
-         SELECT e.order_id, e.version, e.id, e.type, e.schema, convert_from(e.body, 'UTF8')::jsonb, e.at
-         FROM UNNEST($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::int[], $6::bytea[], $7::timestamptz[])
-              AS e(order_id, version, id, type, schema, body, at)",
-    )
-    .bind(&orders)
-    .bind(&versions)
-    .bind(&ids)
-    .bind(&types)
-    .bind(&schemas)
-    .bind(&bodies)
-    .bind(&times)
-    .execute(conn)
-    .await;
-    match result {
-        Ok(_) => Ok(()),
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(ExecError::Conflict(
-            orders.first().copied().unwrap_or_default(),
-        )),
-        Err(e) => Err(e.into()),
+    /// Binds the rows' arrays as the next eleven parameters of `query`.
+    pub fn bind_to<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.orders)
+            .bind(&self.versions)
+            .bind(&self.ids)
+            .bind(&self.types)
+            .bind(&self.schemas)
+            .bind(&self.bodies)
+            .bind(&self.times)
+            .bind(snapshot::format())
+            .bind(&self.snapshot_orders)
+            .bind(&self.snapshot_versions)
+            .bind(&self.snapshot_states)
+    }
+
+    /// What the statement that wrote the rows did, as the event store says
+    /// it: a version of an order appended first by another writer is
+    /// [`ExecError::Conflict`]; the snapshots taken are counted.
+    pub fn written(&self, result: sqlx::Result<()>) -> Result<(), ExecError> {
+        match result {
+            Ok(()) => {
+                for _ in &self.snapshot_orders {
+                    self.meter.snapshot("taken");
+                }
+                Ok(())
+            }
+            Err(sqlx::Error::Database(e))
+                if e.is_unique_violation()
+                    && e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                        .and_then(|e| e.table())
+                        == Some("order_events") =>
+            {
+                Err(ExecError::Conflict(
+                    self.orders.first().copied().unwrap_or_default(),
+                ))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }

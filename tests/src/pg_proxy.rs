@@ -1,6 +1,7 @@
-//! A TCP proxy in front of Postgres that can lose the answer to a COMMIT:
-//! the server commits, and the client sees its connection drop instead of
-//! the answer, as when a network or a server process fails at the worst
+//! A TCP proxy in front of Postgres that can lose the answer to what
+//! commits a transaction (a COMMIT, or a statement outside any transaction,
+//! which commits on its own): the server commits, and the client sees its
+//! connection drop instead of the answer, as when a network or a server process fails at the worst
 //! moment. It forwards everything else untouched.
 //!
 //! It reads the server's side of the protocol as messages (a type byte and
@@ -30,8 +31,8 @@ pub struct CommitAnswerLoser {
 }
 
 /// Which transactions may lose their answer: those whose statements (as the
-/// client sent them since the connection's last COMMIT or ROLLBACK) carry
-/// `marker` at least `at_least` times.
+/// client sent them since the connection was last idle, outside any
+/// transaction) carry `marker` at least `at_least` times.
 #[derive(Clone)]
 pub struct Target {
     pub marker: &'static [u8],
@@ -69,7 +70,7 @@ impl CommitAnswerLoser {
         self.addr
     }
 
-    /// The next `n` answers to a targeted COMMIT are lost.
+    /// The next `n` answers that commit a targeted transaction are lost.
     pub fn arm(&self, n: usize) {
         self.armed.store(n, Ordering::SeqCst);
     }
@@ -86,9 +87,9 @@ impl Drop for CommitAnswerLoser {
     }
 }
 
-/// Carries one connection both ways until either side closes, or a
-/// targeted COMMIT's answer is to be lost: then both sides are closed
-/// instead of passing it on.
+/// Carries one connection both ways until either side closes, or the
+/// answer that commits a targeted transaction is to be lost: then both
+/// sides are closed instead of passing it on.
 async fn relay(
     client: TcpStream,
     server: TcpStream,
@@ -98,7 +99,7 @@ async fn relay(
 ) {
     let (mut from_client, mut to_client) = client.into_split();
     let (mut from_server, mut to_server) = server.into_split();
-    // Times the marker was sent since the last transaction ended.
+    // Times the marker was sent since the connection was last idle.
     let seen = Arc::new(AtomicUsize::new(0));
     let counting = seen.clone();
     let upstream = tokio::spawn(async move {
@@ -126,6 +127,15 @@ async fn relay(
     // GSS encryption) with one byte: `N`, refused (the client then goes on
     // in plain text; `S` would start TLS, which this proxy cannot read).
     let mut started = false;
+    // Until the first ReadyForQuery the connection is starting up: its
+    // messages go through as they come.
+    let mut ready = false;
+    // The answer to the exchange under way (everything since the last
+    // ReadyForQuery), held back until its own ReadyForQuery says how the
+    // exchange ended; whether it ran a statement; whether it failed or
+    // rolled back.
+    let mut exchange: Vec<u8> = Vec::new();
+    let (mut completed, mut failed) = (false, false);
     'reading: loop {
         let n = match from_server.read(&mut buf).await {
             Ok(0) | Err(_) => break,
@@ -143,26 +153,45 @@ async fn relay(
                 break;
             }
             let message: Vec<u8> = pending.drain(..1 + len).collect();
-            let tag = &message[5..];
-            if message[0] == b'C'
-                && (tag.starts_with(b"COMMIT\0") || tag.starts_with(b"ROLLBACK\0"))
-            {
-                let targeted = tag.starts_with(b"COMMIT\0")
-                    && seen.swap(0, Ordering::SeqCst) >= target.at_least;
-                if targeted
-                    && armed
-                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                        .is_ok()
-                {
-                    // What came before the COMMIT's answer goes through;
-                    // the answer, and the connection, do not.
-                    let _ = to_client.write_all(&out).await;
-                    lost.fetch_add(1, Ordering::SeqCst);
-                    break 'reading;
-                }
-                seen.store(0, Ordering::SeqCst);
+            if !ready {
+                ready = message[0] == b'Z';
+                out.extend_from_slice(&message);
+                continue;
             }
-            out.extend_from_slice(&message);
+            let body = &message[5..];
+            match message[0] {
+                b'C' => {
+                    completed = true;
+                    failed |= body.starts_with(b"ROLLBACK\0");
+                }
+                b'E' => failed = true,
+                b'Z' => {
+                    // Idle after it: the exchange ended a transaction, by a
+                    // COMMIT or as a statement outside any (which commits
+                    // on its own), unless it failed or rolled back.
+                    let committed = body.first() == Some(&b'I') && completed && !failed;
+                    let targeted = body.first() == Some(&b'I')
+                        && seen.swap(0, Ordering::SeqCst) >= target.at_least
+                        && committed;
+                    if targeted
+                        && armed
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok()
+                    {
+                        // What came before the exchange's answer goes
+                        // through; the answer, and the connection, do not.
+                        let _ = to_client.write_all(&out).await;
+                        lost.fetch_add(1, Ordering::SeqCst);
+                        break 'reading;
+                    }
+                    (completed, failed) = (false, false);
+                    out.append(&mut exchange);
+                    out.extend_from_slice(&message);
+                    continue;
+                }
+                _ => {}
+            }
+            exchange.extend_from_slice(&message);
         }
         if to_client.write_all(&out).await.is_err() {
             break;

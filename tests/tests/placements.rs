@@ -98,8 +98,7 @@ async fn placed_of(stack: &Stack, customer: &str) -> Result<i64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn placements_that_wait_are_written_in_one_transaction_each_once_with_its_own_answer()
--> Result<()> {
+async fn placements_that_wait_are_written_together_each_once_with_its_own_answer() -> Result<()> {
     let stack = Stack::start_with(&["order", "inventory"]).await?;
     stack.price("widget", PRICE).await?;
     let (mut holder, first) = occupy_writers(&stack).await?;
@@ -152,7 +151,7 @@ async fn placements_that_wait_are_written_in_one_transaction_each_once_with_its_
     ids.dedup();
     ensure!(ids.len() == 19, "{ids:?}");
 
-    // One group, one transaction; every OrderPlaced relayed once.
+    // One group, one statement; every OrderPlaced relayed once.
     let m = stack.metrics("order").await?;
     let committed = [("outcome", "committed")];
     ensure!(m.sum(names::PLACEMENT_GROUPS, &committed) == 1.0);
@@ -177,7 +176,7 @@ async fn placements_that_wait_are_written_in_one_transaction_each_once_with_its_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_placement_the_group_transaction_cannot_take_fails_alone_and_the_others_are_placed_once()
+async fn a_placement_the_group_statement_cannot_take_fails_alone_and_the_others_are_placed_once()
 -> Result<()> {
     let stack = Stack::start_with(&["order", "inventory"]).await?;
     stack.price("widget", PRICE).await?;
@@ -232,6 +231,15 @@ async fn a_placement_the_group_transaction_cannot_take_fails_alone_and_the_other
         );
     }
     ensure!(placed_of(&stack, "poison").await? == 0);
+    // What the refused placement wrote with its events went with them: no
+    // cancel token is kept for an order that is not there.
+    let orphans: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM cancel_capabilities c
+         WHERE NOT EXISTS (SELECT 1 FROM order_events e WHERE e.order_id = c.order_id)",
+    )
+    .fetch_one(&pool)
+    .await?;
+    ensure!(orphans == 0, "{orphans} cancel tokens without their order");
 
     let m = stack.metrics("order").await?;
     let apart = [("outcome", "one_by_one")];
