@@ -17,7 +17,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::{
-    consumer::{self, Arriving, BeforeApply, HandlerError},
+    consumer::{self, Arriving, BeforeApply, GENERIC_PLANS, HandlerError},
     event::{Envelope, Event, EventKind},
     service::Infra,
     subjects::Subjects,
@@ -170,14 +170,16 @@ impl Cancels {
         orders.sort_unstable();
         orders.dedup();
         if orders.is_empty() {
-            let tx = consumer::begin(conn, lock_timeout, "").await?;
+            let first = format!("SELECT {GENERIC_PLANS};");
+            let tx = consumer::begin(conn, lock_timeout, &first).await?;
             return Ok((tx, self.clone()));
         }
         // The ids are uuids, printed by their type: nothing else reaches
         // the statement.
         let ids: Vec<String> = orders.iter().map(Uuid::to_string).collect();
         let ids = format!("'{{{}}}'::uuid[]", ids.join(","));
-        let hold_unless_cancelled = format!("SELECT hold_orders_not_cancelled({ids});");
+        let hold_unless_cancelled =
+            format!("SELECT {GENERIC_PLANS}, hold_orders_not_cancelled({ids});");
         let begun = consumer::begin(conn, lock_timeout, &hold_unless_cancelled).await;
         let (tx, recorded) = match begun {
             Ok(tx) => (tx, Vec::new()),
@@ -188,7 +190,7 @@ impl Cancels {
                 // A cancel is recorded for one of them: which, and why. A
                 // statement of its own, so its snapshot is taken after the
                 // holds.
-                let hold = format!("SELECT hold_orders({ids});");
+                let hold = format!("SELECT {GENERIC_PLANS}, hold_orders({ids});");
                 let mut tx = consumer::begin_pooled(pool, lock_timeout, &hold).await?;
                 let recorded: Vec<(Uuid, String)> = sqlx::query_as(
                     "SELECT order_id, reason FROM cancelled_orders WHERE order_id = ANY($1)",

@@ -55,12 +55,28 @@ pub async fn lookup(
     conn: &mut PgConnection,
     products: &[&str],
 ) -> sqlx::Result<HashMap<String, Entry>> {
-    let rows: Vec<Entry> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {ENTRY_COLUMNS} FROM catalog WHERE product_id = ANY($1)"
-    )))
-    .bind(products)
-    .fetch_all(conn)
-    .await?;
+    let rows: Vec<Entry> = match products {
+        // One product, as most orders have: `= $1`, planned once per
+        // connection. `= ANY($1)` Postgres plans again on every call (a
+        // plan for the array's length always looks cheaper than a generic
+        // one), and that takes longer than the lookup.
+        [product] => {
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {ENTRY_COLUMNS} FROM catalog WHERE product_id = $1"
+            )))
+            .bind(product)
+            .fetch_all(conn)
+            .await?
+        }
+        _ => {
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {ENTRY_COLUMNS} FROM catalog WHERE product_id = ANY($1)"
+            )))
+            .bind(products)
+            .fetch_all(conn)
+            .await?
+        }
+    };
     Ok(rows
         .into_iter()
         .map(|e| (e.product_id.clone(), e))

@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use apply::{Disposition, panic_message};
 pub use handler::{
-    Applying, Arriving, BeforeApply, Handler, HandlerError, NothingBefore, Outcome, Prepared,
-    begin, begin_pooled, db_error_is_permanent,
+    Applying, Arriving, BeforeApply, GENERIC_PLANS, Handler, HandlerError, NothingBefore, Outcome,
+    Prepared, begin, begin_pooled, db_error_is_permanent,
 };
 pub use lanes::lane_of;
 
