@@ -12,7 +12,7 @@ use common::{
     Envelope, Subjects,
     event::Address,
     limits,
-    outbox::{self, EnqueueError, OutboxRows, OutboxSignal},
+    outbox::{self, EnqueueError, Handover, OutboxRows, OutboxSignal},
     trace::{self, Trace},
 };
 use futures::FutureExt;
@@ -338,10 +338,9 @@ impl Writer {
                 .iter()
                 .map(|(order, emitted, trace)| (order, emitted.as_slice(), *trace))
                 .collect();
-            self.write_placed(&mut conn, &placed, &tokens)
-                .await
+            let handover = (self.write_placed(&mut conn, &placed, &tokens).await)
                 .map_err(|e| e.to_string())?;
-            self.outbox.notify();
+            self.outbox.hand_over(handover);
         }
         for order in answers.iter().flatten() {
             placed_log(order);
@@ -378,10 +377,11 @@ impl Writer {
             Ok(mut conn) => self.place_in(&mut conn, order_id, token, request).await,
             Err(e) => Err(e.into()),
         };
-        if let Ok(order) = &placed {
-            self.outbox.notify();
-            placed_log(order);
-        }
+        let placed = placed.map(|(order, handover)| {
+            self.outbox.hand_over(handover);
+            placed_log(&order);
+            order
+        });
         match placed {
             Err(PlaceError::Internal(e)) => match self.written(order_id).await {
                 Some(order) => {
@@ -441,15 +441,15 @@ impl Writer {
                 cancel_token,
             });
         }
-        let order = match self.place_in(&mut tx, order_id, &token, request).await {
-            Ok(order) => order,
+        let (order, handover) = match self.place_in(&mut tx, order_id, &token, request).await {
+            Ok(placed) => placed,
             Err(e) => {
                 tx.rollback().await?;
                 return Err(e);
             }
         };
         tx.commit().await?;
-        self.outbox.notify();
+        self.outbox.hand_over(handover);
         placed_log(&order);
         Ok(Placed {
             order,
@@ -459,15 +459,15 @@ impl Writer {
     }
 
     /// Prices and places `request` as order `order_id` on `conn` (on its
-    /// own, or in the caller's transaction); the caller wakes the relay
-    /// once it is committed.
+    /// own, or in the caller's transaction); the caller hands what it wrote
+    /// to the relay once it is committed.
     async fn place_in(
         &self,
         conn: &mut PgConnection,
         order_id: Uuid,
         token: &CancelToken,
         request: PlaceOrder,
-    ) -> Result<Order, PlaceError> {
+    ) -> Result<(Order, Handover), PlaceError> {
         let products: Vec<&str> = request
             .lines
             .iter()
@@ -476,13 +476,14 @@ impl Writer {
         let prices = prices(conn, &products).await?;
         let (order, emitted) = decide_placement(order_id, request, &prices)?;
         let trace = trace::current();
-        self.write_placed(
-            conn,
-            &[(&order, &emitted, trace.as_ref())],
-            &[(order_id, token)],
-        )
-        .await?;
-        Ok(order)
+        let handover = self
+            .write_placed(
+                conn,
+                &[(&order, &emitted, trace.as_ref())],
+                &[(order_id, token)],
+            )
+            .await?;
+        Ok((order, handover))
     }
 
     /// Writes placed orders to the event store, the hashes of their cancel
@@ -490,18 +491,20 @@ impl Writer {
     /// outbox, in one statement: atomic on its own, so a placement needs no
     /// transaction around it (two round trips with the catalog's read,
     /// instead of six). Refused whole if an event can never be published.
+    /// What it wrote is the relay's to take once committed.
     async fn write_placed(
         &self,
         conn: &mut PgConnection,
         placed: &[Placement<'_>],
         tokens: &[(Uuid, &CancelToken)],
-    ) -> Result<(), PlaceError> {
+    ) -> Result<Handover, PlaceError> {
         static SQL: LazyLock<String> = LazyLock::new(|| {
             format!(
-                "WITH {}, {} {}",
+                "WITH {}, {}, {} SELECT {}",
                 store::Appended::ctes(1),
                 capability::Kept::cte(12),
-                OutboxRows::insert_sql(14)
+                OutboxRows::insert_ctes(14, "true"),
+                OutboxRows::HANDED,
             )
         });
         let decided: Vec<(&Order, &[Envelope])> = placed
@@ -519,9 +522,10 @@ impl Writer {
         let query = sqlx::query(sqlx::AssertSqlSafe(SQL.as_str()));
         let result = events
             .bind_to(kept.bind_to(appended.bind_to(query)))
-            .execute(conn)
+            .fetch_one(conn)
             .await;
-        Ok(appended.written(result.map(drop))?)
+        let row = appended.written(result)?;
+        Ok(events.handover(&row, 0)?)
     }
 }
 

@@ -380,13 +380,13 @@ impl Appended {
     /// What the statement that wrote the rows did, as the event store says
     /// it: a version of an order appended first by another writer is
     /// [`ExecError::Conflict`]; the snapshots taken are counted.
-    pub fn written(&self, result: sqlx::Result<()>) -> Result<(), ExecError> {
+    pub fn written<T>(&self, result: sqlx::Result<T>) -> Result<T, ExecError> {
         match result {
-            Ok(()) => {
+            Ok(written) => {
                 for _ in &self.snapshot_orders {
                     self.meter.snapshot("taken");
                 }
-                Ok(())
+                Ok(written)
             }
             Err(sqlx::Error::Database(e))
                 if e.is_unique_violation()

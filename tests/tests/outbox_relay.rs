@@ -353,3 +353,150 @@ async fn published_rows_are_deleted_with_the_next_read_after_a_linger_or_when_th
     assert_eq!(stack.stream_events().await?.len(), 10, "each event once");
     Ok(())
 }
+
+/// Commits, as a consumer does, the guard of one consumed event and the
+/// events it caused, in one statement, then hands what it wrote over to
+/// `signal`: how many rows it handed over, and whether it left rows for
+/// the relay to read.
+async fn consume_and_hand_over(
+    stack: &Stack,
+    pool: &sqlx::PgPool,
+    signal: &OutboxSignal,
+    caused: &[Envelope],
+) -> Result<(usize, bool)> {
+    let consumed = events(1).remove(0);
+    let mut tx = pool.begin().await?;
+    let applied = [(&consumed, None, caused)];
+    let enqueued =
+        outbox::enqueue_once(&mut tx, &stack.subjects, "payment", &applied, 1 << 20).await?;
+    let outbox::Enqueued::Done(handover) = enqueued else {
+        anyhow::bail!("not enqueued: {enqueued:?}");
+    };
+    tx.commit().await?;
+    let told = (handover.len(), handover.leaves_rows_to_read());
+    signal.hand_over(handover);
+    Ok(told)
+}
+
+/// An event of `aggregate`, numbered `n` (its version).
+fn event_of(aggregate: &str, n: i64) -> Envelope {
+    let event = Event::OrderCancelled(OrderCancelled {
+        order_id: Uuid::nil(),
+        reason: format!("{aggregate} #{n}"),
+    });
+    Envelope::new(&event, aggregate.to_string(), n, Uuid::nil(), Uuid::nil())
+}
+
+/// A relay that nothing wakes but commits: no poll, no lease renewal, no
+/// linger in time; and once it has read the outbox, empty, it takes rows
+/// handed over.
+async fn relay_taking_handovers(
+    stack: &Stack,
+    shutdown: &CancellationToken,
+) -> Result<(OutboxSignal, tokio::task::JoinHandle<()>)> {
+    let mut relay = relay(stack, Duration::from_secs(3600))?;
+    relay.lease = Duration::from_secs(3600);
+    relay.delete_linger = Duration::from_secs(3600);
+    let signal = relay.signal.clone();
+    let handle = tokio::spawn(relay.run(shutdown.clone()));
+    eventually("the relay to take rows handed over", DEADLINE, || async {
+        Ok(signal.takes_handovers().then_some(()))
+    })
+    .await?;
+    Ok((signal, handle))
+}
+
+/// The (aggregate, version) of each event in the stream, in its order.
+async fn stream_order(stack: &Stack) -> Result<Vec<(String, i64)>> {
+    Ok((stack.stream_events().await?.into_iter())
+        .map(|(_, e)| (e.aggregate_id, e.version))
+        .collect())
+}
+
+/// A consumer's commit hands its rows to the relay, which publishes them
+/// without reading the outbox back: here they are gone from the outbox
+/// before the relay runs, so only what was handed over can publish them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_handed_over_at_commit_are_published_without_reading_the_outbox_back() -> Result<()> {
+    let (stack, pool) = outbox_only().await?;
+    let shutdown = CancellationToken::new();
+    let (signal, handle) = relay_taking_handovers(&stack, &shutdown).await?;
+
+    let caused = [event_of("a", 1), event_of("b", 1), event_of("c", 1)];
+    let consumed = events(1).remove(0);
+    let mut tx = pool.begin().await?;
+    let applied = [(&consumed, None, &caused[..])];
+    let enqueued =
+        outbox::enqueue_once(&mut tx, &stack.subjects, "payment", &applied, 1 << 20).await?;
+    let outbox::Enqueued::Done(handover) = enqueued else {
+        anyhow::bail!("not enqueued: {enqueued:?}");
+    };
+    tx.commit().await?;
+    assert_eq!(handover.len(), 3, "each the first of its aggregate");
+    assert!(!handover.leaves_rows_to_read());
+    // Nothing woke the relay yet.
+    sqlx::query("DELETE FROM outbox").execute(&pool).await?;
+    signal.hand_over(handover);
+
+    eventually("the rows handed over in the stream", DEADLINE, || async {
+        Ok((stack.stream_events().await?.len() == 3).then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        stream_order(&stack).await?,
+        [("a".into(), 1), ("b".into(), 1), ("c".into(), 1)],
+        "in the order they were written"
+    );
+    shutdown.cancel();
+    handle.await?;
+    Ok(())
+}
+
+/// A row written while an earlier event of its aggregate waits in the
+/// outbox is not handed over, nor is the second of two events of one
+/// aggregate written together: the relay reads them, so each aggregate's
+/// events are published in the order they were written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_behind_an_earlier_one_of_its_aggregate_is_read_not_handed_over_and_keeps_its_place()
+-> Result<()> {
+    let (stack, pool) = outbox_only().await?;
+    let shutdown = CancellationToken::new();
+    let (signal, handle) = relay_taking_handovers(&stack, &shutdown).await?;
+
+    // Committed without waking the relay: it waits in the outbox.
+    let mut conn = pool.acquire().await?;
+    outbox::enqueue(&mut conn, &stack.subjects, &[event_of("x", 1)], 1 << 20).await?;
+    drop(conn);
+    let caused = [event_of("x", 2), event_of("y", 1), event_of("y", 2)];
+    let (handed, leaves_rows_to_read) =
+        consume_and_hand_over(&stack, &pool, &signal, &caused).await?;
+    assert!(
+        leaves_rows_to_read,
+        "x #2 and y #2 wait behind x #1 and y #1"
+    );
+    assert_eq!(handed, 1, "y #1 alone is the first of its aggregate");
+
+    eventually("all four in the stream", DEADLINE, || async {
+        Ok((stack.stream_events().await?.len() == 4).then_some(()))
+    })
+    .await?;
+    let order = stream_order(&stack).await?;
+    for aggregate in ["x", "y"] {
+        let versions: Vec<i64> = (order.iter())
+            .filter(|(a, _)| a == aggregate)
+            .map(|(_, v)| *v)
+            .collect();
+        assert_eq!(versions, [1, 2], "{aggregate} in order: {order:?}");
+    }
+
+    // Read, the outbox is clear again: what follows is handed over.
+    eventually(
+        "the relay to take rows handed over again",
+        DEADLINE,
+        || async { Ok(signal.takes_handovers().then_some(())) },
+    )
+    .await?;
+    shutdown.cancel();
+    handle.await?;
+    Ok(())
+}

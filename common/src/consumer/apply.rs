@@ -26,7 +26,7 @@ use crate::{
     event::Envelope,
     idempotency::{self, Claim},
     meter,
-    outbox::{self, Enqueued},
+    outbox::{self, Enqueued, Handover},
     trace::Trace,
 };
 
@@ -115,9 +115,9 @@ impl<H: Handler> Applier<H> {
         }
         if batch.len() > 1 {
             match self.transact(conn, &batch, &prepared).await {
-                Ok(outcomes) => {
+                Ok((outcomes, handover)) => {
                     self.meter.batch(&self.name, "committed", batch.len());
-                    return self.committed(&batch, outcomes).await;
+                    return self.committed(&batch, outcomes, handover).await;
                 }
                 Err((event_id, why)) => {
                     self.meter.batch(&self.name, "one_by_one", batch.len());
@@ -130,7 +130,7 @@ impl<H: Handler> Applier<H> {
             let one = [one];
             async {
                 match self.transact(conn, &one, &prepared).await {
-                    Ok(outcomes) => self.committed(&one, outcomes).await,
+                    Ok((outcomes, handover)) => self.committed(&one, outcomes, handover).await,
                     Err(refusal) => {
                         let [(received, claim)] = one;
                         self.refused(received, claim, refusal).await
@@ -144,14 +144,14 @@ impl<H: Handler> Applier<H> {
 
     /// `batch`'s events applied in order in one transaction on the lane's
     /// connection, with their guards and emitted events: committed only if
-    /// each was applied or skipped; otherwise all of it is rolled back, and
-    /// why.
+    /// each was applied or skipped (with the outbox rows it wrote, for the
+    /// relay); otherwise all of it is rolled back, and why.
     async fn transact(
         &self,
         conn: &mut LaneConnection,
         batch: &[Claimed],
         prepared: &Prepared<H>,
-    ) -> Result<Vec<Outcome>, (Uuid, Refusal)> {
+    ) -> Result<(Vec<Outcome>, Handover), (Uuid, Refusal)> {
         let first = batch.first().map(|(r, _)| r.envelope.event_id);
         let mut taken = (conn.take().await)
             .map_err(|e| (first.unwrap_or_default(), Refusal::Failed(e.into())))?;
@@ -165,7 +165,7 @@ impl<H: Handler> Applier<H> {
         conn: &mut PgConnection,
         batch: &[Claimed],
         prepared: &Prepared<H>,
-    ) -> Result<Vec<Outcome>, (Uuid, Refusal)> {
+    ) -> Result<(Vec<Outcome>, Handover), (Uuid, Refusal)> {
         let first = batch.first().map(|(r, _)| r.envelope.event_id);
         let whole = |e: HandlerError| (first.unwrap_or_default(), Refusal::Failed(e));
         let events: Vec<_> = batch.iter().map(|(r, _)| &r.event).collect();
@@ -201,6 +201,7 @@ impl<H: Handler> Applier<H> {
             break;
         }
         // Every event's guard and emitted events in one statement.
+        let mut handover = Handover::default();
         if refused.is_none() {
             let applied: Vec<outbox::Consumed> = batch
                 .iter()
@@ -211,7 +212,10 @@ impl<H: Handler> Applier<H> {
                 })
                 .collect();
             refused = match self.guard(&mut tx, &applied).await {
-                Ok(Enqueued::Done) => None,
+                Ok(Enqueued::Done(written)) => {
+                    handover = written;
+                    None
+                }
                 Ok(Enqueued::AlreadyConsumed) => Some(Refusal::AlreadyConsumed),
                 Ok(Enqueued::TooLarge(reason)) => Some(Refusal::TooLarge(reason)),
                 Err(e) => Some(Refusal::Failed(e.into())),
@@ -234,15 +238,15 @@ impl<H: Handler> Applier<H> {
         }
         tx.commit().await.map_err(|e| whole(e.into()))?;
         meter.release();
-        Ok(outcomes)
+        Ok((outcomes, handover))
     }
 
-    /// What follows a commit: the relay woken (the next hop of the saga
-    /// waits on it, not on our bookkeeping), Redis told, the deliveries
-    /// acked.
-    async fn committed(&self, batch: &[Claimed], outcomes: Vec<Outcome>) {
+    /// What follows a commit: the rows written handed to the relay (the
+    /// next hop of the saga waits on it, not on our bookkeeping), Redis
+    /// told, the deliveries acked.
+    async fn committed(&self, batch: &[Claimed], outcomes: Vec<Outcome>, handover: Handover) {
         if outcomes.iter().any(|o| matches!(o, Outcome::Applied(_))) {
-            self.outbox.notify();
+            self.outbox.hand_over(handover);
         }
         let ids: Vec<Uuid> = batch.iter().map(|(r, _)| r.envelope.event_id).collect();
         // A failure is fine: Postgres holds the guarantee, and a redelivery

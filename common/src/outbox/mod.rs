@@ -3,12 +3,15 @@
 //!
 //! The relay is woken in-process right after a commit ([`OutboxSignal`]), with a
 //! slow poll only as a fallback (events left by a crashed process, another
-//! replica's commits). A row is deleted only after its PubAck, so a crash
-//! between commit and publish loses nothing; the broker deduplicates the
-//! republish by `Nats-Msg-Id` = event id.
+//! replica's commits); a consumer's commit hands its rows over, so the relay
+//! need not read them back ([`signal`]). A row is deleted only after its
+//! PubAck, so a crash between commit and publish loses nothing; the broker
+//! deduplicates the republish by `Nats-Msg-Id` = event id.
+
+mod signal;
 
 use std::{
-    sync::Arc,
+    sync::LazyLock,
     time::{Duration, Instant},
 };
 
@@ -18,10 +21,9 @@ use async_nats::{
 };
 use sqlx::{
     Connection, PgConnection, Postgres, Row as _,
-    postgres::{PgArguments, PgConnectOptions},
+    postgres::{PgArguments, PgConnectOptions, PgRow},
     query::Query,
 };
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -35,6 +37,8 @@ use crate::{
     subjects::Subjects,
     trace::{self, Trace},
 };
+use signal::HandedRow;
+pub use signal::{Handover, OutboxSignal};
 
 /// Bytes the relay adds to an event on the wire besides its body: the
 /// `Nats-Msg-Id` header (a UUID), the `traceparent` header (55 bytes) and
@@ -157,6 +161,31 @@ fn columns_on<'a>(
 }
 
 impl Columns {
+    /// The rows among these that the database said were written with
+    /// nothing earlier of their aggregate in the outbox (`first`, by event
+    /// id, with the ids it gave them), to be handed to the relay once
+    /// committed.
+    fn handover(self, first: &[(Uuid, i64)]) -> Handover {
+        let written = Instant::now();
+        let behind = first.len() < self.ids.len();
+        let rows = (self.ids.into_iter())
+            .zip(self.subjects)
+            .zip(self.bodies.into_iter().zip(self.traces))
+            .filter_map(|((event_id, subject), (body, traceparent))| {
+                let (_, id) = first.iter().find(|(e, _)| *e == event_id)?;
+                Some(HandedRow {
+                    id: *id,
+                    event_id,
+                    subject,
+                    body,
+                    traceparent,
+                    written,
+                })
+            })
+            .collect();
+        Handover { rows, behind }
+    }
+
     /// Binds the columns as the statement's last five parameters, the
     /// arrays of `UNNEST(..uuid[], ..text[], ..text[], ..bytea[], ..text[])`.
     fn bind_to<'q>(
@@ -189,15 +218,49 @@ impl OutboxRows {
         columns(subjects, events.iter().copied(), max_payload).map(OutboxRows)
     }
 
-    /// The insert of the rows, with their arrays as the statement's
-    /// parameters `$first` to `$first + 4` (bound by [`OutboxRows::bind_to`]
-    /// after the statement's first `first - 1`).
-    pub fn insert_sql(first: usize) -> String {
+    /// The insert of the rows as two CTEs of the caller's statement, with
+    /// their arrays as parameters `$first` to `$first + 4`, written only
+    /// where `condition` (SQL) holds: `emitted`, the rows written, and
+    /// `first`, those of them with nothing earlier of their aggregate in
+    /// the outbox (nor before them in the statement), which the relay may
+    /// publish once they are committed, without reading them back. The
+    /// statement selects [`OutboxRows::HANDED`] among its columns, for
+    /// [`OutboxRows::handover`].
+    ///
+    /// The caller's transaction must hold what serializes an aggregate's
+    /// writers (a service's lock on the order, the event store's
+    /// versions) from an earlier statement, or write a new aggregate, so
+    /// that this statement sees every earlier committed row of the
+    /// aggregate.
+    pub fn insert_ctes(first: usize, condition: &str) -> String {
         let [a, b, c, d, e] = [first, first + 1, first + 2, first + 3, first + 4];
         format!(
-            "INSERT INTO outbox (event_id, subject, aggregate_id, body, traceparent)
-             SELECT * FROM UNNEST(${a}::uuid[], ${b}::text[], ${c}::text[], ${d}::bytea[], ${e}::text[])"
+            "emitted AS (
+                 INSERT INTO outbox (event_id, subject, aggregate_id, body, traceparent)
+                 SELECT * FROM UNNEST(${a}::uuid[], ${b}::text[], ${c}::text[], ${d}::bytea[], ${e}::text[])
+                 WHERE {condition}
+                 RETURNING id, event_id, aggregate_id
+             ), first AS (
+                 SELECT e.id, e.event_id FROM emitted e
+                 WHERE NOT EXISTS (SELECT 1 FROM outbox o WHERE o.aggregate_id = e.aggregate_id)
+                   AND NOT EXISTS (
+                       SELECT 1 FROM emitted p WHERE p.aggregate_id = e.aggregate_id AND p.id < e.id)
+             )"
         )
+    }
+
+    /// The two columns a statement with [`OutboxRows::insert_ctes`]
+    /// selects: the event ids and the row ids of the rows in `first`.
+    pub const HANDED: &str =
+        "ARRAY(SELECT event_id FROM first ORDER BY id), ARRAY(SELECT id FROM first ORDER BY id)";
+
+    /// The rows the relay may take once the statement is committed, from
+    /// the [`OutboxRows::HANDED`] columns of its row, from `column` on.
+    pub fn handover(self, row: &PgRow, column: usize) -> sqlx::Result<Handover> {
+        let events: Vec<Uuid> = row.try_get(column)?;
+        let ids: Vec<i64> = row.try_get(column + 1)?;
+        let first: Vec<(Uuid, i64)> = events.into_iter().zip(ids).collect();
+        Ok(self.0.handover(&first))
     }
 
     /// Binds the rows' arrays as the next five parameters of `query`.
@@ -270,17 +333,21 @@ async fn insert(conn: &mut PgConnection, c: &Columns) -> Result<(), sqlx::Error>
     if c.ids.is_empty() {
         return Ok(());
     }
-    c.bind_to(sqlx::query(sqlx::AssertSqlSafe(OutboxRows::insert_sql(1))))
-        .execute(conn)
-        .await?;
+    c.bind_to(sqlx::query(
+        "INSERT INTO outbox (event_id, subject, aggregate_id, body, traceparent)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[])",
+    ))
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
 /// What [`enqueue_once`] did.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Enqueued {
-    /// Guards recorded and events appended.
-    Done,
+    /// Guards recorded and events appended: the rows the relay may take
+    /// once they are committed ([`OutboxSignal::hand_over`]).
+    Done(Handover),
     /// An event was already applied: nothing appended; roll back.
     AlreadyConsumed,
     /// An event would never fit the broker's `max_payload`: nothing written.
@@ -296,6 +363,14 @@ pub type Consumed<'a> = (&'a Envelope, Option<&'a Trace>, &'a [Envelope]);
 /// each checked against `max_payload`, in one statement of the caller's
 /// transaction: a batch's guards and emitted events cost one round trip.
 /// If any of them was applied before, nothing is appended.
+///
+/// The same statement says which rows have nothing earlier of their
+/// aggregate in the outbox (nor in the statement): those the relay may
+/// publish as soon as they are committed, without reading them back. The
+/// caller's transaction must hold what serializes an aggregate's writers
+/// (a service's lock on the order, the event store's versions) from an
+/// earlier statement, so that this statement sees every earlier committed
+/// row of the aggregate.
 pub async fn enqueue_once(
     conn: &mut PgConnection,
     subjects: &Subjects,
@@ -307,8 +382,8 @@ pub async fn enqueue_once(
         .iter()
         .flat_map(|(_, trace, events)| events.iter().map(move |e| (e, *trace)))
         .collect();
-    let c = match columns(subjects, emitted.into_iter(), max_payload) {
-        Ok(c) => c,
+    let rows = match columns(subjects, emitted.into_iter(), max_payload) {
+        Ok(c) => OutboxRows(c),
         Err(reason) => return Ok(Enqueued::TooLarge(reason)),
     };
     let ids: Vec<Uuid> = consumed.iter().map(|(e, _, _)| e.event_id).collect();
@@ -316,66 +391,29 @@ pub async fn enqueue_once(
         .iter()
         .map(|(e, _, _)| e.event_type.as_str())
         .collect();
-    let guarded = sqlx::query(
-        "WITH guard AS (
-             INSERT INTO consumed_events (consumer, event_id, event_type)
-             SELECT $1, g.id, g.type FROM UNNEST($2::uuid[], $3::text[]) AS g(id, type)
-             ON CONFLICT DO NOTHING RETURNING 1
-         ), emitted AS (
-             INSERT INTO outbox (event_id, subject, aggregate_id, body, traceparent)
-             SELECT * FROM UNNEST($4::uuid[], $5::text[], $6::text[], $7::bytea[], $8::text[])
-             WHERE (SELECT count(*) FROM guard) = $9
-         )
-         SELECT count(*) FROM guard",
-    )
-    .bind(consumer)
-    .bind(&ids)
-    .bind(&types);
-    let fresh: i64 = c
-        .bind_to(guarded)
-        .bind(ids.len() as i64)
-        .fetch_one(conn)
-        .await?
-        .try_get(0)?;
-    Ok(if fresh == ids.len() as i64 {
-        Enqueued::Done
-    } else {
-        Enqueued::AlreadyConsumed
-    })
-}
-
-/// Wakes the relay after a commit, and whatever else follows this
-/// process's writes (the order service's projections). Cheap to clone; a
-/// wake-up while one is busy is remembered, so no commit is ever left
-/// waiting for a poll.
-#[derive(Clone, Default)]
-pub struct OutboxSignal {
-    relay: Arc<Notify>,
-    followers: Arc<std::sync::Mutex<Vec<Arc<Notify>>>>,
-}
-
-impl OutboxSignal {
-    pub fn notify(&self) {
-        self.relay.notify_one();
-        let followers = self.followers.lock().unwrap_or_else(|e| e.into_inner());
-        for f in followers.iter() {
-            f.notify_one();
-        }
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH guard AS (
+                 INSERT INTO consumed_events (consumer, event_id, event_type)
+                 SELECT $1, g.id, g.type FROM UNNEST($2::uuid[], $3::text[]) AS g(id, type)
+                 ON CONFLICT DO NOTHING RETURNING 1
+             ), {}
+             SELECT (SELECT count(*) FROM guard), {}",
+            OutboxRows::insert_ctes(5, "(SELECT count(*) FROM guard) = $4"),
+            OutboxRows::HANDED
+        )
+    });
+    let guarded = sqlx::query(sqlx::AssertSqlSafe(SQL.as_str()))
+        .bind(consumer)
+        .bind(&ids)
+        .bind(&types)
+        .bind(ids.len() as i64);
+    let row = rows.bind_to(guarded).fetch_one(conn).await?;
+    let fresh: i64 = row.try_get(0)?;
+    if fresh != ids.len() as i64 {
+        return Ok(Enqueued::AlreadyConsumed);
     }
-
-    /// A further waker, notified with the relay after every commit.
-    pub fn follower(&self) -> Arc<Notify> {
-        let follower = Arc::new(Notify::new());
-        self.followers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(follower.clone());
-        follower
-    }
-
-    async fn notified(&self) {
-        self.relay.notified().await
-    }
+    Ok(Enqueued::Done(rows.handover(&row, 1)?))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -521,6 +559,18 @@ async fn vacuum(conn: &mut PgConnection, limit: Duration) -> Result<(), RelayErr
 }
 
 impl Row {
+    /// A row handed over by its committer, as if read now.
+    fn handed(row: HandedRow) -> Row {
+        Row {
+            id: row.id,
+            event_id: row.event_id,
+            subject: row.subject,
+            body: row.body,
+            traceparent: row.traceparent,
+            age: row.written.elapsed(),
+        }
+    }
+
     /// The headers it is published with: its event id as `Nats-Msg-Id`,
     /// which the broker deduplicates a republish by, and the trace context
     /// of the work that wrote it (`traceparent`), which the consumers
@@ -546,6 +596,15 @@ struct Session {
     /// connection, they are published again, and the broker (`Nats-Msg-Id`)
     /// and the consumers drop the copies.
     published: Vec<i64>,
+    /// When published rows were last deleted.
+    deleted_at: Instant,
+    /// Whether its last read found nothing more to publish, and nothing has
+    /// gone wrong since: what is committed after it is handed over, or
+    /// wakes the relay to read ([`OutboxSignal`]).
+    read_all: bool,
+    /// When it last read the outbox: it reads again at least once a poll,
+    /// for what another process committed.
+    last_read: Option<Instant>,
 }
 
 /// Deletes the rows `published` and not deleted yet.
@@ -641,6 +700,7 @@ impl Relay {
                 Ok(Err(e)) => {
                     failures += 1;
                     session = None;
+                    self.signal.set_taking(false);
                     self.health.report(
                         HEALTH_RELAY,
                         Condition::Failing(format!("cannot read the outbox: {e}")),
@@ -650,6 +710,7 @@ impl Relay {
                 Err(_) => {
                     failures += 1;
                     session = None;
+                    self.signal.set_taking(false);
                     let detail = format!(
                         "a round of the relay took longer than {:?}; it gave its lead up",
                         self.lease / 2
@@ -678,6 +739,11 @@ impl Relay {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+        self.signal.set_taking(false);
+        if let Some(s) = session.as_mut() {
+            // The flush reads everything committed.
+            s.read_all = false;
+        }
         if let Err(e) = self.round(&holder, &mut session).await {
             tracing::warn!(error = %e, "outbox not flushed at shutdown; it is published on next start");
         }
@@ -691,8 +757,13 @@ impl Relay {
     }
 
     /// Leads if it may, then publishes everything pending: whether the
-    /// broker refused events.
+    /// broker refused events. What was handed over is published without a
+    /// read while the relay has read everything else; otherwise it reads
+    /// the outbox, which holds the handed rows too.
     async fn round(&self, holder: &str, session: &mut Option<Session>) -> Result<bool, RelayError> {
+        // Taken before anything is read: every row handed over so far is
+        // committed, so a read from now on sees it.
+        let waiting = self.signal.take();
         if session.is_none() {
             let options = self
                 .options
@@ -704,6 +775,9 @@ impl Relay {
                 lead: None,
                 deleted: 0,
                 published: Vec::new(),
+                deleted_at: Instant::now(),
+                read_all: false,
+                last_read: None,
             });
         }
         let Session {
@@ -711,9 +785,17 @@ impl Relay {
             lead,
             deleted,
             published,
+            deleted_at,
+            read_all,
+            last_read,
         } = session.as_mut().expect("relay session");
-        loop {
+        let must_read =
+            waiting.read || !*read_all || last_read.is_none_or(|at| at.elapsed() >= self.poll);
+        *read_all = false;
+        let mut reads = 0;
+        let refused = loop {
             if !self.keep_lead(conn, holder, lead).await? {
+                self.signal.set_taking(false);
                 // A standby now: what it published as the leader is
                 // deleted all the same (the broker has it).
                 delete_published(conn, published).await?;
@@ -722,22 +804,70 @@ impl Relay {
             let Some(leading) = lead.as_ref() else {
                 return Ok(false);
             };
+            if !must_read {
+                let handed = waiting.rows;
+                let round =
+                    (self.publish_handed(conn, published, deleted_at, leading, handed)).await?;
+                *deleted = deleted.saturating_add(round.published as u64);
+                *read_all = !round.refused && !round.more;
+                break round.refused;
+            }
+            if reads > 0 {
+                // Handed over before this read: the read sees them.
+                drop(self.signal.take());
+            }
+            reads += 1;
+            *last_read = Some(Instant::now());
             let round = self.publish_batch(conn, published, leading).await?;
+            *deleted_at = Instant::now();
             *deleted = deleted.saturating_add(round.published as u64);
             if round.refused {
-                return Ok(true);
+                break true;
             }
-            if !round.more || (round.published == 0 && leading.lease.fresh()) {
-                break;
+            if !round.more {
+                *read_all = true;
+                break false;
             }
-        }
+            if round.published == 0 && leading.lease.fresh() {
+                break false;
+            }
+        };
+        self.signal.set_taking(*read_all);
         if *deleted >= self.vacuum_after {
             *deleted = 0;
             // What it gives back must be deleted first.
             delete_published(conn, published).await?;
             vacuum(conn, self.lease / 4).await?;
         }
-        Ok(false)
+        Ok(refused)
+    }
+
+    /// Publishes the rows handed over since the last round, and deletes
+    /// what it published once their linger is over (at once if nothing
+    /// was handed over: the linger woke it).
+    async fn publish_handed(
+        &self,
+        conn: &mut PgConnection,
+        published: &mut Vec<i64>,
+        deleted_at: &mut Instant,
+        leading: &Leading,
+        handed: Vec<HandedRow>,
+    ) -> Result<Round, RelayError> {
+        let rows = (handed.into_iter())
+            // Already published by a read that saw it committed.
+            .filter(|row| !published.contains(&row.id))
+            .map(Row::handed)
+            .collect();
+        let now = Instant::now();
+        let round = (self.publish(conn, published, leading, rows, false, now)).await?;
+        // With no read to ride on, deleted on their own once their linger
+        // is over.
+        let lingered = round.published == 0 || deleted_at.elapsed() >= self.delete_linger;
+        if !round.refused && lingered {
+            delete_published(conn, published).await?;
+            *deleted_at = Instant::now();
+        }
+        Ok(round)
     }
 
     /// Renews the lead when due, or asks for it as a standby: whether this
@@ -817,6 +947,22 @@ impl Relay {
         let read_at = Instant::now();
         let (rows, more) = read_window(conn, published).await?;
         published.clear();
+        self.publish(conn, published, leading, rows, more, read_at)
+            .await
+    }
+
+    /// Publishes `rows` (read at `read_at`, with `more` behind them), and
+    /// keeps the acknowledged ones in `published`, to be deleted later;
+    /// parks those the broker can never take.
+    async fn publish(
+        &self,
+        conn: &mut PgConnection,
+        published: &mut Vec<i64>,
+        leading: &Leading,
+        rows: Vec<Row>,
+        more: bool,
+        read_at: Instant,
+    ) -> Result<Round, RelayError> {
         if rows.is_empty() {
             return Ok(Round::default());
         }
