@@ -355,15 +355,12 @@ async fn published_rows_are_deleted_with_the_next_read_after_a_linger_or_when_th
 }
 
 /// Commits, as a consumer does, the guard of one consumed event and the
-/// events it caused, in one statement, then hands what it wrote over to
-/// `signal`: how many rows it handed over, and whether it left rows for
-/// the relay to read.
-async fn consume_and_hand_over(
+/// events it caused, in one statement: what the relay may take of them.
+async fn consume(
     stack: &Stack,
     pool: &sqlx::PgPool,
-    signal: &OutboxSignal,
     caused: &[Envelope],
-) -> Result<(usize, bool)> {
+) -> Result<outbox::Handover> {
     let consumed = events(1).remove(0);
     let mut tx = pool.begin().await?;
     let applied = [(&consumed, None, caused)];
@@ -373,9 +370,7 @@ async fn consume_and_hand_over(
         anyhow::bail!("not enqueued: {enqueued:?}");
     };
     tx.commit().await?;
-    let told = (handover.len(), handover.leaves_rows_to_read());
-    signal.hand_over(handover);
-    Ok(told)
+    Ok(handover)
 }
 
 /// An event of `aggregate`, numbered `n` (its version).
@@ -423,15 +418,7 @@ async fn rows_handed_over_at_commit_are_published_without_reading_the_outbox_bac
     let (signal, handle) = relay_taking_handovers(&stack, &shutdown).await?;
 
     let caused = [event_of("a", 1), event_of("b", 1), event_of("c", 1)];
-    let consumed = events(1).remove(0);
-    let mut tx = pool.begin().await?;
-    let applied = [(&consumed, None, &caused[..])];
-    let enqueued =
-        outbox::enqueue_once(&mut tx, &stack.subjects, "payment", &applied, 1 << 20).await?;
-    let outbox::Enqueued::Done(handover) = enqueued else {
-        anyhow::bail!("not enqueued: {enqueued:?}");
-    };
-    tx.commit().await?;
+    let handover = consume(&stack, &pool, &caused).await?;
     assert_eq!(handover.len(), 3, "each the first of its aggregate");
     assert!(!handover.leaves_rows_to_read());
     // Nothing woke the relay yet.
@@ -468,13 +455,17 @@ async fn a_row_behind_an_earlier_one_of_its_aggregate_is_read_not_handed_over_an
     outbox::enqueue(&mut conn, &stack.subjects, &[event_of("x", 1)], 1 << 20).await?;
     drop(conn);
     let caused = [event_of("x", 2), event_of("y", 1), event_of("y", 2)];
-    let (handed, leaves_rows_to_read) =
-        consume_and_hand_over(&stack, &pool, &signal, &caused).await?;
+    let handover = consume(&stack, &pool, &caused).await?;
     assert!(
-        leaves_rows_to_read,
+        handover.leaves_rows_to_read(),
         "x #2 and y #2 wait behind x #1 and y #1"
     );
-    assert_eq!(handed, 1, "y #1 alone is the first of its aggregate");
+    assert_eq!(
+        handover.len(),
+        1,
+        "y #1 alone is the first of its aggregate"
+    );
+    signal.hand_over(handover);
 
     eventually("all four in the stream", DEADLINE, || async {
         Ok((stack.stream_events().await?.len() == 4).then_some(()))

@@ -86,13 +86,6 @@ impl Handover {
     pub fn leaves_rows_to_read(&self) -> bool {
         self.behind
     }
-
-    /// Adds another statement's rows (of the same transaction) after
-    /// these.
-    pub fn extend(&mut self, other: Handover) {
-        self.rows.extend(other.rows);
-        self.behind |= other.behind;
-    }
 }
 
 impl OutboxSignal {
