@@ -440,37 +440,42 @@ async fn rows_handed_over_at_commit_are_published_without_reading_the_outbox_bac
 }
 
 /// A row written while an earlier event of its aggregate waits in the
-/// outbox is not handed over, nor is the second of two events of one
-/// aggregate written together: the relay reads them, so each aggregate's
-/// events are published in the order they were written.
+/// outbox unpublished is not published from the hand-over, nor is the
+/// second of two events of one aggregate written together: the relay reads
+/// them, so each aggregate's events are published in the order they were
+/// written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_behind_an_earlier_one_of_its_aggregate_is_read_not_handed_over_and_keeps_its_place()
 -> Result<()> {
     let (stack, pool) = outbox_only().await?;
     let shutdown = CancellationToken::new();
     let (signal, handle) = relay_taking_handovers(&stack, &shutdown).await?;
+    let in_stream = |n: usize| {
+        let stack = &stack;
+        eventually("the events in the stream", DEADLINE, move || async move {
+            Ok((stack.stream_events().await?.len() == n).then_some(()))
+        })
+    };
 
     // Committed without waking the relay: it waits in the outbox.
     let mut conn = pool.acquire().await?;
     outbox::enqueue(&mut conn, &stack.subjects, &[event_of("x", 1)], 1 << 20).await?;
     drop(conn);
-    let caused = [event_of("x", 2), event_of("y", 1), event_of("y", 2)];
-    let handover = consume(&stack, &pool, &caused).await?;
+    let handover = consume(&stack, &pool, &[event_of("x", 2)]).await?;
+    assert_eq!(handover.len(), 1);
+    assert!(!handover.leaves_rows_to_read());
+    signal.hand_over(handover);
+    in_stream(2).await?;
+
+    let handover = consume(&stack, &pool, &[event_of("y", 1), event_of("y", 2)]).await?;
     assert!(
         handover.leaves_rows_to_read(),
-        "x #2 and y #2 wait behind x #1 and y #1"
+        "y #2 waits behind y #1, written with it"
     );
-    assert_eq!(
-        handover.len(),
-        1,
-        "y #1 alone is the first of its aggregate"
-    );
+    assert_eq!(handover.len(), 1, "y #1 alone is handed over");
     signal.hand_over(handover);
+    in_stream(4).await?;
 
-    eventually("all four in the stream", DEADLINE, || async {
-        Ok((stack.stream_events().await?.len() == 4).then_some(()))
-    })
-    .await?;
     let order = stream_order(&stack).await?;
     for aggregate in ["x", "y"] {
         let versions: Vec<i64> = (order.iter())
@@ -487,6 +492,46 @@ async fn a_row_behind_an_earlier_one_of_its_aggregate_is_read_not_handed_over_an
         || async { Ok(signal.takes_handovers().then_some(())) },
     )
     .await?;
+    shutdown.cancel();
+    handle.await?;
+    Ok(())
+}
+
+/// A row written behind an earlier event of its aggregate that the relay
+/// has published, and not yet deleted, is published from the hand-over:
+/// here it is gone from the outbox before it is handed over, so only the
+/// hand-over can publish it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_behind_one_its_relay_has_published_is_handed_over_too() -> Result<()> {
+    let (stack, pool) = outbox_only().await?;
+    let shutdown = CancellationToken::new();
+    let (signal, handle) = relay_taking_handovers(&stack, &shutdown).await?;
+
+    signal.hand_over(consume(&stack, &pool, &[event_of("p", 1)]).await?);
+    eventually("p #1 in the stream", DEADLINE, || async {
+        Ok((stack.stream_events().await?.len() == 1).then_some(()))
+    })
+    .await?;
+    assert_eq!(outbox_rows(&pool).await?, 1, "p #1 lingers in the outbox");
+
+    let second = event_of("p", 2);
+    let handover = consume(&stack, &pool, std::slice::from_ref(&second)).await?;
+    assert_eq!(handover.len(), 1, "p #2 is handed over, after p #1");
+    assert!(!handover.leaves_rows_to_read());
+    sqlx::query("DELETE FROM outbox WHERE event_id = $1")
+        .bind(second.event_id)
+        .execute(&pool)
+        .await?;
+    signal.hand_over(handover);
+
+    eventually("p #2 in the stream", DEADLINE, || async {
+        Ok((stack.stream_events().await?.len() == 2).then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        stream_order(&stack).await?,
+        [("p".into(), 1), ("p".into(), 2)]
+    );
     shutdown.cancel();
     handle.await?;
     Ok(())

@@ -162,23 +162,25 @@ fn columns_on<'a>(
 
 impl Columns {
     /// The rows among these that the database said were written with
-    /// nothing earlier of their aggregate in the outbox (`first`, by event
-    /// id, with the ids it gave them), to be handed to the relay once
-    /// committed.
-    fn handover(self, first: &[(Uuid, i64)]) -> Handover {
+    /// nothing earlier of their aggregate before them in the statement
+    /// (`handed`, by event id: the ids it gave them, and the latest earlier
+    /// row of their aggregate it saw in the outbox, 0 for none), to be
+    /// handed to the relay once committed.
+    fn handover(self, handed: &[(Uuid, i64, i64)]) -> Handover {
         let written = Instant::now();
-        let behind = first.len() < self.ids.len();
+        let behind = handed.len() < self.ids.len();
         let rows = (self.ids.into_iter())
             .zip(self.subjects)
             .zip(self.bodies.into_iter().zip(self.traces))
             .filter_map(|((event_id, subject), (body, traceparent))| {
-                let (_, id) = first.iter().find(|(e, _)| *e == event_id)?;
+                let (_, id, after) = handed.iter().find(|(e, ..)| *e == event_id)?;
                 Some(HandedRow {
                     id: *id,
                     event_id,
                     subject,
                     body,
                     traceparent,
+                    after: (*after > 0).then_some(*after),
                     written,
                 })
             })
@@ -221,10 +223,13 @@ impl OutboxRows {
     /// The insert of the rows as two CTEs of the caller's statement, with
     /// their arrays as parameters `$first` to `$first + 4`, written only
     /// where `condition` (SQL) holds: `emitted`, the rows written, and
-    /// `first`, those of them with nothing earlier of their aggregate in
-    /// the outbox (nor before them in the statement), which the relay may
-    /// publish once they are committed, without reading them back. The
-    /// statement selects [`OutboxRows::HANDED`] among its columns, for
+    /// `handed`, those of them with nothing earlier of their aggregate
+    /// before them in the statement, each with the latest earlier row of
+    /// its aggregate in the outbox (`after`, if any), which the relay may
+    /// publish once they are committed, without reading them back: at
+    /// once if there is none, or if it has published that row itself (so
+    /// every earlier one too). The statement selects
+    /// [`OutboxRows::HANDED`] among its columns, for
     /// [`OutboxRows::handover`].
     ///
     /// The caller's transaction must hold what serializes an aggregate's
@@ -240,27 +245,32 @@ impl OutboxRows {
                  SELECT * FROM UNNEST(${a}::uuid[], ${b}::text[], ${c}::text[], ${d}::bytea[], ${e}::text[])
                  WHERE {condition}
                  RETURNING id, event_id, aggregate_id
-             ), first AS (
-                 SELECT e.id, e.event_id FROM emitted e
-                 WHERE NOT EXISTS (SELECT 1 FROM outbox o WHERE o.aggregate_id = e.aggregate_id)
-                   AND NOT EXISTS (
-                       SELECT 1 FROM emitted p WHERE p.aggregate_id = e.aggregate_id AND p.id < e.id)
+             ), handed AS (
+                 SELECT e.id, e.event_id,
+                        (SELECT coalesce(max(o.id), 0) FROM outbox o
+                         WHERE o.aggregate_id = e.aggregate_id) AS after
+                 FROM emitted e
+                 WHERE NOT EXISTS (
+                     SELECT 1 FROM emitted p WHERE p.aggregate_id = e.aggregate_id AND p.id < e.id)
              )"
         )
     }
 
-    /// The two columns a statement with [`OutboxRows::insert_ctes`]
-    /// selects: the event ids and the row ids of the rows in `first`.
-    pub const HANDED: &str =
-        "ARRAY(SELECT event_id FROM first ORDER BY id), ARRAY(SELECT id FROM first ORDER BY id)";
+    /// The three columns a statement with [`OutboxRows::insert_ctes`]
+    /// selects: the event ids, row ids and `after` of the rows in `handed`.
+    pub const HANDED: &str = "ARRAY(SELECT event_id FROM handed ORDER BY id), \
+         ARRAY(SELECT id FROM handed ORDER BY id), ARRAY(SELECT after FROM handed ORDER BY id)";
 
     /// The rows the relay may take once the statement is committed, from
     /// the [`OutboxRows::HANDED`] columns of its row, from `column` on.
     pub fn handover(self, row: &PgRow, column: usize) -> sqlx::Result<Handover> {
         let events: Vec<Uuid> = row.try_get(column)?;
         let ids: Vec<i64> = row.try_get(column + 1)?;
-        let first: Vec<(Uuid, i64)> = events.into_iter().zip(ids).collect();
-        Ok(self.0.handover(&first))
+        let after: Vec<i64> = row.try_get(column + 2)?;
+        let handed: Vec<(Uuid, i64, i64)> = (events.into_iter().zip(ids).zip(after))
+            .map(|((event, id), after)| (event, id, after))
+            .collect();
+        Ok(self.0.handover(&handed))
     }
 
     /// Binds the rows' arrays as the next five parameters of `query`.
@@ -789,8 +799,15 @@ impl Relay {
             read_all,
             last_read,
         } = session.as_mut().expect("relay session");
-        let must_read =
-            waiting.read || !*read_all || last_read.is_none_or(|at| at.elapsed() >= self.poll);
+        // A row written behind an earlier one of its aggregate is taken
+        // only if this relay published that one (it is published, or still
+        // in the outbox: the read finds them in order).
+        let behind_unpublished = (waiting.rows.iter())
+            .any(|row| row.after.is_some_and(|after| !published.contains(&after)));
+        let must_read = waiting.read
+            || behind_unpublished
+            || !*read_all
+            || last_read.is_none_or(|at| at.elapsed() >= self.poll);
         *read_all = false;
         let mut reads = 0;
         let refused = loop {

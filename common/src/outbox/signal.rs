@@ -2,13 +2,15 @@
 //! knows them, the rows it just committed, handed over so that the relay
 //! publishes them without reading them back.
 //!
-//! A row is handed over only when nothing earlier of its aggregate was in
-//! the outbox as it was written (see [`super::enqueue_once`]): publishing
-//! it at once cannot overtake an earlier event of the same order. The
-//! leading relay takes hand-overs only while it has read everything the
-//! outbox held (its last read found nothing more) and nothing else woke it
-//! since; otherwise what is handed over is dropped, and the relay reads
-//! the outbox, where the rows are: a hand-over only ever saves a read, it
+//! A row handed over is published without a read only when nothing
+//! earlier of its aggregate was in the outbox as it was written, or the
+//! latest such row is one the relay has published itself (and so every
+//! earlier one: see [`super::OutboxRows::insert_ctes`]): publishing it at
+//! once cannot overtake an earlier event of the same order. The leading
+//! relay takes hand-overs only while it has read everything the outbox
+//! held (its last read found nothing more) and nothing else woke it since;
+//! otherwise what is handed over is dropped, and the relay reads the
+//! outbox, where the rows are: a hand-over only ever saves a read, it
 //! never carries the only copy of an event.
 
 use std::{
@@ -57,6 +59,10 @@ pub(super) struct HandedRow {
     pub subject: String,
     pub body: Vec<u8>,
     pub traceparent: Option<String>,
+    /// The latest earlier row of its aggregate that was in the outbox as
+    /// it was written: it waits for that one to be published (by this
+    /// relay, or the relay reads).
+    pub after: Option<i64>,
     /// When its statement returned: it was in the outbox by then.
     pub written: Instant,
 }
