@@ -249,9 +249,9 @@ impl<H: Handler> Applier<H> {
             self.outbox.hand_over(handover);
         }
         let ids: Vec<Uuid> = batch.iter().map(|(r, _)| r.envelope.event_id).collect();
-        // A failure is fine: Postgres holds the guarantee, and a redelivery
-        // finds the guard row. The Redis layer logs and reports it.
-        let _ = self.idempotency.mark_done(&ids).await;
+        // On the next claim's round trip. A lost marker is fine: Postgres
+        // holds the guarantee, and a redelivery finds the guard row.
+        self.idempotency.mark_done_soon(&ids);
         futures::future::join_all(batch.iter().map(|(r, _)| ack(&r.msg, AckKind::Ack))).await;
         for ((r, _), outcome) in batch.iter().zip(outcomes) {
             let disposition = match outcome {

@@ -153,6 +153,7 @@ impl<H: Handler> ConsumerRuntime<H> {
         .await;
         // Graceful drain: every event already received is applied and acked.
         receiver.lanes.drain().await;
+        let _ = parts.idempotency.flush_done().await;
         tracing::info!(consumer = %parts.name, "consumer drained");
     }
 }
