@@ -52,7 +52,6 @@ pub(super) struct Waiting {
 }
 
 /// A row as its committer wrote it.
-#[derive(Debug)]
 pub(super) struct HandedRow {
     pub id: i64,
     pub event_id: Uuid,
@@ -65,6 +64,19 @@ pub(super) struct HandedRow {
     pub after: Option<i64>,
     /// When its statement returned: it was in the outbox by then.
     pub written: Instant,
+}
+
+/// Its body by size only: an event's payload is a customer's data.
+impl std::fmt::Debug for HandedRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandedRow")
+            .field("id", &self.id)
+            .field("event_id", &self.event_id)
+            .field("subject", &self.subject)
+            .field("body_bytes", &self.body.len())
+            .field("after", &self.after)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The rows a statement wrote to the outbox, as the relay may take them
@@ -158,5 +170,26 @@ impl OutboxSignal {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handed_row_prints_its_body_by_size_only() {
+        let row = HandedRow {
+            id: 7,
+            event_id: Uuid::nil(),
+            subject: "saga.payment.PaymentProcessed".into(),
+            body: br#"{"customerId":"alice","card":"4111"}"#.to_vec(),
+            traceparent: None,
+            after: Some(6),
+            written: Instant::now(),
+        };
+        let printed = format!("{row:?}");
+        assert!(!printed.contains("alice"), "{printed}");
+        assert!(printed.contains("body_bytes: 36"), "{printed}");
     }
 }
