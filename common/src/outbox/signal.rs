@@ -189,7 +189,9 @@ mod tests {
             written: Instant::now(),
         };
         let printed = format!("{row:?}");
+        // Neither as text nor as the byte list a derived Debug prints.
         assert!(!printed.contains("alice"), "{printed}");
+        assert!(!printed.contains("123, 34"), "{printed}");
         assert!(printed.contains("body_bytes: 36"), "{printed}");
     }
 }
